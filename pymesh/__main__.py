@@ -1,0 +1,5 @@
+import sys
+
+from pymesh.cli.main import main
+
+sys.exit(main())

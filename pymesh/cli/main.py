@@ -1,0 +1,112 @@
+"""The ``pymesh`` command: argument parsing, logging set-up, dispatch.
+
+Each subcommand lives in its own module under ``pymesh.cli`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``. Those modules import nothing
+heavy at module level (``pymesh bootstrap`` must never import torch), so the whole
+parser can be built cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Sequence
+
+from pymesh import __version__
+
+#: subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bootstrap": ("pymesh.cli.bootstrap", "run a DHT bootstrap node (rendezvous for workers and clients)"),
+    "worker": ("pymesh.cli.worker", "serve a span of transformer blocks to the swarm"),
+    "client": ("pymesh.cli.client", "generate text through the swarm (or test an echo chain)"),
+    "generate": ("pymesh.cli.generate", "generate text in this process (the single-process baseline)"),
+    "model": ("pymesh.cli.model", "fetch and convert models (pull, convert)"),
+    "bench": ("pymesh.cli.bench", "run benchmarks side by side with their baselines"),
+    "monitor": ("pymesh.cli.monitor", "live TUI of the swarm: workers, coverage, throughput"),
+    "demo": ("pymesh.cli.demo", "start a local swarm on the embedded model and chat with it"),
+}
+
+
+def _load(module: str) -> object | None:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pymesh",
+        description="pymesh: run a large language model split across machines, BitTorrent-style.",
+    )
+    parser.add_argument("--version", action="version", version=f"pymesh {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    parser.add_argument("--log-file", default=None, help="also write the log to this file")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if only is not None and name != only:
+            continue
+        module = _load(module_name)
+        if module is None:
+            sp.set_defaults(_unavailable=name)
+            continue
+        module.add_arguments(sp)  # type: ignore[attr-defined]
+        sp.set_defaults(_run=module.run)  # type: ignore[attr-defined]
+    return parser
+
+
+def configure_logging(verbose: int, quiet: bool, log_file: str | None) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
+    env_level = os.environ.get("PYMESH_LOG_LEVEL")
+    if env_level:
+        level = getattr(logging, env_level.upper(), level)
+    handlers: list[logging.Handler] = []
+    stream = logging.StreamHandler(sys.stderr)
+    handlers.append(stream)
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+    for h in handlers:
+        h.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if verbose < 3:
+        for noisy in ("quic", "aioquic", "trio"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Build only the chosen subcommand's arguments: keeps start-up cheap.
+    only = next((a for a in argv if a in SUBCOMMANDS), None)
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "_unavailable", None):
+        print(f"pymesh: the '{args._unavailable}' command is not available in this build yet", file=sys.stderr)
+        return 2
+    configure_logging(args.verbose, args.quiet, args.log_file)
+    from pymesh.errors import PymeshError
+
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except PymeshError as exc:
+        logging.getLogger("pymesh").debug("error detail", exc_info=True)
+        print(f"pymesh {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

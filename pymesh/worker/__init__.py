@@ -1,0 +1,1 @@
+"""pymesh.worker."""
