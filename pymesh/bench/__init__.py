@@ -1,0 +1,1 @@
+"""Benchmarks: each part measures pymesh side by side with its baseline."""
