@@ -1,0 +1,275 @@
+"""The monitor's state: a pure snapshot of the swarm plus what changed since the last poll.
+
+Nothing here does I/O or reads the clock: :func:`update` takes the records a poll
+returned, the measured round-trip times and ``now``, and returns the next
+:class:`MonitorState` with the events (joined, left, moved span, changed state) found
+by diffing against the previous one. The view (:mod:`pymesh.monitor.view`) is a pure
+function of this object, so both are tested without a network.
+
+Records are read by attribute (``peer_id``, ``model_id``, ``start``, ``stop``, ``host``,
+``port``, ``transports``, ``state``, ``tokens_per_s``, ``block_ms``,
+``cache_tokens_free``, ``cache_tokens_total``, ``sessions``, ``timestamp``), the fields
+of :class:`pymesh.proto.records.WorkerRecord`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping, Protocol
+
+#: How many events the state keeps (the view shows the newest few).
+MAX_EVENTS = 200
+
+
+class RecordLike(Protocol):
+    """The fields of a worker record the monitor reads."""
+
+    peer_id: Any
+    model_id: str
+    start: int
+    stop: int
+    host: str
+    port: int
+    transports: tuple[str, ...]
+    state: str
+    block_ms: float
+    tokens_per_s: float
+    cache_tokens_free: int
+    cache_tokens_total: int
+    sessions: int
+    timestamp: float
+
+
+def peer_text(peer_id: Any) -> str:
+    """The full text form of a peer ID (a ``PeerID`` or already a string)."""
+    to_text = getattr(peer_id, "to_text", None)
+    return to_text() if callable(to_text) else str(peer_id)
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """One worker as the monitor shows it (plain values, no network objects)."""
+
+    peer: str                       # full peer ID text
+    model_id: str
+    start: int
+    stop: int                       # blocks [start, stop)
+    host: str
+    port: int
+    transports: tuple[str, ...]
+    state: str
+    tokens_per_s: float
+    block_ms: float
+    sessions: int
+    cache_tokens_free: int
+    cache_tokens_total: int
+    timestamp: float
+    rtt_ms: float | None = None     # measured by the monitor; None = not measured / no answer
+
+    @property
+    def short(self) -> str:
+        return self.peer[:10]
+
+    @property
+    def live(self) -> bool:
+        return self.state != "offline"
+
+    def span_text(self) -> str:
+        """The span as the command line writes it: inclusive ``A-B``."""
+        if self.stop <= self.start:
+            return "-"
+        return f"{self.start}-{self.stop - 1}"
+
+    @classmethod
+    def from_record(cls, record: RecordLike, rtt_ms: float | None = None) -> "WorkerView":
+        return cls(
+            peer=peer_text(record.peer_id),
+            model_id=str(record.model_id),
+            start=int(record.start),
+            stop=int(record.stop),
+            host=str(record.host),
+            port=int(record.port),
+            transports=tuple(str(t) for t in record.transports),
+            state=str(record.state),
+            tokens_per_s=float(record.tokens_per_s),
+            block_ms=float(record.block_ms),
+            sessions=int(record.sessions),
+            cache_tokens_free=int(record.cache_tokens_free),
+            cache_tokens_total=int(record.cache_tokens_total),
+            timestamp=float(record.timestamp),
+            rtt_ms=rtt_ms,
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that changed between two polls."""
+
+    time: float
+    kind: str                       # "joined" | "left" | "moved" | "state"
+    peer: str                       # full peer ID text
+    model_id: str
+    text: str                       # human-readable detail
+
+    @property
+    def short(self) -> str:
+        return self.peer[:10]
+
+
+@dataclass(frozen=True)
+class MonitorState:
+    """Everything the view needs. Build the first with ``MonitorState(bootstrap=...)``."""
+
+    bootstrap: str = ""
+    bootstrap_ok: bool | None = None        # None = not checked yet
+    now: float = 0.0
+    polls: int = 0
+    workers: tuple[WorkerView, ...] = ()
+    #: model id -> number of blocks (the largest ``stop`` ever seen, or a given hint),
+    #: kept after the workers leave so a vanished tail still shows as a gap.
+    model_blocks: Mapping[str, int] = field(default_factory=dict)
+    events: tuple[Event, ...] = ()
+    error: str | None = None                # last poll failure, shown in the header
+    model_filter: str | None = None
+
+    # ---- derived values the view uses ---------------------------------------------
+    def models(self) -> list[str]:
+        names = set(self.model_blocks) | {w.model_id for w in self.workers}
+        if self.model_filter is not None:
+            names = {n for n in names if _model_matches(n, self.model_filter)}
+        return sorted(names)
+
+    def workers_of(self, model_id: str) -> list[WorkerView]:
+        return sorted(
+            (w for w in self.workers if w.model_id == model_id),
+            key=lambda w: (w.start, w.stop, w.peer),
+        )
+
+    def live_workers(self) -> list[WorkerView]:
+        return [w for w in self.workers if w.live]
+
+    def total_tokens_per_s(self, model_id: str | None = None) -> float:
+        """Sum of announced span throughput of live workers (optionally of one model)."""
+        return sum(
+            w.tokens_per_s for w in self.live_workers() if model_id is None or w.model_id == model_id
+        )
+
+    def block_throughput(self, model_id: str) -> list[float]:
+        """Per block: the summed tokens/s of the live workers serving it (0.0 = gap)."""
+        n = self.model_blocks.get(model_id, 0)
+        n = max([n] + [w.stop for w in self.workers if w.model_id == model_id])
+        cover = [0.0] * n
+        for w in self.live_workers():
+            if w.model_id != model_id:
+                continue
+            for b in range(max(0, w.start), min(n, w.stop)):
+                # A worker announcing 0 tokens/s still serves the block: count it as a
+                # sliver so the block is not shown as a gap.
+                cover[b] += max(w.tokens_per_s, 1e-6)
+        return cover
+
+    def gaps(self, model_id: str) -> list[tuple[int, int]]:
+        """Inclusive block ranges nobody live serves."""
+        out: list[tuple[int, int]] = []
+        start: int | None = None
+        cover = self.block_throughput(model_id)
+        for b, tps in enumerate(cover + [1.0]):
+            if tps <= 0.0 and start is None:
+                start = b
+            elif tps > 0.0 and start is not None:
+                out.append((start, b - 1))
+                start = None
+        return out
+
+    def recent_events(self, n: int) -> list[Event]:
+        return list(self.events[-n:])
+
+
+def _model_matches(model_id: str, wanted: str) -> bool:
+    """``--model NAME`` matches ``NAME`` exactly or ``NAME@<fingerprint>``."""
+    return model_id == wanted or model_id.split("@", 1)[0] == wanted
+
+
+def update(
+    state: MonitorState,
+    records: Iterable[RecordLike],
+    *,
+    now: float,
+    rtts_ms: Mapping[str, float | None] | None = None,
+    bootstrap_ok: bool | None = None,
+    error: str | None = None,
+    model_blocks: Mapping[str, int] | None = None,
+) -> MonitorState:
+    """The next state after a poll: new worker list, events found by diffing.
+
+    ``records`` are what the DHT returned (several per peer are reduced to the newest);
+    ``rtts_ms`` maps a peer's text ID to its measured round trip (peers not in it keep
+    the previous measurement); ``model_blocks`` are known block counts (e.g. from a
+    model's config) that override the "largest stop seen" estimate.
+    """
+    rtts = dict(rtts_ms or {})
+    newest: dict[str, RecordLike] = {}
+    for rec in records:
+        key = peer_text(rec.peer_id)
+        if state.model_filter is not None and not _model_matches(str(rec.model_id), state.model_filter):
+            continue
+        old = newest.get(key)
+        if old is None or float(rec.timestamp) >= float(old.timestamp):
+            newest[key] = rec
+    previous = {w.peer: w for w in state.workers}
+    workers: list[WorkerView] = []
+    for key, rec in newest.items():
+        rtt = rtts[key] if key in rtts else (previous[key].rtt_ms if key in previous else None)
+        workers.append(WorkerView.from_record(rec, rtt))
+    workers.sort(key=lambda w: (w.model_id, w.start, w.stop, w.peer))
+
+    blocks = dict(state.model_blocks)
+    for w in workers:
+        blocks[w.model_id] = max(blocks.get(w.model_id, 0), w.stop)
+    for name, n in (model_blocks or {}).items():
+        blocks[name] = int(n)
+
+    events = deque(state.events, maxlen=MAX_EVENTS)
+    if state.polls > 0:
+        events.extend(diff_events(previous, {w.peer: w for w in workers}, now))
+    else:
+        # First poll: everyone present "joined" as far as this monitor knows.
+        events.extend(
+            Event(now, "joined", w.peer, w.model_id, f"serves {w.span_text()} ({w.state})")
+            for w in workers
+            if w.live
+        )
+    return replace(
+        state,
+        now=now,
+        polls=state.polls + 1,
+        workers=tuple(workers),
+        model_blocks=blocks,
+        events=tuple(events),
+        bootstrap_ok=state.bootstrap_ok if bootstrap_ok is None else bootstrap_ok,
+        error=error,
+    )
+
+
+def diff_events(
+    before: Mapping[str, WorkerView], after: Mapping[str, WorkerView], now: float
+) -> list[Event]:
+    """Events between two polls, in a stable order (by peer)."""
+    out: list[Event] = []
+    for peer in sorted(set(before) | set(after)):
+        old, new = before.get(peer), after.get(peer)
+        if new is not None and new.live and (old is None or not old.live):
+            out.append(Event(now, "joined", peer, new.model_id, f"serves {new.span_text()} ({new.state})"))
+        elif old is not None and old.live and (new is None or not new.live):
+            why = "announced offline" if new is not None else "record expired"
+            out.append(Event(now, "left", peer, old.model_id, f"{old.span_text()}: {why}"))
+        elif old is not None and new is not None and new.live:
+            if (old.start, old.stop, old.model_id) != (new.start, new.stop, new.model_id):
+                out.append(
+                    Event(now, "moved", peer, new.model_id, f"{old.span_text()} -> {new.span_text()}")
+                )
+            elif old.state != new.state:
+                out.append(Event(now, "state", peer, new.model_id, f"{old.state} -> {new.state}"))
+    return out
+
