@@ -72,6 +72,11 @@ class WorkerView:
         return self.peer[:10]
 
     @property
+    def peer_id(self) -> str:
+        """So a view can stand in for a record (the last known state after a failed poll)."""
+        return self.peer
+
+    @property
     def live(self) -> bool:
         return self.state != "offline"
 
@@ -206,7 +211,8 @@ def update(
     ``records`` are what the DHT returned (several per peer are reduced to the newest);
     ``rtts_ms`` maps a peer's text ID to its measured round trip (peers not in it keep
     the previous measurement); ``model_blocks`` are known block counts (e.g. from a
-    model's config) that override the "largest stop seen" estimate.
+    model's config), keyed by model id or bare name, that override the "largest stop
+    seen" estimate.
     """
     rtts = dict(rtts_ms or {})
     newest: dict[str, RecordLike] = {}
@@ -228,7 +234,9 @@ def update(
     for w in workers:
         blocks[w.model_id] = max(blocks.get(w.model_id, 0), w.stop)
     for name, n in (model_blocks or {}).items():
-        blocks[name] = int(n)
+        matching = [m for m in blocks if _model_matches(m, name)] or [name]
+        for m in matching:
+            blocks[m] = int(n)
 
     events = deque(state.events, maxlen=MAX_EVENTS)
     if state.polls > 0:

@@ -1,0 +1,61 @@
+"""``pymesh monitor --bootstrap ADDR [--model NAME] [--interval S] [--once]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", required=True, metavar="ADDR",
+                        help="bootstrap node address (HOST:PORT or /ip4/HOST/udp/PORT); repeatable")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="show only this model (a name, or name@fingerprint)")
+    parser.add_argument("--interval", type=float, default=2.0, metavar="S",
+                        help="seconds between polls of the DHT (default 2)")
+    parser.add_argument("--once", action="store_true",
+                        help="print one snapshot as plain text and exit (for scripts)")
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                        help="how long one poll may take (default 5); with --once, how long to "
+                             "wait for the first records")
+    parser.add_argument("--blocks", type=int, default=None, metavar="N",
+                        help="the model has N blocks (shows missing tail blocks as gaps; "
+                             "otherwise the largest announced block bounds the map)")
+    parser.add_argument("--host", default="0.0.0.0", help="address the monitor's DHT node binds")
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+    from rich.console import Console
+
+    from pymesh.errors import ConfigError
+    from pymesh.monitor.app import MonitorOptions, monitor_loop
+    from pymesh.proto.addr import parse_addr
+
+    if args.interval <= 0 or args.timeout <= 0:
+        raise ConfigError("--interval and --timeout must be positive numbers of seconds")
+    if args.blocks is not None and args.model is None:
+        raise ConfigError("--blocks N needs --model NAME (the block count of which model?)")
+    options = MonitorOptions(
+        bootstrap=[parse_addr(a) for a in args.bootstrap],
+        model=args.model,
+        interval=args.interval,
+        poll_timeout=args.timeout,
+        host=args.host,
+        model_blocks=None,
+    )
+    if args.once:
+        # Plain text for scripts: no colours, no cursor control, a wide fixed layout.
+        console = Console(color_system=None, width=160, soft_wrap=False, force_terminal=False)
+    else:
+        console = Console()
+    if args.blocks is not None:
+        options.model_blocks = {args.model: args.blocks}
+    try:
+        state = trio.run(lambda: monitor_loop(options, console=console, once=args.once))
+    except KeyboardInterrupt:
+        return 0
+    if args.once and not state.workers and state.bootstrap_ok is False:
+        print("pymesh monitor: the bootstrap node did not answer", file=sys.stderr)
+        return 3
+    return 0

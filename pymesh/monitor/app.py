@@ -1,0 +1,195 @@
+"""The monitor's trio loop: poll the DHT, ping the workers, redraw.
+
+A throwaway DHT node (fresh identity, ephemeral port) joins through the bootstrap
+address, lists every worker record, measures each live worker's round trip, feeds
+:func:`pymesh.monitor.state.update` and hands the result to the pure view. rich's
+``Live`` runs with ``auto_refresh=False`` and is refreshed from this loop only, never
+from rich's own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import trio
+from rich.console import Console
+
+from pymesh.monitor.state import MonitorState, RecordLike, peer_text, update
+from pymesh.monitor.view import render
+from pymesh.proto.addr import PeerAddr
+
+log = logging.getLogger(__name__)
+
+#: ``async (record) -> rtt in ms`` or None when the worker did not answer.
+Pinger = Callable[[RecordLike], Awaitable["float | None"]]
+
+
+@dataclass
+class MonitorOptions:
+    bootstrap: Sequence[PeerAddr]
+    model: str | None = None
+    interval: float = 2.0
+    poll_timeout: float = 5.0
+    rtt_timeout: float = 1.0
+    host: str = "0.0.0.0"
+    model_blocks: dict[str, int] | None = None
+
+
+class SwarmPoller:
+    """One DHT node and the per-poll work: records, bootstrap check, RTTs."""
+
+    def __init__(self, node: Any, options: MonitorOptions, pinger: Pinger | None) -> None:
+        self.node = node
+        self.options = options
+        self.pinger = pinger
+
+    async def bootstrap_reachable(self) -> bool | None:
+        """Ping the bootstrap nodes through the DHT node, when it offers a ping."""
+        ping = getattr(self.node, "ping", None)
+        if ping is None:
+            return None
+        for addr in self.options.bootstrap:
+            with trio.move_on_after(self.options.rtt_timeout):
+                try:
+                    if await ping(addr) is not False:
+                        return True
+                except Exception as exc:  # a failed ping is the answer, not a crash
+                    log.debug("bootstrap %s ping failed: %s", addr, exc)
+        return False
+
+    async def records(self) -> list[RecordLike]:
+        got: list[RecordLike] = []
+        with trio.fail_after(self.options.poll_timeout):
+            got.extend(await self.node.list_records(None))
+        return got
+
+    async def rtts(self, records: Sequence[RecordLike]) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        if self.pinger is None:
+            return out
+        pinger = self.pinger
+
+        async def one(rec: RecordLike) -> None:
+            rtt: float | None = None
+            with trio.move_on_after(self.options.rtt_timeout):
+                try:
+                    rtt = await pinger(rec)
+                except Exception as exc:
+                    log.debug("ping %s failed: %s", peer_text(rec.peer_id)[:10], exc)
+            out[peer_text(rec.peer_id)] = rtt
+
+        async with trio.open_nursery() as nursery:
+            for rec in records:
+                if rec.state != "offline":
+                    nursery.start_soon(one, rec)
+        return out
+
+    async def poll(self, state: MonitorState) -> MonitorState:
+        error: str | None = None
+        records: list[RecordLike] = []
+        try:
+            records = await self.records()
+        except trio.TooSlowError:
+            error = f"listing records took longer than {self.options.poll_timeout:.0f}s"
+        except Exception as exc:
+            error = f"listing records failed: {exc}"
+            log.debug("poll failed", exc_info=True)
+        if error is not None:
+            # Keep showing the last known workers rather than an empty swarm.
+            records = list(_previous_records(state))
+        boot, rtts = await self.bootstrap_reachable(), await self.rtts(records)
+        return update(
+            state, records, now=time.time(), rtts_ms=rtts, bootstrap_ok=boot, error=error,
+            model_blocks=self.options.model_blocks,
+        )
+
+
+def _previous_records(state: MonitorState) -> list[RecordLike]:
+    return list(state.workers)  # WorkerView has the RecordLike fields (peer_id aside)
+
+
+def make_rpc_pinger(rpc: Any) -> Pinger:
+    """A pinger calling the worker's ``ping`` RPC over an open :class:`RpcNode`."""
+
+    async def ping(rec: RecordLike) -> float | None:
+        conn = await rpc.connect(rec.host, rec.port, rec.peer_id)
+        t0 = time.perf_counter()
+        await conn.call("ping", {}, timeout=2.0)
+        return (time.perf_counter() - t0) * 1000.0
+
+    return ping
+
+
+async def monitor_loop(
+    options: MonitorOptions,
+    *,
+    console: Console,
+    once: bool = False,
+    pinger_factory: Callable[[], Any] | None = None,
+    max_polls: int | None = None,
+) -> MonitorState:
+    """Run the monitor; with ``once`` return after one snapshot is printed."""
+    from pymesh.net.dht import DHTNode
+    from pymesh.proto.identity import Identity
+
+    ident = Identity.generate()
+    state = MonitorState(
+        bootstrap=", ".join(str(a) for a in options.bootstrap), model_filter=options.model
+    )
+    async with DHTNode(ident, host=options.host, port=0, bootstrap=list(options.bootstrap)) as node:
+        async with _maybe_rpc(ident, pinger_factory) as pinger:
+            poller = SwarmPoller(node, options, pinger)
+            if once:
+                state = await poll_until_records(poller, state, options.poll_timeout)
+                console.print(render(state))
+                return state
+            from rich.live import Live
+
+            polls = 0
+            with Live(render(state), console=console, auto_refresh=False, screen=True,
+                      redirect_stderr=False) as live:
+                while max_polls is None or polls < max_polls:
+                    state = await poller.poll(state)
+                    polls += 1
+                    live.update(render(state), refresh=True)
+                    await trio.sleep(options.interval)
+    return state
+
+
+async def poll_until_records(poller: SwarmPoller, state: MonitorState, budget: float) -> MonitorState:
+    """One snapshot; a fresh DHT node may need a moment, so retry briefly while empty."""
+    deadline = trio.current_time() + budget
+    state = await poller.poll(state)
+    while not state.workers and trio.current_time() + 0.5 < deadline:
+        await trio.sleep(0.5)
+        state = await poller.poll(state)
+    return state
+
+
+class _maybe_rpc:
+    """``async with``: an RpcNode-backed pinger when the transport exists, else None."""
+
+    def __init__(self, ident: Any, factory: Callable[[], Any] | None) -> None:
+        self.ident = ident
+        self.factory = factory
+        self.rpc: Any = None
+
+    async def __aenter__(self) -> Pinger | None:
+        if self.factory is not None:
+            return self.factory()  # type: ignore[no-any-return]
+        try:
+            from pymesh.net.rpc import RpcNode
+        except ImportError:
+            log.info("pymesh.net.rpc is not available: RTT column stays blank")
+            return None
+        self.rpc = RpcNode(self.ident)
+        await self.rpc.__aenter__()
+        return make_rpc_pinger(self.rpc)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.rpc is not None:
+            await self.rpc.__aexit__(*exc)
+

@@ -1,0 +1,68 @@
+"""The monitor's poll step against an in-memory stand-in for the DHT node (no sockets)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import trio
+from rich.console import Console
+
+from pymesh.monitor.app import MonitorOptions, SwarmPoller
+from pymesh.monitor.state import MonitorState
+from pymesh.monitor.view import render
+from pymesh.proto.addr import parse_addr
+
+from .test_view import PEERS, FakeRecord
+
+
+class FakeNode:
+    def __init__(self, records: list[FakeRecord]) -> None:
+        self.records = records
+        self.fail: Exception | None = None
+        self.bootstrap_up = True
+
+    async def list_records(self, model_id: str | None = None) -> list[FakeRecord]:
+        if self.fail is not None:
+            raise self.fail
+        return [r for r in self.records if model_id is None or r.model_id == model_id]
+
+    async def ping(self, addr: object) -> bool:
+        if not self.bootstrap_up:
+            await trio.sleep_forever()
+        return True
+
+
+def options() -> MonitorOptions:
+    return MonitorOptions(bootstrap=[parse_addr("127.0.0.1:9000")], poll_timeout=1.0, rtt_timeout=0.2)
+
+
+@pytest.mark.timeout(20)
+def test_poll_measures_rtt_and_survives_a_failed_poll() -> None:
+    node = FakeNode([FakeRecord(PEERS[0], "m", 0, 4), FakeRecord(PEERS[1], "m", 4, 8, port=9200)])
+
+    async def pinger(rec: FakeRecord) -> float | None:
+        if rec.port == 9200:
+            await trio.sleep_forever()  # this worker never answers: RTT stays blank
+        return 3.5
+
+    async def main() -> None:
+        poller = SwarmPoller(node, options(), pinger)
+        st = await poller.poll(MonitorState(bootstrap="127.0.0.1:9000"))
+        rtt = {w.peer: w.rtt_ms for w in st.workers}
+        assert rtt == {PEERS[0]: 3.5, PEERS[1]: None}
+        assert st.bootstrap_ok is True and st.error is None
+        # The DHT fails and the bootstrap stops answering: last known workers stay, error shown.
+        node.fail = OSError("network unreachable")
+        node.bootstrap_up = False
+        st = await poller.poll(st)
+        assert st.error == "listing records failed: network unreachable"
+        assert st.bootstrap_ok is False
+        assert len(st.workers) == 2
+        assert not [e for e in st.events if e.kind == "left"]
+        console = Console(record=True, width=200, file=io.StringIO())
+        console.print(render(st))
+        out = console.export_text()
+        assert "UNREACHABLE" in out and "network unreachable" in out
+
+    trio.run(main)
