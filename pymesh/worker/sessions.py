@@ -1,0 +1,189 @@
+"""Inference-session bookkeeping on a worker: memory budget, step order, expiry. Pure.
+
+A session reserves ``max_tokens * batch`` cache tokens out of the worker's budget
+(``--cache-tokens``) for its whole life; a session that does not fit is refused so
+the client can go elsewhere. Steps carry (step index, start position); a worker
+accepts the next step, or the previous one again (a retry after a fault downstream:
+the forward pass overwrites the same cache positions), and rejects anything older.
+Time is an argument (``now``), so expiry is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymesh.errors import PymeshError
+from pymesh.proto.identity import PeerID
+
+
+class SessionError(PymeshError):
+    """A session request cannot be served; ``code`` is the RemoteError code to answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """Where a session's output goes after this worker (``None`` in a session = last hop)."""
+
+    peer: PeerID
+    host: str
+    port: int
+    transport: str
+
+
+@dataclass
+class Session:
+    sid: bytes
+    client: PeerID
+    max_tokens: int
+    batch: int
+    next_hop: NextHop | None
+    opened: float
+    last_used: float
+    cache: Any = None              # the runtime's KV cache (opaque here)
+    client_conn: Any = None        # the connection the client opened the session on
+    next_step: int = 0             # index of the step expected next
+    length: int = 0                # tokens written to the cache so far
+    last_pos: int = 0              # start position of the last processed step
+    last_seq: int = 0
+    busy: bool = False
+    from_client: int = 0           # step inputs received straight from the client
+    from_peer: int = 0             # step inputs pushed by the previous worker
+    replayed: int = 0
+
+    @property
+    def reserved(self) -> int:
+        return self.max_tokens * self.batch
+
+
+@dataclass
+class SessionTable:
+    budget_tokens: int
+    idle_timeout: float
+    sessions: dict[bytes, Session] = field(default_factory=dict)
+    expired: int = 0
+    refused: int = 0
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(s.reserved for s in self.sessions.values())
+
+    @property
+    def free_tokens(self) -> int:
+        return max(self.budget_tokens - self.used_tokens, 0)
+
+    def open(
+        self,
+        sid: bytes,
+        client: PeerID,
+        max_tokens: int,
+        batch: int,
+        next_hop: NextHop | None,
+        now: float,
+    ) -> Session:
+        if not 1 <= len(sid) <= 64:
+            raise SessionError("bad_request", "session id must be 1..64 bytes")
+        if max_tokens <= 0 or batch <= 0:
+            raise SessionError("bad_request", f"max_tokens ({max_tokens}) and batch ({batch}) must be positive")
+        existing = self.sessions.get(sid)
+        if existing is not None:
+            if existing.client != client:
+                raise SessionError("bad_request", "session id already in use by another client")
+            # Re-opening (e.g. after a client-side retry): keep the cache, update the route.
+            existing.next_hop = next_hop
+            existing.last_used = now
+            return existing
+        need = max_tokens * batch
+        if need > self.free_tokens:
+            self.refused += 1
+            raise SessionError(
+                "refused",
+                f"session needs {need} cache tokens but only {self.free_tokens} of {self.budget_tokens} "
+                "are free on this worker; use another worker or a shorter max_tokens",
+            )
+        s = Session(sid, client, max_tokens, batch, next_hop, opened=now, last_used=now)
+        self.sessions[sid] = s
+        return s
+
+    def get(self, sid: bytes, now: float | None = None) -> Session:
+        s = self.sessions.get(sid)
+        if s is None:
+            raise SessionError(
+                "not_found",
+                "no such session on this worker (expired, closed or never opened); reopen it and replay",
+            )
+        if now is not None:
+            s.last_used = now
+        return s
+
+    def close(self, sid: bytes) -> bool:
+        return self.sessions.pop(sid, None) is not None
+
+    def expire(self, now: float) -> list[bytes]:
+        """Drop sessions idle for longer than ``idle_timeout``; returns their ids."""
+        gone = [
+            sid
+            for sid, s in self.sessions.items()
+            if not s.busy and now - s.last_used > self.idle_timeout
+        ]
+        for sid in gone:
+            del self.sessions[sid]
+        self.expired += len(gone)
+        return gone
+
+    def clear(self) -> int:
+        n = len(self.sessions)
+        self.sessions.clear()
+        return n
+
+
+def check_step(s: Session, step: int, start_pos: int, seq: int) -> str:
+    """Classify an incoming step: "next", "retry" or "future"; raise on a stale or bad one.
+
+    "future" means an earlier step has not been processed yet: the caller waits briefly
+    for it and checks again.
+    """
+    if seq <= 0:
+        raise SessionError("bad_request", f"step {step} carries no tokens")
+    if step == s.next_step:
+        if start_pos != s.length:
+            raise SessionError(
+                "bad_request",
+                f"step {step} starts at position {start_pos} but the session holds {s.length} tokens",
+            )
+        kind = "next"
+    elif step == s.next_step - 1 and step >= 0:
+        if start_pos != s.last_pos or seq != s.last_seq:
+            raise SessionError(
+                "bad_request",
+                f"retry of step {step} at position {start_pos} (x{seq}) does not match the original "
+                f"(position {s.last_pos}, x{s.last_seq})",
+            )
+        kind = "retry"
+    elif step > s.next_step:
+        return "future"
+    else:
+        raise SessionError(
+            "bad_request", f"stale step {step}: the session is at step {s.next_step}"
+        )
+    if start_pos + seq > s.max_tokens:
+        raise SessionError(
+            "refused",
+            f"step {step} would write positions up to {start_pos + seq} but the session reserved "
+            f"{s.max_tokens} tokens",
+        )
+    return kind
+
+
+def advance(s: Session, step: int, start_pos: int, seq: int) -> None:
+    """Record that ``step`` was computed (after :func:`check_step` said next or retry)."""
+    if step == s.next_step:
+        s.next_step += 1
+        s.length = start_pos + seq
+        s.last_pos = start_pos
+        s.last_seq = seq

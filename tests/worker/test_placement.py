@@ -1,0 +1,65 @@
+"""Block placement (pure)."""
+
+from __future__ import annotations
+
+from pymesh.worker.placement import (
+    Announced,
+    block_parameter_count,
+    block_throughputs,
+    blocks_that_fit,
+    choose_start,
+    should_move,
+)
+
+
+def test_empty_swarm_starts_at_zero_and_gaps_come_first() -> None:
+    assert choose_start(30, 15, []) == 0
+    assert choose_start(30, 15, [Announced(0, 15, 10.0)]) == 15
+    # A gap in the middle is closed before the weaker end is reinforced.
+    recs = [Announced(0, 10, 10.0), Announced(20, 30, 1.0)]
+    assert choose_start(30, 10, recs) == 10
+
+
+def test_weakest_blocks_are_reinforced() -> None:
+    recs = [Announced(0, 10, 50.0), Announced(10, 20, 5.0), Announced(20, 30, 50.0)]
+    assert choose_start(30, 10, recs) == 10
+    assert block_throughputs(4, [Announced(0, 2, 3.0), Announced(1, 4, 1.0)]) == [3.0, 4.0, 1.0, 1.0]
+
+
+def test_two_joining_workers_cover_everything() -> None:
+    first = Announced(choose_start(30, 15, []), 0, 1.0)
+    first = Announced(first.start, first.start + 15, 1.0)
+    second_start = choose_start(30, 15, [first])
+    covered = set(range(first.start, first.stop)) | set(range(second_start, second_start + 15))
+    assert covered == set(range(30))
+
+
+def test_move_to_cover_uncovered_blocks() -> None:
+    # Two workers on 0-14, nobody on 15-29 (the worker there left): one of them moves.
+    mine, other = Announced(0, 15, 1.0), Announced(0, 15, 1.0)
+    d = should_move(30, mine, [other])
+    assert d.move and d.new_start == 15 and "nobody serves" in d.reason
+
+
+def test_no_move_when_it_would_uncover_or_gain_little() -> None:
+    d = should_move(30, Announced(0, 15, 1.0), [Announced(15, 30, 1.0)])
+    assert not d.move
+    # Bottleneck improves only from 10 to 11 -> below the margin.
+    others = [Announced(0, 10, 10.0), Announced(10, 20, 10.0), Announced(20, 30, 10.0), Announced(10, 20, 1.0)]
+    assert not should_move(30, Announced(0, 10, 1.0), others).move
+    # The bottleneck is a single block span served weakly; a strong worker doubling up
+    # elsewhere moves onto it.
+    d = should_move(30, Announced(10, 20, 10.0), [Announced(0, 10, 10.0), Announced(10, 20, 10.0), Announced(20, 30, 2.0)])
+    assert d.move and d.new_start == 20 and "bottleneck" in d.reason
+    others = [Announced(0, 10, 10.0), Announced(0, 10, 10.0), Announced(10, 20, 10.0), Announced(20, 30, 10.0)]
+    d = should_move(30, Announced(0, 10, 10.0), others)
+    assert not d.move  # bottleneck stays 10 wherever it goes: not worth it
+
+
+def test_blocks_that_fit() -> None:
+    per = block_parameter_count(576, 1536, 9, 3, 64) * 4
+    assert per > 0
+    assert blocks_that_fit(10 * per, per, 0, 0, 30, safety=1.0) == 10
+    assert blocks_that_fit(100 * per, per, 0, 0, 30) == 30
+    assert blocks_that_fit(100 * per, per, 0, 0, 30, max_blocks=15) == 15
+    assert blocks_that_fit(0, per, 0, 0, 30) == 1
