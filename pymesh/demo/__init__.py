@@ -1,0 +1,1 @@
+"""``pymesh demo``: a local swarm on the embedded model, supervised child processes."""
