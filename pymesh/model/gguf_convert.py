@@ -1,0 +1,369 @@
+"""Convert a Llama-family GGUF file into a Hugging Face model folder.
+
+Output: ``config.json``, ``generation_config.json``, ``model.safetensors``,
+``tokenizer.json`` and ``tokenizer_config.json`` (with the chat template).
+
+Every tensor is dequantized with the ``gguf`` package, laid out as (out, in) (GGUF lists
+dimensions innermost first), renamed to the Hugging Face name, and for ``attn_q`` /
+``attn_k`` the rotary permutation llama.cpp's converter applies is undone. The safetensors
+file is streamed tensor by tensor, so memory stays at one dequantized tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pymesh.errors import ConfigError
+from pymesh.model.gguf_tokenizer import GGUFVocab, build_tokenizer, tokenizer_config
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+DTYPES = ("float32", "bfloat16")
+
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# Tensors llama.cpp keeps that a Hugging Face Llama folder does not (rope_freqs becomes
+# config.rope_scaling; the others are precomputed caches).
+_SKIPPED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight)$")
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_TOP_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+
+
+def hf_tensor_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, None for tensors HF does not keep."""
+    if _SKIPPED.match(name):
+        return None
+    m = _BLOCK_RE.match(name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    m = _TOP_RE.match(name)
+    if m and m.group(1) in _TOP_NAMES:
+        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    raise ConfigError(f"GGUF tensor {name!r} has no Hugging Face Llama equivalent; this file is not a plain Llama model")
+
+
+def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of rotary pairs in a q or k projection (rows = heads*dim)."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ConfigError(f"cannot un-permute a rotary projection of {rows} rows over {n_head} heads")
+    tail = w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *tail).swapaxes(1, 2).reshape(w.shape)
+
+
+class _Meta:
+    """Typed access to a GGUF file's key/value metadata, with errors naming the key."""
+
+    def __init__(self, reader: Any, path: Path) -> None:
+        self.fields = reader.fields
+        self.path = path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def need(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ConfigError(f"{self.path}: GGUF metadata key {key!r} is missing; cannot build config.json without it")
+        return value
+
+
+@dataclass
+class GGUFModel:
+    """The parts of a GGUF file the converter works from."""
+
+    path: Path
+    reader: Any
+    meta: _Meta
+    arch: str
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "GGUFModel":
+        from gguf import GGUFReader
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"GGUF file {p} does not exist")
+        try:
+            reader = GGUFReader(p)
+        except Exception as exc:  # gguf raises ValueError / struct errors on bad files
+            raise ConfigError(f"{p} is not a readable GGUF file: {exc}") from exc
+        meta = _Meta(reader, p)
+        arch = meta.need("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{p}: GGUF architecture {arch!r} is not supported; pymesh converts {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        return cls(p, reader, meta, arch)
+
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self.reader.tensors]
+
+    def vocab(self) -> GGUFVocab:
+        m = self.meta
+        return GGUFVocab(
+            model=m.need("tokenizer.ggml.model"),
+            pre=m.get("tokenizer.ggml.pre", "default"),
+            tokens=m.need("tokenizer.ggml.tokens"),
+            token_types=m.get("tokenizer.ggml.token_type", []),
+            merges=m.get("tokenizer.ggml.merges", []),
+            bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=m.get("tokenizer.ggml.eos_token_id"),
+            unk_token_id=m.get("tokenizer.ggml.unknown_token_id"),
+            pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
+            eot_token_id=m.get("tokenizer.ggml.eot_token_id"),
+            add_bos_token=bool(m.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=m.get("tokenizer.chat_template"),
+        )
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        for t in self.reader.tensors:
+            if t.name == name:
+                return tuple(int(d) for d in reversed(t.shape.tolist()))
+        raise ConfigError(f"{self.path}: tensor {name!r} is missing")
+
+    def config(self, dtype: str) -> dict[str, Any]:
+        """config.json (Llama) from the file's metadata."""
+        a, m = self.arch, self.meta
+        hidden = int(m.need(f"{a}.embedding_length"))
+        n_head = int(m.need(f"{a}.attention.head_count"))
+        n_kv = int(m.get(f"{a}.attention.head_count_kv", n_head))
+        head_dim = int(m.get(f"{a}.attention.key_length", hidden // n_head))
+        if int(m.get(f"{a}.attention.value_length", head_dim)) != head_dim:
+            raise ConfigError(f"{self.path}: attention.key_length and value_length differ; not a Llama layout")
+        rot = int(m.get(f"{a}.rope.dimension_count", head_dim))
+        if rot != head_dim:
+            raise ConfigError(f"{self.path}: rope.dimension_count {rot} != head_dim {head_dim} (partial rotary) is not supported")
+        names = set(self.tensor_names())
+        embd_shape = self._shape("token_embd.weight")
+        vocab_size = int(m.get(f"{a}.vocab_size", embd_shape[0]))
+        if vocab_size != embd_shape[0]:
+            raise ConfigError(f"{self.path}: vocab_size {vocab_size} but token_embd has {embd_shape[0]} rows")
+        cfg: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": int(m.need(f"{a}.feed_forward_length")),
+            "num_hidden_layers": int(m.need(f"{a}.block_count")),
+            "num_attention_heads": n_head,
+            "num_key_value_heads": n_kv,
+            "head_dim": head_dim,
+            "vocab_size": vocab_size,
+            "rms_norm_eps": float(m.need(f"{a}.attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(m.get(f"{a}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(m.get(f"{a}.context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in names,
+            "hidden_act": "silu",
+            "attention_bias": "blk.0.attn_q.bias" in names,
+            "mlp_bias": False,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "torch_dtype": dtype,
+        }
+        scaling = self._rope_scaling(cfg)
+        if scaling is not None:
+            cfg["rope_scaling"] = scaling
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = m.get(f"tokenizer.ggml.{key}")
+            if v is not None:
+                cfg[key] = int(v)
+        return cfg
+
+    def _rope_scaling(self, cfg: dict[str, Any]) -> dict[str, Any] | None:
+        a, m = self.arch, self.meta
+        kind = m.get(f"{a}.rope.scaling.type")
+        if kind not in (None, "none"):
+            if kind != "linear":
+                raise ConfigError(f"{self.path}: rope scaling type {kind!r} is not supported (only linear and llama3)")
+            return {"rope_type": "linear", "type": "linear", "factor": float(m.need(f"{a}.rope.scaling.factor"))}
+        if "rope_freqs.weight" in self.tensor_names():
+            return _infer_llama3_scaling(self.read("rope_freqs.weight"), cfg, self.path)
+        return None
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor, dequantized to float32, shaped (out, in)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        for t in self.reader.tensors:
+            if t.name == name:
+                break
+        else:
+            raise ConfigError(f"{self.path}: tensor {name!r} is missing")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        try:
+            if t.tensor_type == GGMLQuantizationType.F32:
+                arr = np.asarray(t.data, dtype=np.float32)
+            else:
+                arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise ConfigError(
+                f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which the gguf package "
+                "cannot dequantize; re-quantize the model to another type"
+            ) from exc
+        return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+
+
+def _infer_llama3_scaling(freqs: np.ndarray, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Recover Llama 3.1's rope_scaling from the per-frequency divisors llama.cpp stores.
+
+    The divisors are 1 for short wavelengths and ``factor`` for long ones; the usual
+    parameters are assumed and checked by recomputing every divisor.
+    """
+    freqs = freqs.reshape(-1).astype(np.float64)
+    factor = float(freqs.max())
+    guess = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    dim = cfg["head_dim"]
+    inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * np.pi / inv
+    low_wl = guess["original_max_position_embeddings"] / guess["low_freq_factor"]
+    high_wl = guess["original_max_position_embeddings"] / guess["high_freq_factor"]
+    smooth = (guess["original_max_position_embeddings"] / wavelen - guess["low_freq_factor"]) / (
+        guess["high_freq_factor"] - guess["low_freq_factor"]
+    )
+    expected = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    if expected.shape != freqs.shape or not np.allclose(expected, freqs, rtol=1e-3):
+        raise ConfigError(
+            f"{path}: rope_freqs does not match Llama 3 rope scaling with the usual parameters; "
+            "this rope scaling is not supported"
+        )
+    return guess
+
+
+def _st_dtype(dtype: str) -> tuple[str, int]:
+    return {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}[dtype]
+
+
+def _to_bytes(arr: np.ndarray, dtype: str) -> bytes:
+    if dtype == "float32":
+        return np.ascontiguousarray(arr, dtype="<f4").tobytes()
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    progress: bool = True,
+    on_tensor: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert ``gguf_path`` into a Hugging Face folder ``out_dir``; returns the folder."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    model = GGUFModel.open(gguf_path)
+    cfg = model.config(dtype)
+    vocab = model.vocab()
+    tokenizer = build_tokenizer(vocab)  # fail on a bad vocabulary before writing gigabytes
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    plan: list[tuple[str, str, tuple[int, ...]]] = []
+    for t in model.reader.tensors:
+        hf = hf_tensor_name(t.name)
+        if hf is not None:
+            plan.append((t.name, hf, tuple(int(d) for d in reversed(t.shape.tolist()))))
+    _check_complete(plan, cfg, model.path)
+    _write_safetensors(model, plan, cfg, out / "model.safetensors", dtype, progress, on_tensor)
+
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    eos = [i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None]
+    gen: dict[str, Any] = {"bos_token_id": vocab.bos_token_id, "eos_token_id": sorted(set(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None)}
+    if vocab.pad_token_id is not None:
+        gen["pad_token_id"] = vocab.pad_token_id
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(vocab, cfg["max_position_embeddings"]), indent=2) + "\n")
+    log.info("converted %s into %s (%d tensors, %s)", model.path, out, len(plan), dtype)
+    return out
+
+
+def _check_complete(plan: list[tuple[str, str, tuple[int, ...]]], cfg: dict[str, Any], path: Path) -> None:
+    have = {hf for _, hf, _ in plan}
+    need = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(cfg["num_hidden_layers"]):
+        need += [f"model.layers.{i}.{n}.weight" for n in _BLOCK_NAMES.values()]
+    missing = [n for n in need if n not in have]
+    if missing:
+        raise ConfigError(f"{path}: the GGUF lacks {len(missing)} tensors a Llama model needs, e.g. {missing[:3]}")
+
+
+def _write_safetensors(
+    model: GGUFModel,
+    plan: list[tuple[str, str, tuple[int, ...]]],
+    cfg: dict[str, Any],
+    target: Path,
+    dtype: str,
+    progress: bool,
+    on_tensor: Callable[[str], None] | None,
+) -> None:
+    """Stream tensors into ``target`` (written to a temporary name, renamed at the end)."""
+    st_name, size = _st_dtype(dtype)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "source": "pymesh gguf_convert"}}
+    offset = 0
+    for _, hf, shape in plan:
+        n = int(np.prod(shape)) * size
+        header[hf] = {"dtype": st_name, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = target.with_name(target.name + ".partial")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), disable=not progress, transient=False,
+    )
+    with bar, open(tmp, "wb") as f:
+        task = bar.add_task("", total=len(plan))
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for gguf_name, hf, shape in plan:
+            bar.update(task, description=gguf_name)
+            arr = model.read(gguf_name)
+            if arr.shape != shape:
+                raise ConfigError(f"{model.path}: tensor {gguf_name!r} dequantized to {arr.shape}, expected {shape}")
+            if gguf_name.endswith("attn_q.weight") or gguf_name.endswith("attn_q.bias"):
+                arr = unpermute_rotary(arr, cfg["num_attention_heads"])
+            elif gguf_name.endswith("attn_k.weight") or gguf_name.endswith("attn_k.bias"):
+                arr = unpermute_rotary(arr, cfg["num_key_value_heads"])
+            f.write(_to_bytes(arr, dtype))
+            if on_tensor is not None:
+                on_tensor(hf)
+            bar.advance(task)
+    os.replace(tmp, target)

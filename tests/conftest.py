@@ -1,0 +1,71 @@
+"""Shared test set-up: thread limits, the repository root on sys.path, model fixtures.
+
+Fixtures:
+- ``smollm2_dir``: SmolLM2-135M-Instruct converted to a float32 Hugging Face folder, cached
+  under ``$PYMESH_CACHE`` (default ``~/.cache/pymesh``) across runs.
+- ``smollm2_dir_bf16``: the same in bfloat16.
+- ``smollm2_gguf``: the original Q4_1 GGUF file.
+Tiny random models: ``from tests.model.tiny import make_tiny_model``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Several test processes share two cores: no spinning, explicit thread counts.
+TEST_THREADS = int(os.environ.get("PYMESH_TEST_THREADS", "2"))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+os.environ.setdefault("MKL_NUM_THREADS", str(TEST_THREADS))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads() -> None:
+    """Pin torch's intra-op threads when a test module imported torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(TEST_THREADS)
+
+
+def _pull(dtype: str) -> Path:
+    from pymesh.errors import PymeshError
+    from pymesh.model.pull import pull_default_model
+
+    try:
+        return pull_default_model(progress=False, dtype=dtype)
+    except PymeshError as exc:
+        if "could not download" in str(exc):
+            pytest.skip(f"SmolLM2 is not cached and cannot be downloaded: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return _pull("float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir_bf16() -> Path:
+    return _pull("bfloat16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from pymesh.errors import PymeshError
+    from pymesh.model.pull import default_gguf
+
+    try:
+        return default_gguf(progress=False)
+    except PymeshError as exc:
+        if "could not download" in str(exc):
+            pytest.skip(f"the SmolLM2 GGUF is not cached and cannot be downloaded: {exc}")
+        raise
