@@ -1,0 +1,268 @@
+"""``pymesh demo``: the embedded model, split over a local swarm, answering chat prompts.
+
+Steps: pull SmolLM2-135M-Instruct if needed; start a bootstrap node and N workers on
+loopback (automatic placement: each worker started once the previous one is online,
+limited to its share of the blocks so they spread out); wait until every block is
+served; show where each block landed; answer prompts through :class:`SwarmClient`,
+streaming text and measuring tokens/s; stop every process (also on Ctrl-C/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pymesh.demo.procs import DemoError
+from pymesh.demo.swarm import LocalSwarm, covered_blocks, model_matches
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the ocean.",
+)
+
+
+@dataclass
+class DemoOptions:
+    workers: int = 3
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_tokens: int = 48
+    interactive: bool = False
+    model_path: Path | None = None
+    transport: str = "quic"
+    placement: str = "auto"            # "auto" | "split"
+    timeout: float = 240.0
+    keep_logs: bool = False
+    worker_args: list[str] = field(default_factory=list)
+
+
+def even_split(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    """Inclusive ranges splitting ``num_blocks`` into ``parts`` near-equal spans."""
+    if not 0 < parts <= num_blocks:
+        raise DemoError(f"cannot split {num_blocks} blocks over {parts} workers")
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
+
+
+def placement_table(records: list[Any], model: str, num_blocks: int, names: dict[Any, str]) -> Table:
+    """Which worker serves which blocks."""
+    table = Table(title=f"where the {num_blocks} blocks landed", title_justify="left")
+    for col in ("worker", "peer", "address", "blocks", "count", "tok/s"):
+        table.add_column(col, justify="right" if col in ("count", "tok/s") else "left")
+    mine = sorted(
+        (r for r in records if r.state == "online" and model_matches(str(r.model_id), model)),
+        key=lambda r: (r.start, r.stop),
+    )
+    for r in mine:
+        table.add_row(names.get(r.peer_id, "?"), r.peer_id.short(), f"{r.host}:{r.port}",
+                      f"{r.start}-{r.stop - 1}", str(r.stop - r.start), f"{r.tokens_per_s:.1f}")
+    return table
+
+
+def _worker_flags(swarm_help: str) -> str | None:
+    """The worker's flag limiting how many blocks automatic placement takes, if any."""
+    for flag in ("--max-blocks", "--num-blocks", "--blocks"):
+        if flag in swarm_help:
+            return flag
+    return None
+
+
+def _worker_help() -> str:
+    import contextlib
+    import io
+
+    from pymesh.cli.main import build_parser
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            build_parser("worker").parse_args(["worker", "--help"])
+        except SystemExit:
+            pass
+    return buf.getvalue()
+
+
+class Demo:
+    def __init__(self, options: DemoOptions, console: Console) -> None:
+        self.o = options
+        self.console = console
+        self.model_dir: Path | None = None
+        self.model_id = ""
+        self.num_blocks = 0
+
+    # ---- model ------------------------------------------------------------------------
+    def prepare_model(self) -> None:
+        from pymesh.model.config import load_config
+
+        if self.o.model_path is None:
+            from pymesh.model.pull import pull_default_model
+
+            self.console.print("[bold]1.[/] the embedded model: SmolLM2-135M-Instruct")
+            self.model_dir = Path(pull_default_model(progress=True))
+        else:
+            self.model_dir = Path(self.o.model_path)
+        self.num_blocks = load_config(self.model_dir).num_hidden_layers
+        try:
+            from pymesh.model.fingerprint import model_id
+
+            self.model_id = model_id(self.model_dir)
+        except ImportError:
+            self.model_id = self.model_dir.name
+        self.console.print(f"   model folder {self.model_dir} ({self.num_blocks} blocks, id {self.model_id})")
+
+    # ---- swarm ------------------------------------------------------------------------
+    def start_swarm(self, swarm: LocalSwarm) -> list[Any]:
+        assert self.model_dir is not None
+        addr = swarm.start_bootstrap()
+        self.console.print(f"[bold]2.[/] bootstrap node at [bold cyan]{addr}[/] "
+                           f"({swarm.bootstrap_multiaddr})")
+        self.console.print(f"   watch it: [bold]pymesh monitor --bootstrap {addr}[/] "
+                           f"(or add --once for a snapshot)")
+        placement = self.o.placement
+        limit_flag = _worker_flags(_worker_help()) if placement == "auto" else None
+        if placement == "auto" and limit_flag is None:
+            self.console.print("   [yellow]the worker has no flag to limit automatic placement to a share "
+                               "of the blocks on one machine; using an explicit even split instead[/]")
+            placement = "split"
+        spans = even_split(self.num_blocks, self.o.workers)
+        share = math.ceil(self.num_blocks / self.o.workers)
+        for i in range(self.o.workers):
+            extra = list(self.o.worker_args)
+            if placement == "auto":
+                assert limit_flag is not None
+                extra += [limit_flag, str(share)]
+                proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
+                                          extra_args=extra)
+                self.console.print(f"   {proc.name}: automatic placement, at most {share} blocks "
+                                   f"(port {proc.port})")
+                # Let it announce before the next one chooses, so they spread out.
+                swarm.wait_for_workers([proc], timeout=self.o.timeout)
+            else:
+                proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
+                                          layers=spans[i], extra_args=extra)
+                self.console.print(f"   {proc.name}: --layers {spans[i][0]}-{spans[i][1]} (port {proc.port})")
+        return self.wait_for_coverage(swarm)
+
+    def wait_for_coverage(self, swarm: LocalSwarm) -> list[Any]:
+        columns = (TextColumn("   blocks served"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as progress:
+            task = progress.add_task("cover", total=self.num_blocks)
+
+            def show(records: list[Any]) -> None:
+                progress.update(task, completed=sum(covered_blocks(records, self.model_id, self.num_blocks)))
+                progress.refresh()
+
+            records = swarm.wait_for_coverage(self.model_id, self.num_blocks, timeout=self.o.timeout,
+                                              on_poll=show)
+        names = {w.peer_id: w.name for w in swarm.workers}
+        self.console.print(placement_table(records, self.model_id, self.num_blocks, names))
+        return records
+
+    # ---- chat -------------------------------------------------------------------------
+    def answer(self, client: Any, tokenizer: Any, prompt: str) -> tuple[int, float, float]:
+        """Stream one answer; returns (tokens, seconds to first token, decode tokens/s)."""
+        from pymesh.model.sampling import SamplingParams
+
+        params = SamplingParams(max_new_tokens=self.o.max_tokens)
+        self.console.print(f"[bold green]you>[/] {prompt}")
+        self.console.print("[bold blue]swarm>[/] ", end="")
+        decoder = tokenizer.stream_decoder()
+        t0 = time.perf_counter()
+        first = last = t0
+        n = 0
+        for tok in _tokens(client.generate(prompt, params, chat=True)):
+            last = time.perf_counter()
+            if n == 0:
+                first = last
+            n += 1
+            self.console.print(decoder.push(tok), end="", markup=False, highlight=False, soft_wrap=True)
+            self.console.file.flush()
+        self.console.print(decoder.flush(), markup=False, highlight=False)
+        ttft = first - t0
+        decode_tps = (n - 1) / (last - first) if n > 1 and last > first else 0.0
+        self.console.print(f"   [dim]{n} tokens, first after {ttft * 1000:.0f} ms, "
+                           f"{decode_tps:.1f} tokens/s decode[/]")
+        return n, ttft, decode_tps
+
+    def chat(self, swarm: LocalSwarm) -> list[tuple[int, float, float]]:
+        from pymesh.client.api import SwarmClient
+        from pymesh.model.tokenizer import load_tokenizer
+
+        assert self.model_dir is not None
+        tokenizer = load_tokenizer(self.model_dir)
+        results: list[tuple[int, float, float]] = []
+        self.console.print("[bold]3.[/] chatting through the swarm (greedy, chat template on)")
+        with SwarmClient([swarm.bootstrap_addr], self.model_dir, transport=self.o.transport) as client:
+            for prompt in self.o.prompts:
+                results.append(self.answer(client, tokenizer, prompt))
+            if self.o.interactive:
+                self.console.print("   type a message (empty line or Ctrl-D to quit)")
+                while True:
+                    try:
+                        prompt = self.console.input("[bold green]you>[/] ").strip()
+                    except EOFError:
+                        break
+                    if not prompt:
+                        break
+                    results.append(self.answer(client, tokenizer, prompt))
+        return results
+
+
+def _tokens(it: Any) -> Iterator[int]:
+    for tok in it:
+        yield int(tok)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_demo(options: DemoOptions, console: Console) -> int:
+    """The whole demo; every process it started is gone when this returns or raises."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    demo = Demo(options, console)
+    swarm: LocalSwarm | None = None
+    try:
+        demo.prepare_model()
+        swarm = LocalSwarm(keep_workdir=options.keep_logs)
+        with swarm:
+            demo.start_swarm(swarm)
+            results = demo.chat(swarm)
+            console.print("[bold]4.[/] stopping the swarm")
+        summary(console, results)
+        return 0
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted: stopping the swarm[/]")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if swarm is not None:
+            alive = [c.name for c in swarm.sup.children if c.alive()]
+            if alive:
+                console.print(f"[red]still running after shutdown: {', '.join(alive)}[/]")
+            else:
+                console.print(f"   stopped {len(swarm.sup.children)} processes"
+                              + (f"; logs kept in {swarm.workdir}" if options.keep_logs else ""))
+
+
+def summary(console: Console, results: list[tuple[int, float, float]]) -> None:
+    if not results:
+        return
+    tokens = sum(r[0] for r in results)
+    rates = [r[2] for r in results if r[2] > 0]
+    ttfts = [r[1] for r in results]
+    console.print(
+        f"[bold]{len(results)} answers, {tokens} tokens; decode {sum(rates) / max(1, len(rates)):.1f} "
+        f"tokens/s on average; first token after {1000 * sum(ttfts) / len(ttfts):.0f} ms on average[/]"
+    )

@@ -1,0 +1,212 @@
+"""A local swarm on loopback: one bootstrap node and N workers as child processes.
+
+Used by ``pymesh demo`` and by tests. Identity keys are created here, in the swarm's
+temporary folder, before each child starts, so the peer IDs are known up front and
+the swarm can wait for each worker's own record to appear in the DHT.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import trio
+
+from pymesh.demo.procs import Child, DemoError, Supervisor, free_port, pymesh_argv
+from pymesh.proto.identity import Identity, PeerID
+
+log = logging.getLogger(__name__)
+
+#: Short record TTL and heartbeat for a local swarm, so changes show within seconds.
+LOCAL_ENV = {
+    "PYMESH_RECORD_TTL": "30",
+    "PYMESH_HEARTBEAT": "5",
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
+
+
+@dataclass
+class WorkerProc:
+    name: str
+    peer_id: PeerID
+    port: int
+    child: Child
+    layers: tuple[int, int] | None      # inclusive, as on the command line; None = automatic
+
+
+def model_matches(model_id: str, wanted: str) -> bool:
+    """``wanted`` is an exact id or a bare name matching ``name@fingerprint``."""
+    return model_id == wanted or model_id.split("@", 1)[0] == wanted.split("@", 1)[0]
+
+
+def covered_blocks(records: Sequence[Any], model: str, num_blocks: int) -> list[bool]:
+    """Per block: whether an online record of ``model`` serves it."""
+    cover = [False] * num_blocks
+    for r in records:
+        if r.state == "online" and model_matches(str(r.model_id), model):
+            for b in range(max(0, r.start), min(num_blocks, r.stop)):
+                cover[b] = True
+    return cover
+
+
+class LocalSwarm:
+    """``with LocalSwarm(...) as swarm:`` — everything it started is stopped on exit."""
+
+    def __init__(
+        self,
+        *,
+        workdir: Path | None = None,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+        grace: float = 8.0,
+        keep_workdir: bool = False,
+    ) -> None:
+        self._own_dir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="pymesh-swarm-")) if workdir is None else Path(workdir)
+        self.host = host
+        import os
+
+        full_env = dict(os.environ)
+        full_env.update(LOCAL_ENV)
+        full_env.update(env or {})
+        self.sup = Supervisor(self.workdir, env=full_env, grace=grace)
+        self.keep_workdir = keep_workdir
+        self.bootstrap_port: int | None = None
+        self.bootstrap_peer: PeerID | None = None
+        self.workers: list[WorkerProc] = []
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sup.stop_all()
+        if self._own_dir and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- starting ---------------------------------------------------------------------
+    def _identity(self, name: str) -> tuple[Path, PeerID]:
+        path = self.workdir / f"{name}.key"
+        ident = Identity.generate()
+        ident.save(path)
+        return path, ident.peer_id
+
+    @property
+    def bootstrap_addr(self) -> str:
+        if self.bootstrap_port is None:
+            raise DemoError("the bootstrap node has not been started")
+        return f"{self.host}:{self.bootstrap_port}"
+
+    @property
+    def bootstrap_multiaddr(self) -> str:
+        suffix = f"/p2p/{self.bootstrap_peer}" if self.bootstrap_peer is not None else ""
+        return f"/ip4/{self.host}/udp/{self.bootstrap_port}{suffix}"
+
+    def start_bootstrap(self) -> str:
+        key, peer = self._identity("bootstrap")
+        port = free_port(1, host=self.host)
+        self.sup.spawn("bootstrap", pymesh_argv(
+            "bootstrap", "--port", str(port), "--host", self.host, "--identity", str(key)))
+        self.bootstrap_port, self.bootstrap_peer = port, peer
+        return self.bootstrap_addr
+
+    def start_worker(
+        self,
+        *,
+        model_path: Path | None = None,
+        model_name: str | None = None,
+        layers: tuple[int, int] | None = None,
+        transport: str = "quic",
+        extra_args: Sequence[str] = (),
+    ) -> WorkerProc:
+        name = f"worker{len(self.workers)}"
+        key, peer = self._identity(name)
+        port = free_port(2, host=self.host)  # transport port N, DHT port N+1
+        argv = ["worker", "--bootstrap", self.bootstrap_addr, "--port", str(port),
+                "--identity", str(key), "--transport", transport]
+        if self.host != "0.0.0.0":
+            argv += ["--announce-addr", self.host]
+        if model_path is not None:
+            argv += ["--model-path", str(model_path)]
+        if model_name is not None:
+            argv += ["--model-name", model_name]
+        if layers is not None:
+            argv += ["--layers", f"{layers[0]}-{layers[1]}"]
+        argv += list(extra_args)
+        child = self.sup.spawn(name, pymesh_argv(*argv))
+        proc = WorkerProc(name, peer, port, child, layers)
+        self.workers.append(proc)
+        return proc
+
+    def stop_worker(self, proc: WorkerProc) -> None:
+        self.sup.stop(proc.child)
+
+    # ---- watching the DHT ---------------------------------------------------------------
+    def wait_until(
+        self,
+        done: Callable[[list[Any]], bool],
+        *,
+        timeout: float,
+        what: str,
+        on_poll: Callable[[list[Any]], None] | None = None,
+        interval: float = 0.5,
+    ) -> list[Any]:
+        """Poll every worker record until ``done(records)``; children must stay alive."""
+        return trio.run(self._wait_until, done, timeout, what, on_poll, interval)
+
+    async def _wait_until(
+        self,
+        done: Callable[[list[Any]], bool],
+        timeout: float,
+        what: str,
+        on_poll: Callable[[list[Any]], None] | None,
+        interval: float,
+    ) -> list[Any]:
+        from pymesh.net.dht import DHTNode
+        from pymesh.proto.addr import parse_addr
+
+        records: list[Any] = []
+        with trio.move_on_after(timeout):
+            async with DHTNode(Identity.generate(), host=self.host, port=0,
+                               bootstrap=[parse_addr(self.bootstrap_addr)]) as node:
+                while True:
+                    self.sup.check_alive()
+                    with trio.move_on_after(max(2.0, interval * 4)):
+                        records = list(await node.list_records(None))
+                    if on_poll is not None:
+                        on_poll(records)
+                    if done(records):
+                        return records
+                    await trio.sleep(interval)
+        self.sup.check_alive()
+        raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; logs are in {self.workdir}")
+
+    def wait_for_workers(self, procs: Sequence[WorkerProc], *, timeout: float) -> list[Any]:
+        """Until each of ``procs`` has an online record."""
+        want = {p.peer_id for p in procs}
+
+        def done(records: list[Any]) -> bool:
+            return want <= {r.peer_id for r in records if r.state == "online"}
+
+        names = ", ".join(p.name for p in procs)
+        return self.wait_until(done, timeout=timeout, what=f"{names} to announce")
+
+    def wait_for_coverage(
+        self,
+        model: str,
+        num_blocks: int,
+        *,
+        timeout: float,
+        on_poll: Callable[[list[Any]], None] | None = None,
+    ) -> list[Any]:
+        """Until online records of ``model`` cover blocks 0..num_blocks-1."""
+        return self.wait_until(
+            lambda recs: all(covered_blocks(recs, model, num_blocks)),
+            timeout=timeout, what=f"all {num_blocks} blocks of {model} to be served", on_poll=on_poll,
+        )
