@@ -1,0 +1,131 @@
+"""Single-process generation: the baseline the swarm must reproduce token for token.
+
+Step shapes are fixed: one prefill call with the whole prompt, then one token
+per step. (Results of float math depend on matrix shapes, so a replay must use
+the same shapes to give the same tokens.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from pymesh.errors import ConfigError
+from pymesh.model.config import ModelConfig
+from pymesh.model.head import ClientHead, load_head
+from pymesh.model.sampling import Sampler, SamplingParams
+from pymesh.model.span import SpanModel, load_span
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count explicitly (default: the CPUs this process may use)."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads < 1:
+        raise ConfigError(f"--threads {threads} must be >= 1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """Token ids of ``prompt``, through the model's chat template when ``chat``."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(prompt))
+
+
+class LocalModel:
+    """A whole model in this process: every block plus the client head."""
+
+    def __init__(self, span: SpanModel, head: ClientHead) -> None:
+        self.span = span
+        self.head = head
+        self.config: ModelConfig = span.config
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = torch.float32, progress: bool = False) -> "LocalModel":
+        dt = parse_dtype(dtype)
+        head = load_head(model_dir, device=device, dtype=dt)
+        span = load_span(model_dir, 0, head.config.num_hidden_layers, device=device, dtype=dt, progress=progress)
+        return cls(span, head)
+
+    @torch.no_grad()
+    def generate_ids(self, ids: Sequence[int], params: SamplingParams, *,
+                     eos_ids: Sequence[int] | None = None,
+                     stop_check: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
+        """Yield up to ``params.max_new_tokens`` new ids; an EOS id is yielded, then generation stops.
+
+        ``stop_check(generated)`` is asked after every token (stop strings); true ends generation.
+        """
+        ids = list(ids)
+        if not ids:
+            raise ConfigError("the prompt is empty: at least one token is needed")
+        eos = set(self.config.eos_token_id if eos_ids is None else eos_ids)
+        total = len(ids) + params.max_new_tokens
+        cache = self.span.new_cache(max(total, 1))
+        sampler = Sampler(params)
+        history = list(ids)
+        generated: list[int] = []
+        hidden = self.head.embed(torch.tensor([ids]))
+        pos = 0
+        for _ in range(params.max_new_tokens):
+            out = self.span.forward(hidden, cache, pos)
+            pos += hidden.shape[1]
+            token = sampler.sample(self.head.logits(out[0, -1]), history)
+            history.append(token)
+            generated.append(token)
+            yield token
+            if token in eos or (stop_check is not None and stop_check(generated)):
+                return
+            hidden = self.head.embed(torch.tensor([[token]]))
+
+
+def generate(model_dir: str | Path, prompt: str | Sequence[int], *, chat: bool = False,
+             params: SamplingParams | None = None, device: str | torch.device = "cpu",
+             dtype: str | torch.dtype = torch.float32) -> Iterator[int]:
+    """Generate from ``prompt`` (text, or token ids) with the model in ``model_dir``; yields new token ids."""
+    params = params or SamplingParams()
+    model = LocalModel.load(model_dir, device=device, dtype=dtype)
+    tokenizer = None
+    if isinstance(prompt, str) or params.stop:
+        from pymesh.model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+    if isinstance(prompt, str):
+        ids = prompt_ids(tokenizer, prompt, chat)
+    else:
+        ids = [int(i) for i in prompt]
+    eos = sorted(set(model.config.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", []) or []))
+    stop_check = make_stop_check(tokenizer, params.stop) if params.stop else None
+    yield from model.generate_ids(ids, params, eos_ids=eos, stop_check=stop_check)
+
+
+def make_stop_check(tokenizer: Any, stop: Sequence[str]) -> Callable[[list[int]], bool]:
+    """A predicate: has any stop string appeared in the decoded generated text?"""
+    stops = list(stop)
+
+    def check(generated: list[int]) -> bool:
+        text = tokenizer.decode(generated)
+        return any(s in text for s in stops)
+
+    return check

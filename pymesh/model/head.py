@@ -1,0 +1,61 @@
+"""The client's part of the model: token embeddings, final norm and LM head."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pymesh.errors import ConfigError
+from pymesh.model.config import ModelConfig, load_config
+from pymesh.model.layers import ops
+from pymesh.model.weights import WeightStore
+
+log = logging.getLogger(__name__)
+
+
+class ClientHead:
+    """Embeddings in, float32 logits out; the LM head is the embedding matrix when tied."""
+
+    def __init__(self, config: ModelConfig, embed_tokens: torch.Tensor, norm: torch.Tensor,
+                 lm_head: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.norm = norm
+        self.lm_head = lm_head
+        self.device = device
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq]`` token ids -> ``[batch, seq, hidden]``."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        if ids.dim() != 2:
+            raise ConfigError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ConfigError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+        return F.embedding(ids, self.embed_tokens)
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head over ``hidden`` ``[..., hidden]`` -> float32 ``[..., vocab]``."""
+        h = ops.rms_norm(hidden.to(self.dtype).contiguous(), self.norm, self.config.rms_norm_eps)
+        return ops.linear(h, self.lm_head).float()
+
+
+def load_head(model_dir: str | Path, *, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> ClientHead:
+    """Load only the embeddings, the final norm and the LM head (tied: the embeddings again)."""
+    config = load_config(model_dir)
+    dev = torch.device(device)
+    v, h = config.vocab_size, config.hidden_size
+    with WeightStore(model_dir) as store:
+        embed = store.get("model.embed_tokens.weight", (v, h), dtype, dev)
+        norm = store.get("model.norm.weight", (h,), dtype, dev)
+        if config.tie_word_embeddings:
+            lm_head = embed
+        else:
+            lm_head = store.get("lm_head.weight", (v, h), dtype, dev)
+    return ClientHead(config, embed, norm, lm_head, device=dev, dtype=dtype)
