@@ -1,0 +1,401 @@
+"""The trio DHT node: one UDP socket driving the sans-I/O :class:`DHTCore`.
+
+One receive loop reads every datagram, drops what the per-IP rate limiter refuses,
+hands queries to the core (which answers them) and matches responses to outstanding
+queries by (transaction id, address). Lookups run the :class:`Lookup` state machine
+with real queries and timeouts. ``async with DHTNode(...)`` binds, bootstraps and
+runs maintenance (bucket refresh, re-bootstrap, record heartbeats); leaving the block
+publishes "offline" versions of this node's records, then stops everything.
+
+The pymesh record API (``publish_record``, ``find_block_providers``, ...) lives in
+:mod:`pymesh.net.dht_records` and is mixed in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import socket as _socket
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Sequence
+
+import trio
+
+from pymesh.errors import PeerUnavailable, RemoteProtocolError
+from pymesh.net.dht_ratelimit import RateLimiter
+from pymesh.net.dht_records import RecordOps
+from pymesh.proto import krpc
+from pymesh.proto.addr import PeerAddr
+from pymesh.proto.dht_core import DHTCore
+from pymesh.proto.identity import Identity
+from pymesh.proto.krpc import Addr, Contact, ErrorReply, KRPCError, Response
+from pymesh.proto.lookup import Lookup
+
+log = logging.getLogger(__name__)
+
+
+def _env_float(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number", name, text)
+        return default
+
+
+@dataclass
+class DHTConfig:
+    """Knobs of a DHT node. Defaults honour PYMESH_RECORD_TTL, PYMESH_HEARTBEAT and
+    PYMESH_DHT_TIMEOUT so tests and local swarms run in seconds."""
+
+    record_ttl: float = field(default_factory=lambda: _env_float("PYMESH_RECORD_TTL", 300.0))
+    heartbeat: float = field(default_factory=lambda: _env_float("PYMESH_HEARTBEAT", 60.0))
+    rpc_timeout: float = field(default_factory=lambda: _env_float("PYMESH_DHT_TIMEOUT", 2.0))
+    k: int = 8
+    alpha: int = 3
+    rate_limit: float = 400.0          # datagrams per second per source IP
+    rate_burst: float = 800.0
+    refresh_interval: float = 900.0    # stale-bucket refresh (BEP 5: 15 minutes)
+    bootstrap_timeout: float = 10.0
+    max_record_pages: int = 64         # per responder, when paging a large model
+    max_pending_pings: int = 32
+
+    def __post_init__(self) -> None:
+        if self.record_ttl <= 0 or self.rpc_timeout <= 0:
+            raise ValueError("record_ttl and rpc_timeout must be positive")
+        if self.heartbeat <= 0 or self.heartbeat > self.record_ttl / 2:
+            fixed = self.record_ttl / 3
+            log.info("heartbeat %.1fs is not well inside the record TTL %.1fs; using %.1fs",
+                     self.heartbeat, self.record_ttl, fixed)
+            self.heartbeat = fixed
+
+
+class DHTRemoteError(RemoteProtocolError):
+    """A DHT peer answered a query with a KRPC error."""
+
+    def __init__(self, addr: Addr, code: int, message: str) -> None:
+        super().__init__(f"DHT node {addr[0]}:{addr[1]} refused the query: error {code} {message}")
+        self.code = code
+        self.remote_message = message
+
+
+class DHTNode(RecordOps):
+    def __init__(self, identity: Identity, *, host: str = "0.0.0.0", port: int = 0,
+                 bootstrap: Sequence[PeerAddr] = (), config: DHTConfig | None = None) -> None:
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.host = host
+        self.port = port
+        self.bootstrap_addrs = list(bootstrap)
+        self.config = config or DHTConfig()
+        self.core = DHTCore(self.node_id, now=time.time(), k=self.config.k,
+                            record_ttl=self.config.record_ttl)
+        self.limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
+        self._sock: trio.socket.SocketType | None = None
+        self._nursery: trio.Nursery | None = None
+        self._pending: dict[tuple[bytes, Addr], tuple[trio.Event, list[Response | ErrorReply]]] = {}
+        self._pings = 0
+        self._rng = random.Random()
+        self.stats = {"received": 0, "dropped": 0, "answered": 0, "malformed": 0}
+        RecordOps.__init__(self)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def __aenter__(self) -> "DHTNode":
+        raw = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+        try:
+            raw.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 1 << 20)
+        except OSError:
+            pass
+        raw.setblocking(False)
+        self._raw = raw
+        sock = trio.socket.from_stdlib_socket(raw)
+        await sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery.start_soon(self._receive_loop)
+        log.info("DHT node %s listening on udp %s:%d", self.identity.peer_id.short(), self.host, self.port)
+        try:
+            await self.bootstrap()
+        except BaseException:
+            await self._stop(None, None, None)
+            raise
+        self._nursery.start_soon(self._maintenance_loop)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        if exc_type is None or issubclass(exc_type, (Exception, KeyboardInterrupt)):
+            with trio.move_on_after(max(1.0, 2 * self.config.rpc_timeout)) as scope:
+                scope.shield = True
+                try:
+                    await self.publish_offline()
+                except Exception as err:
+                    log.warning("could not publish offline records at shutdown: %s", err)
+        return await self._stop(exc_type, exc, tb)
+
+    async def _stop(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                    tb: TracebackType | None) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._sock is not None:
+                self._sock.close()
+            log.info("DHT node %s stopped", self.identity.peer_id.short())
+
+    # -- socket --------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data, src = await self._sock.recvfrom(krpc.MAX_DATAGRAM + 1)
+            except OSError as exc:  # e.g. ICMP port unreachable surfaced on some systems
+                log.debug("recvfrom failed: %s", exc)
+                continue
+            self.stats["received"] += 1
+            now = time.time()
+            src = (src[0], src[1])
+            if not self.limiter.allow(src[0], now):
+                self.stats["dropped"] += 1
+                continue
+            try:
+                self._handle(data, src, now)
+            except Exception:  # a bug must never kill the loop
+                log.exception("error handling a datagram from %s:%d", *src)
+
+    def _handle(self, data: bytes, src: Addr, now: float) -> None:
+        inc = self.core.receive(data, src, now)
+        if inc.error:
+            self.stats["malformed"] += 1
+            log.debug("from %s:%d: %s", src[0], src[1], inc.error)
+        if inc.reply is not None:
+            self.stats["answered"] += 1
+            self._send_nowait(inc.reply, src)
+        if inc.message is not None:
+            waiter = self._pending.pop((inc.message.tid, src), None)
+            if waiter is not None:
+                waiter[1].append(inc.message)
+                waiter[0].set()
+        for c in inc.pings:
+            self._spawn_ping(c)
+
+    def _send_nowait(self, data: bytes, addr: Addr) -> None:
+        try:
+            self._raw.sendto(data, addr)  # non-blocking; a full buffer drops, as UDP may
+        except (BlockingIOError, OSError) as exc:
+            log.debug("send to %s:%d failed: %s", addr[0], addr[1], exc)
+
+    async def query(self, addr: Addr, method: bytes, args: dict[bytes, object] | None = None, *,
+                    node_id: bytes | None = None, timeout: float | None = None) -> Response:
+        """Send one query and wait for its answer; raises PeerUnavailable on timeout and
+        DHTRemoteError on an error reply."""
+        tid, data = self.core.make_query(method, args)
+        key = (tid, addr)
+        event = trio.Event()
+        box: list[Response | ErrorReply] = []
+        self._pending[key] = (event, box)
+        try:
+            self._send_nowait(data, addr)
+            with trio.move_on_after(timeout or self.config.rpc_timeout):
+                await event.wait()
+        finally:
+            self._pending.pop(key, None)
+        now = time.time()
+        if not box:
+            if node_id is not None:
+                self.core.note_timeout(node_id, now)
+            raise PeerUnavailable(f"DHT node {addr[0]}:{addr[1]} did not answer {method.decode()} "
+                                  f"within {timeout or self.config.rpc_timeout:.1f}s")
+        msg = box[0]
+        if isinstance(msg, ErrorReply):
+            raise DHTRemoteError(addr, msg.code, msg.message)
+        for c in self.core.note_response(Contact(msg.sender_id, addr), now):
+            self._spawn_ping(c)
+        return msg
+
+    def _spawn_ping(self, contact: Contact) -> None:
+        if self._nursery is None or self._pings >= self.config.max_pending_pings:
+            return
+        self._pings += 1
+        self._nursery.start_soon(self._ping_check, contact)
+
+    async def _ping_check(self, contact: Contact) -> None:
+        try:
+            await self.query(contact.addr, b"ping", node_id=contact.node_id)
+        except (PeerUnavailable, DHTRemoteError):
+            pass
+        finally:
+            self._pings -= 1
+
+    # -- lookups -------------------------------------------------------------------------
+    async def lookup(self, target: bytes, method: bytes = b"find_node",
+                     args: dict[bytes, object] | None = None,
+                     ) -> tuple[list[Contact], dict[bytes, tuple[Contact, Response]]]:
+        """Iterative lookup of ``target``: (k closest that answered, every reply by node id)."""
+        if args is None:
+            key = b"info_hash" if method == b"get_peers" else b"target"
+            args = {key: target}
+        lk = Lookup(target, self.core.routing.closest(target, 2 * self.config.k), k=self.config.k,
+                    alpha=self.config.alpha, own_id=self.node_id)
+        replies: dict[bytes, tuple[Contact, Response]] = {}
+        send, recv = trio.open_memory_channel[tuple[Contact, Response | None]](math.inf)
+
+        async def ask(c: Contact) -> None:
+            try:
+                resp: Response | None = await self.query(c.addr, method, args, node_id=c.node_id)
+            except (PeerUnavailable, DHTRemoteError):
+                resp = None
+            send.send_nowait((c, resp))
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                for c in lk.next_queries(time.time()):
+                    nursery.start_soon(ask, c)
+                if lk.done or lk.inflight == 0:
+                    break
+                c, resp = await recv.receive()
+                now = time.time()
+                if resp is None or resp.sender_id != c.node_id:
+                    lk.on_timeout(c.node_id, now)
+                    continue
+                try:
+                    nodes = krpc.reply_nodes_untrusted(resp.values)
+                except KRPCError:
+                    lk.on_timeout(c.node_id, now)
+                    continue
+                replies[c.node_id] = (c, resp)
+                lk.on_response(c.node_id, nodes, now)
+        return lk.result(), replies
+
+    async def bootstrap(self) -> int:
+        """Ping the bootstrap addresses, then look up our own ID. Returns table size."""
+        if not self.bootstrap_addrs:
+            return len(self.core.routing)
+        with trio.move_on_after(self.config.bootstrap_timeout):
+            async with trio.open_nursery() as nursery:
+                for pa in self.bootstrap_addrs:
+                    nursery.start_soon(self._ping_bootstrap, pa)
+            await self.lookup(self.node_id)
+        size = len(self.core.routing)
+        if size == 0:
+            log.warning("bootstrap: none of %s answered; will retry",
+                        ", ".join(str(a) for a in self.bootstrap_addrs))
+        else:
+            log.info("bootstrap: routing table holds %d nodes", size)
+        return size
+
+    async def _ping_bootstrap(self, pa: PeerAddr) -> None:
+        try:
+            infos = await trio.socket.getaddrinfo(pa.host, pa.port, _socket.AF_INET, _socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("bootstrap address %s does not resolve: %s", pa, exc)
+            return
+        for info in infos[:1]:
+            addr = (str(info[4][0]), int(info[4][1]))
+            try:
+                await self.query(addr, b"find_node", {b"target": self.node_id})
+            except (PeerUnavailable, DHTRemoteError) as exc:
+                log.warning("bootstrap node %s: %s", pa, exc)
+
+    async def _maintenance_loop(self) -> None:
+        period = max(0.2, min(self.config.heartbeat, 30.0))
+        while True:
+            await trio.sleep(period)
+            try:
+                if len(self.core.routing) == 0 and self.bootstrap_addrs:
+                    await self.bootstrap()
+                for target in self.core.routing.refresh_targets(time.time(), after=self.config.refresh_interval):
+                    await self.lookup(target)
+                await self.heartbeat_records()
+            except Exception:
+                log.exception("DHT maintenance step failed; continuing")
+
+    # -- BEP 5 / BEP 44 client operations ------------------------------------------------
+    async def ping(self, addr: Addr) -> bytes:
+        return (await self.query(addr, b"ping")).sender_id
+
+    async def get_peers(self, info_hash: bytes) -> list[Addr]:
+        _, replies = await self.lookup(info_hash, b"get_peers")
+        peers: set[Addr] = set()
+        for _, resp in replies.values():
+            try:
+                peers.update(krpc.reply_peers_untrusted(resp.values))
+            except KRPCError:
+                continue
+        return sorted(peers)
+
+    async def announce_peer(self, info_hash: bytes, port: int) -> int:
+        closest, replies = await self.lookup(info_hash, b"get_peers")
+        return await self._write_to(closest, replies, b"announce_peer",
+                                    {b"info_hash": info_hash, b"port": port})
+
+    async def _write_to(self, closest: list[Contact], replies: dict[bytes, tuple[Contact, Response]],
+                        method: bytes, args: dict[bytes, object]) -> int:
+        """Send a token-carrying write to every node in ``closest``; count acceptances."""
+        ok = 0
+
+        async def one(c: Contact) -> None:
+            nonlocal ok
+            token = replies[c.node_id][1].values.get(b"token")
+            if not isinstance(token, bytes):
+                return
+            try:
+                await self.query(c.addr, method, {**args, b"token": token}, node_id=c.node_id)
+                ok += 1
+            except (PeerUnavailable, DHTRemoteError) as exc:
+                log.debug("%s to %s:%d failed: %s", method.decode(), c.addr[0], c.addr[1], exc)
+
+        async with trio.open_nursery() as nursery:
+            for c in closest:
+                nursery.start_soon(one, c)
+        return ok
+
+    async def put_mutable(self, identity: Identity, value: object, *, seq: int, salt: bytes = b"") -> int:
+        """BEP 44 put of a signed mutable item to the k closest nodes (and locally)."""
+        from pymesh.proto.bencode import encode
+        from pymesh.proto.storage import mutable_target
+
+        v_raw = encode(value)
+        target = mutable_target(identity.public_key, salt)
+        sig = identity.sign(krpc.mutable_sign_input(v_raw, seq, salt))
+        self.core.items.put_mutable(identity.public_key, salt, seq, sig, v_raw, None, time.time())
+        closest, replies = await self.lookup(target, b"get")
+        args: dict[bytes, object] = {b"v": value, b"k": identity.public_key, b"sig": sig, b"seq": seq}
+        if salt:
+            args[b"salt"] = salt
+        return await self._write_to(closest, replies, b"put", args)
+
+    async def get_item(self, target: bytes, *, salt: bytes = b"") -> tuple[object, int | None] | None:
+        """BEP 44 get: the (value, seq) with the highest verified seq, or None. For a
+        mutable item pass the ``salt`` it was stored with (replies do not carry it)."""
+        from pymesh.proto.bencode import encode
+        from pymesh.proto.identity import verify_signature
+        from pymesh.proto.storage import immutable_target, mutable_target
+
+        _, replies = await self.lookup(target, b"get")
+        best: tuple[object, int | None] | None = None
+        for _, resp in replies.values():
+            r = resp.values
+            if b"v" not in r:
+                continue
+            v_raw = encode(r[b"v"])
+            k, sig, seq = r.get(b"k"), r.get(b"sig"), r.get(b"seq")
+            if isinstance(k, bytes) and isinstance(sig, bytes) and isinstance(seq, int):
+                if mutable_target(k, salt) != target:
+                    continue
+                if not verify_signature(k, sig, krpc.mutable_sign_input(v_raw, seq, salt)):
+                    continue
+                if best is None or (best[1] or -1) < seq:
+                    best = (r[b"v"], seq)
+            elif immutable_target(v_raw) == target and best is None:
+                best = (r[b"v"], None)
+        return best

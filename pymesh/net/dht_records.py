@@ -1,0 +1,222 @@
+"""pymesh worker records over the DHT (mixed into :class:`pymesh.net.dht.DHTNode`).
+
+Each record is stored at two targets, on the k nodes closest to each (and locally
+when this node is one of them): the model's target (``find_block_providers``,
+``find_model_records``) and the all-records target (``list_models``,
+``list_records``). Writes are ``pm_put`` with a token from a ``pm_get`` answer;
+reads are a ``pm_get`` lookup whose replies carry the first page of records, then
+further pages (``after`` = cursor) from the closest nodes that said there is more.
+Every record read is verified; bad or other-version records are dropped with a log line.
+
+A node re-signs and re-publishes its own records every ``heartbeat`` seconds until
+:meth:`stop_refreshing` or shutdown; at clean shutdown it publishes them as offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import trio
+
+from pymesh.errors import LocalProtocolError, PeerUnavailable, RemoteProtocolError
+from pymesh.proto import krpc
+from pymesh.proto.dht_core import MAX_SKEW, RECORD_PAGE_BUDGET
+from pymesh.proto.krpc import Addr, Contact, Response
+from pymesh.proto.records import ALL_TARGET, RecordError, RecordVersionMismatch, WorkerRecord, model_target
+from pymesh.proto.routing import distance
+from pymesh.proto.storage import StoredRecord
+
+if TYPE_CHECKING:
+    from pymesh.net.dht import DHTConfig
+    from pymesh.proto.dht_core import DHTCore
+    from pymesh.proto.identity import Identity
+
+log = logging.getLogger(__name__)
+
+
+class RecordOps:
+    identity: "Identity"
+    node_id: bytes
+    config: "DHTConfig"
+    core: "DHTCore"
+
+    def __init__(self) -> None:
+        self._own_records: dict[str, WorkerRecord] = {}
+        self._published_at: dict[str, float] = {}
+        self._warned_versions: set[object] = set()
+
+    # provided by DHTNode
+    async def lookup(self, target: bytes, method: bytes = b"find_node",
+                     args: dict[bytes, object] | None = None,
+                     ) -> tuple[list[Contact], dict[bytes, tuple[Contact, Response]]]:
+        raise NotImplementedError
+
+    async def query(self, addr: Addr, method: bytes, args: dict[bytes, object] | None = None, *,
+                    node_id: bytes | None = None, timeout: float | None = None) -> Response:
+        raise NotImplementedError
+
+    async def _write_to(self, closest: list[Contact], replies: dict[bytes, tuple[Contact, Response]],
+                        method: bytes, args: dict[bytes, object]) -> int:
+        raise NotImplementedError
+
+    # -- writing -------------------------------------------------------------------------
+    async def publish_record(self, record: WorkerRecord) -> int:
+        """Store ``record`` on the k closest nodes of its model (and in the all-records
+        index). A record of this node's own key is (re-)signed with a fresh timestamp and
+        then refreshed every heartbeat. Returns how many nodes stored it under the model."""
+        if record.peer_id == self.identity.peer_id or not record.signature:
+            record = record.signed(self.identity)
+            self._own_records[record.model_id] = record
+        elif not record.verify():
+            raise LocalProtocolError("publish_record: the record's signature does not verify; "
+                                     "sign it with WorkerRecord.signed(identity) first")
+        raw = record.to_bytes()
+        self._published_at[record.model_id] = time.time()
+        counts = {}
+
+        async def one(target: bytes) -> None:
+            counts[target] = await self._put_record(target, record, raw)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, model_target(record.model_id))
+            nursery.start_soon(one, ALL_TARGET)
+        n = counts[model_target(record.model_id)]
+        log.debug("published %s record of %s for %s on %d nodes", record.state,
+                  record.peer_id.short(), record.model_id, n)
+        return n
+
+    async def _put_record(self, target: bytes, record: WorkerRecord, raw: bytes) -> int:
+        closest, replies = await self.lookup(target, b"pm_get", {b"target": target})
+        stored = 0
+        k = self.config.k
+        if len(closest) < k or distance(self.node_id, target) < distance(closest[-1].node_id, target):
+            now = time.time()
+            self.core.records.put(
+                target, record.peer_id.key,
+                StoredRecord(raw, record.timestamp, min(now + self.config.record_ttl,
+                                                        record.timestamp + self.config.record_ttl + MAX_SKEW),
+                             record.start, record.stop), now)
+            stored += 1
+
+        stored += await self._write_to(closest, replies, b"pm_put", {b"target": target, b"rec": raw})
+        return stored
+
+    async def heartbeat_records(self) -> None:
+        """Re-sign and re-publish this node's records whose heartbeat is due."""
+        now = time.time()
+        for model_id, rec in list(self._own_records.items()):
+            if now - self._published_at.get(model_id, 0.0) >= self.config.heartbeat * 0.9:
+                try:
+                    await self.publish_record(rec)
+                except Exception as exc:
+                    log.warning("heartbeat for %s failed: %s", model_id, exc)
+
+    def stop_refreshing(self, model_id: str | None = None) -> None:
+        """Stop the heartbeat of this node's record(s); they expire after the TTL."""
+        for m in [model_id] if model_id is not None else list(self._own_records):
+            self._own_records.pop(m, None)
+
+    async def publish_offline(self) -> None:
+        """Replace this node's records with offline ones (clean shutdown)."""
+        records = list(self._own_records.values())
+        self._own_records.clear()
+        async with trio.open_nursery() as nursery:
+            for rec in records:
+                nursery.start_soon(self.publish_record, replace(rec, state="offline"))
+        self._own_records.clear()
+
+    # -- reading -------------------------------------------------------------------------
+    def _parse(self, raw: object) -> WorkerRecord | None:
+        if not isinstance(raw, bytes):
+            return None
+        try:
+            return WorkerRecord.from_bytes_untrusted(raw)
+        except RecordVersionMismatch as exc:
+            if exc.theirs not in self._warned_versions:
+                self._warned_versions.add(exc.theirs)
+                log.warning("ignoring a worker record: %s", exc)
+        except RecordError as exc:
+            log.info("ignoring an invalid worker record: %s", exc)
+        return None
+
+    def _merge(self, into: dict[bytes, WorkerRecord], raws: object, model_id: str | None) -> None:
+        if not isinstance(raws, list):
+            return
+        for raw in raws[:64]:
+            rec = self._parse(raw)
+            if rec is None or (model_id is not None and rec.model_id != model_id):
+                continue
+            old = into.get(rec.peer_id.key)
+            if old is None or old.timestamp < rec.timestamp:
+                into[rec.peer_id.key] = rec
+
+    async def _read_records(self, target: bytes, model_id: str | None, block: int | None) -> list[WorkerRecord]:
+        args: dict[bytes, object] = {b"target": target}
+        if block is not None:
+            args[b"b"] = block
+        closest, replies = await self.lookup(target, b"pm_get", args)
+        found: dict[bytes, WorkerRecord] = {}
+        now = time.time()
+        after = b""
+        while True:  # our own store, every page
+            raws, nxt = self.core.records.page(target, now, after=after, block=block, budget=RECORD_PAGE_BUDGET)
+            self._merge(found, raws, model_id)
+            if nxt is None:
+                break
+            after = nxt
+        more = []
+        for _, resp in replies.values():
+            self._merge(found, resp.values.get(b"recs"), model_id)
+        for c in closest[:3]:
+            nxt_v = replies[c.node_id][1].values.get(b"next") if c.node_id in replies else None
+            if isinstance(nxt_v, bytes):
+                more.append((c, nxt_v))
+
+        async def pages(c: Contact, cursor: bytes) -> None:
+            for _ in range(self.config.max_record_pages):
+                try:
+                    resp = await self.query(c.addr, b"pm_get", {**args, b"after": cursor}, node_id=c.node_id)
+                except (PeerUnavailable, RemoteProtocolError):
+                    return
+                self._merge(found, resp.values.get(b"recs"), model_id)
+                nxt = resp.values.get(b"next")
+                if not isinstance(nxt, bytes) or nxt <= cursor:
+                    return
+                cursor = nxt
+
+        async with trio.open_nursery() as nursery:
+            for c, cursor in more:
+                nursery.start_soon(pages, c, cursor)
+        if block is not None:
+            return sorted((r for r in found.values() if r.covers(block)), key=_order)
+        return sorted(found.values(), key=_order)
+
+    async def find_block_providers(self, model_id: str, block: int) -> list[WorkerRecord]:
+        """Live, verified, not-offline records of ``model_id`` whose span covers ``block``."""
+        recs = await self._read_records(model_target(model_id), model_id, block)
+        return [r for r in recs if r.live]
+
+    async def find_model_records(self, model_id: str) -> list[WorkerRecord]:
+        """Every live, verified, not-offline record of ``model_id``."""
+        recs = await self._read_records(model_target(model_id), model_id, None)
+        return [r for r in recs if r.live]
+
+    async def list_records(self, model_id: str | None = None) -> list[WorkerRecord]:
+        """Unexpired verified records (offline ones included) of one model or of all."""
+        if model_id is not None:
+            return await self._read_records(model_target(model_id), model_id, None)
+        return await self._read_records(ALL_TARGET, None, None)
+
+    async def list_models(self) -> list[str]:
+        """Model ids that have at least one live record in the swarm."""
+        return sorted({r.model_id for r in await self.list_records() if r.live})
+
+
+def _order(r: WorkerRecord) -> tuple[str, int, bytes]:
+    return (r.model_id, r.start, r.peer_id.key)
+
+
+__all__ = ["RecordOps", "krpc"]

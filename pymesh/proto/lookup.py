@@ -1,0 +1,148 @@
+"""Iterative Kademlia lookup as a state machine (no I/O, time passed in).
+
+Usage::
+
+    lk = Lookup(target, table.closest(target))
+    while not lk.done:
+        for contact in lk.next_queries(now):      # send these (up to alpha in flight)
+            ...
+        lk.on_response(node_id, nodes_in_reply, now) or lk.on_timeout(node_id, now)
+    lk.result()                                   # the k closest nodes that answered
+
+Queries go to the closest not-yet-queried candidates among the k closest known
+(failed ones excluded). The lookup stops when the k closest known candidates have all
+answered. As in the Kademlia paper, when a whole batch brings nothing closer than the
+best node already known, the next batch goes to every not-yet-queried node of the k
+closest at once instead of alpha of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pymesh.proto.krpc import Contact
+from pymesh.proto.routing import K
+
+ALPHA = 3
+NEW, INFLIGHT, ANSWERED, FAILED = range(4)
+
+
+@dataclass
+class _Candidate:
+    contact: Contact
+    dist: int
+    state: int = NEW
+
+
+class Lookup:
+    def __init__(self, target: bytes, seeds: list[Contact], *, k: int = K, alpha: int = ALPHA,
+                 own_id: bytes | None = None, max_queries: int = 200, max_candidates: int = 256) -> None:
+        self.target = target
+        self._t = int.from_bytes(target, "big")
+        self.k = k
+        self.alpha = alpha
+        self.own_id = own_id
+        self.max_queries = max_queries
+        self.max_candidates = max_candidates
+        self._cands: dict[bytes, _Candidate] = {}
+        self._sorted: list[_Candidate] = []
+        self.rounds = 0
+        self.messages = 0
+        self.responses = 0
+        self.timeouts = 0
+        self._best_at_last_batch: int | None = None
+        self.add(seeds)
+
+    # -- candidate set ---------------------------------------------------------------------
+    def add(self, contacts: list[Contact]) -> None:
+        changed = False
+        for c in contacts:
+            if c.node_id == self.own_id or c.node_id in self._cands or len(c.node_id) != 20:
+                continue
+            cand = _Candidate(c, int.from_bytes(c.node_id, "big") ^ self._t)
+            self._cands[c.node_id] = cand
+            self._sorted.append(cand)
+            changed = True
+        if changed:
+            self._sorted.sort(key=lambda x: x.dist)
+            if len(self._sorted) > self.max_candidates:
+                for cand in self._sorted[self.max_candidates:]:
+                    if cand.state == NEW:
+                        del self._cands[cand.contact.node_id]
+                self._sorted = [c for c in self._sorted if c.contact.node_id in self._cands]
+
+    def _window(self) -> list[_Candidate]:
+        """The k closest candidates that have not failed."""
+        out = []
+        for c in self._sorted:
+            if c.state != FAILED:
+                out.append(c)
+                if len(out) == self.k:
+                    break
+        return out
+
+    def _best(self) -> int | None:
+        for c in self._sorted:
+            if c.state != FAILED:
+                return c.dist
+        return None
+
+    # -- driving ---------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return sum(1 for c in self._sorted if c.state == INFLIGHT)
+
+    @property
+    def done(self) -> bool:
+        window = self._window()
+        if self.messages >= self.max_queries:
+            return self.inflight == 0
+        if not window:
+            return self.inflight == 0
+        return all(c.state == ANSWERED for c in window)
+
+    def next_queries(self, now: float) -> list[Contact]:
+        """Contacts to query now (marks them in flight). Empty when waiting or done."""
+        if self.done:
+            return []
+        inflight = self.inflight
+        fresh = [c for c in self._window() if c.state == NEW]
+        if not fresh:
+            return []
+        best = self._best()
+        if inflight == 0 and self._best_at_last_batch is not None and best == self._best_at_last_batch:
+            batch = fresh  # no progress in the last batch: query the rest of the k closest
+        else:
+            batch = fresh[: max(0, self.alpha - inflight)]
+        batch = batch[: max(0, self.max_queries - self.messages)]
+        if not batch:
+            return []
+        for c in batch:
+            c.state = INFLIGHT
+        self.messages += len(batch)
+        self.rounds += 1
+        self._best_at_last_batch = best
+        return [c.contact for c in batch]
+
+    def on_response(self, node_id: bytes, contacts: list[Contact], now: float) -> None:
+        cand = self._cands.get(node_id)
+        if cand is None or cand.state != INFLIGHT:
+            return
+        cand.state = ANSWERED
+        self.responses += 1
+        self.add(contacts)
+
+    def on_timeout(self, node_id: bytes, now: float) -> None:
+        cand = self._cands.get(node_id)
+        if cand is None or cand.state != INFLIGHT:
+            return
+        cand.state = FAILED
+        self.timeouts += 1
+
+    def result(self) -> list[Contact]:
+        """The k closest candidates that answered, closest first."""
+        out = [c.contact for c in self._sorted if c.state == ANSWERED]
+        return out[: self.k]
+
+    def answered(self) -> list[Contact]:
+        return [c.contact for c in self._sorted if c.state == ANSWERED]
