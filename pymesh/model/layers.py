@@ -19,10 +19,10 @@ log = logging.getLogger(__name__)
 
 try:  # the kernels' front end (another part of pymesh); identical names and semantics
     from pymesh.model import ops as ops
-except ImportError:  # pragma: no cover - only while ops.py has not landed
+except Exception as _exc:  # pragma: no cover - only while ops.py is absent or mid-build
     from pymesh.model import _ops_fallback as ops  # type: ignore[no-redef]
 
-    log.debug("pymesh.model.ops not available; using the pure-torch fallback ops")
+    log.warning("pymesh.model.ops unavailable (%s); using the slow pure-torch fallback ops", _exc)
 
 _sdpa = F.scaled_dot_product_attention
 
@@ -56,6 +56,8 @@ class Block:
         """Self-attention of ``x`` ``[b, s, hidden]`` at positions ``start..start+s-1``; fills the cache."""
         b, s, _ = x.shape
         q_size, kv_size, d = self.q_size, self.kv_size, self.head_dim
+        if b > 1:
+            positions = positions.expand(b, s)
         qkv = ops.linear(x, self.w_qkv, self.b_qkv)
         q = qkv[..., :q_size].view(b, s, self.heads, d)
         k = qkv[..., q_size:q_size + kv_size].view(b, s, self.kv_heads, d)

@@ -1,0 +1,53 @@
+"""Model ids: ``<name>@<fingerprint>``, so workers and clients agree on exact weights.
+
+The fingerprint is a short SHA-256 over config.json (parsed and re-serialised
+canonically, so whitespace does not matter) and, for every safetensors file, the
+tensor names, shapes and dtypes from its header. Only headers are read: it costs
+milliseconds even for a 100 GB model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pymesh.errors import ConfigError
+from pymesh.model.weights import INDEX_FILE, SINGLE_FILE, read_safetensors_header, weight_files
+
+FINGERPRINT_CHARS = 12
+
+
+def fingerprint(model_dir: str | Path) -> str:
+    """Short hex hash of config.json plus the safetensors headers (names, shapes, dtypes)."""
+    root = Path(model_dir)
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{root / 'config.json'} does not exist: --model-path must be a model folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{root / 'config.json'} is not readable JSON ({exc})") from None
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    files = sorted(set(weight_files(root).values()))
+    if not files:
+        raise ConfigError(f"{root} names no tensors in {INDEX_FILE} or {SINGLE_FILE}")
+    for path in files:
+        if not path.exists():
+            raise ConfigError(f"shard {path} named in {INDEX_FILE} does not exist; re-download the model")
+        header = read_safetensors_header(path)
+        for name in sorted(k for k in header if k != "__metadata__"):
+            info = header[name]
+            if not isinstance(info, dict):
+                raise ConfigError(f"{path}: header entry for {name} is not an object")
+            h.update(json.dumps([name, info.get("dtype"), info.get("shape")]).encode())
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def model_id(model_dir: str | Path, name: str | None = None) -> str:
+    """``<name>@<fingerprint>``; ``name`` defaults to the folder's name."""
+    root = Path(model_dir)
+    label = name or root.resolve().name
+    if not label or "@" in label:
+        raise ConfigError(f"model name {label!r} must be non-empty and contain no '@'")
+    return f"{label}@{fingerprint(root)}"
