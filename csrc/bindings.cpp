@@ -1,9 +1,79 @@
-// pybind11 entry point of pymesh._C. Kernels register themselves here.
+// pybind11 entry point of pymesh._C. Every kernel releases the GIL: the worker
+// runs model compute in a thread while trio keeps serving the network.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common.h"
+#include "kernels.h"
 
 namespace py = pybind11;
+using py::arg;
+
+namespace {
+
+void set_num_threads(int n) {
+#ifdef _OPENMP
+  if (n < 1) throw std::invalid_argument("set_num_threads: need n >= 1, got " + std::to_string(n));
+  omp_set_num_threads(n);
+#else
+  (void)n;
+#endif
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pymesh fused kernels (CPU; CUDA when built with a CUDA compiler)";
+  using release = py::call_guard<py::gil_scoped_release>;
+
+  m.def("rms_norm", &pymesh::rms_norm_cpu, release(), arg("out"), arg("out_stride"), arg("x"),
+        arg("x_stride"), arg("weight"), arg("rows"), arg("hidden"), arg("eps"), arg("dtype"),
+        arg("threads") = 0, "out = rms_norm(x) * weight on CPU (raw pointers, element strides)");
+  m.def("fused_add_rms_norm", &pymesh::fused_add_rms_norm_cpu, release(), arg("x"),
+        arg("x_stride"), arg("residual"), arg("res_stride"), arg("weight"), arg("rows"),
+        arg("hidden"), arg("eps"), arg("dtype"), arg("threads") = 0,
+        "residual += x; x = rms_norm(residual) * weight, in place on CPU");
+  m.def("rotary_embedding", &pymesh::rotary_embedding_cpu, release(), arg("q"),
+        arg("q_token_stride"), arg("q_head_stride"), arg("q_heads"), arg("k"),
+        arg("k_token_stride"), arg("k_head_stride"), arg("k_heads"), arg("head_dim"),
+        arg("positions"), arg("tokens"), arg("cos"), arg("sin"), arg("rot_dim"), arg("max_pos"),
+        arg("dtype"), arg("threads") = 0,
+        "rotate-half rotary embedding in place on q and k (k may be 0) on CPU");
+  m.def("silu_and_mul", &pymesh::silu_and_mul_cpu, release(), arg("out"), arg("out_stride"),
+        arg("gate"), arg("gate_stride"), arg("up"), arg("up_stride"), arg("rows"), arg("width"),
+        arg("dtype"), arg("threads") = 0, "out = silu(gate) * up on CPU");
+  m.def("linear", &pymesh::linear_cpu, release(), arg("y"), arg("x"), arg("x_stride"),
+        arg("weight"), arg("bias"), arg("rows"), arg("in_features"), arg("out_features"),
+        arg("dtype"), arg("threads") = 0,
+        "y = x @ weight.T + bias for 1..linear_max_rows() rows of x on CPU (GEMV)");
+  m.def("linear_max_rows", &pymesh::linear_max_rows);
+  m.def("linear_isa", &pymesh::linear_isa, "which GEMV code path this CPU runs");
+  m.def("set_num_threads", &set_num_threads, arg("n"), "OpenMP threads for the CPU kernels");
+  m.def("max_threads", &pymesh::max_threads);
+#ifdef _OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+
+#ifdef PYMESH_WITH_CUDA
+  m.attr("has_cuda") = true;
+  py::module_ cuda = m.def_submodule("cuda", "CUDA kernels (stream passed as an integer)");
+  cuda.def("rms_norm", &pymesh::rms_norm_cuda, release(), arg("out"), arg("out_stride"),
+           arg("x"), arg("x_stride"), arg("weight"), arg("rows"), arg("hidden"), arg("eps"),
+           arg("dtype"), arg("stream"));
+  cuda.def("fused_add_rms_norm", &pymesh::fused_add_rms_norm_cuda, release(), arg("x"),
+           arg("x_stride"), arg("residual"), arg("res_stride"), arg("weight"), arg("rows"),
+           arg("hidden"), arg("eps"), arg("dtype"), arg("stream"));
+  cuda.def("rotary_embedding", &pymesh::rotary_embedding_cuda, release(), arg("q"),
+           arg("q_token_stride"), arg("q_head_stride"), arg("q_heads"), arg("k"),
+           arg("k_token_stride"), arg("k_head_stride"), arg("k_heads"), arg("head_dim"),
+           arg("positions"), arg("tokens"), arg("cos"), arg("sin"), arg("rot_dim"),
+           arg("max_pos"), arg("dtype"), arg("stream"));
+  cuda.def("silu_and_mul", &pymesh::silu_and_mul_cuda, release(), arg("out"), arg("out_stride"),
+           arg("gate"), arg("gate_stride"), arg("up"), arg("up_stride"), arg("rows"),
+           arg("width"), arg("dtype"), arg("stream"));
+#else
   m.attr("has_cuda") = false;
+#endif
 }

@@ -1,0 +1,323 @@
+// Decode-path linear layer (GEMV / skinny GEMM), CPU: y = x @ W^T + b for
+// x of 1..8 rows and W [out, in] row-major, float32 / float16 / bfloat16.
+//
+// Decode is bound by reading the weight, so the kernel streams W exactly once:
+// each thread owns a static range of output rows; a block of NB output rows is
+// walked in 64-byte steps with NB x R accumulators (R = rows of x), x staying
+// in L1/L2. AVX-512 FMA with software prefetch; bfloat16 uses vdpbf16ps where
+// the CPU has avx512_bf16 (32 products per instruction), otherwise the
+// shift-to-float32 trick. A portable fallback covers CPUs without AVX-512.
+#include <immintrin.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace pymesh {
+namespace {
+
+constexpr int kMaxRows = 8;
+constexpr int64_t kPrefetch = 512;  // bytes ahead of the current load, per weight row
+
+#define PYMESH_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define PYMESH_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+
+// 16 weights of type WT as float32 (full or masked).
+template <typename WT>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w(const WT* p);
+template <typename WT>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w_mask(const WT* p, __mmask16 m);
+
+template <>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w_mask<float>(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+template <>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w<f16>(const f16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w_mask<f16>(const f16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+template <>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w<bf16>(const bf16* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+template <>
+PYMESH_AVX512 PYMESH_INLINE __m512 load_w_mask<bf16>(const bf16* p, __mmask16 m) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// NB output rows starting at W, R rows of float32 x (row stride ldx):
+// out[j * R + r] = dot(W[j], x[r]).
+template <typename WT, int R, int NB>
+PYMESH_AVX512 void dot_block_avx512(const WT* W, int64_t K, const float* X, int64_t ldx,
+                                    float* out) {
+  __m512 acc[NB][R];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  constexpr int64_t ahead = kPrefetch / static_cast<int64_t>(sizeof(WT));
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 w[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(W + j * K + k + ahead), _MM_HINT_T0);
+      w[j] = load_w<WT>(W + j * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512 xv = _mm512_loadu_ps(X + r * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[j][r] = _mm512_fmadd_ps(w[j], xv, acc[j][r]);
+    }
+  }
+  if (k < K) {
+    __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1u);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512 xv = _mm512_maskz_loadu_ps(m, X + r * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j)
+        acc[j][r] = _mm512_fmadd_ps(load_w_mask<WT>(W + j * K + k, m), xv, acc[j][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) out[j * R + r] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+// bfloat16 weights and bfloat16 x with vdpbf16ps (pairs of products, exact in float32).
+template <int R, int NB>
+PYMESH_AVX512BF16 void dot_block_bf16dp(const bf16* W, int64_t K, const bf16* X, int64_t ldx,
+                                        float* out) {
+  __m512 acc[NB][R];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  constexpr int64_t ahead = kPrefetch / 2;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i w[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(W + j * K + k + ahead), _MM_HINT_T0);
+      w[j] = _mm512_loadu_si512(W + j * K + k);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512i xv = _mm512_loadu_si512(X + r * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j)
+        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)w[j], (__m512bh)xv);
+    }
+  }
+  if (k < K) {
+    __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1u);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512i xv = _mm512_maskz_loadu_epi16(m, X + r * ldx + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) {
+        __m512i wv = _mm512_maskz_loadu_epi16(m, W + j * K + k);
+        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], (__m512bh)wv, (__m512bh)xv);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) out[j * R + r] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+// Portable fallback: one output row at a time, vectorised by the compiler per ISA level.
+template <typename WT>
+PYMESH_INLINE void dot_rows_generic(const WT* W, int64_t K, const float* X, int64_t ldx, int R,
+                                    float* out) {
+  for (int r = 0; r < R; ++r) {
+    const float* x = X + r * ldx;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += to_float(W[k]) * x[k];
+    out[r] = s;
+  }
+}
+PYMESH_CLONES void dot_rows_generic_f32(const float* W, int64_t K, const float* X, int64_t ldx,
+                                        int R, float* out) {
+  dot_rows_generic<float>(W, K, X, ldx, R, out);
+}
+PYMESH_CLONES void dot_rows_generic_f16(const f16* W, int64_t K, const float* X, int64_t ldx,
+                                        int R, float* out) {
+  dot_rows_generic<f16>(W, K, X, ldx, R, out);
+}
+PYMESH_CLONES void dot_rows_generic_bf16(const bf16* W, int64_t K, const float* X, int64_t ldx,
+                                         int R, float* out) {
+  dot_rows_generic<bf16>(W, K, X, ldx, R, out);
+}
+PYMESH_INLINE void dot_rows_generic_any(const float* W, int64_t K, const float* X, int64_t ldx,
+                                        int R, float* out) {
+  dot_rows_generic_f32(W, K, X, ldx, R, out);
+}
+PYMESH_INLINE void dot_rows_generic_any(const f16* W, int64_t K, const float* X, int64_t ldx,
+                                        int R, float* out) {
+  dot_rows_generic_f16(W, K, X, ldx, R, out);
+}
+PYMESH_INLINE void dot_rows_generic_any(const bf16* W, int64_t K, const float* X, int64_t ldx,
+                                        int R, float* out) {
+  dot_rows_generic_bf16(W, K, X, ldx, R, out);
+}
+
+enum class Path { kAvx512, kBf16Dot, kGeneric };
+
+struct Problem {
+  const void* W;
+  const void* X;  // float32 rows for kAvx512 / kGeneric, bfloat16 rows for kBf16Dot
+  int64_t ldx;
+  void* Y;
+  const void* bias;
+  int64_t K, N;
+};
+
+// Write NB x R dot products (plus bias) to y[r, n0 + j] in T.
+template <typename T>
+inline void store_block(const Problem& p, int64_t n0, int nb, int R, const float* dots) {
+  T* Y = static_cast<T*>(p.Y);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int j = 0; j < nb; ++j) {
+    float b = bias ? to_float(bias[n0 + j]) : 0.0f;
+    for (int r = 0; r < R; ++r) Y[r * p.N + n0 + j] = from_float<T>(dots[j * R + r] + b);
+  }
+}
+
+template <typename T, int R>
+void run_rows(const Problem& p, Path path, int64_t n_begin, int64_t n_end) {
+  constexpr int NB = R <= 2 ? 4 : (R <= 4 ? 3 : 2);
+  float dots[NB * R];
+  const T* W = static_cast<const T*>(p.W);
+  int64_t n = n_begin;
+  if (path == Path::kGeneric) {
+    for (; n < n_end; ++n) {
+      dot_rows_generic_any(W + n * p.K, p.K, static_cast<const float*>(p.X), p.ldx, R, dots);
+      store_block<T>(p, n, 1, R, dots);
+    }
+    return;
+  }
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (path == Path::kBf16Dot) {
+      const bf16* X = static_cast<const bf16*>(p.X);
+      for (; n + NB <= n_end; n += NB) {
+        dot_block_bf16dp<R, NB>(W + n * p.K, p.K, X, p.ldx, dots);
+        store_block<T>(p, n, NB, R, dots);
+      }
+      for (; n < n_end; ++n) {
+        dot_block_bf16dp<R, 1>(W + n * p.K, p.K, X, p.ldx, dots);
+        store_block<T>(p, n, 1, R, dots);
+      }
+      return;
+    }
+  }
+  const float* X = static_cast<const float*>(p.X);
+  for (; n + NB <= n_end; n += NB) {
+    dot_block_avx512<T, R, NB>(W + n * p.K, p.K, X, p.ldx, dots);
+    store_block<T>(p, n, NB, R, dots);
+  }
+  for (; n < n_end; ++n) {
+    dot_block_avx512<T, R, 1>(W + n * p.K, p.K, X, p.ldx, dots);
+    store_block<T>(p, n, 1, R, dots);
+  }
+}
+
+template <typename T>
+void run_rows_any(const Problem& p, Path path, int R, int64_t b, int64_t e) {
+  switch (R) {
+    case 1: run_rows<T, 1>(p, path, b, e); break;
+    case 2: run_rows<T, 2>(p, path, b, e); break;
+    case 3: run_rows<T, 3>(p, path, b, e); break;
+    case 4: run_rows<T, 4>(p, path, b, e); break;
+    case 5: run_rows<T, 5>(p, path, b, e); break;
+    case 6: run_rows<T, 6>(p, path, b, e); break;
+    case 7: run_rows<T, 7>(p, path, b, e); break;
+    default: run_rows<T, 8>(p, path, b, e); break;
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+bool cpu_has_avx512bf16() {
+  static const bool yes = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+}  // namespace
+
+int linear_max_rows() { return kMaxRows; }
+
+std::string linear_isa() {
+  if (cpu_has_avx512bf16()) return "avx512+avx512_bf16";
+  if (cpu_has_avx512()) return "avx512";
+  return "generic";
+}
+
+void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, uintptr_t bias,
+                int64_t rows, int64_t in_features, int64_t out_features, int dtype, int threads) {
+  if (rows < 1 || rows > kMaxRows)
+    bad_argument("linear: the GEMV kernel takes 1.." + std::to_string(kMaxRows) +
+                 " rows, got " + std::to_string(rows) + "; use torch for larger batches");
+  if (in_features <= 0 || out_features <= 0)
+    bad_argument("linear: in_features and out_features must be positive");
+  if (rows > 1 && x_stride < in_features)
+    bad_argument("linear: x row stride " + std::to_string(x_stride) + " < in_features " +
+                 std::to_string(in_features));
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    Problem p{reinterpret_cast<const void*>(weight), nullptr, 0,
+              reinterpret_cast<void*>(y), reinterpret_cast<const void*>(bias),
+              in_features, out_features};
+    Path path = cpu_has_avx512() ? Path::kAvx512 : Path::kGeneric;
+    std::vector<float> xf;
+    if (std::is_same_v<T, bf16> && cpu_has_avx512bf16()) {
+      path = Path::kBf16Dot;
+      p.X = reinterpret_cast<const void*>(x);
+      p.ldx = x_stride;
+    } else if (std::is_same_v<T, float>) {
+      p.X = reinterpret_cast<const void*>(x);
+      p.ldx = x_stride;
+    } else {
+      // x is tiny next to W: convert it to float32 once.
+      const T* xs = reinterpret_cast<const T*>(x);
+      xf.resize(static_cast<size_t>(rows * in_features));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < in_features; ++k)
+          xf[r * in_features + k] = to_float(xs[r * x_stride + k]);
+      p.X = xf.data();
+      p.ldx = in_features;
+    }
+    int64_t bytes = out_features * in_features * static_cast<int64_t>(sizeof(T));
+    int t = threads_for(bytes, threads);
+    // Split output rows in groups of 8 so each thread's blocks stay whole.
+    int64_t groups = (out_features + 7) / 8;
+    int R = static_cast<int>(rows);
+    parallel_for(groups, t, [&](int64_t b, int64_t e) {
+      int64_t n1 = e * 8 < out_features ? e * 8 : out_features;
+      run_rows_any<T>(p, path, R, b * 8, n1);
+    });
+  });
+}
+
+}  // namespace pymesh

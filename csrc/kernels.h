@@ -1,0 +1,59 @@
+// Entry points of pymesh's kernels, called by bindings.cpp.
+//
+// Tensors arrive as raw addresses (Python passes tensor.data_ptr()), sizes and
+// strides in elements, and a dtype code (common.h: 0 float32, 1 float16,
+// 2 bfloat16). The Python front end (pymesh/model/ops.py) has already checked
+// shapes, dtypes, devices and that the last dimension is contiguous.
+// `threads` <= 0 means "OpenMP's default".
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pymesh {
+
+// out [rows, hidden] (row stride out_stride) = rms_norm(x [rows, hidden]) * weight [hidden]
+void rms_norm_cpu(uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride,
+                  uintptr_t weight, int64_t rows, int64_t hidden, double eps, int dtype,
+                  int threads);
+// residual += x; x = rms_norm(residual) * weight   (both [rows, hidden], in place)
+void fused_add_rms_norm_cpu(uintptr_t x, int64_t x_stride, uintptr_t residual,
+                            int64_t res_stride, uintptr_t weight, int64_t rows, int64_t hidden,
+                            double eps, int dtype, int threads);
+// q [tokens, q_heads, head_dim], k [tokens, k_heads, head_dim] (k may be 0), in place;
+// positions int64 [tokens]; cos, sin float32 [max_pos, rot_dim / 2].
+void rotary_embedding_cpu(uintptr_t q, int64_t q_token_stride, int64_t q_head_stride,
+                          int64_t q_heads, uintptr_t k, int64_t k_token_stride,
+                          int64_t k_head_stride, int64_t k_heads, int64_t head_dim,
+                          uintptr_t positions, int64_t tokens, uintptr_t cos, uintptr_t sin,
+                          int64_t rot_dim, int64_t max_pos, int dtype, int threads);
+// out [rows, width] = silu(gate [rows, width]) * up [rows, width]
+void silu_and_mul_cpu(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t gate_stride,
+                      uintptr_t up, int64_t up_stride, int64_t rows, int64_t width, int dtype,
+                      int threads);
+// y [rows, out] (contiguous) = x [rows, in] (row stride x_stride) @ weight [out, in]^T + bias
+// [out] (bias may be 0); 1 <= rows <= linear_max_rows().
+void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, uintptr_t bias,
+                int64_t rows, int64_t in_features, int64_t out_features, int dtype, int threads);
+int linear_max_rows();
+std::string linear_isa();
+
+#ifdef PYMESH_WITH_CUDA
+// CUDA versions: same layouts, device pointers, `stream` a cudaStream_t as an integer.
+void rms_norm_cuda(uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stride,
+                   uintptr_t weight, int64_t rows, int64_t hidden, double eps, int dtype,
+                   uintptr_t stream);
+void fused_add_rms_norm_cuda(uintptr_t x, int64_t x_stride, uintptr_t residual,
+                             int64_t res_stride, uintptr_t weight, int64_t rows, int64_t hidden,
+                             double eps, int dtype, uintptr_t stream);
+void rotary_embedding_cuda(uintptr_t q, int64_t q_token_stride, int64_t q_head_stride,
+                           int64_t q_heads, uintptr_t k, int64_t k_token_stride,
+                           int64_t k_head_stride, int64_t k_heads, int64_t head_dim,
+                           uintptr_t positions, int64_t tokens, uintptr_t cos, uintptr_t sin,
+                           int64_t rot_dim, int64_t max_pos, int dtype, uintptr_t stream);
+void silu_and_mul_cuda(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t gate_stride,
+                       uintptr_t up, int64_t up_stride, int64_t rows, int64_t width, int dtype,
+                       uintptr_t stream);
+#endif
+
+}  // namespace pymesh
