@@ -2,7 +2,10 @@
 
 Each part is a module ``pymesh.bench.<part>`` with ``add_arguments(parser)``,
 ``run_rows(args, progress) -> list[dict]`` and ``render(rows) -> rich Table``.
-Without a part, every part runs in turn and the rows are tagged with ``part``.
+Without a part, every part runs in turn (an overall progress bar above each part's
+own), prints its table, and a summary table closes the run: each part's headline
+figure against its goal. Rows are then tagged with ``part``. With ``--json`` the rows
+go to stdout and the tables to stderr, so stdout stays machine-readable.
 """
 
 from __future__ import annotations
@@ -10,15 +13,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 PARTS = ("kernels", "generate", "transport", "dht", "swarm")
+
+Row = dict[str, Any]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON to stdout")
     parser.add_argument("--out", default=None, help="also write the rows as JSON to this file")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (about 2 minutes in all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions and sizes (the whole suite in about 2 minutes)")
     sub = parser.add_subparsers(dest="part", metavar="PART")
     for part in PARTS:
         sp = sub.add_parser(part, help=f"the {part} benchmark")
@@ -30,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             module.add_arguments(sp)
 
 
-def _module(part: str):  # type: ignore[no-untyped-def]
+def _module(part: str) -> Any:
     try:
         return importlib.import_module(f"pymesh.bench.{part}")
     except ModuleNotFoundError as exc:
@@ -39,39 +51,183 @@ def _module(part: str):  # type: ignore[no-untyped-def]
         raise
 
 
+def _part_args(module: Any, args: argparse.Namespace) -> argparse.Namespace:
+    """A part's own defaults plus the shared flags (running all parts)."""
+    sp = argparse.ArgumentParser()
+    module.add_arguments(sp)
+    part_args = sp.parse_args([])
+    for key in ("json", "out", "quick"):
+        setattr(part_args, key, getattr(args, key))
+    return part_args
+
+
+@dataclass
+class PartResult:
+    part: str
+    rows: list[Row]
+    seconds: float
+    error: str | None = None     # None = ran; "not available" / the exception otherwise
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
-    parts = [args.part] if args.part else list(PARTS)
-    all_rows: list[dict] = []
-    for part in parts:
-        module = _module(part)
-        if module is None:
-            console.print(f"[yellow]bench {part}: not available in this build[/]")
-            if args.part:
-                return 2
-            continue
-        if not args.part:
-            # Running all parts: give each part its own defaults.
-            sp = argparse.ArgumentParser()
-            module.add_arguments(sp)
-            part_args = sp.parse_args([])
-            for key in ("json", "out", "quick"):
-                setattr(part_args, key, getattr(args, key))
-        else:
-            part_args = args
-        with Progress(console=console, transient=True) as progress:
-            rows = module.run_rows(part_args, progress)
-        if not args.json:
-            Console().print(module.render(rows))
-        for row in rows:
-            all_rows.append({"part": part, **row} if not args.part else row)
+    err = Console(stderr=True)
+    out = err if args.json else Console()
+    single = args.part is not None
+    parts = [args.part] if single else list(PARTS)
+    results: list[PartResult] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        overall = None if single else progress.add_task("bench: all parts", total=len(parts))
+        for part in parts:
+            module = _module(part)
+            if module is None:
+                err.print(f"[yellow]bench {part}: not available in this build (pymesh/bench/{part}.py is missing)[/]")
+                if single:
+                    return 2
+                results.append(PartResult(part, [], 0.0, "not available"))
+            else:
+                if overall is not None:
+                    progress.update(overall, description=f"bench: {part}")
+                results.append(_run_part(part, module, args if single else _part_args(module, args),
+                                         progress, out, single))
+            if overall is not None:
+                progress.advance(overall)
+    all_rows = [row if single else {"part": r.part, **row} for r in results for row in r.rows]
+    if not single:
+        out.print(summary_table(results, quick=args.quick))
     if args.json:
         json.dump(all_rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(all_rows, f, indent=1)
-    return 0
+            f.write("\n")
+        err.print(f"wrote {len(all_rows)} rows to {args.out}")
+    failed = [r.part for r in results if r.error not in (None, "not available")]
+    return 1 if failed else 0
+
+
+def _run_part(part: str, module: Any, part_args: argparse.Namespace, progress: Any, out: Any,
+              single: bool) -> PartResult:
+    t0 = time.perf_counter()
+    try:
+        rows = list(module.run_rows(part_args, progress))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        if single:
+            raise
+        log.debug("bench %s failed", part, exc_info=True)
+        progress.console.print(f"[red]bench {part} failed: {type(exc).__name__}: {exc}[/]")
+        return PartResult(part, [], time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - t0
+    out.print(module.render(rows))
+    if not single:
+        out.print(f"[dim]bench {part}: {len(rows)} rows in {seconds:.1f}s[/]")
+    return PartResult(part, rows, seconds)
+
+
+# ---- summary: each part's headline figure against its goal ------------------------------
+
+@dataclass(frozen=True)
+class Headline:
+    metric: str
+    measured: float | None
+    goal: str
+    met: bool | None
+
+
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _num(row: Row, key: str) -> float | None:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _vals(rows: list[Row], key: str, pred: Callable[[Row], bool] = lambda r: True) -> list[float]:
+    return [v for r in rows if pred(r) and (v := _num(r, key)) is not None]
+
+
+def _at_least(metric: str, values: list[float], goal: float, unit: str = "", agg: Callable = min) -> Headline:
+    if not values:
+        return Headline(metric, None, f">= {goal:g}{unit}", None)
+    v = agg(values)
+    return Headline(metric, v, f">= {goal:g}{unit}", v >= goal)
+
+
+def _at_most(metric: str, values: list[float], goal: float, unit: str = "") -> Headline:
+    if not values:
+        return Headline(metric, None, f"<= {goal:g}{unit}", None)
+    v = max(values)
+    return Headline(metric, v, f"<= {goal:g}{unit}", v <= goal)
+
+
+def headlines(part: str, rows: list[Row]) -> list[Headline]:
+    """The goals the issues set for each part, read from its rows (missing keys: n/a)."""
+    if part == "kernels":
+        return [
+            _at_least("min speedup, decode (<= 8 tokens)",
+                      _vals(rows, "speedup", lambda r: (_num(r, "tokens") or 0) <= 8), 2.0, "x"),
+            _at_least("min speedup, prefill (> 8 tokens)",
+                      _vals(rows, "speedup", lambda r: (_num(r, "tokens") or 0) > 8), 1.0, "x"),
+        ]
+    if part == "generate":
+        out = []
+        for dtype, goal in (("float32", 70.0), ("bfloat16", 130.0)):
+            pym = _vals(rows, "decode_tokens_per_s", lambda r, d=dtype: r.get("engine") == "pymesh"
+                        and _DTYPE_NAMES.get(str(r.get("dtype")), str(r.get("dtype"))) == d)
+            out.append(_at_least(f"pymesh decode tok/s {dtype}", pym, goal, " tok/s", agg=max))
+        return out
+    if part == "transport":
+        quic = lambda r: r.get("transport") == "pymesh-quic"  # noqa: E731
+        q1452 = _vals(rows, "mb_per_s", lambda r: quic(r) and _num(r, "packet_size") == 1452)
+        a1452 = _vals(rows, "mb_per_s", lambda r: r.get("transport") == "aioquic-asyncio"
+                      and _num(r, "packet_size") == 1452)
+        ratio = [max(q1452) / max(a1452)] if q1452 and a1452 and max(a1452) > 0 else []
+        return [
+            _at_most("pymesh-quic rtt median", _vals(rows, "rtt_us_median", quic), 300.0, " us"),
+            _at_least("quic MB/s vs aioquic @1452", ratio, 1.2, "x"),
+            _at_least("pymesh-quic MB/s @16K", _vals(rows, "mb_per_s", lambda r: quic(r)
+                      and (_num(r, "packet_size") or 0) >= 16000), 500.0, " MB/s", agg=max),
+            _at_least("pymesh-tcp MB/s", _vals(rows, "mb_per_s", lambda r: r.get("transport") == "pymesh-tcp"),
+                      1000.0, " MB/s", agg=max),
+        ]
+    if part == "dht":
+        return [_at_most("median rounds @1000 nodes",
+                         _vals(rows, "median_rounds", lambda r: _num(r, "nodes") == 1000), 4.0),
+                _at_least("min success rate", _vals(rows, "success_rate"), 0.99)]
+    if part == "swarm":
+        return [
+            _at_least("decode ratio to single process", _vals(rows, "ratio"), 0.85, "x"),
+            _at_least("decode tok/s (3x Petals 16.7)", _vals(rows, "decode_tokens_per_s"), 50.0, " tok/s", agg=max),
+            _at_most("TTFT, 128-token prompt", _vals(rows, "ttft_s"), 0.2, " s"),
+        ]
+    return []
+
+
+def summary_table(results: list[PartResult], *, quick: bool = False) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    title = "benchmark summary" + (" (--quick: fewer repetitions, noisier)" if quick else "")
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("part", "left"), ("headline", "left"), ("measured", "right"),
+                         ("goal", "right"), ("met", "left"), ("time", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        if r.error is not None:
+            table.add_row(r.part, Text(r.error, style="yellow" if r.error == "not available" else "red"),
+                          "-", "-", "-", f"{r.seconds:.0f}s")
+            continue
+        lines = headlines(r.part, r.rows) or [Headline("rows", float(len(r.rows)), "-", None)]
+        for i, h in enumerate(lines):
+            met = Text("n/a", style="dim") if h.met is None else (
+                Text("yes", style="green") if h.met else Text("no", style="red"))
+            table.add_row(r.part if i == 0 else "", h.metric,
+                          "-" if h.measured is None else f"{h.measured:.3g}", h.goal, met,
+                          f"{r.seconds:.0f}s" if i == 0 else "")
+    return table
