@@ -272,7 +272,8 @@ def _to_bytes(arr: np.ndarray, dtype: str) -> bytes:
         return np.ascontiguousarray(arr, dtype="<f4").tobytes()
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    src = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr, dtype=np.float32)
+    return torch.from_numpy(src).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
 
 
 def convert_gguf(

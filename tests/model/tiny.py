@@ -113,3 +113,136 @@ def make_tiny_model(tmp_path: Path, arch: str = "llama", **overrides: Any) -> Pa
     for fname in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_dir) / fname, out / fname)
     return out
+
+
+# --- tiny GGUF files -------------------------------------------------------------------
+
+#: fp16 scale fields of the K-quant blocks (byte offsets in a block; negative = from the
+#: end). gguf cannot quantize K-quants, so tests fill their blocks with random bytes and
+#: set these scales to a sane value.
+K_QUANT_SCALE_OFFSETS = {"Q2_K": (-4, -2), "Q3_K": (-2,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,)}
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MERGES = ("Ġ t", "h e", "Ġt he", "i n", "Ġ a")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_gguf_vocab() -> list[str]:
+    """Special tokens, the 256 byte-level characters, then the merged pieces of MERGES."""
+    from pymesh.model.tokenizer import _bytes_to_unicode
+
+    return [*SPECIAL_TOKENS, *_bytes_to_unicode().values(), *(m.replace(" ", "") for m in MERGES)]
+
+
+def permute_rotary(w: Any, n_head: int) -> Any:
+    """llama.cpp's rotary permutation of a q/k projection (what its converter writes)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def quantize_like_gguf(w: Any, qtype_name: str, rng: Any) -> Any:
+    """``w`` stored as ``qtype_name``: gguf's quantizer, or random blocks for K-quants."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    if qtype_name in K_QUANT_SCALE_OFFSETS:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows, cols = w.shape
+        raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+        scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+        for off in K_QUANT_SCALE_OFFSETS[qtype_name]:
+            start = off % size
+            raw[:, :, start:start + 2] = scale
+        return raw.reshape(rows, -1)
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+
+
+def write_tiny_gguf(
+    path: Path,
+    weights: dict[str, Any],
+    *,
+    n_head: int,
+    n_head_kv: int,
+    qtype: str = "F32",
+    arch: str = "llama",
+    rms_eps: float = 1e-5,
+    rope_theta: float = 10000.0,
+    context: int = 256,
+    rng: Any = None,
+    skip_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Write Hugging Face-named float32 numpy ``weights`` as a llama GGUF file.
+
+    2-D projection and embedding tensors are stored as ``qtype``; norms stay F32 (as
+    llama.cpp does). q/k are rotary-permuted like llama.cpp's converter. Returns the exact
+    bytes-level tensors written (GGUF name -> stored array) for reference computations.
+    """
+    import gguf
+    import numpy as np
+
+    rng = rng or np.random.default_rng(0)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_block = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    layers = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("model.layers."))
+    for i in range(layers):
+        for hf, gg in per_block.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    emb = weights["model.embed_tokens.weight"]
+    vocab = tiny_gguf_vocab()
+    assert emb.shape[0] == len(vocab), f"embedding rows {emb.shape[0]} != tiny vocab {len(vocab)}"
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = {
+        "block_count": lambda: w.add_block_count(layers),
+        "context_length": lambda: w.add_context_length(context),
+        "embedding_length": lambda: w.add_embedding_length(emb.shape[1]),
+        "feed_forward_length": lambda: w.add_feed_forward_length(weights["model.layers.0.mlp.up_proj.weight"].shape[0]),
+        "head_count": lambda: w.add_head_count(n_head),
+        "head_count_kv": lambda: w.add_head_count_kv(n_head_kv),
+        "layer_norm_rms_epsilon": lambda: w.add_layer_norm_rms_eps(rms_eps),
+        "freq_base": lambda: w.add_rope_freq_base(rope_theta),
+    }
+    for key, add in meta.items():
+        if key not in skip_keys:
+            add()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(vocab)
+    w.add_token_types([3] * len(SPECIAL_TOKENS) + [1] * (len(vocab) - len(SPECIAL_TOKENS)))
+    w.add_token_merges(list(MERGES))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_chat_template(CHAT_TEMPLATE)
+    stored: dict[str, Any] = {}
+    for hf, arr in weights.items():
+        gname = names[hf]
+        a = np.asarray(arr, dtype=np.float32)
+        if gname.endswith("attn_q.weight"):
+            a = permute_rotary(a, n_head)
+        elif gname.endswith("attn_k.weight"):
+            a = permute_rotary(a, n_head_kv)
+        if a.ndim == 1 or qtype == "F32":
+            stored[gname] = (a, "F32")
+            w.add_tensor(gname, a)
+        else:
+            q = quantize_like_gguf(a, qtype, rng)
+            stored[gname] = (q, qtype)
+            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType[qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
