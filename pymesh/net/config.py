@@ -1,0 +1,61 @@
+"""Settings of the transport (QUIC and TCP), with environment overrides for tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from pymesh.errors import ConfigError
+from pymesh.net.frames import FrameLimits
+
+#: ALPN protocol name of pymesh over QUIC (and TLS over TCP).
+ALPN = "pymesh/1"
+
+
+def _env_float(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"environment variable {name}={text!r} must be positive")
+    return value
+
+
+@dataclass
+class TransportConfig:
+    """Knobs of the transport. Defaults suit an unknown Internet path.
+
+    ``idle_timeout`` (env ``PYMESH_TRANSPORT_TIMEOUT``) bounds how long a silent peer is
+    kept: keep-alive pings go out every third of it, and a peer that answers nothing for
+    that long is declared gone (pending calls fail with ``PeerUnavailable``).
+    """
+
+    packet_size: int = 1200                 # QUIC max_datagram_size (1452 on Ethernet, 16 KB on loopback)
+    max_frame_bytes: int = 512 * 1024 * 1024  # cap on one frame's tensor payload
+    max_meta_bytes: int = 64 * 1024         # cap on one frame's bencoded metadata
+    max_tensors: int = 64                   # cap on tensors per frame
+    max_dims: int = 8                       # cap on dimensions per tensor
+    idle_timeout: float = field(default_factory=lambda: _env_float("PYMESH_TRANSPORT_TIMEOUT", 30.0))
+    connect_timeout: float = 10.0           # dial + TLS + identity handshake
+    frame_timeout: float = 60.0             # a frame once started must complete within this
+    tls: bool = True                        # TCP only: False = plaintext (benchmarks, trusted LANs)
+    stream_window: int = 16 * 1024 * 1024   # QUIC per-stream receive credit advertised to the peer
+    connection_window: int = 64 * 1024 * 1024  # QUIC connection receive credit
+    send_buffer: int = 4 * 1024 * 1024      # QUIC: unacknowledged bytes per stream before send() waits
+    congestion_control: str = "reno"        # aioquic algorithm name ("reno", "cubic", "pymesh-delay")
+    max_concurrent_handlers: int = 256      # calls served at once per connection; more wait
+
+    def __post_init__(self) -> None:
+        if not 1200 <= self.packet_size <= 65527:
+            raise ConfigError(f"packet_size={self.packet_size} must be between 1200 and 65527 bytes")
+        for name in ("idle_timeout", "connect_timeout", "frame_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TransportConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def limits(self) -> FrameLimits:
+        return FrameLimits(self.max_meta_bytes, self.max_frame_bytes, self.max_tensors, self.max_dims)

@@ -1,0 +1,138 @@
+"""What TCP and QUIC connections share: the public ``Connection`` surface, typed remote
+errors, and how an incoming call or push is dispatched to the registered handler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+
+import trio
+
+from pymesh.errors import PeerUnavailable, PymeshError
+from pymesh.net.config import TransportConfig
+from pymesh.net.frames import Frame, FrameType, Meta, TensorBlob, encode_frame_head
+from pymesh.proto.identity import PeerID
+
+if TYPE_CHECKING:
+    from pymesh.net.rpc import RpcNode
+
+log = logging.getLogger(__name__)
+
+
+class RemoteError(PymeshError):
+    """Raised by a handler to answer a call with an error; re-raised at the caller with
+    the same ``code`` and ``message``. Codes: "bad_request", "not_found", "busy",
+    "refused", "internal", "cancelled", ..."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class CallContext:
+    peer: PeerID                 # the authenticated caller
+    connection: "Connection"     # the connection the call came on (push back to the caller)
+    method: str = ""
+
+
+Handler = Callable[[CallContext, Meta, list[TensorBlob]], Awaitable[tuple[Meta, list[TensorBlob]]]]
+PushHandler = Callable[["Connection", Meta, list[TensorBlob]], Awaitable[None]]
+
+#: QUIC application error codes used when resetting streams and closing connections.
+ERR_CANCELLED = 0x10
+ERR_PROTOCOL = 0x11
+ERR_CLOSING = 0x0
+
+
+class Connection:
+    """An authenticated connection to one peer; calls and pushes go both ways."""
+
+    peer: PeerID
+
+    def __init__(self, node: "RpcNode", peer: PeerID, config: TransportConfig) -> None:
+        self.node = node
+        self.peer = peer
+        self.config = config
+        self.closed = False
+        self.close_reason = ""
+        self._handler_slots = trio.Semaphore(config.max_concurrent_handlers)
+        self._log = logging.LoggerAdapter(log, {"peer": peer.short()})
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} peer={self.peer.short()} closed={self.closed}>"
+
+    async def call(self, method: str, meta: Meta | None = None, tensors: Sequence[TensorBlob] = (), *,
+                   timeout: float | None = None) -> tuple[Meta, list[TensorBlob]]:
+        """Call ``method`` on the peer. Raises RemoteError (the handler's), PeerUnavailable
+        (lost connection or ``timeout`` seconds elapsed)."""
+        self._check_open()
+        head, payloads = encode_frame_head(FrameType.CALL, 0, name=method, meta=meta or {}, tensors=tensors,
+                                           limits=self.config.limits)
+        if timeout is None:
+            frame = await self._call(head, payloads)
+        else:
+            with trio.move_on_after(timeout) as scope:
+                frame = await self._call(head, payloads)
+            if scope.cancelled_caught:
+                raise PeerUnavailable(f"call {method!r} to {self.peer.short()} timed out after {timeout:.3g} s")
+        if frame.type == FrameType.ERROR:
+            raise RemoteError(frame.envelope.code or "internal", frame.envelope.message)
+        return frame.envelope.meta, frame.tensors
+
+    async def push(self, topic: str, meta: Meta | None = None, tensors: Sequence[TensorBlob] = ()) -> None:
+        """Send a one-way message; the peer's ``on_push(topic)`` handler receives it.
+        Returns once the bytes are handed to the transport (not when handled)."""
+        self._check_open()
+        head, payloads = encode_frame_head(FrameType.PUSH, 0, name=topic, meta=meta or {}, tensors=tensors,
+                                           limits=self.config.limits)
+        await self._push(head, payloads)
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    # ---- implemented by the transports
+    async def _call(self, head: bytes, payloads: list[memoryview]) -> Frame:
+        raise NotImplementedError
+
+    async def _push(self, head: bytes, payloads: list[memoryview]) -> None:
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PeerUnavailable(f"connection to {self.peer.short()} is closed ({self.close_reason or 'closed'})")
+
+    # ---- shared server-side dispatch
+    async def _serve_call(self, frame: Frame) -> tuple[bytes, list[memoryview]]:
+        """Run the handler for a CALL frame; returns the encoded REPLY or ERROR frame."""
+        method = frame.envelope.name
+        rid = frame.request_id
+        handler = self.node._handlers.get(method)
+        if handler is None:
+            return encode_frame_head(FrameType.ERROR, rid, code="not_found",
+                                     message=f"no method {method!r} on this node")
+        ctx = CallContext(self.peer, self, method)
+        try:
+            async with self._handler_slots:
+                meta, tensors = await handler(ctx, frame.envelope.meta, frame.tensors)
+            return encode_frame_head(FrameType.REPLY, rid, meta=meta, tensors=tensors, limits=self.config.limits)
+        except RemoteError as exc:
+            return encode_frame_head(FrameType.ERROR, rid, code=exc.code, message=exc.message)
+        except Exception as exc:
+            self._log.exception("handler for %r from %s failed", method, self.peer.short())
+            return encode_frame_head(FrameType.ERROR, rid, code="internal",
+                                     message=f"{type(exc).__name__} in handler {method!r}: {exc}")
+
+    async def _serve_push(self, frame: Frame) -> None:
+        topic = frame.envelope.name
+        handler = self.node._push_handlers.get(topic)
+        if handler is None:
+            self._log.warning("push on topic %r from %s has no handler; dropped", topic, self.peer.short())
+            return
+        try:
+            async with self._handler_slots:
+                await handler(self, frame.envelope.meta, frame.tensors)
+        except Exception:
+            self._log.exception("push handler for %r from %s failed", topic, self.peer.short())

@@ -1,0 +1,231 @@
+"""RPC over QUIC: one bidirectional stream per call, one unidirectional stream per push.
+
+The identity handshake runs on the first server-initiated bidirectional stream right
+after the TLS handshake, before either side accepts a call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
+from pymesh.net import handshake
+from pymesh.net.config import ALPN, TransportConfig
+from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection
+from pymesh.net.frames import Frame, FrameType, read_frame_untrusted
+from pymesh.net.quic_driver import QStream, QuicDriver, QuicEndpoint, StreamAborted
+from pymesh.net.tls import certificate_for, check_peer_certificate
+from pymesh.proto.identity import Identity, PeerID
+
+if TYPE_CHECKING:
+    from pymesh.net.rpc import RpcNode
+
+log = logging.getLogger(__name__)
+_ping_ids = itertools.count(1)
+
+
+def quic_configuration(config: TransportConfig, *, is_client: bool, identity: Identity | None) -> QuicConfiguration:
+    qc = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        max_datagram_size=config.packet_size,
+        idle_timeout=config.idle_timeout,
+        max_stream_data=config.stream_window,
+        max_data=config.connection_window,
+        congestion_control_algorithm=config.congestion_control,
+    )
+    if is_client:
+        qc.verify_mode = ssl.CERT_NONE  # the certificate key is pinned instead (check_peer_certificate)
+    else:
+        assert identity is not None
+        qc.certificate = certificate_for(identity)
+        qc.private_key = identity.private_key
+    return qc
+
+
+class QuicRpcConnection(Connection):
+    def __init__(self, node: "RpcNode", peer: PeerID, config: TransportConfig, driver: QuicDriver) -> None:
+        super().__init__(node, peer, config)
+        self.driver = driver
+        driver.on_terminated = self._on_terminated
+
+    def _on_terminated(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+            self.node._forget(self)
+
+    async def serve(self) -> None:
+        """Accept the peer's streams (calls and pushes) until the connection ends."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive)
+            async for stream in self.driver.incoming:
+                nursery.start_soon(self._serve_stream, stream)
+            nursery.cancel_scope.cancel()
+
+    async def _keepalive(self) -> None:
+        while not self.closed:
+            await trio.sleep(self.config.idle_timeout / 3)
+            self.driver.ping(next(_ping_ids))
+
+    async def _serve_stream(self, stream: QStream) -> None:
+        driver = self.driver
+        try:
+            with trio.move_on_after(self.config.frame_timeout) as scope:
+                frame = await read_frame_untrusted(stream, self.config.limits)
+            if scope.cancelled_caught:
+                self._log.info("peer %s held stream %d open for over frame_timeout=%ss; reset",
+                               self.peer.short(), stream.sid, self.config.frame_timeout)
+                driver.abort(stream, ERR_PROTOCOL)
+                return
+            if frame.type == FrameType.PUSH:
+                await self._serve_push(frame)
+            elif frame.type == FrameType.CALL and stream.sid & 2 == 0:
+                with trio.CancelScope() as call_scope:
+                    stream.on_reset = call_scope.cancel
+                    head, payloads = await self._serve_call(frame)
+                    await driver.send(stream, head, end=not payloads)
+                    for i, p in enumerate(payloads):
+                        await driver.send(stream, p, end=i == len(payloads) - 1)
+            else:
+                raise RemoteProtocolError(f"unexpected {frame.type.name} frame opening stream {stream.sid}")
+        except RemoteProtocolError as exc:
+            self._log.warning("peer %s sent an invalid frame on stream %d: %s", self.peer.short(), stream.sid, exc)
+            driver.abort(stream, ERR_PROTOCOL)
+        except PeerUnavailable:
+            pass
+        finally:
+            driver.forget(stream)
+
+    async def _call(self, head: bytes, payloads: list[memoryview]) -> Frame:
+        driver = self.driver
+        stream = driver.open_stream()
+        try:
+            await driver.send(stream, head, end=not payloads)
+            for i, p in enumerate(payloads):
+                await driver.send(stream, p, end=i == len(payloads) - 1)
+            return await read_frame_untrusted(stream, self.config.limits)
+        except StreamAborted as exc:
+            raise PeerUnavailable(f"call to {self.peer.short()} aborted: {exc}") from None
+        except BaseException:
+            driver.abort(stream, ERR_CANCELLED)
+            raise
+        finally:
+            driver.forget(stream)
+
+    async def _push(self, head: bytes, payloads: list[memoryview]) -> None:
+        driver = self.driver
+        stream = driver.open_stream(unidirectional=True)
+        try:
+            await driver.send(stream, head, end=not payloads)
+            for i, p in enumerate(payloads):
+                await driver.send(stream, p, end=i == len(payloads) - 1)
+        except BaseException:
+            driver.abort(stream, ERR_CANCELLED)
+            raise
+        finally:
+            driver.forget(stream)
+
+    async def aclose(self) -> None:
+        self.driver.close(ERR_CLOSING, "closed by the peer")
+        self._on_terminated("closed by this node")
+
+
+async def _run_handshake_stream(driver: QuicDriver, stream: QStream, limits_fn: TransportConfig):  # type: ignore[no-untyped-def]
+    async def read() -> Frame:
+        return await read_frame_untrusted(stream, limits_fn.limits)
+
+    async def send(data: bytes) -> None:
+        await driver.send(stream, data, end=False)
+
+    return read, send
+
+
+def new_endpoint(node: "RpcNode", host: str, port: int, *, server: bool) -> QuicEndpoint:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PeerUnavailable(f"cannot bind UDP {host}:{port} for QUIC: {exc}") from None
+    server_cfg = quic_configuration(node.config, is_client=False, identity=node.identity) if server else None
+
+    def on_new(driver: QuicDriver) -> None:
+        assert endpoint.nursery is not None
+        endpoint.nursery.start_soon(_serve_inbound, node, driver)
+
+    endpoint = QuicEndpoint(sock, server_cfg, on_new if server else None, node.config.send_buffer)
+    return endpoint
+
+
+async def _serve_inbound(node: "RpcNode", driver: QuicDriver) -> None:
+    cfg = node.config
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                await driver.handshake_done.wait()
+                if driver.terminated is not None:
+                    return
+                stream = driver.open_stream()
+                read, send = await _run_handshake_stream(driver, stream, cfg)
+                peer = await handshake.server_handshake(node.identity, node.protocol_version, read, send, cfg.limits)
+                await driver.send(stream, b"", end=True)
+                driver.forget(stream)
+        except (trio.TooSlowError, PeerUnavailable, RemoteProtocolError, IdentityError) as exc:
+            log.info("inbound QUIC connection rejected: %s", exc or "no handshake within connect_timeout")
+            driver.close(ERR_PROTOCOL, "handshake failed")
+            return
+        # Streams the client opened before authenticating would be a protocol violation;
+        # the honest client opens none, so the queue is empty here.
+        conn = QuicRpcConnection(node, peer, cfg, driver)
+        node._adopt(conn)
+        await conn.serve()
+        driver.close(ERR_CLOSING, "connection closed")
+
+
+async def dial(node: "RpcNode", endpoint: QuicEndpoint, host: str, port: int, peer_id: PeerID) -> QuicRpcConnection:
+    cfg = node.config
+    qc = quic_configuration(cfg, is_client=True, identity=None)
+    quic = QuicConnection(configuration=qc)
+    driver = QuicDriver(endpoint, quic, is_client=True, send_buffer=cfg.send_buffer)
+    driver.add_cid(quic.host_cid)
+    assert endpoint.nursery is not None
+    await endpoint.nursery.start(driver.run)
+    try:
+        addr = (await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM))[0][4]
+        if endpoint.sock.family == socket.AF_INET6 and len(addr) == 2:
+            addr = ("::ffff:" + addr[0], addr[1], 0, 0)
+        with trio.fail_after(cfg.connect_timeout):
+            quic.connect(addr, now=trio.current_time())
+            driver.after_io()
+            await driver.handshake_done.wait()
+            if driver.terminated is not None:
+                raise PeerUnavailable(f"QUIC connection to {peer_id.short()} at {host}:{port} failed: {driver.terminated}")
+            check_peer_certificate(quic.tls._peer_certificate, peer_id)
+            stream = await driver.incoming.receive()
+            read, send = await _run_handshake_stream(driver, stream, cfg)
+            await handshake.client_handshake(node.identity, node.protocol_version, peer_id, read, send)
+            await driver.send(stream, b"", end=True)
+            driver.forget(stream)
+    except trio.TooSlowError:
+        driver.close(ERR_CLOSING, "connect timeout")
+        raise PeerUnavailable(f"connecting to {peer_id.short()} at {host}:{port} over QUIC timed out after "
+                              f"{cfg.connect_timeout}s (is the peer up and UDP reachable?)") from None
+    except (trio.EndOfChannel, trio.ClosedResourceError):
+        driver.close(ERR_CLOSING, "closed")
+        raise PeerUnavailable(f"QUIC connection to {peer_id.short()} closed during the handshake: "
+                              f"{driver.terminated}") from None
+    except BaseException:
+        driver.close(ERR_PROTOCOL, "handshake failed")
+        raise
+    return QuicRpcConnection(node, peer_id, cfg, driver)

@@ -1,0 +1,456 @@
+"""aioquic's sans-I/O ``QuicConnection`` driven by trio over one UDP socket.
+
+* :class:`QuicEndpoint` owns the socket: one receive loop drains up to
+  ``RECV_BATCH`` datagrams per wake-up, routes each by destination connection ID and
+  then lets every touched connection process events and transmit once (ACKs coalesce).
+  Sends go straight to the non-blocking socket; only when the kernel buffer is full
+  does a sender task wait for writability.
+* :class:`QuicDriver` wraps one connection: a single timer (a cancel scope whose deadline
+  follows ``get_timer()``), trio's clock as ``now``, stream byte queues, and send-side
+  backpressure (a stream waits while its unacknowledged bytes exceed a bound).
+* Pacing waits shorter than a millisecond are treated as zero: trio cannot sleep that
+  precisely, and on the paths pymesh runs on sending at once is what the pacer wants anyway.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import socket
+from typing import Any, Callable
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+from pymesh.errors import PeerUnavailable
+from pymesh.net.frames import FrameError
+
+log = logging.getLogger(__name__)
+
+RECV_BATCH = 512
+SEND_CHUNK = 256 * 1024
+CID_LENGTH = 8
+MAX_PENDING_HANDSHAKES = 256
+SOCKET_BUFFER = 8 * 1024 * 1024
+
+
+class StreamAborted(PeerUnavailable):
+    """The peer reset or stopped a stream, or the connection ended under it."""
+
+
+class QStream:
+    """Received bytes of one QUIC stream, read as frames (``read_exact``/``readinto_exact``)."""
+
+    __slots__ = ("sid", "chunks", "buffered", "fin", "error", "_wakeup", "on_reset", "stop_sending")
+
+    def __init__(self, sid: int) -> None:
+        self.sid = sid
+        self.chunks: collections.deque[memoryview] = collections.deque()
+        self.buffered = 0
+        self.fin = False
+        self.error: str | None = None
+        self.stop_sending = False
+        self._wakeup = trio.Event()
+        self.on_reset: Callable[[], None] | None = None
+
+    def feed(self, data: bytes, end: bool) -> None:
+        if data:
+            self.chunks.append(memoryview(data))
+            self.buffered += len(data)
+        if end:
+            self.fin = True
+        self._wake()
+
+    def fail(self, why: str) -> None:
+        if self.error is None:
+            self.error = why
+        self._wake()
+        if self.on_reset is not None:
+            self.on_reset()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        self._wakeup = trio.Event()
+
+    async def _more(self, need: int, have: int) -> None:
+        if self.error is not None:
+            raise StreamAborted(self.error)
+        if self.fin:
+            raise FrameError(f"truncated frame: stream {self.sid} ended after {have} of {need} bytes")
+        await self._wakeup.wait()
+
+    async def read_exact(self, n: int) -> bytearray:
+        out = bytearray(n)
+        await self.readinto_exact(memoryview(out))
+        return out
+
+    async def readinto_exact(self, view: memoryview) -> None:
+        need = len(view)
+        pos = 0
+        while pos < need:
+            if not self.chunks:
+                await self._more(need, pos)
+                continue
+            chunk = self.chunks[0]
+            take = min(len(chunk), need - pos)
+            view[pos:pos + take] = chunk[:take]
+            pos += take
+            self.buffered -= take
+            if take == len(chunk):
+                self.chunks.popleft()
+            else:
+                self.chunks[0] = chunk[take:]
+
+
+class _Finished:
+    """Which peer-initiated stream IDs of one type are done: a floor plus a sparse set."""
+
+    def __init__(self, base: int) -> None:
+        self.floor = base
+        self.done: set[int] = set()
+
+    def finish(self, sid: int) -> None:
+        if sid >= self.floor:
+            self.done.add(sid)
+            while self.floor in self.done:
+                self.done.remove(self.floor)
+                self.floor += 4
+
+    def is_done(self, sid: int) -> bool:
+        return sid < self.floor or sid in self.done
+
+
+class QuicDriver:
+    def __init__(self, endpoint: "QuicEndpoint", quic: QuicConnection, is_client: bool, send_buffer: int) -> None:
+        self.endpoint = endpoint
+        self.quic = quic
+        self.is_client = is_client
+        self.send_buffer = send_buffer
+        self.streams: dict[int, QStream] = {}
+        self.handshake_done = trio.Event()
+        self.terminated: str | None = None
+        self.terminated_event = trio.Event()
+        self.incoming_send, self.incoming = trio.open_memory_channel[QStream](math.inf)
+        self._progress = trio.Event()
+        self._timer_scope = trio.CancelScope()
+        self._finished = {b: _Finished(b) for b in range(4)}
+        self._cids: set[bytes] = set()
+        self.nursery: trio.Nursery | None = None
+        self.on_terminated: Callable[[str], None] | None = None
+        _relax_pacing(quic)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._timer_loop)
+                task_status.started()
+                await self.terminated_event.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._terminate("driver stopped")
+            for cid in self._cids:
+                if self.endpoint.by_cid.get(cid) is self:
+                    del self.endpoint.by_cid[cid]
+
+    def add_cid(self, cid: bytes) -> None:
+        self._cids.add(cid)
+        self.endpoint.by_cid[cid] = self
+
+    def _terminate(self, reason: str) -> None:
+        if self.terminated is not None:
+            return
+        self.terminated = reason
+        for stream in list(self.streams.values()):
+            stream.fail(f"connection closed: {reason}")
+        self.handshake_done.set()
+        self._progress.set()
+        self.terminated_event.set()
+        self.incoming_send.close()
+        if self.on_terminated is not None:
+            self.on_terminated(reason)
+
+    def close(self, error_code: int, reason: str) -> None:
+        if self.terminated is None:
+            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self.after_io()
+            self._terminate(reason)
+
+    # ---------------------------------------------------------------- timer and I/O
+    async def _timer_loop(self) -> None:
+        while self.terminated is None:
+            self._timer_scope = trio.CancelScope(deadline=self._deadline())
+            with self._timer_scope:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            t = self._deadline()
+            if now >= t:
+                self.quic.handle_timer(now)
+                self.after_io()
+
+    def _deadline(self) -> float:
+        if self.quic._close_at is None:  # nothing sent or received yet: no timer
+            return math.inf
+        t = self.quic.get_timer()
+        return math.inf if t is None else t
+
+    def receive(self, data: bytes, addr: Any, now: float) -> None:
+        self.quic.receive_datagram(data, addr, now)
+
+    def after_io(self) -> None:
+        """Process events, transmit, re-arm the timer, wake senders waiting for ACKs."""
+        self._process_events()
+        self.transmit()
+        self._timer_scope.deadline = self._deadline()
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def transmit(self) -> None:
+        send = self.endpoint.send
+        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
+            send(data, addr)
+
+    def _process_events(self) -> None:
+        quic = self.quic
+        while (ev := quic.next_event()) is not None:
+            if isinstance(ev, events.StreamDataReceived):
+                stream = self.streams.get(ev.stream_id)
+                if stream is None:
+                    stream = self._new_peer_stream(ev.stream_id)
+                    if stream is None:
+                        continue
+                stream.feed(ev.data, ev.end_stream)
+            elif isinstance(ev, events.StreamReset):
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.fail(f"stream reset by the peer (code {ev.error_code})")
+            elif isinstance(ev, events.StopSendingReceived):
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.stop_sending = True
+                self._reset(ev.stream_id, ev.error_code)
+            elif isinstance(ev, events.HandshakeCompleted):
+                self.handshake_done.set()
+            elif isinstance(ev, events.ConnectionIdIssued):
+                self.add_cid(ev.connection_id)
+            elif isinstance(ev, events.ConnectionIdRetired):
+                self._cids.discard(ev.connection_id)
+                if self.endpoint.by_cid.get(ev.connection_id) is self:
+                    del self.endpoint.by_cid[ev.connection_id]
+            elif isinstance(ev, events.ConnectionTerminated):
+                why = ev.reason_phrase or f"error code {ev.error_code:#x}"
+                self._terminate(f"connection terminated: {why}")
+
+    def _is_local(self, sid: int) -> bool:
+        return (sid & 1) == (0 if self.is_client else 1)
+
+    def _new_peer_stream(self, sid: int) -> QStream | None:
+        if self._is_local(sid) or self._finished[sid & 3].is_done(sid) or self.terminated is not None:
+            return None  # late data for a stream we already closed
+        stream = self.streams[sid] = QStream(sid)
+        self.incoming_send.send_nowait(stream)
+        return stream
+
+    # ---------------------------------------------------------------- streams
+    def open_stream(self, unidirectional: bool = False) -> QStream:
+        if self.terminated is not None:
+            raise PeerUnavailable(f"connection closed: {self.terminated}")
+        sid = self.quic.get_next_available_stream_id(is_unidirectional=unidirectional)
+        self.quic.send_stream_data(sid, b"", False)  # claims the ID now
+        stream = self.streams[sid] = QStream(sid)
+        return stream
+
+    def forget(self, stream: QStream) -> None:
+        self.streams.pop(stream.sid, None)
+        if not self._is_local(stream.sid):
+            self._finished[stream.sid & 3].finish(stream.sid)
+
+    def _reset(self, sid: int, code: int) -> None:
+        try:
+            self.quic.reset_stream(sid, code)
+        except (ValueError, AssertionError):
+            pass
+
+    def abort(self, stream: QStream, code: int) -> None:
+        """Reset our sending half and ask the peer to stop sending (cancellation)."""
+        if self.terminated is not None:
+            return
+        self._reset(stream.sid, code)
+        if not stream.fin:
+            try:
+                self.quic.stop_stream(stream.sid, code)
+            except (ValueError, AssertionError):
+                pass
+        self.after_io()
+
+    def _unacked(self, sid: int) -> int:
+        s = self.quic._streams.get(sid)
+        if s is None:
+            return 0
+        sender = s.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    async def send(self, stream: QStream, data: bytes | memoryview, end: bool) -> None:
+        """Queue ``data`` on the stream, waiting for ACK progress to bound buffered bytes."""
+        view = memoryview(data)
+        if len(view) == 0:
+            self._check_send(stream)
+            self.quic.send_stream_data(stream.sid, b"", end)
+            self.after_io()
+            return
+        for off in range(0, len(view), SEND_CHUNK):
+            while True:
+                self._check_send(stream)
+                if self._unacked(stream.sid) < self.send_buffer:
+                    break
+                await self._progress.wait()
+            chunk = view[off:off + SEND_CHUNK]
+            self.quic.send_stream_data(stream.sid, chunk, end and off + len(chunk) == len(view))  # type: ignore[arg-type]
+            self.after_io()
+
+    def _check_send(self, stream: QStream) -> None:
+        if self.terminated is not None:
+            raise PeerUnavailable(f"connection closed: {self.terminated}")
+        if stream.stop_sending:
+            raise StreamAborted(f"the peer stopped stream {stream.sid}")
+
+    def ping(self, uid: int) -> None:
+        if self.terminated is None:
+            self.quic.send_ping(uid)
+            self.after_io()
+
+
+def _relax_pacing(quic: QuicConnection) -> None:
+    pacer = quic._loss._pacer
+    original = pacer.next_send_time
+
+    def next_send_time(now: float) -> float | None:
+        t = original(now)
+        if t is None or t - now < 0.001:
+            return None
+        return t  # type: ignore[no-any-return]
+
+    pacer.next_send_time = next_send_time  # type: ignore[method-assign]
+
+
+class QuicEndpoint:
+    """One UDP socket shared by every QUIC connection of a node (inbound and outbound)."""
+
+    def __init__(self, sock: socket.socket, server_config: QuicConfiguration | None,
+                 on_new_connection: Callable[[QuicDriver], None] | None, send_buffer: int) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_RCVBUFFORCE / SO_SNDBUFFORCE
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                except OSError:
+                    pass
+        self.server_config = server_config
+        self.on_new_connection = on_new_connection
+        self.send_buffer = send_buffer
+        self.by_cid: dict[bytes, QuicDriver] = {}
+        self.nursery: trio.Nursery | None = None
+        self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self._backlog_event = trio.Event()
+        self.dropped = 0
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._send_loop)
+                task_status.started()
+                await self._recv_loop()
+        finally:
+            self.sock.close()
+
+    def send(self, data: bytes, addr: Any) -> None:
+        if self._backlog:
+            self._backlog.append((data, addr))
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            self._backlog.append((data, addr))
+            self._backlog_event.set()
+        except OSError as exc:
+            log.debug("UDP send to %s failed: %s", addr, exc)
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._backlog_event.wait()
+            self._backlog_event = trio.Event()
+            while self._backlog:
+                await trio.lowlevel.wait_writable(self.sock)
+                while self._backlog:
+                    data, addr = self._backlog[0]
+                    try:
+                        self.sock.sendto(data, addr)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        log.debug("UDP send to %s failed: %s", addr, exc)
+                    self._backlog.popleft()
+
+    async def _recv_loop(self) -> None:
+        sock = self.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            touched: dict[int, QuicDriver] = {}
+            for _ in range(RECV_BATCH):
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # ICMP errors surface here on Linux
+                    log.debug("UDP receive error: %s", exc)
+                    continue
+                driver = self._route_untrusted(data, addr)
+                if driver is None:
+                    self.dropped += 1
+                    continue
+                try:
+                    driver.receive(data, addr, now)
+                except Exception:  # aioquic should never raise on peer input; never let it kill the loop
+                    log.exception("aioquic failed on a datagram from %s; dropped", addr)
+                touched[id(driver)] = driver
+            for driver in touched.values():
+                driver.after_io()
+
+    def _route_untrusted(self, data: bytes, addr: Any) -> QuicDriver | None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except Exception:  # garbage: aioquic raises ValueError / BufferReadError
+            return None
+        driver = self.by_cid.get(header.destination_cid)
+        if driver is not None:
+            return driver
+        cfg = self.server_config
+        if (cfg is None or header.packet_type != QuicPacketType.INITIAL or len(data) < 1200
+                or header.version not in cfg.supported_versions or self.nursery is None):
+            return None
+        pending = sum(1 for d in set(self.by_cid.values()) if not d.handshake_done.is_set())
+        if pending >= MAX_PENDING_HANDSHAKES:
+            log.warning("dropping a new QUIC connection from %s: %d handshakes already pending", addr, pending)
+            return None
+        quic = QuicConnection(configuration=cfg, original_destination_connection_id=header.destination_cid)
+        driver = QuicDriver(self, quic, is_client=False, send_buffer=self.send_buffer)
+        driver.add_cid(header.destination_cid)
+        driver.add_cid(quic.host_cid)
+        if self.on_new_connection is not None:
+            self.on_new_connection(driver)
+        return driver

@@ -1,0 +1,170 @@
+"""``RpcNode``: one per process; listens and dials with one identity over QUIC or TCP.
+
+    async with RpcNode(identity, transport="quic") as node:
+        node.register("echo", echo_handler)
+        port = await node.listen("127.0.0.1", 0)
+        conn = await node.connect(host, port, peer_id)
+        meta, tensors = await conn.call("echo", {"x": 1}, [blob], timeout=5)
+
+Transports: "quic" (default), "tcp" (TLS 1.3) and "tcp-plain" (no encryption; the
+server's identity is only asserted, for benchmarks and trusted networks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+from types import TracebackType
+from typing import Any
+
+import trio
+
+import pymesh
+from pymesh.errors import ConfigError, LocalProtocolError
+from pymesh.net import quic as quic_mod
+from pymesh.net import tcp as tcp_mod
+from pymesh.net.config import TransportConfig
+from pymesh.net.conn import CallContext, Connection, Handler, PushHandler, RemoteError
+from pymesh.net.frames import Meta, TensorBlob
+from pymesh.net.quic_driver import QuicEndpoint
+from pymesh.net.tls import server_ssl_context
+from pymesh.proto.identity import Identity, PeerID
+
+__all__ = ["RpcNode", "Connection", "CallContext", "RemoteError", "TransportConfig", "Meta", "TensorBlob",
+           "Handler", "PushHandler", "TRANSPORTS"]
+
+log = logging.getLogger(__name__)
+TRANSPORTS = ("quic", "tcp", "tcp-plain")
+
+
+class RpcNode:
+    def __init__(self, identity: Identity, *, transport: str = "quic", config: TransportConfig | None = None) -> None:
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"unknown transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
+        config = dataclasses.replace(config) if config is not None else TransportConfig()
+        if transport == "tcp-plain":
+            config.tls = False
+        self.identity = identity
+        self.peer_id: PeerID = identity.peer_id
+        self.transport = "tcp" if transport.startswith("tcp") else "quic"
+        self.config = config
+        self.protocol_version: int = pymesh.PROTOCOL_VERSION
+        self._handlers: dict[str, Handler] = {}
+        self._push_handlers: dict[str, PushHandler] = {}
+        self._conns: dict[PeerID, list[Connection]] = {}
+        self._dial_locks: dict[PeerID, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self._endpoint: QuicEndpoint | None = None
+        self._listening_endpoint = False
+        self._ssl: ssl.SSLContext | None = None
+        self.port: int | None = None
+
+    # ------------------------------------------------------------------ registry
+    def register(self, method: str, handler: Handler) -> None:
+        self._handlers[method] = handler
+
+    def on_push(self, topic: str, handler: PushHandler) -> None:
+        self._push_handlers[topic] = handler
+
+    def connections(self) -> list[Connection]:
+        return [c for conns in self._conns.values() for c in conns if not c.closed]
+
+    def _adopt(self, conn: Connection) -> None:
+        self._conns.setdefault(conn.peer, []).append(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        conns = self._conns.get(conn.peer)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._conns[conn.peer]
+
+    def _server_ssl(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = server_ssl_context(self.identity)
+        return self._ssl
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> "RpcNode":
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        assert self._nursery is not None
+        for conn in self.connections():
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+        self._nursery.cancel_scope.cancel()
+        result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        self._nursery = None
+        return result
+
+    def _require_started(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise LocalProtocolError("use RpcNode as an async context manager before listen()/connect()")
+        return self._nursery
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start serving; returns the bound port (pass 0 for any)."""
+        nursery = self._require_started()
+        if self.transport == "quic":
+            endpoint = quic_mod.new_endpoint(self, host, port, server=True)
+            if self._endpoint is not None and not self._listening_endpoint:
+                log.debug("dialing endpoint stays separate from the listening one")
+            await nursery.start(endpoint.run)
+            if self._endpoint is None or not self._listening_endpoint:
+                self._endpoint = endpoint
+                self._listening_endpoint = True
+            self.port = endpoint.port
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            self.port = int(listeners[0].socket.getsockname()[1])
+            nursery.start_soon(self._accept_loop, listeners)
+        log.info("listening on %s %s:%d as %s", self.transport, host, self.port, self.peer_id)
+        return self.port
+
+    async def _accept_loop(self, listeners: list[trio.SocketListener]) -> None:
+        nursery = self._require_started()
+        async with trio.open_nursery() as accept_nursery:
+            for listener in listeners:
+                accept_nursery.start_soon(trio.serve_listeners, self._accept_one, [listener])
+        del nursery
+
+    async def _accept_one(self, stream: trio.SocketStream) -> None:
+        conn = await tcp_mod.accept(self, stream)
+        if conn is None:
+            return
+        self._adopt(conn)
+        await conn.run()
+
+    async def connect(self, host: str, port: int, peer_id: PeerID) -> Connection:
+        """An authenticated connection to ``peer_id`` (reused if one is open).
+
+        Raises PeerUnavailable (unreachable, timeout), IdentityError (the address holds
+        another key) or VersionMismatch."""
+        nursery = self._require_started()
+        lock = self._dial_locks.setdefault(peer_id, trio.Lock())
+        async with lock:
+            for conn in self._conns.get(peer_id, []):
+                if not conn.closed:
+                    return conn
+            conn: Connection  # type: ignore[no-redef]
+            if self.transport == "quic":
+                if self._endpoint is None:
+                    endpoint = quic_mod.new_endpoint(self, "::" if ":" in host else "0.0.0.0", 0, server=False)
+                    await nursery.start(endpoint.run)
+                    self._endpoint = endpoint
+                qconn = await quic_mod.dial(self, self._endpoint, host, port, peer_id)
+                nursery.start_soon(qconn.serve)
+                conn = qconn
+            else:
+                tconn = await tcp_mod.dial(self, host, port, peer_id)
+                await nursery.start(tconn.run)
+                conn = tconn
+            self._adopt(conn)
+            log.debug("connected to %s at %s:%d over %s", peer_id.short(), host, port, self.transport)
+            return conn

@@ -1,0 +1,269 @@
+"""RPC over one TCP connection (TLS by default): frames multiplexed by request id.
+
+One reader task per connection reads frames (tensor bytes straight into fresh
+buffers) and dispatches them; writers take a lock per frame so frames never interleave.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
+from pymesh.net import handshake
+from pymesh.net.config import TransportConfig
+from pymesh.net.conn import Connection
+from pymesh.net.frames import Frame, FrameType, encode_frame_head, read_frame_untrusted
+from pymesh.net.streams import BufferedReader, PlainStream, Raw, TlsStream
+from pymesh.net.tls import check_peer_certificate_der, client_ssl_context, server_ssl_context
+from pymesh.proto.identity import PeerID
+
+if TYPE_CHECKING:
+    from pymesh.net.rpc import RpcNode
+
+log = logging.getLogger(__name__)
+_RID = struct.Struct("<Q")
+_COALESCE = 64 * 1024
+
+
+@dataclass
+class _Pending:
+    event: trio.Event
+    frame: Frame | None = None
+    error: BaseException | None = None
+
+
+class TcpConnection(Connection):
+    def __init__(self, node: "RpcNode", peer: PeerID, config: TransportConfig, raw: Raw,
+                 reader: BufferedReader) -> None:
+        super().__init__(node, peer, config)
+        self._raw = raw
+        self._reader = reader
+        self._send_lock = trio.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._serving: dict[int, trio.CancelScope] = {}
+        self._next_id = 1
+        self._nursery: trio.Nursery | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._keepalive)
+                task_status.started()
+        finally:
+            self._mark_closed(self.close_reason or "connection closed")
+            with trio.CancelScope(shield=True):
+                await self._raw.aclose()
+            self.node._forget(self)
+
+    def _mark_closed(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+            self._log.debug("connection to %s closed: %s", self.peer.short(), reason)
+        for slot in self._pending.values():
+            if not slot.event.is_set():
+                slot.error = PeerUnavailable(f"connection to {self.peer.short()} lost: {reason}")
+                slot.event.set()
+
+    def _fail(self, reason: str) -> None:
+        self._mark_closed(reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def aclose(self) -> None:
+        self._fail("closed by this node")
+
+    # ---------------------------------------------------------------- sending
+    async def _send_frame(self, head: bytes, payloads: list[memoryview]) -> None:
+        async with self._send_lock:
+            self._check_open()
+            # A frame is never abandoned half-written (that would corrupt the stream); the
+            # caller's cancellation waits for this frame, which frame_timeout bounds.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.config.frame_timeout
+                try:
+                    total = len(head) + sum(len(p) for p in payloads)
+                    if total <= _COALESCE:
+                        await self._raw.send_all(b"".join([head, *payloads]))
+                    else:
+                        await self._raw.send_all(head)
+                        for p in payloads:
+                            await self._raw.send_all(p)
+                except PeerUnavailable as exc:
+                    self._fail(str(exc))
+                    raise
+            if scope.cancelled_caught:
+                self._fail(f"sending one frame took longer than frame_timeout={self.config.frame_timeout}s")
+                raise PeerUnavailable(f"send to {self.peer.short()} stalled; connection closed")
+
+    async def _call(self, head: bytes, payloads: list[memoryview]) -> Frame:
+        rid = self._next_id
+        self._next_id += 1
+        head = head[:8] + _RID.pack(rid) + head[16:]
+        slot = _Pending(trio.Event())
+        self._pending[rid] = slot
+        try:
+            await self._send_frame(head, payloads)
+            await slot.event.wait()
+        except BaseException:
+            if not slot.event.is_set() and not self.closed and self._nursery is not None:
+                self._nursery.start_soon(self._send_control, FrameType.CANCEL, rid)
+            raise
+        finally:
+            self._pending.pop(rid, None)
+        if slot.error is not None:
+            raise slot.error
+        assert slot.frame is not None
+        return slot.frame
+
+    async def _push(self, head: bytes, payloads: list[memoryview]) -> None:
+        await self._send_frame(head, payloads)
+
+    async def _send_control(self, ftype: FrameType, rid: int) -> None:
+        head, _ = encode_frame_head(ftype, rid)
+        try:
+            await self._send_frame(head, [])
+        except PeerUnavailable:
+            pass
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(self.config.idle_timeout / 3)
+            await self._send_control(FrameType.PING, 0)
+
+    # ---------------------------------------------------------------- receiving
+    async def _read_loop(self) -> None:
+        cfg = self.config
+        reader = self._reader
+        try:
+            while True:
+                with trio.move_on_after(cfg.idle_timeout) as idle:
+                    eof = await reader.at_eof()
+                if idle.cancelled_caught:
+                    self._fail(f"no data from the peer for idle_timeout={cfg.idle_timeout}s")
+                    return
+                if eof:
+                    self._fail("the peer closed the connection")
+                    return
+                with trio.move_on_after(cfg.frame_timeout) as frame_scope:
+                    frame = await read_frame_untrusted(reader, cfg.limits)
+                if frame_scope.cancelled_caught:
+                    self._fail(f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s")
+                    return
+                self._dispatch(frame)
+        except RemoteProtocolError as exc:
+            self._log.warning("peer %s sent an invalid frame, closing: %s", self.peer.short(), exc)
+            self._fail(f"protocol error: {exc}")
+        except PeerUnavailable as exc:
+            self._fail(str(exc))
+
+    def _dispatch(self, frame: Frame) -> None:
+        assert self._nursery is not None
+        t = frame.type
+        if t == FrameType.REPLY or t == FrameType.ERROR:
+            slot = self._pending.get(frame.request_id)
+            if slot is not None and not slot.event.is_set():
+                slot.frame = frame
+                slot.event.set()
+        elif t == FrameType.CALL:
+            if frame.request_id in self._serving:
+                raise RemoteProtocolError(f"request id {frame.request_id} reused while still in progress")
+            scope = trio.CancelScope()
+            self._serving[frame.request_id] = scope
+            self._nursery.start_soon(self._handle_call, frame, scope)
+        elif t == FrameType.PUSH:
+            self._nursery.start_soon(self._serve_push, frame)
+        elif t == FrameType.CANCEL:
+            scope = self._serving.get(frame.request_id)
+            if scope is not None:
+                scope.cancel()
+        elif t in (FrameType.PING, FrameType.PONG):
+            pass
+        else:
+            raise RemoteProtocolError(f"unexpected {t.name} frame after the handshake")
+
+    async def _handle_call(self, frame: Frame, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                head, payloads = await self._serve_call(frame)
+        finally:
+            self._serving.pop(frame.request_id, None)
+        if scope.cancelled_caught:
+            return
+        try:
+            await self._send_frame(head, payloads)
+        except PeerUnavailable:
+            pass
+
+
+# -------------------------------------------------------------------- dial / accept
+
+
+def _wrap(stream: trio.SocketStream, node: "RpcNode", server_side: bool) -> Raw:
+    if not node.config.tls:
+        return PlainStream(stream)
+    ctx = node._server_ssl() if server_side else client_ssl_context()
+    return TlsStream(stream, ctx, server_side)
+
+
+async def dial(node: "RpcNode", host: str, port: int, peer_id: PeerID) -> TcpConnection:
+    cfg = node.config
+    try:
+        with trio.fail_after(cfg.connect_timeout):
+            stream = await trio.open_tcp_stream(host, port)
+            raw = _wrap(stream, node, server_side=False)
+            try:
+                if isinstance(raw, TlsStream):
+                    await raw.handshake()
+                    check_peer_certificate_der(raw.peer_certificate(), peer_id)
+                reader = BufferedReader(raw)
+                await handshake.client_handshake(
+                    node.identity, node.protocol_version, peer_id,
+                    read=lambda: read_frame_untrusted(reader, cfg.limits), send=raw.send_all)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await raw.aclose()
+                raise
+    except trio.TooSlowError:
+        raise PeerUnavailable(f"connecting to {peer_id.short()} at {host}:{port} over TCP timed out "
+                              f"after {cfg.connect_timeout}s") from None
+    except OSError as exc:
+        raise PeerUnavailable(f"cannot connect to {peer_id.short()} at {host}:{port} over TCP: {exc}") from None
+    return TcpConnection(node, peer_id, cfg, raw, reader)
+
+
+async def accept(node: "RpcNode", stream: trio.SocketStream) -> TcpConnection | None:
+    """Run TLS and the identity handshake on an inbound stream; None if it failed."""
+    cfg = node.config
+    raw = _wrap(stream, node, server_side=True)
+    try:
+        with trio.fail_after(cfg.connect_timeout):
+            if isinstance(raw, TlsStream):
+                await raw.handshake()
+            reader = BufferedReader(raw)
+            peer = await handshake.server_handshake(
+                node.identity, node.protocol_version,
+                read=lambda: read_frame_untrusted(reader, cfg.limits), send=raw.send_all, limits=cfg.limits)
+    except (trio.TooSlowError, PeerUnavailable, RemoteProtocolError, IdentityError) as exc:
+        log.info("inbound TCP connection from %s rejected: %s", _addr(stream),
+                 exc or "handshake did not finish within connect_timeout")
+        with trio.CancelScope(shield=True):
+            await raw.aclose()
+        return None
+    return TcpConnection(node, peer, cfg, raw, reader)
+
+
+def _addr(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
