@@ -2,7 +2,8 @@
 
 The fingerprint is a short SHA-256 over config.json (parsed and re-serialised
 canonically, so whitespace does not matter) and, for every safetensors file, the
-tensor names, shapes and dtypes from its header. Only headers are read: it costs
+tensor names, shapes and dtypes from its header
+(sorted by name, so the split into shards does not matter). Only headers are read: it costs
 milliseconds even for a 100 GB model.
 """
 
@@ -32,15 +33,20 @@ def fingerprint(model_dir: str | Path) -> str:
     files = sorted(set(weight_files(root).values()))
     if not files:
         raise ConfigError(f"{root} names no tensors in {INDEX_FILE} or {SINGLE_FILE}")
+    entries: list[tuple[str, object, object]] = []
     for path in files:
         if not path.exists():
             raise ConfigError(f"shard {path} named in {INDEX_FILE} does not exist; re-download the model")
         header = read_safetensors_header(path)
-        for name in sorted(k for k in header if k != "__metadata__"):
-            info = header[name]
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
             if not isinstance(info, dict):
                 raise ConfigError(f"{path}: header entry for {name} is not an object")
-            h.update(json.dumps([name, info.get("dtype"), info.get("shape")]).encode())
+            entries.append((name, info.get("dtype"), info.get("shape")))
+    # Sorted by tensor name: how the tensors are split into shards does not matter.
+    for entry in sorted(entries, key=lambda e: e[0]):
+        h.update(json.dumps(entry).encode())
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
