@@ -1,0 +1,119 @@
+"""``pymesh client``: generate through the swarm, or test an echo chain without a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from pymesh.errors import ConfigError
+
+log = logging.getLogger("pymesh.client")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pymesh.model.sampling import add_sampling_arguments
+
+    parser.add_argument("--bootstrap", action="append", required=True, metavar="ADDR",
+                        help="bootstrap node address (HOST:PORT or multiaddr); repeatable")
+    parser.add_argument("--model-path", default=None, metavar="DIR",
+                        help="model folder (config, tokenizer, embeddings, head); without it: the echo network test")
+    parser.add_argument("--model-name", default=None, help="model name in the model id (default: the folder's name; echo: 'echo')")
+    parser.add_argument("--prompt", default=None, help="the prompt text")
+    parser.add_argument("--chain", default=None, metavar="LIST",
+                        help="layers to run, in order: 0,1,2,... or ranges 0-9,10-15 (default: all)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--transport", default="quic", choices=["quic", "tcp"])
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming text")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or every core)")
+    parser.add_argument("--hidden-size", type=int, default=4096, help="echo test: hidden size of the test tensor")
+    parser.add_argument("--rounds", type=int, default=10, help="echo test: how many times the tensor goes around")
+    add_sampling_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import trio
+
+    from pymesh.worker.runtime import configure_threads
+
+    configure_threads(args.threads)
+    if args.model_path is None:
+        return trio.run(_network_test, args)
+    if not args.prompt:
+        raise ConfigError("--prompt is required with --model-path")
+    return trio.run(_generate, args)
+
+
+def _range(args: argparse.Namespace, num_layers: int | None) -> tuple[int, int] | None:
+    from pymesh.client.routing import parse_chain
+
+    if args.chain is None:
+        return (0, num_layers) if num_layers is not None else None
+    try:
+        return parse_chain(args.chain, num_layers)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
+    from pymesh.client.swarm import Swarm
+    from pymesh.model.sampling import sampling_params_from_args
+
+    params = sampling_params_from_args(args)
+    model = ClientModel(args.model_path, device=args.device, dtype=args.dtype, model_name=args.model_name)
+    layers = _range(args, model.config.num_hidden_layers)
+    if layers != (0, model.config.num_hidden_layers):
+        raise ConfigError(f"--chain must cover every layer 0-{model.config.num_hidden_layers - 1} to generate "
+                          "text (a partial chain only makes sense for the echo network test)")
+    ids = model.prompt_ids(args.prompt, args.chat)
+    stats = GenerationStats()
+    decoder = model.tokenizer.stream_decoder()
+    async with Swarm(args.bootstrap, model.model_id, transport=args.transport) as swarm:
+        async for token in generate_tokens(swarm, model, ids, params, stats=stats):
+            if not args.json:
+                sys.stdout.write(decoder.push(token))
+                sys.stdout.flush()
+    text = model.tokenizer.decode(stats.tokens)
+    if args.json:
+        json.dump({"tokens": stats.tokens, "text": text, "prompt_tokens": stats.prompt_tokens,
+                   "prefill_s": round(stats.prefill_s, 4),
+                   "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
+                   "route": stats.route, "recoveries": stats.recoveries}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(decoder.flush() + "\n")
+    return 0
+
+
+async def _network_test(args: argparse.Namespace) -> int:
+    from pymesh.client.nettest import run_network_test
+    from pymesh.client.swarm import Swarm
+
+    layers = _range(args, None)
+    if layers is None:
+        raise ConfigError("the echo network test needs --chain (which layers the echo workers serve), "
+                          "or --model-path to generate")
+    t0 = time.perf_counter()
+    async with Swarm(args.bootstrap, args.model_name or "echo", transport=args.transport) as swarm:
+        res = await run_network_test(swarm, layers[0], layers[1], hidden=args.hidden_size, rounds=args.rounds)
+    if args.json:
+        json.dump({"route": res.route, "hop_ms": [round(h, 3) for h in res.hop_ms],
+                   "round_trip_ms": round(res.round_trip_ms, 3), "megabytes_per_s": round(res.megabytes_per_s, 3),
+                   "rounds": res.rounds, "tensor_shape": list(res.tensor_shape),
+                   "elapsed_s": round(time.perf_counter() - t0, 3)}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"echo chain over {len(res.route)} hop(s), tensor {list(res.tensor_shape)} float32, {res.rounds} rounds")
+    prev = 0.0
+    for hop, ms in zip(res.route, res.hop_ms):
+        print(f"  {hop['peer'][:10]} layers {hop['start']}-{hop['stop'] - 1}: +{ms - prev:.2f} ms (cumulative {ms:.2f} ms)")
+        prev = ms
+    print(f"round trip {res.round_trip_ms:.2f} ms, throughput {res.megabytes_per_s:.1f} MB/s")
+    return 0

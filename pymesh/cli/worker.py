@@ -1,0 +1,70 @@
+"""``pymesh worker``: serve a span of transformer blocks to the swarm."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pymesh.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", required=True, metavar="ADDR",
+                        help="bootstrap node address (HOST:PORT or /ip4/HOST/udp/PORT); repeatable")
+    parser.add_argument("--layers", default=None, metavar="A-B",
+                        help="blocks to serve, inclusive (e.g. 0-7); default: as many as fit, where the swarm needs them")
+    parser.add_argument("--model-path", default=None, metavar="DIR",
+                        help="Hugging Face model folder; without it: echo mode (hidden states returned unchanged)")
+    parser.add_argument("--model-name", default=None, help="model name in the model id (default: the folder's name; echo mode: 'echo')")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=0, help="transport port: QUIC on UDP N, TCP on TCP N (default: any)")
+    parser.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (default: --port + 1)")
+    parser.add_argument("--announce-addr", default=None, metavar="HOST",
+                        help="address published in the worker's record (default: --host, or 127.0.0.1 for 0.0.0.0)")
+    parser.add_argument("--transport", default="quic", choices=["quic", "tcp", "both"])
+    parser.add_argument("--cache-tokens", type=int, default=8192,
+                        help="KV-cache budget in tokens, summed over sessions (default 8192)")
+    parser.add_argument("--identity", default=None, metavar="FILE",
+                        help="identity key file (default ~/.pymesh/worker-PORT.key, created on first start)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or every core)")
+    parser.add_argument("--max-blocks", type=int, default=None,
+                        help="without --layers: serve at most this many blocks (also $PYMESH_MAX_BLOCKS)")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="echo mode without --layers: how many layers the echoed model has")
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """``A-B`` (inclusive) or ``A`` -> half-open ``(A, B+1)``."""
+    a, sep, b = text.strip().partition("-")
+    if not a.isdigit() or (sep and not b.isdigit()):
+        raise ConfigError(f"--layers {text!r}: expected A-B with layer numbers, e.g. 0-7")
+    lo, hi = int(a), int(b) if sep else int(a)
+    if hi < lo:
+        raise ConfigError(f"--layers {text!r}: the range runs backwards")
+    return lo, hi + 1
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
+    import trio
+
+    from pymesh.worker.runtime import configure_threads
+    from pymesh.worker.server import WorkerOptions, run_worker
+
+    if args.port and not 0 < args.port < 65535:
+        raise ConfigError(f"--port {args.port} must be in 1..65534 (the DHT takes port + 1)")
+    layers = parse_layers(args.layers) if args.layers else None
+    if args.model_path is None and layers is None and args.num_layers is None:
+        raise ConfigError("echo mode (no --model-path) needs --layers A-B (or --num-layers N to place itself)")
+    configure_threads(args.threads)
+    opts = WorkerOptions(
+        bootstrap=args.bootstrap, layers=layers, model_path=args.model_path, model_name=args.model_name,
+        device=args.device, dtype=args.dtype, host=args.host, port=args.port, dht_port=args.dht_port,
+        announce_addr=args.announce_addr, transport=args.transport, cache_tokens=args.cache_tokens,
+        identity=args.identity, threads=args.threads, max_blocks=args.max_blocks, num_layers=args.num_layers,
+        progress=not args.quiet,
+    )
+    trio.run(run_worker, opts)
+    return 0

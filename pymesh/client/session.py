@@ -1,0 +1,293 @@
+"""An inference session along a route of workers, with recovery from dead or stalled ones.
+
+The client pushes a step's hidden states to the first worker only; each worker pushes
+its output to the next one and a copy back here. The session keeps, per span boundary,
+the input of every step (``history``): when a worker fails, the client bans it, picks a
+new route for the blocks (keeping the healthy hops and their caches), replays the
+stored inputs through the new workers with the original step shapes, and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from pymesh.client.routing import SpanOption
+from pymesh.client.swarm import Swarm, env_float
+from pymesh.errors import PeerUnavailable, PymeshError
+from pymesh.proto.identity import PeerID
+from pymesh.worker import wire
+
+log = logging.getLogger(__name__)
+
+
+class SessionFailed(PymeshError):
+    """The session could not complete a step even after recovering (the message says why)."""
+
+
+class _StepFailure(Exception):
+    def __init__(self, blame: PeerID | None, why: str) -> None:
+        super().__init__(why)
+        self.blame = blame
+        self.why = why
+
+
+@dataclass
+class _Pending:
+    step: int
+    outputs: dict[int, Any]          # hop start -> output tensor
+    arrived: dict[int, float]        # hop start -> perf_counter at arrival
+    error: tuple[PeerID | None, str] | None
+    event: trio.Event
+
+
+def _key(o: SpanOption) -> tuple[PeerID, int, int]:
+    return (o.peer, o.start, o.stop)
+
+
+class InferenceSession:
+    """Blocks ``[start, stop)`` for up to ``max_tokens`` positions; ``step(hidden) -> hidden``."""
+
+    def __init__(self, swarm: Swarm, start: int, stop: int, max_tokens: int, *, batch: int = 1) -> None:
+        self.swarm = swarm
+        self.start, self.stop = start, stop
+        self.max_tokens = max_tokens
+        self.batch = batch
+        self.sid = os.urandom(16)
+        self.route: list[SpanOption] = []
+        self.history: dict[int, list[Any]] = {}
+        self.shapes: list[tuple[int, int]] = []          # (start_pos, seq) per step
+        self.length = 0
+        self.recoveries: list[dict[str, Any]] = []
+        self.step_timeout = env_float("PYMESH_STEP_TIMEOUT", 60.0)
+        self.max_recoveries = int(env_float("PYMESH_MAX_RECOVERIES", 8))
+        self.last_hop_times: dict[int, float] = {}
+        self._pending: _Pending | None = None
+
+    # -- push sink -------------------------------------------------------------------------
+    def on_push(self, peer: PeerID, topic: str, meta: dict[str, Any], tensors: list[Any]) -> None:
+        p = self._pending
+        if p is None or meta.get("step") != p.step:
+            return
+        hop = next((o for o in self.route if o.peer == peer and o.start == meta.get("start")), None)
+        if topic == wire.OUT:
+            if hop is None or len(tensors) != 1:
+                return
+            from pymesh.net.tensors import blob_to_tensor
+
+            p.outputs[hop.start] = blob_to_tensor(tensors[0])
+            p.arrived[hop.start] = time.perf_counter()
+            if len(p.outputs) == len(self.route):
+                p.event.set()
+        elif topic == wire.ERR and p.error is None:
+            blame_raw = meta.get("blame")
+            blame = PeerID(blame_raw) if isinstance(blame_raw, bytes) and len(blame_raw) == 32 else peer
+            msg = meta.get("msg", b"")
+            text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+            p.error = (blame, f"worker {peer.short()} reported: {text}")
+            p.event.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> "InferenceSession":
+        self.swarm.sinks[self.sid] = self
+        try:
+            await self._open_route()
+        except BaseException:
+            self.swarm.sinks.pop(self.sid, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.swarm.sinks.pop(self.sid, None)
+        with trio.move_on_after(2):
+            await self._close_hops(self.route)
+
+    async def _close_hops(self, hops: list[SpanOption]) -> None:
+        async def one(o: SpanOption) -> None:
+            try:
+                await self.swarm.call(o, wire.CLOSE, {"sid": self.sid}, timeout=2)
+            except PymeshError:
+                pass
+
+        async with trio.open_nursery() as n:
+            for o in hops:
+                n.start_soon(one, o)
+
+    def _open_meta(self, o: SpanOption, nxt: SpanOption | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"sid": self.sid, "max_tokens": self.max_tokens, "batch": self.batch,
+                                "model": self.swarm.model_id, "start": o.start, "stop": o.stop, "reset": 1}
+        if nxt is not None:
+            meta["next"] = {"peer": nxt.peer.key, "host": nxt.host, "port": nxt.port,
+                            "transport": self.swarm.transport}
+        return meta
+
+    async def _open_route(self) -> None:
+        """Choose a route and open a session on every hop; refused workers are avoided."""
+        excluded: list[PeerID] = []
+        for _ in range(self.max_recoveries + 1):
+            route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=self.max_tokens * self.batch,
+                                                exclude=excluded)
+            self._log_route(route)
+            failed = await self._open_hops(route, route)
+            if failed is None:
+                self.route = route
+                self.history = {route[0].start: []}
+                return
+            excluded.append(failed)
+        raise SessionFailed("could not open a session on any route: every candidate worker refused or failed")
+
+    async def _open_hops(self, route: list[SpanOption], which: list[SpanOption]) -> PeerID | None:
+        """Open sessions on ``which`` (hops of ``route``), last first; returns a peer that failed."""
+        for i in reversed(range(len(route))):
+            o = route[i]
+            if o not in which:
+                continue
+            nxt = route[i + 1] if i + 1 < len(route) else None
+            try:
+                await self.swarm.call(o, wire.OPEN, self._open_meta(o, nxt))
+            except PymeshError as exc:
+                code = getattr(exc, "code", "")
+                log.warning("Client: worker %s refused the session (%s): %s", o.peer.short(), code or "error", exc)
+                if code != "refused":
+                    self.swarm.ban(o.peer, f"open_session failed: {exc}")
+                return o.peer
+        return None
+
+    def _log_route(self, route: list[SpanOption]) -> None:
+        for o in route:
+            for layer in range(o.start, o.stop):
+                log.info("Client: found provider for layer %d: %s", layer, o.peer)
+        log.info("Client: resolved chain: [%s]", ", ".join(f"{o.peer} ({o.start}-{o.stop - 1})" for o in route))
+
+    # -- steps -----------------------------------------------------------------------------
+    async def step(self, hidden: Any) -> Any:
+        """Run one step (prefill chunk or one token) through the route; returns the last hop's output."""
+        seq = int(hidden.shape[1])
+        if self.length + seq > self.max_tokens:
+            raise SessionFailed(f"step of {seq} tokens exceeds the session's {self.max_tokens} tokens")
+        step = len(self.shapes)
+        hidden = hidden.contiguous()
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                outputs = await self._run_step(step, self.length, hidden)
+                break
+            except _StepFailure as failure:
+                if attempt == self.max_recoveries:
+                    raise SessionFailed(f"step {step} failed {attempt + 1} times; last: {failure.why}") from None
+                await self._recover(failure, step)
+        self.history.setdefault(self.route[0].start, []).append(hidden)
+        for o in self.route[:-1]:
+            self.history.setdefault(o.stop, []).append(outputs[o.start])
+        self.shapes.append((self.length, seq))
+        self.length += seq
+        return outputs[self.route[-1].start]
+
+    async def _run_step(self, step: int, pos: int, hidden: Any) -> dict[int, Any]:
+        from pymesh.net.tensors import tensor_to_blob
+
+        p = _Pending(step, {}, {}, None, trio.Event())
+        self._pending = p
+        first = self.route[0]
+        sent = time.perf_counter()
+        try:
+            log.info("Client: sending forward pass to %s", first.peer)
+            with trio.move_on_after(self.step_timeout):
+                try:
+                    conn = await self.swarm.connect(first)
+                    await conn.push(wire.STEP, {"sid": self.sid, "step": step, "pos": pos}, [tensor_to_blob(hidden)])
+                except (PeerUnavailable, OSError) as exc:
+                    raise _StepFailure(first.peer, f"cannot reach the first worker: {exc}") from None
+                await p.event.wait()
+        finally:
+            self._pending = None
+        if p.error is not None:
+            raise _StepFailure(*p.error)
+        if len(p.outputs) < len(self.route):
+            missing = next(o for o in self.route if o.start not in p.outputs)
+            raise _StepFailure(missing.peer, f"no output from {missing.describe()} within {self.step_timeout:.0f} s")
+        self.last_hop_times = {s: t - sent for s, t in p.arrived.items()}
+        log.info("Client: received response for request_id %d", step)
+        return p.outputs
+
+    # -- recovery --------------------------------------------------------------------------
+    async def _recover(self, failure: _StepFailure, step: int) -> None:
+        t0 = time.perf_counter()
+        if failure.blame is not None:
+            self.swarm.ban(failure.blame, failure.why)
+        old = list(self.route)
+        for _ in range(self.max_recoveries + 1):
+            route = await self.swarm.find_route(
+                self.start, self.stop, min_cache_tokens=0, prefer=[_key(o) for o in old],
+            )
+            old_keys = {_key(o) for o in old}
+            new_hops = [o for o in route if _key(o) not in old_keys]
+            try:
+                bad = await self._open_hops(route, new_hops)
+                if bad is None:
+                    await self._relink(route, old_keys)
+                    await self._replay(route, new_hops, step)
+            except _StepFailure as exc:
+                bad = exc.blame
+                if bad is not None:
+                    self.swarm.ban(bad, exc.why)
+            if bad is None:
+                break
+            if bad not in self.swarm.banned:
+                self.swarm.ban(bad, "refused the session during recovery")
+        else:
+            raise SessionFailed(f"could not recover from: {failure.why}")
+        self.route = route
+        gone = [o for o in old if _key(o) not in {_key(r) for r in route}]
+        with trio.move_on_after(2):
+            await self._close_hops([o for o in gone if o.peer not in self.swarm.banned])
+        elapsed = time.perf_counter() - t0
+        self.recoveries.append({"step": step, "blamed": str(failure.blame) if failure.blame else None,
+                                "why": failure.why, "replaced": [o.describe() for o in new_hops],
+                                "seconds": round(elapsed, 3)})
+        log.warning("Client: recovered at step %d in %.2f s: new route [%s]", step, elapsed,
+                    ", ".join(o.describe() for o in route))
+
+    async def _relink(self, route: list[SpanOption], old_keys: set[tuple[PeerID, int, int]]) -> None:
+        """Point kept hops at their new successors."""
+        for i, o in enumerate(route):
+            if _key(o) not in old_keys:
+                continue
+            nxt = route[i + 1] if i + 1 < len(route) else None
+            prev_next = next((self.route[j + 1] if j + 1 < len(self.route) else None
+                              for j, r in enumerate(self.route) if _key(r) == _key(o)), None)
+            if (nxt and _key(nxt)) == (prev_next and _key(prev_next)):
+                continue
+            meta = self._open_meta(o, nxt)
+            try:
+                await self.swarm.call(o, wire.SET_NEXT, {"sid": self.sid, **({"next": meta["next"]} if nxt else {})})
+            except PymeshError as exc:
+                raise _StepFailure(o.peer, f"set_next failed: {exc}") from None
+
+    async def _replay(self, route: list[SpanOption], new_hops: list[SpanOption], upto: int) -> None:
+        """Rebuild the caches of new hops: their stored inputs, one call per original step."""
+        from pymesh.net.tensors import blob_to_tensor, tensor_to_blob
+
+        for o in route:
+            if o not in new_hops or upto == 0:
+                continue
+            inputs = self.history.get(o.start)
+            if inputs is None or len(inputs) < upto:
+                raise SessionFailed(f"no stored inputs for block {o.start}: cannot replay onto {o.describe()}")
+            outputs = []
+            for k in range(upto):
+                pos, _seq = self.shapes[k]
+                try:
+                    _meta, tensors = await self.swarm.call(
+                        o, wire.FORWARD, {"sid": self.sid, "step": k, "pos": pos}, [tensor_to_blob(inputs[k])],
+                        timeout=self.step_timeout)
+                except PymeshError as exc:
+                    raise _StepFailure(o.peer, f"replay of step {k} failed: {exc}") from None
+                outputs.append(blob_to_tensor(tensors[0]))
+            if o is not route[-1]:
+                self.history[o.stop] = outputs
+            log.info("Client: replayed %d step(s) onto %s", upto, o.describe())

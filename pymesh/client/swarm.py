@@ -1,0 +1,192 @@
+"""The client's view of the swarm: its transport node, its DHT node, discovery and bans.
+
+:class:`Swarm` is what an inference session talks through. It reads worker records
+from the DHT, measures round-trip times (``pm.info``), bans workers that failed for a
+while, and routes the pushes workers send back (``pm.out``, ``pm.err``) to the
+session they belong to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Protocol, Sequence
+
+import trio
+
+from pymesh.errors import ConfigError, PeerUnavailable, PymeshError
+from pymesh.client.routing import NoRouteError, SpanOption, choose_route
+from pymesh.proto.addr import parse_addr
+from pymesh.proto.identity import Identity, PeerID
+from pymesh.worker import wire
+
+log = logging.getLogger(__name__)
+
+
+def env_float(name: str, default: float) -> float:
+    text = os.environ.get(name, "")
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} is not a number") from None
+
+
+class PushSink(Protocol):
+    def on_push(self, peer: PeerID, topic: str, meta: dict[str, Any], tensors: list[Any]) -> None: ...
+
+
+class Swarm:
+    """Transport + DHT for a client; use as ``async with Swarm(...) as swarm``."""
+
+    def __init__(
+        self,
+        bootstrap: Sequence[str],
+        model_id: str,
+        *,
+        transport: str = "quic",
+        identity: Identity | None = None,
+        dht_port: int = 0,
+    ) -> None:
+        if transport not in ("quic", "tcp"):
+            raise ConfigError(f"--transport {transport!r}: choose quic or tcp")
+        if not bootstrap:
+            raise ConfigError("give at least one --bootstrap address (HOST:PORT of a bootstrap node)")
+        self.bootstrap = [parse_addr(b) for b in bootstrap]
+        self.model_id = model_id
+        self.transport = transport
+        self.identity = identity or Identity.generate()
+        self.dht_port = dht_port
+        self.ban_seconds = env_float("PYMESH_BAN_SECONDS", 60.0)
+        self.discovery_timeout = env_float("PYMESH_DISCOVERY_TIMEOUT", 20.0)
+        self.rpc_timeout = env_float("PYMESH_CLIENT_RPC_TIMEOUT", 10.0)
+        self.banned: dict[PeerID, float] = {}
+        self.rtt_ms: dict[PeerID, float] = {}
+        self.sinks: dict[bytes, PushSink] = {}
+        self.node: Any = None
+        self.dht: Any = None
+        self._stack: Any = None
+
+    async def __aenter__(self) -> "Swarm":
+        from contextlib import AsyncExitStack
+
+        from pymesh.net.dht import DHTNode
+        from pymesh.net.rpc import RpcNode
+
+        self._stack = AsyncExitStack()
+        await self._stack.__aenter__()
+        try:
+            self.node = RpcNode(self.identity, transport=self.transport)
+            await self._stack.enter_async_context(self.node)
+            self.node.on_push(wire.OUT, self._on_push(wire.OUT))
+            self.node.on_push(wire.ERR, self._on_push(wire.ERR))
+            self.dht = DHTNode(self.identity, host="0.0.0.0", port=self.dht_port, bootstrap=self.bootstrap)
+            await self._stack.enter_async_context(self.dht)
+        except BaseException:
+            await self._stack.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.__aexit__(*exc)
+
+    def _on_push(self, topic: str) -> Any:
+        async def handler(conn: Any, meta: dict[str, Any], tensors: list[Any]) -> None:
+            sid = meta.get("sid")
+            sink = self.sinks.get(sid) if isinstance(sid, bytes) else None
+            if sink is None:
+                log.debug("push %s for an unknown session from %s dropped", topic, conn.peer.short())
+                return
+            sink.on_push(conn.peer, topic, meta, tensors)
+
+        return handler
+
+    # -- bans ------------------------------------------------------------------------------
+    def ban(self, peer: PeerID, why: str) -> None:
+        log.warning("Client: banning worker %s for %.0f s: %s", peer.short(), self.ban_seconds, why)
+        self.banned[peer] = time.monotonic() + self.ban_seconds
+
+    def current_bans(self) -> set[PeerID]:
+        now = time.monotonic()
+        for p in [p for p, until in self.banned.items() if until <= now]:
+            del self.banned[p]
+        return set(self.banned)
+
+    # -- discovery -------------------------------------------------------------------------
+    async def records(self) -> list[Any]:
+        with trio.move_on_after(max(self.rpc_timeout, 5.0)):
+            return list(await self.dht.find_model_records(self.model_id))
+        log.warning("Client: DHT lookup for %s timed out", self.model_id)
+        return []
+
+    def options_from(self, records: Sequence[Any]) -> list[SpanOption]:
+        out = []
+        for r in records:
+            if r.state != "online" or self.transport not in r.transports:
+                continue
+            out.append(SpanOption(r.peer_id, r.start, r.stop, r.host, r.port, tuple(r.transports),
+                                  r.block_ms, r.cache_tokens_free))
+        return out
+
+    async def find_route(
+        self,
+        start: int,
+        stop: int,
+        *,
+        min_cache_tokens: int = 0,
+        prefer: Sequence[tuple[PeerID, int, int]] = (),
+        exclude: Sequence[PeerID] = (),
+    ) -> list[SpanOption]:
+        """Discover workers and choose the fastest chain for ``[start, stop)``.
+
+        Retries while blocks are missing (workers may be joining) for at most
+        ``PYMESH_DISCOVERY_TIMEOUT`` seconds, then raises :class:`NoRouteError`
+        naming the first layer nobody serves.
+        """
+        deadline = trio.current_time() + self.discovery_timeout
+        delay = 0.2
+        while True:
+            options = self.options_from(await self.records())
+            await self.measure_rtts([o for o in options if o.peer not in self.rtt_ms])
+            banned = self.current_bans() | set(exclude)
+            try:
+                return choose_route(options, start, stop, rtt_ms=self.rtt_ms, banned=banned,
+                                    min_cache_tokens=min_cache_tokens, prefer=prefer)
+            except NoRouteError as exc:
+                if trio.current_time() + delay > deadline:
+                    raise NoRouteError(f"{exc} (gave up after {self.discovery_timeout:.0f} s)",
+                                       exc.missing_block) from None
+                log.info("Client: %s; retrying", exc)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
+        async def one(o: SpanOption) -> None:
+            t0 = time.perf_counter()
+            try:
+                with trio.fail_after(min(self.rpc_timeout, 5.0)):
+                    conn = await self.connect(o)
+                    await conn.call(wire.INFO, {})
+                self.rtt_ms[o.peer] = (time.perf_counter() - t0) * 1000.0
+            except (PymeshError, trio.TooSlowError, OSError) as exc:
+                self.ban(o.peer, f"unreachable at {o.host}:{o.port}: {exc}")
+
+        seen: set[PeerID] = set()
+        async with trio.open_nursery() as nursery:
+            for o in options:
+                if o.peer not in seen:
+                    seen.add(o.peer)
+                    nursery.start_soon(one, o)
+
+    async def connect(self, option: SpanOption) -> Any:
+        return await self.node.connect(option.host, option.port, option.peer)
+
+    async def call(self, option: SpanOption, method: str, meta: dict[str, Any], tensors: Sequence[Any] = (),
+                   *, timeout: float | None = None) -> tuple[dict[str, Any], list[Any]]:
+        t = timeout if timeout is not None else self.rpc_timeout
+        try:
+            with trio.fail_after(t):
+                conn = await self.connect(option)
+                return await conn.call(method, meta, tensors, timeout=t)
+        except trio.TooSlowError:
+            raise PeerUnavailable(f"worker {option.peer.short()} did not answer {method} within {t:.0f} s") from None

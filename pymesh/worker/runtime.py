@@ -1,0 +1,166 @@
+"""The compute side of a worker: a span of blocks (or the echo stand-in) and its thread.
+
+Model compute never runs on the event loop: :meth:`Runtime.run` hands a function to
+``trio.to_thread.run_sync`` under a FIFO lock, so one forward pass runs at a time
+per device while the node keeps answering the DHT, pings and other RPCs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import trio
+
+from pymesh.errors import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count (before the first forward pass); returns it.
+
+    Default: ``PYMESH_THREADS`` or every core. A pipeline runs one hop at a time, so a
+    single local swarm rarely has two workers computing at once; tests that run
+    several swarms at once set ``PYMESH_THREADS=1``.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    if threads is None or threads <= 0:
+        env = os.environ.get("PYMESH_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def parse_dtype(name: str) -> Any:
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ConfigError(f"--dtype {name!r} is not supported; use float32, float16 or bfloat16")
+    return table[name]
+
+
+class EchoSpan:
+    """Echo mode: serves ``[start, stop)`` without weights and returns its input."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+        self.config = None
+
+    def new_cache(self, max_tokens: int, batch: int = 1) -> None:
+        return None
+
+    def cache_bytes_per_token(self) -> int:
+        return 0
+
+    def forward(self, hidden: Any, cache: Any, start_pos: int) -> Any:
+        return hidden
+
+
+@dataclass
+class Throughput:
+    block_ms: float
+    tokens_per_s: float
+
+
+class Runtime:
+    """A loaded span plus the lock that serialises compute on its device."""
+
+    def __init__(self, span: Any, *, device: str = "cpu", dtype_name: str = "float32") -> None:
+        self.span = span
+        self.device = device
+        self.dtype_name = dtype_name
+        self._lock = trio.Lock()
+        self.echo = isinstance(span, EchoSpan)
+
+    @property
+    def start(self) -> int:
+        return int(self.span.start)
+
+    @property
+    def stop(self) -> int:
+        return int(self.span.stop)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the device's compute thread (one at a time, in arrival order)."""
+        if self.echo:
+            return fn()
+        async with self._lock:
+            return await trio.to_thread.run_sync(fn)
+
+    def new_cache(self, max_tokens: int, batch: int) -> Any:
+        return self.span.new_cache(max_tokens, batch)
+
+    def forward(self, hidden: Any, cache: Any, start_pos: int) -> Any:
+        if self.echo:
+            return hidden
+        import torch
+
+        with torch.inference_mode():
+            x = hidden.to(device=self.span.device, dtype=self.span.dtype)
+            out = self.span.forward(x, cache, start_pos)
+            return out.to("cpu").contiguous()
+
+    def measure_throughput(self, steps: int = 8) -> Throughput:
+        """Time decode steps (one token, growing cache) on this span; runs in the caller's thread."""
+        override = os.environ.get("PYMESH_THROUGHPUT", "")
+        n_blocks = max(self.stop - self.start, 1)
+        if override:
+            tps = float(override)
+            return Throughput(1000.0 / tps / n_blocks, tps)
+        if self.echo or os.environ.get("PYMESH_SKIP_THROUGHPUT") == "1":
+            return Throughput(1.0, 1000.0 / n_blocks)
+        import torch
+
+        hidden_size = self.span.config.hidden_size
+        cache = self.span.new_cache(steps + 2, 1)
+        x = torch.randn(1, 1, hidden_size, generator=torch.Generator().manual_seed(0))
+        self.forward(x, cache, 0)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(steps):
+            self.forward(x, cache, i + 1)
+        per_step = (time.perf_counter() - t0) / steps
+        return Throughput(per_step * 1000.0 / n_blocks, 1.0 / max(per_step, 1e-9))
+
+
+def load_runtime(
+    model_path: str | None,
+    start: int,
+    stop: int,
+    *,
+    device: str,
+    dtype_name: str,
+    progress: bool = False,
+) -> Runtime:
+    """Load blocks ``[start, stop)`` from ``model_path`` (or echo mode without one)."""
+    if model_path is None:
+        return Runtime(EchoSpan(start, stop), device=device, dtype_name=dtype_name)
+    from pymesh.model.span import load_span
+
+    t0 = time.perf_counter()
+    span = load_span(Path(model_path), start, stop, device=device, dtype=parse_dtype(dtype_name),
+                     progress=progress)
+    log.info("loaded blocks %d-%d from %s in %.1f s", start, stop - 1, model_path, time.perf_counter() - t0)
+    return Runtime(span, device=device, dtype_name=dtype_name)
+
+
+def block_bytes(model_path: str, dtype_name: str) -> tuple[int, int, int]:
+    """(bytes per block, KV-cache bytes per token per block, number of blocks) from config.json."""
+    from pymesh.model.config import load_config
+    from pymesh.worker.placement import block_parameter_count
+
+    cfg = load_config(Path(model_path))
+    elem = 4 if parse_dtype(dtype_name).itemsize == 4 else 2
+    params = block_parameter_count(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                                   cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias)
+    kv = 2 * cfg.num_key_value_heads * cfg.head_dim * elem
+    return params * elem, kv, cfg.num_hidden_layers

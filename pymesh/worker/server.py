@@ -1,0 +1,265 @@
+"""A worker process: transport node + DHT node + span runtime + announcements.
+
+Life of a worker: bind the transport (``--port``) and the DHT (``--dht-port``, default
+port+1), choose its blocks (``--layers`` or automatic placement from the swarm's
+records), announce them as "joining", load them, measure throughput, announce
+"online", then refresh its record on a heartbeat until Ctrl-C/SIGTERM, when it
+announces "offline" and exits. Without ``--layers`` it re-reads the swarm now and then
+and moves when that clearly helps (blocks nobody serves, or a much better bottleneck).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pymesh.errors import ConfigError
+from pymesh.proto.addr import parse_addr
+from pymesh.proto.identity import Identity, PeerID, default_identity_path
+from pymesh.worker import placement
+from pymesh.worker.runtime import Runtime, Throughput, block_bytes, load_runtime
+from pymesh.worker.sessions import SessionTable
+
+log = logging.getLogger(__name__)
+
+
+def _env_float(name: str, default: float) -> float:
+    text = os.environ.get(name, "")
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} is not a number") from None
+
+
+@dataclass
+class WorkerOptions:
+    bootstrap: list[str]
+    layers: tuple[int, int] | None = None          # [start, stop)
+    model_path: str | None = None
+    model_name: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    host: str = "0.0.0.0"
+    port: int = 0
+    dht_port: int | None = None
+    announce_addr: str | None = None
+    transport: str = "quic"
+    cache_tokens: int = 8192
+    identity: str | None = None
+    threads: int | None = None
+    max_blocks: int | None = None
+    num_layers: int | None = None                  # echo mode without --layers
+    session_idle: float = field(default_factory=lambda: _env_float("PYMESH_SESSION_IDLE", 300.0))
+    rebalance_period: float = field(default_factory=lambda: _env_float("PYMESH_REBALANCE_PERIOD", 120.0))
+    progress: bool = False
+
+
+class Worker:
+    def __init__(self, opts: WorkerOptions) -> None:
+        self.opts = opts
+        ident_path = opts.identity or default_identity_path(f"worker-{opts.port or 'any'}")
+        self.identity = Identity.load_or_create(ident_path)
+        self.peer_id: PeerID = self.identity.peer_id
+        self.model_id = self._model_id()
+        self.num_blocks: int | None = opts.num_layers
+        self.throughput = Throughput(1.0, 1.0)
+        self.service: Any = None
+        self.dht: Any = None
+        self.nodes: dict[str, Any] = {}
+        self.port = opts.port
+        self.state = "joining"
+        self.stopping = trio.Event()
+
+    def _model_id(self) -> str:
+        if self.opts.model_path is None:
+            return self.opts.model_name or "echo"
+        from pymesh.model.fingerprint import model_id
+
+        return model_id(Path(self.opts.model_path), self.opts.model_name)
+
+    # -- records ---------------------------------------------------------------------------
+    def record(self, state: str) -> Any:
+        from pymesh.proto.records import WorkerRecord
+
+        rt: Runtime = self.service.runtime
+        host = self.opts.announce_addr or (self.opts.host if self.opts.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
+        return WorkerRecord(
+            peer_id=self.peer_id, model_id=self.model_id, start=rt.start, stop=rt.stop, host=host,
+            port=self.port, transports=tuple(self.nodes), state=state,
+            block_ms=self.throughput.block_ms, tokens_per_s=self.throughput.tokens_per_s,
+            cache_tokens_free=self.service.table.free_tokens,
+            cache_tokens_total=self.service.table.budget_tokens,
+            sessions=len(self.service.table.sessions),
+        ).signed(self.identity)
+
+    async def announce(self, state: str) -> None:
+        self.state = state
+        self.service.state = state
+        try:
+            with trio.move_on_after(10):
+                stored = await self.dht.publish_record(self.record(state))
+                log.debug("record (%s) stored on %d DHT nodes", state, stored)
+        except Exception as exc:  # the heartbeat retries; a publish failure must not kill us
+            log.warning("announcing %s failed: %s", state, exc)
+
+    # -- placement -------------------------------------------------------------------------
+    async def _others(self) -> list[placement.Announced]:
+        with trio.move_on_after(10):
+            recs = await self.dht.find_model_records(self.model_id)
+            return [placement.Announced(r.start, r.stop, r.tokens_per_s)
+                    for r in recs if r.peer_id != self.peer_id and r.state != "offline"]
+        log.warning("reading the swarm's records timed out; assuming an empty swarm")
+        return []
+
+    def _how_many_blocks(self) -> int:
+        assert self.opts.model_path is not None and self.num_blocks is not None
+        per_block, kv_per_token_block, n = block_bytes(self.opts.model_path, self.opts.dtype)
+        env_cap = os.environ.get("PYMESH_MAX_BLOCKS", "")
+        cap = self.opts.max_blocks or (int(env_cap) if env_cap.isdigit() else None)
+        avail = placement.available_memory_bytes(self.opts.device)
+        cache = self.opts.cache_tokens * kv_per_token_block
+        count = placement.blocks_that_fit(avail, per_block + cache, 0, 256 << 20, n, max_blocks=cap)
+        log.info("%.1f GiB available: room for %d of %d blocks", avail / 2**30, count, n)
+        return count
+
+    async def _choose_span(self) -> tuple[int, int]:
+        if self.opts.layers is not None:
+            return self.opts.layers
+        if self.num_blocks is None:
+            raise ConfigError("echo mode without --layers needs --num-layers to place itself")
+        length = self._how_many_blocks() if self.opts.model_path else min(self.opts.max_blocks or self.num_blocks, self.num_blocks)
+        start = placement.choose_start(self.num_blocks, length, await self._others())
+        return start, start + length
+
+    async def _load(self, start: int, stop: int) -> Runtime:
+        opts = self.opts
+        rt = await trio.to_thread.run_sync(
+            lambda: load_runtime(opts.model_path, start, stop, device=opts.device, dtype_name=opts.dtype,
+                                 progress=opts.progress))
+        self.throughput = await trio.to_thread.run_sync(rt.measure_throughput)
+        log.info("throughput: %.2f ms per block per token, %.1f tokens/s for the span",
+                 self.throughput.block_ms, self.throughput.tokens_per_s)
+        return rt
+
+    async def _rebalance_loop(self) -> None:
+        assert self.num_blocks is not None
+        while True:
+            await trio.sleep(self.opts.rebalance_period * random.uniform(0.8, 1.2))
+            rt: Runtime = self.service.runtime
+            mine = placement.Announced(rt.start, rt.stop, self.throughput.tokens_per_s)
+            decision = placement.should_move(self.num_blocks, mine, await self._others())
+            if not decision.move:
+                continue
+            # Random delay, then look again: two workers seeing the same gap should not both move.
+            await trio.sleep(random.uniform(0.0, self.opts.rebalance_period / 2))
+            decision = placement.should_move(self.num_blocks, mine, await self._others())
+            if not decision.move:
+                continue
+            new = (decision.new_start, decision.new_start + rt.stop - rt.start)
+            log.info("Worker moving from layers %d-%d to %d-%d: %s", rt.start, rt.stop - 1, new[0],
+                     new[1] - 1, decision.reason)
+            log.info("Worker announcing layers %d-%d", new[0], new[1] - 1)
+            await self.announce("offline")
+            runtime = await self._load(*new)
+            dropped = self.service.swap_runtime(runtime)
+            if dropped:
+                log.info("dropped %d session(s) on the old span; their clients recover elsewhere", dropped)
+            await self.announce("online")
+
+    # -- main ------------------------------------------------------------------------------
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from pymesh.net.dht import DHTNode
+        from pymesh.net.rpc import RpcNode
+        from pymesh.worker.service import WorkerService
+
+        opts = self.opts
+        boots = [parse_addr(b) for b in opts.bootstrap]
+        transports = ["quic", "tcp"] if opts.transport == "both" else [opts.transport]
+        if opts.model_path is not None:
+            from pymesh.model.config import load_config
+
+            cfg = load_config(Path(opts.model_path))
+            self.num_blocks = cfg.num_hidden_layers
+            hidden: int | None = cfg.hidden_size
+            if opts.layers is not None and opts.layers[1] > cfg.num_hidden_layers:
+                raise ConfigError(f"--layers {opts.layers[0]}-{opts.layers[1] - 1}: the model has only "
+                                  f"{cfg.num_hidden_layers} layers (0-{cfg.num_hidden_layers - 1})")
+        else:
+            hidden = None
+        async with trio.open_nursery() as nursery:
+            for t in transports:
+                node = RpcNode(self.identity, transport=t)
+                await nursery.start(_run_node, node)
+                self.port = await node.listen(opts.host, self.port)
+                self.nodes[t] = node
+            dht_port = opts.dht_port if opts.dht_port is not None else (self.port + 1 if self.port else 0)
+            self.dht = DHTNode(self.identity, host=opts.host, port=dht_port, bootstrap=boots)
+            await nursery.start(_run_node, self.dht)
+            log.info("worker %s: transport %s on port %d, DHT on UDP %d", self.peer_id, "+".join(transports),
+                     self.port, self.dht.port)
+            start, stop = await self._choose_span()
+            log.info("Worker announcing layers %d-%d", start, stop - 1)
+            table = SessionTable(opts.cache_tokens, opts.session_idle)
+            self.service = WorkerService(
+                load_runtime(None, start, stop, device=opts.device, dtype_name=opts.dtype), table,
+                model_id=self.model_id, peer_text=self.peer_id.to_text(), dial=self._dial, hidden_size=hidden)
+            for node in self.nodes.values():
+                self.service.register(node)
+            await nursery.start(self.service.run)
+            await self.announce("joining")
+            runtime = await self._load(start, stop)
+            self.service.swap_runtime(runtime)
+            await self.announce("online")
+            log.info("Worker bootstrapped: %s serves %s layers %d-%d", self.peer_id.short(), self.model_id,
+                     start, stop - 1)
+            nursery.start_soon(self._heartbeat)
+            if opts.layers is None:
+                nursery.start_soon(self._rebalance_loop)
+            task_status.started(self)
+            await self.stopping.wait()
+            log.info("worker stopping: announcing offline")
+            with trio.move_on_after(5):
+                await self.announce("offline")
+            nursery.cancel_scope.cancel()
+
+    async def _dial(self, transport: str, host: str, port: int, peer: PeerID) -> Any:
+        node = self.nodes.get(transport) or next(iter(self.nodes.values()))
+        return await node.connect(host, port, peer)
+
+    async def _heartbeat(self) -> None:
+        from pymesh.net.dht import DHTConfig
+
+        period = DHTConfig().heartbeat
+        while True:
+            await trio.sleep(period)
+            await self.announce(self.state)
+
+
+async def _run_node(node: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Enter an async-context-managed node and keep it open until cancelled."""
+    async with node:
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def run_worker(opts: WorkerOptions) -> None:
+    """Serve until SIGINT/SIGTERM, then announce offline and return."""
+    worker = Worker(opts)
+    async with trio.open_nursery() as nursery:
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for sig in signals:
+                    log.info("received %s", signal.Signals(sig).name)
+                    worker.stopping.set()
+                    return
+
+        nursery.start_soon(watch_signals)
+        await worker.serve()
+        nursery.cancel_scope.cancel()
