@@ -49,8 +49,17 @@ def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     """Token ids of ``prompt``, through the model's chat template when ``chat``."""
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return list(tokenizer.encode(prompt))
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    else:
+        ids = list(tokenizer.encode(prompt))
+    if not ids:
+        raise ConfigError("the prompt encodes to no tokens; give a non-empty --prompt")
+    return ids
+
+
+def eos_ids(config: ModelConfig, tokenizer: Any | None) -> list[int]:
+    """End-of-sequence ids: the config's and the tokenizer's, merged."""
+    return sorted(set(config.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", None) or []))
 
 
 class LocalModel:
@@ -115,17 +124,18 @@ def generate(model_dir: str | Path, prompt: str | Sequence[int], *, chat: bool =
         ids = prompt_ids(tokenizer, prompt, chat)
     else:
         ids = [int(i) for i in prompt]
-    eos = sorted(set(model.config.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", []) or []))
     stop_check = make_stop_check(tokenizer, params.stop) if params.stop else None
-    yield from model.generate_ids(ids, params, eos_ids=eos, stop_check=stop_check)
+    yield from model.generate_ids(ids, params, eos_ids=eos_ids(model.config, tokenizer), stop_check=stop_check)
 
 
 def make_stop_check(tokenizer: Any, stop: Sequence[str]) -> Callable[[list[int]], bool]:
     """A predicate: has any stop string appeared in the decoded generated text?"""
     stops = list(stop)
+    # A character takes at most 4 byte-level tokens, so this tail of tokens holds any stop string.
+    tail = 4 * max(len(s) for s in stops) + 8
 
     def check(generated: list[int]) -> bool:
-        text = tokenizer.decode(generated)
+        text = tokenizer.decode(generated[-tail:])
         return any(s in text for s in stops)
 
     return check

@@ -1,0 +1,81 @@
+"""``pymesh generate``: single-process generation, the baseline the swarm is measured against.
+
+Streams text to stdout as it is generated; with ``--json`` prints one object with
+keys tokens, text, prompt_tokens, prefill_s, decode_tokens_per_s instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("pymesh.generate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pymesh.model.sampling import add_sampling_arguments
+
+    parser.add_argument("--model-path", required=True, metavar="DIR",
+                        help="Hugging Face model folder (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--max-tokens", type=int, default=64, help="most new tokens to generate (default 64)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: $PYMESH_THREADS or every core this process may use)")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary instead of streaming text")
+    add_sampling_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from pymesh.model.generate import LocalModel, eos_ids, make_stop_check, prompt_ids, set_threads
+    from pymesh.model.sampling import StopText, sampling_params_from_args
+    from pymesh.model.tokenizer import load_tokenizer
+
+    threads = args.threads
+    if threads is None and os.environ.get("PYMESH_THREADS"):
+        threads = int(os.environ["PYMESH_THREADS"])
+    set_threads(threads)
+    params = sampling_params_from_args(args)
+    tokenizer = load_tokenizer(args.model_path)
+    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+    model = LocalModel.load(args.model_path, device=args.device, dtype=args.dtype, progress=not args.json)
+    log.info("prompt: %d tokens; generating up to %d", len(ids), params.max_new_tokens)
+    stop_check = make_stop_check(tokenizer, params.stop) if params.stop else None
+    decoder = tokenizer.stream_decoder()
+    stop_text = StopText(params.stop)
+    tokens: list[int] = []
+    out = sys.stdout
+    t0 = time.perf_counter()
+    t_first = t_last = t0
+    for token in model.generate_ids(ids, params, eos_ids=eos_ids(model.config, tokenizer), stop_check=stop_check):
+        t_last = time.perf_counter()
+        if not tokens:
+            t_first = t_last
+        tokens.append(token)
+        if not args.json:
+            out.write(stop_text.push(decoder.push(token)))
+            out.flush()
+    tail = stop_text.push(decoder.flush()) + stop_text.flush()
+    prefill_s = t_first - t0
+    decode_rate = (len(tokens) - 1) / (t_last - t_first) if len(tokens) > 1 and t_last > t_first else 0.0
+    if args.json:
+        text = tokenizer.decode(tokens)
+        for s in params.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        json.dump({"tokens": tokens, "text": text, "prompt_tokens": len(ids), "prefill_s": round(prefill_s, 4),
+                   "decode_tokens_per_s": round(decode_rate, 2)}, out)
+        out.write("\n")
+    else:
+        out.write(tail + "\n")
+        out.flush()
+    log.info("%d prompt tokens, prefill %.3f s, %d new tokens at %.1f tokens/s",
+             len(ids), prefill_s, len(tokens), decode_rate)
+    return 0
