@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RECV_BATCH = 512
 SEND_CHUNK = 256 * 1024
+COALESCE = 64 * 1024
 CID_LENGTH = 8
 MAX_PENDING_HANDSHAKES = 256
 SOCKET_BUFFER = 8 * 1024 * 1024
@@ -313,6 +314,15 @@ class QuicDriver:
             chunk = view[off:off + SEND_CHUNK]
             self.quic.send_stream_data(stream.sid, chunk, end and off + len(chunk) == len(view))  # type: ignore[arg-type]
             self.after_io()
+
+    async def send_frame(self, stream: QStream, head: bytes, payloads: list[memoryview]) -> None:
+        """Send one whole frame and end the stream; small frames go out as one write."""
+        if sum(len(p) for p in payloads) <= COALESCE:
+            await self.send(stream, b"".join([head, *payloads]), end=True)
+            return
+        await self.send(stream, head, end=False)
+        for i, p in enumerate(payloads):
+            await self.send(stream, p, end=i == len(payloads) - 1)
 
     def _check_send(self, stream: QStream) -> None:
         if self.terminated is not None:

@@ -1,0 +1,105 @@
+"""Frame codec: round trips, caps checked before allocation, fuzzed decoders."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pymesh.errors import RemoteProtocolError
+from pymesh.net.frames import (
+    HEADER, MAGIC, FrameError, FrameLimits, FrameType, TensorBlob, decode_frame_untrusted,
+    decode_header_untrusted, encode_frame,
+)
+
+LIMITS = FrameLimits(max_meta_bytes=4096, max_frame_bytes=1 << 20, max_tensors=4, max_dims=4)
+
+
+def test_round_trip_with_tensors_and_meta() -> None:
+    a = TensorBlob("float32", (2, 3), memoryview(bytes(range(24))))
+    b = TensorBlob("bfloat16", (0,), memoryview(b""))
+    data = encode_frame(FrameType.CALL, 7, name="forward", meta={"session": b"\x00\xff", "step": 3,
+                                                                  "nested": {"k": [1, b"x"]}}, tensors=[a, b])
+    frame = decode_frame_untrusted(data, LIMITS)
+    assert frame.type == FrameType.CALL and frame.request_id == 7
+    assert frame.envelope.name == "forward"
+    assert frame.envelope.meta == {"session": b"\x00\xff", "step": 3, "nested": {"k": [1, b"x"]}}
+    assert [(t.dtype, t.shape) for t in frame.tensors] == [("float32", (2, 3)), ("bfloat16", (0,))]
+    assert bytes(frame.tensors[0].data) == bytes(range(24))
+
+
+def test_error_frame_carries_code_and_message() -> None:
+    frame = decode_frame_untrusted(encode_frame(FrameType.ERROR, 1, code="busy", message="try later"), LIMITS)
+    assert (frame.envelope.code, frame.envelope.message) == ("busy", "try later")
+
+
+def test_blob_checks_its_size() -> None:
+    with pytest.raises(ValueError, match="needs 8 bytes"):
+        TensorBlob("float32", (2,), memoryview(b"1234"))
+    with pytest.raises(ValueError, match="unsupported"):
+        TensorBlob("complex64", (1,), memoryview(b"12345678"))
+
+
+def test_four_gigabyte_announcement_is_rejected_from_the_header_alone() -> None:
+    head = HEADER.pack(MAGIC, 1, FrameType.CALL, 0, 1, 10, 4 << 30)
+    with pytest.raises(FrameError, match="exceeds the cap"):
+        decode_header_untrusted(head, LIMITS)
+
+
+def test_oversized_metadata_is_rejected() -> None:
+    head = HEADER.pack(MAGIC, 1, FrameType.CALL, 0, 1, 1 << 30, 0)
+    with pytest.raises(FrameError, match="metadata"):
+        decode_header_untrusted(head, LIMITS)
+
+
+def test_tensor_specs_must_match_payload_and_caps() -> None:
+    blob = TensorBlob("uint8", (4,), memoryview(b"abcd"))
+    good = encode_frame(FrameType.REPLY, 1, tensors=[blob])
+    # Header says 5 payload bytes, spec says 4.
+    bad = bytearray(good)
+    struct.pack_into("<Q", bad, 20, 5)
+    with pytest.raises(FrameError):
+        decode_frame_untrusted(bytes(bad) + b"e", LIMITS)
+    many = [TensorBlob("uint8", (1,), memoryview(b"a"))] * 5
+    with pytest.raises(FrameError, match="cap"):
+        decode_frame_untrusted(encode_frame(FrameType.REPLY, 1, tensors=many), LIMITS)
+    deep = TensorBlob("uint8", (1, 1, 1, 1, 1), memoryview(b"a"))
+    with pytest.raises(FrameError, match="dimensions"):
+        decode_frame_untrusted(encode_frame(FrameType.REPLY, 1, tensors=[deep]), LIMITS)
+
+
+def test_truncated_frame_and_bad_magic() -> None:
+    data = encode_frame(FrameType.PUSH, 0, name="t", tensors=[TensorBlob("uint8", (8,), memoryview(b"x" * 8))])
+    for cut in (0, 5, len(data) - 1):
+        with pytest.raises(FrameError):
+            decode_frame_untrusted(data[:cut], LIMITS)
+    with pytest.raises(FrameError, match="magic"):
+        decode_frame_untrusted(b"HTTP" + data[4:], LIMITS)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes_raise_only_frame_error(data: bytes) -> None:
+    try:
+        decode_frame_untrusted(data, LIMITS)
+    except FrameError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_frames(data: st.DataObject) -> None:
+    blob = TensorBlob("int32", (2, 2), memoryview(bytes(16)))
+    frame = bytearray(encode_frame(FrameType.CALL, 3, name="m", meta={"a": [1, 2], "b": b"x"}, tensors=[blob]))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(frame) - 1))
+        frame[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(frame)))
+    try:
+        decoded = decode_frame_untrusted(bytes(frame[:cut]), LIMITS)
+    except RemoteProtocolError as exc:
+        assert isinstance(exc, FrameError)
+    else:
+        assert sum(t.nbytes for t in decoded.tensors) <= LIMITS.max_frame_bytes

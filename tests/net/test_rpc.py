@@ -1,0 +1,182 @@
+"""RPC over QUIC, TCP+TLS and plaintext TCP on loopback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+
+from pymesh.errors import PeerUnavailable
+from pymesh.net.frames import Meta, TensorBlob
+from pymesh.net.rpc import CallContext, Connection, RemoteError
+from pymesh.net.tensors import blob_to_tensor, tensor_to_blob
+
+from tests.net.helpers import node_pair
+
+
+async def echo(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
+    return {"meta": meta, "caller": ctx.peer.key}, tensors
+
+
+@pytest.mark.timeout(90)
+def test_echo_sizes_byte_exact(transport: str) -> None:
+    sizes = [0, 1, 1199, 1200, 8192, 65537, 1 << 20, 16 << 20]
+
+    async def main() -> None:
+        async with node_pair(transport) as (server, client, conn):
+            server.register("echo", echo)
+            gen = torch.Generator().manual_seed(0)
+            for n in sizes:
+                x = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+                meta, out = await conn.call("echo", {"n": n}, [tensor_to_blob(x)], timeout=60)
+                assert meta["meta"] == {"n": n} and meta["caller"] == client.peer_id.key
+                assert len(out) == 1 and out[0].shape == (n,)
+                assert torch.equal(blob_to_tensor(out[0]), x), f"{n} bytes came back different"
+            # Several dtypes in one frame, bf16 included (no numpy dtype for it).
+            ts = [torch.randn(3, 5), torch.randn(7).to(torch.bfloat16), torch.arange(6).reshape(2, 3),
+                  torch.tensor([True, False])]
+            _, out = await conn.call("echo", {}, [tensor_to_blob(t) for t in ts], timeout=10)
+            for t, b in zip(ts, out):
+                assert torch.equal(blob_to_tensor(b), t)
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_and_sequential_calls(transport: str) -> None:
+    async def main() -> None:
+        async with node_pair(transport) as (server, client, conn):
+            async def slow_echo(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]):  # type: ignore[no-untyped-def]
+                await trio.sleep(0.01)
+                return meta, tensors
+            server.register("echo", slow_echo)
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                payload = bytes([i]) * (1000 + 97 * i)
+                meta, out = await conn.call("echo", {"i": i}, [TensorBlob("uint8", (len(payload),),
+                                                                          memoryview(payload))], timeout=30)
+                assert meta == {"i": i}
+                results[i] = bytes(out[0].data)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(64):
+                    nursery.start_soon(one, i)
+            assert all(results[i] == bytes([i]) * (1000 + 97 * i) for i in range(64))
+
+            server.register("echo", echo)
+            for i in range(1000):
+                meta, _ = await conn.call("echo", {"i": i}, timeout=10)
+                assert meta["meta"] == {"i": i}
+            assert not conn.closed
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_remote_errors_timeouts_and_unknown_methods(transport: str) -> None:
+    async def main() -> None:
+        async with node_pair(transport) as (server, client, conn):
+            async def refuse(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]):  # type: ignore[no-untyped-def]
+                raise RemoteError("busy", "no cache left for 512 tokens")
+
+            async def crash(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]):  # type: ignore[no-untyped-def]
+                raise ZeroDivisionError("oops")
+
+            async def hang(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]):  # type: ignore[no-untyped-def]
+                await trio.sleep_forever()
+
+            server.register("refuse", refuse)
+            server.register("crash", crash)
+            server.register("hang", hang)
+            server.register("echo", echo)
+            with pytest.raises(RemoteError) as info:
+                await conn.call("refuse", {})
+            assert (info.value.code, info.value.message) == ("busy", "no cache left for 512 tokens")
+            with pytest.raises(RemoteError) as info:
+                await conn.call("crash", {})
+            assert info.value.code == "internal" and "ZeroDivisionError" in info.value.message
+            with pytest.raises(RemoteError) as info:
+                await conn.call("nope", {})
+            assert info.value.code == "not_found"
+            with pytest.raises(PeerUnavailable, match="timed out"):
+                await conn.call("hang", {}, timeout=0.2)
+            meta, _ = await conn.call("echo", {"still": 1}, timeout=10)
+            assert meta["meta"] == {"still": 1}
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_mid_transfer_leaves_connection_usable(transport: str) -> None:
+    async def main() -> None:
+        async with node_pair(transport) as (server, client, conn):
+            server.register("echo", echo)
+            big = torch.zeros(32 << 20, dtype=torch.uint8)
+            with trio.move_on_after(0.02) as scope:
+                await conn.call("echo", {}, [tensor_to_blob(big)])
+            assert scope.cancelled_caught
+            x = torch.arange(1000, dtype=torch.int64)
+            for _ in range(3):
+                _, out = await conn.call("echo", {}, [tensor_to_blob(x)], timeout=20)
+                assert torch.equal(blob_to_tensor(out[0]), x)
+            assert not conn.closed
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_push_both_directions(transport: str) -> None:
+    async def main() -> None:
+        async with node_pair(transport) as (server, client, conn):
+            got_server: list[tuple[Meta, bytes]] = []
+            got_client: list[tuple[Meta, bytes]] = []
+            done = trio.Event()
+
+            async def at_server(c: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
+                got_server.append((meta, bytes(tensors[0].data)))
+                assert c.peer == client.peer_id
+                await c.push("result", {"step": meta["step"]}, tensors)  # push back on the same connection
+
+            async def at_client(c: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
+                got_client.append((meta, bytes(tensors[0].data)))
+                if len(got_client) == 5:
+                    done.set()
+
+            server.on_push("hidden", at_server)
+            client.on_push("result", at_client)
+            for step in range(5):
+                payload = bytes([step]) * 5000
+                await conn.push("hidden", {"step": step}, [TensorBlob("uint8", (5000,), memoryview(payload))])
+            with trio.fail_after(10):
+                await done.wait()
+            assert sorted(m["step"] for m, _ in got_server) == list(range(5))  # type: ignore[type-var]
+            assert sorted((m["step"], d) for m, d in got_client) == [  # type: ignore[type-var]
+                (s, bytes([s]) * 5000) for s in range(5)]
+
+            # The server can also call the client over the client's own connection.
+            client.register("echo", echo)
+            server_conn = server.connections()[0]
+            meta, _ = await server_conn.call("echo", {"back": 1}, timeout=10)
+            assert meta["meta"] == {"back": 1} and meta["caller"] == server.peer_id.key
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(30)
+def test_connect_reuses_and_aclose(transport: str) -> None:
+    async def main() -> None:
+        async with node_pair(transport) as (server, client, conn):
+            server.register("echo", echo)
+            again = await client.connect("127.0.0.1", server.test_port, server.peer_id)  # type: ignore[attr-defined]
+            assert again is conn and conn.peer == server.peer_id
+            await conn.aclose()
+            assert conn.closed
+            with pytest.raises(PeerUnavailable):
+                await conn.call("echo", {})
+            fresh = await client.connect("127.0.0.1", server.test_port, server.peer_id)  # type: ignore[attr-defined]
+            assert fresh is not conn
+            meta, _ = await fresh.call("echo", {"x": 1}, timeout=10)
+            assert meta["meta"] == {"x": 1}
+
+    trio.run(main)
