@@ -48,6 +48,8 @@ PYBIND11_MODULE(_C, m) {
         "y = x @ weight.T + bias for 1..linear_max_rows() rows of x on CPU (GEMV)");
   m.def("linear_max_rows", &pymesh::linear_max_rows);
   m.def("linear_isa", &pymesh::linear_isa, "which GEMV code path this CPU runs");
+  m.def("linear_limit_isa", &pymesh::linear_limit_isa, arg("name"),
+        "cap the GEMV code path at avx512+avx512_bf16 (default), avx512 or generic (tests)");
   m.def("set_num_threads", &set_num_threads, arg("n"), "OpenMP threads for the CPU kernels");
   m.def("max_threads", &pymesh::max_threads);
 #ifdef _OPENMP

@@ -253,20 +253,31 @@ void run_rows_any(const Problem& p, Path path, int R, int64_t b, int64_t e) {
   }
 }
 
+// Highest code path allowed (tests lower it to cover every path on one CPU).
+int g_path_limit = 2;  // 2: avx512 + avx512_bf16, 1: avx512, 0: generic
+
 bool cpu_has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return yes;
+  return yes && g_path_limit >= 1;
 }
 bool cpu_has_avx512bf16() {
-  static const bool yes = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return yes;
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes && cpu_has_avx512() && g_path_limit >= 2;
 }
 
 }  // namespace
 
 int linear_max_rows() { return kMaxRows; }
+
+void linear_limit_isa(const std::string& name) {
+  if (name == "avx512+avx512_bf16") g_path_limit = 2;
+  else if (name == "avx512") g_path_limit = 1;
+  else if (name == "generic") g_path_limit = 0;
+  else bad_argument("linear_limit_isa: unknown path '" + name +
+                    "' (expected avx512+avx512_bf16, avx512 or generic)");
+}
 
 std::string linear_isa() {
   if (cpu_has_avx512bf16()) return "avx512+avx512_bf16";

@@ -37,6 +37,8 @@ void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, ui
                 int64_t rows, int64_t in_features, int64_t out_features, int dtype, int threads);
 int linear_max_rows();
 std::string linear_isa();
+// Caps the GEMV code path (the best the CPU has is used up to the cap): for tests.
+void linear_limit_isa(const std::string& name);
 
 #ifdef PYMESH_WITH_CUDA
 // CUDA versions: same layouts, device pointers, `stream` a cudaStream_t as an integer.

@@ -1,0 +1,85 @@
+"""The decode GEMV kernel (linear) against a float64 product and torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pymesh.model import ops
+from tests.kernels.conftest import DTYPES, randn
+
+pytestmark = pytest.mark.timeout(60)
+
+SHAPES = [(576, 576), (769, 1001), (64, 5125), (4096, 35), (17, 3), (1536, 576)]
+
+
+def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """Within float32 summation error of the exact product, plus one rounding to the dtype."""
+    ref = exact(x, w, b)
+    k = w.shape[1]
+    scale = (x.double().abs() @ w.double().abs().T).max().item()
+    rounding = {torch.float32: 0.0, torch.float16: 2**-11, torch.bfloat16: 2**-8}[y.dtype]
+    err = (y.double() - ref).abs()
+    bound = ref.abs() * rounding * 1.01 + scale * 4e-7 * k ** 0.5 + 1e-6
+    assert (err <= bound).all(), f"max error {err.max().item()} > bound"
+
+
+@pytest.fixture(params=["best", "avx512", "generic"])
+def isa(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Run each case on every code path this CPU can take."""
+    c = ops._C
+    assert c is not None
+    c.linear_limit_isa("avx512+avx512_bf16" if request.param == "best" else request.param)
+    yield request.param
+    c.linear_limit_isa("avx512+avx512_bf16")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_linear_matches_exact(rows: int, k: int, n: int, dtype: torch.dtype, isa: str) -> None:
+    x = randn(rows, k, dtype=dtype, seed=rows)
+    w = randn(n, k, dtype=dtype, seed=k + n)
+    b = randn(n, dtype=dtype, seed=3) if rows % 2 else None
+    before = ops.kernel_stats()["linear"]
+    y = ops.linear(x, w, b)
+    assert ops.kernel_stats()["linear"] == before + 1, "the GEMV kernel was not used"
+    assert y.shape == (rows, n) and y.dtype == dtype
+    check(y, x, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_3d_strided_x_and_one_thread(dtype: torch.dtype) -> None:
+    big = randn(1, 5, 900, dtype=dtype, seed=4)
+    x = big[..., 100:869]
+    w = randn(1001, 769, dtype=dtype, seed=5)
+    y = ops.linear(x, w)
+    assert y.shape == (1, 5, 1001)
+    check(y.reshape(5, 1001), x.reshape(5, 769), w, None)
+    torch.set_num_threads(1)
+    assert torch.equal(ops.linear(x, w), y), "the result must not depend on the thread count"
+
+
+def test_linear_falls_back_to_torch_outside_the_kernel_cases() -> None:
+    w = randn(64, 32, seed=6)
+    before = ops.kernel_stats()["linear"]
+    x = randn(9, 32, seed=7)  # more rows than the GEMV kernel takes
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w))
+    w_t = randn(32, 64, seed=8).t()  # a non-contiguous weight
+    torch.testing.assert_close(ops.linear(x[:2], w_t), F.linear(x[:2], w_t))
+    xi = torch.ones(2, 32, dtype=torch.float64)  # a dtype the kernel lacks
+    torch.testing.assert_close(ops.linear(xi, w.double()), F.linear(xi, w.double()))
+    assert ops.kernel_stats()["linear"] == before
+
+
+def test_linear_close_to_torch_linear_bf16() -> None:
+    x = randn(4, 4096, dtype=torch.bfloat16, seed=8)
+    w = randn(512, 4096, dtype=torch.bfloat16, seed=9)
+    torch.testing.assert_close(ops.linear(x, w).float(), F.linear(x, w).float(),
+                               rtol=1.6e-2, atol=0.3)
