@@ -163,8 +163,9 @@ def pull_default_model(progress: bool = True, dtype: str = "float32", root: Path
         if is_complete(folder):
             return folder
         gguf_path = default_gguf(progress, root)
+        for stale in folder.parent.glob(folder.name + ".partial-*"):  # killed earlier runs (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         convert_gguf(gguf_path, tmp, dtype=dtype, progress=progress)
         (tmp / MARKER).write_text(json.dumps({"source": GGUF_MEMBER, "sha256": GGUF_SHA256, "dtype": dtype}) + "\n")
         if folder.exists():  # an incomplete folder from an older, killed run

