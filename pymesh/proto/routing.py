@@ -192,15 +192,40 @@ class RoutingTable:
         self.buckets[i:i + 1] = [low, high]
 
     # -- queries -------------------------------------------------------------------------
-    def closest(self, target: bytes, n: int | None = None, *, now: float | None = None) -> list[Contact]:
-        """The ``n`` (default k) known non-bad nodes closest to ``target``."""
+    def closest(self, target: bytes, n: int | None = None) -> list[Contact]:
+        """The ``n`` (default k) known nodes closest to ``target``: bad nodes never, nodes
+        that failed their last query only when there are not enough others."""
         t = int.from_bytes(target, "big")
+        n = n or self.k
         entries = [e for b in self.buckets for e in b.nodes if e.fail_count < self.bad_after]
         entries.sort(key=lambda e: int.from_bytes(e.node_id, "big") ^ t)
-        return [e.contact for e in entries[: n or self.k]]
+        fine = [e for e in entries if e.fail_count == 0]
+        if len(fine) < n:
+            fine = entries
+        return [e.contact for e in fine[:n]]
+
+    def questionable(self, now: float, *, repeat: float = 60.0, limit: int = 1000) -> list[Contact]:
+        """Nodes not heard from for 15 minutes and not pinged in the last ``repeat``
+        seconds: the caller pings them (an answer makes them good, a second silence
+        makes them bad and lets a replacement in). Marks them as pinged."""
+        out: list[Contact] = []
+        for b in self.buckets:
+            for e in b.nodes + b.replacements:
+                if now - e.last_seen >= GOOD_FOR and (e.pinged_at is None or now - e.pinged_at >= repeat):
+                    e.pinged_at = now
+                    out.append(e.contact)
+                    if len(out) >= limit:
+                        return out
+        return out
 
     def all_nodes(self) -> list[NodeEntry]:
         return [e for b in self.buckets for e in b.nodes]
+
+    def sparse_targets(self) -> list[bytes]:
+        """Random IDs inside every bucket that is not full, other than the one holding our
+        own ID: looking them up after joining fills the far buckets (Kademlia's join)."""
+        return [self._rng.randrange(b.lo, b.hi).to_bytes(20, "big") for b in self.buckets
+                if len(b.nodes) < self.k and not b.covers(self._own)]
 
     def refresh_targets(self, now: float, *, after: float = REFRESH_AFTER) -> list[bytes]:
         """Random IDs inside buckets untouched for ``after`` seconds (look them up)."""
