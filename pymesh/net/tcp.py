@@ -156,7 +156,9 @@ class TcpConnection(Connection):
                 with trio.move_on_after(cfg.frame_timeout) as frame_scope:
                     frame = await read_frame_untrusted(reader, cfg.limits)
                 if frame_scope.cancelled_caught:
-                    self._fail(f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s")
+                    why = f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s"
+                    self._log.info("closing connection to %s: %s", self.peer.short(), why)
+                    self._fail(why)
                     return
                 self._dispatch(frame)
         except RemoteProtocolError as exc:
