@@ -1,0 +1,178 @@
+"""Decode speed of SmolLM2-135M: pymesh vs transformers, float32 and bfloat16, plus the ceiling.
+
+Both engines get the same ~20-token prompt and produce the same number of greedy
+tokens (128 by default; EOS does not stop them), each with an explicit torch
+thread count. Each engine does one prefill with the whole prompt, then one token
+per step with its own KV cache; decode tokens/s counts the steps after the first
+token. The ceiling is what a decoder reading every weight byte exactly once per
+token would reach at this machine's read bandwidth (a ``threads``-thread pass
+over >= 1 GiB, best of 5).
+
+``pymesh bench generate [--json]``; rows: engine (pymesh | transformers | ceiling),
+dtype, decode_tokens_per_s, prefill_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROMPT = "The history of Paris begins with a Celtic tribe, the Parisii, who settled on an island in the river"
+ENGINES = ("pymesh", "transformers")
+DTYPES = ("float32", "bfloat16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", default=None, metavar="DIR",
+                        help="model folder (default: SmolLM2-135M-Instruct from `pymesh model pull`)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per run (default 128; --quick 32)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for every engine (default 2)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: float32,bfloat16")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: pymesh,transformers")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per engine and dtype, best kept (default 2)")
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a ``threads``-thread read pass (a sum) over ``gib`` GiB, best of ``repeats``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+        buf.sum()  # fault the pages in
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - t)
+        return buf.numel() * 4 / best
+    finally:
+        torch.set_num_threads(old)
+
+
+def weight_bytes_per_token(model_dir: Path, elem_size: int) -> int:
+    """Bytes a decode step must read: every block weight, the final norm and the LM head (not the embeddings)."""
+    from pymesh.model.config import load_config
+
+    c = load_config(model_dir)
+    h, q, kv, i = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
+    per_block = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    if c.attention_bias:
+        per_block += q + 2 * kv + (h if c.o_bias else 0)
+    return elem_size * (c.num_hidden_layers * per_block + h + c.vocab_size * h)
+
+
+Run = tuple[float, float, list[int]]  # prefill seconds, decode tokens/s, tokens (best of the repeats)
+
+
+def _pymesh_run(model_dir: Path, dtype: str, ids: list[int], n: int, repeats: int) -> Run:
+    from pymesh.model.generate import LocalModel
+    from pymesh.model.sampling import SamplingParams
+
+    model = LocalModel.load(model_dir, dtype=dtype)
+    best: Run = (float("inf"), 0.0, [])
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        t_first = t0
+        tokens: list[int] = []
+        for tok in model.generate_ids(ids, SamplingParams(max_new_tokens=n), eos_ids=[]):
+            if not tokens:
+                t_first = time.perf_counter()
+            tokens.append(tok)
+        t_end = time.perf_counter()
+        rate = (len(tokens) - 1) / (t_end - t_first)
+        if rate > best[1]:
+            best = (t_first - t0, rate, tokens)
+    return best
+
+
+def _transformers_run(model_dir: Path, dtype: str, ids: list[int], n: int, repeats: int) -> Run:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    best: Run = (float("inf"), 0.0, [])
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model(torch.tensor([ids]), use_cache=True)
+            tokens = [int(out.logits[0, -1].argmax())]
+            t_first = time.perf_counter()
+            while len(tokens) < n:
+                out = model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
+            t_end = time.perf_counter()
+            rate = (len(tokens) - 1) / (t_end - t_first)
+            if rate > best[1]:
+                best = (t_first - t0, rate, tokens)
+    return best
+
+
+def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
+    import torch
+
+    from pymesh.model.generate import set_threads
+    from pymesh.model.tokenizer import load_tokenizer
+
+    quick = getattr(args, "quick", False)
+    n = args.new_tokens or (32 if quick else 128)
+    repeats = args.repeats or (1 if quick else 2)
+    if args.model_path:
+        model_dir = Path(args.model_path)
+    else:
+        from pymesh.model.pull import pull_default_model
+
+        model_dir = pull_default_model(progress=True)
+    set_threads(args.threads)
+    ids = load_tokenizer(model_dir).encode(PROMPT)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    engines = [e for e in args.engines.split(",") if e]
+    runners = {"pymesh": _pymesh_run, "transformers": _transformers_run}
+    task = progress.add_task("bench generate", total=len(dtypes) * len(engines) + 1)
+    rows: list[dict] = []
+    tokens_of: dict[tuple[str, str], list[int]] = {}
+    for dtype in dtypes:
+        for engine in engines:
+            progress.update(task, description=f"{engine} {dtype}: {len(ids)}-token prompt, {n} tokens")
+            prefill, rate, tokens = runners[engine](model_dir, dtype, ids, n, repeats)
+            tokens_of[(engine, dtype)] = tokens
+            rows.append({"engine": engine, "dtype": dtype, "decode_tokens_per_s": round(rate, 2),
+                         "prefill_s": round(prefill, 4)})
+            gc.collect()
+            progress.advance(task)
+        pair = [tokens_of.get((e, dtype)) for e in ENGINES]
+        if all(pair) and pair[0] != pair[1]:
+            same = next(i for i, (a, b) in enumerate(zip(*pair)) if a != b) if pair[0] and pair[1] else 0
+            log.warning("%s: pymesh and transformers greedy tokens diverge at step %d", dtype, same)
+    progress.update(task, description="memory bandwidth")
+    bandwidth = read_bandwidth(args.threads)
+    progress.advance(task)
+    for dtype in dtypes:
+        elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        rows.append({"engine": "ceiling", "dtype": dtype,
+                     "decode_tokens_per_s": round(bandwidth / weight_bytes_per_token(model_dir, elem), 2),
+                     "prefill_s": None})
+    log.info("read bandwidth (%d threads, 1 GiB, best of 5): %.1f GB/s", args.threads, bandwidth / 1e9)
+    return rows
+
+
+def render(rows: list[dict]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="decode speed, SmolLM2-135M, greedy (tokens/s; higher is better)")
+    for col in ("engine", "dtype", "decode tokens/s", "prefill s", "vs transformers"):
+        table.add_column(col, justify="left" if col in ("engine", "dtype") else "right")
+    base = {r["dtype"]: r["decode_tokens_per_s"] for r in rows if r["engine"] == "transformers"}
+    for r in rows:
+        ref = base.get(r["dtype"])
+        ratio = f"{r['decode_tokens_per_s'] / ref:.2f}x" if ref else "-"
+        prefill = "-" if r["prefill_s"] is None else f"{r['prefill_s']:.3f}"
+        table.add_row(r["engine"], r["dtype"], f"{r['decode_tokens_per_s']:.1f}", prefill, ratio)
+    return table

@@ -1,0 +1,69 @@
+"""``pymesh generate`` and ``pymesh bench generate`` end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pymesh.cli.main import main
+from pymesh.model.generate import generate
+from pymesh.model.sampling import SamplingParams
+from pymesh.model.tokenizer import load_tokenizer
+from tests.model.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("cli"), "llama")
+
+
+@pytest.mark.timeout(120)
+def test_generate_json_matches_library(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model-path", str(tiny), "--prompt", "Hello there", "--max-tokens", "6",
+                 "--json", "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"tokens", "text", "prompt_tokens", "prefill_s", "decode_tokens_per_s"}
+    tok = load_tokenizer(tiny)
+    assert out["prompt_tokens"] == len(tok.encode("Hello there"))
+    expected = list(generate(tiny, "Hello there", params=SamplingParams(max_new_tokens=6)))
+    assert out["tokens"] == expected and 1 <= len(expected) <= 6
+    assert out["text"] == tok.decode(expected)
+    assert out["prefill_s"] > 0 and out["decode_tokens_per_s"] >= 0
+
+
+@pytest.mark.timeout(120)
+def test_generate_streams_text_and_honours_stop(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model-path", str(tiny), "--prompt", "Hi", "--max-tokens", "12",
+                 "--temperature", "0.8", "--seed", "3", "--threads", "1"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["generate", "--model-path", str(tiny), "--prompt", "Hi", "--max-tokens", "12",
+                 "--temperature", "0.8", "--seed", "3", "--threads", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert streamed == summary["text"] + "\n"  # same seed: same tokens, streamed == decoded
+    text = summary["text"]
+    if len(text) >= 4:  # stop on a piece of what it would generate: output ends before it
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        assert main(["generate", "--model-path", str(tiny), "--prompt", "Hi", "--max-tokens", "12",
+                     "--temperature", "0.8", "--seed", "3", "--threads", "1", "--stop", stop]) == 0
+        out = capsys.readouterr().out
+        assert stop not in out and text.startswith(out.rstrip("\n"))
+
+
+def test_generate_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model-path", str(tmp_path), "--prompt", "x"]) == 1
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_bench_generate_json_schema(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "generate", "--json", "--model-path", str(tiny), "--new-tokens", "4",
+                 "--repeats", "1", "--threads", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["engine"], r["dtype"]) for r in rows} == {
+        (e, d) for e in ("pymesh", "transformers", "ceiling") for d in ("float32", "bfloat16")}
+    for r in rows:
+        assert set(r) == {"engine", "dtype", "decode_tokens_per_s", "prefill_s"}
+        assert r["decode_tokens_per_s"] > 0
+        assert (r["prefill_s"] is None) == (r["engine"] == "ceiling")
