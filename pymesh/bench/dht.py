@@ -139,7 +139,7 @@ class SimNetwork:
                 self.lookup(addr, target)
 
     # -- measuring -----------------------------------------------------------------------
-    def maintenance(self, sweeps: int = 3) -> None:
+    def maintenance(self, sweeps: int = 1) -> None:
         """Let 15 minutes pass, then every live node pings its questionable nodes, a few
         times over (as a BEP 5 node does on its timers): departed nodes turn bad and
         replacements move in."""
