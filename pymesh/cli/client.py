@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="the prompt text")
     parser.add_argument("--chain", default=None, metavar="LIST",
                         help="layers to run, in order: 0,1,2,... or ranges 0-9,10-15 (default: all)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens to generate at most (default 64)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

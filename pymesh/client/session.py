@@ -53,8 +53,12 @@ def _key(o: SpanOption) -> tuple[PeerID, int, int]:
 class InferenceSession:
     """Blocks ``[start, stop)`` for up to ``max_tokens`` positions; ``step(hidden) -> hidden``."""
 
-    def __init__(self, swarm: Swarm, start: int, stop: int, max_tokens: int, *, batch: int = 1) -> None:
+    def __init__(self, swarm: Swarm, start: int, stop: int, max_tokens: int, *, batch: int = 1,
+                 trust_record_cache: bool = True) -> None:
         self.swarm = swarm
+        #: skip workers whose record says their cache is full (records can be a heartbeat old;
+        #: a worker that is full anyway refuses, and the client goes elsewhere)
+        self.trust_record_cache = trust_record_cache
         self.start, self.stop = start, stop
         self.max_tokens = max_tokens
         self.batch = batch
@@ -130,8 +134,8 @@ class InferenceSession:
         """Choose a route and open a session on every hop; refused workers are avoided."""
         excluded: list[PeerID] = []
         for _ in range(self.max_recoveries + 1):
-            route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=self.max_tokens * self.batch,
-                                                exclude=excluded)
+            need = self.max_tokens * self.batch if self.trust_record_cache else 0
+            route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=need, exclude=excluded)
             self._log_route(route)
             failed = await self._open_hops(route, route)
             if failed is None:
