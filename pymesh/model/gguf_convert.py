@@ -238,7 +238,7 @@ def _infer_llama3_scaling(freqs: np.ndarray, cfg: dict[str, Any], path: Path) ->
     parameters are assumed and checked by recomputing every divisor.
     """
     freqs = freqs.reshape(-1).astype(np.float64)
-    factor = float(freqs.max())
+    factor = round(float(freqs.max()), 4)  # stored as float32
     guess = {
         "rope_type": "llama3",
         "factor": factor,

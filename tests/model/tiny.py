@@ -123,7 +123,7 @@ def make_tiny_model(tmp_path: Path, arch: str = "llama", **overrides: Any) -> Pa
 K_QUANT_SCALE_OFFSETS = {"Q2_K": (-4, -2), "Q3_K": (-2,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,)}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-MERGES = ("Ġ t", "h e", "Ġt he", "i n", "Ġ a")
+MERGES = ("Ġ t", "h e", "Ġt he", "i n", "Ġ a", "Ġ 1", "1 2")  # the last two tell split rules apart
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -174,12 +174,17 @@ def write_tiny_gguf(
     context: int = 256,
     rng: Any = None,
     skip_keys: tuple[str, ...] = (),
+    pre: str = "smollm",
+    add_bos: bool | None = None,
+    extra: Any = None,
 ) -> dict[str, Any]:
     """Write Hugging Face-named float32 numpy ``weights`` as a llama GGUF file.
 
     2-D projection and embedding tensors are stored as ``qtype``; norms stay F32 (as
     llama.cpp does). q/k are rotary-permuted like llama.cpp's converter. Returns the exact
     bytes-level tensors written (GGUF name -> stored array) for reference computations.
+    ``pre`` is tokenizer.ggml.pre, ``add_bos`` tokenizer.ggml.add_bos_token (omitted when
+    None), ``extra(writer)`` may add more metadata or tensors.
     """
     import gguf
     import numpy as np
@@ -218,7 +223,9 @@ def write_tiny_gguf(
         if key not in skip_keys:
             add()
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre(pre)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     w.add_token_list(vocab)
     w.add_token_types([3] * len(SPECIAL_TOKENS) + [1] * (len(vocab) - len(SPECIAL_TOKENS)))
     w.add_token_merges(list(MERGES))
@@ -241,6 +248,8 @@ def write_tiny_gguf(
             q = quantize_like_gguf(a, qtype, rng)
             stored[gname] = (q, qtype)
             w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType[qtype])
+    if extra is not None:
+        extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
