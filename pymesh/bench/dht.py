@@ -164,10 +164,11 @@ class SimNetwork:
 
 
 def simulate(nodes: int, lookups: int, *, churn: float = 0.2, seed: int = 1, maintain: bool = True,
-             progress: Any = None, task: Any = None) -> dict[str, float]:
+             refresh_on_join: bool = True, progress: Any = None, task: Any = None) -> dict[str, float]:
     """Build a network of ``nodes`` by joining one at a time, let ``churn`` of them
     leave, then run ``lookups`` lookups for random targets from random live nodes."""
     net = SimNetwork(seed=seed)
+    net.refresh_on_join = refresh_on_join
     for i in range(nodes):
         net.join(net.add_node())
         if progress is not None and task is not None and i % 50 == 0:
