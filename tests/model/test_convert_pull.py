@@ -87,3 +87,45 @@ def test_gguf_override_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PYMESH_SMOLLM2_GGUF", str(tmp_path / "nope.gguf"))
     with pytest.raises(ConfigError, match="PYMESH_SMOLLM2_GGUF"):
         pull.default_gguf(progress=False, root=tmp_path)
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_pulls_convert_once(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """Two processes pulling into one empty cache: both get the folder, one converts."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "cache"
+    _seed_cache(root, smollm2_gguf)
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "from pathlib import Path\n"
+        "from pymesh.model.pull import pull_default_model\n"
+        f"print(pull_default_model(progress=False, root=Path({str(root)!r})))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    results = [p.communicate(timeout=200) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
+    folder = model_dir_for("float32", root)
+    assert [Path(out.strip()) for out, _ in results] == [folder, folder]
+    assert sum("converted" in err for _, err in results) == 1
+    assert is_complete(folder) and not list(folder.parent.glob("*.partial-*"))
+
+
+@pytest.mark.timeout(120)
+def test_cli_pull_out_copies_the_folder(tmp_path: Path, smollm2_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "copy"
+    run = subprocess.run([sys.executable, "-m", "pymesh", "model", "pull", "--out", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=100)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out)
+    assert (out / "config.json").read_bytes() == (smollm2_dir / "config.json").read_bytes()
+    assert (out / "model.safetensors").stat().st_size == (smollm2_dir / "model.safetensors").stat().st_size
+    again = subprocess.run([sys.executable, "-m", "pymesh", "model", "pull", "--out", str(out)],
+                           capture_output=True, text=True, timeout=100)
+    assert again.returncode == 1 and "not empty" in again.stderr
