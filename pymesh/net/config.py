@@ -10,6 +10,8 @@ from pymesh.net.frames import FrameLimits
 
 #: ALPN protocol name of pymesh over QUIC (and TLS over TCP).
 ALPN = "pymesh/1"
+#: Largest QUIC datagram pymesh configures (see TransportConfig.packet_size).
+MAX_PACKET_SIZE = 16384
 
 
 def _env_float(name: str, default: float) -> float:
@@ -50,8 +52,11 @@ class TransportConfig:
     max_concurrent_handlers: int = 256      # calls served at once per connection; more wait
 
     def __post_init__(self) -> None:
-        if not 1200 <= self.packet_size <= 65527:
-            raise ConfigError(f"packet_size={self.packet_size} must be between 1200 and 65527 bytes")
+        if not 1200 <= self.packet_size <= MAX_PACKET_SIZE:
+            raise ConfigError(
+                f"packet_size={self.packet_size} must be between 1200 and {MAX_PACKET_SIZE} bytes "
+                "(aioquic writes a STREAM frame's length in 2 bytes, so larger packets corrupt streams)"
+            )
         for name in ("idle_timeout", "connect_timeout", "frame_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TransportConfig.{name} must be positive, got {getattr(self, name)}")

@@ -277,7 +277,8 @@ class DHTNode(RecordOps):
         return lk.result(), replies
 
     async def bootstrap(self) -> int:
-        """Ping the bootstrap addresses, then look up our own ID. Returns table size."""
+        """Ask the bootstrap addresses, look up our own ID, then IDs in sparse buckets.
+        Returns the routing table size."""
         if not self.bootstrap_addrs:
             return len(self.core.routing)
         with trio.move_on_after(self.config.bootstrap_timeout):
@@ -285,6 +286,10 @@ class DHTNode(RecordOps):
                 for pa in self.bootstrap_addrs:
                     nursery.start_soon(self._ping_bootstrap, pa)
             await self.lookup(self.node_id)
+            # Kademlia's join: fill the far buckets that are still sparse.
+            async with trio.open_nursery() as nursery:
+                for target in self.core.routing.sparse_targets()[:8]:
+                    nursery.start_soon(self.lookup, target)
         size = len(self.core.routing)
         if size == 0:
             log.warning("bootstrap: none of %s answered; will retry",
@@ -313,7 +318,10 @@ class DHTNode(RecordOps):
             try:
                 if len(self.core.routing) == 0 and self.bootstrap_addrs:
                     await self.bootstrap()
-                for target in self.core.routing.refresh_targets(time.time(), after=self.config.refresh_interval):
+                now = time.time()
+                for c in self.core.routing.questionable(now, limit=self.config.max_pending_pings):
+                    self._spawn_ping(c)
+                for target in self.core.routing.refresh_targets(now, after=self.config.refresh_interval):
                     await self.lookup(target)
                 await self.heartbeat_records()
             except Exception:
@@ -383,6 +391,11 @@ class DHTNode(RecordOps):
 
         _, replies = await self.lookup(target, b"get")
         best: tuple[object, int | None] | None = None
+        local = self.core.items.get(target, time.time())
+        if local is not None:
+            from pymesh.proto.bencode import decode_untrusted
+
+            best = (decode_untrusted(local.v_raw), local.seq)
         for _, resp in replies.values():
             r = resp.values
             if b"v" not in r:

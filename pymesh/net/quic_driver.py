@@ -143,6 +143,7 @@ class QuicDriver:
         self._cids: set[bytes] = set()
         self.nursery: trio.Nursery | None = None
         self.on_terminated: Callable[[str], None] | None = None
+        self.on_stream: Callable[[QStream], None] | None = None
         _relax_pacing(quic)
 
     # ---------------------------------------------------------------- lifecycle
@@ -255,7 +256,10 @@ class QuicDriver:
         if self._is_local(sid) or self._finished[sid & 3].is_done(sid) or self.terminated is not None:
             return None  # late data for a stream we already closed
         stream = self.streams[sid] = QStream(sid)
-        self.incoming_send.send_nowait(stream)
+        if self.on_stream is not None:
+            self.on_stream(stream)
+        else:
+            self.incoming_send.send_nowait(stream)
         return stream
 
     # ---------------------------------------------------------------- streams

@@ -83,7 +83,11 @@ class TcpConnection(Connection):
 
     # ---------------------------------------------------------------- sending
     async def _send_frame(self, head: bytes, payloads: list[memoryview]) -> None:
-        async with self._send_lock:
+        try:
+            self._send_lock.acquire_nowait()  # the common case: no scheduler round trip
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             self._check_open()
             # A frame is never abandoned half-written (that would corrupt the stream); the
             # caller's cancellation waits for this frame, which frame_timeout bounds.
@@ -100,9 +104,11 @@ class TcpConnection(Connection):
                 except PeerUnavailable as exc:
                     self._fail(str(exc))
                     raise
-            if scope.cancelled_caught:
-                self._fail(f"sending one frame took longer than frame_timeout={self.config.frame_timeout}s")
-                raise PeerUnavailable(f"send to {self.peer.short()} stalled; connection closed")
+        finally:
+            self._send_lock.release()
+        if scope.cancelled_caught:
+            self._fail(f"sending one frame took longer than frame_timeout={self.config.frame_timeout}s")
+            raise PeerUnavailable(f"send to {self.peer.short()} stalled; connection closed")
 
     async def _call(self, head: bytes, payloads: list[memoryview]) -> Frame:
         rid = self._next_id

@@ -1,0 +1,34 @@
+"""Smoke test: the transport benchmark runs and emits its row schema (no timing asserts)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from rich.console import Console
+from rich.progress import Progress
+
+from pymesh.bench import transport
+
+KEYS = {"transport", "packet_size", "rtt_us_median", "rtt_us_p99", "mb_per_s"}
+
+
+@pytest.mark.timeout(120)
+def test_transport_bench_rows_schema() -> None:
+    parser = argparse.ArgumentParser()
+    transport.add_arguments(parser)
+    args = parser.parse_args(["--cases", "udp-floor,pymesh-quic,aioquic-asyncio", "--rtt-calls", "20",
+                              "--bulk-calls", "1", "--rounds", "1"])
+    args.quick = True
+    with Progress(console=Console(quiet=True)) as progress:
+        rows = transport.run_rows(args, progress)
+    assert [(r["transport"], r["packet_size"]) for r in rows] == [
+        ("udp-floor", None), ("pymesh-quic", 1452), ("aioquic-asyncio", 1452),
+        ("pymesh-quic", 16384), ("aioquic-asyncio", 16384)]
+    for r in rows:
+        assert set(r) == KEYS
+        assert r["rtt_us_median"] > 0 and r["rtt_us_p99"] >= r["rtt_us_median"]
+        assert (r["mb_per_s"] is None) == (r["transport"] == "udp-floor")
+    console = Console(record=True, width=120)
+    console.print(transport.render(rows))
+    assert "aioquic-asyncio" in console.export_text()
