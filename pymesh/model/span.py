@@ -15,6 +15,7 @@ import torch
 
 from pymesh.errors import ConfigError
 from pymesh.model.config import ModelConfig, load_config
+from pymesh.model.decode_plan import DecodePlan, plan_supported
 from pymesh.model.kv_cache import KVCache
 from pymesh.model.layers import Block, ops
 from pymesh.model.rope import rope_tables
@@ -69,6 +70,17 @@ class SpanModel:
         cache.check(start_pos, s, b)
         end = start_pos + s
         self._ensure_rope(end)
+        if s == 1:
+            plan = cache.plan
+            if plan is None or (plan and plan.span is not self):
+                plan = cache.plan = DecodePlan(self, cache) if plan_supported(self, cache) else False
+            if plan:
+                if hidden.dtype != self.dtype or hidden.device != self.device:
+                    hidden = hidden.to(device=self.device, dtype=self.dtype)
+                out = plan.step(hidden, start_pos)
+                if end > cache.length:
+                    cache.length = end
+                return out
         residual = hidden.to(device=self.device, dtype=self.dtype, copy=True).contiguous()
         if not self.blocks:
             return residual

@@ -1,0 +1,125 @@
+"""The decode fast path: one token per sequence through a span with almost no Python.
+
+A decode step has fixed shapes, so everything the fused-op front end checks on
+every call (devices, dtypes, shapes, strides) is checked once here, when the
+plan is built for a (span, cache) pair. Buffers are preallocated and the step is
+a flat list of ``pymesh._C`` calls on raw pointers, plus one
+``scaled_dot_product_attention`` per block:
+
+- the q projection writes into a fixed buffer; the k/v projection writes straight
+  into the cache slot of the current position (the cache is position-major, see
+  :mod:`pymesh.model.kv_cache`), so no copy moves keys or values;
+- rotary embedding rotates q in its buffer and k in the cache;
+- fused add + RMSNorm joins attention, MLP and the next block.
+
+The kernels are the same ones the checked path (``SpanModel`` through
+``pymesh.model.ops``) calls, with the same arguments, so both paths give the same
+numbers; ``PYMESH_FAST_DECODE=0`` turns the plan off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from pymesh.model.kv_cache import KVCache
+from pymesh.model.layers import ops
+
+if TYPE_CHECKING:
+    from pymesh.model.span import SpanModel
+
+log = logging.getLogger(__name__)
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def fast_decode_enabled() -> bool:
+    return os.environ.get("PYMESH_FAST_DECODE", "1") not in ("0", "", "false", "no")
+
+
+def plan_supported(span: "SpanModel", cache: KVCache) -> bool:
+    """Whether the compiled kernels can run this span's decode steps on this cache."""
+    _C = getattr(ops, "_C", None)
+    return (fast_decode_enabled() and _C is not None and getattr(ops, "using_c", lambda: False)()
+            and span.device.type == "cpu" and span.dtype in _DTYPE_CODES
+            and 1 <= cache.batch <= getattr(ops, "LINEAR_MAX_ROWS", 0) and bool(span.blocks)
+            and all(t.is_contiguous() for b in span.blocks for t in (b.w_qkv, b.w_o, b.w_gate_up, b.w_down)))
+
+
+class DecodePlan:
+    """Preallocated buffers and pointers for seq-1 steps of ``span`` on ``cache``."""
+
+    def __init__(self, span: "SpanModel", cache: KVCache) -> None:
+        c = span.config
+        b = cache.batch
+        dt = span.dtype
+        self.span, self.cache = span, cache
+        self.code = _DTYPE_CODES[dt]
+        self.es = torch.empty(0, dtype=dt).element_size()
+        self.b, self.hidden, self.q, self.kv, self.inter = b, c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
+        self.heads, self.kv_heads, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.eps = c.rms_norm_eps
+        self.window = c.sliding_window
+        new = lambda n: torch.zeros((b, n), dtype=dt, device=span.device)  # noqa: E731
+        self.residual = new(self.hidden)
+        self.x = new(self.hidden)       # MLP output, then (fused) the next block's normed input
+        self.o = new(self.hidden)       # attention output, then (fused) the MLP's normed input
+        self.qbuf = new(self.q)
+        self.gate_up = new(2 * self.inter)
+        self.act = new(self.inter)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=span.device)
+        # SDPA query view: for one token, a KV group's query heads become the rows.
+        self.q_view = self.qbuf.view(b, self.kv_heads, self.heads // self.kv_heads, self.d)
+        self.slot_bytes = b * 2 * self.kv * self.es  # one position of one block's cache
+        self.slot_base = [s.data_ptr() for s in cache.slots]
+        self.weights = []
+        for blk in span.blocks:
+            w_q, w_kv = blk.w_qkv[: self.q], blk.w_qkv[self.q:]
+            b_q = b_kv = None
+            if blk.b_qkv is not None:
+                b_q, b_kv = blk.b_qkv[: self.q], blk.b_qkv[self.q:]
+            ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+            self.weights.append((ptr(blk.ln_attn), ptr(w_q), ptr(b_q), ptr(w_kv), ptr(b_kv), ptr(blk.w_o),
+                                 ptr(blk.b_o), ptr(blk.ln_mlp), ptr(blk.w_gate_up), ptr(blk.w_down)))
+        self._keep = span.blocks  # the pointers above are into these tensors
+
+    def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token per sequence at position ``pos``: ``hidden`` ``[b, 1, hidden]`` -> new hidden."""
+        _C = ops._C
+        span, cache = self.span, self.cache
+        b, h, q, kv, inter, d = self.b, self.hidden, self.q, self.kv, self.inter, self.d
+        code, eps, es = self.code, self.eps, self.es
+        threads = torch.get_num_threads()
+        self.residual.copy_(hidden.view(b, h))
+        self.positions.fill_(pos)
+        pos_ptr = self.positions.data_ptr()
+        cos, sin = span._cos, span._sin
+        cos_ptr, sin_ptr, rot_half, max_pos = cos.data_ptr(), sin.data_ptr(), cos.shape[1], cos.shape[0]
+        res, x, o, qb = self.residual.data_ptr(), self.x.data_ptr(), self.o.data_ptr(), self.qbuf.data_ptr()
+        gu, act = self.gate_up.data_ptr(), self.act.data_ptr()
+        lo = 0 if self.window is None else max(0, pos + 1 - self.window)
+        end = pos + 1
+        kv_off = pos * self.slot_bytes
+        _C.rms_norm(x, h, res, h, self.weights[0][0], b, h, eps, code, threads)
+        sdpa, q_view, keys, values = F.scaled_dot_product_attention, self.q_view, cache.keys, cache.values
+        for i, (ln_a, w_q, b_q, w_kv, b_kv, w_o, b_o, ln_m, w_gu, w_dn) in enumerate(self.weights):
+            if i:
+                _C.fused_add_rms_norm(x, h, res, h, ln_a, b, h, eps, code, threads)
+            slot = self.slot_base[i] + kv_off
+            _C.linear(qb, x, h, w_q, b_q, b, h, q, code, threads)
+            _C.linear(slot, x, h, w_kv, b_kv, b, h, 2 * kv, code, threads)
+            _C.rotary_embedding(qb, q, d, self.heads, slot, 2 * kv, d, self.kv_heads, d, pos_ptr, b,
+                                cos_ptr, sin_ptr, 2 * rot_half, max_pos, code, threads)
+            attn = sdpa(q_view, keys[i][:, :, lo:end], values[i][:, :, lo:end])
+            if not attn.is_contiguous():
+                attn = attn.contiguous()
+            _C.linear(o, attn.data_ptr(), q, w_o, b_o, b, q, h, code, threads)
+            _C.fused_add_rms_norm(o, h, res, h, ln_m, b, h, eps, code, threads)
+            _C.linear(gu, o, h, w_gu, 0, b, h, 2 * inter, code, threads)
+            _C.silu_and_mul(act, inter, gu, 2 * inter, gu + inter * es, 2 * inter, b, inter, code, threads)
+            _C.linear(x, act, inter, w_dn, 0, b, inter, h, code, threads)
+        return torch.add(self.residual, self.x).view(b, 1, h)

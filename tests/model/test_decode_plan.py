@@ -1,0 +1,69 @@
+"""The decode fast path (DecodePlan) gives the checked path's numbers, for every architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pymesh.model import decode_plan
+from pymesh.model.decode_plan import DecodePlan
+from pymesh.model.generate import LocalModel
+from pymesh.model.layers import ops
+from tests.model.tiny import make_tiny_model
+
+CASES = {
+    "llama": ("llama", {}),
+    "mistral-window": ("mistral", {"sliding_window": 5}),
+    "qwen2-bias": ("qwen2", {}),
+    "phi3": ("phi3", {}),
+    "head-dim": ("llama", {"head_dim": 32}),
+}
+needs_c = pytest.mark.skipif(not getattr(ops, "using_c", lambda: False)(),
+                             reason="pymesh._C is not built: the fast path needs the compiled kernels")
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    arch, overrides = CASES[request.param]
+    return make_tiny_model(tmp_path_factory.mktemp(request.param), arch, **overrides)
+
+
+def _decode(model: LocalModel, batch: int, steps: int) -> tuple[list[torch.Tensor], object]:
+    prompt = torch.arange(3, 3 + 9 * batch).view(batch, 9) * 37 % 49152
+    cache = model.span.new_cache(32, batch=batch)
+    outs = [model.span.forward(model.head.embed(prompt), cache, 0)]
+    for pos in range(9, 9 + steps):
+        nxt = torch.tensor([[(pos * 101 + r) % 49152] for r in range(batch)])
+        outs.append(model.span.forward(model.head.embed(nxt), cache, pos))
+    return outs, cache.plan
+
+
+@needs_c
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype, batch", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1)])
+def test_fast_path_equals_checked_path(folder: Path, dtype: torch.dtype, batch: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    model = LocalModel.load(folder, dtype=dtype)
+    fast, plan = _decode(model, batch, 8)
+    assert isinstance(plan, DecodePlan)
+    monkeypatch.setenv("PYMESH_FAST_DECODE", "0")
+    assert not decode_plan.fast_decode_enabled()
+    checked, plan = _decode(model, batch, 8)
+    assert plan is False
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(fast, checked):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@needs_c
+def test_plan_replay_and_rebuild(folder: Path) -> None:
+    model = LocalModel.load(folder)
+    cache = model.span.new_cache(16)
+    model.span.forward(model.head.embed(torch.tensor([[5, 6, 7]])), cache, 0)
+    step = model.head.embed(torch.tensor([[9]]))
+    a = model.span.forward(step, cache, 3)
+    b = model.span.forward(step, cache, 3)  # replay of the same position overwrites the cache entry
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert a.data_ptr() != b.data_ptr()  # results are fresh tensors, not the plan's buffers
