@@ -162,10 +162,10 @@ class Swarm:
 
     async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
         async def one(o: SpanOption) -> None:
-            t0 = time.perf_counter()
             try:
                 with trio.fail_after(min(self.rpc_timeout, 5.0)):
-                    conn = await self.connect(o)
+                    conn = await self.connect(o)  # the handshake is not part of the RTT
+                    t0 = time.perf_counter()
                     await conn.call(wire.INFO, {})
                 self.rtt_ms[o.peer] = (time.perf_counter() - t0) * 1000.0
             except (PymeshError, trio.TooSlowError, OSError) as exc:

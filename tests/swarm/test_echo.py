@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 @pytest.fixture(scope="module")
 def echo_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalProcs]:
-    procs = LocalProcs(tmp_path_factory.mktemp("echo-swarm"), PYMESH_SESSION_IDLE="3")
+    # Announced speed 10 tokens/s per span (100 ms per hop): the refusal test's "fast" worker
+    # then wins the route by a margin no RTT jitter can undo.
+    procs = LocalProcs(tmp_path_factory.mktemp("echo-swarm"), PYMESH_SESSION_IDLE="3", PYMESH_THROUGHPUT="10")
     try:
         procs.start_bootstrap()
         workers = [procs.start_worker("--layers", f"{a}-{a + 9}", name=f"echo{a}") for a in (0, 10, 20)]
