@@ -128,19 +128,23 @@ class GGUFModel:
 
     def vocab(self) -> GGUFVocab:
         m = self.meta
+        model = m.need("tokenizer.ggml.model")
         return GGUFVocab(
-            model=m.need("tokenizer.ggml.model"),
+            model=model,
             pre=m.get("tokenizer.ggml.pre", "default"),
             tokens=m.need("tokenizer.ggml.tokens"),
             token_types=m.get("tokenizer.ggml.token_type", []),
             merges=m.get("tokenizer.ggml.merges", []),
+            scores=m.get("tokenizer.ggml.scores", []),
             bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=m.get("tokenizer.ggml.eos_token_id"),
             unk_token_id=m.get("tokenizer.ggml.unknown_token_id"),
             pad_token_id=m.get("tokenizer.ggml.padding_token_id"),
             eot_token_id=m.get("tokenizer.ggml.eot_token_id"),
-            add_bos_token=bool(m.get("tokenizer.ggml.add_bos_token", False)),
+            # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise
+            add_bos_token=bool(m.get("tokenizer.ggml.add_bos_token", model == "llama")),
             chat_template=m.get("tokenizer.chat_template"),
+            add_space_prefix=bool(m.get("tokenizer.ggml.add_space_prefix", True)),
         )
 
     def _shape(self, name: str) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from pymesh.errors import ConfigError
 log = logging.getLogger(__name__)
 
 TOKEN_NORMAL = 1
+TOKEN_UNKNOWN = 2
 TOKEN_CONTROL = 3
 TOKEN_USER_DEFINED = 4
 
@@ -53,6 +54,7 @@ class GGUFVocab:
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
+    scores: list[float]
     bos_token_id: int | None
     eos_token_id: int | None
     unk_token_id: int | None
@@ -60,6 +62,7 @@ class GGUFVocab:
     eot_token_id: int | None
     add_bos_token: bool
     chat_template: str | None
+    add_space_prefix: bool = True
 
     def token(self, index: int | None) -> str | None:
         if index is None or not 0 <= index < len(self.tokens):
@@ -87,15 +90,43 @@ def _pre_tokenizer(kind: str) -> Any:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
 
 
-def build_tokenizer(vocab: GGUFVocab) -> Any:
-    """A ``tokenizers.Tokenizer`` equivalent to the file's byte-level BPE."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two
+    tokens, ranked by the merged token's score (best first)."""
+    index = {t: i for i, t in enumerate(tokens)}
+    found: list[tuple[float, int, int, str, str]] = []
+    for token, score in zip(tokens, scores):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in index and right in index:
+                found.append((-score, index[left], index[right], left, right))
+    found.sort()
+    return [(left, right) for _, _, _, left, right in found]
 
-    if vocab.model != "gpt2":
-        raise ConfigError(
-            f"tokenizer.ggml.model is {vocab.model!r}; pymesh converts only byte-level BPE "
-            "('gpt2') vocabularies from GGUF. Use the model's Hugging Face folder instead."
-        )
+
+def _build_sentencepiece(vocab: GGUFVocab) -> Any:
+    """Llama 2 / Mistral style vocabulary: BPE over "▁"-spelled pieces with byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if len(vocab.scores) != len(vocab.tokens):
+        raise ConfigError("tokenizer.ggml.scores is missing or does not match tokenizer.ggml.tokens")
+    table = {tok: i for i, tok in enumerate(vocab.tokens)}
+    unk = vocab.token(vocab.unk_token_id)
+    tok = Tokenizer(models.BPE(table, _spm_merges(vocab.tokens, vocab.scores), unk_token=unk,
+                               fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if vocab.add_space_prefix else "never", split=False
+    )
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if vocab.add_space_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+def _build_byte_level(vocab: GGUFVocab) -> Any:
+    from tokenizers import Tokenizer, decoders, models, processors
+
     if vocab.pre not in PRE_TOKENIZERS:
         log.warning(
             "tokenizer.ggml.pre %r is not one pymesh knows; splitting text with GPT-2's byte-level "
@@ -111,23 +142,39 @@ def build_tokenizer(vocab: GGUFVocab) -> Any:
         if len(parts) != 2:
             raise ConfigError(f"tokenizer.ggml.merges[{i}] is {line!r}, expected two pieces separated by one space")
         merges.append((parts[0], parts[1]))
-    unk = vocab.token(vocab.unk_token_id)
     tok = Tokenizer(models.BPE(table, merges, unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer(kind)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def build_tokenizer(vocab: GGUFVocab) -> Any:
+    """A ``tokenizers.Tokenizer`` equivalent to the file's vocabulary: byte-level BPE
+    (``gpt2``) or SentencePiece-style BPE with byte fallback (``llama``)."""
+    from tokenizers import AddedToken, processors
+
+    if vocab.model == "gpt2":
+        tok = _build_byte_level(vocab)
+    elif vocab.model == "llama":
+        tok = _build_sentencepiece(vocab)
+    else:
+        raise ConfigError(
+            f"tokenizer.ggml.model is {vocab.model!r}; pymesh converts byte-level BPE ('gpt2') and "
+            "SentencePiece BPE ('llama') vocabularies from GGUF. Use the model's Hugging Face folder instead."
+        )
     bos = vocab.token(vocab.bos_token_id)
     if vocab.add_bos_token and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab.bos_token_id)]
         )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
     types = vocab.token_types or [TOKEN_NORMAL] * len(vocab.tokens)
     specials = [
         AddedToken(t, special=True, normalized=False)
         for t, kind_ in zip(vocab.tokens, types)
-        if kind_ == TOKEN_CONTROL
+        if kind_ in (TOKEN_CONTROL, TOKEN_UNKNOWN)
     ]
+    unk = vocab.token(vocab.unk_token_id)
     if unk is not None and all(a.content != unk for a in specials):
         specials.append(AddedToken(unk, special=True, normalized=False))
     tok.add_special_tokens(specials)

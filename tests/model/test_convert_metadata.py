@@ -16,7 +16,7 @@ from pymesh.errors import ConfigError  # noqa: E402
 from pymesh.model.gguf_convert import convert_gguf  # noqa: E402
 from pymesh.model.tokenizer import load_tokenizer  # noqa: E402
 from tests.model.test_convert import HEAD_DIM, N_HEAD, N_KV, random_weights  # noqa: E402
-from tests.model.tiny import write_tiny_gguf  # noqa: E402
+from tests.model.tiny import tiny_gguf_vocab, write_tiny_gguf  # noqa: E402
 
 THETA = 500000.0
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -128,3 +128,25 @@ def test_tokenizer_split_rules_and_bos_match_transformers(tmp_path: Path, pre: s
 #: " 12" under each split rule, with merges "Ġ 1" (first) and "1 2": GPT-2 keeps the space on
 #: the number, Llama 3 splits it off and groups digits, SmolLM splits every digit.
 SPLIT_12 = {"gpt2": [" 1", "2"], "llama-bpe": [" ", "12"], "smollm": [" ", "1", "2"]}
+
+
+SPM_TEXTS = ["the theme", "hello there, the end", "  two leading spaces", "日本 🎉 bytes", "</s> inline", ""]
+
+
+@pytest.mark.parametrize("add_bos", [None, False])
+def test_sentencepiece_vocabulary_matches_transformers(tmp_path: Path, add_bos: bool | None) -> None:
+    """Llama 2 / Mistral style files: pieces + scores, byte fallback; BOS on unless the file says no."""
+    path = tmp_path / "spm.gguf"
+    write_tiny_gguf(path, random_weights(), n_head=N_HEAD, n_head_kv=N_KV, tokenizer="llama", add_bos=add_bos)
+    mine = load_tokenizer(convert_gguf(path, tmp_path / "hf", progress=False))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in SPM_TEXTS:
+        ids = mine.encode(text)
+        assert ids == theirs.encode(text), text
+        assert mine.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+        assert (ids[:1] == [1]) == (add_bos is None)
+        dec = mine.stream_decoder()
+        assert "".join([dec.push(i) for i in ids] + [dec.flush()]) == mine.decode(ids)
+    # merges come from the scores: " the" is one piece, "日" falls back to three byte tokens
+    assert mine.encode("the", add_special_tokens=False) == [len(tiny_gguf_vocab("llama")) - 1]
+    assert len(mine.encode("日", add_special_tokens=False)) == 1 + 3  # "▁" + three UTF-8 bytes

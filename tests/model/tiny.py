@@ -130,10 +130,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_gguf_vocab() -> list[str]:
-    """Special tokens, the 256 byte-level characters, then the merged pieces of MERGES."""
+#: a SentencePiece-style ("llama") tiny vocabulary: pieces and scores after <unk> <s> </s>
+#: and the 256 byte tokens; as long as the byte-level one, so the same weights fit both
+SPM_PIECES = (("\u2581", -100.0), ("t", -101.0), ("h", -102.0), ("e", -103.0), ("he", -12.0),
+              ("\u2581t", -11.0), ("\u2581the", -10.0))
+
+
+def tiny_gguf_vocab(kind: str = "gpt2") -> list[str]:
+    """gpt2: special tokens, the 256 byte-level characters, then the merged pieces of MERGES.
+    llama: <unk> <s> </s>, the byte tokens <0x00>..<0xFF>, then SPM_PIECES."""
     from pymesh.model.tokenizer import _bytes_to_unicode
 
+    if kind == "llama":
+        return ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *(p for p, _ in SPM_PIECES)]
     return [*SPECIAL_TOKENS, *_bytes_to_unicode().values(), *(m.replace(" ", "") for m in MERGES)]
 
 
@@ -175,6 +184,7 @@ def write_tiny_gguf(
     rng: Any = None,
     skip_keys: tuple[str, ...] = (),
     pre: str = "smollm",
+    tokenizer: str = "gpt2",
     add_bos: bool | None = None,
     extra: Any = None,
 ) -> dict[str, Any]:
@@ -183,6 +193,7 @@ def write_tiny_gguf(
     2-D projection and embedding tensors are stored as ``qtype``; norms stay F32 (as
     llama.cpp does). q/k are rotary-permuted like llama.cpp's converter. Returns the exact
     bytes-level tensors written (GGUF name -> stored array) for reference computations.
+    ``tokenizer`` is "gpt2" (byte-level BPE) or "llama" (SentencePiece pieces and scores),
     ``pre`` is tokenizer.ggml.pre, ``add_bos`` tokenizer.ggml.add_bos_token (omitted when
     None), ``extra(writer)`` may add more metadata or tensors.
     """
@@ -206,7 +217,7 @@ def write_tiny_gguf(
         for hf, gg in per_block.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
     emb = weights["model.embed_tokens.weight"]
-    vocab = tiny_gguf_vocab()
+    vocab = tiny_gguf_vocab(tokenizer)
     assert emb.shape[0] == len(vocab), f"embedding rows {emb.shape[0]} != tiny vocab {len(vocab)}"
     w = gguf.GGUFWriter(str(path), arch)
     meta = {
@@ -222,13 +233,18 @@ def write_tiny_gguf(
     for key, add in meta.items():
         if key not in skip_keys:
             add()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
+    w.add_tokenizer_model(tokenizer)
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
     w.add_token_list(vocab)
-    w.add_token_types([3] * len(SPECIAL_TOKENS) + [1] * (len(vocab) - len(SPECIAL_TOKENS)))
-    w.add_token_merges(list(MERGES))
+    if tokenizer == "llama":  # unknown, control x2, bytes, normal pieces
+        w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))
+        w.add_token_scores([0.0] * (3 + 256) + [score for _, score in SPM_PIECES])
+        w.add_unk_token_id(0)
+    else:
+        w.add_tokenizer_pre(pre)
+        w.add_token_types([3] * len(SPECIAL_TOKENS) + [1] * (len(vocab) - len(SPECIAL_TOKENS)))
+        w.add_token_merges(list(MERGES))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(2)
