@@ -118,11 +118,16 @@ void parallel_for(int64_t n, int threads, Fn&& fn) {
 #endif
 }
 
-// Threads worth using for `work` bytes touched: below ~64 KiB per thread the
-// fork/join costs more than it saves.
-PYMESH_INLINE int threads_for(int64_t work_bytes, int requested) {
+// Threads worth using for `work_bytes` touched. Waking a sleeping OpenMP
+// thread (OMP_WAIT_POLICY=PASSIVE, as pymesh runs) costs ~10-25 us, more when
+// the other cores are busy, so a thread must get at least `per_thread` bytes.
+constexpr int64_t kElementwisePerThread = int64_t{2} << 20;
+constexpr int64_t kGemvPerThread = int64_t{4} << 20;
+
+PYMESH_INLINE int threads_for(int64_t work_bytes, int requested,
+                              int64_t per_thread = kElementwisePerThread) {
   int t = requested > 0 ? requested : max_threads();
-  int64_t by_work = work_bytes / (64 * 1024);
+  int64_t by_work = work_bytes / per_thread;
   if (by_work < t) t = static_cast<int>(by_work);
   return t < 1 ? 1 : t;
 }

@@ -19,7 +19,13 @@ namespace pymesh {
 namespace {
 
 constexpr int kMaxRows = 8;
-constexpr int64_t kPrefetch = 512;  // bytes ahead of the current load, per weight row
+#ifndef PYMESH_GEMV_PREFETCH
+#define PYMESH_GEMV_PREFETCH 512
+#endif
+#ifndef PYMESH_GEMV_NB1
+#define PYMESH_GEMV_NB1 4
+#endif
+constexpr int64_t kPrefetch = PYMESH_GEMV_PREFETCH;  // bytes ahead of the current load, per weight row
 
 #define PYMESH_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #define PYMESH_AVX512BF16 \
@@ -72,7 +78,7 @@ PYMESH_AVX512 void dot_block_avx512(const WT* W, int64_t K, const float* X, int6
     __m512 w[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(W + j * K + k + ahead), _MM_HINT_T0);
+      if (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(W + j * K + k + ahead), _MM_HINT_T0);
       w[j] = load_w<WT>(W + j * K + k);
     }
 #pragma GCC unroll 8
@@ -113,7 +119,7 @@ PYMESH_AVX512BF16 void dot_block_bf16dp(const bf16* W, int64_t K, const bf16* X,
     __m512i w[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(W + j * K + k + ahead), _MM_HINT_T0);
+      if (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(W + j * K + k + ahead), _MM_HINT_T0);
       w[j] = _mm512_loadu_si512(W + j * K + k);
     }
 #pragma GCC unroll 8
@@ -203,7 +209,7 @@ inline void store_block(const Problem& p, int64_t n0, int nb, int R, const float
 
 template <typename T, int R>
 void run_rows(const Problem& p, Path path, int64_t n_begin, int64_t n_end) {
-  constexpr int NB = R <= 2 ? 4 : (R <= 4 ? 3 : 2);
+  constexpr int NB = R == 1 ? PYMESH_GEMV_NB1 : (R <= 2 ? 4 : (R <= 4 ? 3 : 2));
   float dots[NB * R];
   const T* W = static_cast<const T*>(p.W);
   int64_t n = n_begin;
@@ -320,7 +326,7 @@ void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, ui
       p.ldx = in_features;
     }
     int64_t bytes = out_features * in_features * static_cast<int64_t>(sizeof(T));
-    int t = threads_for(bytes, threads);
+    int t = threads_for(bytes, threads, kGemvPerThread);
     // Split output rows in groups of 8 so each thread's blocks stay whole.
     int64_t groups = (out_features + 7) / 8;
     int R = static_cast<int>(rows);

@@ -186,8 +186,13 @@ def _rows(op: str, name: str, t: torch.Tensor, tail: int = 1) -> tuple[int, int]
     return rows, stride if stride is not None else inner
 
 
-def _stream(t: torch.Tensor) -> int:
-    return int(torch.cuda.current_stream(t.device).cuda_stream)
+def _launch(backend, name: str, t: torch.Tensor, *args: object) -> None:  # type: ignore[no-untyped-def]
+    """``backend.<name>(*args, threads)`` on CPU; on CUDA with t's device current and its stream."""
+    if backend is _C:
+        getattr(_C, name)(*args, torch.get_num_threads())
+        return
+    with torch.cuda.device(t.device):
+        getattr(backend, name)(*args, int(torch.cuda.current_stream(t.device).cuda_stream))
 
 
 def _check_weight(op: str, weight: torch.Tensor, x: torch.Tensor, hidden: int) -> None:
@@ -199,11 +204,10 @@ def _check_weight(op: str, weight: torch.Tensor, x: torch.Tensor, hidden: int) -
         raise KernelInputError(f"{op}: weight must be contiguous")
 
 
-# ---------------------------------------------------------------- the ops
+# ---------------------------------------------------------------- checked paths
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight * rms_normalised(x)`` over the last dim; ``x`` may be row-strided."""
+def _rms_norm_checked(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      out: torch.Tensor | None) -> torch.Tensor:
     code = _code("rms_norm", x)
     hidden = x.shape[-1] if x.dim() else 0
     _check_weight("rms_norm", weight, x, hidden)
@@ -221,19 +225,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         out.copy_(ops_ref.rms_norm_ref(x, weight, eps))
         return out
     if rows:
-        if backend is _C:
-            _C.rms_norm(out.data_ptr(), hidden, x.data_ptr(), x_stride, weight.data_ptr(), rows,
-                        hidden, float(eps), code, torch.get_num_threads())
-        else:
-            backend.rms_norm(out.data_ptr(), hidden, x.data_ptr(), x_stride, weight.data_ptr(),
-                             rows, hidden, float(eps), code, _stream(x))
+        _launch(backend, "rms_norm", x, out.data_ptr(), hidden, x.data_ptr(), x_stride,
+                weight.data_ptr(), rows, hidden, float(eps), code)
     _stats["rms_norm"] += 1
     return out
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> None:
-    """In place: ``residual += x``; ``x = rms_norm(residual) * weight``."""
+def _fused_add_rms_norm_checked(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> None:
     op = "fused_add_rms_norm"
     code = _code(op, x)
     _same(op, "residual", residual, x, "x")
@@ -249,26 +248,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         ops_ref.fused_add_rms_norm_ref(x, residual, weight, eps)
         return
     if rows:
-        if backend is _C:
-            _C.fused_add_rms_norm(x.data_ptr(), x_stride, residual.data_ptr(), res_stride,
-                                  weight.data_ptr(), rows, hidden, float(eps), code,
-                                  torch.get_num_threads())
-        else:
-            backend.fused_add_rms_norm(x.data_ptr(), x_stride, residual.data_ptr(), res_stride,
-                                       weight.data_ptr(), rows, hidden, float(eps), code,
-                                       _stream(x))
+        _launch(backend, op, x, x.data_ptr(), x_stride, residual.data_ptr(), res_stride,
+                weight.data_ptr(), rows, hidden, float(eps), code)
     _stats[op] += 1
 
 
-def rotary_embedding(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate-half rotary embedding, in place on ``q`` and ``k``.
-
-    ``q [..., n_heads, head_dim]``, ``k [..., n_kv_heads, head_dim]`` (or None):
-    leading dims flatten to ``positions.numel()`` tokens; last dim contiguous,
-    other strides free. ``cos``/``sin``: float32 ``[max_pos, rot_dim // 2]``
-    (``rot_dim <= head_dim``; the rest of each head is left unchanged).
-    """
+def _rotary_embedding_checked(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor) -> None:
     op = "rotary_embedding"
     code = _code(op, q)
     if q.dim() < 2:
@@ -313,16 +299,14 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor | None, positions: torch.T
         pos = positions.contiguous()
         kp, kts, khs, kh = (0, 0, 0, 0) if k is None else (
             k.data_ptr(), k_tok_stride, k.stride(-2), k.shape[-2])
-        extra = torch.get_num_threads() if backend is _C else _stream(q)
-        backend.rotary_embedding(q.data_ptr(), q_tok_stride, q.stride(-2), q.shape[-2], kp, kts,
-                                 khs, kh, head_dim, pos.data_ptr(), tokens, cos.data_ptr(),
-                                 sin.data_ptr(), rot_dim, cos.shape[0], code, extra)
+        _launch(backend, op, q, q.data_ptr(), q_tok_stride, q.stride(-2), q.shape[-2], kp, kts,
+                khs, kh, head_dim, pos.data_ptr(), tokens, cos.data_ptr(), sin.data_ptr(),
+                rot_dim, cos.shape[0], code)
     _stats[op] += 1
 
 
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(gate) * up``; ``gate``/``up`` may be row-strided (halves of one projection)."""
+def _silu_and_mul_checked(gate: torch.Tensor, up: torch.Tensor,
+                          out: torch.Tensor | None) -> torch.Tensor:
     op = "silu_and_mul"
     code = _code(op, gate)
     _same(op, "up", up, gate, "gate")
@@ -343,11 +327,113 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor,
         out.copy_(ops_ref.silu_and_mul_ref(gate, up))
         return out
     if rows and width:
-        extra = torch.get_num_threads() if backend is _C else _stream(gate)
-        backend.silu_and_mul(out.data_ptr(), width, gate.data_ptr(), g_stride, up.data_ptr(),
-                             u_stride, rows, width, code, extra)
+        _launch(backend, op, gate, out.data_ptr(), width, gate.data_ptr(), g_stride,
+                up.data_ptr(), u_stride, rows, width, code)
     _stats[op] += 1
     return out
+
+
+
+# ---------------------------------------------------------------- the ops
+# Each op first tries a fast path for the common case (CPU, contiguous, one
+# dtype, no autograd): decode calls are a few microseconds, so Python overhead
+# matters. Anything else goes through the checked path, which validates in
+# detail, handles strides and CUDA, and raises clear errors.
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight * rms_normalised(x)`` over the last dim; ``x`` may be row-strided."""
+    code = _DTYPE_CODES.get(x.dtype)
+    if (code is not None and _C is not None and x.is_cpu and weight.is_cpu
+            and weight.dtype == x.dtype and x.is_contiguous() and weight.is_contiguous()
+            and weight.dim() == 1 and x.dim() and weight.shape[0] == x.shape[-1] > 0
+            and (out is None or (out.is_cpu and out.dtype == x.dtype and out.is_contiguous()
+                                 and out.shape == x.shape))
+            and (not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled())):
+        hidden = x.shape[-1]
+        if out is None:
+            out = torch.empty_like(x)
+        rows = x.numel() // hidden
+        if rows:
+            _C.rms_norm(out.data_ptr(), hidden, x.data_ptr(), hidden, weight.data_ptr(), rows,
+                        hidden, eps, code, torch.get_num_threads())
+        _stats["rms_norm"] += 1
+        return out
+    return _rms_norm_checked(x, weight, eps, out)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> None:
+    """In place: ``residual += x``; ``x = rms_norm(residual) * weight``."""
+    code = _DTYPE_CODES.get(x.dtype)
+    if (code is not None and _C is not None and x.is_cpu and residual.is_cpu and weight.is_cpu
+            and residual.dtype == x.dtype and weight.dtype == x.dtype
+            and x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous()
+            and weight.dim() == 1 and x.dim() and weight.shape[0] == x.shape[-1] > 0
+            and residual.shape == x.shape and (not (x.requires_grad or residual.requires_grad or weight.requires_grad) or not torch.is_grad_enabled())):
+        hidden = x.shape[-1]
+        rows = x.numel() // hidden
+        if rows:
+            _C.fused_add_rms_norm(x.data_ptr(), hidden, residual.data_ptr(), hidden,
+                                  weight.data_ptr(), rows, hidden, eps, code,
+                                  torch.get_num_threads())
+        _stats["fused_add_rms_norm"] += 1
+        return
+    _fused_add_rms_norm_checked(x, residual, weight, eps)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor | None, positions: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half rotary embedding, in place on ``q`` and ``k``.
+
+    ``q [..., n_heads, head_dim]``, ``k [..., n_kv_heads, head_dim]`` (or None):
+    leading dims flatten to ``positions.numel()`` tokens; last dim contiguous,
+    other strides free. ``cos``/``sin``: float32 ``[max_pos, rot_dim // 2]``
+    (``rot_dim <= head_dim``; the rest of each head is left unchanged).
+    """
+    code = _DTYPE_CODES.get(q.dtype)
+    if (code is not None and _C is not None and k is not None and q.is_cpu and k.is_cpu
+            and positions.is_cpu and cos.is_cpu and sin.is_cpu and k.dtype == q.dtype
+            and positions.dtype == torch.int64 and cos.dtype == torch.float32
+            and sin.dtype == torch.float32 and q.is_contiguous() and k.is_contiguous()
+            and positions.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+            and q.dim() >= 2 and k.dim() >= 2 and cos.dim() == 2 and cos.shape == sin.shape
+            and k.shape[-1] == q.shape[-1] >= 2 * cos.shape[1] > 0 and (not (q.requires_grad or k.requires_grad) or not torch.is_grad_enabled())):
+        head_dim = q.shape[-1]
+        q_heads, k_heads = q.shape[-2], k.shape[-2]
+        tokens = positions.numel()
+        if q.numel() == tokens * q_heads * head_dim and k.numel() == tokens * k_heads * head_dim:
+            if tokens:
+                _C.rotary_embedding(q.data_ptr(), q_heads * head_dim, head_dim, q_heads,
+                                    k.data_ptr(), k_heads * head_dim, head_dim, k_heads,
+                                    head_dim, positions.data_ptr(), tokens, cos.data_ptr(),
+                                    sin.data_ptr(), 2 * cos.shape[1], cos.shape[0], code,
+                                    torch.get_num_threads())
+            _stats["rotary_embedding"] += 1
+            return
+    _rotary_embedding_checked(q, k, positions, cos, sin)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up``; ``gate``/``up`` may be row-strided (halves of one projection)."""
+    code = _DTYPE_CODES.get(gate.dtype)
+    if (code is not None and _C is not None and gate.is_cpu and up.is_cpu
+            and up.dtype == gate.dtype and gate.is_contiguous() and up.is_contiguous()
+            and gate.dim() and gate.shape == up.shape and gate.shape[-1] > 0
+            and (out is None or (out.is_cpu and out.dtype == gate.dtype and out.is_contiguous()
+                                 and out.shape == gate.shape))
+            and (not (gate.requires_grad or up.requires_grad) or not torch.is_grad_enabled())):
+        width = gate.shape[-1]
+        if out is None:
+            out = torch.empty_like(gate)
+        rows = gate.numel() // width
+        if rows:
+            _C.silu_and_mul(out.data_ptr(), width, gate.data_ptr(), width, up.data_ptr(), width,
+                            rows, width, code, torch.get_num_threads())
+        _stats["silu_and_mul"] += 1
+        return out
+    return _silu_and_mul_checked(gate, up, out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -357,6 +443,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     The kernel needs ``weight`` contiguous ``[out, in]`` with x's dtype
     (float32, float16 or bfloat16); anything else goes to ``torch.nn.functional.linear``.
     """
+    code = _DTYPE_CODES.get(x.dtype)
+    if (code is not None and _C is not None and x.is_cpu and weight.is_cpu
+            and weight.dtype == x.dtype and weight.dim() == 2 and x.dim()
+            and x.shape[-1] == weight.shape[1] > 0 and weight.is_contiguous()
+            and (bias is None or (bias.is_cpu and bias.dtype == x.dtype and bias.dim() == 1
+                                  and bias.shape[0] == weight.shape[0] and bias.is_contiguous()))
+            and (not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled())):
+        k = x.shape[-1]
+        rows = x.numel() // k
+        if 1 <= rows <= LINEAR_MAX_ROWS:
+            x2 = x if x.is_contiguous() else x.reshape(rows, k)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            n = weight.shape[0]
+            out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+            _C.linear(out.data_ptr(), x2.data_ptr(), k if x2 is x else x2.stride(0),
+                      weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows, k, n,
+                      code, torch.get_num_threads())
+            _stats["linear"] += 1
+            return out
+        return F.linear(x, weight, bias)
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise KernelInputError(
             f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match: "
@@ -364,22 +471,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise KernelInputError(
             f"linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    k = weight.shape[1]
-    rows = x.numel() // k if k else 0
-    code = _DTYPE_CODES.get(x.dtype)
-    if (x.device.type != "cpu" or code is None or not 1 <= rows <= LINEAR_MAX_ROWS
-            or weight.dtype != x.dtype or weight.device.type != "cpu"
-            or not weight.is_contiguous()
-            or (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()))):
-        return F.linear(x, weight, bias)
-    if _backend("linear", x, weight, bias) is None:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (x.is_cpu and code is not None and 1 <= rows <= LINEAR_MAX_ROWS
+            and weight.dtype == x.dtype and weight.is_cpu and weight.is_contiguous()
+            and (bias is None or bias.dtype == x.dtype)):
+        # A case the kernel takes, but _C is missing or autograd is on.
+        _backend("linear", x, weight, bias)
         return ops_ref.linear_ref(x, weight, bias)
-    x2 = x.reshape(rows, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n = weight.shape[0]
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    _C.linear(out.data_ptr(), x2.data_ptr(), x2.stride(0), weight.data_ptr(),
-              0 if bias is None else bias.data_ptr(), rows, k, n, code, torch.get_num_threads())
-    _stats["linear"] += 1
-    return out
+    return F.linear(x, weight, bias)

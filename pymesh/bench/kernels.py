@@ -1,0 +1,198 @@
+"""Kernel benchmark: each fused op against its pure-torch reference.
+
+``pymesh bench kernels [--json] [--quick] [--threads 2] [--ops rms_norm,linear]``
+
+Per op, at decode sizes (1, 2, 4, 8 tokens) and prefill (512 tokens), hidden 576
+and 4096, float32: median time per call of the reference (``ops_ref``, or
+``torch.nn.functional.linear`` for linear) and of the fused op (``ops``).
+Linear runs the model's weight shapes ``[out, in]`` in float32 and bfloat16;
+its rows also carry the weight-read bandwidth the fused kernel reached, next to
+the machine's streaming-read ceiling (measured here, on the same threads).
+
+Rows: op, tokens, hidden, dtype, ref_us, fused_us, speedup (+ out, gbps, threads).
+The two sides are sampled alternately so background load hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from pymesh.model import ops, ops_ref
+
+DECODE = (1, 2, 4, 8)
+PREFILL = (512,)
+HIDDEN = (576, 4096)
+LINEAR_SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096))  # weight [out, in]
+OPS = ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "linear")
+HEAD_DIM = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch and kernel threads (default 2)")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of sampling per case and side (default 0.25, 0.05 with --quick)")
+
+
+def _median_us(ref: Callable[[], Any], fused: Callable[[], Any], budget: float
+               ) -> tuple[float, float]:
+    """Median microseconds per call of each side, sampled alternately."""
+    for fn in (ref, fused, ref, fused):
+        fn()
+    calls = {}
+    for name, fn in (("ref", ref), ("fused", fused)):
+        start = time.perf_counter()
+        fn()
+        once = max(time.perf_counter() - start, 1e-7)
+        calls[name] = max(1, min(1000, int(5e-4 / once)))  # ~0.5 ms per sample
+    samples: dict[str, list[float]] = {"ref": [], "fused": []}
+    deadline = time.perf_counter() + 2 * budget
+    while (len(samples["ref"]) < 7 or time.perf_counter() < deadline) and len(samples["ref"]) < 400:
+        for name, fn in (("ref", ref), ("fused", fused)):
+            n = calls[name]
+            start = time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter_ns() - start) / n / 1e3)
+    return statistics.median(samples["ref"]), statistics.median(samples["fused"])
+
+
+def _rope_tables(max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / 10000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM)
+    angles = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
+def _cases(op: str, tokens: int, hidden: int, dtype: torch.dtype
+           ) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    gen = torch.Generator().manual_seed(tokens + hidden)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    weight = torch.randn(hidden, generator=gen).to(dtype)
+    eps = 1e-6
+    if op == "rms_norm":
+        out = torch.empty_like(x)
+        return (lambda: ops_ref.rms_norm_ref(x, weight, eps),
+                lambda: ops.rms_norm(x, weight, eps, out=out))
+    if op == "fused_add_rms_norm":
+        residual = torch.randn(tokens, hidden, generator=gen).to(dtype)
+        x2, res2 = x.clone(), residual.clone()
+        return (lambda: ops_ref.fused_add_rms_norm_ref(x, residual, weight, eps),
+                lambda: ops.fused_add_rms_norm(x2, res2, weight, eps))
+    if op == "rotary":
+        # hidden = heads * head_dim for q; k has a third of the heads (GQA, as in SmolLM2).
+        heads = hidden // HEAD_DIM
+        kv = max(1, heads // 3)
+        q = torch.randn(tokens, heads, HEAD_DIM, generator=gen).to(dtype)
+        k = torch.randn(tokens, kv, HEAD_DIM, generator=gen).to(dtype)
+        cos, sin = _rope_tables(2048)
+        pos = torch.arange(100, 100 + tokens)
+        return (lambda: ops_ref.rotary_embedding_ref(q, k, pos, cos, sin),
+                lambda: ops.rotary_embedding(q, k, pos, cos, sin))
+    if op == "silu_and_mul":
+        gate = x
+        up = torch.randn(tokens, hidden, generator=gen).to(dtype)
+        out = torch.empty_like(x)
+        return (lambda: ops_ref.silu_and_mul_ref(gate, up),
+                lambda: ops.silu_and_mul(gate, up, out=out))
+    raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+
+
+def read_bandwidth_gbps(budget: float) -> float:
+    """Streaming-read ceiling: GB/s of torch summing a 256 MiB float32 tensor."""
+    big = torch.ones(64 * 1024 * 1024)
+    big.sum()
+    times = []
+    deadline = time.perf_counter() + max(budget * 4, 0.5)
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 20):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / min(times) / 1e9
+
+
+def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
+    selected = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = sorted(set(selected) - set(OPS))
+    if unknown:
+        raise SystemExit(f"bench kernels: unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    quick = bool(getattr(args, "quick", False))
+    budget = args.budget if args.budget is not None else (0.05 if quick else 0.25)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    plan: list[tuple[str, int, Any, torch.dtype]] = []
+    for op in selected:
+        if op == "linear":
+            for dtype in (torch.float32, torch.bfloat16):
+                for shape in LINEAR_SHAPES:
+                    for tokens in DECODE + PREFILL:
+                        plan.append((op, tokens, shape, dtype))
+        else:
+            for hidden in HIDDEN:
+                for tokens in DECODE + PREFILL:
+                    plan.append((op, tokens, hidden, torch.float32))
+    rows: list[dict] = []
+    task = progress.add_task(f"kernels ({args.threads} threads)", total=len(plan) + 1)
+    try:
+        ceiling = read_bandwidth_gbps(budget) if "linear" in selected else None
+        progress.advance(task)
+        with torch.inference_mode():
+            for op, tokens, size, dtype in plan:
+                row: dict[str, Any] = {"op": op, "tokens": tokens}
+                if op == "linear":
+                    out_f, in_f = size
+                    gen = torch.Generator().manual_seed(out_f + in_f)
+                    w = torch.randn(out_f, in_f, generator=gen).to(dtype)
+                    x = torch.randn(tokens, in_f, generator=gen).to(dtype)
+                    ref_us, fused_us = _median_us(lambda: F.linear(x, w), lambda: ops.linear(x, w),
+                                                  budget)
+                    row.update(hidden=in_f, out=out_f)
+                    weight_bytes = w.numel() * w.element_size()
+                    row["gbps"] = round(weight_bytes / (fused_us * 1e-6) / 1e9, 1)
+                    row["ref_gbps"] = round(weight_bytes / (ref_us * 1e-6) / 1e9, 1)
+                else:
+                    ref_us, fused_us = _median_us(*_cases(op, tokens, size, dtype), budget)
+                    row["hidden"] = size
+                row["dtype"] = str(dtype).removeprefix("torch.")
+                row["ref_us"] = round(ref_us, 2)
+                row["fused_us"] = round(fused_us, 2)
+                row["speedup"] = round(ref_us / fused_us, 2)
+                row["threads"] = args.threads
+                if op == "linear" and ceiling is not None:
+                    row["read_ceiling_gbps"] = round(ceiling, 1)
+                rows.append(row)
+                progress.advance(task)
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows
+
+
+def render(rows: list[dict]) -> Any:
+    from rich.table import Table
+
+    threads = rows[0]["threads"] if rows else "?"
+    isa = ops._C.linear_isa() if ops._C is not None else "no _C"
+    ceiling = next((r["read_ceiling_gbps"] for r in rows if "read_ceiling_gbps" in r), None)
+    title = f"fused kernels vs reference — {threads} threads, GEMV path {isa}"
+    if ceiling is not None:
+        title += f", read ceiling {ceiling} GB/s"
+    table = Table(title=title)
+    for name, justify in (("op", "left"), ("tokens", "right"), ("hidden", "right"),
+                          ("dtype", "left"), ("ref µs", "right"), ("fused µs", "right"),
+                          ("speedup", "right"), ("GB/s (ref→fused)", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        hidden = f"{r['out']}x{r['hidden']}" if "out" in r else str(r["hidden"])
+        speed = r["speedup"]
+        color = "green" if speed >= (1 if r["tokens"] > 8 else 2) else "red"
+        bw = f"{r['ref_gbps']}→{r['gbps']}" if "gbps" in r else ""
+        table.add_row(r["op"], str(r["tokens"]), hidden, r["dtype"], f"{r['ref_us']:.1f}",
+                      f"{r['fused_us']:.1f}", f"[{color}]{speed:.2f}[/]", bw)
+    return table
