@@ -27,7 +27,9 @@ from pymesh.model.gguf_tokenizer import GGUFVocab, build_tokenizer, tokenizer_co
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+#: architectures whose q/k rows llama.cpp's converter interleaves for its rotary layout
+_PERMUTED_ARCHITECTURES = ("llama",)
 DTYPES = ("float32", "bfloat16")
 
 _BLOCK_NAMES = {
@@ -191,6 +193,12 @@ class GGUFModel:
             "use_cache": True,
             "torch_dtype": dtype,
         }
+        if a == "qwen2":  # q/k/v always carry biases; no per-layer sliding windows
+            cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
+            for key in ("attention_bias", "mlp_bias"):
+                del cfg[key]
+            if "blk.0.attn_q.bias" not in names:
+                raise ConfigError(f"{self.path}: a qwen2 GGUF without blk.0.attn_q.bias is not a Qwen2 model")
         scaling = self._rope_scaling(cfg)
         if scaling is not None:
             cfg["rope_scaling"] = scaling
@@ -364,9 +372,11 @@ def _write_safetensors(
             arr = model.read(gguf_name)
             if arr.shape != shape:
                 raise ConfigError(f"{model.path}: tensor {gguf_name!r} dequantized to {arr.shape}, expected {shape}")
-            if gguf_name.endswith("attn_q.weight") or gguf_name.endswith("attn_q.bias"):
+            if model.arch not in _PERMUTED_ARCHITECTURES:
+                pass
+            elif gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
                 arr = unpermute_rotary(arr, cfg["num_attention_heads"])
-            elif gguf_name.endswith("attn_k.weight") or gguf_name.endswith("attn_k.bias"):
+            elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
                 arr = unpermute_rotary(arr, cfg["num_key_value_heads"])
             f.write(_to_bytes(arr, dtype))
             if on_tensor is not None:

@@ -29,9 +29,13 @@ _LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Qwen2's: the same, but every digit alone.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+
 #: tokenizer.ggml.pre -> how text is split before BPE.
 #: "digits": every digit alone, then GPT-2's byte-level regex (SmolLM, StarCoder).
-#: "gpt2": GPT-2's byte-level regex alone. "llama3": Llama 3's regex, then bytes.
+#: "gpt2": GPT-2's byte-level regex alone. "llama3" / "qwen2": that model's regex, then bytes.
 PRE_TOKENIZERS: dict[str, str] = {
     "smollm": "digits",
     "starcoder": "digits",
@@ -42,6 +46,8 @@ PRE_TOKENIZERS: dict[str, str] = {
     "llama3": "llama3",
     "llama-v3": "llama3",
     "smaug-bpe": "llama3",
+    "qwen2": "qwen2",
+    "deepseek-r1-qwen": "qwen2",
 }
 
 
@@ -80,10 +86,10 @@ def _pre_tokenizer(kind: str) -> Any:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
             ]
         )
-    if kind == "llama3":
+    if kind in _SPLITS:
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.Split(Regex(_SPLITS[kind]), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
             ]
         )

@@ -100,7 +100,7 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "gpt2"])
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe", "gpt2", "qwen2"])
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_tokenizer_split_rules_and_bos_match_transformers(tmp_path: Path, pre: str, add_bos: bool) -> None:
     """transformers builds its own tokenizer from the same GGUF; pymesh's must agree.
@@ -127,7 +127,7 @@ def test_tokenizer_split_rules_and_bos_match_transformers(tmp_path: Path, pre: s
 
 #: " 12" under each split rule, with merges "Ġ 1" (first) and "1 2": GPT-2 keeps the space on
 #: the number, Llama 3 splits it off and groups digits, SmolLM splits every digit.
-SPLIT_12 = {"gpt2": [" 1", "2"], "llama-bpe": [" ", "12"], "smollm": [" ", "1", "2"]}
+SPLIT_12 = {"gpt2": [" 1", "2"], "llama-bpe": [" ", "12"], "smollm": [" ", "1", "2"], "qwen2": [" ", "1", "2"]}
 
 
 SPM_TEXTS = ["the theme", "hello there, the end", "  two leading spaces", "日本 🎉 bytes", "</s> inline", ""]
@@ -150,3 +150,31 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path: Path, add_bos: 
     # merges come from the scores: " the" is one piece, "日" falls back to three byte tokens
     assert mine.encode("the", add_special_tokens=False) == [len(tiny_gguf_vocab("llama")) - 1]
     assert len(mine.encode("日", add_special_tokens=False)) == 1 + 3  # "▁" + three UTF-8 bytes
+
+
+@pytest.mark.timeout(120)
+def test_qwen2_gguf_round_trip_with_biases(tmp_path: Path) -> None:
+    """qwen2 files: q/k/v biases, no rotary permutation; transformers runs the converted folder
+    exactly like the original weights."""
+    weights = random_weights(tied=True, seed=7)
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        for proj, rows in (("q_proj", N_HEAD * HEAD_DIM), ("k_proj", N_KV * HEAD_DIM), ("v_proj", N_KV * HEAD_DIM)):
+            weights[f"model.layers.{i}.self_attn.{proj}.bias"] = rng.normal(0, 0.5, rows).astype(np.float32)
+    write_tiny_gguf(tmp_path / "q.gguf", weights, n_head=N_HEAD, n_head_kv=N_KV, arch="qwen2", pre="qwen2",
+                    rms_eps=1e-6, rope_theta=1e6)
+    out = convert_gguf(tmp_path / "q.gguf", tmp_path / "hf", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["tie_word_embeddings"]
+    ref_cfg = transformers.Qwen2Config(
+        vocab_size=len(tiny_gguf_vocab()), hidden_size=N_HEAD * HEAD_DIM, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=N_HEAD, num_key_value_heads=N_KV, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+    )
+    ref = transformers.Qwen2ForCausalLM(ref_cfg).eval()
+    missing, unexpected = ref.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    ref.tie_weights()
+    conv = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 50, 70, 90, 3, 200, 17, 260, 12, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(conv(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)

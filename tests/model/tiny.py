@@ -216,6 +216,7 @@ def write_tiny_gguf(
     for i in range(layers):
         for hf, gg in per_block.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+            names[f"model.layers.{i}.{hf}.bias"] = f"blk.{i}.{gg}.bias"
     emb = weights["model.embed_tokens.weight"]
     vocab = tiny_gguf_vocab(tokenizer)
     assert emb.shape[0] == len(vocab), f"embedding rows {emb.shape[0]} != tiny vocab {len(vocab)}"
@@ -253,9 +254,11 @@ def write_tiny_gguf(
     for hf, arr in weights.items():
         gname = names[hf]
         a = np.asarray(arr, dtype=np.float32)
-        if gname.endswith("attn_q.weight"):
+        if arch != "llama":  # llama.cpp permutes q/k rows only for its llama architecture
+            pass
+        elif gname.endswith(("attn_q.weight", "attn_q.bias")):
             a = permute_rotary(a, n_head)
-        elif gname.endswith("attn_k.weight"):
+        elif gname.endswith(("attn_k.weight", "attn_k.bias")):
             a = permute_rotary(a, n_head_kv)
         if a.ndim == 1 or qtype == "F32":
             stored[gname] = (a, "F32")
