@@ -1,4 +1,5 @@
-"""Convert a Llama-family GGUF file into a Hugging Face model folder.
+"""Convert a Llama-family GGUF file (architectures ``llama`` and ``qwen2``) into a Hugging
+Face model folder.
 
 Output: ``config.json``, ``generation_config.json``, ``model.safetensors``,
 ``tokenizer.json`` and ``tokenizer_config.json`` (with the chat template).
