@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     from pathlib import Path
 
     from rich.console import Console
@@ -53,4 +54,7 @@ def run(args: argparse.Namespace) -> int:
         keep_logs=args.keep_logs,
         worker_args=list(args.worker_arg),
     )
+    if not args.verbose:
+        # The demo narrates what happens; library INFO lines would drown it (-v brings them back).
+        logging.getLogger("pymesh").setLevel(logging.WARNING)
     return run_demo(options, Console())

@@ -56,6 +56,22 @@ class Child:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def wait_for_output(self, needle: str, timeout: float) -> None:
+        """Block until ``needle`` appears in the child's log; DemoError if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if needle in self.log_path.read_text(errors="replace"):
+                    return
+            except OSError:
+                pass
+            if not self.alive():
+                raise DemoError(f"{self.name} (pid {self.pid}) exited with status {self.popen.returncode} "
+                                f"before printing {needle!r}; its log ends with:\n{self.log_tail()}")
+            time.sleep(0.05)
+        raise DemoError(f"{self.name} (pid {self.pid}) did not print {needle!r} within {timeout:.0f}s; "
+                        f"its log ends with:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(errors="replace")

@@ -126,7 +126,7 @@ class Demo:
         assert self.model_dir is not None
         addr = swarm.start_bootstrap()
         self.console.print(f"[bold]2.[/] bootstrap node at [bold cyan]{addr}[/] "
-                           f"({swarm.bootstrap_multiaddr})")
+                           f"({swarm.bootstrap_multiaddr}, pid {swarm.sup.children[-1].pid})")
         self.console.print(f"   watch it: [bold]pymesh monitor --bootstrap {addr}[/] "
                            f"(or add --once for a snapshot)")
         placement = self.o.placement
@@ -145,13 +145,14 @@ class Demo:
                 proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
                                           extra_args=extra)
                 self.console.print(f"   {proc.name}: automatic placement, at most {share} blocks "
-                                   f"(port {proc.port})")
+                                   f"(port {proc.port}, pid {proc.child.pid})")
                 # Let it announce before the next one chooses, so they spread out.
                 swarm.wait_for_workers([proc], timeout=self.o.timeout)
             else:
                 proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
                                           layers=spans[i], extra_args=extra)
-                self.console.print(f"   {proc.name}: --layers {spans[i][0]}-{spans[i][1]} (port {proc.port})")
+                self.console.print(f"   {proc.name}: --layers {spans[i][0]}-{spans[i][1]} "
+                                   f"(port {proc.port}, pid {proc.child.pid})")
         return self.wait_for_coverage(swarm)
 
     def wait_for_coverage(self, swarm: LocalSwarm) -> list[Any]:

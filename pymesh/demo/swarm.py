@@ -78,6 +78,11 @@ class LocalSwarm:
         self.bootstrap_port: int | None = None
         self.bootstrap_peer: PeerID | None = None
         self.workers: list[WorkerProc] = []
+        # The swarm is watched from this process by a DHT node that comes and goes with
+        # each wait; it keeps one identity and port so that, to the other nodes, it is
+        # the same contact coming back rather than a string of dead ones to time out on.
+        self._observer = Identity.generate()
+        self._observer_port = 0
 
     def __enter__(self) -> "LocalSwarm":
         return self
@@ -111,9 +116,11 @@ class LocalSwarm:
     def start_bootstrap(self) -> str:
         key, peer = self._identity("bootstrap")
         port = free_port(1, host=self.host)
-        self.sup.spawn("bootstrap", pymesh_argv(
+        child = self.sup.spawn("bootstrap", pymesh_argv(
             "bootstrap", "--port", str(port), "--host", self.host, "--identity", str(key)))
         self.bootstrap_port, self.bootstrap_peer = port, peer
+        # Nodes that start before the bootstrap answers back off for a while: wait for it.
+        child.wait_for_output("bootstrap address", timeout=60.0)
         return self.bootstrap_addr
 
     def start_worker(
@@ -156,9 +163,10 @@ class LocalSwarm:
         what: str,
         on_poll: Callable[[list[Any]], None] | None = None,
         interval: float = 0.5,
+        poll_timeout: float = 10.0,
     ) -> list[Any]:
         """Poll every worker record until ``done(records)``; children must stay alive."""
-        return trio.run(self._wait_until, done, timeout, what, on_poll, interval)
+        return trio.run(self._wait_until, done, timeout, what, on_poll, interval, poll_timeout)
 
     async def _wait_until(
         self,
@@ -167,25 +175,33 @@ class LocalSwarm:
         what: str,
         on_poll: Callable[[list[Any]], None] | None,
         interval: float,
+        poll_timeout: float,
     ) -> list[Any]:
         from pymesh.net.dht import DHTNode
         from pymesh.proto.addr import parse_addr
 
         records: list[Any] = []
+        finished = False
         with trio.move_on_after(timeout):
-            async with DHTNode(Identity.generate(), host=self.host, port=0,
+            if not self._observer_port:
+                self._observer_port = free_port(1, host=self.host)
+            async with DHTNode(self._observer, host=self.host, port=self._observer_port,
                                bootstrap=[parse_addr(self.bootstrap_addr)]) as node:
-                while True:
-                    self.sup.check_alive()
-                    with trio.move_on_after(max(2.0, interval * 4)):
+                # Errors are raised after the node's nursery has closed, so callers see a
+                # plain DemoError rather than an exception group.
+                while all(c.alive() for c in self.sup.children):
+                    with trio.move_on_after(poll_timeout):
                         records = list(await node.list_records(None))
                     if on_poll is not None:
                         on_poll(records)
                     if done(records):
-                        return records
+                        finished = True
+                        break
                     await trio.sleep(interval)
         self.sup.check_alive()
-        raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; logs are in {self.workdir}")
+        if not finished:
+            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; logs are in {self.workdir}")
+        return records
 
     def wait_for_workers(self, procs: Sequence[WorkerProc], *, timeout: float) -> list[Any]:
         """Until each of ``procs`` has an online record."""

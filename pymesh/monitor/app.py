@@ -54,8 +54,10 @@ class SwarmPoller:
         for addr in self.options.bootstrap:
             with trio.move_on_after(self.options.rtt_timeout):
                 try:
-                    if await ping(addr) is not False:
-                        return True
+                    infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=trio.socket.SOCK_DGRAM)
+                    host = str(infos[0][4][0])
+                    await ping((host, addr.port))
+                    return True
                 except Exception as exc:  # a failed ping is the answer, not a crash
                     log.debug("bootstrap %s ping failed: %s", addr, exc)
         return False
@@ -111,13 +113,21 @@ def _previous_records(state: MonitorState) -> list[RecordLike]:
     return list(state.workers)  # WorkerView has the RecordLike fields (peer_id aside)
 
 
+#: The worker's cheapest call (``pymesh.worker.wire.INFO``); its round trip is the RTT.
+INFO_METHOD = "pm.info"
+
+
 def make_rpc_pinger(rpc: Any) -> Pinger:
-    """A pinger calling the worker's ``ping`` RPC over an open :class:`RpcNode`."""
+    """A pinger timing the worker's ``pm.info`` call over an open :class:`RpcNode`.
+
+    The first call to a worker also dials it; that call is not timed, the second is.
+    """
 
     async def ping(rec: RecordLike) -> float | None:
         conn = await rpc.connect(rec.host, rec.port, rec.peer_id)
+        await conn.call(INFO_METHOD, {}, timeout=2.0)
         t0 = time.perf_counter()
-        await conn.call("ping", {}, timeout=2.0)
+        await conn.call(INFO_METHOD, {}, timeout=2.0)
         return (time.perf_counter() - t0) * 1000.0
 
     return ping
