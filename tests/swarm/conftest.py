@@ -107,12 +107,23 @@ class Proc:
         return self.popen.returncode
 
 
+#: knobs the in-process client (the Python API in the test process) reads
+CLIENT_KNOBS = ("PYMESH_STEP_TIMEOUT", "PYMESH_DISCOVERY_TIMEOUT", "PYMESH_DHT_TIMEOUT", "PYMESH_TRANSPORT_TIMEOUT",
+                "PYMESH_HEARTBEAT", "PYMESH_RECORD_TTL")
+
+
 class LocalProcs:
-    """Bootstrap + workers for one test module."""
+    """Bootstrap + workers for one test module; use as a context manager.
+
+    Inside it, the test process's own environment carries the same short client
+    timeouts as the children (restored on exit)."""
 
     def __init__(self, root: Path, **env: str) -> None:
         self.root = root
+        self._mp = pytest.MonkeyPatch()
         self.env = {**os.environ, **FAST_ENV, "PYMESH_HOME": str(root / "home"), **env}
+        for knob in CLIENT_KNOBS:
+            self._mp.setenv(knob, self.env[knob])
         self.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
         self.procs: list[Proc] = []
         self.bootstrap_addr = ""
@@ -152,8 +163,11 @@ class LocalProcs:
         return json.loads(res.stdout.strip().splitlines()[-1])
 
     def stop_all(self) -> None:
+        for p in self.procs:  # all at once: each worker's goodbye takes a moment
+            p.signal(signal.SIGTERM)
         for p in reversed(self.procs):
             p.stop()
+        self._mp.undo()
 
 
 def wait_ready(workers: Sequence[Proc], timeout: float = 90) -> None:

@@ -1,0 +1,74 @@
+"""A tiny random model over TCP and over QUIC, and recovery from a worker killed mid-generation.
+
+Workers serve both transports: blocks 0-1, 2-3 (twice: an active one and a spare) and 4-5.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.swarm.conftest import LocalProcs, assert_same_tokens, reference_run, wait_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def tiny_swarm(tmp_path_factory: pytest.TempPathFactory, tiny6_dir: Path) -> Iterator[LocalProcs]:
+    procs = LocalProcs(tmp_path_factory.mktemp("tiny-swarm"), PYMESH_STEP_TIMEOUT="5")
+    try:
+        procs.start_bootstrap()
+        spans = [(0, 1), (2, 3), (2, 3), (4, 5)]
+        workers = [procs.start_worker("--layers", f"{a}-{b}", "--model-path", str(tiny6_dir), "--transport", "both",
+                                      name=f"tiny{a}{b}-{i}") for i, (a, b) in enumerate(spans)]
+        wait_ready(workers, timeout=120)
+        procs.workers = workers  # type: ignore[attr-defined]
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "quic"])
+def test_tiny_model_over_each_transport(tiny_swarm: LocalProcs, tiny6_dir: Path, transport: str) -> None:
+    n = 32
+    ref, gaps = reference_run(tiny6_dir, PROMPT, n)
+    out = tiny_swarm.client_json("--model-path", str(tiny6_dir), "--prompt", PROMPT, "--max-tokens", str(n),
+                                 "--transport", transport)
+    assert_same_tokens(out["tokens"], ref, gaps, f"tiny model over {transport}")
+    assert [(h["start"], h["stop"]) for h in out["route"]] == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_killed_worker_is_replaced_and_output_is_identical(tiny_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    from pymesh.client.api import SwarmClient
+    from pymesh.model.sampling import SamplingParams
+
+    n = 40
+    ref, gaps = reference_run(tiny6_dir, PROMPT, n)
+    assert len(ref) > 12
+    workers = tiny_swarm.workers  # type: ignore[attr-defined]
+    got: list[int] = []
+    with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir) as client:
+        stream = client.generate(PROMPT, SamplingParams(max_new_tokens=n))
+        for token in stream:
+            got.append(token)
+            if len(got) == 6:
+                # The route is fixed now; kill the worker serving blocks 2-3 in it.
+                stats = client.last_stats
+                assert stats is not None
+                active = next(h["peer"] for h in stats.route if h["start"] == 2)
+                victim = next(w for w in workers if w.peer_id == active)
+                victim.signal(signal.SIGKILL)
+                victim.popen.wait(10)
+        stats = client.last_stats
+    assert stats is not None
+    assert_same_tokens(got, ref, gaps, "generation across a killed worker")
+    assert len(stats.recoveries) >= 1, "the kill should have forced a recovery"
+    new_mid = next(h["peer"] for h in stats.route if h["start"] == 2)
+    assert new_mid != active, "the dead worker is still in the route"
+    spare = next(w for w in workers if w.peer_id == new_mid)
+    assert spare.alive()
