@@ -118,11 +118,34 @@ void parallel_for(int64_t n, int threads, Fn&& fn) {
 #endif
 }
 
+// Run fn(begin, end) over [0, n) in chunks of `grain` handed out on demand
+// (dynamic schedule): on a loaded machine a thread that loses its core does not
+// hold the others back, they take over its remaining chunks.
+template <typename Fn>
+void parallel_for_dynamic(int64_t n, int64_t grain, int threads, Fn&& fn) {
+  if (grain < 1) grain = 1;
+  const int64_t chunks = (n + grain - 1) / grain;
+  if (threads > chunks) threads = static_cast<int>(chunks);
+  if (threads <= 1) {
+    if (n > 0) fn(int64_t{0}, n);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t begin = c * grain;
+    fn(begin, begin + grain < n ? begin + grain : n);
+  }
+#else
+  fn(int64_t{0}, n);
+#endif
+}
+
 // Threads worth using for `work_bytes` touched. Waking a sleeping OpenMP
 // thread (OMP_WAIT_POLICY=PASSIVE, as pymesh runs) costs ~10-25 us, more when
 // the other cores are busy, so a thread must get at least `per_thread` bytes.
 constexpr int64_t kElementwisePerThread = int64_t{2} << 20;
-constexpr int64_t kGemvPerThread = int64_t{4} << 20;
+constexpr int64_t kGemvPerThread = int64_t{2} << 20;
 
 PYMESH_INLINE int threads_for(int64_t work_bytes, int requested,
                               int64_t per_thread = kElementwisePerThread) {

@@ -327,13 +327,21 @@ void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, ui
     }
     int64_t bytes = out_features * in_features * static_cast<int64_t>(sizeof(T));
     int t = threads_for(bytes, threads, kGemvPerThread);
-    // Split output rows in groups of 8 so each thread's blocks stay whole.
+    // Split output rows in groups of 8 so the kernel's row blocks stay whole.
     int64_t groups = (out_features + 7) / 8;
     int R = static_cast<int>(rows);
-    parallel_for(groups, t, [&](int64_t b, int64_t e) {
+    auto work = [&](int64_t b, int64_t e) {
       int64_t n1 = e * 8 < out_features ? e * 8 : out_features;
       run_rows_any<T>(p, path, R, b * 8, n1);
-    });
+    };
+#ifdef PYMESH_GEMV_STATIC
+    parallel_for(groups, t, work);
+#else
+    // Chunks of ~256 KiB of weight: small enough to rebalance, large enough to stream.
+    int64_t group_bytes = 8 * in_features * static_cast<int64_t>(sizeof(T));
+    int64_t grain = (int64_t{256} << 10) / group_bytes;
+    parallel_for_dynamic(groups, grain < 1 ? 1 : grain, t, work);
+#endif
   });
 }
 
