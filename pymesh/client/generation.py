@@ -71,8 +71,10 @@ async def generate_tokens(
     params: Any,
     *,
     stats: GenerationStats | None = None,
+    ignore_eos: bool = False,
 ) -> AsyncIterator[int]:
-    """Yield new token ids for the prompt ``ids`` (an EOS id is yielded, then it stops)."""
+    """Yield new token ids for the prompt ``ids`` (an EOS id is yielded, then it stops,
+    unless ``ignore_eos``: benchmarks generate a fixed number of tokens)."""
     import torch
 
     from pymesh.model.generate import make_stop_check
@@ -85,7 +87,7 @@ async def generate_tokens(
         raise ConfigError("the prompt is empty: at least one token is needed")
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(ids)
-    eos = model.eos_ids
+    eos = set() if ignore_eos else model.eos_ids
     stop_check = make_stop_check(model.tokenizer, params.stop) if params.stop else None
     sampler = Sampler(params)
     history = list(ids)
