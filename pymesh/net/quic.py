@@ -17,6 +17,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
+from pymesh.net import congestion as _congestion  # noqa: F401  (registers "pymesh-delay")
 from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
 from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection
