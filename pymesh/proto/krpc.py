@@ -14,7 +14,7 @@ the BEP error code to send back (203 for malformed arguments).
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Union
@@ -93,14 +93,17 @@ Message = Union[Query, Response, ErrorReply]
 # -- compact encodings ---------------------------------------------------------------------
 
 def pack_addr(addr: Addr) -> bytes:
-    """6-byte compact IPv4 address + port."""
-    return ipaddress.IPv4Address(addr[0]).packed + struct.pack("!H", addr[1])
+    """6-byte compact IPv4 address + port; ValueError if not an IPv4 address."""
+    try:
+        return socket.inet_pton(socket.AF_INET, addr[0]) + struct.pack("!H", addr[1])
+    except (OSError, struct.error) as exc:
+        raise ValueError(f"{addr!r} is not an IPv4 address and port: {exc}") from None
 
 
 def unpack_addr_untrusted(raw: bytes) -> Addr:
     if len(raw) != 6:
         raise KRPCError(f"compact address must be 6 bytes, got {len(raw)}")
-    return str(ipaddress.IPv4Address(raw[:4])), struct.unpack("!H", raw[4:])[0]
+    return socket.inet_ntop(socket.AF_INET, raw[:4]), (raw[4] << 8) | raw[5]
 
 
 def pack_nodes(contacts: list[Contact]) -> bytes:
@@ -108,7 +111,7 @@ def pack_nodes(contacts: list[Contact]) -> bytes:
     for c in contacts:
         try:
             out.append(c.node_id + pack_addr(c.addr))
-        except (ValueError, struct.error):
+        except ValueError:
             continue  # IPv6 or unparsable host: not representable in "nodes"
     return b"".join(out)
 
@@ -147,7 +150,7 @@ def encode_response(tid: bytes, values: dict[bytes, object], *, seen: Addr | Non
     if seen is not None:
         try:
             msg[b"ip"] = pack_addr(seen)
-        except (ValueError, struct.error):
+        except ValueError:
             pass
     if client:
         msg[b"v"] = client

@@ -13,6 +13,7 @@ holds our own ID is ever split.
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass, field
 
@@ -36,6 +37,10 @@ class NodeEntry:
     last_response: float | None = None
     fail_count: int = 0
     pinged_at: float | None = None
+    nid: int = 0  # the ID as an integer, for XOR distances
+
+    def __post_init__(self) -> None:
+        self.nid = int.from_bytes(self.node_id, "big")
 
     @property
     def contact(self) -> Contact:
@@ -69,6 +74,7 @@ class RoutingTable:
         self.bad_after = bad_after
         self._rng = rng or random.Random()
         self.buckets: list[Bucket] = [Bucket(0, 1 << ID_BITS, now)]
+        self._los: list[int] = [0]
 
     # -- state ---------------------------------------------------------------------------
     def state(self, entry: NodeEntry, now: float) -> str:
@@ -83,11 +89,8 @@ class RoutingTable:
         return sum(len(b.nodes) for b in self.buckets)
 
     def _bucket_index(self, node_id: bytes) -> int:
-        nid = int.from_bytes(node_id, "big")
-        for i, b in enumerate(self.buckets):
-            if b.covers(nid):
-                return i
-        raise AssertionError("buckets cover the whole ID space")
+        # Buckets tile the ID space in order: the last one starting at or below the ID.
+        return bisect.bisect_right(self._los, int.from_bytes(node_id, "big")) - 1
 
     def get(self, node_id: bytes) -> NodeEntry | None:
         return self.buckets[self._bucket_index(node_id)].find(node_id)
@@ -190,6 +193,7 @@ class RoutingTable:
                 half.replacements.append(r)
         i = self.buckets.index(bucket)
         self.buckets[i:i + 1] = [low, high]
+        self._los = [b.lo for b in self.buckets]
 
     # -- queries -------------------------------------------------------------------------
     def closest(self, target: bytes, n: int | None = None) -> list[Contact]:
@@ -198,7 +202,7 @@ class RoutingTable:
         t = int.from_bytes(target, "big")
         n = n or self.k
         entries = [e for b in self.buckets for e in b.nodes if e.fail_count < self.bad_after]
-        entries.sort(key=lambda e: int.from_bytes(e.node_id, "big") ^ t)
+        entries.sort(key=lambda e: e.nid ^ t)
         fine = [e for e in entries if e.fail_count == 0]
         if len(fine) < n:
             fine = entries
