@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-tokens", type=int, default=8192,
                         help="KV-cache budget in tokens, summed over sessions (default 8192)")
     parser.add_argument("--identity", default=None, metavar="FILE",
-                        help="identity key file (default ~/.pymesh/worker-PORT.key, created on first start)")
+                        help="identity key file (default ~/.pymesh/worker-PORT.key, created on first start; a fresh key when --port is 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or every core)")
     parser.add_argument("--max-blocks", type=int, default=None,
                         help="without --layers: serve at most this many blocks (also $PYMESH_MAX_BLOCKS)")

@@ -64,8 +64,10 @@ class WorkerOptions:
 class Worker:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
-        ident_path = opts.identity or default_identity_path(f"worker-{opts.port or 'any'}")
-        self.identity = Identity.load_or_create(ident_path)
+        if opts.identity or opts.port:
+            self.identity = Identity.load_or_create(opts.identity or default_identity_path(f"worker-{opts.port}"))
+        else:  # any port: no stable key file to share with other workers on this machine
+            self.identity = Identity.generate()
         self.peer_id: PeerID = self.identity.peer_id
         self.model_id = self._model_id()
         self.num_blocks: int | None = opts.num_layers

@@ -43,6 +43,22 @@ def test_tiny_model_over_each_transport(tiny_swarm: LocalProcs, tiny6_dir: Path,
     assert [(h["start"], h["stop"]) for h in out["route"]] == [(0, 2), (2, 4), (4, 6)]
 
 
+def test_chain_naming_missing_layers_fails_at_once(tiny_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    """The seed's example chain lists layers 0-23; this model has 6: an immediate, named error."""
+    import time
+
+    chain = ",".join(str(i) for i in range(24))
+    t0 = time.monotonic()
+    res = tiny_swarm.client("--model-path", str(tiny6_dir), "--prompt", "hi", "--chain", chain)
+    assert res.returncode == 1
+    assert "layers that do not exist: 6-23" in res.stderr and "0-5" in res.stderr
+    assert "Client: resolved chain" not in res.stderr  # refused before any network work
+    assert time.monotonic() - t0 < 60
+    ok = tiny_swarm.client_json("--model-path", str(tiny6_dir), "--prompt", "hi", "--chain", "0-1,2-5",
+                                "--max-tokens", "3")
+    assert len(ok["tokens"]) >= 1
+
+
 def test_killed_worker_is_replaced_and_output_is_identical(tiny_swarm: LocalProcs, tiny6_dir: Path) -> None:
     from pymesh.client.api import SwarmClient
     from pymesh.model.sampling import SamplingParams
