@@ -147,17 +147,22 @@ class Supervisor:
             return None
 
     def stop_all(self) -> None:
-        """Stop children newest first (workers announce offline before the bootstrap goes).
+        """Stop the children: all but the first together, then the first.
 
-        All still-running children get SIGTERM at once so their grace periods overlap,
-        then each is waited for (and killed if needed) in reverse start order.
+        The first child is the one the others depend on (a local swarm's bootstrap node):
+        workers get SIGTERM at once, so their grace periods overlap, and can still reach
+        it to announce that they go offline; it is stopped once they are gone.
         """
-        for c in reversed(self.children):
+        if not self.children:
+            return
+        first, rest = self.children[0], self.children[1:]
+        for c in reversed(rest):
             if c.alive():
                 _signal_group(c.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
-        for c in reversed(self.children):
+        for c in reversed(rest):
             self.stop(c, grace=max(0.1, deadline - time.monotonic()))
+        self.stop(first)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
