@@ -72,7 +72,7 @@ class DelayBasedCongestionControl(QuicCongestionControl):
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
         self.bytes_in_flight -= packet.sent_bytes
-        if packet.sent_time <= self._recovery_start:
+        if (packet.sent_time or 0.0) <= self._recovery_start:
             return
         target = self._target()
         off_target = (target - self._queue_delay()) / target   # 1 = empty queue, < 0 = over target
@@ -96,7 +96,7 @@ class DelayBasedCongestionControl(QuicCongestionControl):
         lost_largest_time = 0.0
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
-            lost_largest_time = packet.sent_time
+            lost_largest_time = packet.sent_time or 0.0
         if lost_largest_time <= self._recovery_start:
             return  # same loss event (one reduction per round trip)
         self._recovery_start = now

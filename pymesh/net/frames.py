@@ -261,14 +261,15 @@ def decode_envelope_untrusted(data: bytes | bytearray | memoryview, payload_len:
         dims = spec[1]
         if len(dims) > limits.max_dims:
             raise FrameError(f"tensor {i} has {len(dims)} dimensions; the cap is {limits.max_dims}")
+        shape: list[int] = []
         for d in dims:
             if not isinstance(d, int) or d < 0 or d > limits.max_frame_bytes:
                 raise FrameError(f"tensor {i} has an invalid dimension {d!r}")
-        shape = tuple(dims)  # type: ignore[arg-type]
+            shape.append(d)
         total += nbytes_of(dtype, shape)
         if total > payload_len:
             raise FrameError(f"tensor specs need more than the {payload_len} payload bytes the header announces")
-        env.specs.append((dtype, shape))
+        env.specs.append((dtype, tuple(shape)))
     if total != payload_len:
         raise FrameError(f"tensor specs describe {total} bytes but the header announces {payload_len}")
     return env

@@ -147,9 +147,11 @@ class QuicRpcConnection(Connection):
         self._on_terminated("closed by this node")
 
 
-async def _run_handshake_stream(driver: QuicDriver, stream: QStream, limits_fn: TransportConfig):  # type: ignore[no-untyped-def]
+def _handshake_io(driver: QuicDriver, stream: QStream, config: TransportConfig
+                  ) -> tuple[handshake.ReadFn, handshake.SendFn]:
+    """Frame read/write functions over the handshake stream."""
     async def read() -> Frame:
-        return await read_frame_untrusted(stream, limits_fn.limits)
+        return await read_frame_untrusted(stream, config.limits)
 
     async def send(data: bytes) -> None:
         await driver.send(stream, data, end=False)
@@ -185,7 +187,7 @@ async def _serve_inbound(node: "RpcNode", driver: QuicDriver) -> None:
                 if driver.terminated is not None:
                     return
                 stream = driver.open_stream()
-                read, send = await _run_handshake_stream(driver, stream, cfg)
+                read, send = _handshake_io(driver, stream, cfg)
                 peer = await handshake.server_handshake(node.identity, node.protocol_version, read, send, cfg.limits)
                 await driver.send(stream, b"", end=True)
                 driver.forget(stream)
@@ -210,9 +212,13 @@ async def dial(node: "RpcNode", endpoint: QuicEndpoint, host: str, port: int, pe
     assert endpoint.nursery is not None
     await endpoint.nursery.start(driver.run)
     try:
-        addr = (await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM))[0][4]
-        if endpoint.sock.family == socket.AF_INET6 and len(addr) == 2:
-            addr = ("::ffff:" + addr[0], addr[1], 0, 0)
+        family = endpoint.sock.family
+        flags = socket.AI_V4MAPPED if family == socket.AF_INET6 else 0
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM, flags=flags)
+        except OSError as exc:
+            raise PeerUnavailable(f"cannot resolve {host}:{port} for QUIC: {exc}") from None
+        addr = infos[0][4]
         with trio.fail_after(cfg.connect_timeout):
             quic.connect(addr, now=trio.current_time())
             driver.after_io()
@@ -221,7 +227,7 @@ async def dial(node: "RpcNode", endpoint: QuicEndpoint, host: str, port: int, pe
                 raise PeerUnavailable(f"QUIC connection to {peer_id.short()} at {host}:{port} failed: {driver.terminated}")
             check_peer_certificate(quic.tls._peer_certificate, peer_id)
             stream = await driver.incoming.receive()
-            read, send = await _run_handshake_stream(driver, stream, cfg)
+            read, send = _handshake_io(driver, stream, cfg)
             await handshake.client_handshake(node.identity, node.protocol_version, peer_id, read, send)
             await driver.send(stream, b"", end=True)
             driver.forget(stream)

@@ -21,7 +21,7 @@ import socket
 from typing import Any, Callable
 
 import trio
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -348,9 +348,9 @@ def _relax_pacing(quic: QuicConnection) -> None:
         t = original(now)
         if t is None or t - now < 0.001:
             return None
-        return t  # type: ignore[no-any-return]
+        return t
 
-    pacer.next_send_time = next_send_time  # type: ignore[method-assign]
+    pacer.next_send_time = next_send_time  # type: ignore[method-assign,assignment]
 
 
 class QuicEndpoint:

@@ -120,7 +120,8 @@ class TlsStream:
     async def recv_into(self, view: memoryview) -> int:
         while True:
             try:
-                return self._obj.read(len(view), view)
+                n: int = self._obj.read(len(view), view)  # type: ignore[assignment]  # int with a buffer
+                return n
             except ssl.SSLWantReadError:
                 if self._eof:
                     return 0

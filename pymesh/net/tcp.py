@@ -190,9 +190,9 @@ class TcpConnection(Connection):
         elif t == FrameType.PUSH:
             self._nursery.start_soon(self._serve_push, frame)
         elif t == FrameType.CANCEL:
-            scope = self._serving.get(frame.request_id)
-            if scope is not None:
-                scope.cancel()
+            serving = self._serving.get(frame.request_id)
+            if serving is not None:
+                serving.cancel()
         elif t in (FrameType.PING, FrameType.PONG):
             pass
         else:

@@ -46,7 +46,7 @@ def tensor_to_blob(t: torch.Tensor) -> TensorBlob:
     flat = t.reshape(-1)
     if t.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    data = memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
     return TensorBlob(_TO_NAME[t.dtype], shape, data)
 
 
