@@ -274,6 +274,7 @@ class DHTNode(RecordOps):
                     continue
                 replies[c.node_id] = (c, resp)
                 lk.on_response(c.node_id, nodes, now)
+            nursery.cancel_scope.cancel()  # stragglers no longer matter
         return lk.result(), replies
 
     async def bootstrap(self) -> int:

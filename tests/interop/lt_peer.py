@@ -56,7 +56,15 @@ def main() -> None:
     port = int(sys.argv[1])
     bootstrap = sys.argv[2] if len(sys.argv) > 2 else ""
     ses = make_session(port, bootstrap)
-    print(json.dumps({"ready": True}), flush=True)
+    # Ready once the DHT runs and the UDP socket listens (bounded wait).
+    end = time.monotonic() + 20
+    listening = False
+    while time.monotonic() < end and not (listening and ses.is_dht_running()):
+        ses.wait_for_alert(100)
+        for a in ses.pop_alerts():
+            if isinstance(a, lt.listen_succeeded_alert):
+                listening = True
+    print(json.dumps({"ready": bool(listening and ses.is_dht_running())}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         cmd = req["cmd"]
