@@ -36,21 +36,6 @@ PYMESH_SILU_CLONES(float, f32)
 PYMESH_SILU_CLONES(f16, f16)
 PYMESH_SILU_CLONES(bf16, bf16)
 
-template <typename T>
-struct SiluImpl;
-template <>
-struct SiluImpl<float> {
-  static constexpr auto run = silu_and_mul_f32;
-};
-template <>
-struct SiluImpl<f16> {
-  static constexpr auto run = silu_and_mul_f16;
-};
-template <>
-struct SiluImpl<bf16> {
-  static constexpr auto run = silu_and_mul_bf16;
-};
-
 }  // namespace
 
 void silu_and_mul_cpu(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t gate_stride,
@@ -61,6 +46,7 @@ void silu_and_mul_cpu(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t
                  std::to_string(rows) + " width=" + std::to_string(width));
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    auto run = pick<T>(silu_and_mul_f32, silu_and_mul_f16, silu_and_mul_bf16);
     int64_t bytes = rows * width * static_cast<int64_t>(sizeof(T)) * 3;
     // silu costs more than a copy: count each byte twice.
     int t = threads_for(bytes * 2, threads);
@@ -69,14 +55,14 @@ void silu_and_mul_cpu(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t
     const T* u = reinterpret_cast<const T*>(up);
     if (rows >= t) {
       parallel_for(rows, t, [&](int64_t b, int64_t e) {
-        SiluImpl<T>::run(o, out_stride, g, gate_stride, u, up_stride, width, b, e);
+        run(o, out_stride, g, gate_stride, u, up_stride, width, b, e);
       });
     } else {
       // Few tokens (decode): split the columns instead, in whole cache lines.
       int64_t lines = (width + 15) / 16;
       parallel_for(lines, t, [&](int64_t b, int64_t e) {
         int64_t c0 = b * 16, c1 = e * 16 < width ? e * 16 : width;
-        SiluImpl<T>::run(o + c0, out_stride, g + c0, gate_stride, u + c0, up_stride, c1 - c0, 0,
+        run(o + c0, out_stride, g + c0, gate_stride, u + c0, up_stride, c1 - c0, 0,
                          rows);
       });
     }

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -163,7 +164,15 @@ inline void check_dtype(int dtype) {
                  " (expected 0=float32, 1=float16, 2=bfloat16)");
 }
 
-// Call fn.template operator()<T>() with T the C++ type of a dtype code.
+// The one of three per-dtype functions that matches T (float, f16, bf16).
+template <typename T, typename F32, typename F16, typename BF16>
+constexpr auto pick(F32 for_f32, F16 for_f16, BF16 for_bf16) {
+  if constexpr (std::is_same_v<T, float>) return for_f32;
+  else if constexpr (std::is_same_v<T, f16>) return for_f16;
+  else return for_bf16;
+}
+
+// Call fn(T{}) with T the C++ type of a dtype code.
 template <typename Fn>
 void dispatch_dtype(int dtype, Fn&& fn) {
   switch (dtype) {

@@ -75,24 +75,6 @@ PYMESH_RMS_CLONES(float, f32)
 PYMESH_RMS_CLONES(f16, f16)
 PYMESH_RMS_CLONES(bf16, bf16)
 
-template <typename T>
-struct RmsImpl;
-template <>
-struct RmsImpl<float> {
-  static constexpr auto norm = rms_norm_f32;
-  static constexpr auto fused = fused_add_rms_norm_f32;
-};
-template <>
-struct RmsImpl<f16> {
-  static constexpr auto norm = rms_norm_f16;
-  static constexpr auto fused = fused_add_rms_norm_f16;
-};
-template <>
-struct RmsImpl<bf16> {
-  static constexpr auto norm = rms_norm_bf16;
-  static constexpr auto fused = fused_add_rms_norm_bf16;
-};
-
 void check_rows(int64_t rows, int64_t hidden, int64_t stride_a, int64_t stride_b,
                 const char* op) {
   if (rows < 0 || hidden <= 0)
@@ -112,8 +94,9 @@ void rms_norm_cpu(uintptr_t out, int64_t out_stride, uintptr_t x, int64_t x_stri
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     int64_t bytes = rows * hidden * static_cast<int64_t>(sizeof(T)) * 2;
+    auto norm = pick<T>(rms_norm_f32, rms_norm_f16, rms_norm_bf16);
     parallel_for(rows, threads_for(bytes, threads), [&](int64_t b, int64_t e) {
-      RmsImpl<T>::norm(reinterpret_cast<T*>(out), out_stride, reinterpret_cast<const T*>(x),
+      norm(reinterpret_cast<T*>(out), out_stride, reinterpret_cast<const T*>(x),
                        x_stride, reinterpret_cast<const T*>(weight), hidden,
                        static_cast<float>(eps), b, e);
     });
@@ -127,8 +110,9 @@ void fused_add_rms_norm_cpu(uintptr_t x, int64_t x_stride, uintptr_t residual,
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     int64_t bytes = rows * hidden * static_cast<int64_t>(sizeof(T)) * 2;
+    auto fused = pick<T>(fused_add_rms_norm_f32, fused_add_rms_norm_f16, fused_add_rms_norm_bf16);
     parallel_for(rows, threads_for(bytes, threads), [&](int64_t b, int64_t e) {
-      RmsImpl<T>::fused(reinterpret_cast<T*>(x), x_stride, reinterpret_cast<T*>(residual),
+      fused(reinterpret_cast<T*>(x), x_stride, reinterpret_cast<T*>(residual),
                         res_stride, reinterpret_cast<const T*>(weight), hidden,
                         static_cast<float>(eps), b, e);
     });

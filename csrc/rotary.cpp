@@ -42,21 +42,6 @@ PYMESH_ROTARY_CLONES(float, f32)
 PYMESH_ROTARY_CLONES(f16, f16)
 PYMESH_ROTARY_CLONES(bf16, bf16)
 
-template <typename T>
-struct RotaryImpl;
-template <>
-struct RotaryImpl<float> {
-  static constexpr auto run = rotary_f32;
-};
-template <>
-struct RotaryImpl<f16> {
-  static constexpr auto run = rotary_f16;
-};
-template <>
-struct RotaryImpl<bf16> {
-  static constexpr auto run = rotary_bf16;
-};
-
 }  // namespace
 
 void rotary_embedding_cpu(uintptr_t q, int64_t q_token_stride, int64_t q_head_stride,
@@ -81,13 +66,14 @@ void rotary_embedding_cpu(uintptr_t q, int64_t q_token_stride, int64_t q_head_st
   const float* s = reinterpret_cast<const float*>(sin);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    auto run = pick<T>(rotary_f32, rotary_f16, rotary_bf16);
     int64_t bytes = tokens * (q_heads + k_heads) * rot_dim * static_cast<int64_t>(sizeof(T)) * 2;
     parallel_for(tokens, threads_for(bytes, threads), [&](int64_t b, int64_t e) {
       if (q_heads > 0)
-        RotaryImpl<T>::run(reinterpret_cast<T*>(q), q_token_stride, q_head_stride, q_heads,
+        run(reinterpret_cast<T*>(q), q_token_stride, q_head_stride, q_heads,
                            half, pos, c, s, b, e);
       if (k != 0 && k_heads > 0)
-        RotaryImpl<T>::run(reinterpret_cast<T*>(k), k_token_stride, k_head_stride, k_heads,
+        run(reinterpret_cast<T*>(k), k_token_stride, k_head_stride, k_heads,
                            half, pos, c, s, b, e);
     });
   });
