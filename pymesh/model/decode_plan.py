@@ -43,10 +43,9 @@ def fast_decode_enabled() -> bool:
 
 def plan_supported(span: "SpanModel", cache: KVCache) -> bool:
     """Whether the compiled kernels can run this span's decode steps on this cache."""
-    _C = getattr(ops, "_C", None)
-    return (fast_decode_enabled() and _C is not None and getattr(ops, "using_c", lambda: False)()
+    return (fast_decode_enabled() and ops.using_c()
             and span.device.type == "cpu" and span.dtype in _DTYPE_CODES
-            and 1 <= cache.batch <= getattr(ops, "LINEAR_MAX_ROWS", 0) and bool(span.blocks)
+            and 1 <= cache.batch <= ops.LINEAR_MAX_ROWS and bool(span.blocks)
             and all(t.is_contiguous() for b in span.blocks for t in (b.w_qkv, b.w_o, b.w_gate_up, b.w_down)))
 
 

@@ -3,7 +3,8 @@
 Weights are pre-fused at load time: q, k and v projections form one matrix (one
 GEMV per decode step instead of three) and gate/up form another. Norms, rotary
 embedding, SiLU-and-mul and the projections go through the fused-op front end
-``pymesh.model.ops`` (pure-torch stand-ins while it is absent).
+``pymesh.model.ops`` (which runs its pure-torch reference when ``pymesh._C`` is
+missing).
 """
 
 from __future__ import annotations
@@ -13,16 +14,10 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from pymesh.model import ops
 from pymesh.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-try:  # the kernels' front end (another part of pymesh); identical names and semantics
-    from pymesh.model import ops as ops
-except Exception as _exc:  # pragma: no cover - only while ops.py is absent or mid-build
-    from pymesh.model import _ops_fallback as ops  # type: ignore[no-redef]
-
-    log.warning("pymesh.model.ops unavailable (%s); using the slow pure-torch fallback ops", _exc)
 
 _sdpa = F.scaled_dot_product_attention
 

@@ -20,7 +20,7 @@ CASES = {
     "phi3": ("phi3", {}),
     "head-dim": ("llama", {"head_dim": 32}),
 }
-needs_c = pytest.mark.skipif(not getattr(ops, "using_c", lambda: False)(),
+needs_c = pytest.mark.skipif(not ops.using_c(),
                              reason="pymesh._C is not built: the fast path needs the compiled kernels")
 
 
