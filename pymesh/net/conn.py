@@ -104,7 +104,8 @@ class Connection:
         if self.closed:
             raise PeerUnavailable(f"connection to {self.peer.short()} is closed ({self.close_reason or 'closed'})")
 
-    # ---- shared server-side dispatch
+    # ---- shared server-side dispatch (callers hold one of ``_handler_slots``: at most
+    # max_concurrent_handlers calls and pushes are in progress per connection)
     async def _serve_call(self, frame: Frame) -> tuple[bytes, list[memoryview]]:
         """Run the handler for a CALL frame; returns the encoded REPLY or ERROR frame."""
         method = frame.envelope.name
@@ -115,8 +116,7 @@ class Connection:
                                      message=f"no method {method!r} on this node")
         ctx = CallContext(self.peer, self, method)
         try:
-            async with self._handler_slots:
-                meta, tensors = await handler(ctx, frame.envelope.meta, frame.tensors)
+            meta, tensors = await handler(ctx, frame.envelope.meta, frame.tensors)
             return encode_frame_head(FrameType.REPLY, rid, meta=meta, tensors=tensors, limits=self.config.limits)
         except RemoteError as exc:
             return encode_frame_head(FrameType.ERROR, rid, code=exc.code, message=exc.message)
@@ -132,7 +132,6 @@ class Connection:
             self._log.warning("push on topic %r from %s has no handler; dropped", topic, self.peer.short())
             return
         try:
-            async with self._handler_slots:
-                await handler(self, frame.envelope.meta, frame.tensors)
+            await handler(self, frame.envelope.meta, frame.tensors)
         except Exception:
             self._log.exception("push handler for %r from %s failed", topic, self.peer.short())

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from pymesh.errors import RemoteProtocolError
 from pymesh.proto import bencode
@@ -304,19 +304,30 @@ class FrameReader(Protocol):
     async def readinto_exact(self, view: memoryview) -> None: ...
 
 
+#: Allocates the receive buffer of one tensor: ``alloc(nbytes) -> writable memoryview``.
+Allocator = Callable[[int], memoryview]
+
+
+def default_allocator(nbytes: int) -> memoryview:
+    return memoryview(bytearray(nbytes))
+
+
 async def read_frame_untrusted(reader: FrameReader, limits: FrameLimits, *,
-                               first: bytes | bytearray | None = None) -> Frame:
-    """Read one frame; tensor bytes land directly in freshly allocated buffers of the
-    announced (capped) size, which the returned blobs own."""
+                               first: bytes | bytearray | None = None,
+                               alloc: Allocator = default_allocator) -> Frame:
+    """Read one frame; tensor bytes land directly in buffers from ``alloc`` (called only
+    after the announced sizes passed the caps), which the returned blobs own."""
     raw = first if first is not None else await reader.read_exact(HEADER_SIZE)
     head = decode_header_untrusted(raw, limits)
     meta = await reader.read_exact(head.meta_len) if head.meta_len else b""
     env = decode_envelope_untrusted(meta, head.payload_len, limits)
     tensors: list[TensorBlob] = []
     for dtype, shape in env.specs:
-        buf = bytearray(nbytes_of(dtype, shape))
-        view = memoryview(buf)
-        if len(buf):
+        n = nbytes_of(dtype, shape)
+        view = alloc(n) if n else memoryview(b"")
+        if n and (len(view) != n or view.readonly):
+            raise ValueError(f"receive allocator returned {len(view)} bytes (readonly={view.readonly}), asked for {n}")
+        if n:
             await reader.readinto_exact(view)
         tensors.append(TensorBlob(dtype, shape, view))
     return Frame(head.type, head.request_id, env, tensors)

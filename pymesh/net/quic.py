@@ -91,10 +91,14 @@ class QuicRpcConnection(Connection):
             self.driver.ping(next(_ping_ids))
 
     async def _serve_stream(self, stream: QStream) -> None:
+        async with self._handler_slots:
+            await self._serve_stream_slot(stream)
+
+    async def _serve_stream_slot(self, stream: QStream) -> None:
         driver = self.driver
         try:
             with trio.move_on_after(self.config.frame_timeout) as scope:
-                frame = await read_frame_untrusted(stream, self.config.limits)
+                frame = await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator)
             if scope.cancelled_caught:
                 self._log.info("peer %s held stream %d open for over frame_timeout=%ss; reset",
                                self.peer.short(), stream.sid, self.config.frame_timeout)
@@ -122,7 +126,7 @@ class QuicRpcConnection(Connection):
         stream = driver.open_stream()
         try:
             await driver.send_frame(stream, head, payloads)
-            return await read_frame_untrusted(stream, self.config.limits)
+            return await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator)
         except StreamAborted as exc:
             raise PeerUnavailable(f"call to {self.peer.short()} aborted: {exc}") from None
         except BaseException:

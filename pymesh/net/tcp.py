@@ -160,12 +160,17 @@ class TcpConnection(Connection):
                     self._fail("the peer closed the connection")
                     return
                 with trio.move_on_after(cfg.frame_timeout) as frame_scope:
-                    frame = await read_frame_untrusted(reader, cfg.limits)
+                    frame = await read_frame_untrusted(reader, cfg.limits, alloc=self.node.allocator)
                 if frame_scope.cancelled_caught:
                     why = f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s"
                     self._log.info("closing connection to %s: %s", self.peer.short(), why)
                     self._fail(why)
                     return
+                if frame.type in (FrameType.CALL, FrameType.PUSH):
+                    # Backpressure: with every handler slot busy, stop reading; TCP's window
+                    # then stalls the peer. (Replies queued behind wait too, so handlers must
+                    # not all wait on calls back over this same connection.)
+                    await self._handler_slots.acquire()
                 self._dispatch(frame)
         except RemoteProtocolError as exc:
             self._log.warning("peer %s sent an invalid frame, closing: %s", self.peer.short(), exc)
@@ -188,7 +193,7 @@ class TcpConnection(Connection):
             self._serving[frame.request_id] = scope
             self._nursery.start_soon(self._handle_call, frame, scope)
         elif t == FrameType.PUSH:
-            self._nursery.start_soon(self._serve_push, frame)
+            self._nursery.start_soon(self._handle_push, frame)
         elif t == FrameType.CANCEL:
             serving = self._serving.get(frame.request_id)
             if serving is not None:
@@ -198,12 +203,19 @@ class TcpConnection(Connection):
         else:
             raise RemoteProtocolError(f"unexpected {t.name} frame after the handshake")
 
+    async def _handle_push(self, frame: Frame) -> None:
+        try:
+            await self._serve_push(frame)
+        finally:
+            self._handler_slots.release()
+
     async def _handle_call(self, frame: Frame, scope: trio.CancelScope) -> None:
         try:
             with scope:
                 head, payloads = await self._serve_call(frame)
         finally:
             self._serving.pop(frame.request_id, None)
+            self._handler_slots.release()
         if scope.cancelled_caught:
             return
         try:

@@ -50,6 +50,13 @@ def tensor_to_blob(t: torch.Tensor) -> TensorBlob:
     return TensorBlob(_TO_NAME[t.dtype], shape, data)
 
 
+def pinned_allocator(nbytes: int) -> memoryview:
+    """Receive buffers in pinned (page-locked) host memory, for ``RpcNode.allocator`` on a
+    CUDA host: ``blob_to_tensor(b, "cuda")`` then copies them to the GPU asynchronously."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return memoryview(host.numpy())  # type: ignore[arg-type]  # the array keeps `host` alive
+
+
 def blob_to_tensor(b: TensorBlob, device: str | torch.device = "cpu") -> torch.Tensor:
     """The blob's bytes as a tensor; on CPU it shares the received buffer (no copy)."""
     dtype = _FROM_NAME[b.dtype]
@@ -64,6 +71,8 @@ def blob_to_tensor(b: TensorBlob, device: str | torch.device = "cpu") -> torch.T
     if dev.type == "cpu":
         return t
     if dev.type == "cuda":
+        if t.is_pinned():  # received with pinned_allocator
+            return t.to(dev, non_blocking=True)
         pinned = torch.empty(t.shape, dtype=dtype, pin_memory=True)
         pinned.copy_(t)
         return pinned.to(dev, non_blocking=True)

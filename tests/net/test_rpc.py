@@ -180,3 +180,76 @@ def test_connect_reuses_and_aclose(transport: str) -> None:
             assert meta["meta"] == {"x": 1}
 
     trio.run(main)
+
+
+def test_tensor_views_are_zero_copy() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    blob = tensor_to_blob(t)
+    t[0, 0] = 42.0  # the blob is a view of t's storage, not a copy
+    assert torch.frombuffer(bytearray(blob.data[:4]), dtype=torch.float32).item() == 42.0
+    bf = torch.randn(5).to(torch.bfloat16)
+    assert blob_to_tensor(tensor_to_blob(bf)).equal(bf)
+    received = TensorBlob("float32", (2,), memoryview(bytearray(8)))
+    back = blob_to_tensor(received)
+    back[1] = 7.0  # the tensor wraps the received buffer
+    assert bytes(received.data[4:]) == torch.tensor([7.0]).numpy().tobytes()
+
+
+@pytest.mark.timeout(60)
+def test_payloads_land_in_the_node_allocator(transport: str) -> None:
+    async def main() -> None:
+        async with node_pair(transport) as (server, client, conn):
+            handed_out: list[memoryview] = []
+
+            def alloc(n: int) -> memoryview:
+                view = memoryview(bytearray(n))
+                handed_out.append(view)
+                return view
+
+            server.allocator = alloc
+            seen: list[bool] = []
+
+            async def check(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]):  # type: ignore[no-untyped-def]
+                seen.append(any(t.data.obj is v.obj for t in tensors for v in handed_out))
+                return {}, []
+
+            server.register("check", check)
+            await conn.call("check", {}, [tensor_to_blob(torch.ones(1000))], timeout=10)
+            assert seen == [True] and [len(v) for v in handed_out] == [4000]
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_handler_concurrency_is_bounded(transport: str) -> None:
+    async def main() -> None:
+        from tests.net.helpers import fast_config
+        async with node_pair(transport, server_config=fast_config(max_concurrent_handlers=2)) as (server, _, conn):
+            running = 0
+            peak = 0
+            release = trio.Event()
+
+            async def wait(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]):  # type: ignore[no-untyped-def]
+                nonlocal running, peak
+                running += 1
+                peak = max(peak, running)
+                await release.wait()
+                running -= 1
+                return meta, []
+
+            server.register("wait", wait)
+            done: list[int] = []
+
+            async def one(i: int) -> None:
+                meta, _ = await conn.call("wait", {"i": i}, timeout=30)
+                done.append(int(meta["i"]))  # type: ignore[call-overload]
+
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(one, i)
+                await trio.sleep(0.5)
+                assert peak == 2 and not done
+                release.set()
+            assert sorted(done) == list(range(10)) and peak == 2
+
+    trio.run(main)
