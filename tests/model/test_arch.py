@@ -30,6 +30,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2-bias": ("qwen2", {}),
     "phi3": ("phi3", {}),
     "head-dim": ("llama", {"head_dim": 32}),  # 4 heads x 32 != hidden 64
+    "llama-attn-bias": ("llama", {"attention_bias": True}),  # q, k, v and o biases (randomised below)
 }
 PROMPT = [1, 450, 7031, 310, 3444, 338, 3681, 29889, 13, 512, 9, 40000, 77, 1234, 5, 49151, 3, 300, 301,
           302, 303]
@@ -40,7 +41,22 @@ TOL = 1e-4
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, LocalModel]:
     arch, overrides = CASES[request.param]
     folder = make_tiny_model(tmp_path_factory.mktemp(request.param), arch, **overrides)
+    if overrides.get("attention_bias"):
+        randomise_biases(folder)
     return folder, load_reference(folder), LocalModel.load(folder)
+
+
+def randomise_biases(folder: Path) -> None:
+    """transformers initialises biases to zero, which would hide a bias bug: make them random."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(7)
+    biases = [n for n in tensors if n.endswith(".bias")]
+    assert any(".o_proj." in n for n in biases)
+    for name in biases:
+        tensors[name] = torch.randn(tensors[name].shape, generator=gen) * 0.1
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def _prefill(model: LocalModel, ids: list[int]) -> torch.Tensor:
