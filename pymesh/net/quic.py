@@ -68,6 +68,13 @@ class QuicRpcConnection(Connection):
 
     async def serve(self) -> None:
         """Accept the peer's streams (calls and pushes) until the connection ends."""
+        try:
+            await self._serve()
+        except Exception as exc:  # a bug or an unexpected error ends this connection, not the node
+            self._log.exception("connection to %s failed", self.peer.short())
+            self.driver.close(ERR_PROTOCOL, f"internal error: {type(exc).__name__}")
+
+    async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keepalive)
             # Streams opened before now wait in the channel; later ones are spawned straight
@@ -182,6 +189,14 @@ def new_endpoint(node: "RpcNode", host: str, port: int, *, server: bool) -> Quic
 
 
 async def _serve_inbound(node: "RpcNode", driver: QuicDriver) -> None:
+    try:
+        await _serve_inbound_inner(node, driver)
+    except Exception:  # never let one connection take the endpoint (and node) down
+        log.exception("inbound QUIC connection failed")
+        driver.close(ERR_PROTOCOL, "internal error")
+
+
+async def _serve_inbound_inner(node: "RpcNode", driver: QuicDriver) -> None:
     cfg = node.config
     async with trio.open_nursery() as nursery:
         await nursery.start(driver.run)

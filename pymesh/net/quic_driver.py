@@ -443,7 +443,11 @@ class QuicEndpoint:
                     log.exception("aioquic failed on a datagram from %s; dropped", addr)
                 touched[id(driver)] = driver
             for driver in touched.values():
-                driver.after_io()
+                try:
+                    driver.after_io()
+                except Exception:
+                    log.exception("QUIC connection failed while processing datagrams; closed")
+                    driver._terminate("internal error")
 
     def _route_untrusted(self, data: bytes, addr: Any) -> QuicDriver | None:
         try:

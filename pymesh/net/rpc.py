@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 TRANSPORTS = ("quic", "tcp", "tcp-plain")
 
 
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
 class RpcNode:
     def __init__(self, identity: Identity, *, transport: str = "quic", config: TransportConfig | None = None) -> None:
         if transport not in TRANSPORTS:
@@ -101,8 +108,15 @@ class RpcNode:
             with trio.CancelScope(shield=True):
                 await conn.aclose()
         self._nursery.cancel_scope.cancel()
-        result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
-        self._nursery = None
+        try:
+            result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # Hand the caller the exception its own block raised, not trio's wrapping of it.
+            if exc is not None and _leaves(group) == [exc]:
+                raise exc from None
+            raise
+        finally:
+            self._nursery = None
         return result
 
     def _require_started(self) -> trio.Nursery:

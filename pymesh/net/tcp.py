@@ -57,6 +57,9 @@ class TcpConnection(Connection):
                 nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._keepalive)
                 task_status.started()
+        except Exception as exc:  # a bug or an unexpected error ends this connection, not the node
+            self._log.exception("connection to %s failed", self.peer.short())
+            self._mark_closed(f"internal error: {exc!r}")
         finally:
             self._mark_closed(self.close_reason or "connection closed")
             with trio.CancelScope(shield=True):
