@@ -13,7 +13,7 @@ Queries go to the closest not-yet-queried candidates among the k closest known
 (failed ones excluded). The lookup stops when the k closest known candidates have all
 answered. As in the Kademlia paper, when a whole batch brings nothing closer than the
 best node already known, the next batch goes to every not-yet-queried node of the k
-closest at once instead of alpha of them.
+closest at once instead of alpha of them (``sweep=False`` keeps every batch at alpha).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class _Candidate:
 
 class Lookup:
     def __init__(self, target: bytes, seeds: list[Contact], *, k: int = K, alpha: int = ALPHA,
-                 own_id: bytes | None = None, max_queries: int = 200, max_candidates: int = 256) -> None:
+                 own_id: bytes | None = None, max_queries: int = 200, max_candidates: int = 256,
+                 sweep: bool = True) -> None:
         self.target = target
         self._t = int.from_bytes(target, "big")
         self.k = k
@@ -44,6 +45,7 @@ class Lookup:
         self.own_id = own_id
         self.max_queries = max_queries
         self.max_candidates = max_candidates
+        self.sweep = sweep
         self._cands: dict[bytes, _Candidate] = {}
         self._sorted: list[_Candidate] = []
         self.rounds = 0
@@ -110,7 +112,8 @@ class Lookup:
         if not fresh:
             return []
         best = self._best()
-        if inflight == 0 and self._best_at_last_batch is not None and best == self._best_at_last_batch:
+        if self.sweep and inflight == 0 and self._best_at_last_batch is not None \
+                and best == self._best_at_last_batch:
             batch = fresh  # no progress in the last batch: query the rest of the k closest
         else:
             batch = fresh[: max(0, self.alpha - inflight)]

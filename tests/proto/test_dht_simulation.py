@@ -19,9 +19,11 @@ def test_thousand_nodes_with_churn() -> None:
     row = simulate(1000, 300, churn=0.2, seed=11)
     print(f"\n1,000 nodes, 20% departed: success {row['success_rate']:.3f}, median rounds "
           f"{row['median_rounds']}, p95 rounds {row['p95_rounds']}, "
-          f"{row['messages_per_lookup']:.1f} messages per lookup")
+          f"{row['messages_per_lookup']:.1f} messages per lookup; alpha-only batches: success "
+          f"{row['alpha_only_success_rate']:.3f}, median rounds {row['alpha_only_median_rounds']}")
     assert row["success_rate"] >= 0.99
     assert row["median_rounds"] <= 6
+    assert row["alpha_only_success_rate"] >= 0.99
 
 
 @pytest.mark.timeout(120)
