@@ -47,6 +47,8 @@ PYBIND11_MODULE(_C, m) {
         arg("dtype"), arg("threads") = 0,
         "y = x @ weight.T + bias for 1..linear_max_rows() rows of x on CPU (GEMV)");
   m.def("linear_max_rows", &pymesh::linear_max_rows);
+  m.def("read_sum", &pymesh::read_sum, release(), arg("data"), arg("n"), arg("threads") = 0,
+        "sum of n float32 values streamed like GEMV weights (bandwidth benchmark)");
   m.def("linear_isa", &pymesh::linear_isa, "which GEMV code path this CPU runs");
   m.def("linear_limit_isa", &pymesh::linear_limit_isa, arg("name"),
         "cap the GEMV code path at avx512+avx512_bf16 (default), avx512 or generic (tests)");

@@ -273,7 +273,44 @@ bool cpu_has_avx512bf16() {
   return yes && cpu_has_avx512() && g_path_limit >= 2;
 }
 
+// Sum of n floats: the streaming-read ceiling the GEMV is measured against.
+PYMESH_AVX512 float sum_avx512(const float* p, int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
+    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+PYMESH_CLONES float sum_generic(const float* p, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+
 }  // namespace
+
+double read_sum(uintptr_t data, int64_t n, int threads) {
+  const float* p = reinterpret_cast<const float*>(data);
+  const bool wide = cpu_has_avx512();
+  const int64_t grain = (int64_t{256} << 10) / 4;  // same 256 KiB chunks as the GEMV
+  const int64_t chunks = (n + grain - 1) / grain;
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+  parallel_for_dynamic(n, grain, threads_for(n * 4, threads, kGemvPerThread),
+                       [&](int64_t b, int64_t e) {
+                         partial[b / grain] = wide ? sum_avx512(p + b, e - b)
+                                                   : sum_generic(p + b, e - b);
+                       });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
 
 int linear_max_rows() { return kMaxRows; }
 

@@ -36,6 +36,8 @@ void silu_and_mul_cpu(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t
 void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, uintptr_t bias,
                 int64_t rows, int64_t in_features, int64_t out_features, int dtype, int threads);
 int linear_max_rows();
+// Sum of n float32 values, read the way linear_cpu reads weights: the bandwidth ceiling.
+double read_sum(uintptr_t data, int64_t n, int threads);
 std::string linear_isa();
 // Caps the GEMV code path (the best the CPU has is used up to the cap): for tests.
 void linear_limit_isa(const std::string& name);

@@ -6,8 +6,9 @@ Per op, at decode sizes (1, 2, 4, 8 tokens) and prefill (512 tokens), hidden 576
 and 4096, float32: median time per call of the reference (``ops_ref``, or
 ``torch.nn.functional.linear`` for linear) and of the fused op (``ops``).
 Linear runs the model's weight shapes ``[out, in]`` in float32 and bfloat16;
-its rows also carry the weight-read bandwidth the fused kernel reached, next to
-the machine's streaming-read ceiling (measured here, on the same threads).
+its rows also carry the weight-read bandwidth both sides reached (gbps, ref_gbps),
+next to the machine's streaming-read ceiling measured in the same run on the same
+threads (read_ceiling_gbps: the best of summing a 256 MiB buffer).
 
 Rows: op, tokens, hidden, dtype, ref_us, fused_us, speedup (+ out, gbps, threads).
 The two sides are sampled alternately so background load hits both alike.
@@ -105,15 +106,19 @@ def _cases(op: str, tokens: int, hidden: int, dtype: torch.dtype
     raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
-def read_bandwidth_gbps(budget: float) -> float:
-    """Streaming-read ceiling: GB/s of torch summing a 256 MiB float32 tensor."""
+def read_bandwidth_gbps(budget: float, threads: int) -> float:
+    """Streaming-read ceiling: best GB/s summing a 256 MiB float32 buffer, read in the
+    same chunks and threads as the GEMV reads weights (torch's sum without ``_C``)."""
     big = torch.ones(64 * 1024 * 1024)
-    big.sum()
+    c = ops._C
+    read = (lambda: c.read_sum(big.data_ptr(), big.numel(), threads)) if c is not None and hasattr(
+        c, "read_sum") else big.sum
+    read()
     times = []
     deadline = time.perf_counter() + max(budget * 4, 0.5)
     while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 20):
         start = time.perf_counter()
-        big.sum()
+        read()
         times.append(time.perf_counter() - start)
     return big.numel() * 4 / min(times) / 1e9
 
@@ -141,7 +146,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     rows: list[dict] = []
     task = progress.add_task(f"kernels ({args.threads} threads)", total=len(plan) + 1)
     try:
-        ceiling = read_bandwidth_gbps(budget) if "linear" in selected else None
+        ceiling = read_bandwidth_gbps(budget, args.threads) if "linear" in selected else None
         progress.advance(task)
         with torch.inference_mode():
             for op, tokens, size, dtype in plan:

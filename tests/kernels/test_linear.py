@@ -94,3 +94,12 @@ def test_linear_close_to_torch_linear_bf16() -> None:
     w = randn(512, 4096, dtype=torch.bfloat16, seed=9)
     torch.testing.assert_close(ops.linear(x, w).float(), F.linear(x, w).float(),
                                rtol=1.6e-2, atol=0.3)
+
+
+def test_read_sum_streams_every_element() -> None:
+    """The bandwidth probe of the benchmark sums what it reads (odd length, both thread counts)."""
+    data = randn(3 * (1 << 20) + 7, seed=10)
+    expected = data.double().sum().item()
+    for threads in (1, 2):
+        assert ops._C is not None
+        assert ops._C.read_sum(data.data_ptr(), data.numel(), threads) == pytest.approx(expected, abs=1e-1)
