@@ -7,6 +7,8 @@ import random
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymesh import PROTOCOL_VERSION
 from pymesh.proto import krpc
@@ -190,3 +192,26 @@ def test_records_expire_after_ttl(core: DHTCore) -> None:
     inc = core.receive(data, SRC, NOW + 61)
     assert inc.reply is not None
     assert ok(krpc.decode_message_untrusted(inc.reply))[b"recs"] == []  # type: ignore[arg-type]
+
+
+QUERIES = [
+    krpc.encode_query(b"q1", b"ping", {b"id": ME}),
+    krpc.encode_query(b"q2", b"get_peers", {b"id": ME, b"info_hash": b"\x22" * 20}),
+    krpc.encode_query(b"q3", b"announce_peer", {b"id": ME, b"info_hash": b"\x22" * 20, b"port": 1, b"token": b"t"}),
+    krpc.encode_query(b"q4", b"put", {b"id": ME, b"v": b"x", b"k": b"k" * 32, b"sig": b"s" * 64, b"seq": 1,
+                                      b"token": b"t"}),
+    krpc.encode_query(b"q5", b"pm_get", {b"id": ME, b"target": b"\x01" * 20, b"b": 2, b"after": b"a"}),
+    krpc.encode_query(b"q6", b"pm_put", {b"id": ME, b"target": b"\x01" * 20, b"rec": b"d1:ai1ee", b"token": b"t"}),
+]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(QUERIES), st.integers(0, 300), st.integers(0, 255), st.binary(max_size=100))
+def test_core_never_raises_on_hostile_datagrams(q: bytes, pos: int, byte: int, junk: bytes) -> None:
+    core = DHTCore(b"\x55" * 20, now=NOW, rng=random.Random(2))
+    mutated = bytearray(q)
+    mutated[pos % len(mutated)] = byte
+    for data in (bytes(mutated), junk, q[: pos % len(q)], q + junk):
+        inc = core.receive(data, SRC, NOW)
+        if inc.reply is not None:
+            krpc.decode_message_untrusted(inc.reply)  # whatever we send back is valid KRPC
