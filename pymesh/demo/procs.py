@@ -146,6 +146,13 @@ class Supervisor:
             log.error("%s (pid %d) survived SIGKILL", child.name, child.pid)
             return None
 
+    def retire(self, child: Child) -> int | None:
+        """Stop one child on purpose: it is no longer watched (its exit is not a failure)."""
+        code = self.stop(child)
+        if child in self.children:
+            self.children.remove(child)
+        return code
+
     def stop_all(self) -> None:
         """Stop the children: all but the first together, then the first.
 

@@ -26,6 +26,10 @@ from pymesh.demo.swarm import LocalSwarm, covered_blocks, model_matches
 
 log = logging.getLogger(__name__)
 
+#: How long automatic placement gets to cover every block before the demo falls back
+#: to an explicit split (workers re-check placement on a slower period than this).
+AUTO_COVER_TIMEOUT = 60.0
+
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
     "Name three primary colors.",
@@ -129,33 +133,44 @@ class Demo:
                            f"({swarm.bootstrap_multiaddr}, pid {swarm.sup.children[-1].pid})")
         self.console.print(f"   watch it: [bold]pymesh monitor --bootstrap {addr}[/] "
                            f"(or add --once for a snapshot)")
-        placement = self.o.placement
-        limit_flag = _worker_flags(_worker_help()) if placement == "auto" else None
-        if placement == "auto" and limit_flag is None:
-            self.console.print("   [yellow]the worker has no flag to limit automatic placement to a share "
-                               "of the blocks on one machine; using an explicit even split instead[/]")
-            placement = "split"
-        spans = even_split(self.num_blocks, self.o.workers)
-        share = math.ceil(self.num_blocks / self.o.workers)
-        for i in range(self.o.workers):
-            extra = list(self.o.worker_args)
-            if placement == "auto":
-                assert limit_flag is not None
-                extra += [limit_flag, str(share)]
-                proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
-                                          extra_args=extra)
-                self.console.print(f"   {proc.name}: automatic placement, at most {share} blocks "
-                                   f"(port {proc.port}, pid {proc.child.pid})")
-                # Let it announce before the next one chooses, so they spread out.
-                swarm.wait_for_workers([proc], timeout=self.o.timeout)
+        if self.o.placement == "auto":
+            limit_flag = _worker_flags(_worker_help())
+            if limit_flag is None:
+                self.console.print("   [yellow]the worker has no flag to limit automatic placement to a "
+                                   "share of the blocks; using an explicit even split instead[/]")
             else:
-                proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
-                                          layers=spans[i], extra_args=extra)
-                self.console.print(f"   {proc.name}: --layers {spans[i][0]}-{spans[i][1]} "
-                                   f"(port {proc.port}, pid {proc.child.pid})")
-        return self.wait_for_coverage(swarm)
+                try:
+                    self.start_auto(swarm, limit_flag)
+                    return self.wait_for_coverage(swarm, timeout=min(self.o.timeout, AUTO_COVER_TIMEOUT))
+                except DemoError as exc:
+                    if "timed out" not in str(exc):
+                        raise
+                    self.console.print(f"   [yellow]automatic placement did not cover every block ({exc}); "
+                                       "restarting the workers with an explicit even split[/]")
+                    for proc in list(swarm.workers):
+                        swarm.stop_worker(proc)
+        self.start_split(swarm)
+        return self.wait_for_coverage(swarm, timeout=self.o.timeout)
 
-    def wait_for_coverage(self, swarm: LocalSwarm) -> list[Any]:
+    def start_auto(self, swarm: LocalSwarm, limit_flag: str) -> None:
+        """Workers without --layers, each capped to its share, started one after another."""
+        share = math.ceil(self.num_blocks / self.o.workers)
+        for _ in range(self.o.workers):
+            proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
+                                      extra_args=[*self.o.worker_args, limit_flag, str(share)])
+            self.console.print(f"   {proc.name}: automatic placement, at most {share} blocks "
+                               f"(port {proc.port}, pid {proc.child.pid})")
+            # Let it announce before the next one chooses, so they spread out.
+            swarm.wait_for_workers([proc], timeout=self.o.timeout)
+
+    def start_split(self, swarm: LocalSwarm) -> None:
+        for span in even_split(self.num_blocks, self.o.workers):
+            proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
+                                      layers=span, extra_args=self.o.worker_args)
+            self.console.print(f"   {proc.name}: --layers {span[0]}-{span[1]} "
+                               f"(port {proc.port}, pid {proc.child.pid})")
+
+    def wait_for_coverage(self, swarm: LocalSwarm, *, timeout: float) -> list[Any]:
         columns = (TextColumn("   blocks served"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
             task = progress.add_task("cover", total=self.num_blocks)
@@ -164,8 +179,7 @@ class Demo:
                 progress.update(task, completed=sum(covered_blocks(records, self.model_id, self.num_blocks)))
                 progress.refresh()
 
-            records = swarm.wait_for_coverage(self.model_id, self.num_blocks, timeout=self.o.timeout,
-                                              on_poll=show)
+            records = swarm.wait_for_coverage(self.model_id, self.num_blocks, timeout=timeout, on_poll=show)
         names = {w.peer_id: w.name for w in swarm.workers}
         self.console.print(placement_table(records, self.model_id, self.num_blocks, names))
         return records

@@ -8,14 +8,15 @@ the swarm can wait for each worker's own record to appear in the DHT.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import trio
-
+from pymesh.demo.observer import Observer
 from pymesh.demo.procs import Child, DemoError, Supervisor, free_port, pymesh_argv
 from pymesh.proto.identity import Identity, PeerID
 
@@ -68,8 +69,6 @@ class LocalSwarm:
         self._own_dir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="pymesh-swarm-")) if workdir is None else Path(workdir)
         self.host = host
-        import os
-
         full_env = dict(os.environ)
         full_env.update(LOCAL_ENV)
         full_env.update(env or {})
@@ -78,11 +77,7 @@ class LocalSwarm:
         self.bootstrap_port: int | None = None
         self.bootstrap_peer: PeerID | None = None
         self.workers: list[WorkerProc] = []
-        # The swarm is watched from this process by a DHT node that comes and goes with
-        # each wait; it keeps one identity and port so that, to the other nodes, it is
-        # the same contact coming back rather than a string of dead ones to time out on.
-        self._observer = Identity.generate()
-        self._observer_port = 0
+        self._observer: Observer | None = None
 
     def __enter__(self) -> "LocalSwarm":
         return self
@@ -91,6 +86,9 @@ class LocalSwarm:
         self.close()
 
     def close(self) -> None:
+        if self._observer is not None:
+            self._observer.close()
+            self._observer = None
         self.sup.stop_all()
         if self._own_dir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -152,9 +150,26 @@ class LocalSwarm:
         return proc
 
     def stop_worker(self, proc: WorkerProc) -> None:
-        self.sup.stop(proc.child)
+        """Stop one worker (SIGTERM: it announces offline) and forget it."""
+        self.sup.retire(proc.child)
+        if proc in self.workers:
+            self.workers.remove(proc)
 
     # ---- watching the DHT ---------------------------------------------------------------
+    def observer(self) -> Observer:
+        """The swarm's own DHT node (started on first use, stopped by :meth:`close`)."""
+        if self._observer is None:
+            from pymesh.proto.addr import parse_addr
+
+            obs = Observer(parse_addr(self.bootstrap_addr), host=self.host)
+            obs.start()
+            self._observer = obs
+        return self._observer
+
+    def records(self, timeout: float = 10.0) -> list[Any]:
+        """Every worker record in the DHT right now (empty if the lookup timed out)."""
+        return self.observer().list_records(timeout) or []
+
     def wait_until(
         self,
         done: Callable[[list[Any]], bool],
@@ -166,42 +181,20 @@ class LocalSwarm:
         poll_timeout: float = 10.0,
     ) -> list[Any]:
         """Poll every worker record until ``done(records)``; children must stay alive."""
-        return trio.run(self._wait_until, done, timeout, what, on_poll, interval, poll_timeout)
-
-    async def _wait_until(
-        self,
-        done: Callable[[list[Any]], bool],
-        timeout: float,
-        what: str,
-        on_poll: Callable[[list[Any]], None] | None,
-        interval: float,
-        poll_timeout: float,
-    ) -> list[Any]:
-        from pymesh.net.dht import DHTNode
-        from pymesh.proto.addr import parse_addr
-
+        deadline = time.monotonic() + timeout
         records: list[Any] = []
-        finished = False
-        with trio.move_on_after(timeout):
-            if not self._observer_port:
-                self._observer_port = free_port(1, host=self.host)
-            async with DHTNode(self._observer, host=self.host, port=self._observer_port,
-                               bootstrap=[parse_addr(self.bootstrap_addr)]) as node:
-                # Errors are raised after the node's nursery has closed, so callers see a
-                # plain DemoError rather than an exception group.
-                while all(c.alive() for c in self.sup.children):
-                    with trio.move_on_after(poll_timeout):
-                        records = list(await node.list_records(None))
-                    if on_poll is not None:
-                        on_poll(records)
-                    if done(records):
-                        finished = True
-                        break
-                    await trio.sleep(interval)
+        while time.monotonic() < deadline:
+            self.sup.check_alive()
+            got = self.observer().list_records(min(poll_timeout, max(0.1, deadline - time.monotonic())))
+            if got is not None:
+                records = got
+            if on_poll is not None:
+                on_poll(records)
+            if done(records):
+                return records
+            time.sleep(interval)
         self.sup.check_alive()
-        if not finished:
-            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; logs are in {self.workdir}")
-        return records
+        raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; logs are in {self.workdir}")
 
     def wait_for_workers(self, procs: Sequence[WorkerProc], *, timeout: float) -> list[Any]:
         """Until each of ``procs`` has an online record."""
