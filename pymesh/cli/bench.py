@@ -73,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not getattr(args, "verbose", 0):
+        # Swarm and transport parts run clients, workers and DHT nodes in this process:
+        # their INFO lines would bury the tables (-v brings them back).
+        for name in ("pymesh.client", "pymesh.worker", "pymesh.net", "pymesh.model"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     err = Console(stderr=True)
     out = err if args.json else Console()
     single = args.part is not None
