@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per run (default 128; --quick 32)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of each worker and of the baseline (default: every core)")
+                        help="torch threads of each worker and of the baseline (default: half the cores)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per configuration, best kept (default 2)")
 
 

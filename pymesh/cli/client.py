@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--transport", default="quic", choices=["quic", "tcp"])
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming text")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or every core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
     parser.add_argument("--hidden-size", type=int, default=4096, help="echo test: hidden size of the test tensor")
     parser.add_argument("--rounds", type=int, default=10, help="echo test: how many times the tensor goes around")
     add_sampling_arguments(parser)

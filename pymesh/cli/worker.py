@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV-cache budget in tokens, summed over sessions (default 8192)")
     parser.add_argument("--identity", default=None, metavar="FILE",
                         help="identity key file (default ~/.pymesh/worker-PORT.key, created on first start; a fresh key when --port is 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or every core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
     parser.add_argument("--max-blocks", type=int, default=None,
                         help="without --layers: serve at most this many blocks (also $PYMESH_MAX_BLOCKS)")
     parser.add_argument("--num-layers", type=int, default=None,
@@ -66,5 +66,16 @@ def run(args: argparse.Namespace) -> int:
         identity=args.identity, threads=args.threads, max_blocks=args.max_blocks, num_layers=args.num_layers,
         progress=not args.quiet,
     )
-    trio.run(run_worker, opts)
+    try:
+        trio.run(run_worker, opts)
+    except BaseExceptionGroup as group:
+        # Errors raised inside the worker's nurseries arrive wrapped; report the one that matters.
+        from pymesh.errors import PymeshError
+
+        found = group.subgroup(lambda e: isinstance(e, PymeshError))
+        while found is not None and isinstance(found, BaseExceptionGroup) and len(found.exceptions) == 1:
+            found = found.exceptions[0]  # type: ignore[assignment]
+        if isinstance(found, PymeshError):
+            raise found from None
+        raise
     return 0

@@ -102,6 +102,12 @@ async def generate_tokens(
         with torch.inference_mode():
             return int(sampler.sample(head.logits(out[0, -1]), history))
 
+    def pick_and_embed(out: Any) -> tuple[int, Any]:
+        """Sample the next token and embed it: one trip to the compute thread per token."""
+        token = pick(out)
+        history.append(token)
+        return token, embed([[token]])
+
     async with InferenceSession(swarm, 0, model.config.num_hidden_layers, max(total, 1)) as session:
         stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
         t0 = time.perf_counter()
@@ -110,17 +116,15 @@ async def generate_tokens(
         try:
             for i in range(params.max_new_tokens):
                 out = await session.step(hidden)
-                token = await trio.to_thread.run_sync(pick, out)
+                token, hidden = await trio.to_thread.run_sync(pick_and_embed, out)
                 if i == 0:
                     stats.prefill_s = time.perf_counter() - t0
                     t_decode = time.perf_counter()
-                history.append(token)
                 stats.tokens.append(token)
                 stats.decode_s = time.perf_counter() - t_decode
                 yield token
                 if token in eos or (stop_check is not None and stop_check(stats.tokens)):
                     return
-                hidden = await trio.to_thread.run_sync(embed, [[token]])
         finally:
             stats.recoveries = list(session.recoveries)
             stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]

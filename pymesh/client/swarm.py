@@ -87,8 +87,16 @@ class Swarm:
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.__aexit__(*exc)
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._stack.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            # The nodes' nurseries wrap whatever left the `async with` body in a group;
+            # hand the caller the error it raised, not the wrapping.
+            original = exc[1] if len(exc) > 1 else None
+            if original is not None and _leaves(group) == [original]:
+                raise original from None
+            raise
 
     def _on_push(self, topic: str) -> Any:
         async def handler(conn: Any, meta: dict[str, Any], tensors: list[Any]) -> None:
@@ -190,3 +198,9 @@ class Swarm:
                 return await conn.call(method, meta, tensors, timeout=t)
         except trio.TooSlowError:
             raise PeerUnavailable(f"worker {option.peer.short()} did not answer {method} within {t:.0f} s") from None
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
