@@ -21,6 +21,7 @@ import socket
 from typing import Any, Callable
 
 import trio
+from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
@@ -205,11 +206,21 @@ class QuicDriver:
     def receive(self, data: bytes, addr: Any, now: float) -> None:
         self.quic.receive_datagram(data, addr, now)
 
-    def after_io(self) -> None:
-        """Process events, transmit, re-arm the timer, wake senders waiting for ACKs."""
+    def after_io(self, piggyback_ack: bool = False) -> None:
+        """Process events, transmit, re-arm the timer, wake senders waiting for ACKs.
+
+        aioquic holds an ACK back for 1 ms, so a reply sent sooner would go without it and
+        a separate ACK-only datagram (one more wake-up of the peer) would follow. When the
+        application is sending anyway (``piggyback_ack``), pending ACKs ride along now."""
         self._process_events()
+        if piggyback_ack:
+            space = self.quic._spaces.get(tls.Epoch.ONE_RTT)
+            if space is not None and space.ack_at is not None:
+                space.ack_at = trio.current_time()
         self.transmit()
-        self._timer_scope.deadline = self._deadline()
+        deadline = self._deadline()
+        if deadline != self._timer_scope.deadline:  # re-registering a deadline has a cost
+            self._timer_scope.deadline = deadline
         self._progress.set()
         self._progress = trio.Event()
 
@@ -307,7 +318,7 @@ class QuicDriver:
         if len(view) == 0:
             self._check_send(stream)
             self.quic.send_stream_data(stream.sid, b"", end)
-            self.after_io()
+            self.after_io(piggyback_ack=True)
             return
         for off in range(0, len(view), SEND_CHUNK):
             while True:
@@ -317,7 +328,7 @@ class QuicDriver:
                 await self._progress.wait()
             chunk = view[off:off + SEND_CHUNK]
             self.quic.send_stream_data(stream.sid, chunk, end and off + len(chunk) == len(view))  # type: ignore[arg-type]
-            self.after_io()
+            self.after_io(piggyback_ack=True)
 
     async def send_frame(self, stream: QStream, head: bytes, payloads: list[memoryview]) -> None:
         """Send one whole frame and end the stream; small frames go out as one write."""
