@@ -58,7 +58,9 @@ class DHTCore:
         self.node_id = node_id
         self.k = k
         self.record_ttl = record_ttl
-        self._rng = rng or random.Random()
+        # Unseeded, use the OS's randomness: transaction ids and token secrets must not be
+        # predictable. Simulations pass a seeded Random for repeatable runs.
+        self._rng = rng or random.SystemRandom()
         self.routing = RoutingTable(node_id, now=now, k=k, rng=self._rng)
         self.tokens = TokenManager(now=now, rotate_every=token_rotate,
                                    random_bytes=lambda n: self._rng.getrandbits(8 * n).to_bytes(n, "big"))
@@ -69,8 +71,10 @@ class DHTCore:
 
     # -- outgoing ------------------------------------------------------------------------
     def next_tid(self) -> bytes:
+        """A 4-byte transaction id: a counter (no reuse among recent queries) and 16
+        random bits (a spoofed reply must guess them)."""
         self._tid = (self._tid + 1) & 0xFFFF
-        return self._tid.to_bytes(2, "big")
+        return self._tid.to_bytes(2, "big") + self._rng.getrandbits(16).to_bytes(2, "big")
 
     def make_query(self, method: bytes, args: dict[bytes, object] | None = None) -> tuple[bytes, bytes]:
         """(transaction id, datagram) of a query from this node."""
