@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -51,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         console = Console()
     if args.blocks is not None:
         options.model_blocks = {args.model: args.blocks}
+    if not args.verbose:
+        # Log lines would tear the full-screen view (and clutter --once output): -v keeps them.
+        logging.getLogger("pymesh").setLevel(logging.WARNING)
     try:
         state = trio.run(lambda: monitor_loop(options, console=console, once=args.once))
     except KeyboardInterrupt:

@@ -78,6 +78,19 @@ def test_unknown_subcommand_and_bad_flag_fail_cleanly() -> None:
     assert "expected HOST:PORT" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.timeout(60)
+def test_monitor_once_with_no_bootstrap_says_so() -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))  # a port that is bound but never answers
+        port = s.getsockname()[1]
+        out = pymesh("monitor", "--once", "--bootstrap", f"127.0.0.1:{port}", "--timeout", "2", timeout=50)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "UNREACHABLE" in out.stdout
+    assert "the bootstrap node did not answer" in out.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("part", [
     pytest.param(p, marks=pytest.mark.timeout(BENCH_TIMEOUT[p] + 30)) for p in sorted(BENCH_SCHEMAS)
