@@ -69,8 +69,8 @@ def test_twenty_nodes_announce_find_and_list() -> None:
 def test_record_expires_once_refreshing_stops_and_offline_at_shutdown() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
-            nodes = await swarm(stack, 6, cfg(ttl=3.0))
-            w1, w2, client = nodes[1], nodes[2], nodes[5]
+            nodes = await swarm(stack, 20, cfg(ttl=3.0))
+            w1, w2, client = nodes[1], nodes[2], nodes[19]
             await w1.publish_record(rec(0, 4))
             await w2.publish_record(rec(4, 8))
             await trio.sleep(4.0)  # longer than the TTL: heartbeats keep both alive
@@ -98,8 +98,8 @@ def test_record_expires_once_refreshing_stops_and_offline_at_shutdown() -> None:
 def test_forged_records_are_refused_by_every_node() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
-            nodes = await swarm(stack, 5, cfg())
-            alice, mallory, client = nodes[1], nodes[2], nodes[4]
+            nodes = await swarm(stack, 20, cfg())
+            alice, mallory, client = nodes[1], nodes[2], nodes[19]
             await alice.publish_record(rec(0, 8, port=1111))
             real = (await client.find_model_records(MODEL))[0]
             # Mallory re-signs Alice's record with her own key but keeps Alice's peer id in it.
