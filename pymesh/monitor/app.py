@@ -180,12 +180,12 @@ async def poll_until_records(poller: SwarmPoller, state: MonitorState, budget: f
 
 
 class _maybe_rpc:
-    """``async with``: an RpcNode-backed pinger when the transport exists, else None."""
+    """``async with``: a pinger over one RpcNode per transport, or None without a transport."""
 
     def __init__(self, ident: Any, factory: Callable[[], Any] | None) -> None:
         self.ident = ident
         self.factory = factory
-        self.rpc: Any = None
+        self.nodes: dict[str, Any] = {}
 
     async def __aenter__(self) -> Pinger | None:
         if self.factory is not None:
@@ -195,11 +195,21 @@ class _maybe_rpc:
         except ImportError:
             log.info("pymesh.net.rpc is not available: RTT column stays blank")
             return None
-        self.rpc = RpcNode(self.ident)
-        await self.rpc.__aenter__()
-        return make_rpc_pinger(self.rpc)
+        for transport in ("quic", "tcp"):
+            node = RpcNode(self.ident, transport=transport)
+            await node.__aenter__()
+            self.nodes[transport] = node
+        by_transport = {name: make_rpc_pinger(node) for name, node in self.nodes.items()}
+
+        async def ping(rec: RecordLike) -> float | None:
+            # The worker's first listed transport that this monitor speaks.
+            for name in rec.transports:
+                if name in by_transport:
+                    return await by_transport[name](rec)
+            return None
+
+        return ping
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.rpc is not None:
-            await self.rpc.__aexit__(*exc)
-
+        for node in reversed(list(self.nodes.values())):
+            await node.__aexit__(*exc)
