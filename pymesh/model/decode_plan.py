@@ -88,11 +88,22 @@ class DecodePlan:
 
     def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         """One token per sequence at position ``pos``: ``hidden`` ``[b, 1, hidden]`` -> new hidden."""
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self._step(hidden, pos, 1)
+        # The kernels get the thread count explicitly; torch's own ops here (one tiny attention per
+        # block) are faster on one thread than waking a sleeping (PASSIVE) second one.
+        torch.set_num_threads(1)
+        try:
+            return self._step(hidden, pos, threads)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _step(self, hidden: torch.Tensor, pos: int, threads: int) -> torch.Tensor:
         _C = ops._C
         span, cache = self.span, self.cache
         b, h, q, kv, inter, d = self.b, self.hidden, self.q, self.kv, self.inter, self.d
         code, eps, es = self.code, self.eps, self.es
-        threads = torch.get_num_threads()
         self.residual.copy_(hidden.view(b, h))
         self.positions.fill_(pos)
         pos_ptr = self.positions.data_ptr()
