@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import socket as _socket
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Sequence
 
 import trio
 
-from pymesh.errors import PeerUnavailable, RemoteProtocolError
+from pymesh.errors import ConfigError, PeerUnavailable, RemoteProtocolError
 from pymesh.net.dht_ratelimit import RateLimiter
 from pymesh.net.dht_records import RecordOps
 from pymesh.proto import krpc
@@ -101,7 +100,6 @@ class DHTNode(RecordOps):
         self._nursery: trio.Nursery | None = None
         self._pending: dict[tuple[bytes, Addr], tuple[trio.Event, list[Response | ErrorReply]]] = {}
         self._pings = 0
-        self._rng = random.Random()
         self.stats = {"received": 0, "dropped": 0, "answered": 0, "malformed": 0}
         RecordOps.__init__(self)
 
@@ -115,7 +113,12 @@ class DHTNode(RecordOps):
         raw.setblocking(False)
         self._raw = raw
         sock = trio.socket.from_stdlib_socket(raw)
-        await sock.bind((self.host, self.port))
+        try:
+            await sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen for the DHT on udp {self.host}:{self.port}: {exc}; "
+                              "choose another port (--dht-port / --port) or host") from None
         self.port = sock.getsockname()[1]
         self._sock = sock
         self._nursery_cm = trio.open_nursery()
@@ -160,6 +163,7 @@ class DHTNode(RecordOps):
                 data, src = await self._sock.recvfrom(krpc.MAX_DATAGRAM + 1)
             except OSError as exc:  # e.g. ICMP port unreachable surfaced on some systems
                 log.debug("recvfrom failed: %s", exc)
+                await trio.sleep(0.01)
                 continue
             self.stats["received"] += 1
             now = time.time()
