@@ -10,7 +10,9 @@ reply; MB = 10^6 bytes). aioquic-asyncio uses ``aioquic.asyncio.serve/connect`` 
 one stream per message and the same packet size and flow-control windows as pymesh.
 
 Rows: transport, packet_size, rtt_us_median, rtt_us_p99, mb_per_s (None where a case
-does not measure it).
+does not measure it), plus cpu_us_per_call (client + server CPU per round trip) and
+cpu_mb_per_s (bulk bytes per CPU second of the busier side): on a shared, loaded machine
+wall-clock figures mostly measure the other load; CPU figures show what the code costs.
 """
 
 from __future__ import annotations
@@ -142,18 +144,60 @@ def _serve_aioquic(packet_size: int) -> None:
 # =========================================================================== clients
 
 
+class _Cpu:
+    """CPU seconds used by this process and by the server process (Linux /proc), so the
+    report can show cost per call and per byte, which other load on the machine skews
+    far less than wall-clock figures."""
+
+    def __init__(self) -> None:
+        pid = os.environ.get("PYMESH_BENCH_SERVER_PID")
+        self.stat = f"/proc/{pid}/stat" if pid else None
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def server(self) -> float | None:
+        if self.stat is None:
+            return None
+        try:
+            with open(self.stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self.tick
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def mark(self) -> tuple[float, float | None]:
+        return time.process_time(), self.server()
+
+    @staticmethod
+    def delta(a: tuple[float, float | None], b: tuple[float, float | None]) -> tuple[float, float | None]:
+        return b[0] - a[0], (None if a[1] is None or b[1] is None else b[1] - a[1])
+
+
+def _cpu_fields(cpu: _Cpu, r0: Any, r1: Any, b0: Any, b1: Any, calls: int, nbytes: int | None) -> dict[str, Any]:
+    c_rtt, s_rtt = cpu.delta(r0, r1)
+    out: dict[str, Any] = {"cpu_us_per_call": None if s_rtt is None else (c_rtt + s_rtt) / calls * 1e6}
+    if nbytes is not None and b0 is not None:
+        c_b, s_b = cpu.delta(b0, b1)
+        busiest = max(c_b, s_b or 0.0)
+        out["cpu_mb_per_s"] = nbytes / busiest / 1e6 if busiest > 0 else None
+    return out
+
+
 def _client_udp(port: int, rtt_calls: int) -> dict[str, Any]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect(("127.0.0.1", port))
     payload = os.urandom(RTT_BYTES)
+    cpu = _Cpu()
     samples = []
     for i in range(rtt_calls + 50):
+        if i == 50:
+            r0 = cpu.mark()
         t0 = time.perf_counter()
         sock.send(payload)
         sock.recv(65536)
         if i >= 50:
             samples.append(time.perf_counter() - t0)
-    return {"rtt": samples, "mb_per_s": None}
+    r1 = cpu.mark()
+    return {"rtt": samples, "mb_per_s": None, **_cpu_fields(cpu, r0, r1, None, None, rtt_calls, None)}
 
 
 def _client_pymesh(transport: str, packet_size: int, port: int, peer: str, rtt_calls: int,
@@ -171,22 +215,29 @@ def _client_pymesh(transport: str, packet_size: int, port: int, peer: str, rtt_c
         async with RpcNode(Identity.generate(), transport=transport, config=cfg) as node:
             conn = await node.connect("127.0.0.1", port, PeerID.from_text(peer))
             small = TensorBlob("uint8", (RTT_BYTES,), memoryview(os.urandom(RTT_BYTES)))
+            cpu = _Cpu()
             samples = []
             for i in range(rtt_calls + 50):
+                if i == 50:
+                    r0 = cpu.mark()
                 t0 = time.perf_counter()
                 _, out = await conn.call("echo", {}, [small])
                 if i >= 50:
                     samples.append(time.perf_counter() - t0)
+            r1 = cpu.mark()
             assert bytes(out[0].data) == bytes(small.data)
             bulk = TensorBlob("uint8", (BULK_BYTES,), memoryview(bytearray(BULK_BYTES)))
             for _ in range(2):
                 await conn.call("sink", {}, [bulk])
+            b0 = cpu.mark()
             t0 = time.perf_counter()
             for _ in range(bulk_calls):
                 meta, _ = await conn.call("sink", {}, [bulk])
                 assert meta["n"] == BULK_BYTES
             elapsed = time.perf_counter() - t0
-            result.update(rtt=samples, mb_per_s=bulk_calls * BULK_BYTES / elapsed / 1e6)
+            b1 = cpu.mark()
+            result.update(rtt=samples, mb_per_s=bulk_calls * BULK_BYTES / elapsed / 1e6,
+                          **_cpu_fields(cpu, r0, r1, b0, b1, rtt_calls, bulk_calls * BULK_BYTES))
 
     trio.run(main)
     return result
@@ -206,21 +257,28 @@ def _client_aioquic(packet_size: int, port: int, rtt_calls: int, bulk_calls: int
     async def main() -> dict[str, Any]:
         async with connect("127.0.0.1", port, configuration=_aioquic_config(True, packet_size)) as client:
             small = b"E" + os.urandom(RTT_BYTES - 1)
+            cpu = _Cpu()
             samples = []
             for i in range(rtt_calls + 50):
+                if i == 50:
+                    r0 = cpu.mark()
                 t0 = time.perf_counter()
                 out = await one(client, small)
                 if i >= 50:
                     samples.append(time.perf_counter() - t0)
+            r1 = cpu.mark()
             assert out == small
             bulk = b"S" + bytes(BULK_BYTES - 1)
             for _ in range(2):
                 await one(client, bulk)
+            b0 = cpu.mark()
             t0 = time.perf_counter()
             for _ in range(bulk_calls):
                 assert await one(client, bulk) == b"%d" % BULK_BYTES
             elapsed = time.perf_counter() - t0
-            return {"rtt": samples, "mb_per_s": bulk_calls * BULK_BYTES / elapsed / 1e6}
+            b1 = cpu.mark()
+            return {"rtt": samples, "mb_per_s": bulk_calls * BULK_BYTES / elapsed / 1e6,
+                    **_cpu_fields(cpu, r0, r1, b0, b1, rtt_calls, bulk_calls * BULK_BYTES)}
 
     return asyncio.run(main())
 
@@ -271,6 +329,7 @@ def run_case(transport: str, packet_size: int | None, *, rtt_calls: int, bulk_ca
         ready = server.stdout.readline().split()
         if not ready or ready[0] != "READY":
             raise RuntimeError(f"bench server for {transport} did not start (exit {server.poll()})")
+        env["PYMESH_BENCH_SERVER_PID"] = str(server.pid)
         out = subprocess.run(base + ["client", transport, "--port", ready[1], "--peer", ready[2],
                                      "--rtt-calls", str(rtt_calls), "--bulk-calls", str(bulk_calls)] + ps,
                              capture_output=True, text=True, timeout=timeout, env=env)
@@ -282,12 +341,15 @@ def run_case(transport: str, packet_size: int | None, *, rtt_calls: int, bulk_ca
         server.wait()
     rtt = [s * 1e6 for s in res["rtt"]]
     mbps = res["mb_per_s"]
+    cpu_call, cpu_mbps = res.get("cpu_us_per_call"), res.get("cpu_mb_per_s")
     return {
         "transport": transport,
         "packet_size": packet_size,
         "rtt_us_median": round(statistics.median(rtt), 1),
         "rtt_us_p99": round(_percentile(rtt, 0.99), 1),
         "mb_per_s": None if mbps is None else round(mbps, 1),
+        "cpu_us_per_call": None if cpu_call is None else round(cpu_call, 1),
+        "cpu_mb_per_s": None if cpu_mbps is None else round(cpu_mbps, 1),
     }
 
 
@@ -311,8 +373,9 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
             else:  # best round of each metric: the least disturbed by other processes
                 old["rtt_us_median"] = min(old["rtt_us_median"], row["rtt_us_median"])
                 old["rtt_us_p99"] = min(old["rtt_us_p99"], row["rtt_us_p99"])
-                if row["mb_per_s"] is not None:
-                    old["mb_per_s"] = max(old["mb_per_s"], row["mb_per_s"])
+                for key, better in (("mb_per_s", max), ("cpu_us_per_call", min), ("cpu_mb_per_s", max)):
+                    if row[key] is not None:
+                        old[key] = row[key] if old[key] is None else better(old[key], row[key])
             progress.advance(task)
     return [best[c] for c in cases]
 
@@ -321,7 +384,7 @@ def render(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="transport: 8 KB round trip and 4 MB one-way throughput, loopback")
-    for col in ("transport", "packet", "RTT median us", "RTT p99 us", "MB/s"):
+    for col in ("transport", "packet", "RTT median us", "RTT p99 us", "MB/s", "CPU us/call", "MB per CPU s"):
         table.add_column(col, justify="left" if col == "transport" else "right")
 
     def fmt(v: Any) -> str:
@@ -329,7 +392,7 @@ def render(rows: list[dict[str, Any]]) -> Any:
 
     for r in rows:
         table.add_row(r["transport"], fmt(r["packet_size"]), fmt(r["rtt_us_median"]), fmt(r["rtt_us_p99"]),
-                      fmt(r["mb_per_s"]))
+                      fmt(r["mb_per_s"]), fmt(r.get("cpu_us_per_call")), fmt(r.get("cpu_mb_per_s")))
     return table
 
 

@@ -152,6 +152,7 @@ class QuicRpcConnection(Connection):
             raise
         finally:
             driver.forget(stream)
+        await trio.lowlevel.checkpoint()  # sending may not have yielded; a push loop must not starve others
 
     async def aclose(self) -> None:
         self.driver.close(ERR_CLOSING, "closed by the peer")

@@ -43,6 +43,17 @@ async def _send_all(sock: socket.socket, data: bytes | memoryview) -> None:
         raise PeerUnavailable(f"connection lost while sending: {exc}") from None
 
 
+def _send_nowait(sock: socket.socket, data: bytes) -> memoryview:
+    view = memoryview(data)
+    try:
+        sent = sock.send(view)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise PeerUnavailable(f"connection lost while sending: {exc}") from None
+    return view[sent:]
+
+
 async def _recv_into(sock: socket.socket, view: memoryview) -> int:
     try:
         while True:
@@ -65,6 +76,14 @@ class PlainStream:
     async def send_all(self, data: bytes | memoryview) -> None:
         await _send_all(self.sock, data)
 
+    def send_nowait(self, data: bytes) -> memoryview:
+        """Send what the kernel takes now, without yielding; returns the encoded bytes
+        still to be sent with :meth:`send_encoded` (empty if all went out)."""
+        return _send_nowait(self.sock, data)
+
+    async def send_encoded(self, rest: memoryview) -> None:
+        await _send_all(self.sock, rest)
+
     def peer_certificate(self) -> bytes | None:
         return None
 
@@ -86,10 +105,16 @@ class TlsStream:
         self._eof = False
 
     async def _flush(self) -> None:
-        async with self._flush_lock:
+        try:
+            self._flush_lock.acquire_nowait()  # uncontended after the handshake: no yield
+        except trio.WouldBlock:
+            await self._flush_lock.acquire()
+        try:
             data = self._out.read()
             if data:
                 await _send_all(self.sock, data)
+        finally:
+            self._flush_lock.release()
 
     async def _fill(self) -> None:
         n = await _recv_into(self.sock, memoryview(self._recv_buf))
@@ -138,6 +163,15 @@ class TlsStream:
         for off in range(0, len(view), SEND_CHUNK):
             self._obj.write(view[off:off + SEND_CHUNK])
             await self._flush()
+
+    def send_nowait(self, data: bytes) -> memoryview:
+        """Encrypt all of ``data`` and send what the kernel takes now; returns the
+        ciphertext left for :meth:`send_encoded`."""
+        self._obj.write(data)
+        return _send_nowait(self.sock, self._out.read())
+
+    async def send_encoded(self, rest: memoryview) -> None:
+        await _send_all(self.sock, rest)
 
     async def aclose(self) -> None:
         await self.stream.aclose()

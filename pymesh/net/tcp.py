@@ -48,6 +48,8 @@ class TcpConnection(Connection):
         self._serving: dict[int, trio.CancelScope] = {}
         self._next_id = 1
         self._nursery: trio.Nursery | None = None
+        self._rx_at = trio.current_time()           # when the last complete frame arrived
+        self._frame_since: float | None = None      # when the frame being read began
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -90,16 +92,26 @@ class TcpConnection(Connection):
             self._send_lock.acquire_nowait()  # the common case: no scheduler round trip
         except trio.WouldBlock:
             await self._send_lock.acquire()
+        rest: memoryview | None = None
         try:
             self._check_open()
+            total = len(head) + sum(len(p) for p in payloads)
+            if total <= _COALESCE:
+                # Small frame: one non-blocking send, no await at all when the kernel takes it.
+                try:
+                    rest = self._raw.send_nowait(b"".join([head, *payloads]))
+                except PeerUnavailable as exc:
+                    self._fail(str(exc))
+                    raise
+                if not rest:
+                    return
             # A frame is never abandoned half-written (that would corrupt the stream); the
             # caller's cancellation waits for this frame, which frame_timeout bounds.
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.config.frame_timeout
                 try:
-                    total = len(head) + sum(len(p) for p in payloads)
-                    if total <= _COALESCE:
-                        await self._raw.send_all(b"".join([head, *payloads]))
+                    if rest is not None:
+                        await self._raw.send_encoded(rest)
                     else:
                         await self._raw.send_all(head)
                         for p in payloads:
@@ -135,6 +147,7 @@ class TcpConnection(Connection):
 
     async def _push(self, head: bytes, payloads: list[memoryview]) -> None:
         await self._send_frame(head, payloads)
+        await trio.lowlevel.checkpoint()  # the fast path never yields; a push loop must not starve others
 
     async def _send_control(self, ftype: FrameType, rid: int) -> None:
         head, _ = encode_frame_head(ftype, rid)
@@ -144,9 +157,26 @@ class TcpConnection(Connection):
             pass
 
     async def _keepalive(self) -> None:
+        """Pings every idle_timeout / 3 and a watchdog for a silent peer and for a frame
+        that does not complete (one task instead of two deadlines per frame read)."""
+        cfg = self.config
+        tick = min(cfg.idle_timeout, cfg.frame_timeout) / 10
+        next_ping = trio.current_time() + cfg.idle_timeout / 3
         while True:
-            await trio.sleep(self.config.idle_timeout / 3)
-            await self._send_control(FrameType.PING, 0)
+            await trio.sleep(tick)
+            now = trio.current_time()
+            if self._frame_since is not None:
+                if now - self._frame_since >= cfg.frame_timeout - tick:
+                    why = f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s"
+                    self._log.info("closing connection to %s: %s", self.peer.short(), why)
+                    self._fail(why)
+                    return
+            elif now - self._rx_at >= cfg.idle_timeout - tick:
+                self._fail(f"no data from the peer for idle_timeout={cfg.idle_timeout}s")
+                return
+            if now >= next_ping:
+                next_ping = now + cfg.idle_timeout / 3
+                await self._send_control(FrameType.PING, 0)
 
     # ---------------------------------------------------------------- receiving
     async def _read_loop(self) -> None:
@@ -154,26 +184,21 @@ class TcpConnection(Connection):
         reader = self._reader
         try:
             while True:
-                with trio.move_on_after(cfg.idle_timeout) as idle:
-                    eof = await reader.at_eof()
-                if idle.cancelled_caught:
-                    self._fail(f"no data from the peer for idle_timeout={cfg.idle_timeout}s")
-                    return
-                if eof:
+                if await reader.at_eof():  # the watchdog in _keepalive bounds both waits
                     self._fail("the peer closed the connection")
                     return
-                with trio.move_on_after(cfg.frame_timeout) as frame_scope:
-                    frame = await read_frame_untrusted(reader, cfg.limits, alloc=self.node.allocator)
-                if frame_scope.cancelled_caught:
-                    why = f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s"
-                    self._log.info("closing connection to %s: %s", self.peer.short(), why)
-                    self._fail(why)
-                    return
+                self._frame_since = trio.current_time()
+                frame = await read_frame_untrusted(reader, cfg.limits, alloc=self.node.allocator)
+                self._frame_since = None
+                self._rx_at = trio.current_time()
                 if frame.type in (FrameType.CALL, FrameType.PUSH):
                     # Backpressure: with every handler slot busy, stop reading; TCP's window
                     # then stalls the peer. (Replies queued behind wait too, so handlers must
                     # not all wait on calls back over this same connection.)
-                    await self._handler_slots.acquire()
+                    try:
+                        self._handler_slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        await self._handler_slots.acquire()
                 self._dispatch(frame)
         except RemoteProtocolError as exc:
             self._log.warning("peer %s sent an invalid frame, closing: %s", self.peer.short(), exc)

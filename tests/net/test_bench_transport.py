@@ -10,7 +10,7 @@ from rich.progress import Progress
 
 from pymesh.bench import transport
 
-KEYS = {"transport", "packet_size", "rtt_us_median", "rtt_us_p99", "mb_per_s"}
+KEYS = {"transport", "packet_size", "rtt_us_median", "rtt_us_p99", "mb_per_s", "cpu_us_per_call", "cpu_mb_per_s"}
 
 
 @pytest.mark.timeout(120)
