@@ -157,7 +157,8 @@ def _vals(rows: list[Row], key: str, pred: Callable[[Row], bool] = lambda r: Tru
     return [v for r in rows if pred(r) and (v := _num(r, key)) is not None]
 
 
-def _at_least(metric: str, values: list[float], goal: float, unit: str = "", agg: Callable = min) -> Headline:
+def _at_least(metric: str, values: list[float], goal: float, unit: str = "",
+              agg: Callable[[list[float]], float] = min) -> Headline:
     if not values:
         return Headline(metric, None, f">= {goal:g}{unit}", None)
     v = agg(values)
@@ -169,6 +170,14 @@ def _at_most(metric: str, values: list[float], goal: float, unit: str = "") -> H
         return Headline(metric, None, f"<= {goal:g}{unit}", None)
     v = max(values)
     return Headline(metric, v, f"<= {goal:g}{unit}", v <= goal)
+
+
+def _engine_dtype(engine: str, dtype: str) -> Callable[[Row], bool]:
+    def pred(r: Row) -> bool:
+        got = str(r.get("dtype"))
+        return r.get("engine") == engine and _DTYPE_NAMES.get(got, got) == dtype
+
+    return pred
 
 
 def headlines(part: str, rows: list[Row]) -> list[Headline]:
@@ -183,12 +192,13 @@ def headlines(part: str, rows: list[Row]) -> list[Headline]:
     if part == "generate":
         out = []
         for dtype, goal in (("float32", 70.0), ("bfloat16", 130.0)):
-            pym = _vals(rows, "decode_tokens_per_s", lambda r, d=dtype: r.get("engine") == "pymesh"
-                        and _DTYPE_NAMES.get(str(r.get("dtype")), str(r.get("dtype"))) == d)
+            pym = _vals(rows, "decode_tokens_per_s", _engine_dtype("pymesh", dtype))
             out.append(_at_least(f"pymesh decode tok/s {dtype}", pym, goal, " tok/s", agg=max))
         return out
     if part == "transport":
-        quic = lambda r: r.get("transport") == "pymesh-quic"  # noqa: E731
+        def quic(r: Row) -> bool:
+            return r.get("transport") == "pymesh-quic"
+
         q1452 = _vals(rows, "mb_per_s", lambda r: quic(r) and _num(r, "packet_size") == 1452)
         a1452 = _vals(rows, "mb_per_s", lambda r: r.get("transport") == "aioquic-asyncio"
                       and _num(r, "packet_size") == 1452)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence, cast
 
 import trio
 from rich.console import Console
@@ -110,7 +110,8 @@ class SwarmPoller:
 
 
 def _previous_records(state: MonitorState) -> list[RecordLike]:
-    return list(state.workers)  # WorkerView has the RecordLike fields (peer_id aside)
+    # WorkerView carries the RecordLike fields (peer_id as the text form).
+    return [cast(RecordLike, w) for w in state.workers]
 
 
 #: The worker's cheapest call (``pymesh.worker.wire.INFO``); its round trip is the RTT.
