@@ -12,12 +12,8 @@ using py::arg;
 namespace {
 
 void set_num_threads(int n) {
-#ifdef _OPENMP
   if (n < 1) throw std::invalid_argument("set_num_threads: need n >= 1, got " + std::to_string(n));
-  omp_set_num_threads(n);
-#else
-  (void)n;
-#endif
+  pymesh::default_threads() = n;
 }
 
 }  // namespace
@@ -52,13 +48,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_isa", &pymesh::linear_isa, "which GEMV code path this CPU runs");
   m.def("linear_limit_isa", &pymesh::linear_limit_isa, arg("name"),
         "cap the GEMV code path at avx512+avx512_bf16 (default), avx512 or generic (tests)");
-  m.def("set_num_threads", &set_num_threads, arg("n"), "OpenMP threads for the CPU kernels");
+  m.def("set_num_threads", &set_num_threads, arg("n"),
+        "threads for CPU kernels called with threads <= 0 (default: the CPU count)");
   m.def("max_threads", &pymesh::max_threads);
-#ifdef _OPENMP
-  m.attr("has_openmp") = true;
-#else
-  m.attr("has_openmp") = false;
-#endif
+  m.def("pool_size", &pymesh::pool_size, "helper threads the kernels have started");
 
 #ifdef PYMESH_WITH_CUDA
   m.attr("has_cuda") = true;

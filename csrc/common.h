@@ -12,9 +12,9 @@
 #include <string>
 #include <type_traits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <thread>
+
+#include "pool.h"
 
 // One implementation per ISA level, picked at load time by the dynamic loader
 // (GCC function multiversioning). Never -march=native: wheels must stay portable.
@@ -87,41 +87,19 @@ PYMESH_INLINE float exp_approx(float x) {
   return p * scale;
 }
 
-PYMESH_INLINE int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
+// Threads the kernels use when Python passes threads <= 0 (set_num_threads).
+inline int& default_threads() {
+  static int n = [] {
+    unsigned hw = std::thread::hardware_concurrency();
+    return hw == 0 ? 1 : static_cast<int>(hw);
+  }();
+  return n;
 }
+inline int max_threads() { return default_threads(); }
 
-// Run fn(begin, end) over [0, n) split in contiguous chunks, on up to
-// `threads` OpenMP threads (static schedule: one chunk per thread).
-template <typename Fn>
-void parallel_for(int64_t n, int threads, Fn&& fn) {
-  if (threads > n) threads = static_cast<int>(n);
-  if (threads <= 1) {
-    if (n > 0) fn(int64_t{0}, n);
-    return;
-  }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-  {
-    int t = omp_get_thread_num();
-    int nt = omp_get_num_threads();
-    int64_t chunk = (n + nt - 1) / nt;
-    int64_t begin = t * chunk;
-    int64_t end = begin + chunk < n ? begin + chunk : n;
-    if (begin < end) fn(begin, end);
-  }
-#else
-  fn(int64_t{0}, n);
-#endif
-}
-
-// Run fn(begin, end) over [0, n) in chunks of `grain` handed out on demand
-// (dynamic schedule): on a loaded machine a thread that loses its core does not
-// hold the others back, they take over its remaining chunks.
+// Run fn(begin, end) over [0, n) in chunks of `grain` on the calling thread
+// plus up to threads - 1 pool helpers (pool.h: a helper that is late, because
+// the machine is busy, never holds the caller up).
 template <typename Fn>
 void parallel_for_dynamic(int64_t n, int64_t grain, int threads, Fn&& fn) {
   if (grain < 1) grain = 1;
@@ -131,20 +109,22 @@ void parallel_for_dynamic(int64_t n, int64_t grain, int threads, Fn&& fn) {
     if (n > 0) fn(int64_t{0}, n);
     return;
   }
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; ++c) {
+  pool_run(chunks, threads - 1, [&](int64_t c) {
     const int64_t begin = c * grain;
     fn(begin, begin + grain < n ? begin + grain : n);
-  }
-#else
-  fn(int64_t{0}, n);
-#endif
+  });
 }
 
-// Threads worth using for `work_bytes` touched. Waking a sleeping OpenMP
-// thread (OMP_WAIT_POLICY=PASSIVE, as pymesh runs) costs ~10-25 us, more when
-// the other cores are busy, so a thread must get at least `per_thread` bytes.
+// The same with about four chunks per thread.
+template <typename Fn>
+void parallel_for(int64_t n, int threads, Fn&& fn) {
+  const int64_t parts = static_cast<int64_t>(threads > 1 ? threads : 1) * 4;
+  parallel_for_dynamic(n, (n + parts - 1) / parts, threads, fn);
+}
+
+// Threads worth using for `work_bytes` touched. Waking a sleeping helper costs
+// ~10-25 us (more when the other cores are busy), so each thread must get at
+// least `per_thread` bytes.
 constexpr int64_t kElementwisePerThread = int64_t{2} << 20;
 constexpr int64_t kGemvPerThread = int64_t{2} << 20;
 

@@ -4,7 +4,7 @@
 // strides in elements, and a dtype code (common.h: 0 float32, 1 float16,
 // 2 bfloat16). The Python front end (pymesh/model/ops.py) has already checked
 // shapes, dtypes, devices and that the last dimension is contiguous.
-// `threads` <= 0 means "OpenMP's default".
+// `threads` <= 0 means the default (set_num_threads; the CPU count at first).
 #pragma once
 
 #include <cstdint>

@@ -2,13 +2,12 @@
 
 Pointers are ``tensor.data_ptr()`` values, sizes and strides are in elements, and
 ``dtype`` is a code: 0 float32, 1 float16, 2 bfloat16. ``threads`` <= 0 means
-OpenMP's default. Every function releases the GIL while it runs.
+the default (``set_num_threads``; the CPU count at first). Every function releases the GIL while it runs.
 """
 
 from types import ModuleType
 
 has_cuda: bool
-has_openmp: bool
 
 def rms_norm(out: int, out_stride: int, x: int, x_stride: int, weight: int, rows: int,
              hidden: int, eps: float, dtype: int, threads: int = 0) -> None: ...
@@ -28,6 +27,7 @@ def linear_isa() -> str: ...
 def linear_limit_isa(name: str) -> None: ...
 def set_num_threads(n: int) -> None: ...
 def max_threads() -> int: ...
+def pool_size() -> int: ...
 
 # Present only when has_cuda: the same ops with a CUDA stream (int) instead of `threads`.
 cuda: ModuleType

@@ -75,6 +75,13 @@ def test_cuda_kernels_compiled_when_nvcc_exists() -> None:
     assert {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul"} <= set(dir(_C.cuda))
 
 
-def test_cpu_kernels_use_openmp_and_report_their_isa() -> None:
-    assert _C.has_openmp, "OpenMP was not found at build time: the kernels run on one thread"
+def test_cpu_kernels_report_their_isa_and_use_helper_threads() -> None:
+    import torch
+
     assert _C.linear_isa() in ("avx512+avx512_bf16", "avx512", "generic")
+    w = torch.randn(2048, 1024)  # 8 MiB: worth two threads
+    x = torch.randn(1, 1024)
+    y = torch.empty(1, 2048)
+    _C.linear(y.data_ptr(), x.data_ptr(), 1024, w.data_ptr(), 0, 1, 1024, 2048, 0, 2)
+    assert _C.pool_size() >= 1, "a two-thread call started no helper thread"
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-4, atol=1e-3)

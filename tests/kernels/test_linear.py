@@ -103,3 +103,27 @@ def test_read_sum_streams_every_element() -> None:
     for threads in (1, 2):
         assert ops._C is not None
         assert ops._C.read_sum(data.data_ptr(), data.numel(), threads) == pytest.approx(expected, abs=1e-1)
+
+
+def test_concurrent_callers_share_the_pool_correctly() -> None:
+    """Python threads calling kernels at once (the GIL is released): every result exact."""
+    import threading
+
+    w = randn(2048, 1024, seed=11)  # 8 MiB: each call asks for helper threads
+    xs = [randn(r, 1024, seed=20 + r) for r in (1, 3, 8, 2)]
+    expected = [ops.linear(x, w) for x in xs]
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        for _ in range(15):
+            y = ops.linear(xs[i], w)
+            if not torch.equal(y, expected[i]):
+                errors.append(f"thread {i}: max diff {(y - expected[i]).abs().max().item()}")
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
