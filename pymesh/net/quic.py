@@ -22,7 +22,8 @@ from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
 from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection
 from pymesh.net.frames import Frame, FrameType, read_frame_untrusted
-from pymesh.net.quic_driver import QStream, QuicDriver, QuicEndpoint, StreamAborted
+from pymesh.net.quic_driver import QStream, QuicDriver, StreamAborted
+from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.tls import certificate_for, check_peer_certificate
 from pymesh.proto.identity import Identity, PeerID
 

@@ -1,15 +1,15 @@
-"""aioquic's sans-I/O ``QuicConnection`` driven by trio over one UDP socket.
+"""One aioquic ``QuicConnection`` driven by trio (:class:`QuicDriver`).
 
-* :class:`QuicEndpoint` owns the socket: one receive loop drains up to
-  ``RECV_BATCH`` datagrams per wake-up, routes each by destination connection ID and
-  then lets every touched connection process events and transmit once (ACKs coalesce).
-  Sends go straight to the non-blocking socket; only when the kernel buffer is full
-  does a sender task wait for writability.
-* :class:`QuicDriver` wraps one connection: a single timer (a cancel scope whose deadline
-  follows ``get_timer()``), trio's clock as ``now``, stream byte queues, and send-side
-  backpressure (a stream waits while its unacknowledged bytes exceed a bound).
+* A single timer per connection: a cancel scope whose deadline follows ``get_timer()``;
+  trio's clock is the ``now`` aioquic sees.
+* Received stream bytes queue per stream (:class:`QStream`) and are read as frames.
+* Send-side backpressure: a stream waits while its unacknowledged bytes exceed a bound
+  (``send_stream_data`` itself buffers without limit).
 * Pacing waits shorter than a millisecond are treated as zero: trio cannot sleep that
-  precisely, and on the paths pymesh runs on sending at once is what the pacer wants anyway.
+  precisely, and on the paths pymesh runs on sending at once is what the pacer wants.
+* Pending ACKs ride on application data instead of waiting for aioquic's 1 ms ACK timer.
+
+The UDP socket and routing live in :mod:`pymesh.net.quic_endpoint`.
 """
 
 from __future__ import annotations
@@ -17,28 +17,23 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import socket
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 from aioquic import tls
-from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from pymesh.errors import PeerUnavailable
 from pymesh.net.frames import FrameError
 
+if TYPE_CHECKING:
+    from pymesh.net.quic_endpoint import QuicEndpoint
+
 log = logging.getLogger(__name__)
 
-RECV_BATCH = 512
 SEND_CHUNK = 256 * 1024
 COALESCE = 64 * 1024
-CID_LENGTH = 8
-MAX_PENDING_HANDSHAKES = 256
-SOCKET_BUFFER = 8 * 1024 * 1024
 
 
 class StreamAborted(PeerUnavailable):
@@ -128,7 +123,7 @@ class _Finished:
 
 
 class QuicDriver:
-    def __init__(self, endpoint: "QuicEndpoint", quic: QuicConnection, is_client: bool, send_buffer: int) -> None:
+    def __init__(self, endpoint: QuicEndpoint, quic: QuicConnection, is_client: bool, send_buffer: int) -> None:
         self.endpoint = endpoint
         self.quic = quic
         self.is_client = is_client
@@ -225,9 +220,9 @@ class QuicDriver:
         self._progress = trio.Event()
 
     def transmit(self) -> None:
-        send = self.endpoint.send
-        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
-            send(data, addr)
+        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        if datagrams:
+            self.endpoint.send_many(datagrams)
 
     def _process_events(self) -> None:
         quic = self.quic
@@ -362,124 +357,3 @@ def _relax_pacing(quic: QuicConnection) -> None:
         return t
 
     pacer.next_send_time = next_send_time  # type: ignore[method-assign,assignment]
-
-
-class QuicEndpoint:
-    """One UDP socket shared by every QUIC connection of a node (inbound and outbound)."""
-
-    def __init__(self, sock: socket.socket, server_config: QuicConfiguration | None,
-                 on_new_connection: Callable[[QuicDriver], None] | None, send_buffer: int) -> None:
-        self.sock = sock
-        sock.setblocking(False)
-        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_RCVBUFFORCE / SO_SNDBUFFORCE
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-            except OSError:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-                except OSError:
-                    pass
-        self.server_config = server_config
-        self.on_new_connection = on_new_connection
-        self.send_buffer = send_buffer
-        self.by_cid: dict[bytes, QuicDriver] = {}
-        self.nursery: trio.Nursery | None = None
-        self._backlog: collections.deque[tuple[bytes, Any]] = collections.deque()
-        self._backlog_event = trio.Event()
-        self.dropped = 0
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self._send_loop)
-                task_status.started()
-                await self._recv_loop()
-        finally:
-            self.sock.close()
-
-    def send(self, data: bytes, addr: Any) -> None:
-        if self._backlog:
-            self._backlog.append((data, addr))
-            return
-        try:
-            self.sock.sendto(data, addr)
-        except BlockingIOError:
-            self._backlog.append((data, addr))
-            self._backlog_event.set()
-        except OSError as exc:
-            log.debug("UDP send to %s failed: %s", addr, exc)
-
-    async def _send_loop(self) -> None:
-        while True:
-            await self._backlog_event.wait()
-            self._backlog_event = trio.Event()
-            while self._backlog:
-                await trio.lowlevel.wait_writable(self.sock)
-                while self._backlog:
-                    data, addr = self._backlog[0]
-                    try:
-                        self.sock.sendto(data, addr)
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        log.debug("UDP send to %s failed: %s", addr, exc)
-                    self._backlog.popleft()
-
-    async def _recv_loop(self) -> None:
-        sock = self.sock
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
-            touched: dict[int, QuicDriver] = {}
-            for _ in range(RECV_BATCH):
-                try:
-                    data, addr = sock.recvfrom(65536)
-                except BlockingIOError:
-                    break
-                except OSError as exc:  # ICMP errors surface here on Linux
-                    log.debug("UDP receive error: %s", exc)
-                    continue
-                driver = self._route_untrusted(data, addr)
-                if driver is None:
-                    self.dropped += 1
-                    continue
-                try:
-                    driver.receive(data, addr, now)
-                except Exception:  # aioquic should never raise on peer input; never let it kill the loop
-                    log.exception("aioquic failed on a datagram from %s; dropped", addr)
-                touched[id(driver)] = driver
-            for driver in touched.values():
-                try:
-                    driver.after_io()
-                except Exception:
-                    log.exception("QUIC connection failed while processing datagrams; closed")
-                    driver._terminate("internal error")
-
-    def _route_untrusted(self, data: bytes, addr: Any) -> QuicDriver | None:
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-        except Exception:  # garbage: aioquic raises ValueError / BufferReadError
-            return None
-        driver = self.by_cid.get(header.destination_cid)
-        if driver is not None:
-            return driver
-        cfg = self.server_config
-        if (cfg is None or header.packet_type != QuicPacketType.INITIAL or len(data) < 1200
-                or header.version not in cfg.supported_versions or self.nursery is None):
-            return None
-        pending = sum(1 for d in set(self.by_cid.values()) if not d.handshake_done.is_set())
-        if pending >= MAX_PENDING_HANDSHAKES:
-            log.warning("dropping a new QUIC connection from %s: %d handshakes already pending", addr, pending)
-            return None
-        quic = QuicConnection(configuration=cfg, original_destination_connection_id=header.destination_cid)
-        driver = QuicDriver(self, quic, is_client=False, send_buffer=self.send_buffer)
-        driver.add_cid(header.destination_cid)
-        driver.add_cid(quic.host_cid)
-        if self.on_new_connection is not None:
-            self.on_new_connection(driver)
-        return driver

@@ -27,7 +27,7 @@ from pymesh.net import tcp as tcp_mod
 from pymesh.net.config import TransportConfig
 from pymesh.net.conn import CallContext, Connection, Handler, PushHandler, RemoteError
 from pymesh.net.frames import Allocator, Meta, TensorBlob, default_allocator
-from pymesh.net.quic_driver import QuicEndpoint
+from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.tls import server_ssl_context
 from pymesh.proto.identity import Identity, PeerID
 
