@@ -60,6 +60,7 @@ class QuicRpcConnection(Connection):
         super().__init__(node, peer, config)
         self.driver = driver
         driver.on_terminated = self._on_terminated
+        self._reading: dict[QStream, float] = {}   # streams whose first frame is being read -> since
 
     def _on_terminated(self, reason: str) -> None:
         if not self.closed:
@@ -94,24 +95,44 @@ class QuicRpcConnection(Connection):
             nursery.cancel_scope.cancel()
 
     async def _keepalive(self) -> None:
+        """Pings every idle_timeout / 5 (aioquic's idle timer detects a silent peer) and a
+        sweep that resets streams whose frame did not complete within frame_timeout (one
+        task instead of a deadline per stream)."""
+        cfg = self.config
+        tick = min(cfg.idle_timeout / 5, cfg.frame_timeout / 10)
+        next_ping = trio.current_time() + cfg.idle_timeout / 5
         while not self.closed:
-            await trio.sleep(self.config.idle_timeout / 5)
-            self.driver.ping(next(_ping_ids))
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for stream, since in list(self._reading.items()):
+                if now - since >= cfg.frame_timeout - tick:
+                    self._log.info("peer %s held stream %d open for over frame_timeout=%ss; reset",
+                                   self.peer.short(), stream.sid, cfg.frame_timeout)
+                    del self._reading[stream]
+                    self.driver.abort(stream, ERR_PROTOCOL)
+                    stream.fail("frame_timeout")
+            if now >= next_ping:
+                next_ping = now + cfg.idle_timeout / 5
+                self.driver.ping(next(_ping_ids))
 
     async def _serve_stream(self, stream: QStream) -> None:
-        async with self._handler_slots:
+        try:
+            self._handler_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._handler_slots.acquire()
+        try:
             await self._serve_stream_slot(stream)
+        finally:
+            self._handler_slots.release()
 
     async def _serve_stream_slot(self, stream: QStream) -> None:
         driver = self.driver
         try:
-            with trio.move_on_after(self.config.frame_timeout) as scope:
+            self._reading[stream] = trio.current_time()
+            try:
                 frame = await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator)
-            if scope.cancelled_caught:
-                self._log.info("peer %s held stream %d open for over frame_timeout=%ss; reset",
-                               self.peer.short(), stream.sid, self.config.frame_timeout)
-                driver.abort(stream, ERR_PROTOCOL)
-                return
+            finally:
+                self._reading.pop(stream, None)
             if frame.type == FrameType.PUSH:
                 await self._serve_push(frame)
             elif frame.type == FrameType.CALL and stream.sid & 2 == 0:
