@@ -25,6 +25,12 @@ constexpr int kMaxRows = 8;
 #ifndef PYMESH_GEMV_NB1
 #define PYMESH_GEMV_NB1 4
 #endif
+#ifndef PYMESH_GEMV_NB_MID
+#define PYMESH_GEMV_NB_MID 3
+#endif
+#ifndef PYMESH_GEMV_NB_HIGH
+#define PYMESH_GEMV_NB_HIGH 3
+#endif
 constexpr int64_t kPrefetch = PYMESH_GEMV_PREFETCH;  // bytes ahead of the current load, per weight row
 
 #define PYMESH_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
@@ -209,7 +215,9 @@ inline void store_block(const Problem& p, int64_t n0, int nb, int R, const float
 
 template <typename T, int R>
 void run_rows(const Problem& p, Path path, int64_t n_begin, int64_t n_end) {
-  constexpr int NB = R == 1 ? PYMESH_GEMV_NB1 : (R <= 2 ? 4 : (R <= 4 ? 3 : 2));
+  // Output rows per block: NB * R accumulators + NB weight registers fit in 32 zmm.
+  constexpr int NB = R == 1 ? PYMESH_GEMV_NB1
+                            : (R <= 2 ? 4 : (R <= 4 ? PYMESH_GEMV_NB_MID : PYMESH_GEMV_NB_HIGH));
   float dots[NB * R];
   const T* W = static_cast<const T*>(p.W);
   int64_t n = n_begin;
