@@ -140,6 +140,7 @@ class QuicDriver:
         self.nursery: trio.Nursery | None = None
         self.on_terminated: Callable[[str], None] | None = None
         self.on_stream: Callable[[QStream], None] | None = None
+        self.dirty = False   # received datagrams not yet followed by a transmit
         _relax_pacing(quic)
 
     # ---------------------------------------------------------------- lifecycle
@@ -201,6 +202,19 @@ class QuicDriver:
     def receive(self, data: bytes, addr: Any, now: float) -> None:
         self.quic.receive_datagram(data, addr, now)
 
+    def after_receive(self) -> None:
+        """Process events and wake readers and senders, but leave transmitting to
+        :meth:`flush`: a handler woken here usually answers at once, and its send
+        transmits (with the ACK) — one ``datagrams_to_send`` instead of two."""
+        self._process_events()
+        self.dirty = True
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def flush(self) -> None:
+        if self.dirty:
+            self.after_io()
+
     def after_io(self, piggyback_ack: bool = False) -> None:
         """Process events, transmit, re-arm the timer, wake senders waiting for ACKs.
 
@@ -213,6 +227,7 @@ class QuicDriver:
             if space is not None and space.ack_at is not None:
                 space.ack_at = trio.current_time()
         self.transmit()
+        self.dirty = False
         deadline = self._deadline()
         if deadline != self._timer_scope.deadline:  # re-registering a deadline has a cost
             self._timer_scope.deadline = deadline

@@ -162,9 +162,18 @@ class QuicEndpoint:
                 touched[id(driver)] = driver
             for driver in touched.values():
                 try:
-                    driver.after_io()
+                    driver.after_receive()
                 except Exception:
                     log.exception("QUIC connection failed while processing datagrams; closed")
+                    driver._terminate("internal error")
+            # Let the tasks just woken answer first: their sends transmit (ACKs included);
+            # only connections that stayed silent transmit here.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            for driver in touched.values():
+                try:
+                    driver.flush()
+                except Exception:
+                    log.exception("QUIC connection failed while transmitting; closed")
                     driver._terminate("internal error")
 
     def _route_untrusted(self, data: bytes, addr: Any) -> QuicDriver | None:
