@@ -15,7 +15,7 @@ import collections
 import logging
 import socket
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import trio
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
@@ -160,21 +160,11 @@ class QuicEndpoint:
                 except Exception:  # aioquic should never raise on peer input; never let it kill the loop
                     log.exception("aioquic failed on a datagram from %s; dropped", addr)
                 touched[id(driver)] = driver
-            for driver in touched.values():
-                try:
-                    driver.after_receive()
-                except Exception:
-                    log.exception("QUIC connection failed while processing datagrams; closed")
-                    driver._terminate("internal error")
+            _each(touched.values(), QuicDriver.after_receive)
             # Let the tasks just woken answer first: their sends transmit (ACKs included);
             # only connections that stayed silent transmit here.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            for driver in touched.values():
-                try:
-                    driver.flush()
-                except Exception:
-                    log.exception("QUIC connection failed while transmitting; closed")
-                    driver._terminate("internal error")
+            _each(touched.values(), QuicDriver.flush)
 
     def _route_untrusted(self, data: bytes, addr: Any) -> QuicDriver | None:
         try:
@@ -199,3 +189,13 @@ class QuicEndpoint:
         if self.on_new_connection is not None:
             self.on_new_connection(driver)
         return driver
+
+
+def _each(drivers: Iterable[QuicDriver], step: Callable[[QuicDriver], None]) -> None:
+    """Run one processing step on each driver; a failure closes that connection only."""
+    for driver in drivers:
+        try:
+            step(driver)
+        except Exception:
+            log.exception("QUIC connection failed in %s; closed", step.__name__)
+            driver._terminate("internal error")
