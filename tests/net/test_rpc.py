@@ -253,3 +253,29 @@ def test_handler_concurrency_is_bounded(transport: str) -> None:
             assert sorted(done) == list(range(10)) and peak == 2
 
     trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_two_listening_nodes_dial_each_other(transport: str) -> None:
+    """Workers listen and dial from the same node; a connection either side opened serves both."""
+    async def main() -> None:
+        from pymesh.net.rpc import RpcNode
+        from pymesh.proto.identity import Identity
+        from tests.net.helpers import fast_config
+        a_id, b_id = Identity.generate(), Identity.generate()
+        async with RpcNode(a_id, transport=transport, config=fast_config()) as a, \
+                RpcNode(b_id, transport=transport, config=fast_config()) as b:
+            a.register("echo", echo)
+            b.register("echo", echo)
+            a_port = await a.listen("127.0.0.1", 0)
+            b_port = await b.listen("127.0.0.1", 0)
+            ab = await a.connect("127.0.0.1", b_port, b_id.peer_id)
+            meta, _ = await ab.call("echo", {"x": 1}, timeout=10)
+            assert meta["caller"] == a_id.peer_id.key
+            # b already holds the inbound connection from a: connect() reuses it.
+            ba = await b.connect("127.0.0.1", a_port, a_id.peer_id)
+            assert ba.peer == a_id.peer_id and len(b.connections()) == 1
+            meta, _ = await ba.call("echo", {"x": 2}, timeout=10)
+            assert meta["caller"] == b_id.peer_id.key
+
+    trio.run(main)
