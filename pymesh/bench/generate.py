@@ -6,7 +6,9 @@ thread count. Each engine does one prefill with the whole prompt, then one token
 per step with its own KV cache; decode tokens/s counts the steps after the first
 token. The ceiling is what a decoder reading every weight byte exactly once per
 token would reach at this machine's read bandwidth (a ``threads``-thread pass
-over >= 1 GiB, best of 5).
+over >= 1 GiB, best of 5). Everything is measured in a fresh child process started
+with ``OMP_WAIT_POLICY=PASSIVE`` and ``OMP_NUM_THREADS=threads``: OpenMP reads those
+once, when torch loads, and spinning threads ruin timings on a shared machine.
 
 ``pymesh bench generate [--json]``; rows: engine (pymesh | transformers | ceiling),
 dtype, decode_tokens_per_s, prefill_s.
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pymesh.errors import ConfigError
+from pymesh.errors import ConfigError, PymeshError
 
 log = logging.getLogger(__name__)
 
@@ -121,65 +126,95 @@ RUNNERS: dict[str, Callable[[Path, str], Runner]] = {"pymesh": pymesh_runner, "t
 
 
 def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads (effective before torch loads)
-    import torch
-
-    from pymesh.model.generate import set_threads
-    from pymesh.model.tokenizer import load_tokenizer
-
+    """Measure in a fresh child process, so OpenMP starts with the PASSIVE wait policy and the
+    requested thread count whatever this process has already imported."""
     quick = getattr(args, "quick", False)
-    n = args.new_tokens or (32 if quick else 128)
-    repeats = args.repeats or (1 if quick else 3)
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
         from pymesh.model.pull import pull_default_model
 
         model_dir = pull_default_model(progress=True)
-    set_threads(args.threads)
+    spec = {"model_dir": str(model_dir), "new_tokens": args.new_tokens or (32 if quick else 128),
+            "repeats": args.repeats or (1 if quick else 3), "threads": args.threads,
+            "dtypes": [d for d in args.dtypes.split(",") if d], "engines": [e for e in args.engines.split(",") if e]}
+    for name in spec["engines"]:
+        if name not in ENGINES:
+            raise ConfigError(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+    for name in spec["dtypes"]:
+        if name not in DTYPES:
+            raise ConfigError(f"--dtypes: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads))
+    task = progress.add_task("bench generate", total=len(spec["dtypes"]) * len(spec["engines"]) * spec["repeats"] + 1)
+    result: dict[str, Any] = {}
+    with subprocess.Popen([sys.executable, "-m", "pymesh.bench.generate", json.dumps(spec)],
+                          stdout=subprocess.PIPE, env=env, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            event = json.loads(line)
+            if "progress" in event:
+                progress.update(task, description=event["progress"], advance=event.get("advance", 0))
+            else:
+                result = event
+    if child.returncode or "rows" not in result:
+        raise PymeshError(f"the benchmark process failed (exit status {child.returncode}); see its error above")
+    for note in result["notes"]:
+        log.info("%s", note)
+    for note in result["warnings"]:
+        log.warning("%s", note)
+    return list(result["rows"])
+
+
+def _measure(spec: dict[str, Any]) -> None:
+    """The child process: runs every engine and dtype, prints progress and result as JSON lines."""
+    import torch
+
+    from pymesh.model.generate import set_threads
+    from pymesh.model.tokenizer import load_tokenizer
+
+    def emit(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    model_dir, n, repeats, threads = Path(spec["model_dir"]), spec["new_tokens"], spec["repeats"], spec["threads"]
+    set_threads(threads)
     ids = load_tokenizer(model_dir).encode(PROMPT)
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    engines = [e for e in args.engines.split(",") if e]
-    for name in engines:
-        if name not in RUNNERS:
-            raise ConfigError(f"--engines: unknown engine {name!r}; choose from {', '.join(RUNNERS)}")
-    log.info("load average before: %s", " ".join(f"{x:.1f}" for x in os.getloadavg()))
-    task = progress.add_task("bench generate", total=len(dtypes) * len(engines) * repeats + 1)
+    notes = [f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+             f"prompt {len(ids)} tokens, {n} new greedy tokens, {threads} threads, best of {repeats} runs"]
+    warnings: list[str] = []
     rows: list[dict] = []
-    for dtype in dtypes:
-        runners = {e: RUNNERS[e](model_dir, dtype) for e in engines}
+    for dtype in spec["dtypes"]:
+        runners = {e: RUNNERS[e](model_dir, dtype) for e in spec["engines"]}
         best: dict[str, Run] = {}
         for r in range(repeats):  # engines take turns, so a burst of load on the machine hits both
-            for engine in engines:
-                progress.update(task, description=f"{engine} {dtype} run {r + 1}/{repeats}: {len(ids)}-token prompt, "
-                                                  f"{n} new tokens")
-                result = runners[engine](ids, n)
-                if engine not in best or result[1] > best[engine][1]:
-                    best[engine] = result
-                progress.advance(task)
-        for engine in engines:
-            prefill, rate, _ = best[engine]
+            for engine, runner in runners.items():
+                emit({"progress": f"{engine} {dtype} run {r + 1}/{repeats}"})
+                res = runner(ids, n)
+                if engine not in best or res[1] > best[engine][1]:
+                    best[engine] = res
+                emit({"progress": f"{engine} {dtype} run {r + 1}/{repeats}", "advance": 1})
+        for engine, (prefill, rate, _) in best.items():
             rows.append({"engine": engine, "dtype": dtype, "decode_tokens_per_s": round(rate, 2),
                          "prefill_s": round(prefill, 4)})
         if len(best) == 2:
             a, b = (best[e][2] for e in ENGINES)
             if a != b:
                 step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                (log.warning if dtype == "float32" else log.info)(
-                    "%s: pymesh and transformers greedy tokens diverge at step %d", dtype, step)
+                (warnings if dtype == "float32" else notes).append(
+                    f"{dtype}: pymesh and transformers greedy tokens diverge at step {step}")
         del runners
         gc.collect()
-    progress.update(task, description="memory bandwidth")
-    bandwidth = read_bandwidth(args.threads)
-    progress.advance(task)
-    for dtype in dtypes:
+    emit({"progress": "memory bandwidth"})
+    bandwidth = read_bandwidth(threads)
+    for dtype in spec["dtypes"]:
         elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         rows.append({"engine": "ceiling", "dtype": dtype,
                      "decode_tokens_per_s": round(bandwidth / weight_bytes_per_token(model_dir, elem), 2),
                      "prefill_s": None})
-    log.info("read bandwidth (%d threads, 1 GiB, best of 5): %.1f GB/s; load average after: %s", args.threads,
-             bandwidth / 1e9, " ".join(f"{x:.1f}" for x in os.getloadavg()))
-    return rows
+    notes.append(f"read bandwidth ({threads} threads, 1 GiB, best of 5): {bandwidth / 1e9:.1f} GB/s; "
+                 f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    emit({"progress": "done", "advance": 1})
+    emit({"rows": rows, "notes": notes, "warnings": warnings})
 
 
 def render(rows: list[dict]) -> Any:
@@ -195,3 +230,7 @@ def render(rows: list[dict]) -> Any:
         prefill = "-" if r["prefill_s"] is None else f"{r['prefill_s']:.3f}"
         table.add_row(r["engine"], r["dtype"], f"{r['decode_tokens_per_s']:.1f}", prefill, ratio)
     return table
+
+
+if __name__ == "__main__":
+    _measure(json.loads(sys.argv[1]))

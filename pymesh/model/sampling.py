@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from pymesh.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported lazily: the CLIs add these flags before OpenMP may start
+    import torch
 
 
 @dataclass
@@ -51,6 +53,8 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: list[int], pena
     """transformers' rule: a seen token's logit is divided by ``penalty`` if positive, else multiplied."""
     if penalty == 1.0 or not previous_ids:
         return logits
+    import torch
+
     ids = torch.tensor(sorted(set(previous_ids)), dtype=torch.long, device=logits.device)
     seen = logits.index_select(-1, ids)
     logits = logits.clone()
@@ -62,6 +66,8 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set every logit below the k-th largest to -inf (k <= 0: unchanged)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
+    import torch
+
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -70,6 +76,8 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``p`` (at least one)."""
     if p >= 1.0:
         return logits
+    import torch
+
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     drop_sorted = (cum - sorted_logits.softmax(-1)) >= p  # mass before this token already reaches p
@@ -82,12 +90,16 @@ class Sampler:
     """Turns one step's float logits ``[vocab]`` into a token id."""
 
     def __init__(self, params: SamplingParams) -> None:
+        import torch
+
+        self._torch = torch
         self.params = params
         self.generator = torch.Generator(device="cpu")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator.manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, previous_ids: list[int]) -> int:
+        torch = self._torch
         p = self.params
         logits = logits.detach().float().reshape(-1).cpu()
         logits = apply_repetition_penalty(logits, previous_ids, p.repetition_penalty)
