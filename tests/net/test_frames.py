@@ -103,3 +103,18 @@ def test_fuzz_mutated_valid_frames(data: st.DataObject) -> None:
         assert isinstance(exc, FrameError)
     else:
         assert sum(t.nbytes for t in decoded.tensors) <= LIMITS.max_frame_bytes
+
+
+def test_transport_timeout_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymesh.errors import ConfigError
+    from pymesh.net.config import TransportConfig
+
+    monkeypatch.setenv("PYMESH_TRANSPORT_TIMEOUT", "2.5")
+    assert TransportConfig().idle_timeout == 2.5
+    assert TransportConfig(idle_timeout=7).idle_timeout == 7
+    monkeypatch.setenv("PYMESH_TRANSPORT_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="PYMESH_TRANSPORT_TIMEOUT"):
+        TransportConfig()
+    monkeypatch.delenv("PYMESH_TRANSPORT_TIMEOUT")
+    with pytest.raises(ConfigError, match="packet_size"):
+        TransportConfig(packet_size=20000)
