@@ -226,7 +226,10 @@ class TcpConnection(Connection):
             serving = self._serving.get(frame.request_id)
             if serving is not None:
                 serving.cancel()
-        elif t in (FrameType.PING, FrameType.PONG):
+        elif t == FrameType.PING:
+            # Answer, so a peer with a shorter idle_timeout than ours still hears from us in time.
+            self._nursery.start_soon(self._send_control, FrameType.PONG, 0)
+        elif t == FrameType.PONG:
             pass
         else:
             raise RemoteProtocolError(f"unexpected {t.name} frame after the handshake")

@@ -54,3 +54,22 @@ def test_vanished_peer_fails_pending_call_within_idle_timeout(transport: str, ho
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.timeout(30)
+def test_quiet_connection_survives_mismatched_idle_timeouts(transport: str) -> None:
+    """A client with a short idle_timeout keeps an idle connection to a server configured
+    with a long one: keep-alives flow both ways at the faster side's pace."""
+    from tests.net.helpers import fast_config, node_pair
+
+    async def main() -> None:
+        async with node_pair(transport, server_config=fast_config(idle_timeout=30.0),
+                             client_config=fast_config(idle_timeout=1.0)) as (server, client, conn):
+            async def echo(ctx, meta, tensors):  # type: ignore[no-untyped-def]
+                return meta, tensors
+            server.register("echo", echo)
+            await trio.sleep(3.0)  # three client idle timeouts with no application traffic
+            assert not conn.closed, conn.close_reason
+            meta, _ = await conn.call("echo", {"alive": 1}, timeout=5)
+            assert meta == {"alive": 1}
+    trio.run(main)
