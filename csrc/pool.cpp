@@ -70,8 +70,14 @@ class Pool {
 
   static Pool& instance() {
     // Leaked on purpose: helpers must outlive static destruction at exit.
-    static Pool* pool = new Pool();
-    return *pool;
+    static std::once_flag once;
+    std::call_once(once, [] {
+      current_ = new Pool();
+      // A forked child has none of the helpers and maybe a mutex held by one:
+      // it starts a fresh pool (the old one is leaked, its memory is the child's).
+      pthread_atfork(nullptr, nullptr, [] { current_ = new Pool(); });
+    });
+    return *current_;
   }
 
  private:
@@ -109,7 +115,10 @@ class Pool {
   uint64_t epoch_ = 0;
   Job* job_ = nullptr;
   std::vector<std::thread> threads_;
+  static Pool* current_;
 };
+
+Pool* Pool::current_ = nullptr;
 
 }  // namespace
 

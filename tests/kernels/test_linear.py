@@ -127,3 +127,19 @@ def test_concurrent_callers_share_the_pool_correctly() -> None:
     for t in threads:
         t.join(60)
     assert not errors, errors
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_still_runs_the_kernels() -> None:
+    """After fork the child has no helper threads: its pool starts afresh, no deadlock."""
+    import os
+
+    w = randn(2048, 1024, seed=12)
+    x = randn(2, 1024, seed=13)
+    expected = ops.linear(x, w)  # starts the parent's helpers
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        ok = torch.equal(ops.linear(x, w), expected)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
