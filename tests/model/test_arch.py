@@ -125,3 +125,16 @@ def test_batched_sessions_match_single(case: tuple[Path, Any, LocalModel]) -> No
         torch.testing.assert_close(both[row], alone[0], atol=1e-5, rtol=1e-5)
         alone_step = model.span.forward(model.head.embed(torch.tensor([[nxt]])), single, len(ids))
         torch.testing.assert_close(step[row], alone_step[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_chunked_prefill_matches_whole(case: tuple[Path, Any, LocalModel]) -> None:
+    """A prompt prefilled in two chunks (the second attends to cached keys, with the window) = one prefill."""
+    _, ref, model = case
+    expected = reference_logits(ref, PROMPT)
+    cache = model.span.new_cache(len(PROMPT))
+    cut = 11
+    first = model.span.forward(model.head.embed(torch.tensor([PROMPT[:cut]])), cache, 0)
+    second = model.span.forward(model.head.embed(torch.tensor([PROMPT[cut:]])), cache, cut)
+    got = model.head.logits(torch.cat([first, second], dim=1)[0])
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
