@@ -185,53 +185,91 @@ class Demo:
         return records
 
     # ---- chat -------------------------------------------------------------------------
-    def answer(self, client: Any, tokenizer: Any, prompt: str) -> tuple[int, float, float]:
-        """Stream one answer; returns (tokens, seconds to first token, decode tokens/s)."""
+    def answer(self, client: Any, tokenizer: Any, prompt: str | list[int], *,
+               echo: str | None = None) -> tuple[Answer, str]:
+        """Stream one answer to a chat prompt (text, or the ids of a templated conversation)."""
         from pymesh.model.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=self.o.max_tokens)
-        self.console.print(f"[bold green]you>[/] {prompt}")
+        if echo is not None:
+            self.console.print(f"[bold green]you>[/] {echo}", highlight=False)
         self.console.print("[bold blue]swarm>[/] ", end="")
         decoder = tokenizer.stream_decoder()
+        pieces: list[str] = []
         t0 = time.perf_counter()
         first = last = t0
         n = 0
-        for tok in _tokens(client.generate(prompt, params, chat=True)):
+        chat = isinstance(prompt, str)
+        for tok in _tokens(client.generate(prompt, params, chat=chat)):
             last = time.perf_counter()
             if n == 0:
                 first = last
             n += 1
-            self.console.print(decoder.push(tok), end="", markup=False, highlight=False, soft_wrap=True)
+            pieces.append(decoder.push(tok))
+            self.console.print(pieces[-1], end="", markup=False, highlight=False, soft_wrap=True)
             self.console.file.flush()
-        self.console.print(decoder.flush(), markup=False, highlight=False)
+        pieces.append(decoder.flush())
+        self.console.print(pieces[-1], markup=False, highlight=False)
         ttft = first - t0
         decode_tps = (n - 1) / (last - first) if n > 1 and last > first else 0.0
         self.console.print(f"   [dim]{n} tokens, first after {ttft * 1000:.0f} ms, "
                            f"{decode_tps:.1f} tokens/s decode[/]")
-        return n, ttft, decode_tps
+        return (n, ttft, decode_tps), "".join(pieces).strip()
 
-    def chat(self, swarm: LocalSwarm) -> list[tuple[int, float, float]]:
+    def chat(self, swarm: LocalSwarm) -> list[Answer]:
         from pymesh.client.api import SwarmClient
         from pymesh.model.tokenizer import load_tokenizer
 
         assert self.model_dir is not None
         tokenizer = load_tokenizer(self.model_dir)
-        results: list[tuple[int, float, float]] = []
+        results: list[Answer] = []
         self.console.print("[bold]3.[/] chatting through the swarm (greedy, chat template on)")
         with SwarmClient([swarm.bootstrap_addr], self.model_dir, transport=self.o.transport) as client:
             for prompt in self.o.prompts:
-                results.append(self.answer(client, tokenizer, prompt))
+                results.append(self.answer(client, tokenizer, prompt, echo=prompt)[0])
             if self.o.interactive:
-                self.console.print("   type a message (empty line or Ctrl-D to quit)")
-                while True:
-                    try:
-                        prompt = self.console.input("[bold green]you>[/] ").strip()
-                    except EOFError:
-                        break
-                    if not prompt:
-                        break
-                    results.append(self.answer(client, tokenizer, prompt))
+                results.extend(self.conversation(client, tokenizer))
         return results
+
+    def conversation(self, client: Any, tokenizer: Any) -> list[Answer]:
+        """A multi-turn chat: each turn sends the whole templated conversation so far."""
+        self.console.print("   type a message (empty line or Ctrl-D to quit; /reset forgets the conversation)")
+        history: list[dict[str, str]] = []
+        results: list[Answer] = []
+        while True:
+            try:
+                text = self.console.input("[bold green]you>[/] ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+            if text == "/reset":
+                history.clear()
+                continue
+            history.append({"role": "user", "content": text})
+            ids = conversation_ids(tokenizer, history, HISTORY_TOKENS)
+            stats, reply = self.answer(client, tokenizer, ids)
+            history.append({"role": "assistant", "content": reply})
+            results.append(stats)
+        return results
+
+
+#: (tokens, seconds to the first token, decode tokens/s) of one answer
+Answer = tuple[int, float, float]
+
+#: Older turns are dropped once the templated conversation is longer than this.
+HISTORY_TOKENS = 1536
+
+
+def conversation_ids(tokenizer: Any, history: list[dict[str, str]], max_tokens: int) -> list[int]:
+    """Token ids of the templated conversation, dropping the oldest turns past ``max_tokens``."""
+    turns = list(history)
+    while True:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True)
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        if len(ids) <= max_tokens or len(turns) <= 1:
+            return ids
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
 
 
 def _tokens(it: Any) -> Iterator[int]:
@@ -271,7 +309,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                               + (f"; logs kept in {swarm.workdir}" if options.keep_logs else ""))
 
 
-def summary(console: Console, results: list[tuple[int, float, float]]) -> None:
+def summary(console: Console, results: list[Answer]) -> None:
     if not results:
         return
     tokens = sum(r[0] for r in results)

@@ -62,3 +62,22 @@ def test_placement_table_names_workers_and_spans() -> None:
 def test_worker_limit_flag_detection() -> None:
     assert _worker_flags("  --max-blocks MAX_BLOCKS  without --layers") == "--max-blocks"
     assert _worker_flags("usage: pymesh worker [--layers A-B]") is None
+
+
+def test_conversation_ids_keep_turns_and_drop_the_oldest(smollm2_dir) -> None:  # type: ignore[no-untyped-def]
+    from pymesh.demo.run import conversation_ids
+    from pymesh.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    history = [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    ids = conversation_ids(tok, history, 10_000)
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert "My name is Ada." in text and "What is my name?" in text
+    assert text.rstrip().endswith("assistant")  # generation prompt opened
+    single = conversation_ids(tok, history[-1:], 10_000)
+    short = conversation_ids(tok, history, len(single))
+    assert short == single  # the first exchange was dropped to fit
