@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
+from typing import Any
 
-import pytest
 from rich.console import Console
 
 from pymesh.monitor.state import MonitorState, update
 from pymesh.monitor.view import GAP_CELL, render
+from pymesh.proto.identity import Identity, PeerID
+from pymesh.proto.records import WorkerRecord
 
-PEERS = [f"{c * 52}" for c in "abcdefgh"]
+PEERS = [Identity.from_seed(bytes([i + 1]) * 32).peer_id.to_text() for i in range(8)]
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeRecord:
-    """The fields of WorkerRecord the monitor reads (no signature needed for the view)."""
-
-    peer_id: str
-    model_id: str
-    start: int
-    stop: int
-    host: str = "127.0.0.1"
-    port: int = 9100
-    transports: tuple[str, ...] = ("quic", "tcp")
-    state: str = "online"
-    block_ms: float = 1.5
-    tokens_per_s: float = 20.0
-    cache_tokens_free: int = 4000
-    cache_tokens_total: int = 8192
-    sessions: int = 0
-    timestamp: float = 1000.0
+def FakeRecord(peer: str, model_id: str, start: int, stop: int, **fields: Any) -> WorkerRecord:  # noqa: N802
+    """An unsigned WorkerRecord (the view never checks signatures) with test defaults."""
+    defaults: dict[str, Any] = dict(host="127.0.0.1", port=9100, block_ms=1.5, tokens_per_s=20.0,
+                                    cache_tokens_free=4000, cache_tokens_total=8192, timestamp=1000.0)
+    defaults.update(fields)
+    return WorkerRecord(peer_id=PeerID.from_text(peer), model_id=model_id, start=start, stop=stop, **defaults)
 
 
 def text_of(state: MonitorState, width: int = 200) -> str:
@@ -170,21 +158,18 @@ def test_empty_swarm_and_error_line() -> None:
     assert "none yet" in out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pymesh.proto.records") is None,
-                    reason="pymesh/proto/records.py (DHT issue) is not on main yet")
-def test_real_worker_records_render() -> None:
+def test_signed_worker_record_renders() -> None:
     from pymesh import PROTOCOL_VERSION
-    from pymesh.proto.identity import Identity
-    from pymesh.proto.records import WorkerRecord
 
     ident = Identity.generate()
     rec = WorkerRecord(
-        version=PROTOCOL_VERSION, peer_id=ident.peer_id, model_id="smol@abc", start=0, stop=30,
-        host="127.0.0.1", port=9100, transports=("quic",), state="online", block_ms=1.0,
-        tokens_per_s=12.5, cache_tokens_free=100, cache_tokens_total=200, sessions=1,
-        timestamp=0.0, signature=b"",
+        version=PROTOCOL_VERSION, model_id="smol@abc", start=0, stop=30, host="127.0.0.1", port=9100,
+        transports=("quic",), state="online", block_ms=1.0, tokens_per_s=12.5, cache_tokens_free=100,
+        cache_tokens_total=200, sessions=1,
     ).signed(ident)
+    assert rec.verify()
     st = update(MonitorState(), [rec], now=rec.timestamp + 3)
     out = text_of(st)
     assert ident.peer_id.short() in out
     assert "all 30 blocks covered" in out
+    assert "3s" in out
