@@ -384,8 +384,9 @@ def render(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="transport: 8 KB round trip and 4 MB one-way throughput, loopback")
-    for col in ("transport", "packet", "RTT median us", "RTT p99 us", "MB/s", "CPU us/call", "MB per CPU s"):
-        table.add_column(col, justify="left" if col == "transport" else "right")
+    table.add_column("transport", no_wrap=True, min_width=16)
+    for col in ("packet", "RTT med us", "RTT p99 us", "MB/s", "CPU us/call", "MB/CPU-s"):
+        table.add_column(col, justify="right")
 
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:,.1f}"

@@ -167,6 +167,10 @@ class QuicEndpoint:
             _each(touched.values(), QuicDriver.flush)
 
     def _route_untrusted(self, data: bytes, addr: Any) -> QuicDriver | None:
+        if data and not data[0] & 0x80:
+            # Short header (every packet after the handshake): the destination connection
+            # ID is the CID_LENGTH bytes after the first; no need for a full header parse.
+            return self.by_cid.get(data[1:1 + CID_LENGTH])
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except Exception:  # garbage: aioquic raises ValueError / BufferReadError
