@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence, cast
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 from rich.console import Console
@@ -110,8 +110,7 @@ class SwarmPoller:
 
 
 def _previous_records(state: MonitorState) -> list[RecordLike]:
-    # WorkerView carries the RecordLike fields (peer_id as the text form).
-    return [cast(RecordLike, w) for w in state.workers]
+    return list(state.workers)  # WorkerView has the RecordLike fields (peer_id as text)
 
 
 #: The worker's cheapest call (``pymesh.worker.wire.INFO``); its round trip is the RTT.

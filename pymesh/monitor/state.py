@@ -23,22 +23,49 @@ MAX_EVENTS = 200
 
 
 class RecordLike(Protocol):
-    """The fields of a worker record the monitor reads."""
+    """The fields of a worker record the monitor reads (read-only, so frozen dataclasses fit)."""
 
-    peer_id: Any
-    model_id: str
-    start: int
-    stop: int
-    host: str
-    port: int
-    transports: tuple[str, ...]
-    state: str
-    block_ms: float
-    tokens_per_s: float
-    cache_tokens_free: int
-    cache_tokens_total: int
-    sessions: int
-    timestamp: float
+    @property
+    def peer_id(self) -> Any: ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def stop(self) -> int: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def transports(self) -> tuple[str, ...]: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def block_ms(self) -> float: ...
+
+    @property
+    def tokens_per_s(self) -> float: ...
+
+    @property
+    def cache_tokens_free(self) -> int: ...
+
+    @property
+    def cache_tokens_total(self) -> int: ...
+
+    @property
+    def sessions(self) -> int: ...
+
+    @property
+    def timestamp(self) -> float: ...
 
 
 def peer_text(peer_id: Any) -> str:

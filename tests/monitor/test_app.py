@@ -9,20 +9,22 @@ import trio
 from rich.console import Console
 
 from pymesh.monitor.app import MonitorOptions, SwarmPoller
-from pymesh.monitor.state import MonitorState
+from pymesh.monitor.state import MonitorState, RecordLike
 from pymesh.monitor.view import render
 from pymesh.proto.addr import parse_addr
+
+from pymesh.proto.records import WorkerRecord
 
 from .test_view import PEERS, FakeRecord
 
 
 class FakeNode:
-    def __init__(self, records: list[FakeRecord]) -> None:
+    def __init__(self, records: list[WorkerRecord]) -> None:
         self.records = records
         self.fail: Exception | None = None
         self.bootstrap_up = True
 
-    async def list_records(self, model_id: str | None = None) -> list[FakeRecord]:
+    async def list_records(self, model_id: str | None = None) -> list[WorkerRecord]:
         if self.fail is not None:
             raise self.fail
         return [r for r in self.records if model_id is None or r.model_id == model_id]
@@ -41,7 +43,7 @@ def options() -> MonitorOptions:
 def test_poll_measures_rtt_and_survives_a_failed_poll() -> None:
     node = FakeNode([FakeRecord(PEERS[0], "m", 0, 4), FakeRecord(PEERS[1], "m", 4, 8, port=9200)])
 
-    async def pinger(rec: FakeRecord) -> float | None:
+    async def pinger(rec: RecordLike) -> float | None:
         if rec.port == 9200:
             await trio.sleep_forever()  # this worker never answers: RTT stays blank
         return 3.5
