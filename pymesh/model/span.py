@@ -60,7 +60,7 @@ class SpanModel:
         c = self.config
         return len(self.blocks) * 2 * c.num_key_value_heads * c.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
         """Run the span on ``hidden`` ``[batch, seq, hidden]`` at positions ``start_pos..``; returns new hidden."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:

@@ -67,3 +67,21 @@ def test_plan_replay_and_rebuild(folder: Path) -> None:
     b = model.span.forward(step, cache, 3)  # replay of the same position overwrites the cache entry
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert a.data_ptr() != b.data_ptr()  # results are fresh tensors, not the plan's buffers
+
+
+def test_caches_and_calls_mix_inference_mode(folder: Path) -> None:
+    """A worker may make a cache in one grad mode and step it in another: both work."""
+    model = LocalModel.load(folder)
+    prompt = model.head.embed(torch.tensor([[5, 6, 7]]))
+    step = model.head.embed(torch.tensor([[9]]))
+    with torch.inference_mode():
+        inside = model.span.new_cache(8)
+    outside = model.span.new_cache(8)
+    results = []
+    for cache in (inside, outside):
+        for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+            with mode():
+                model.span.forward(prompt, cache, 0)
+                results.append(model.span.forward(step, cache, 3))
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], atol=0, rtol=0)
