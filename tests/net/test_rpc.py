@@ -247,7 +247,10 @@ def test_handler_concurrency_is_bounded(transport: str) -> None:
             async with trio.open_nursery() as nursery:
                 for i in range(10):
                     nursery.start_soon(one, i)
-                await trio.sleep(0.5)
+                with trio.fail_after(20):
+                    while peak < 2:
+                        await trio.sleep(0.01)
+                await trio.sleep(0.3)  # the other eight are queued, not running
                 assert peak == 2 and not done
                 release.set()
             assert sorted(done) == list(range(10)) and peak == 2
