@@ -88,3 +88,37 @@ def test_killed_worker_is_replaced_and_output_is_identical(tiny_swarm: LocalProc
     assert new_mid != active, "the dead worker is still in the route"
     spare = next(w for w in workers if w.peer_id == new_mid)
     assert spare.alive()
+
+
+def test_stalled_worker_is_routed_around(tiny_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    """A worker that stops answering (SIGSTOP) mid-generation: the per-step timeout fires,
+    the client bans it and replays onto a spare; the ids do not change."""
+    from pymesh.client.api import SwarmClient
+    from pymesh.model.sampling import SamplingParams
+
+    n = 24
+    ref, gaps = reference_run(tiny6_dir, PROMPT, n)
+    spare = tiny_swarm.start_worker("--layers", "4-5", "--model-path", str(tiny6_dir), "--transport", "both",
+                                    name="tiny45-spare")
+    wait_ready([spare], timeout=120)
+    workers = [*tiny_swarm.workers, spare]  # type: ignore[attr-defined]
+    got: list[int] = []
+    stalled = None
+    try:
+        with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir) as client:
+            for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
+                got.append(token)
+                if len(got) == 4:
+                    stats = client.last_stats
+                    assert stats is not None
+                    active = next(h["peer"] for h in stats.route if h["start"] == 4)
+                    stalled = next(w for w in workers if w.peer_id == active)
+                    stalled.signal(signal.SIGSTOP)
+            stats = client.last_stats
+    finally:
+        if stalled is not None:
+            stalled.signal(signal.SIGCONT)
+    assert stats is not None and stalled is not None
+    assert_same_tokens(got, ref, gaps, "generation across a stalled worker")
+    assert any("within" in r["why"] for r in stats.recoveries), stats.recoveries
+    assert next(h["peer"] for h in stats.route if h["start"] == 4) != stalled.peer_id
