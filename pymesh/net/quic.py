@@ -234,7 +234,7 @@ async def _serve_inbound_inner(node: "RpcNode", driver: QuicDriver) -> None:
                 await driver.send(stream, b"", end=True)
                 driver.forget(stream)
         except (trio.TooSlowError, PeerUnavailable, RemoteProtocolError, IdentityError) as exc:
-            log.info("inbound QUIC connection rejected: %s", exc or "no handshake within connect_timeout")
+            log.info("inbound QUIC connection rejected: %s", str(exc) or "no handshake within connect_timeout")
             driver.close(ERR_PROTOCOL, "handshake failed")
             return
         # Streams the client opened before authenticating would be a protocol violation;

@@ -305,7 +305,7 @@ async def accept(node: "RpcNode", stream: trio.SocketStream) -> TcpConnection | 
                 read=lambda: read_frame_untrusted(reader, cfg.limits), send=raw.send_all, limits=cfg.limits)
     except (trio.TooSlowError, PeerUnavailable, RemoteProtocolError, IdentityError) as exc:
         log.info("inbound TCP connection from %s rejected: %s", _addr(stream),
-                 exc or "handshake did not finish within connect_timeout")
+                 str(exc) or "handshake did not finish within connect_timeout")
         with trio.CancelScope(shield=True):
             await raw.aclose()
         return None

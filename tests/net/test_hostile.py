@@ -237,3 +237,23 @@ def test_dial_nobody_is_peer_unavailable(transport: str) -> None:
     trio.run(main)
 
 
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport", ["tcp", "tcp-plain"])
+def test_silent_dialer_is_dropped_after_connect_timeout(transport: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pymesh")
+
+    async def main() -> None:
+        async with node_pair(transport, server_config=fast_config(connect_timeout=0.5)) as (server, client, conn):
+            server.register("echo", echo)
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", server.test_port))  # type: ignore[attr-defined]
+            with trio.fail_after(10):
+                while await sock.recv(65536):  # the server's HELLO (plaintext) comes first; then EOF
+                    pass
+            sock.close()
+            assert any("rejected" in r.getMessage() for r in caplog.records)
+            await still_serves(server)
+
+    trio.run(main)
