@@ -48,6 +48,7 @@ class TransportConfig:
     stream_window: int = 16 * 1024 * 1024   # QUIC per-stream receive credit advertised to the peer
     connection_window: int = 64 * 1024 * 1024  # QUIC connection receive credit
     send_buffer: int = 4 * 1024 * 1024      # QUIC: unacknowledged bytes per stream before send() waits
+    connection_send_buffer: int = 16 * 1024 * 1024  # QUIC: the same bound over all streams of a connection
     congestion_control: str = "reno"        # aioquic algorithm name ("reno", "cubic", "pymesh-delay")
     max_concurrent_handlers: int = 256      # calls served at once per connection; more wait
 

@@ -207,7 +207,8 @@ def new_endpoint(node: "RpcNode", host: str, port: int, *, server: bool) -> Quic
         assert endpoint.nursery is not None
         endpoint.nursery.start_soon(_serve_inbound, node, driver)
 
-    endpoint = QuicEndpoint(sock, server_cfg, on_new if server else None, node.config.send_buffer)
+    endpoint = QuicEndpoint(sock, server_cfg, on_new if server else None, node.config.send_buffer,
+                            connection_send_buffer=node.config.connection_send_buffer)
     return endpoint
 
 
@@ -249,7 +250,8 @@ async def dial(node: "RpcNode", endpoint: QuicEndpoint, host: str, port: int, pe
     cfg = node.config
     qc = quic_configuration(cfg, is_client=True, identity=None)
     quic = QuicConnection(configuration=qc)
-    driver = QuicDriver(endpoint, quic, is_client=True, send_buffer=cfg.send_buffer)
+    driver = QuicDriver(endpoint, quic, is_client=True, send_buffer=cfg.send_buffer,
+                        connection_send_buffer=cfg.connection_send_buffer)
     driver.add_cid(quic.host_cid)
     assert endpoint.nursery is not None
     await endpoint.nursery.start(driver.run)

@@ -123,11 +123,13 @@ class _Finished:
 
 
 class QuicDriver:
-    def __init__(self, endpoint: QuicEndpoint, quic: QuicConnection, is_client: bool, send_buffer: int) -> None:
+    def __init__(self, endpoint: QuicEndpoint, quic: QuicConnection, is_client: bool, send_buffer: int,
+                 connection_send_buffer: int | None = None) -> None:
         self.endpoint = endpoint
         self.quic = quic
         self.is_client = is_client
         self.send_buffer = send_buffer
+        self.connection_send_buffer = connection_send_buffer or 4 * send_buffer
         self.streams: dict[int, QStream] = {}
         self.handshake_done = trio.Event()
         self.terminated: str | None = None
@@ -322,6 +324,9 @@ class QuicDriver:
         sender = s.sender
         return int(sender._buffer_stop - sender._buffer_start)
 
+    def _unacked_total(self) -> int:
+        return sum(self._unacked(sid) for sid in self.streams)
+
     async def send(self, stream: QStream, data: bytes | memoryview, end: bool) -> None:
         """Queue ``data`` on the stream, waiting for ACK progress to bound buffered bytes."""
         view = memoryview(data)
@@ -333,7 +338,7 @@ class QuicDriver:
         for off in range(0, len(view), SEND_CHUNK):
             while True:
                 self._check_send(stream)
-                if self._unacked(stream.sid) < self.send_buffer:
+                if self._unacked(stream.sid) < self.send_buffer and self._unacked_total() < self.connection_send_buffer:
                     break
                 await self._progress.wait()
             chunk = view[off:off + SEND_CHUNK]
