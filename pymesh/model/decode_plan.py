@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pymesh.model.kv_cache import KVCache
-from pymesh.model.layers import ops
+from pymesh.model import ops
 
 if TYPE_CHECKING:
     from pymesh.model.span import SpanModel
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else int(t.data_ptr())
 
 
 def fast_decode_enabled() -> bool:
@@ -63,7 +67,10 @@ class DecodePlan:
         self.heads, self.kv_heads, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps = c.rms_norm_eps
         self.window = c.sliding_window
-        new = lambda n: torch.zeros((b, n), dtype=dt, device=span.device)  # noqa: E731
+
+        def new(n: int) -> torch.Tensor:
+            return torch.zeros((b, n), dtype=dt, device=span.device)
+
         self.residual = new(self.hidden)
         self.x = new(self.hidden)       # MLP output, then (fused) the next block's normed input
         self.o = new(self.hidden)       # attention output, then (fused) the MLP's normed input
@@ -75,15 +82,14 @@ class DecodePlan:
         self.q_view = self.qbuf.view(b, self.kv_heads, self.heads // self.kv_heads, self.d)
         self.slot_bytes = b * 2 * self.kv * self.es  # one position of one block's cache
         self.slot_base = [s.data_ptr() for s in cache.slots]
-        self.weights = []
+        self.weights: list[tuple[int, ...]] = []
         for blk in span.blocks:
             w_q, w_kv = blk.w_qkv[: self.q], blk.w_qkv[self.q:]
             b_q = b_kv = None
             if blk.b_qkv is not None:
                 b_q, b_kv = blk.b_qkv[: self.q], blk.b_qkv[self.q:]
-            ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-            self.weights.append((ptr(blk.ln_attn), ptr(w_q), ptr(b_q), ptr(w_kv), ptr(b_kv), ptr(blk.w_o),
-                                 ptr(blk.b_o), ptr(blk.ln_mlp), ptr(blk.w_gate_up), ptr(blk.w_down)))
+            self.weights.append((_ptr(blk.ln_attn), _ptr(w_q), _ptr(b_q), _ptr(w_kv), _ptr(b_kv), _ptr(blk.w_o),
+                                 _ptr(blk.b_o), _ptr(blk.ln_mlp), _ptr(blk.w_gate_up), _ptr(blk.w_down)))
         self._keep = span.blocks  # the pointers above are into these tensors
 
     def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pymesh.errors import ConfigError
 from pymesh.model.config import ModelConfig, load_config
-from pymesh.model.layers import ops
+from pymesh.model import ops
 from pymesh.model.weights import WeightStore
 
 log = logging.getLogger(__name__)

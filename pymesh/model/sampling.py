@@ -167,4 +167,4 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     max_tokens = getattr(args, "max_tokens", None)
     if max_tokens is not None:
         kwargs["max_new_tokens"] = max_tokens
-    return SamplingParams(**kwargs)  # type: ignore[arg-type]
+    return SamplingParams(**kwargs)

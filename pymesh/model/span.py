@@ -17,7 +17,8 @@ from pymesh.errors import ConfigError
 from pymesh.model.config import ModelConfig, load_config
 from pymesh.model.decode_plan import DecodePlan, plan_supported
 from pymesh.model.kv_cache import KVCache
-from pymesh.model.layers import Block, ops
+from pymesh.model import ops
+from pymesh.model.layers import Block
 from pymesh.model.rope import rope_tables
 from pymesh.model.weights import WeightStore, progress_iter
 

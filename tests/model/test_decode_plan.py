@@ -10,7 +10,7 @@ import torch
 from pymesh.model import decode_plan
 from pymesh.model.decode_plan import DecodePlan
 from pymesh.model.generate import LocalModel
-from pymesh.model.layers import ops
+from pymesh.model import ops
 from tests.model.tiny import make_tiny_model
 
 CASES = {
