@@ -139,17 +139,28 @@ async def monitor_loop(
     console: Console,
     once: bool = False,
     pinger_factory: Callable[[], Any] | None = None,
+    node_factory: Callable[[Any], Any] | None = None,
     max_polls: int | None = None,
+    screen: bool = True,
 ) -> MonitorState:
-    """Run the monitor; with ``once`` return after one snapshot is printed."""
-    from pymesh.net.dht import DHTNode
+    """Run the monitor; with ``once`` return after one snapshot is printed.
+
+    ``node_factory(identity)`` returns the async context manager of the DHT node (tests
+    pass a stand-in); ``max_polls`` bounds the live loop (None: until cancelled).
+    """
     from pymesh.proto.identity import Identity
 
     ident = Identity.generate()
     state = MonitorState(
         bootstrap=", ".join(str(a) for a in options.bootstrap), model_filter=options.model
     )
-    async with DHTNode(ident, host=options.host, port=0, bootstrap=list(options.bootstrap)) as node:
+    if node_factory is None:
+        from pymesh.net.dht import DHTNode
+
+        def node_factory(identity: Any) -> Any:
+            return DHTNode(identity, host=options.host, port=0, bootstrap=list(options.bootstrap))
+
+    async with node_factory(ident) as node:
         async with _maybe_rpc(ident, pinger_factory) as pinger:
             poller = SwarmPoller(node, options, pinger)
             if once:
@@ -159,13 +170,14 @@ async def monitor_loop(
             from rich.live import Live
 
             polls = 0
-            with Live(render(state), console=console, auto_refresh=False, screen=True,
+            with Live(render(state), console=console, auto_refresh=False, screen=screen,
                       redirect_stderr=False) as live:
                 while max_polls is None or polls < max_polls:
                     state = await poller.poll(state)
                     polls += 1
                     live.update(render(state), refresh=True)
-                    await trio.sleep(options.interval)
+                    if max_polls is None or polls < max_polls:
+                        await trio.sleep(options.interval)
     return state
 
 

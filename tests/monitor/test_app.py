@@ -68,3 +68,45 @@ def test_poll_measures_rtt_and_survives_a_failed_poll() -> None:
         assert "UNREACHABLE" in out and "network unreachable" in out
 
     trio.run(main)
+
+
+class FakeNodeContext:
+    def __init__(self, node: FakeNode) -> None:
+        self.node = node
+
+    async def __aenter__(self) -> FakeNode:
+        return self.node
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.timeout(30)
+def test_live_loop_redraws_from_trio_and_reports_changes() -> None:
+    from pymesh.monitor.app import monitor_loop
+
+    node = FakeNode([FakeRecord(PEERS[0], "m", 0, 4), FakeRecord(PEERS[1], "m", 4, 8)])
+    polls = {"n": 0}
+    original = node.list_records
+
+    async def list_records(model_id: str | None = None) -> list[WorkerRecord]:
+        polls["n"] += 1
+        if polls["n"] == 2:
+            node.records = node.records[:1]  # the second worker's record expires
+        return await original(model_id)
+
+    node.list_records = list_records  # type: ignore[method-assign]
+
+    async def no_ping(rec: RecordLike) -> float | None:
+        return 2.0
+
+    console = Console(record=True, width=200, file=io.StringIO(), force_terminal=True)
+    opts = options()
+    opts.interval = 0.01
+    state = trio.run(lambda: monitor_loop(opts, console=console, node_factory=lambda ident: FakeNodeContext(node),
+                                          pinger_factory=lambda: no_ping, max_polls=3, screen=False))
+    assert state.polls == 3
+    assert [e.kind for e in state.events] == ["joined", "joined", "left"]
+    assert state.gaps("m") == [(4, 7)]
+    text = console.export_text()
+    assert "gaps: 4-7" in text and "record expired" in text and "2.0ms" in text
