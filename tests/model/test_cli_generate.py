@@ -67,3 +67,19 @@ def test_bench_generate_json_schema(tiny: Path, capsys: pytest.CaptureFixture[st
         assert set(r) == {"engine", "dtype", "decode_tokens_per_s", "prefill_s"}
         assert r["decode_tokens_per_s"] > 0
         assert (r["prefill_s"] is None) == (r["engine"] == "ceiling")
+
+
+def test_generate_ids_stops_on_eos_and_max_tokens(tiny: Path) -> None:
+    from pymesh.model.generate import LocalModel
+
+    model = LocalModel.load(tiny)
+    free = list(model.generate_ids([1, 2, 3], SamplingParams(max_new_tokens=5), eos_ids=[]))
+    assert len(free) == 5
+    # with the third greedy token declared EOS, generation yields it and stops
+    assert list(model.generate_ids([1, 2, 3], SamplingParams(max_new_tokens=5), eos_ids=[free[2]])) == \
+        free[: free.index(free[2]) + 1]
+    assert list(model.generate_ids([1, 2, 3], SamplingParams(max_new_tokens=0))) == []
+    calls: list[list[int]] = []
+    stopped = list(model.generate_ids([1, 2, 3], SamplingParams(max_new_tokens=5), eos_ids=[],
+                                      stop_check=lambda g: calls.append(list(g)) or len(g) == 2))
+    assert stopped == free[:2] and calls == [free[:1], free[:2]]
