@@ -142,7 +142,6 @@ class QuicEndpoint:
         sock = self.sock
         while True:
             await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
             touched: dict[int, QuicDriver] = {}
             for _ in range(RECV_BATCH):
                 try:
@@ -157,7 +156,8 @@ class QuicEndpoint:
                     self.dropped += 1
                     continue
                 try:
-                    driver.receive(data, addr, now)
+                    # the clock per datagram: a long batch must not skew RTT samples
+                    driver.receive(data, addr, trio.current_time())
                 except Exception:  # aioquic should never raise on peer input; never let it kill the loop
                     log.exception("aioquic failed on a datagram from %s; dropped", addr)
                 touched[id(driver)] = driver
