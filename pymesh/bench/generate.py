@@ -6,7 +6,8 @@ thread count. Each engine does one prefill with the whole prompt, then one token
 per step with its own KV cache; decode tokens/s counts the steps after the first
 token. The ceiling is what a decoder reading every weight byte exactly once per
 token would reach at this machine's read bandwidth (a ``threads``-thread pass
-over >= 1 GiB, best of 5). Everything is measured in a fresh child process started
+over 1 GiB, best of 5 passes, sampled again after every round of runs so that it
+sees the same load as the engines; the best sample counts). Everything is measured in a fresh child process started
 with ``OMP_WAIT_POLICY=PASSIVE`` and ``OMP_NUM_THREADS=threads``: OpenMP reads those
 once, when torch loads, and spinning threads ruin timings on a shared machine.
 
@@ -47,23 +48,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs per engine and dtype, taking turns; the best is kept (default 3, --quick 1)")
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s of a ``threads``-thread read pass (a sum) over ``gib`` GiB, best of ``repeats``."""
-    import torch
+class BandwidthProbe:
+    """Read bandwidth of a ``threads``-thread pass (a sum) over a ``gib`` GiB buffer.
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-        buf.sum()  # fault the pages in
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            buf.sum()
-            best = min(best, time.perf_counter() - t)
-        return buf.numel() * 4 / best
-    finally:
-        torch.set_num_threads(old)
+    ``sample()`` takes the best of ``repeats`` passes and keeps the best sample seen, so
+    the ceiling is sampled between the engines' runs, under the same load as they are.
+    """
+
+    def __init__(self, threads: int, gib: float = 1.0) -> None:
+        import torch
+
+        self.threads = threads
+        self.buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+        self.best = 0.0
+
+    def sample(self, repeats: int = 5) -> float:
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            self.buf.sum()  # pages are resident and warm
+            for _ in range(repeats):
+                t = time.perf_counter()
+                self.buf.sum()
+                self.best = max(self.best, self.buf.numel() * 4 / (time.perf_counter() - t))
+        finally:
+            torch.set_num_threads(old)
+        return self.best
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a ``threads``-thread read pass over ``gib`` GiB, best of ``repeats``."""
+    return BandwidthProbe(threads, gib).sample(repeats)
 
 
 def weight_bytes_per_token(model_dir: Path, elem_size: int) -> int:
@@ -183,6 +200,7 @@ def _measure(spec: dict[str, Any]) -> None:
              f"prompt {len(ids)} tokens, {n} new greedy tokens, {threads} threads, best of {repeats} runs"]
     warnings: list[str] = []
     rows: list[dict] = []
+    probe = BandwidthProbe(threads)
     for dtype in spec["dtypes"]:
         runners = {e: RUNNERS[e](model_dir, dtype) for e in spec["engines"]}
         best: dict[str, Run] = {}
@@ -193,6 +211,7 @@ def _measure(spec: dict[str, Any]) -> None:
                 if engine not in best or res[1] > best[engine][1]:
                     best[engine] = res
                 emit({"progress": f"{engine} {dtype} run {r + 1}/{repeats}", "advance": 1})
+            probe.sample()
         for engine, (prefill, rate, _) in best.items():
             rows.append({"engine": engine, "dtype": dtype, "decode_tokens_per_s": round(rate, 2),
                          "prefill_s": round(prefill, 4)})
@@ -205,13 +224,14 @@ def _measure(spec: dict[str, Any]) -> None:
         del runners
         gc.collect()
     emit({"progress": "memory bandwidth"})
-    bandwidth = read_bandwidth(threads)
+    bandwidth = probe.sample()
     for dtype in spec["dtypes"]:
         elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         rows.append({"engine": "ceiling", "dtype": dtype,
                      "decode_tokens_per_s": round(bandwidth / weight_bytes_per_token(model_dir, elem), 2),
                      "prefill_s": None})
-    notes.append(f"read bandwidth ({threads} threads, 1 GiB, best of 5): {bandwidth / 1e9:.1f} GB/s; "
+    notes.append(f"read bandwidth ({threads} threads, 1 GiB, best pass, sampled after every round): "
+                 f"{bandwidth / 1e9:.1f} GB/s; "
                  f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     emit({"progress": "done", "advance": 1})
     emit({"rows": rows, "notes": notes, "warnings": warnings})
