@@ -27,6 +27,14 @@ BENCH_SCHEMAS: dict[str, set[str]] = {
 #: Numeric keys (the rest may be strings).
 TEXT_KEYS = {"op", "dtype", "engine", "transport"}
 BENCH_TIMEOUT = {"kernels": 240, "generate": 400, "transport": 240, "dht": 240, "swarm": 500}
+#: On top of --quick: the smallest settings each part offers (a smoke test, not a measurement).
+BENCH_QUICKEST: dict[str, list[str]] = {
+    "kernels": ["--budget", "0.01"],
+    "generate": ["--new-tokens", "8", "--repeats", "1"],
+    "transport": ["--rtt-calls", "50", "--bulk-calls", "2"],
+    "dht": ["--sizes", "100", "--lookups", "50"],
+    "swarm": ["--new-tokens", "8", "--repeats", "1"],
+}
 
 
 def pymesh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -98,7 +106,7 @@ def test_monitor_once_with_no_bootstrap_says_so() -> None:
 def test_bench_part_quick_json_schema(part: str) -> None:
     if not _have(f"pymesh.bench.{part}"):
         pytest.skip(f"pymesh/bench/{part}.py is not in this build yet")
-    out = pymesh("bench", part, "--quick", "--json", timeout=BENCH_TIMEOUT[part])
+    out = pymesh("bench", part, "--quick", "--json", *BENCH_QUICKEST[part], timeout=BENCH_TIMEOUT[part])
     assert out.returncode == 0, f"bench {part} failed:\n{out.stderr[-3000:]}"
     rows = json.loads(out.stdout)
     assert isinstance(rows, list) and rows, f"bench {part} printed no rows"
