@@ -37,7 +37,7 @@ async def run_network_test(swarm: Swarm, start: int, stop: int, *, hidden: int =
     x = torch.randn(1, seq, hidden, generator=torch.Generator().manual_seed(0))
     per_hop: list[list[float]] = []
     totals: list[float] = []
-    async with InferenceSession(swarm, start, stop, max_tokens=seq * rounds) as session:
+    async with InferenceSession(swarm, start, stop, max_tokens=seq * rounds, copy_every=1) as session:
         result.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
         per_hop = [[] for _ in session.route]
         for _ in range(rounds):

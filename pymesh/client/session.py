@@ -40,8 +40,8 @@ class _StepFailure(Exception):
 @dataclass
 class _Pending:
     step: int
-    outputs: dict[int, Any]          # hop start -> output tensor
-    arrived: dict[int, float]        # hop start -> perf_counter at arrival
+    result: Any                      # the last hop's output
+    arrived: dict[int, float]        # hop start -> perf_counter at arrival (copies every step)
     error: tuple[PeerID | None, str] | None
     event: trio.Event
 
@@ -54,7 +54,7 @@ class InferenceSession:
     """Blocks ``[start, stop)`` for up to ``max_tokens`` positions; ``step(hidden) -> hidden``."""
 
     def __init__(self, swarm: Swarm, start: int, stop: int, max_tokens: int, *, batch: int = 1,
-                 trust_record_cache: bool = True) -> None:
+                 trust_record_cache: bool = True, copy_every: int | None = None) -> None:
         self.swarm = swarm
         #: skip workers whose record says their cache is full (records can be a heartbeat old;
         #: a worker that is full anyway refuses, and the client goes elsewhere)
@@ -64,7 +64,11 @@ class InferenceSession:
         self.batch = batch
         self.sid = os.urandom(16)
         self.route: list[SpanOption] = []
-        self.history: dict[int, list[Any]] = {}
+        #: block boundary -> step -> the input of the span starting there (for replay)
+        self.history: dict[int, dict[int, Any]] = {}
+        #: workers push their recovery copies every this many steps (1: every step, which
+        #: also gives per-hop timings); unsent ones are fetched with pm.flush on recovery
+        self.copy_every = copy_every or int(env_float("PYMESH_COPY_EVERY", 16))
         self.shapes: list[tuple[int, int]] = []          # (start_pos, seq) per step
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
@@ -75,25 +79,46 @@ class InferenceSession:
 
     # -- push sink -------------------------------------------------------------------------
     def on_push(self, peer: PeerID, topic: str, meta: dict[str, Any], tensors: list[Any]) -> None:
+        if topic == wire.OUT:
+            self._on_out(peer, meta, tensors)
+            return
         p = self._pending
         if p is None or meta.get("step") != p.step:
             return
-        hop = next((o for o in self.route if o.peer == peer and o.start == meta.get("start")), None)
-        if topic == wire.OUT:
-            if hop is None or len(tensors) != 1:
-                return
-            from pymesh.net.tensors import blob_to_tensor
-
-            p.outputs[hop.start] = blob_to_tensor(tensors[0])
-            p.arrived[hop.start] = time.perf_counter()
-            if len(p.outputs) == len(self.route):
-                p.event.set()
-        elif topic == wire.ERR and p.error is None:
+        if topic == wire.ERR and p.error is None:
             blame_raw = meta.get("blame")
             blame = PeerID(blame_raw) if isinstance(blame_raw, bytes) and len(blame_raw) == 32 else peer
             msg = meta.get("msg", b"")
             text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
             p.error = (blame, f"worker {peer.short()} reported: {text}")
+            p.event.set()
+
+    def _on_out(self, peer: PeerID, meta: dict[str, Any], tensors: list[Any]) -> None:
+        from pymesh.net.tensors import blob_to_tensor
+
+        hop = next((o for o in self.route if o.peer == peer and o.start == meta.get("start")), None)
+        steps = meta.get("steps")
+        if hop is None or not isinstance(steps, list) or len(steps) != len(tensors):
+            return
+        p = self._pending
+        if meta.get("final") == 1 and hop is self.route[-1]:
+            if p is not None and steps == [p.step]:
+                p.result = blob_to_tensor(tensors[0])
+                p.arrived[hop.start] = time.perf_counter()
+                self._maybe_done(p)
+            return
+        store = self.history.setdefault(hop.stop, {})
+        for k, blob in zip(steps, tensors):
+            if isinstance(k, int):
+                store[k] = blob_to_tensor(blob)
+                if p is not None and k == p.step:
+                    p.arrived[hop.start] = time.perf_counter()
+                    self._maybe_done(p)
+
+    def _maybe_done(self, p: _Pending) -> None:
+        # With a copy every step (the network test) wait for every hop's copy too: the
+        # per-hop timings need them. Otherwise the result alone completes the step.
+        if p.result is not None and (self.copy_every > 1 or len(p.arrived) >= len(self.route)):
             p.event.set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -124,7 +149,8 @@ class InferenceSession:
 
     def _open_meta(self, o: SpanOption, nxt: SpanOption | None) -> dict[str, Any]:
         meta: dict[str, Any] = {"sid": self.sid, "max_tokens": self.max_tokens, "batch": self.batch,
-                                "model": self.swarm.model_id, "start": o.start, "stop": o.stop, "reset": 1}
+                                "model": self.swarm.model_id, "start": o.start, "stop": o.stop, "reset": 1,
+                                "copies": self.copy_every}
         if nxt is not None:
             meta["next"] = {"peer": nxt.peer.key, "host": nxt.host, "port": nxt.port,
                             "transport": self.swarm.transport}
@@ -140,7 +166,7 @@ class InferenceSession:
             failed = await self._open_hops(route, route)
             if failed is None:
                 self.route = route
-                self.history = {route[0].start: []}
+                self.history = {route[0].start: {}}
                 return
             excluded.append(failed)
         raise SessionFailed("could not open a session on any route: every candidate worker refused or failed")
@@ -176,25 +202,23 @@ class InferenceSession:
             raise SessionFailed(f"step of {seq} tokens exceeds the session's {self.max_tokens} tokens")
         step = len(self.shapes)
         hidden = hidden.contiguous()
+        self.history.setdefault(self.start, {})[step] = hidden
         for attempt in range(self.max_recoveries + 1):
             try:
-                outputs = await self._run_step(step, self.length, hidden)
+                result = await self._run_step(step, self.length, hidden)
                 break
             except _StepFailure as failure:
                 if attempt == self.max_recoveries:
                     raise SessionFailed(f"step {step} failed {attempt + 1} times; last: {failure.why}") from None
                 await self._recover(failure, step)
-        self.history.setdefault(self.route[0].start, []).append(hidden)
-        for o in self.route[:-1]:
-            self.history.setdefault(o.stop, []).append(outputs[o.start])
         self.shapes.append((self.length, seq))
         self.length += seq
-        return outputs[self.route[-1].start]
+        return result
 
-    async def _run_step(self, step: int, pos: int, hidden: Any) -> dict[int, Any]:
+    async def _run_step(self, step: int, pos: int, hidden: Any) -> Any:
         from pymesh.net.tensors import tensor_to_blob
 
-        p = _Pending(step, {}, {}, None, trio.Event())
+        p = _Pending(step, None, {}, None, trio.Event())
         self._pending = p
         first = self.route[0]
         sent = time.perf_counter()
@@ -211,12 +235,26 @@ class InferenceSession:
             self._pending = None
         if p.error is not None:
             raise _StepFailure(*p.error)
-        if len(p.outputs) < len(self.route):
-            missing = next(o for o in self.route if o.start not in p.outputs)
-            raise _StepFailure(missing.peer, f"no output from {missing.describe()} within {self.step_timeout:.0f} s")
+        if p.result is None:
+            culprit = await self._find_stuck_hop(step)
+            raise _StepFailure(culprit.peer, f"no result within {self.step_timeout:.0f} s; "
+                                             f"{culprit.describe()} did not get step {step} through")
         self.last_hop_times = {s: t - sent for s, t in p.arrived.items()}
         log.info("Client: received response for request_id %d", step)
-        return p.outputs
+        return p.result
+
+    async def _find_stuck_hop(self, step: int) -> SpanOption:
+        """The first hop that did not process ``step`` (or does not answer at all)."""
+        probe = min(5.0, max(self.step_timeout / 2, 0.5))
+        for o in self.route:
+            try:
+                meta, _ = await self.swarm.call(o, wire.STATS, {"sid": self.sid}, timeout=probe)
+            except PymeshError:
+                return o
+            done = meta.get("s_steps")
+            if not isinstance(done, int) or done <= step:
+                return o
+        return self.route[-1]
 
     # -- recovery --------------------------------------------------------------------------
     async def _recover(self, failure: _StepFailure, step: int) -> None:
@@ -256,6 +294,24 @@ class InferenceSession:
         log.warning("Client: recovered at step %d in %.2f s: new route [%s]", step, elapsed,
                     ", ".join(o.describe() for o in route))
 
+    async def _fetch_unsent_copies(self, route: list[SpanOption], boundary: int) -> None:
+        """Ask the (alive) hop ending at ``boundary`` for the recovery copies it has not pushed yet."""
+        from pymesh.net.tensors import blob_to_tensor
+
+        source = next((o for o in route if o.stop == boundary), None)
+        if source is None:
+            return
+        try:
+            meta, tensors = await self.swarm.call(source, wire.FLUSH, {"sid": self.sid})
+        except PymeshError as exc:
+            raise _StepFailure(source.peer, f"flush of recovery copies failed: {exc}") from None
+        steps = meta.get("steps")
+        if isinstance(steps, list) and len(steps) == len(tensors):
+            store = self.history.setdefault(boundary, {})
+            for k, blob in zip(steps, tensors):
+                if isinstance(k, int):
+                    store[k] = blob_to_tensor(blob)
+
     async def _relink(self, route: list[SpanOption], old_keys: set[tuple[PeerID, int, int]]) -> None:
         """Point kept hops at their new successors."""
         for i, o in enumerate(route):
@@ -279,10 +335,14 @@ class InferenceSession:
         for o in route:
             if o not in new_hops or upto == 0:
                 continue
-            inputs = self.history.get(o.start)
-            if inputs is None or len(inputs) < upto:
-                raise SessionFailed(f"no stored inputs for block {o.start}: cannot replay onto {o.describe()}")
-            outputs = []
+            inputs = self.history.setdefault(o.start, {})
+            if any(k not in inputs for k in range(upto)):
+                await self._fetch_unsent_copies(route, o.start)
+            missing = [k for k in range(upto) if k not in inputs]
+            if missing:
+                raise SessionFailed(f"no stored input of step {missing[0]} for block {o.start}: cannot replay "
+                                    f"onto {o.describe()}")
+            outputs = {}
             for k in range(upto):
                 pos, _seq = self.shapes[k]
                 try:
@@ -291,7 +351,7 @@ class InferenceSession:
                         timeout=self.step_timeout)
                 except PymeshError as exc:
                     raise _StepFailure(o.peer, f"replay of step {k} failed: {exc}") from None
-                outputs.append(blob_to_tensor(tensors[0]))
+                outputs[k] = blob_to_tensor(tensors[0])
             if o is not route[-1]:
-                self.history[o.stop] = outputs
+                self.history.setdefault(o.stop, {}).update(outputs)
             log.info("Client: replayed %d step(s) onto %s", upto, o.describe())

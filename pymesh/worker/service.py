@@ -65,6 +65,7 @@ class WorkerService:
         node.register(wire.CLOSE, self._wrap(self.close))
         node.register(wire.FORWARD, self._wrap(self.forward))
         node.register(wire.STATS, self._wrap(self.stats))
+        node.register(wire.FLUSH, self._wrap(self.flush))
         node.on_push(wire.STEP, self.on_step)
         node.on_push(wire.ERR, self.on_relayed_error)
 
@@ -129,6 +130,7 @@ class WorkerService:
         existed = sid in self.table.sessions
         s = self.table.open(sid, ctx.peer, max_tokens, batch, next_hop, self.clock())
         s.client_conn = ctx.connection
+        s.copy_every = wire.get_int(meta, "copies", 1, wire.MAX_COPY_EVERY, default=1)
         if not existed:
             try:
                 s.cache = await self.runtime.run(lambda: self.runtime.new_cache(max_tokens, batch))
@@ -178,6 +180,13 @@ class WorkerService:
                 out.update(s_from_client=s.from_client, s_from_peer=s.from_peer, s_steps=s.next_step,
                            s_replayed=s.replayed)
         return out, []
+
+    async def flush(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
+        """Hand over the recovery copies not yet pushed to the client (it is recovering)."""
+        s = self._own_session(ctx, meta)
+        steps = sorted(s.pending)
+        outs = [s.pending.pop(k) for k in steps]
+        return {"steps": steps, "start": self.runtime.start, "stop": self.runtime.stop}, outs
 
     async def forward(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
         """Replay one step of a session (rebuilds the cache); the output goes back, not on."""
@@ -262,12 +271,20 @@ class WorkerService:
                 await self._report(s.client_conn, sid, step, "next_unreachable",
                                    f"next worker unreachable: {exc}", blame=hop.peer.key)
                 return
+        # The result (last hop) goes to the client at once; other hops batch their recovery
+        # copies (the client fetches the unsent ones with pm.flush when it needs them).
+        final = s.next_hop is None
+        if not final:
+            s.pending[step] = out
+            if len(s.pending) < s.copy_every:
+                return
+        steps = [step] if final else sorted(s.pending)
+        outs = [out] if final else [s.pending.pop(k) for k in steps]
         if s.client_conn is not None:
             try:
                 await s.client_conn.push(
-                    wire.OUT, {"sid": sid, "step": step, "start": self.runtime.start, "stop": self.runtime.stop},
-                    [out],
-                )
+                    wire.OUT, {"sid": sid, "step": step, "steps": steps, "final": int(final),
+                               "start": self.runtime.start, "stop": self.runtime.stop}, outs)
             except PeerUnavailable:
                 log.info("client of session %s is gone; closing it", sid.hex()[:8])
                 self.table.close(sid)

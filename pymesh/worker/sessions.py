@@ -55,6 +55,8 @@ class Session:
     from_client: int = 0           # step inputs received straight from the client
     from_peer: int = 0             # step inputs pushed by the previous worker
     replayed: int = 0
+    copy_every: int = 1            # push recovery copies to the client every N steps
+    pending: dict[int, Any] = field(default_factory=dict)   # step -> output not yet copied to the client
 
     @property
     def reserved(self) -> int:

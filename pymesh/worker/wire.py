@@ -6,14 +6,16 @@ strings come back as bytes and are decoded here, never evaluated.
 
 Methods (call -> reply):
   ``pm.info``     {} -> {peer, model, start, stop, version, state, free, total, sessions}
-  ``pm.open``     {sid, max_tokens, batch, next?} -> {start, stop, free}
+  ``pm.open``     {sid, max_tokens, batch, copies?, next?} -> {start, stop, free}
+  ``pm.flush``    {sid} -> {steps} + [outputs not yet copied to the client]
   ``pm.set_next`` {sid, next?} -> {}
   ``pm.close``    {sid} -> {closed}
   ``pm.forward``  {sid, step, pos} + [hidden] -> {} + [hidden]   (replay; nothing is pushed on)
   ``pm.stats``    {sid?} -> counters
 Pushes:
   ``pm.step`` client or previous worker -> worker: {sid, step, pos} + [hidden]
-  ``pm.out``  worker -> client: {sid, step, start, stop} + [output of the span]
+  ``pm.out``  worker -> client: {sid, step, start, stop, final, steps} + [outputs]: the last
+              hop's result at once (final=1); other hops' recovery copies every ``copies`` steps
   ``pm.err``  worker -> client (or previous worker, who relays): {sid, step, code, msg, blame, start, stop}
 """
 
@@ -26,6 +28,8 @@ from pymesh.proto.identity import PeerID
 from pymesh.worker.sessions import NextHop
 
 INFO, OPEN, SET_NEXT, CLOSE, FORWARD, STATS = "pm.info", "pm.open", "pm.set_next", "pm.close", "pm.forward", "pm.stats"
+FLUSH = "pm.flush"
+MAX_COPY_EVERY = 64
 STEP, OUT, ERR = "pm.step", "pm.out", "pm.err"
 
 MAX_SESSION_TOKENS = 1 << 20
