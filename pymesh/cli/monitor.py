@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import logging
 import sys
 
@@ -16,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between polls of the DHT (default 2)")
     parser.add_argument("--once", action="store_true",
                         help="print one snapshot as plain text and exit (for scripts)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --once: print the snapshot as JSON (workers, per-model gaps) instead of tables")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="how long one poll may take (default 5); with --once, how long to "
                              "wait for the first records")
@@ -31,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pymesh.errors import ConfigError
     from pymesh.monitor.app import MonitorOptions, monitor_loop
+    from pymesh.monitor.state import snapshot
     from pymesh.proto.addr import parse_addr
 
     if args.interval <= 0 or args.timeout <= 0:
@@ -45,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         model_blocks=None,
     )
+    if args.json and not args.once:
+        raise ConfigError("--json prints one snapshot: use it together with --once")
     if args.once:
         # Plain text for scripts: no colours, no cursor control, a wide fixed layout.
-        console = Console(color_system=None, width=160, soft_wrap=False, force_terminal=False)
+        console = Console(color_system=None, width=160, soft_wrap=False, force_terminal=False,
+                          file=io.StringIO() if args.json else None)
     else:
         console = Console()
     if args.blocks is not None:
@@ -59,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         state = trio.run(lambda: monitor_loop(options, console=console, once=args.once))
     except KeyboardInterrupt:
         return 0
+    if args.json:
+        json.dump(snapshot(state), sys.stdout, indent=1)
+        sys.stdout.write("\n")
     if args.once and not state.workers and state.bootstrap_ok is False:
         print("pymesh monitor: the bootstrap node did not answer", file=sys.stderr)
         return 3

@@ -308,3 +308,35 @@ def diff_events(
                 out.append(Event(now, "state", peer, new.model_id, f"{old.state} -> {new.state}"))
     return out
 
+
+
+def snapshot(state: MonitorState) -> dict[str, Any]:
+    """The state as plain JSON-ready data (``pymesh monitor --once --json``)."""
+    models = {}
+    for m in state.models():
+        cover = state.block_throughput(m)
+        models[m] = {
+            "blocks": len(cover),
+            "gaps": [list(g) for g in state.gaps(m)],
+            "bottleneck_tokens_per_s": min(cover) if cover else 0.0,
+            "live_workers": sum(1 for w in state.workers_of(m) if w.live),
+        }
+    return {
+        "bootstrap": state.bootstrap,
+        "bootstrap_ok": state.bootstrap_ok,
+        "time": state.now,
+        "error": state.error,
+        "models": models,
+        "workers": [
+            {
+                "peer": w.peer, "model": w.model_id, "start": w.start, "stop": w.stop,
+                "host": w.host, "port": w.port, "transports": list(w.transports), "state": w.state,
+                "tokens_per_s": w.tokens_per_s, "block_ms": w.block_ms, "sessions": w.sessions,
+                "cache_tokens_free": w.cache_tokens_free, "cache_tokens_total": w.cache_tokens_total,
+                "rtt_ms": w.rtt_ms, "age_s": max(0.0, state.now - w.timestamp) if w.timestamp else None,
+            }
+            for m in state.models() for w in state.workers_of(m)
+        ],
+        "events": [{"time": e.time, "kind": e.kind, "peer": e.peer, "model": e.model_id, "text": e.text}
+                   for e in state.events],
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -43,6 +44,16 @@ def test_monitor_once_lists_echo_workers() -> None:
         for w in (a, b):  # a speaks QUIC, b TCP: both get a round trip measured
             rows = [line for line in text.splitlines() if w.peer_id.short() in line and "online" in line]
             assert rows and re.search(r"\d+\.\dms", rows[0]), f"no RTT for {w.name}:\n{text}"
+        out = subprocess.run(
+            [sys.executable, "-m", "pymesh", "monitor", "--once", "--json", "--bootstrap",
+             swarm.bootstrap_addr, "--timeout", "20"],
+            capture_output=True, text=True, timeout=90,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        data = json.loads(out.stdout)
+        spans = {w["peer"]: (w["start"], w["stop"], w["transports"]) for w in data["workers"]}
+        assert spans == {str(a.peer_id): (0, 4, ["quic"]), str(b.peer_id): (4, 8, ["tcp"])}
+        assert data["models"]["echo-mon"]["gaps"] == []
         # One worker stops: it announces offline, and the next snapshot shows the gap.
         swarm.stop_worker(b)
         out = subprocess.run(

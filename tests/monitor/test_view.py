@@ -173,3 +173,19 @@ def test_signed_worker_record_renders() -> None:
     assert ident.peer_id.short() in out
     assert "all 30 blocks covered" in out
     assert "3s" in out
+
+
+def test_snapshot_is_plain_json() -> None:
+    import json
+
+    from pymesh.monitor.state import snapshot
+
+    recs = [FakeRecord(PEERS[0], "m@x", 0, 4, tokens_per_s=10.0), FakeRecord(PEERS[1], "m@x", 6, 8)]
+    st = update(MonitorState(bootstrap="127.0.0.1:9000"), recs, now=1004.0, bootstrap_ok=True,
+                rtts_ms={PEERS[0]: 1.5})
+    data = json.loads(json.dumps(snapshot(st)))
+    assert data["models"]["m@x"] == {"blocks": 8, "gaps": [[4, 5]], "bottleneck_tokens_per_s": 0.0,
+                                     "live_workers": 2}
+    assert [(w["peer"], w["start"], w["stop"], w["rtt_ms"], w["age_s"]) for w in data["workers"]] == [
+        (PEERS[0], 0, 4, 1.5, 4.0), (PEERS[1], 6, 8, None, 4.0)]
+    assert data["bootstrap_ok"] is True and len(data["events"]) == 2
