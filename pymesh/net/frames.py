@@ -148,18 +148,7 @@ def encode_frame_head(ftype: FrameType, request_id: int, *, name: str = "", meta
                       tensors: Sequence[TensorBlob] = (), code: str = "", message: str = "",
                       limits: FrameLimits | None = None) -> tuple[bytes, list[memoryview]]:
     """Header + metadata as one bytes object, and the tensor payloads as views (no copy)."""
-    env: dict[str, object] = {}
-    if name:
-        env["n"] = name
-    if meta:
-        env["u"] = meta
-    if tensors:
-        env["t"] = [[t.dtype, list(t.shape)] for t in tensors]
-    if code:
-        env["c"] = code
-    if message:
-        env["x"] = message
-    meta_bytes = bencode.encode(env) if env else b""
+    meta_bytes = encode_envelope(name, meta, tensors, code, message)
     payload_len = sum(t.nbytes for t in tensors)
     if limits is not None:
         if len(meta_bytes) > limits.max_meta_bytes:
@@ -170,6 +159,36 @@ def encode_frame_head(ftype: FrameType, request_id: int, *, name: str = "", meta
             raise ValueError(f"{len(tensors)} tensors in one frame exceed max_tensors={limits.max_tensors}")
     head = HEADER.pack(MAGIC, FRAME_VERSION, int(ftype), 0, request_id, len(meta_bytes), payload_len)
     return head + meta_bytes, [t.data for t in tensors if t.nbytes]
+
+
+def _bstr(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return b"%d:%s" % (len(raw), raw)
+
+
+def encode_envelope(name: str, meta: Meta | None, tensors: Sequence[TensorBlob], code: str = "",
+                    message: str = "") -> bytes:
+    """The bencoded envelope, written directly (keys c < n < t < u < x are already in
+    canonical order); equal to ``bencode.encode`` of the same dictionary, only faster on
+    the per-call path. Empty envelope -> no bytes."""
+    if not (name or meta or tensors or code or message):
+        return b""
+    parts = [b"d"]
+    if code:
+        parts += [b"1:c", _bstr(code)]
+    if name:
+        parts += [b"1:n", _bstr(name)]
+    if tensors:
+        parts.append(b"1:tl")
+        for t in tensors:
+            parts += [b"l", _bstr(t.dtype), b"l", *(b"i%de" % d for d in t.shape), b"ee"]
+        parts.append(b"e")
+    if meta:
+        parts += [b"1:u", bencode.encode(meta)]
+    if message:
+        parts += [b"1:x", _bstr(message)]
+    parts.append(b"e")
+    return b"".join(parts)
 
 
 def encode_frame(ftype: FrameType, request_id: int, **kwargs: object) -> bytes:

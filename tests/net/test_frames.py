@@ -118,3 +118,33 @@ def test_transport_timeout_from_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("PYMESH_TRANSPORT_TIMEOUT")
     with pytest.raises(ConfigError, match="packet_size"):
         TransportConfig(packet_size=20000)
+
+
+_text = st.text(max_size=12)
+_meta = st.dictionaries(st.text(max_size=6), st.one_of(st.integers(), st.binary(max_size=8), st.lists(st.integers(),
+                                                                                                      max_size=3)),
+                        max_size=4)
+_blobs = st.lists(st.tuples(st.sampled_from(["float32", "bfloat16", "int64", "uint8"]),
+                            st.lists(st.integers(0, 3), max_size=3)), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_text, _meta, _blobs, _text, _text)
+def test_fast_envelope_encoder_matches_bencode(name: str, meta: dict[str, object],
+                                               blobs: list[tuple[str, list[int]]], code: str, message: str) -> None:
+    from pymesh.net.frames import encode_envelope, nbytes_of
+    from pymesh.proto import bencode
+
+    tensors = [TensorBlob(d, tuple(shape), memoryview(bytes(nbytes_of(d, shape)))) for d, shape in blobs]
+    env: dict[str, object] = {}
+    if name:
+        env["n"] = name
+    if meta:
+        env["u"] = meta
+    if tensors:
+        env["t"] = [[t.dtype, list(t.shape)] for t in tensors]
+    if code:
+        env["c"] = code
+    if message:
+        env["x"] = message
+    assert encode_envelope(name, meta, tensors, code, message) == (bencode.encode(env) if env else b"")
