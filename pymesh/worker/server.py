@@ -112,13 +112,32 @@ class Worker:
             log.warning("announcing %s failed: %s", state, exc)
 
     # -- placement -------------------------------------------------------------------------
-    async def _others(self) -> list[placement.Announced]:
+    async def _other_records(self) -> list[Any]:
         with trio.move_on_after(10):
             recs = await self.dht.find_model_records(self.model_id)
-            return [placement.Announced(r.start, r.stop, r.tokens_per_s)
-                    for r in recs if r.peer_id != self.peer_id and r.state != "offline"]
+            return [r for r in recs if r.peer_id != self.peer_id and r.state != "offline"]
         log.warning("reading the swarm's records timed out; assuming an empty swarm")
         return []
+
+    async def _others(self) -> list[placement.Announced]:
+        return [placement.Announced(r.start, r.stop, r.tokens_per_s) for r in await self._other_records()]
+
+    async def _settle_span(self, start: int, stop: int) -> tuple[int, int]:
+        """Workers joining at the same moment may pick the same span. After announcing
+        "joining", wait a little and look again: if a worker with a smaller peer ID
+        overlaps ours, choose again knowing about it (the smaller ID keeps its choice)."""
+        assert self.num_blocks is not None
+        await trio.sleep(random.uniform(0.5, 1.0) * _env_float("PYMESH_JOIN_SETTLE", 2.0))
+        recs = await self._other_records()
+        if not any(r.start < stop and start < r.stop and r.peer_id < self.peer_id for r in recs):
+            return start, stop
+        others = [placement.Announced(r.start, r.stop, r.tokens_per_s) for r in recs]
+        new = placement.choose_start(self.num_blocks, stop - start, others)
+        if new != start:
+            log.info("another worker joined on layers %d-%d at the same time; taking %d-%d instead",
+                     start, stop - 1, new, new + stop - start - 1)
+            log.info("Worker announcing layers %d-%d", new, new + stop - start - 1)
+        return new, new + stop - start
 
     def _how_many_blocks(self) -> int:
         assert self.opts.model_path is not None and self.num_blocks is not None
@@ -216,6 +235,13 @@ class Worker:
                 self.service.register(node)
             await nursery.start(self.service.run)
             await self.announce("joining")
+            if opts.layers is None:
+                settled = await self._settle_span(start, stop)
+                if settled != (start, stop):
+                    start, stop = settled
+                    self.service.swap_runtime(load_runtime(None, start, stop, device=opts.device,
+                                                           dtype_name=opts.dtype))
+                    await self.announce("joining")
             runtime = await self._load(start, stop)
             self.service.swap_runtime(runtime)
             await self.announce("online")
