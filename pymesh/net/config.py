@@ -46,7 +46,8 @@ class TransportConfig:
     frame_timeout: float = 60.0             # a frame once started must complete within this
     tls: bool = True                        # TCP only: False = plaintext (benchmarks, trusted LANs)
     stream_window: int = 16 * 1024 * 1024   # QUIC per-stream receive credit advertised to the peer
-    connection_window: int = 64 * 1024 * 1024  # QUIC connection receive credit
+    connection_window: int = 64 * 1024 * 1024  # QUIC connection receive credit; twice it caps the
+                                            # bytes parked unread in streams (more closes the connection)
     send_buffer: int = 4 * 1024 * 1024      # QUIC: unacknowledged bytes per stream before send() waits
     connection_send_buffer: int = 16 * 1024 * 1024  # QUIC: the same bound over all streams of a connection
     congestion_control: str = "reno"        # aioquic algorithm name ("reno", "cubic", "pymesh-delay")

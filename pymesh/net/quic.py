@@ -208,7 +208,8 @@ def new_endpoint(node: "RpcNode", host: str, port: int, *, server: bool) -> Quic
         endpoint.nursery.start_soon(_serve_inbound, node, driver)
 
     endpoint = QuicEndpoint(sock, server_cfg, on_new if server else None, node.config.send_buffer,
-                            connection_send_buffer=node.config.connection_send_buffer)
+                            connection_send_buffer=node.config.connection_send_buffer,
+                            max_unread=2 * node.config.connection_window)
     return endpoint
 
 
@@ -251,7 +252,7 @@ async def dial(node: "RpcNode", endpoint: QuicEndpoint, host: str, port: int, pe
     qc = quic_configuration(cfg, is_client=True, identity=None)
     quic = QuicConnection(configuration=qc)
     driver = QuicDriver(endpoint, quic, is_client=True, send_buffer=cfg.send_buffer,
-                        connection_send_buffer=cfg.connection_send_buffer)
+                        connection_send_buffer=cfg.connection_send_buffer, max_unread=2 * cfg.connection_window)
     driver.add_cid(quic.host_cid)
     assert endpoint.nursery is not None
     await endpoint.nursery.start(driver.run)

@@ -40,13 +40,23 @@ class StreamAborted(PeerUnavailable):
     """The peer reset or stopped a stream, or the connection ended under it."""
 
 
+class Budget:
+    """Bytes received on a connection's streams and not yet read by the application."""
+
+    __slots__ = ("used",)
+
+    def __init__(self) -> None:
+        self.used = 0
+
+
 class QStream:
     """Received bytes of one QUIC stream, read as frames (``read_exact``/``readinto_exact``)."""
 
-    __slots__ = ("sid", "chunks", "buffered", "fin", "error", "_wakeup", "on_reset", "stop_sending")
+    __slots__ = ("sid", "chunks", "buffered", "fin", "error", "_wakeup", "on_reset", "stop_sending", "budget")
 
-    def __init__(self, sid: int) -> None:
+    def __init__(self, sid: int, budget: Budget | None = None) -> None:
         self.sid = sid
+        self.budget = budget or Budget()
         self.chunks: collections.deque[memoryview] = collections.deque()
         self.buffered = 0
         self.fin = False
@@ -59,6 +69,7 @@ class QStream:
         if data:
             self.chunks.append(memoryview(data))
             self.buffered += len(data)
+            self.budget.used += len(data)
         if end:
             self.fin = True
         self._wake()
@@ -98,6 +109,7 @@ class QStream:
             view[pos:pos + take] = chunk[:take]
             pos += take
             self.buffered -= take
+            self.budget.used -= take
             if take == len(chunk):
                 self.chunks.popleft()
             else:
@@ -124,7 +136,7 @@ class _Finished:
 
 class QuicDriver:
     def __init__(self, endpoint: QuicEndpoint, quic: QuicConnection, is_client: bool, send_buffer: int,
-                 connection_send_buffer: int | None = None) -> None:
+                 connection_send_buffer: int | None = None, max_unread: int | None = None) -> None:
         self.endpoint = endpoint
         self.quic = quic
         self.is_client = is_client
@@ -143,6 +155,10 @@ class QuicDriver:
         self.on_terminated: Callable[[str], None] | None = None
         self.on_stream: Callable[[QStream], None] | None = None
         self.dirty = False   # received datagrams not yet followed by a transmit
+        # aioquic raises flow-control credit as data arrives, not as it is consumed, so the
+        # bytes parked in streams nobody reads yet are bounded here instead.
+        self.budget = Budget()
+        self.max_unread = 4 * send_buffer if max_unread is None else max_unread
         _relax_pacing(quic)
 
     # ---------------------------------------------------------------- lifecycle
@@ -271,6 +287,12 @@ class QuicDriver:
             elif isinstance(ev, events.ConnectionTerminated):
                 why = ev.reason_phrase or f"error code {ev.error_code:#x}"
                 self._terminate(f"connection terminated: {why}")
+        if self.budget.used > self.max_unread and self.terminated is None:
+            log.warning("peer sent %d bytes that no reader is taking (cap %d); closing the connection",
+                        self.budget.used, self.max_unread)
+            self.quic.close(error_code=0x11, reason_phrase="receive buffer exceeded")
+            self.transmit()
+            self._terminate(f"the peer exceeded the receive buffer ({self.max_unread} unread bytes)")
 
     def _is_local(self, sid: int) -> bool:
         return (sid & 1) == (0 if self.is_client else 1)
@@ -278,7 +300,7 @@ class QuicDriver:
     def _new_peer_stream(self, sid: int) -> QStream | None:
         if self._is_local(sid) or self._finished[sid & 3].is_done(sid) or self.terminated is not None:
             return None  # late data for a stream we already closed
-        stream = self.streams[sid] = QStream(sid)
+        stream = self.streams[sid] = QStream(sid, self.budget)
         if self.on_stream is not None:
             self.on_stream(stream)
         else:
@@ -291,11 +313,15 @@ class QuicDriver:
             raise PeerUnavailable(f"connection closed: {self.terminated}")
         sid = self.quic.get_next_available_stream_id(is_unidirectional=unidirectional)
         self.quic.send_stream_data(sid, b"", False)  # claims the ID now
-        stream = self.streams[sid] = QStream(sid)
+        stream = self.streams[sid] = QStream(sid, self.budget)
         return stream
 
     def forget(self, stream: QStream) -> None:
         self.streams.pop(stream.sid, None)
+        if stream.buffered:  # unread bytes of an abandoned stream leave the budget
+            self.budget.used -= stream.buffered
+            stream.buffered = 0
+            stream.chunks.clear()
         if not self._is_local(stream.sid):
             self._finished[stream.sid & 3].finish(stream.sid)
 

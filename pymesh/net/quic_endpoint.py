@@ -41,7 +41,8 @@ class QuicEndpoint:
 
     def __init__(self, sock: socket.socket, server_config: QuicConfiguration | None,
                  on_new_connection: Callable[[QuicDriver], None] | None, send_buffer: int,
-                 gso: bool = True, connection_send_buffer: int | None = None) -> None:
+                 gso: bool = True, connection_send_buffer: int | None = None,
+                 max_unread: int | None = None) -> None:
         self.sock = sock
         sock.setblocking(False)
         for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_RCVBUFFORCE / SO_SNDBUFFORCE
@@ -56,6 +57,7 @@ class QuicEndpoint:
         self.on_new_connection = on_new_connection
         self.send_buffer = send_buffer
         self.connection_send_buffer = connection_send_buffer
+        self.max_unread = max_unread
         self.by_cid: dict[bytes, QuicDriver] = {}
         self.nursery: trio.Nursery | None = None
         self._backlog: collections.deque[tuple[bytes, Any, int]] = collections.deque()
@@ -189,7 +191,7 @@ class QuicEndpoint:
             return None
         quic = QuicConnection(configuration=cfg, original_destination_connection_id=header.destination_cid)
         driver = QuicDriver(self, quic, is_client=False, send_buffer=self.send_buffer,
-                            connection_send_buffer=self.connection_send_buffer)
+                            connection_send_buffer=self.connection_send_buffer, max_unread=self.max_unread)
         driver.add_cid(header.destination_cid)
         driver.add_cid(quic.host_cid)
         if self.on_new_connection is not None:

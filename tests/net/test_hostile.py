@@ -257,3 +257,40 @@ def test_silent_dialer_is_dropped_after_connect_timeout(transport: str, caplog: 
             await still_serves(server)
 
     trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_quic_peer_flooding_unread_streams_is_cut_off(caplog: pytest.LogCaptureFixture) -> None:
+    """Streams queue while every handler slot is busy; a peer that keeps sending into them
+    past connection_window is disconnected instead of growing the server's memory."""
+    caplog.set_level(logging.INFO, logger="pymesh")
+
+    async def main() -> None:
+        cfg = fast_config(max_concurrent_handlers=1, connection_window=4 << 20)
+        async with node_pair("quic", server_config=cfg) as (server, client, conn):
+            release = trio.Event()
+
+            async def block(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]):  # type: ignore[no-untyped-def]
+                await release.wait()
+                return {}, []
+
+            server.register("block", block)
+            server.register("echo", echo)
+            big = TensorBlob("uint8", (1 << 20,), memoryview(bytearray(1 << 20)))
+            failures: list[BaseException] = []
+
+            async def one() -> None:
+                try:
+                    await conn.call("block", {}, [big], timeout=20)
+                except PeerUnavailable as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(12):
+                    nursery.start_soon(one)
+            assert len(failures) == 12 and conn.closed
+            assert any("no reader is taking" in r.getMessage() for r in caplog.records)
+            release.set()
+            await still_serves(server)
+
+    trio.run(main)
