@@ -227,9 +227,11 @@ class RoutingTable:
 
     def sparse_targets(self) -> list[bytes]:
         """Random IDs inside every bucket that is not full, other than the one holding our
-        own ID: looking them up after joining fills the far buckets (Kademlia's join)."""
-        return [self._rng.randrange(b.lo, b.hi).to_bytes(20, "big") for b in self.buckets
-                if len(b.nodes) < self.k and not b.covers(self._own)]
+        own ID, farthest first: looking them up after joining fills the far buckets
+        (Kademlia's join)."""
+        sparse = [b for b in self.buckets if len(b.nodes) < self.k and not b.covers(self._own)]
+        sparse.sort(key=lambda b: b.lo - b.hi)  # the widest (farthest) buckets first
+        return [self._rng.randrange(b.lo, b.hi).to_bytes(20, "big") for b in sparse]
 
     def refresh_targets(self, now: float, *, after: float = REFRESH_AFTER) -> list[bytes]:
         """Random IDs inside buckets untouched for ``after`` seconds (look them up)."""
