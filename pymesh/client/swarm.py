@@ -162,11 +162,22 @@ class Swarm:
                                     min_cache_tokens=min_cache_tokens, prefer=prefer)
             except NoRouteError as exc:
                 if trio.current_time() + delay > deadline:
-                    raise NoRouteError(f"{exc} (gave up after {self.discovery_timeout:.0f} s)",
+                    hint = "" if options else await self._model_hint()
+                    raise NoRouteError(f"{exc} (gave up after {self.discovery_timeout:.0f} s){hint}",
                                        exc.missing_block) from None
                 log.info("Client: %s; retrying", exc)
             await trio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    async def _model_hint(self) -> str:
+        """When no worker announces our model id at all, say which models the swarm has."""
+        models: list[str] = []
+        with trio.move_on_after(5):
+            models = sorted(await self.dht.list_models())
+        if not models:
+            return "; the DHT holds no worker records at all (are the workers running and bootstrapped here?)"
+        return (f"; no worker announces model {self.model_id} — the swarm serves {', '.join(models[:8])}; "
+                "use the same model folder (or --model-name) as the workers")
 
     async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
         async def one(o: SpanOption) -> None:
