@@ -24,7 +24,7 @@ from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
-from pymesh.errors import PeerUnavailable
+from pymesh.errors import LocalProtocolError, PeerUnavailable
 from pymesh.net.frames import FrameError
 
 if TYPE_CHECKING:
@@ -159,6 +159,7 @@ class QuicDriver:
         # bytes parked in streams nobody reads yet are bounded here instead.
         self.budget = Budget()
         self.max_unread = 4 * send_buffer if max_unread is None else max_unread
+        _check_internals(quic)
         _relax_pacing(quic)
 
     # ---------------------------------------------------------------- lifecycle
@@ -390,6 +391,23 @@ class QuicDriver:
         if self.terminated is None:
             self.quic.send_ping(uid)
             self.after_io()
+
+
+#: aioquic internals the driver reads (no public API exposes them): the pacer, stream send
+#: buffers (unacknowledged bytes), packet spaces (ACK timing), the close timer, the peer
+#: certificate. Tested with aioquic 1.7.2.
+_INTERNALS = ("_loss", "_streams", "_spaces", "_close_at", "tls")
+
+
+def _check_internals(quic: QuicConnection) -> None:
+    missing = [name for name in _INTERNALS if not hasattr(quic, name)]
+    if missing or not hasattr(quic._loss, "_pacer"):
+        import aioquic
+
+        raise LocalProtocolError(
+            f"pymesh's QUIC driver needs aioquic 1.x internals ({', '.join(missing) or '_loss._pacer'} missing "
+            f"in aioquic {getattr(aioquic, '__version__', '?')}); install aioquic 1.7 or use transport='tcp'"
+        )
 
 
 def _relax_pacing(quic: QuicConnection) -> None:
