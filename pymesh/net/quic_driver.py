@@ -396,7 +396,7 @@ class QuicDriver:
 #: aioquic internals the driver reads (no public API exposes them): the pacer, stream send
 #: buffers (unacknowledged bytes), packet spaces (ACK timing), the close timer, the peer
 #: certificate. Tested with aioquic 1.7.2.
-_INTERNALS = ("_loss", "_streams", "_spaces", "_close_at", "tls")
+_INTERNALS = ("_loss", "_streams", "_spaces", "_close_at")
 
 
 def _check_internals(quic: QuicConnection) -> None:
