@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 log = logging.getLogger("pymesh.generate")
 
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from pymesh.errors import ConfigError
+    from pymesh.model.config import load_config
     from pymesh.model.generate import LocalModel, eos_ids, make_stop_check, prompt_ids, set_threads
     from pymesh.model.sampling import StopText, sampling_params_from_args
     from pymesh.model.tokenizer import load_tokenizer
@@ -43,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         threads = int(os.environ["PYMESH_THREADS"])
     set_threads(threads)
     params = sampling_params_from_args(args)
+    root = Path(args.model_path)
+    if not root.is_dir():
+        raise ConfigError(f"--model-path {root} does not exist or is not a folder; give a Hugging Face model "
+                          f"folder (or run `pymesh model pull` and use the folder it prints)")
+    load_config(root)  # config errors (unsupported model type, ...) before tokenizer errors
     tokenizer = load_tokenizer(args.model_path)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     model = LocalModel.load(args.model_path, device=args.device, dtype=args.dtype, progress=not args.json)

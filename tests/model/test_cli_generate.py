@@ -83,3 +83,9 @@ def test_generate_ids_stops_on_eos_and_max_tokens(tiny: Path) -> None:
     stopped = list(model.generate_ids([1, 2, 3], SamplingParams(max_new_tokens=5), eos_ids=[],
                                       stop_check=lambda g: calls.append(list(g)) or len(g) == 2))
     assert stopped == free[:2] and calls == [free[:1], free[:2]]
+
+
+def test_generate_names_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model-path", str(tmp_path / "nope"), "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "nope does not exist" in err
