@@ -11,6 +11,10 @@ import time
 
 from pymesh.errors import ConfigError
 
+# OpenMP reads its settings when torch loads it (this command's arguments may import torch):
+# several pymesh processes share the CPU, so none may spin while waiting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 log = logging.getLogger("pymesh.client")
 
 

@@ -7,6 +7,10 @@ import os
 
 from pymesh.errors import ConfigError
 
+# OpenMP reads its settings when torch loads it (this command's arguments may import torch):
+# several pymesh processes share the CPU, so none may spin while waiting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", action="append", required=True, metavar="ADDR",

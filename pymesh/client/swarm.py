@@ -182,13 +182,14 @@ class Swarm:
     async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
         async def one(o: SpanOption) -> None:
             try:
-                with trio.fail_after(min(self.rpc_timeout, 5.0)):
+                with trio.fail_after(self.rpc_timeout):
                     conn = await self.connect(o)  # the handshake is not part of the RTT
                     t0 = time.perf_counter()
                     await conn.call(wire.INFO, {})
                 self.rtt_ms[o.peer] = (time.perf_counter() - t0) * 1000.0
             except (PymeshError, trio.TooSlowError, OSError) as exc:
-                self.ban(o.peer, f"unreachable at {o.host}:{o.port}: {exc}")
+                why = str(exc) or f"no answer within {self.rpc_timeout:.0f} s"
+                self.ban(o.peer, f"unreachable at {o.host}:{o.port} over {self.transport}: {why}")
 
         seen: set[PeerID] = set()
         async with trio.open_nursery() as nursery:

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 def echo_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalProcs]:
     # Announced speed 10 tokens/s per span (100 ms per hop): the refusal test's "fast" worker
     # then wins the route by a margin no RTT jitter can undo.
-    procs = LocalProcs(tmp_path_factory.mktemp("echo-swarm"), PYMESH_SESSION_IDLE="3", PYMESH_THROUGHPUT="10")
+    procs = LocalProcs(tmp_path_factory.mktemp("echo-swarm"), PYMESH_SESSION_IDLE="6", PYMESH_THROUGHPUT="10")
     try:
         procs.start_bootstrap()
         workers = [procs.start_worker("--layers", f"{a}-{a + 9}", name=f"echo{a}") for a in (0, 10, 20)]
@@ -112,7 +112,7 @@ def test_idle_session_expires_and_frees_its_cache(echo_swarm: LocalProcs) -> Non
         await s.step(torch.zeros(1, 2, 8))
         hop = s.route[1]
         during, _ = await swarm.call(hop, wire.STATS, {"sid": s.sid})
-        await trio.sleep(5.5)  # idle timeout of the module's workers is 3 s
+        await trio.sleep(8.5)  # idle timeout of the module's workers is 6 s
         after, _ = await swarm.call(hop, wire.STATS, {"sid": s.sid})
         swarm.sinks.pop(s.sid, None)
         return during, after
