@@ -94,6 +94,10 @@ class WorkerService:
                 raise RemoteError(exc.code, exc.message) from None
             except wire.BadRequest as exc:
                 raise RemoteError("bad_request", str(exc)) from None
+            except PymeshError as exc:
+                if isinstance(exc, RemoteError):
+                    raise
+                raise RemoteError("bad_request", f"{type(exc).__name__}: {exc}") from None
 
         return handler
 
@@ -210,7 +214,7 @@ class WorkerService:
         pos = wire.get_int(meta, "pos", 0, wire.MAX_SESSION_TOKENS)
         if len(tensors) != 1:
             raise wire.BadRequest(f"a step carries exactly one tensor, got {len(tensors)}")
-        seq = wire.check_hidden_shape(tuple(tensors[0].shape), self.hidden_size, s.max_tokens)
+        seq = wire.check_hidden_shape(tuple(tensors[0].shape), self.hidden_size, s.max_tokens, s.batch)
         deadline = trio.current_time() + STEP_WAIT
         while check_step(s, step, pos, seq) == "future":
             event = self._progress.setdefault(s.sid, trio.Event())

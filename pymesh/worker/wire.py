@@ -90,11 +90,14 @@ def decode_next(meta: Mapping[str, object]) -> NextHop | None:
     return NextHop(PeerID(key), get_str(raw, "host", 253), get_int(raw, "port", 1, 65535), transport)
 
 
-def check_hidden_shape(shape: tuple[int, ...], hidden_size: int | None, max_tokens: int) -> int:
+def check_hidden_shape(shape: tuple[int, ...], hidden_size: int | None, max_tokens: int,
+                       batch_size: int | None = None) -> int:
     """Validate a hidden-state tensor ``[batch, seq, hidden]``; returns ``seq``."""
     if len(shape) != MAX_HIDDEN_DIMS:
         raise BadRequest(f"hidden states must be [batch, seq, hidden], got shape {list(shape)}")
     batch, seq, hidden = shape
+    if batch_size is not None and batch != batch_size:
+        raise BadRequest(f"hidden states have batch {batch} but the session was opened with batch {batch_size}")
     if hidden_size is not None and hidden != hidden_size:
         raise BadRequest(f"hidden size {hidden} does not match this model's {hidden_size}")
     if not 0 < seq <= max_tokens or batch <= 0:
