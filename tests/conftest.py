@@ -79,3 +79,21 @@ def smollm2_gguf() -> Path:
         if "could not download" in str(exc):
             pytest.skip(f"the SmolLM2 GGUF is not cached and cannot be downloaded: {exc}")
         raise
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():  # type: ignore[no-untyped-def]
+    """CLI entry points run in-process by some tests set logger levels and handlers
+    (as the CLI is meant to); undo that so later tests' log capture sees everything."""
+    import logging
+
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
+    saved = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+             if isinstance(lg, logging.Logger)}
+    yield
+    root.setLevel(saved_root[0])
+    root.handlers[:] = saved_root[1]
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(saved.get(name, logging.NOTSET))
