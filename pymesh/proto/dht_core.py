@@ -208,7 +208,7 @@ class DHTCore:
                             f"(now {now:.0f}, ttl {self.record_ttl:.0f}s); check the clock")
         expires = min(now + self.record_ttl, rec.timestamp + self.record_ttl + MAX_SKEW)
         stored = self.records.put(target, rec.peer_id.key,
-                                  StoredRecord(raw, rec.timestamp, expires, rec.start, rec.stop), now)
+                                  StoredRecord(raw, rec.timestamp, expires, rec.start, rec.stop, src[0]), now)
         return {b"id": self.node_id, b"stored": int(stored)}
 
     def _pm_get(self, a: dict, src: Addr, now: float) -> dict[bytes, object]:  # type: ignore[type-arg]

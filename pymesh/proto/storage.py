@@ -119,48 +119,149 @@ class StoredRecord:
     expires: float
     start: int
     stop: int
+    #: IP address that stored it ("" for this node's own records); quotas are per source.
+    source: str = ""
+
+
+_Key = tuple[bytes, bytes]  # (target, signer)
 
 
 class RecordStore:
-    """Signed pymesh records by target, one per signer key, newest timestamp wins."""
+    """Signed pymesh records by target, one per signer key, newest timestamp wins.
 
-    def __init__(self, *, max_targets: int = 512, max_per_target: int = 1024) -> None:
+    Storage is shared fairly between sources. Each signer key may hold records under at
+    most ``max_targets_per_signer`` targets and each source IP at most ``max_per_source``
+    records; a source or signer over its quota displaces its *own* least recently stored
+    record. The global caps (``max_records``, ``max_targets``) and the per-target cap
+    take room from the heaviest source (the IP holding the most records), so a flood
+    from one address or key never evicts what other sources stored. When the target
+    table is full and no target can be freed from a heavy source, a new target is
+    refused instead.
+    """
+
+    def __init__(self, *, max_targets: int = 512, max_per_target: int = 1024, max_records: int = 8192,
+                 max_per_source: int = 256, max_targets_per_signer: int = 16) -> None:
         self.max_targets = max_targets
         self.max_per_target = max_per_target
-        self._targets: OrderedDict[bytes, dict[bytes, StoredRecord]] = OrderedDict()
+        self.max_records = max_records
+        self.max_per_source = max_per_source
+        self.max_targets_per_signer = max_targets_per_signer
+        self._targets: dict[bytes, dict[bytes, StoredRecord]] = {}
+        # Least recently stored first, for choosing what a source / signer gives up.
+        self._by_source: dict[str, OrderedDict[_Key, None]] = {}
+        self._by_signer: dict[bytes, OrderedDict[bytes, None]] = {}
+        self._count = 0
+        self._swept = float("-inf")
+        self.evicted = 0
+        self.refused = 0
 
-    def put(self, target: bytes, signer: bytes, rec: StoredRecord, now: float) -> bool:
-        """Keep ``rec`` unless a record of the same signer with a newer or equal timestamp
-        is stored. Returns whether it was stored."""
+    def __len__(self) -> int:
+        return self._count
+
+    def source_count(self, source: str) -> int:
+        return len(self._by_source.get(source, ()))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _insert(self, target: bytes, signer: bytes, rec: StoredRecord) -> None:
+        self._targets.setdefault(target, {})[signer] = rec
+        self._by_source.setdefault(rec.source, OrderedDict())[(target, signer)] = None
+        self._by_signer.setdefault(signer, OrderedDict())[target] = None
+        self._count += 1
+
+    def _remove(self, target: bytes, signer: bytes) -> None:
+        recs = self._targets[target]
+        rec = recs.pop(signer)
+        if not recs:
+            del self._targets[target]
+        by_source = self._by_source[rec.source]
+        del by_source[(target, signer)]
+        if not by_source:
+            del self._by_source[rec.source]
+        by_signer = self._by_signer[signer]
+        del by_signer[target]
+        if not by_signer:
+            del self._by_signer[signer]
+        self._count -= 1
+
+    def _evict(self, target: bytes, signer: bytes) -> None:
+        self._remove(target, signer)
+        self.evicted += 1
+
+    def _sweep(self, now: float) -> None:
+        """Drop every expired record (at most once a second: quotas count live records)."""
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        dead = [(t, s) for t, recs in self._targets.items() for s, r in recs.items() if r.expires <= now]
+        for t, s in dead:
+            self._remove(t, s)
+
+    def _heaviest_sources(self) -> list[str]:
+        return sorted(self._by_source, key=lambda src: -len(self._by_source[src]))
+
+    # -- making room -----------------------------------------------------------------------
+    def _make_room(self, target: bytes, signer: bytes, source: str) -> bool:
+        mine = self._by_signer.get(signer)
+        while mine and len(mine) >= self.max_targets_per_signer:
+            self._evict(next(iter(mine)), signer)
+            mine = self._by_signer.get(signer)
+        own = self._by_source.get(source)
+        while own and len(own) >= self.max_per_source:
+            self._evict(*next(iter(own)))
+            own = self._by_source.get(source)
         recs = self._targets.get(target)
-        if recs is None:
-            if len(self._targets) >= self.max_targets:
-                self._targets.popitem(last=False)
-            recs = self._targets[target] = {}
-        self._targets.move_to_end(target)
-        self._expire(recs, now)
-        old = recs.get(signer)
-        if old is not None and old.timestamp >= rec.timestamp:
-            return False
-        if old is None and len(recs) >= self.max_per_target:
-            oldest = min(recs, key=lambda s: recs[s].expires)
-            del recs[oldest]
-        recs[signer] = rec
+        if recs is not None and len(recs) >= self.max_per_target:
+            per: dict[str, int] = {}
+            for r in recs.values():
+                per[r.source] = per.get(r.source, 0) + 1
+            heavy = max(per, key=lambda src: per[src])
+            victim = next(k for k in self._by_source[heavy] if k[0] == target)
+            self._evict(*victim)
+        while self._count >= self.max_records:
+            self._evict(*next(iter(self._by_source[self._heaviest_sources()[0]])))
+        if target not in self._targets and len(self._targets) >= self.max_targets:
+            return self._free_a_target()
         return True
 
-    @staticmethod
-    def _expire(recs: dict[bytes, StoredRecord], now: float) -> None:
+    def _free_a_target(self) -> bool:
+        """Evict a record that is alone under its target, from the heaviest source that
+        has one. False when every target is shared (the new target is refused)."""
+        for src in self._heaviest_sources():
+            for t, s in self._by_source[src]:
+                if len(self._targets[t]) == 1:
+                    self._evict(t, s)
+                    return True
+        return False
+
+    # -- API -------------------------------------------------------------------------------
+    def put(self, target: bytes, signer: bytes, rec: StoredRecord, now: float) -> bool:
+        """Keep ``rec`` unless a record of the same signer with a newer or equal timestamp
+        is stored, or no room can be made fairly. Returns whether it was stored."""
+        self._sweep(now)
+        old = self._targets.get(target, {}).get(signer)
+        if old is not None:
+            if old.expires > now and old.timestamp >= rec.timestamp:
+                return False
+            self._remove(target, signer)
+        if not self._make_room(target, signer, rec.source):
+            self.refused += 1
+            return False
+        self._insert(target, signer, rec)
+        return True
+
+    def _expire(self, target: bytes, now: float) -> None:
+        recs = self._targets.get(target, {})
         for s in [s for s, r in recs.items() if r.expires <= now]:
-            del recs[s]
+            self._remove(target, s)
 
     def page(self, target: bytes, now: float, *, after: bytes = b"", block: int | None = None,
              budget: int = 900) -> tuple[list[bytes], bytes | None]:
         """Raw records (sorted by signer key) after ``after`` that fit in ``budget`` bytes;
         also the cursor for the next page (None when this page is the last)."""
+        self._expire(target, now)
         recs = self._targets.get(target)
         if not recs:
             return [], None
-        self._expire(recs, now)
         out: list[bytes] = []
         used = 0
         prev = b""
