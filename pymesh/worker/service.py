@@ -53,7 +53,8 @@ class WorkerService:
         self.hidden_size = hidden_size
         self.clock = clock
         self.state = "joining"
-        self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0}
+        self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0,
+                         "compute_us": 0}
         self._nursery: trio.Nursery | None = None
         self._progress: dict[bytes, trio.Event] = {}
 
@@ -224,9 +225,11 @@ class WorkerService:
                 raise SessionError("bad_request", f"step {step} arrived but step {s.next_step} never did")
         x = blob_to_tensor(tensors[0])
         s.busy = True
+        t0 = time.perf_counter()
         try:
             y = await self.runtime.run(lambda: self.runtime.forward(x, s.cache, pos))
         finally:
+            self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
             s.busy = False
             s.last_used = self.clock()
         advance(s, step, pos, seq)
