@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tests.swarm.conftest import FAST_ENV, LocalProcs
+from tests.swarm.conftest import FAST_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def hf_gaps(model_dir: Path, prompt_ids: Sequence[int], generated: Sequence[int]
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     ids = torch.tensor([list(prompt_ids) + list(generated)])
     with torch.inference_mode():
@@ -102,10 +102,45 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def worker_peer(procs: LocalProcs, w: Any) -> str:
-    from tests.swarm.conftest import identity_peer
+# --- a raw authenticated RPC peer (its own identity) ---------------------------------
 
-    return w.peer_id or identity_peer(w.identity)
+
+def with_rpc(worker: Any, script: Any, transport: str = "quic") -> Any:
+    """Run ``await script(conn)`` on a fresh RpcNode connected to ``worker`` (a Proc with
+    ``port`` and ``peer_id``); bounded in time."""
+    import trio
+
+    from pymesh.net.rpc import RpcNode
+    from pymesh.proto.identity import Identity, PeerID
+
+    async def main() -> Any:
+        async with RpcNode(Identity.generate(), transport=transport) as node:
+            with trio.fail_after(20):
+                conn = await node.connect("127.0.0.1", worker.port, PeerID.from_text(worker.peer_id))
+            with trio.fail_after(150):
+                return await script(conn)
+
+    return trio.run(main)
+
+
+async def call(conn: Any, method: str, meta: dict[str, Any], tensors: Any = ()) -> tuple[str, Any]:
+    """One call; returns ("ok", meta) or (error code, message) for a RemoteError."""
+    from pymesh.net.rpc import RemoteError
+
+    try:
+        m, _ = await conn.call(method, meta, list(tensors), timeout=20)
+        return "ok", m
+    except RemoteError as exc:
+        return exc.code, exc.message
+
+
+def worker_info(worker: Any) -> dict[str, Any]:
+    async def script(conn: Any) -> Any:
+        code, meta = await call(conn, "pm.info", {})
+        assert code == "ok", (code, meta)
+        return meta
+
+    return with_rpc(worker, script)
 
 
 # --- hostile senders ---------------------------------------------------------------------

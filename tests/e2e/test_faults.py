@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import trio
 
 from tests.e2e.helpers import error_line
+from tests.e2e.helpers import worker_info as _info
 from tests.swarm.conftest import LocalProcs, assert_same_tokens, reference_run, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -46,20 +46,6 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny4: Path) -> Iterator[Loc
         yield procs
     finally:
         procs.stop_all()
-
-
-def _info(worker: Any) -> dict[str, Any]:
-    from pymesh.net.rpc import RpcNode
-    from pymesh.proto.identity import Identity, PeerID
-
-    async def main() -> dict[str, Any]:
-        async with RpcNode(Identity.generate()) as node:
-            with trio.fail_after(15):
-                conn = await node.connect("127.0.0.1", worker.port, PeerID.from_text(worker.peer_id))
-                meta, _ = await conn.call("pm.info", {}, timeout=10)
-                return meta
-
-    return trio.run(main)
 
 
 def _generate_with_fault(swarm: LocalProcs, tiny4: Path, n: int, at: int, start: int, sig: int) -> tuple[list[int], Any, Any]:

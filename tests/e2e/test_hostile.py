@@ -17,7 +17,9 @@ from typing import Any, Iterator
 import pytest
 import trio
 
+from tests.e2e.helpers import call as _call
 from tests.e2e.helpers import generate_json, rss_kib, tcp_garbage, udp_garbage
+from tests.e2e.helpers import with_rpc as _rpc
 from tests.e2e.krpc_client import RawKRPC, record_fields
 from tests.swarm.conftest import LocalProcs, free_port, wait_ready
 
@@ -63,35 +65,6 @@ def _serves(swarm: LocalProcs, tiny3: Path, reference: list[int], transport: str
     assert out["tokens"] == reference
 
 
-# --- a raw authenticated RPC peer --------------------------------------------------------
-
-
-def _rpc(worker: Any, script: Any, transport: str = "quic") -> Any:
-    """Run ``await script(conn)`` on a fresh RpcNode (its own identity) connected to ``worker``."""
-    from pymesh.net.rpc import RpcNode
-    from pymesh.proto.identity import Identity, PeerID
-
-    async def main() -> Any:
-        node = RpcNode(Identity.generate(), transport=transport)
-        async with node:
-            with trio.fail_after(20):
-                conn = await node.connect("127.0.0.1", worker.port, PeerID.from_text(worker.peer_id))
-            with trio.fail_after(150):
-                return await script(conn)
-
-    return trio.run(main)
-
-
-async def _call(conn: Any, method: str, meta: dict[str, Any], tensors: Any = ()) -> tuple[str, Any]:
-    from pymesh.net.rpc import RemoteError
-
-    try:
-        m, _ = await conn.call(method, meta, list(tensors), timeout=20)
-        return "ok", m
-    except RemoteError as exc:
-        return exc.code, exc.message
-
-
 def _h(*shape: int, dtype: Any = None) -> Any:
     import torch
 
@@ -124,6 +97,26 @@ def test_tcp_garbage_huge_lengths_and_idle_connections(swarm: LocalProcs, tiny3:
         for s in idle:
             s.close()
     _serves(swarm, tiny3, reference, transport="tcp")
+
+
+def test_silent_tcp_connections_are_closed(swarm: LocalProcs) -> None:
+    """A peer that connects and never completes the handshake is cut within the
+    handshake/idle timeout (10 s here), not held forever."""
+    a = swarm.workers[0]  # type: ignore[attr-defined]
+    socks = [socket.create_connection(("127.0.0.1", a.port), timeout=5) for _ in range(2)]
+    socks[1].sendall(b"\x16\x03\x01\x00")  # the start of a TLS record, then silence
+    t0 = time.monotonic()
+    try:
+        for s in socks:
+            s.settimeout(max(1.0, 40 - (time.monotonic() - t0)))
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in socks:
+            s.close()
+    assert time.monotonic() - t0 < 40
 
 
 ABUSE = [
@@ -187,8 +180,6 @@ def test_rpc_abuse_is_answered_and_worker_stays_up(swarm: LocalProcs, tiny3: Pat
     _serves(swarm, tiny3, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a step whose batch differs from the session's is answered "
-                                       "'internal' (ConfigError traceback in the worker log), not bad_request")
 def test_batch_mismatch_is_a_bad_request(swarm: LocalProcs) -> None:
     a = swarm.workers[0]  # type: ignore[attr-defined]
 
@@ -249,13 +240,15 @@ def test_pushed_garbage_steps_do_not_kill_the_worker(swarm: LocalProcs, tiny3: P
 
 @pytest.mark.timeout(300)
 def test_thousands_of_sessions_memory_bounded(swarm: LocalProcs, tiny3: Path, reference: list[int]) -> None:
-    """Worker A has a 2000-token budget: 700 opens of 4 tokens each overrun it (refused),
-    everything is closed again; three rounds must not grow its RSS without bound."""
+    """Worker A has a 2000-token budget: 700 opens of 4 tokens each overrun it (the rest
+    are refused), everything is closed again (the budget is back where it was); three
+    rounds must not grow its RSS without bound."""
     a = swarm.workers[0]  # type: ignore[attr-defined]
     rss: list[int] = []
 
     async def script(conn: Any) -> list[dict[str, int]]:
         rounds = []
+        free = (await _call(conn, "pm.info", {}))[1]["free"]
         for r in range(3):
             codes: dict[str, int] = {}
             for i in range(700):
@@ -266,14 +259,14 @@ def test_thousands_of_sessions_memory_bounded(swarm: LocalProcs, tiny3: Path, re
             rss.append(rss_kib(a.popen.pid))
             rounds.append(codes)
         info = (await _call(conn, "pm.info", {}))[1]
-        rounds.append({"sessions": info["sessions"], "free": info["free"], "total": info["total"]})
+        rounds.append({"sessions": info["sessions"], "free": info["free"], "total": info["total"], "before": free})
         return rounds
 
     rounds = _rpc(a, script)
     for codes in rounds[:3]:
-        assert codes.get("ok", 0) == 500 and codes.get("refused", 0) == 200, codes
+        assert codes.get("ok", 0) == rounds[3]["free"] // 4 and codes.get("refused", 0) == 700 - codes["ok"], codes
     final = rounds[3]
-    assert final["sessions"] == 0 and final["free"] == final["total"], final
+    assert final["free"] == final["before"] and final["free"] // 4 < 700, final
     assert rss[2] - rss[0] < 64 * 1024, f"RSS grew from {rss[0]} to {rss[2]} KiB over identical rounds"
     _serves(swarm, tiny3, reference)
 
@@ -352,8 +345,6 @@ def test_record_lying_about_its_address_is_routed_around(swarm: LocalProcs, tiny
     assert all(h["peer"] != liar.peer_id.to_text() for h in out["route"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: one source IP can flush every real record from a DHT node by "
-                                       "storing records under 512+ made-up model ids (RecordStore LRU of targets)")
 def test_record_store_flood_does_not_evict_real_records(swarm: LocalProcs, tiny3: Path) -> None:
     from pymesh.model.fingerprint import model_id
     from pymesh.proto.identity import Identity
