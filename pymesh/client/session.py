@@ -76,6 +76,8 @@ class InferenceSession:
         self.max_recoveries = int(env_float("PYMESH_MAX_RECOVERIES", 8))
         self.last_hop_times: dict[int, float] = {}
         self._pending: _Pending | None = None
+        #: what each worker of ours currently pushes to: (peer, start, stop) -> next hop's key
+        self._next_of: dict[tuple[PeerID, int, int], tuple[PeerID, int, int] | None] = {}
 
     # -- push sink -------------------------------------------------------------------------
     def on_push(self, peer: PeerID, topic: str, meta: dict[str, Any], tensors: list[Any]) -> None:
@@ -180,6 +182,7 @@ class InferenceSession:
             nxt = route[i + 1] if i + 1 < len(route) else None
             try:
                 await self.swarm.call(o, wire.OPEN, self._open_meta(o, nxt))
+                self._next_of[_key(o)] = _key(nxt) if nxt is not None else None
             except PymeshError as exc:
                 code = getattr(exc, "code", "")
                 log.warning("Client: worker %s refused the session (%s): %s", o.peer.short(), code or "error", exc)
@@ -318,15 +321,15 @@ class InferenceSession:
             if _key(o) not in old_keys:
                 continue
             nxt = route[i + 1] if i + 1 < len(route) else None
-            prev_next = next((self.route[j + 1] if j + 1 < len(self.route) else None
-                              for j, r in enumerate(self.route) if _key(r) == _key(o)), None)
-            if (nxt and _key(nxt)) == (prev_next and _key(prev_next)):
+            want = _key(nxt) if nxt is not None else None
+            if self._next_of.get(_key(o)) == want:
                 continue
             meta = self._open_meta(o, nxt)
             try:
                 await self.swarm.call(o, wire.SET_NEXT, {"sid": self.sid, **({"next": meta["next"]} if nxt else {})})
             except PymeshError as exc:
                 raise _StepFailure(o.peer, f"set_next failed: {exc}") from None
+            self._next_of[_key(o)] = want
 
     async def _replay(self, route: list[SpanOption], new_hops: list[SpanOption], upto: int) -> None:
         """Rebuild the caches of new hops: their stored inputs, one call per original step."""
