@@ -7,6 +7,15 @@ with real queries and timeouts. ``async with DHTNode(...)`` binds, bootstraps an
 runs maintenance (bucket refresh, re-bootstrap, record heartbeats); leaving the block
 publishes "offline" versions of this node's records, then stops everything.
 
+``read_only=True`` (BEP 43) is for nodes that only look things up and then leave (a
+client run, the monitor, an observer): they send ``ro=1`` and answer no queries, so no
+one adds them to a routing table and they leave no dead contacts behind.
+
+Lookups give each query a soft timeout from measured round-trip times (at least
+``min_rpc_timeout``, at most ``rpc_timeout``): past it the lookup moves on and the
+contact is skipped by later lookups until it is heard from again, so a departed node
+costs one short wait, not ``rpc_timeout`` on every lookup.
+
 The pymesh record API (``publish_record``, ``find_block_providers``, ...) lives in
 :mod:`pymesh.net.dht_records` and is mixed in here.
 """
@@ -32,7 +41,7 @@ from pymesh.proto.addr import PeerAddr
 from pymesh.proto.dht_core import DHTCore
 from pymesh.proto.identity import Identity
 from pymesh.proto.krpc import Addr, Contact, ErrorReply, KRPCError, Response
-from pymesh.proto.lookup import Lookup
+from pymesh.proto.lookup import Lookup, RttEstimator
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,9 @@ class DHTConfig:
     bootstrap_timeout: float = 10.0
     max_record_pages: int = 64         # per responder, when paging a large model
     max_pending_pings: int = 32
+    read_only: bool = False            # BEP 43: send ro=1, answer no queries
+    min_rpc_timeout: float = 0.25      # floor of the adaptive (4 x srtt) soft timeout in lookups
+    offline_deadline: float = 3.0      # publishing offline records at shutdown: one try, this long
 
     def __post_init__(self) -> None:
         if self.record_ttl <= 0 or self.rpc_timeout <= 0:
@@ -73,6 +85,14 @@ class DHTConfig:
             log.info("heartbeat %.1fs is not well inside the record TTL %.1fs; using %.1fs",
                      self.heartbeat, self.record_ttl, fixed)
             self.heartbeat = fixed
+
+
+def _put(out: trio.MemorySendChannel[tuple[Contact, Response | None | bool]],
+         item: tuple[Contact, Response | None | bool]) -> None:
+    try:
+        out.send_nowait(item)
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass  # the lookup has finished
 
 
 class DHTRemoteError(RemoteProtocolError):
@@ -86,21 +106,27 @@ class DHTRemoteError(RemoteProtocolError):
 
 class DHTNode(RecordOps):
     def __init__(self, identity: Identity, *, host: str = "0.0.0.0", port: int = 0,
-                 bootstrap: Sequence[PeerAddr] = (), config: DHTConfig | None = None) -> None:
+                 bootstrap: Sequence[PeerAddr] = (), config: DHTConfig | None = None,
+                 read_only: bool | None = None) -> None:
         self.identity = identity
         self.node_id = identity.node_id
         self.host = host
         self.port = port
         self.bootstrap_addrs = list(bootstrap)
         self.config = config or DHTConfig()
+        self.read_only = self.config.read_only if read_only is None else read_only
         self.core = DHTCore(self.node_id, now=time.time(), k=self.config.k,
-                            record_ttl=self.config.record_ttl)
+                            record_ttl=self.config.record_ttl, read_only=self.read_only)
+        self.rtt = RttEstimator(floor=min(self.config.min_rpc_timeout, self.config.rpc_timeout))
         self.limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
         self._sock: trio.socket.SocketType | None = None
         self._nursery: trio.Nursery | None = None
         self._pending: dict[tuple[bytes, Addr], tuple[trio.Event, list[Response | ErrorReply]]] = {}
         self._pings = 0
-        self.stats = {"received": 0, "dropped": 0, "answered": 0, "malformed": 0}
+        # timeouts: queries unanswered for rpc_timeout; slow: lookup queries past their soft
+        # timeout; skipped: lookup candidates not queried because they recently failed
+        self.stats = {"received": 0, "dropped": 0, "answered": 0, "malformed": 0,
+                      "queries": 0, "timeouts": 0, "slow": 0, "skipped": 0}
         RecordOps.__init__(self)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -136,7 +162,7 @@ class DHTNode(RecordOps):
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> bool | None:
         if exc_type is None or issubclass(exc_type, (Exception, KeyboardInterrupt)):
-            with trio.move_on_after(max(1.0, 2 * self.config.rpc_timeout)) as scope:
+            with trio.move_on_after(self.config.offline_deadline + 0.5) as scope:
                 scope.shield = True
                 try:
                     await self.publish_offline()
@@ -207,6 +233,8 @@ class DHTNode(RecordOps):
         event = trio.Event()
         box: list[Response | ErrorReply] = []
         self._pending[key] = (event, box)
+        self.stats["queries"] += 1
+        sent = trio.current_time()
         try:
             self._send_nowait(data, addr)
             with trio.move_on_after(timeout or self.config.rpc_timeout):
@@ -215,11 +243,13 @@ class DHTNode(RecordOps):
             self._pending.pop(key, None)
         now = time.time()
         if not box:
+            self.stats["timeouts"] += 1
             if node_id is not None:
-                self.core.note_timeout(node_id, now)
+                self.core.note_timeout(node_id, now, addr)
             raise PeerUnavailable(f"DHT node {addr[0]}:{addr[1]} did not answer {method.decode()} "
                                   f"within {timeout or self.config.rpc_timeout:.1f}s")
         msg = box[0]
+        self.rtt.observe(addr, trio.current_time() - sent)
         if isinstance(msg, ErrorReply):
             raise DHTRemoteError(addr, msg.code, msg.message)
         for c in self.core.note_response(Contact(msg.sender_id, addr), now):
@@ -249,37 +279,64 @@ class DHTNode(RecordOps):
             key = b"info_hash" if method == b"get_peers" else b"target"
             args = {key: target}
         lk = Lookup(target, self.core.routing.closest(target, 2 * self.config.k), k=self.config.k,
-                    alpha=self.config.alpha, own_id=self.node_id)
+                    alpha=self.config.alpha, own_id=self.node_id,
+                    skip=lambda c: self.core.recently_failed(c, time.time()))
         replies: dict[bytes, tuple[Contact, Response]] = {}
-        send, recv = trio.open_memory_channel[tuple[Contact, Response | None]](math.inf)
+        send, recv = trio.open_memory_channel[tuple[Contact, Response | None | bool]](math.inf)
+        assert self._nursery is not None
+        # Queries run in the node's nursery, not the lookup's: one that outlives the lookup
+        # still ends in a response (routing update) or a timeout (the contact is marked).
+        for c in lk.next_queries(time.time()):
+            self._nursery.start_soon(self._lookup_query, c, method, args, send)
+        try:
+            while not lk.done and (lk.inflight or (lk.pending_slow and not lk.responses)):
+                with trio.move_on_after(self.config.rpc_timeout + 1.0) as waited:
+                    c, resp = await recv.receive()
+                if waited.cancelled_caught:  # every query reports within rpc_timeout: closing
+                    break
+                now = time.time()
+                if resp is True:  # past its soft timeout: go on without it
+                    if lk.on_slow(c.node_id, now):
+                        self.stats["slow"] += 1
+                        self.core.note_slow(c, now)
+                elif resp is None or resp.sender_id != c.node_id:
+                    lk.on_timeout(c.node_id, now)
+                else:
+                    try:
+                        nodes = krpc.reply_nodes_untrusted(resp.values)
+                    except KRPCError:
+                        lk.on_timeout(c.node_id, now)
+                    else:
+                        replies[c.node_id] = (c, resp)
+                        lk.on_response(c.node_id, nodes, now)
+                for c in lk.next_queries(now):
+                    self._nursery.start_soon(self._lookup_query, c, method, args, send)
+        finally:
+            send.close()
+            self.stats["skipped"] += lk.skipped
+        return lk.result(), replies
 
-        async def ask(c: Contact) -> None:
-            try:
-                resp: Response | None = await self.query(c.addr, method, args, node_id=c.node_id)
-            except (PeerUnavailable, DHTRemoteError):
-                resp = None
-            send.send_nowait((c, resp))
+    async def _lookup_query(self, c: Contact, method: bytes, args: dict[bytes, object],
+                            out: trio.MemorySendChannel[tuple[Contact, Response | None | bool]]) -> None:
+        """One lookup query: reports True to ``out`` at the soft timeout, then the
+        response (None on timeout or error reply); nothing once the lookup is over."""
+        soft = self.rtt.soft_timeout(c.addr, self.config.rpc_timeout)
+        result: list[Response | None] = []
+
+        async def watchdog() -> None:
+            await trio.sleep(soft)
+            if not result:
+                _put(out, (c, True))
 
         async with trio.open_nursery() as nursery:
-            while True:
-                for c in lk.next_queries(time.time()):
-                    nursery.start_soon(ask, c)
-                if lk.done or lk.inflight == 0:
-                    break
-                c, resp = await recv.receive()
-                now = time.time()
-                if resp is None or resp.sender_id != c.node_id:
-                    lk.on_timeout(c.node_id, now)
-                    continue
-                try:
-                    nodes = krpc.reply_nodes_untrusted(resp.values)
-                except KRPCError:
-                    lk.on_timeout(c.node_id, now)
-                    continue
-                replies[c.node_id] = (c, resp)
-                lk.on_response(c.node_id, nodes, now)
-            nursery.cancel_scope.cancel()  # stragglers no longer matter
-        return lk.result(), replies
+            if soft < self.config.rpc_timeout:
+                nursery.start_soon(watchdog)
+            try:
+                result.append(await self.query(c.addr, method, args, node_id=c.node_id))
+            except (PeerUnavailable, DHTRemoteError):
+                result.append(None)
+            nursery.cancel_scope.cancel()
+        _put(out, (c, result[0]))
 
     async def bootstrap(self) -> int:
         """Ask the bootstrap addresses, look up our own ID, then IDs in sparse buckets.

@@ -66,7 +66,10 @@ class RecordOps:
     async def publish_record(self, record: WorkerRecord) -> int:
         """Store ``record`` on the k closest nodes of its model (and in the all-records
         index). A record of this node's own key is (re-)signed with a fresh timestamp and
-        then refreshed every heartbeat. Returns how many nodes stored it under the model."""
+        then refreshed every heartbeat. Returns how many nodes stored it under the model.
+
+        An offline record (a node going away) gets one attempt of at most
+        ``config.offline_deadline`` seconds: shutdown must not hang on a dead swarm."""
         if record.peer_id == self.identity.peer_id or not record.signature:
             record = record.signed(self.identity)
             self._own_records[record.model_id] = record
@@ -75,15 +78,20 @@ class RecordOps:
                                      "sign it with WorkerRecord.signed(identity) first")
         raw = record.to_bytes()
         self._published_at[record.model_id] = time.time()
-        counts = {}
+        counts: dict[bytes, int] = {}
 
         async def one(target: bytes) -> None:
             counts[target] = await self._put_record(target, record, raw)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, model_target(record.model_id))
-            nursery.start_soon(one, ALL_TARGET)
-        n = counts[model_target(record.model_id)]
+        deadline = self.config.offline_deadline if record.state == "offline" else float("inf")
+        with trio.move_on_after(deadline) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, model_target(record.model_id))
+                nursery.start_soon(one, ALL_TARGET)
+        if scope.cancelled_caught:
+            log.info("offline record for %s: no answer within %.1fs; it expires after the TTL instead",
+                     record.model_id, deadline)
+        n = counts.get(model_target(record.model_id), 0)
         log.debug("published %s record of %s for %s on %d nodes", record.state,
                   record.peer_id.short(), record.model_id, n)
         return n
@@ -92,7 +100,9 @@ class RecordOps:
         closest, replies = await self.lookup(target, b"pm_get", {b"target": target})
         stored = 0
         k = self.config.k
-        if len(closest) < k or distance(self.node_id, target) < distance(closest[-1].node_id, target):
+        # A read-only node answers no pm_get: a copy kept here would help no one.
+        near = len(closest) < k or distance(self.node_id, target) < distance(closest[-1].node_id, target)
+        if near and not self.core.read_only:
             now = time.time()
             self.core.records.put(
                 target, record.peer_id.key,
@@ -120,12 +130,14 @@ class RecordOps:
             self._own_records.pop(m, None)
 
     async def publish_offline(self) -> None:
-        """Replace this node's records with offline ones (clean shutdown)."""
+        """Replace this node's records with offline ones (clean shutdown): one attempt,
+        all records at once, within ``config.offline_deadline`` seconds."""
         records = list(self._own_records.values())
         self._own_records.clear()
-        async with trio.open_nursery() as nursery:
-            for rec in records:
-                nursery.start_soon(self.publish_record, replace(rec, state="offline"))
+        with trio.move_on_after(self.config.offline_deadline):
+            async with trio.open_nursery() as nursery:
+                for rec in records:
+                    nursery.start_soon(self.publish_record, replace(rec, state="offline"))
         self._own_records.clear()
 
     # -- reading -------------------------------------------------------------------------

@@ -11,6 +11,14 @@ BEP 44 ``get``, ``put``; and pymesh's extension queries in the same envelope:
 ``pm_put``  a = {id, target, rec, token}      -> r = {id, stored: 0|1}
 ``pm_get``  a = {id, target, [b], [after]}    -> r = {id, token, nodes, recs, [next]}
 
+A *read-only* core (BEP 43) sends ``ro=1`` in its queries and answers none: nodes
+that only look things up (a client, the monitor) stay out of everyone's routing tables,
+so they leave no dead contacts behind. Receivers never add an ``ro`` sender.
+
+The core also remembers contacts that recently failed to answer (:meth:`note_slow`,
+:meth:`note_timeout`); lookups skip them (:meth:`recently_failed`) until they are heard
+from again or ``failed_for`` seconds pass, so a dead node costs at most one wait.
+
 ``rec`` is a signed :class:`~pymesh.proto.records.WorkerRecord`; a node verifies the
 signature and protocol version before it stores a record and never returns one it did
 not verify. ``target`` must be the record's model target or ``ALL_TARGET``. ``b``
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pymesh import PROTOCOL_VERSION
@@ -40,6 +49,9 @@ CLIENT_VERSION = b"PM\x00\x01"
 MAX_SKEW = 60.0
 #: Room left for records in a pm_get reply after id, token and nodes.
 RECORD_PAGE_BUDGET = 950
+#: How long a contact that failed to answer is skipped by lookups (unless heard from).
+FAILED_FOR = 300.0
+MAX_FAILED = 4096
 
 
 @dataclass
@@ -54,8 +66,12 @@ class Incoming:
 
 class DHTCore:
     def __init__(self, node_id: bytes, *, now: float, k: int = K, record_ttl: float = 300.0,
-                 rng: random.Random | None = None, token_rotate: float = 300.0) -> None:
+                 rng: random.Random | None = None, token_rotate: float = 300.0,
+                 read_only: bool = False, failed_for: float = FAILED_FOR) -> None:
         self.node_id = node_id
+        self.read_only = read_only
+        self.failed_for = failed_for
+        self._failed: OrderedDict[Contact, float] = OrderedDict()
         self.k = k
         self.record_ttl = record_ttl
         # Unseeded, use the OS's randomness: transaction ids and token secrets must not be
@@ -81,13 +97,34 @@ class DHTCore:
         tid = self.next_tid()
         a: dict[bytes, object] = {b"id": self.node_id}
         a.update(args or {})
-        return tid, krpc.encode_query(tid, method, a, client=CLIENT_VERSION)
+        return tid, krpc.encode_query(tid, method, a, read_only=self.read_only, client=CLIENT_VERSION)
 
     def note_response(self, contact: Contact, now: float) -> list[Contact]:
+        self._failed.pop(contact, None)
         return self.routing.heard_from(contact, now, responded=True)
 
-    def note_timeout(self, node_id: bytes, now: float) -> None:
+    def note_slow(self, contact: Contact, now: float) -> None:
+        """``contact`` did not answer within a lookup's soft timeout: skip it in lookups
+        (an answer arriving later clears this)."""
+        self._failed.pop(contact, None)
+        self._failed[contact] = now
+        if len(self._failed) > MAX_FAILED:
+            self._failed.popitem(last=False)
+
+    def note_timeout(self, node_id: bytes, now: float, addr: Addr | None = None) -> None:
+        """A query to ``node_id`` went unanswered for the whole RPC timeout."""
         self.routing.on_timeout(node_id, now)
+        if addr is not None:
+            self.note_slow(Contact(node_id, addr), now)
+
+    def recently_failed(self, contact: Contact, now: float) -> bool:
+        at = self._failed.get(contact)
+        if at is None:
+            return False
+        if now - at >= self.failed_for:
+            del self._failed[contact]
+            return False
+        return True
 
     # -- incoming ------------------------------------------------------------------------
     def receive(self, data: bytes, src: Addr, now: float) -> Incoming:
@@ -101,8 +138,11 @@ class DHTCore:
             return Incoming(reply=krpc.encode_error(tid, exc.code, str(exc)), error=str(exc))
         if not isinstance(msg, Query):
             return Incoming(message=msg)
+        if self.read_only:  # BEP 43: a read-only node does not answer queries
+            return Incoming()
         pings: list[Contact] = []
         if not msg.read_only:
+            self._failed.pop(Contact(msg.sender_id, src), None)
             pings = self.routing.heard_from(Contact(msg.sender_id, src), now, responded=False)
         try:
             values = self._dispatch(msg, src, now)

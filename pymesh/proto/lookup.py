@@ -14,17 +14,25 @@ Queries go to the closest not-yet-queried candidates among the k closest known
 answered. As in the Kademlia paper, when a whole batch brings nothing closer than the
 best node already known, the next batch goes to every not-yet-queried node of the k
 closest at once instead of alpha of them (``sweep=False`` keeps every batch at alpha).
+
+Dead contacts must not stall a lookup: candidates the caller already knows to have
+failed (``skip``) are never queried, and a query that outlives its (adaptive) soft
+timeout is reported with :meth:`Lookup.on_slow`: the node leaves the window so the
+lookup goes on without it, but a late answer still counts. :class:`RttEstimator`
+gives that soft timeout from measured round-trip times.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from pymesh.proto.krpc import Contact
+from pymesh.proto.krpc import Addr, Contact
 from pymesh.proto.routing import K
 
 ALPHA = 3
-NEW, INFLIGHT, ANSWERED, FAILED = range(4)
+NEW, INFLIGHT, ANSWERED, FAILED, SLOW = range(5)
 
 
 @dataclass
@@ -37,7 +45,7 @@ class _Candidate:
 class Lookup:
     def __init__(self, target: bytes, seeds: list[Contact], *, k: int = K, alpha: int = ALPHA,
                  own_id: bytes | None = None, max_queries: int = 200, max_candidates: int = 256,
-                 sweep: bool = True) -> None:
+                 sweep: bool = True, skip: Callable[[Contact], bool] | None = None) -> None:
         self.target = target
         self._t = int.from_bytes(target, "big")
         self.k = k
@@ -46,12 +54,15 @@ class Lookup:
         self.max_queries = max_queries
         self.max_candidates = max_candidates
         self.sweep = sweep
+        self.skip = skip
         self._cands: dict[bytes, _Candidate] = {}
         self._sorted: list[_Candidate] = []
         self.rounds = 0
         self.messages = 0
         self.responses = 0
         self.timeouts = 0
+        self.slow = 0       # queries past their soft timeout (not yet answered or failed)
+        self.skipped = 0    # candidates never queried because they were known to have failed
         self._best_at_last_batch: int | None = None
         self.add(seeds)
 
@@ -62,6 +73,9 @@ class Lookup:
             if c.node_id == self.own_id or c.node_id in self._cands or len(c.node_id) != 20:
                 continue
             cand = _Candidate(c, int.from_bytes(c.node_id, "big") ^ self._t)
+            if self.skip is not None and self.skip(c):
+                cand.state = FAILED
+                self.skipped += 1
             self._cands[c.node_id] = cand
             self._sorted.append(cand)
             changed = True
@@ -74,10 +88,10 @@ class Lookup:
                 self._sorted = [c for c in self._sorted if c.contact.node_id in self._cands]
 
     def _window(self) -> list[_Candidate]:
-        """The k closest candidates that have not failed."""
+        """The k closest candidates that have not failed (nor gone past a soft timeout)."""
         out = []
         for c in self._sorted:
-            if c.state != FAILED:
+            if c.state not in (FAILED, SLOW):
                 out.append(c)
                 if len(out) == self.k:
                     break
@@ -85,7 +99,7 @@ class Lookup:
 
     def _best(self) -> int | None:
         for c in self._sorted:
-            if c.state != FAILED:
+            if c.state not in (FAILED, SLOW):
                 return c.dist
         return None
 
@@ -127,9 +141,24 @@ class Lookup:
         self._best_at_last_batch = best
         return [c.contact for c in batch]
 
-    def on_response(self, node_id: bytes, contacts: list[Contact], now: float) -> None:
+    @property
+    def pending_slow(self) -> int:
+        return sum(1 for c in self._sorted if c.state == SLOW)
+
+    def on_slow(self, node_id: bytes, now: float) -> bool:
+        """``node_id`` has not answered within its soft timeout: stop waiting for it
+        (its slot goes to the next candidate) but accept a late answer. Returns whether
+        the query was still in flight."""
         cand = self._cands.get(node_id)
         if cand is None or cand.state != INFLIGHT:
+            return False
+        cand.state = SLOW
+        self.slow += 1
+        return True
+
+    def on_response(self, node_id: bytes, contacts: list[Contact], now: float) -> None:
+        cand = self._cands.get(node_id)
+        if cand is None or cand.state not in (INFLIGHT, SLOW):
             return
         cand.state = ANSWERED
         self.responses += 1
@@ -137,7 +166,7 @@ class Lookup:
 
     def on_timeout(self, node_id: bytes, now: float) -> None:
         cand = self._cands.get(node_id)
-        if cand is None or cand.state != INFLIGHT:
+        if cand is None or cand.state not in (INFLIGHT, SLOW):
             return
         cand.state = FAILED
         self.timeouts += 1
@@ -149,3 +178,30 @@ class Lookup:
 
     def answered(self) -> list[Contact]:
         return [c.contact for c in self._sorted if c.state == ANSWERED]
+
+
+class RttEstimator:
+    """Smoothed round-trip times (per address, and over all addresses) that give each
+    query a soft timeout: ``max(floor, 4 x srtt)`` capped by the hard RPC timeout. With no
+    measurement yet the soft timeout is the hard one."""
+
+    def __init__(self, *, floor: float = 0.25, gain: float = 0.125, max_addrs: int = 4096) -> None:
+        self.floor = floor
+        self.gain = gain
+        self.max_addrs = max_addrs
+        self.srtt: float | None = None
+        self._by_addr: OrderedDict[Addr, float] = OrderedDict()
+
+    def observe(self, addr: Addr, rtt: float) -> None:
+        rtt = max(0.0, rtt)
+        self.srtt = rtt if self.srtt is None else self.srtt + self.gain * (rtt - self.srtt)
+        old = self._by_addr.pop(addr, None)
+        self._by_addr[addr] = rtt if old is None else old + self.gain * (rtt - old)
+        if len(self._by_addr) > self.max_addrs:
+            self._by_addr.popitem(last=False)
+
+    def soft_timeout(self, addr: Addr, cap: float) -> float:
+        srtt = self._by_addr.get(addr, self.srtt)
+        if srtt is None:
+            return cap
+        return min(cap, max(self.floor, 4 * srtt))

@@ -148,14 +148,17 @@ class RoutingTable:
         return pings
 
     def on_timeout(self, node_id: bytes, now: float) -> None:
-        """A query to ``node_id`` went unanswered; bad nodes give way to replacements."""
+        """A query to ``node_id`` went unanswered: it gives way to a replacement if one is
+        cached, else it turns bad after ``bad_after`` failures in a row."""
         bucket = self.buckets[self._bucket_index(node_id)]
         entry = bucket.find(node_id)
         if entry is None:
             self._drop_replacement(bucket, node_id)
             return
         entry.fail_count += 1
-        if self.state(entry, now) == "bad" and bucket.replacements:
+        # A replacement waits in the cache: give the failed node's place to it at once
+        # rather than after ``bad_after`` failures (lookups must not keep meeting it).
+        if bucket.replacements:
             bucket.nodes.remove(entry)
             repl = bucket.replacements.pop()  # most recently seen first
             bucket.nodes.append(repl)
