@@ -1,6 +1,7 @@
-"""Killed and stalled processes in a real swarm (tiny 4-block Llama, spans 0-1 and 2-3 served
-twice each). Complements tests/swarm (which kills and stalls the *middle* or *last* hop
-through the Python API) with: the *first* hop killed, a client killed mid-answer (its session
+"""Killed and stalled processes in a real swarm (tiny 4-block Llama, span 0-1 served three
+times, 2-3 twice, both transports). Complements tests/swarm (which kills and stalls the
+*middle* or *last* hop once, over QUIC, through the Python API) with: the *first* hop killed
+twice in one answer over TCP, the last hop stalled, a client killed mid-answer (its session
 must expire on the worker), and the bootstrap killed and restarted under a live swarm.
 The tests run in file order and share the swarm; the bootstrap test comes last.
 """
@@ -38,8 +39,9 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny4: Path) -> Iterator[Loc
     procs = LocalProcs(tmp_path_factory.mktemp("e2e-faults"), PYMESH_STEP_TIMEOUT="5", PYMESH_SESSION_IDLE="15")
     try:
         procs.start_bootstrap()
-        spans = [(0, 1), (0, 1), (2, 3), (2, 3)]
-        workers = [procs.start_worker("--layers", f"{a}-{b}", "--model-path", str(tiny4), name=f"f{a}{b}-{i}")
+        spans = [(0, 1), (0, 1), (0, 1), (2, 3), (2, 3)]
+        workers = [procs.start_worker("--layers", f"{a}-{b}", "--model-path", str(tiny4), "--transport", "both",
+                                      name=f"f{a}{b}-{i}")
                    for i, (a, b) in enumerate(spans)]
         wait_ready(workers, timeout=120)
         procs.workers = workers  # type: ignore[attr-defined]
@@ -48,45 +50,69 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny4: Path) -> Iterator[Loc
         procs.stop_all()
 
 
-def _generate_with_fault(swarm: LocalProcs, tiny4: Path, n: int, at: int, start: int, sig: int) -> tuple[list[int], Any, Any]:
+def _active_hop(swarm: LocalProcs, stats: Any, start: int) -> Any:
+    """The live worker serving the hop that starts at ``start`` now (the stats' route is the
+    one the session opened with; after a recovery, ask the workers who holds a session)."""
+    active = next(h["peer"] for h in stats.route if h["start"] == start)
+    first = next(w for w in swarm.workers if w.peer_id == active)  # type: ignore[attr-defined]
+    if first.alive():
+        return first
+    for w in swarm.workers:  # type: ignore[attr-defined]
+        if w.alive() and w.name.startswith(f"f{start}") and _info(w)["sessions"] > 0:
+            return w
+    raise AssertionError(f"no live worker for block {start} holds a session")
+
+
+def _generate_with_faults(swarm: LocalProcs, tiny4: Path, n: int, faults: list[tuple[int, int, int]],
+                          transport: str = "quic") -> tuple[list[int], Any, list[Any]]:
+    """Generate ``n`` tokens; after token ``at`` send ``sig`` to the route's hop starting at
+    block ``start``, for each ``(at, start, sig)``. Stopped victims are continued at the end."""
     from pymesh.client.api import SwarmClient
     from pymesh.model.sampling import SamplingParams
 
     got: list[int] = []
-    victim = None
+    victims: list[Any] = []
+    todo = {at: (start, sig) for at, start, sig in faults}
     try:
-        with SwarmClient([swarm.bootstrap_addr], tiny4) as client:
+        with SwarmClient([swarm.bootstrap_addr], tiny4, transport=transport) as client:
             for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
                 got.append(token)
-                if len(got) == at:
+                if len(got) in todo:
+                    start, sig = todo[len(got)]
                     stats = client.last_stats
                     assert stats is not None
-                    active = next(h["peer"] for h in stats.route if h["start"] == start)
-                    victim = next(w for w in swarm.workers if w.peer_id == active)  # type: ignore[attr-defined]
+                    victim = _active_hop(swarm, stats, start)
                     victim.signal(sig)
+                    victims.append(victim)
             stats = client.last_stats
     finally:
-        if victim is not None and sig == signal.SIGSTOP:
-            victim.signal(signal.SIGCONT)
-    return got, stats, victim
+        for v in victims:
+            v.signal(signal.SIGCONT)
+    return got, stats, victims
 
 
-def test_first_hop_killed_mid_generation(swarm: LocalProcs, tiny4: Path) -> None:
+def test_first_hop_killed_twice_over_tcp(swarm: LocalProcs, tiny4: Path) -> None:
+    """Two successive SIGKILLs of the first hop in one answer, over TCP; a third worker
+    for blocks 0-1 takes over the second time."""
     n = 30
     ref, gaps = reference_run(tiny4, PROMPT, n)
-    assert len(ref) > 8, "the reference should not stop early"
-    got, stats, victim = _generate_with_fault(swarm, tiny4, n, 5, 0, signal.SIGKILL)
-    assert victim is not None and victim.popen.wait(10) is not None
-    assert_same_tokens(got, ref, gaps, "first hop SIGKILLed mid-generation")
-    assert stats.recoveries, "the kill should have forced a recovery"
-    assert next(h["peer"] for h in stats.route if h["start"] == 0) != victim.peer_id
+    assert len(ref) > 14, "the reference should not stop early"
+    got, stats, victims = _generate_with_faults(swarm, tiny4, n, [(4, 0, signal.SIGKILL), (11, 0, signal.SIGKILL)],
+                                                transport="tcp")
+    assert len(victims) == 2 and victims[0] is not victims[1]
+    for v in victims:
+        assert v.popen.wait(10) is not None
+    assert_same_tokens(got, ref, gaps, "first hop SIGKILLed twice mid-generation (TCP)")
+    assert len(stats.recoveries) >= 2, stats.recoveries
+    assert next(h["peer"] for h in stats.route if h["start"] == 0) not in {v.peer_id for v in victims}
 
 
 def test_last_hop_stalled_mid_generation(swarm: LocalProcs, tiny4: Path) -> None:
     n = 20
     ref, gaps = reference_run(tiny4, PROMPT, n)
     t0 = time.monotonic()
-    got, stats, victim = _generate_with_fault(swarm, tiny4, n, 3, 2, signal.SIGSTOP)
+    got, stats, victims = _generate_with_faults(swarm, tiny4, n, [(3, 2, signal.SIGSTOP)])
+    victim = victims[0]
     assert_same_tokens(got, ref, gaps, "last hop SIGSTOPped mid-generation")
     assert stats.recoveries
     assert next(h["peer"] for h in stats.route if h["start"] == 2) != victim.peer_id

@@ -324,10 +324,12 @@ def test_forged_records_are_refused(swarm: LocalProcs, tiny3: Path, reference: l
     _serves(swarm, tiny3, reference)
 
 
-def test_record_lying_about_its_address_is_routed_around(swarm: LocalProcs, tiny3: Path,
-                                                          reference: list[int]) -> None:
+@pytest.mark.parametrize("where", ["nobody", "impostor"])
+def test_record_lying_about_its_address_is_routed_around(swarm: LocalProcs, tiny3: Path, reference: list[int],
+                                                          where: str) -> None:
     """A validly signed record (the attacker's own key) claiming every block at an enormous
-    speed, at an address where nobody listens: the client tries it, bans it, and answers."""
+    speed, at an address where nobody listens or where a real worker with another key
+    listens: the client tries it, bans it, and answers."""
     from pymesh.model.fingerprint import model_id
     from pymesh.proto import krpc
     from pymesh.proto.identity import Identity
@@ -335,7 +337,8 @@ def test_record_lying_about_its_address_is_routed_around(swarm: LocalProcs, tiny
 
     mid = model_id(tiny3)
     liar = Identity.generate()
-    rec = WorkerRecord(model_id=mid, start=0, stop=3, host="127.0.0.1", port=free_port(), tokens_per_s=1e6,
+    port = free_port() if where == "nobody" else swarm.workers[0].port  # type: ignore[attr-defined]
+    rec = WorkerRecord(model_id=mid, start=0, stop=3, host="127.0.0.1", port=port, tokens_per_s=1e6,
                        block_ms=0.001, cache_tokens_free=10**6, cache_tokens_total=10**6).signed(liar)
     with _boot(swarm) as dht:
         got = dht.pm_put(model_target(mid), rec.to_bytes())
