@@ -57,7 +57,9 @@ class Observer:
 
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
-        async with DHTNode(self.identity, host=self.host, port=0, bootstrap=[self.bootstrap]) as node:
+        # read-only (BEP 43): it only looks records up and must not linger in routing tables
+        async with DHTNode(self.identity, host=self.host, port=0, bootstrap=[self.bootstrap],
+                           read_only=True) as node:
             self._node = node
             self._ready.set()
             await self._stop.wait()

@@ -158,7 +158,9 @@ async def monitor_loop(
         from pymesh.net.dht import DHTNode
 
         def node_factory(identity: Any) -> Any:
-            return DHTNode(identity, host=options.host, port=0, bootstrap=list(options.bootstrap))
+            # read-only (BEP 43): the monitor comes and goes; it must not linger in routing tables
+            return DHTNode(identity, host=options.host, port=0, bootstrap=list(options.bootstrap),
+                           read_only=True)
 
     async with node_factory(ident) as node:
         async with _maybe_rpc(ident, pinger_factory) as pinger:
