@@ -122,3 +122,32 @@ def test_stalled_worker_is_routed_around(tiny_swarm: LocalProcs, tiny6_dir: Path
     assert_same_tokens(got, ref, gaps, "generation across a stalled worker")
     assert any("within" in r["why"] for r in stats.recoveries), stats.recoveries
     assert next(h["peer"] for h in stats.route if h["start"] == 4) != stalled.peer_id
+
+
+def test_first_worker_killed_over_tcp(tiny_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    """The first hop (the one the client feeds) dies; over TCP the loss is seen at once."""
+    from pymesh.client.api import SwarmClient
+    from pymesh.model.sampling import SamplingParams
+
+    n = 20
+    ref, gaps = reference_run(tiny6_dir, PROMPT, n)
+    spare = tiny_swarm.start_worker("--layers", "0-1", "--model-path", str(tiny6_dir), "--transport", "both",
+                                    name="tiny01-spare")
+    wait_ready([spare], timeout=120)
+    workers = [*tiny_swarm.workers, spare]  # type: ignore[attr-defined]
+    got: list[int] = []
+    with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir, transport="tcp") as client:
+        for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
+            got.append(token)
+            if len(got) == 5:
+                stats = client.last_stats
+                assert stats is not None
+                active = stats.route[0]["peer"]
+                victim = next(w for w in workers if w.peer_id == active)
+                victim.signal(signal.SIGKILL)
+                victim.popen.wait(10)
+        stats = client.last_stats
+    assert stats is not None
+    assert_same_tokens(got, ref, gaps, "generation across a killed first worker (TCP)")
+    assert len(stats.recoveries) >= 1
+    assert stats.route[0]["peer"] != active
