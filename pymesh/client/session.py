@@ -73,6 +73,10 @@ class InferenceSession:
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
         self.step_timeout = env_float("PYMESH_STEP_TIMEOUT", 60.0)
+        #: a step still running after this long makes the client ask every hop for a sign of
+        #: life (workers answer while they compute); one that stays silent is a failure
+        self.probe_after = env_float("PYMESH_PROBE_AFTER", 2.0)
+        self.probe_timeout = env_float("PYMESH_PROBE_TIMEOUT", 3.0)
         self.max_recoveries = int(env_float("PYMESH_MAX_RECOVERIES", 8))
         self.last_hop_times: dict[int, float] = {}
         self._pending: _Pending | None = None
@@ -233,7 +237,16 @@ class InferenceSession:
                     await conn.push(wire.STEP, {"sid": self.sid, "step": step, "pos": pos}, [tensor_to_blob(hidden)])
                 except (PeerUnavailable, OSError) as exc:
                     raise _StepFailure(first.peer, f"cannot reach the first worker: {exc}") from None
-                await p.event.wait()
+                while not p.event.is_set():
+                    with trio.move_on_after(self.probe_after):
+                        await p.event.wait()
+                    if p.event.is_set():
+                        break
+                    silent = await self._silent_hop()
+                    if silent is not None and not p.event.is_set():
+                        p.error = (silent.peer, f"{silent.describe()} stopped answering while step {step} "
+                                                "was in flight")
+                        break
         finally:
             self._pending = None
         if p.error is not None:
@@ -245,6 +258,21 @@ class InferenceSession:
         self.last_hop_times = {s: t - sent for s, t in p.arrived.items()}
         log.info("Client: received response for request_id %d", step)
         return p.result
+
+    async def _silent_hop(self) -> SpanOption | None:
+        """The first hop of the route that does not answer a liveness probe, if any."""
+        silent: dict[int, SpanOption] = {}
+
+        async def probe(i: int, o: SpanOption) -> None:
+            try:
+                await self.swarm.call(o, wire.INFO, {}, timeout=self.probe_timeout)
+            except PymeshError:
+                silent[i] = o
+
+        async with trio.open_nursery() as nursery:
+            for i, o in enumerate(self.route):
+                nursery.start_soon(probe, i, o)
+        return silent[min(silent)] if silent else None
 
     async def _find_stuck_hop(self, step: int) -> SpanOption:
         """The first hop that did not process ``step`` (or does not answer at all)."""
