@@ -18,6 +18,9 @@ above 5,000 nodes to keep the run short: own-ID lookup only) and ``lookups``.
 lookups whose batches never exceed alpha queries (no final sweep of the k closest).
 After 20% of the nodes leave, 15 virtual minutes pass and every live node pings its
 questionable routing-table entries once (BEP 5's timers), then lookups are measured.
+As in the real node, a contact that failed to answer is skipped by that node's later
+lookups; ``dead_queries_per_lookup`` is how many queries a lookup still sent to
+departed nodes.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class LookupStats:
     ok: bool
     rounds: int
     messages: int
+    dead: int = 0
 
 
 class SimNetwork:
@@ -56,6 +60,7 @@ class SimNetwork:
         self.ids: dict[Addr, bytes] = {}
         self.alive: set[Addr] = set()
         self.messages = 0
+        self.dead_queries = 0
         self.bootstrap: Addr | None = None
         #: How many still-sparse far buckets a joining node fills with a lookup.
         self.join_refresh = 160
@@ -86,8 +91,9 @@ class SimNetwork:
         tid, data = core.make_query(method, args)
         self.messages += 1
         if dst not in self.alive:
+            self.dead_queries += 1
             if expect_id is not None:
-                core.note_timeout(expect_id, self.now)
+                core.note_timeout(expect_id, self.now, dst)
             return None
         remote = self.cores[dst]
         inc = remote.receive(data, src, self.now)
@@ -108,7 +114,7 @@ class SimNetwork:
     def lookup(self, src: Addr, target: bytes, *, sweep: bool = True) -> Lookup:
         core = self.cores[src]
         lk = Lookup(target, core.routing.closest(target, 2 * self.k), k=self.k, alpha=self.alpha,
-                    own_id=core.node_id, sweep=sweep)
+                    own_id=core.node_id, sweep=sweep, skip=lambda c: core.recently_failed(c, self.now))
         while not lk.done:
             batch = lk.next_queries(self.now)
             if not batch:
@@ -164,9 +170,11 @@ class SimNetwork:
 
     def measure_lookup(self, src: Addr, *, sweep: bool = True) -> LookupStats:
         target = self.rng.getrandbits(160).to_bytes(20, "big")
+        dead_before = self.dead_queries
         lk = self.lookup(src, target, sweep=sweep)
         got = {c.node_id for c in lk.result()}
-        return LookupStats(got == self.true_closest(target, src), lk.rounds, lk.messages)
+        return LookupStats(got == self.true_closest(target, src), lk.rounds, lk.messages,
+                           self.dead_queries - dead_before)
 
 
 def simulate(nodes: int, lookups: int, *, churn: float = 0.2, seed: int = 1, maintain: bool = True,
@@ -205,6 +213,7 @@ def simulate(nodes: int, lookups: int, *, churn: float = 0.2, seed: int = 1, mai
         "median_rounds": float(statistics.median(rounds)),
         "p95_rounds": float(rounds[min(len(rounds) - 1, int(0.95 * len(rounds)))]),
         "messages_per_lookup": sum(s.messages for s in stats) / len(stats),
+        "dead_queries_per_lookup": sum(s.dead for s in stats) / len(stats),
         "alpha_only_success_rate": sum(s.ok for s in strict) / len(strict),
         "alpha_only_median_rounds": float(statistics.median(s.rounds for s in strict)),
     }
@@ -243,10 +252,11 @@ def render(rows: list[dict[str, Any]]) -> Any:
 
     table = Table(title="DHT lookups (simulated, 20% churn; goal: median rounds <= 4 at 1,000 nodes)")
     for col in ("nodes", "join", "success_rate", "median_rounds", "p95_rounds", "messages_per_lookup",
-                "alpha-only success", "alpha-only median rounds"):
+                "alpha-only success", "alpha-only median rounds", "dead queries/lookup"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["nodes"]), str(r.get("join", "")), f"{r['success_rate']:.3f}", f"{r['median_rounds']:.1f}",
                       f"{r['p95_rounds']:.1f}", f"{r['messages_per_lookup']:.1f}",
-                      f"{r['alpha_only_success_rate']:.3f}", f"{r['alpha_only_median_rounds']:.1f}")
+                      f"{r['alpha_only_success_rate']:.3f}", f"{r['alpha_only_median_rounds']:.1f}",
+                      f"{r.get('dead_queries_per_lookup', 0.0):.2f}")
     return table

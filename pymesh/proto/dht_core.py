@@ -101,7 +101,19 @@ class DHTCore:
 
     def note_response(self, contact: Contact, now: float) -> list[Contact]:
         self._failed.pop(contact, None)
-        return self.routing.heard_from(contact, now, responded=True)
+        return self._worth_pinging(self.routing.heard_from(contact, now, responded=True), now)
+
+    def _worth_pinging(self, pings: list[Contact], now: float) -> list[Contact]:
+        """The routing table's "ping this node" decisions, except for nodes that just
+        failed to answer: those count as failed again (a waiting replacement takes
+        their place) instead of costing another timeout."""
+        out = []
+        for c in pings:
+            if self.recently_failed(c, now):
+                self.routing.on_timeout(c.node_id, now)
+            else:
+                out.append(c)
+        return out
 
     def note_slow(self, contact: Contact, now: float) -> None:
         """``contact`` did not answer within a lookup's soft timeout: skip it in lookups
@@ -143,7 +155,8 @@ class DHTCore:
         pings: list[Contact] = []
         if not msg.read_only:
             self._failed.pop(Contact(msg.sender_id, src), None)
-            pings = self.routing.heard_from(Contact(msg.sender_id, src), now, responded=False)
+            pings = self._worth_pinging(self.routing.heard_from(Contact(msg.sender_id, src), now,
+                                                                responded=False), now)
         try:
             values = self._dispatch(msg, src, now)
         except KRPCError as exc:

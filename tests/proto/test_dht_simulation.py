@@ -46,3 +46,42 @@ def test_departed_nodes_time_out_and_the_wire_is_real() -> None:
     assert all(len(c.node_id) == 20 for c in krpc.reply_nodes_untrusted(resp.values))
     stats = [net.measure_lookup(some) for _ in range(20)]
     assert sum(s.ok for s in stats) >= 19
+
+
+def _lookups_after_departures(remember_failures: bool) -> tuple[list, dict]:  # type: ignore[type-arg]
+    net = SimNetwork(seed=9)
+    for _ in range(200):
+        net.join(net.add_node())
+    live = sorted(net.alive)
+    gone = set(net.rng.sample([a for a in live if a != net.bootstrap], 50))
+    for a in gone:
+        net.leave(a)
+    if not remember_failures:
+        for core in net.cores.values():
+            core.failed_for = 0.0
+    searcher = sorted(net.alive)[7]
+    sent: dict[tuple[str, int], int] = {}
+    query = net.query
+
+    def counting(src, dst, method, args, expect_id=None):  # type: ignore[no-untyped-def]
+        if src == searcher and dst in gone:
+            sent[dst] = sent.get(dst, 0) + 1
+        return query(src, dst, method, args, expect_id)
+
+    net.query = counting  # type: ignore[method-assign]
+    return [net.measure_lookup(searcher) for _ in range(30)], sent
+
+
+@pytest.mark.timeout(180)
+def test_a_searcher_queries_each_departed_node_at_most_once() -> None:
+    """No maintenance after 25% leave, so their contacts stay in every routing table:
+    one node's repeated lookups still send at most one query to each departed node, and
+    find as many true k-closest sets as lookups that keep asking the dead."""
+    stats, sent = _lookups_after_departures(True)
+    assert sent, "the searcher never met a departed node: the test proves nothing"
+    assert max(sent.values()) == 1, sent
+    assert sum(s.dead for s in stats[15:]) < sum(s.dead for s in stats[:15])
+    base, base_sent = _lookups_after_departures(False)
+    assert max(base_sent.values()) > 1  # without the memory the dead are asked again
+    assert sum(s.ok for s in stats) >= sum(s.ok for s in base)
+    assert sum(s.rounds for s in stats) <= sum(s.rounds for s in base)
