@@ -124,3 +124,11 @@ def test_device_not_available(tiny: Path, cmd: str) -> None:
              ["--bootstrap", f"127.0.0.1:{free_port()}", "--layers", "0-1", "--host", "127.0.0.1", "--port", "0"])
     line = _fails(cmd, "--model-path", str(tiny), "--device", "cuda", *extra)
     assert "cuda" in line.lower(), line
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: worker --cache-tokens -5 is accepted: the worker starts and announces "
+                                       "itself with a negative KV-cache budget")
+def test_negative_cache_budget_is_refused(tiny: Path) -> None:
+    line = _fails("worker", "--bootstrap", f"127.0.0.1:{free_port()}", "--model-path", str(tiny), "--layers", "0-1",
+                  "--host", "127.0.0.1", "--port", "0", "--cache-tokens", "-5", timeout=30)
+    assert "cache" in line, line
