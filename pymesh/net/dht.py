@@ -75,7 +75,7 @@ class DHTConfig:
     max_pending_pings: int = 32
     read_only: bool = False            # BEP 43: send ro=1, answer no queries
     min_rpc_timeout: float = 0.25      # floor of the adaptive (4 x srtt) soft timeout in lookups
-    offline_deadline: float = 3.0      # publishing offline records at shutdown: one try, this long
+    offline_deadline: float = 2.0      # publishing offline records at shutdown: one try, this long
 
     def __post_init__(self) -> None:
         if self.record_ttl <= 0 or self.rpc_timeout <= 0:

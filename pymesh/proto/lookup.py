@@ -114,7 +114,9 @@ class Lookup:
         if self.messages >= self.max_queries:
             return self.inflight == 0
         if not window:
-            return self.inflight == 0
+            # Nothing left to ask. Wait for late answers only if nobody has answered at
+            # all (a lone slow bootstrap node); otherwise a slow node is not waited for.
+            return self.inflight == 0 and (self.responses > 0 or self.pending_slow == 0)
         return all(c.state == ANSWERED for c in window)
 
     def next_queries(self, now: float) -> list[Contact]:

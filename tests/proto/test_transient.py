@@ -156,3 +156,24 @@ def test_failed_node_gives_way_to_a_cached_replacement_at_once() -> None:
     assert t.get(far[0]) is None and t.get(far[2]) is not None
     t.on_timeout(far[1], 2.0)  # no replacement left: it stays (questionable) for now
     assert t.get(far[1]) is not None
+
+
+def test_a_lone_slow_node_is_still_waited_for() -> None:
+    """Only one contact (the bootstrap) and it is slow: the lookup must not give up at the
+    soft timeout with nothing, but take its late answer."""
+    boot, *others = ids(10)
+    target = others[0]
+    lk = Lookup(target, [contact(boot)], k=8, alpha=3)
+    assert lk.next_queries(NOW) == [contact(boot)]
+    lk.on_slow(boot, NOW)
+    assert not lk.done and lk.next_queries(NOW) == []
+    lk.on_response(boot, [contact(i) for i in others], NOW)
+    assert not lk.done and len(lk.next_queries(NOW)) == 3
+    # once someone has answered, a slow node no longer holds the lookup up
+    for q in lk._sorted:
+        if q.state == 1:
+            lk.on_slow(q.contact.node_id, NOW)
+    while not lk.done:
+        for q in lk.next_queries(NOW):
+            lk.on_slow(q.node_id, NOW)
+    assert lk.result() == [contact(boot)]
