@@ -87,8 +87,11 @@ class DHTConfig:
             self.heartbeat = fixed
 
 
-def _put(out: trio.MemorySendChannel[tuple[Contact, Response | None | bool]],
-         item: tuple[Contact, Response | None | bool]) -> None:
+#: What a lookup query reports: (contact, response or None, past its soft timeout?).
+_Report = tuple[Contact, Response | None, bool]
+
+
+def _put(out: trio.MemorySendChannel[_Report], item: _Report) -> None:
     try:
         out.send_nowait(item)
     except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -282,7 +285,7 @@ class DHTNode(RecordOps):
                     alpha=self.config.alpha, own_id=self.node_id,
                     skip=lambda c: self.core.recently_failed(c, time.time()))
         replies: dict[bytes, tuple[Contact, Response]] = {}
-        send, recv = trio.open_memory_channel[tuple[Contact, Response | None | bool]](math.inf)
+        send, recv = trio.open_memory_channel[_Report](math.inf)
         assert self._nursery is not None
         # Queries run in the node's nursery, not the lookup's: one that outlives the lookup
         # still ends in a response (routing update) or a timeout (the contact is marked).
@@ -291,11 +294,11 @@ class DHTNode(RecordOps):
         try:
             while not lk.done and (lk.inflight or (lk.pending_slow and not lk.responses)):
                 with trio.move_on_after(self.config.rpc_timeout + 1.0) as waited:
-                    c, resp = await recv.receive()
+                    c, resp, slow = await recv.receive()
                 if waited.cancelled_caught:  # every query reports within rpc_timeout: closing
                     break
                 now = time.time()
-                if resp is True:  # past its soft timeout: go on without it
+                if slow:  # past its soft timeout: go on without it
                     if lk.on_slow(c.node_id, now):
                         self.stats["slow"] += 1
                         self.core.note_slow(c, now)
@@ -317,16 +320,17 @@ class DHTNode(RecordOps):
         return lk.result(), replies
 
     async def _lookup_query(self, c: Contact, method: bytes, args: dict[bytes, object],
-                            out: trio.MemorySendChannel[tuple[Contact, Response | None | bool]]) -> None:
-        """One lookup query: reports True to ``out`` at the soft timeout, then the
-        response (None on timeout or error reply); nothing once the lookup is over."""
+                            out: trio.MemorySendChannel[_Report]) -> None:
+        """One lookup query: reports (c, None, True) to ``out`` at the soft timeout, then
+        (c, response or None on timeout / error reply, False); nothing once the lookup is
+        over."""
         soft = self.rtt.soft_timeout(c.addr, self.config.rpc_timeout)
         result: list[Response | None] = []
 
         async def watchdog() -> None:
             await trio.sleep(soft)
             if not result:
-                _put(out, (c, True))
+                _put(out, (c, None, True))
 
         async with trio.open_nursery() as nursery:
             if soft < self.config.rpc_timeout:
@@ -336,7 +340,7 @@ class DHTNode(RecordOps):
             except (PeerUnavailable, DHTRemoteError):
                 result.append(None)
             nursery.cancel_scope.cancel()
-        _put(out, (c, result[0]))
+        _put(out, (c, result[0], False))
 
     async def bootstrap(self) -> int:
         """Ask the bootstrap addresses, look up our own ID, then IDs in sparse buckets.

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pymesh.proto import krpc
 from pymesh.proto.dht_core import DHTCore
 from pymesh.proto.krpc import Contact, Query, Response
-from pymesh.proto.lookup import Lookup, RttEstimator
+from pymesh.proto.lookup import INFLIGHT, SLOW, Lookup, RttEstimator
 from pymesh.proto.routing import RoutingTable, distance
 
 NOW = 1_700_000_000.0
@@ -112,9 +112,9 @@ def test_lookup_over_a_network_with_dead_nodes_ends_with_live_answers(seed: int,
         if lk.done:
             break
         lk.next_queries(NOW)
-        inflight = [c for c in lk._sorted if c.state == 1]
+        inflight = [c for c in lk._sorted if c.state == INFLIGHT]
         if not inflight:
-            slow = [c for c in lk._sorted if c.state == 4]
+            slow = [c for c in lk._sorted if c.state == SLOW]
             assert slow, "not done, nothing in flight and nothing pending"
             lk.on_timeout(slow[0].contact.node_id, NOW)
             continue
@@ -171,7 +171,7 @@ def test_a_lone_slow_node_is_still_waited_for() -> None:
     assert not lk.done and len(lk.next_queries(NOW)) == 3
     # once someone has answered, a slow node no longer holds the lookup up
     for q in lk._sorted:
-        if q.state == 1:
+        if q.state == INFLIGHT:
             lk.on_slow(q.contact.node_id, NOW)
     while not lk.done:
         for q in lk.next_queries(NOW):
