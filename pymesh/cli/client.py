@@ -67,25 +67,33 @@ def _range(args: argparse.Namespace, num_layers: int | None) -> tuple[int, int] 
 
 
 async def _generate(args: argparse.Namespace) -> int:
+    from pymesh.cli.worker import check_device
     from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
     from pymesh.client.swarm import Swarm
     from pymesh.model.sampling import sampling_params_from_args
 
     params = sampling_params_from_args(args)
+    check_device(args.device)
     model = ClientModel(args.model_path, device=args.device, dtype=args.dtype, model_name=args.model_name)
     layers = _range(args, model.config.num_hidden_layers)
     if layers != (0, model.config.num_hidden_layers):
         raise ConfigError(f"--chain must cover every layer 0-{model.config.num_hidden_layers - 1} to generate "
                           "text (a partial chain only makes sense for the echo network test)")
+    from pymesh.model.sampling import StopText
+
     ids = model.prompt_ids(args.prompt, args.chat)
     stats = GenerationStats()
     decoder = model.tokenizer.stream_decoder()
+    stop_text = StopText(params.stop)  # like `pymesh generate`: the stop text itself is never shown
     async with Swarm(args.bootstrap, model.model_id, transport=args.transport) as swarm:
         async for token in generate_tokens(swarm, model, ids, params, stats=stats):
             if not args.json:
-                sys.stdout.write(decoder.push(token))
+                sys.stdout.write(stop_text.push(decoder.push(token)))
                 sys.stdout.flush()
     text = model.tokenizer.decode(stats.tokens)
+    for s in params.stop:
+        if s in text:
+            text = text[: text.index(s)]
     if args.json:
         json.dump({"tokens": stats.tokens, "text": text, "prompt_tokens": stats.prompt_tokens,
                    "prefill_s": round(stats.prefill_s, 4),
@@ -93,7 +101,7 @@ async def _generate(args: argparse.Namespace) -> int:
                    "route": stats.route, "recoveries": stats.recoveries}, sys.stdout)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(decoder.flush() + "\n")
+        sys.stdout.write(stop_text.push(decoder.flush()) + stop_text.flush() + "\n")
     return 0
 
 

@@ -50,6 +50,22 @@ def parse_layers(text: str) -> tuple[int, int]:
     return lo, hi + 1
 
 
+def check_device(device: str) -> None:
+    """ConfigError (one line) for a device this machine does not have."""
+    if device == "cpu":
+        return
+    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"--device {device!r} is not a device pymesh runs on; use cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                          "use --device cpu")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
     import trio
@@ -59,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.port and not 0 < args.port < 65535:
         raise ConfigError(f"--port {args.port} must be in 1..65534 (the DHT takes port + 1)")
+    if args.cache_tokens <= 0:
+        raise ConfigError(f"--cache-tokens {args.cache_tokens}: the KV-cache budget must be a positive "
+                          "number of tokens (e.g. 8192)")
+    if args.max_blocks is not None and args.max_blocks <= 0:
+        raise ConfigError(f"--max-blocks {args.max_blocks} must be at least 1")
+    check_device(args.device)
     layers = parse_layers(args.layers) if args.layers else None
     if args.model_path is None and layers is None and args.num_layers is None:
         raise ConfigError("echo mode (no --model-path) needs --layers A-B (or --num-layers N to place itself)")

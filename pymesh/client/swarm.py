@@ -154,7 +154,8 @@ class Swarm:
         deadline = trio.current_time() + self.discovery_timeout
         delay = 0.2
         while True:
-            options = self.options_from(await self.records())
+            records = await self.records()
+            options = self.options_from(records)
             await self.measure_rtts([o for o in options if o.peer not in self.rtt_ms])
             banned = self.current_bans() | set(exclude)
             try:
@@ -162,22 +163,39 @@ class Swarm:
                                     min_cache_tokens=min_cache_tokens, prefer=prefer)
             except NoRouteError as exc:
                 if trio.current_time() + delay > deadline:
-                    hint = "" if options else await self._model_hint()
-                    raise NoRouteError(f"{exc} (gave up after {self.discovery_timeout:.0f} s){hint}",
-                                       exc.missing_block) from None
+                    raise await self._explain(exc, records, options) from None
                 log.info("Client: %s; retrying", exc)
             await trio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _model_hint(self) -> str:
-        """When no worker announces our model id at all, say which models the swarm has."""
-        models: list[str] = []
-        with trio.move_on_after(5):
-            models = sorted(await self.dht.list_models())
-        if not models:
-            return "; the DHT holds no worker records at all (are the workers running and bootstrapped here?)"
-        return (f"; no worker announces model {self.model_id} — the swarm serves {', '.join(models[:8])}; "
-                "use the same model folder (or --model-name) as the workers")
+    async def _explain(self, exc: NoRouteError, records: Sequence[Any], options: Sequence[SpanOption]) -> NoRouteError:
+        """The most useful reason discovery failed: bootstrap unreachable, another model,
+        another transport, or a layer nobody serves."""
+        waited = f"(gave up after {self.discovery_timeout:.0f} s)"
+        block = exc.missing_block
+        routing = getattr(getattr(self.dht, "core", None), "routing", None)
+        if not records and routing is not None and len(routing) == 0:
+            boots = ", ".join(str(b) for b in self.bootstrap)
+            return NoRouteError(f"the bootstrap node {boots} did not answer: no DHT node is reachable from here "
+                                f"{waited}; check the --bootstrap address and that the bootstrap is running", block)
+        if not records:
+            models: list[str] = []
+            with trio.move_on_after(5):
+                models = sorted(await self.dht.list_models())
+            if not models:
+                return NoRouteError(f"{exc} {waited}; the DHT holds no worker records at all (are the workers "
+                                    "running and bootstrapped on the same bootstrap node?)", block)
+            return NoRouteError(f"{exc} {waited}; no worker announces model {self.model_id} -- the swarm serves "
+                                f"{', '.join(models[:8])}; use the same model folder (or --model-name) as the "
+                                "workers", block)
+        if block is not None:
+            others = sorted({t for r in records if r.state == "online" and r.covers(block)
+                             for t in r.transports if t != self.transport})
+            if others and not any(o.start <= block < o.stop for o in options):
+                return NoRouteError(f"no worker serves layer {block} over {self.transport}: its workers speak only "
+                                    f"{', '.join(others)}; run the client with --transport {others[0]} {waited}",
+                                    block)
+        return NoRouteError(f"{exc} {waited}", block)
 
     async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
         async def one(o: SpanOption) -> None:

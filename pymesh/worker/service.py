@@ -143,7 +143,12 @@ class WorkerService:
                 self.table.close(sid)
                 raise
         if next_hop is not None:
-            await self._connect_next(s)
+            try:
+                await self._connect_next(s)
+            except BaseException:
+                if not existed:
+                    self.table.close(sid)  # a session that cannot reach its next hop reserves nothing
+                raise
         log.info("session %s opened (%d tokens x %d) -> %s", sid.hex()[:8], max_tokens, batch,
                  next_hop.peer.short() if next_hop else "client")
         return {"start": self.runtime.start, "stop": self.runtime.stop, "free": self.table.free_tokens}, []
