@@ -64,6 +64,7 @@ class Lookup:
         self.slow = 0       # queries past their soft timeout (not yet answered or failed)
         self.skipped = 0    # candidates never queried because they were known to have failed
         self._best_at_last_batch: int | None = None
+        self._skipped_ids: list[bytes] = []
         self.add(seeds)
 
     # -- candidate set ---------------------------------------------------------------------
@@ -76,6 +77,7 @@ class Lookup:
             if self.skip is not None and self.skip(c):
                 cand.state = FAILED
                 self.skipped += 1
+                self._skipped_ids.append(c.node_id)
             self._cands[c.node_id] = cand
             self._sorted.append(cand)
             changed = True
@@ -113,14 +115,28 @@ class Lookup:
         window = self._window()
         if self.messages >= self.max_queries:
             return self.inflight == 0
+        if not window and self._stuck():
+            return False  # next_queries asks the skipped contacts after all
         if not window:
             # Nothing left to ask. Wait for late answers only if nobody has answered at
             # all (a lone slow bootstrap node); otherwise a slow node is not waited for.
             return self.inflight == 0 and (self.responses > 0 or self.pending_slow == 0)
         return all(c.state == ANSWERED for c in window)
 
+    def _stuck(self) -> bool:
+        """Every candidate was skipped as recently failed and nobody has answered: the
+        memory of failures must not isolate a node (e.g. after its own network was down)."""
+        return bool(self._skipped_ids) and self.responses == 0 and self.inflight == 0 \
+            and self.pending_slow == 0 and not any(c.state == NEW for c in self._sorted)
+
     def next_queries(self, now: float) -> list[Contact]:
         """Contacts to query now (marks them in flight). Empty when waiting or done."""
+        if self._stuck():
+            for nid in self._skipped_ids:
+                cand = self._cands.get(nid)
+                if cand is not None and cand.state == FAILED:
+                    cand.state = NEW
+            self._skipped_ids.clear()
         if self.done:
             return []
         inflight = self.inflight

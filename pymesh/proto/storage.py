@@ -218,7 +218,8 @@ class RecordStore:
             victim = next(k for k in self._by_source[heavy] if k[0] == target)
             self._evict(*victim)
         while self._count >= self.max_records:
-            self._evict(*next(iter(self._by_source[self._heaviest_sources()[0]])))
+            heaviest = max(self._by_source, key=lambda src: len(self._by_source[src]))
+            self._evict(*next(iter(self._by_source[heaviest])))
         if target not in self._targets and len(self._targets) >= self.max_targets:
             return self._free_a_target()
         return True

@@ -177,3 +177,20 @@ def test_a_lone_slow_node_is_still_waited_for() -> None:
         for q in lk.next_queries(NOW):
             lk.on_slow(q.node_id, NOW)
     assert lk.result() == [contact(boot)]
+
+
+def test_when_every_contact_was_skipped_they_are_asked_anyway() -> None:
+    """After the node's own network was down every contact is marked failed; the memory
+    must not leave it isolated: a lookup with nothing else asks the skipped ones."""
+    all_ids = ids(12)
+    target = all_ids[0]
+    lk = Lookup(target, [contact(i) for i in all_ids[1:]], k=8, alpha=3, skip=lambda c: True)
+    assert lk.skipped == 11 and not lk.done
+    first = lk.next_queries(NOW)
+    assert len(first) == 3
+    for q in first:
+        lk.on_response(q.node_id, [], NOW)
+    while not lk.done:
+        for q in lk.next_queries(NOW):
+            lk.on_response(q.node_id, [], NOW)
+    assert len(lk.result()) == 8
