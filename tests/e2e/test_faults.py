@@ -195,8 +195,6 @@ def test_restarted_bootstrap_learns_the_swarm(swarm: LocalProcs, tiny4: Path) ->
     assert_same_tokens(out["tokens"], ref, gaps, "through the restarted bootstrap")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with an unreachable bootstrap the client's error says 'no worker "
-                                       "serves layer 0 ... start a worker', not that the bootstrap did not answer")
 def test_dead_bootstrap_error_names_the_bootstrap(tiny4: Path, tmp_path: Path) -> None:
     from tests.e2e.helpers import pymesh_run
     from tests.swarm.conftest import free_port

@@ -194,8 +194,6 @@ def test_batch_mismatch_is_a_bad_request(swarm: LocalProcs) -> None:
     assert code == "bad_request", (code, msg)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pm.open that fails with next_unreachable keeps the session "
-                                       "and its cache reservation until it idles out")
 def test_failed_open_reserves_nothing(swarm: LocalProcs) -> None:
     a = swarm.workers[0]  # type: ignore[attr-defined]
     dead = free_port()
@@ -356,7 +354,8 @@ def test_record_store_flood_does_not_evict_real_records(swarm: LocalProcs, tiny3
     target = model_target(model_id(tiny3))
     attacker = Identity.generate()
     with _boot(swarm) as dht:
-        assert len(dht.records(target)) == 2
+        before = len(dht.records(target))
+        assert before >= 2
         t0 = time.monotonic()
         for i in range(560):
             mid = f"junk{i}@000000000000"
@@ -366,4 +365,4 @@ def test_record_store_flood_does_not_evict_real_records(swarm: LocalProcs, tiny3
                 time.sleep(0.3)  # stay under the per-IP rate limit
         assert time.monotonic() - t0 < 60
         left = len(dht.records(target))
-    assert left == 2, f"after the flood the bootstrap holds {left} of the model's 2 records"
+    assert left == before, f"after the flood the bootstrap holds {left} of the model's {before} records"
