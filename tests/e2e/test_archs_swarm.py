@@ -80,8 +80,6 @@ def _stop_text(folder: Path, tokens: list[int]) -> str:
     pytest.skip("no usable stop string in this model's output")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pymesh client prints/returns the --stop text; pymesh generate "
-                                       "(the baseline) never does")
 def test_stop_string_like_generate(arch_swarm: tuple[LocalProcs, dict[str, Path]]) -> None:
     procs, models = arch_swarm
     folder = models["qwen2"]

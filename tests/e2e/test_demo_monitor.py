@@ -80,8 +80,6 @@ def test_client_names_the_gap(tiny_swarm: tuple[LocalProcs, Path]) -> None:
     assert "layer 2" in res.stderr.splitlines()[-1], res.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the only provider of some blocks speaks another transport, "
-                                       "the client says nobody serves them instead of naming the transport")
 def test_transport_mismatch_is_named(tiny_swarm: tuple[LocalProcs, Path]) -> None:
     """Blocks 2-3 served only over TCP (runs after the gap tests: it closes the gap)."""
     procs, folder = tiny_swarm
