@@ -9,6 +9,7 @@
 // shift-to-float32 trick. A portable fallback covers CPUs without AVX-512.
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -19,6 +20,14 @@ namespace pymesh {
 namespace {
 
 constexpr int kMaxRows = 8;
+// Weight bytes per thread below which a GEMV runs on the calling thread alone.
+int64_t gemv_min_per_thread() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("PYMESH_GEMV_MIN_KB");
+    return (e && *e ? std::strtoll(e, nullptr, 10) : 256) << 10;
+  }();
+  return v;
+}
 #ifndef PYMESH_GEMV_PREFETCH
 #define PYMESH_GEMV_PREFETCH 512
 #endif
@@ -371,7 +380,10 @@ void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, ui
       p.ldx = in_features;
     }
     int64_t bytes = out_features * in_features * static_cast<int64_t>(sizeof(T));
-    int t = threads_for(bytes, threads, kGemvPerThread);
+    // One core streams ~25 GB/s, two ~45 (DRAM latency per core bounds it), so even a
+    // 300 KiB matrix is worth splitting: the pool's helper spins between kernels.
+    int t = threads_for(bytes, threads, pool_helpers_reliable() ? gemv_min_per_thread()
+                                                                : kGemvPerThread);
     // Split output rows in groups of 8 so the kernel's row blocks stay whole.
     int64_t groups = (out_features + 7) / 8;
     int R = static_cast<int>(rows);
@@ -382,9 +394,13 @@ void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, ui
 #ifdef PYMESH_GEMV_STATIC
     parallel_for(groups, t, work);
 #else
-    // Chunks of ~256 KiB of weight: small enough to rebalance, large enough to stream.
+    // About 8 chunks per thread (so a late helper costs little), each >= 32 KiB of
+    // weight and <= 256 KiB: long enough contiguous runs for the hardware prefetcher.
     int64_t group_bytes = 8 * in_features * static_cast<int64_t>(sizeof(T));
-    int64_t grain = (int64_t{256} << 10) / group_bytes;
+    int64_t chunk_bytes = bytes / (8 * int64_t{t});
+    if (chunk_bytes < (int64_t{32} << 10)) chunk_bytes = int64_t{32} << 10;
+    if (chunk_bytes > (int64_t{256} << 10)) chunk_bytes = int64_t{256} << 10;
+    int64_t grain = chunk_bytes / group_bytes;
     parallel_for_dynamic(groups, grain < 1 ? 1 : grain, t, work);
 #endif
   });

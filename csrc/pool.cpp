@@ -1,11 +1,19 @@
 // The kernels' thread pool: see pool.h for why it is not OpenMP.
+//
+// Decode calls ~150 small GEMVs per token, 5-40 us each: waking a helper
+// blocked in the kernel (futex) costs as much as the work. So after a job a
+// helper spins for a bounded time (PYMESH_POOL_SPIN_US, default 200 us) before
+// it blocks again: back-to-back kernels find it awake, an idle process burns at
+// most that much CPU once. The caller never waits for a helper that is late.
 #include "pool.h"
 
+#include <immintrin.h>
 #include <pthread.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
-#include <memory>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -16,10 +24,9 @@ namespace {
 struct Job {
   const std::function<void(int64_t)>* fn = nullptr;
   int64_t chunks = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::atomic<int> users{0};  // helpers inside run_chunks()
-  int wanted = 0;             // helpers that may join
+  int wanted = 0;  // helpers that may join
+  alignas(64) std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> done{0};
 };
 
 void run_chunks(Job& job) {
@@ -30,6 +37,23 @@ void run_chunks(Job& job) {
     job.done.fetch_add(1, std::memory_order_release);
   }
 }
+
+int64_t spin_microseconds() {
+  const char* v = std::getenv("PYMESH_POOL_SPIN_US");
+  if (v == nullptr || *v == '\0') return 200;
+  const long n = std::strtol(v, nullptr, 10);
+  return n < 0 ? 0 : n;
+}
+
+inline void cpu_relax() { _mm_pause(); }
+
+int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+constexpr int64_t kStallUs = 100;       // a wait this long means a helper lost its core
+constexpr int64_t kBusyHoldUs = 50000;  // then small jobs skip the helpers this long
 
 class Pool {
  public:
@@ -45,22 +69,30 @@ class Pool {
     job.fn = &fn;
     job.chunks = chunks;
     job.wanted = helpers;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &job;
-      ++epoch_;
+    job_.store(&job, std::memory_order_seq_cst);
+    epoch_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      // A sleeper checks epoch_ under mutex_ before it blocks: taking the lock
+      // here means it either saw the new epoch or is already waiting.
+      { std::lock_guard<std::mutex> lock(mutex_); }
+      if (helpers == 1) cv_.notify_one();
+      else cv_.notify_all();
     }
-    if (helpers == 1) cv_.notify_one();
-    else cv_.notify_all();
     run_chunks(job);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = nullptr;  // late helpers no longer see this job
-    }
-    // Only chunks already claimed remain, each by a thread that is running.
+    const int64_t stall_start = now_us();
+    // Late helpers no longer see this job; one that already saw it is counted in users_.
+    job_.store(nullptr, std::memory_order_seq_cst);
     while (job.done.load(std::memory_order_acquire) < chunks ||
-           job.users.load(std::memory_order_acquire) > 0)
-      std::this_thread::yield();
+           users_.load(std::memory_order_seq_cst) > 0)
+      cpu_relax();
+    // A helper that claimed a chunk and then lost its core held the caller up: the
+    // machine is busy, so small jobs run on the caller alone for a while.
+    const int64_t end = now_us();
+    if (end - stall_start > kStallUs) busy_until_us_.store(end + kBusyHoldUs, std::memory_order_relaxed);
+  }
+
+  bool helpers_reliable() const {
+    return now_us() >= busy_until_us_.load(std::memory_order_relaxed);
   }
 
   int size() {
@@ -91,29 +123,44 @@ class Pool {
     }
   }
 
+  // Wait for an epoch other than `seen`: spin first, then block.
+  uint64_t wait_epoch(uint64_t seen) {
+    using clock = std::chrono::steady_clock;
+    const auto deadline = clock::now() + std::chrono::microseconds(spin_us_);
+    for (uint32_t i = 0;; ++i) {
+      const uint64_t e = epoch_.load(std::memory_order_acquire);
+      if (e != seen) return e;
+      if ((i & 255u) == 255u && clock::now() >= deadline) break;
+      cpu_relax();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    cv_.wait(lock, [&] { return epoch_.load(std::memory_order_seq_cst) != seen; });
+    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+    return epoch_.load(std::memory_order_acquire);
+  }
+
   void helper(int index) {
     pthread_setname_np(pthread_self(), "pymesh-kernels");
     uint64_t seen = 0;
     for (;;) {
-      Job* job = nullptr;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return epoch_ != seen; });
-        seen = epoch_;
-        if (job_ == nullptr || index >= job_->wanted) continue;
-        job = job_;
-        job->users.fetch_add(1, std::memory_order_acq_rel);
-      }
-      run_chunks(*job);
-      job->users.fetch_sub(1, std::memory_order_acq_rel);
+      seen = wait_epoch(seen);
+      users_.fetch_add(1, std::memory_order_seq_cst);
+      Job* job = job_.load(std::memory_order_seq_cst);
+      if (job != nullptr && index < job->wanted) run_chunks(*job);
+      users_.fetch_sub(1, std::memory_order_seq_cst);
     }
   }
 
   std::mutex run_mutex_;  // one job at a time
-  std::mutex mutex_;
+  std::mutex mutex_;      // only for blocking and waking helpers
   std::condition_variable cv_;
-  uint64_t epoch_ = 0;
-  Job* job_ = nullptr;
+  const int64_t spin_us_ = spin_microseconds();
+  alignas(64) std::atomic<uint64_t> epoch_{0};
+  alignas(64) std::atomic<Job*> job_{nullptr};
+  alignas(64) std::atomic<int> users_{0};  // helpers that may be touching *job_
+  std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> busy_until_us_{0};
   std::vector<std::thread> threads_;
   static Pool* current_;
 };
@@ -127,5 +174,7 @@ void pool_run(int64_t chunks, int helpers, const std::function<void(int64_t)>& f
 }
 
 int pool_size() { return Pool::instance().size(); }
+
+bool pool_helpers_reliable() { return Pool::instance().helpers_reliable(); }
 
 }  // namespace pymesh

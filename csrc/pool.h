@@ -20,6 +20,10 @@ namespace pymesh {
 // fn must not throw.
 void pool_run(int64_t chunks, int helpers, const std::function<void(int64_t)>& fn);
 
+// False for a while after a helper, preempted mid-chunk, held a caller up (the
+// cores are busy with other work): callers then keep small jobs to themselves.
+bool pool_helpers_reliable();
+
 // Pool threads started so far (they start on first use, up to what is asked).
 int pool_size();
 

@@ -143,3 +143,27 @@ def test_a_forked_child_still_runs_the_kernels() -> None:
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_sized_gemvs_split_over_two_threads_equal_one_thread(dtype: torch.dtype) -> None:
+    """Back-to-back small GEMVs (a decode step's shapes) handed to a spinning helper: each output
+    row is computed by one thread either way, so two threads give exactly the one-thread bytes."""
+    assert ops._C is not None
+    shapes = [(576, 576), (384, 576), (3072, 576), (576, 1536), (1000, 576)]
+    ws = [randn(n, k, seed=30 + i).to(dtype) for i, (n, k) in enumerate(shapes)]
+    xs = {k: randn(1, k, seed=40 + k).to(dtype) for k in (576, 1536)}
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+    def run(w: torch.Tensor, threads: int) -> torch.Tensor:
+        n, k = w.shape
+        y = torch.full((1, n), float("nan"), dtype=dtype)
+        ops._C.linear(y.data_ptr(), xs[k].data_ptr(), k, w.data_ptr(), 0, 1, k, n, code, threads)
+        return y
+
+    expected = [run(w, 1) for w in ws]
+    for e, w in zip(expected, ws):
+        check(e, xs[w.shape[1]], w, None)
+    for _ in range(40):
+        for e, w in zip(expected, ws):
+            assert torch.equal(run(w, 2), e)
