@@ -80,7 +80,8 @@ class Swarm:
             await self._stack.enter_async_context(self.node)
             self.node.on_push(wire.OUT, self._on_push(wire.OUT))
             self.node.on_push(wire.ERR, self._on_push(wire.ERR))
-            self.dht = DHTNode(self.identity, host="0.0.0.0", port=self.dht_port, bootstrap=self.bootstrap)
+            self.dht = DHTNode(self.identity, host="0.0.0.0", port=self.dht_port, bootstrap=self.bootstrap,
+                               read_only=True)  # BEP 43: a client leaves no dead contact behind
             await self._stack.enter_async_context(self.dht)
         except BaseException:
             await self._stack.__aexit__(None, None, None)
