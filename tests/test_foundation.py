@@ -57,7 +57,8 @@ def test_addresses_in_both_spellings():
 
 
 @pytest.mark.parametrize("bad", ["", "localhost", "1.2.3.4:0", "1.2.3.4:70000", "/ip4/1.2.3.4",
-                                 "/ip4/1.2.3.4/sctp/5", "[::1]9000", "host:port"])
+                                 "/ip4/1.2.3.4/sctp/5", "[::1]9000", "host:port",
+                                 "/ip4/1.2.3/udp/9000", "/ip4/1.2.3.256/udp/1", "/ip6/::zz/udp/1"])
 def test_bad_addresses_say_what_is_wrong(bad):
     with pytest.raises(ConfigError):
         parse_addr(bad)

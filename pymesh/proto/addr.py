@@ -15,6 +15,7 @@ the port means (DESIGN.md: a bootstrap's port is its DHT port).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from pymesh.errors import ConfigError
@@ -43,8 +44,19 @@ class PeerAddr:
 
 
 def _is_ipv4(host: str) -> bool:
-    parts = host.split(".")
-    return len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 for p in parts)
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _port(text: str, original: str) -> int:
@@ -71,6 +83,10 @@ def parse_addr(text: str) -> PeerAddr:
             if name in ("ip4", "ip6", "dns", "dns4", "dns6"):
                 if arg is None:
                     raise ConfigError(f"address {original!r}: /{name} needs a host")
+                if name == "ip4" and not _is_ipv4(arg):
+                    raise ConfigError(f"address {original!r}: {arg!r} is not an IPv4 address (a.b.c.d)")
+                if name == "ip6" and not _is_ipv6(arg):
+                    raise ConfigError(f"address {original!r}: {arg!r} is not an IPv6 address")
                 host = arg
                 i += 2
             elif name in ("tcp", "udp"):
