@@ -126,6 +126,7 @@ class DHTNode(RecordOps):
         self._nursery: trio.Nursery | None = None
         self._pending: dict[tuple[bytes, Addr], tuple[trio.Event, list[Response | ErrorReply]]] = {}
         self._pings = 0
+        self._boot_retry: dict[PeerAddr, tuple[float, float]] = {}  # -> (next try at, backoff)
         # timeouts: queries unanswered for rpc_timeout; slow: lookup queries past their soft
         # timeout; skipped: lookup candidates not queried because they recently failed
         self.stats = {"received": 0, "dropped": 0, "answered": 0, "malformed": 0,
@@ -364,18 +365,53 @@ class DHTNode(RecordOps):
             log.info("bootstrap: routing table holds %d nodes", size)
         return size
 
-    async def _ping_bootstrap(self, pa: PeerAddr) -> None:
+    async def _ping_bootstrap(self, pa: PeerAddr, quiet: bool = False, fresh: float = 0.0) -> bool:
+        """find_node(own ID) to one bootstrap address (skipped if it answered within ``fresh``
+        seconds and has missed no query since); True when it answered."""
         try:
             infos = await trio.socket.getaddrinfo(pa.host, pa.port, _socket.AF_INET, _socket.SOCK_DGRAM)
         except OSError as exc:
             log.warning("bootstrap address %s does not resolve: %s", pa, exc)
-            return
+            return False
         for info in infos[:1]:
             addr = (str(info[4][0]), int(info[4][1]))
+            if fresh > 0 and self._answered_within(addr, fresh):
+                return True
             try:
                 await self.query(addr, b"find_node", {b"target": self.node_id})
+                return True
             except (PeerUnavailable, DHTRemoteError) as exc:
-                log.warning("bootstrap node %s: %s", pa, exc)
+                (log.debug if quiet else log.warning)("bootstrap node %s: %s", pa, exc)
+        return False
+
+    def _answered_within(self, addr: Addr, seconds: float) -> bool:
+        """Whether a routing-table node at ``addr`` answered within ``seconds`` and has missed
+        no query since."""
+        now = time.time()
+        return any(e.addr == addr and e.fail_count == 0 and e.last_response is not None
+                   and now - e.last_response < seconds for e in self.core.routing.all_nodes())
+
+    async def recheck_bootstraps(self, period: float) -> None:
+        """Query each bootstrap address that no routing-table node at it answered within
+        ``4 * period`` (a restarted bootstrap may have kept its address and even its ID), each
+        with its own backoff (``period`` doubling up to 8x) while it stays silent: a bootstrap
+        restarted on the same address hears from us, learns the swarm, and receives records
+        at the next heartbeat. Only the first 8 addresses are checked."""
+        now = time.time()
+        cap = min(8 * period, 300.0)
+
+        async def one(pa: PeerAddr) -> None:
+            if await self._ping_bootstrap(pa, quiet=True, fresh=4 * period):
+                self._boot_retry.pop(pa, None)
+            else:
+                backoff = self._boot_retry.get(pa, (0.0, period / 2))[1]
+                backoff = min(2 * backoff, cap)
+                self._boot_retry[pa] = (time.time() + backoff, backoff)
+
+        async with trio.open_nursery() as nursery:
+            for pa in self.bootstrap_addrs[:8]:
+                if now >= self._boot_retry.get(pa, (0.0, 0.0))[0]:
+                    nursery.start_soon(one, pa)
 
     async def _maintenance_loop(self) -> None:
         period = max(0.2, min(self.config.heartbeat, 30.0))
@@ -384,6 +420,8 @@ class DHTNode(RecordOps):
             try:
                 if len(self.core.routing) == 0 and self.bootstrap_addrs:
                     await self.bootstrap()
+                elif self.bootstrap_addrs and not self.read_only:
+                    await self.recheck_bootstraps(period)
                 now = time.time()
                 for c in self.core.routing.questionable(now, limit=self.config.max_pending_pings):
                     self._spawn_ping(c)
