@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from pymesh.cli.worker import check_device
     from pymesh.errors import ConfigError
     from pymesh.model.config import load_config
     from pymesh.model.generate import LocalModel, eos_ids, make_stop_check, prompt_ids, set_threads
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         threads = int(os.environ["PYMESH_THREADS"])
     set_threads(threads)
     params = sampling_params_from_args(args)
+    check_device(args.device)  # one line, not a torch traceback, for --device cuda without CUDA
     root = Path(args.model_path)
     if not root.is_dir():
         raise ConfigError(f"--model-path {root} does not exist or is not a folder; give a Hugging Face model "

@@ -110,9 +110,7 @@ def test_sampling_flags_out_of_range(tiny: Path) -> None:
 
 
 @pytest.mark.parametrize("cmd", [
-    pytest.param("generate", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: pymesh generate --device cuda without CUDA ends in a torch traceback "
-                            "instead of a one-line error")),
+    "generate",
     "worker",
 ])
 def test_device_not_available(tiny: Path, cmd: str) -> None:
