@@ -173,8 +173,6 @@ def test_bootstrap_killed(swarm: LocalProcs, tiny4: Path) -> None:
     error_line(dead.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a bootstrap restarted on the same address never learns the live "
-                                       "swarm (nodes re-bootstrap only when their routing table is empty)")
 def test_restarted_bootstrap_learns_the_swarm(swarm: LocalProcs, tiny4: Path) -> None:
     assert not swarm.procs[0].alive(), "runs after test_bootstrap_killed"
     n = 6
