@@ -4,7 +4,9 @@ One receive loop reads every datagram, drops what the per-IP rate limiter refuse
 hands queries to the core (which answers them) and matches responses to outstanding
 queries by (transaction id, address). Lookups run the :class:`Lookup` state machine
 with real queries and timeouts. ``async with DHTNode(...)`` binds, bootstraps and
-runs maintenance (bucket refresh, re-bootstrap, record heartbeats); leaving the block
+runs maintenance (bucket refresh, re-bootstrap when the table is empty, a re-query of
+bootstrap addresses that stopped answering so a restarted bootstrap re-learns the swarm,
+record heartbeats); leaving the block
 publishes "offline" versions of this node's records, then stops everything.
 
 ``read_only=True`` (BEP 43) is for nodes that only look things up and then leave (a
