@@ -2,9 +2,10 @@
 //
 // Decode calls ~150 small GEMVs per token, 5-40 us each: waking a helper
 // blocked in the kernel (futex) costs as much as the work. So after a job a
-// helper spins for a bounded time (PYMESH_POOL_SPIN_US, default 200 us) before
-// it blocks again: back-to-back kernels find it awake, an idle process burns at
-// most that much CPU once. The caller never waits for a helper that is late.
+// helper spins for a bounded time before it blocks again (200 us while the load
+// average leaves a core free, else none; PYMESH_POOL_SPIN_US overrides): back-to-back
+// kernels find it awake, an idle process burns at most that much CPU once. The
+// caller never waits for a helper that is late.
 #include "pool.h"
 
 #include <immintrin.h>
@@ -14,6 +15,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <stdlib.h>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -38,12 +40,15 @@ void run_chunks(Job& job) {
   }
 }
 
-int64_t spin_microseconds() {
+// -1: not set, spin only while the machine has a free core (see machine_has_room).
+int64_t spin_microseconds_from_env() {
   const char* v = std::getenv("PYMESH_POOL_SPIN_US");
-  if (v == nullptr || *v == '\0') return 200;
+  if (v == nullptr || *v == '\0') return -1;
   const long n = std::strtol(v, nullptr, 10);
   return n < 0 ? 0 : n;
 }
+
+constexpr int64_t kDefaultSpinUs = 200;
 
 inline void cpu_relax() { _mm_pause(); }
 
@@ -54,6 +59,25 @@ int64_t now_us() {
 
 constexpr int64_t kStallUs = 100;       // a wait this long means a helper lost its core
 constexpr int64_t kBusyHoldUs = 50000;  // then small jobs skip the helpers this long
+
+// Whether the 1-minute load average leaves room for a spinning helper: our own
+// decode counts ~2 (caller + spinning helper), so up to cores + 1.5. On a machine
+// oversubscribed beyond that (measured on 2 cores at load 4-11: decode 20-40% slower
+// with spinning) the helper would take CPU from the caller it is meant to help.
+// Re-read every second.
+bool load_has_room() {
+  static std::atomic<int64_t> checked_us{-2000000};
+  static std::atomic<bool> room{false};
+  const int64_t now = now_us();
+  if (now - checked_us.load(std::memory_order_relaxed) >= 1000000) {
+    checked_us.store(now, std::memory_order_relaxed);
+    double load = 0.0;
+    const unsigned cores = std::thread::hardware_concurrency();
+    room.store(getloadavg(&load, 1) == 1 && load < (cores == 0 ? 1 : cores) + 1.5,
+               std::memory_order_relaxed);
+  }
+  return room.load(std::memory_order_relaxed);
+}
 
 class Pool {
  public:
@@ -92,6 +116,7 @@ class Pool {
   }
 
   bool helpers_reliable() const {
+    if (spin_us_ == 0 || (spin_us_ < 0 && !load_has_room())) return false;  // helpers asleep
     return now_us() >= busy_until_us_.load(std::memory_order_relaxed);
   }
 
@@ -126,7 +151,8 @@ class Pool {
   // Wait for an epoch other than `seen`: spin first, then block.
   uint64_t wait_epoch(uint64_t seen) {
     using clock = std::chrono::steady_clock;
-    const auto deadline = clock::now() + std::chrono::microseconds(spin_us_);
+    const int64_t spin = spin_us_ >= 0 ? spin_us_ : (load_has_room() ? kDefaultSpinUs : 0);
+    const auto deadline = clock::now() + std::chrono::microseconds(spin);
     for (uint32_t i = 0;; ++i) {
       const uint64_t e = epoch_.load(std::memory_order_acquire);
       if (e != seen) return e;
@@ -155,7 +181,7 @@ class Pool {
   std::mutex run_mutex_;  // one job at a time
   std::mutex mutex_;      // only for blocking and waking helpers
   std::condition_variable cv_;
-  const int64_t spin_us_ = spin_microseconds();
+  const int64_t spin_us_ = spin_microseconds_from_env();
   alignas(64) std::atomic<uint64_t> epoch_{0};
   alignas(64) std::atomic<Job*> job_{nullptr};
   alignas(64) std::atomic<int> users_{0};  // helpers that may be touching *job_

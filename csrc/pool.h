@@ -20,8 +20,10 @@ namespace pymesh {
 // fn must not throw.
 void pool_run(int64_t chunks, int helpers, const std::function<void(int64_t)>& fn);
 
-// False for a while after a helper, preempted mid-chunk, held a caller up (the
-// cores are busy with other work): callers then keep small jobs to themselves.
+// Whether a helper is likely awake and on a core: false when helpers do not spin
+// (PYMESH_POOL_SPIN_US=0, or the load average leaves no free core) and for a while
+// after a helper, preempted mid-chunk, held a caller up. Callers then keep small
+// jobs to themselves.
 bool pool_helpers_reliable();
 
 // Pool threads started so far (they start on first use, up to what is asked).
