@@ -57,7 +57,10 @@ int64_t now_us() {
              std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-constexpr int64_t kStallUs = 100;       // a wait this long means a helper lost its core
+#ifndef PYMESH_POOL_STALL_US
+#define PYMESH_POOL_STALL_US 100
+#endif
+constexpr int64_t kStallUs = PYMESH_POOL_STALL_US;  // a wait this long means a helper lost its core
 constexpr int64_t kBusyHoldUs = 50000;  // then small jobs skip the helpers this long
 
 // Whether the 1-minute load average leaves room for a spinning helper: our own
