@@ -20,7 +20,8 @@ namespace pymesh {
 namespace {
 
 constexpr int kMaxRows = 8;
-// Weight bytes per thread below which a GEMV runs on the calling thread alone.
+// Weight bytes per thread below which a GEMV runs on the calling thread alone, while the
+// pool's helper is awake (PYMESH_GEMV_MIN_KB, default 256); else common.h's kGemvPerThread.
 int64_t gemv_min_per_thread() {
   static const int64_t v = [] {
     const char* e = std::getenv("PYMESH_GEMV_MIN_KB");
