@@ -380,10 +380,18 @@ class DHTNode(RecordOps):
             if fresh > 0 and self._answered_within(addr, fresh):
                 return True
             try:
-                await self.query(addr, b"find_node", {b"target": self.node_id})
-                return True
+                reply = await self.query(addr, b"find_node", {b"target": self.node_id})
             except (PeerUnavailable, DHTRemoteError) as exc:
                 (log.debug if quiet else log.warning)("bootstrap node %s: %s", pa, exc)
+                continue
+            if pa.peer_id is not None and reply.sender_id != pa.peer_id.node_id:
+                # The address named a peer (/p2p/<id>) and someone else answers there.
+                self.core.routing.remove(reply.sender_id)
+                log.error("bootstrap %s: the node answering there is not peer %s (its node ID is %s); "
+                          "not using it — check the address printed by `pymesh bootstrap`",
+                          pa.hostport(), pa.peer_id.short(), reply.sender_id.hex()[:12])
+                continue
+            return True
         return False
 
     def _answered_within(self, addr: Addr, seconds: float) -> bool:
