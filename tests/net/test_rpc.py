@@ -112,9 +112,15 @@ def test_cancel_mid_transfer_leaves_connection_usable(transport: str) -> None:
     async def main() -> None:
         async with node_pair(transport) as (server, client, conn):
             server.register("echo", echo)
+
+            async def slow_echo(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
+                await trio.sleep(2)  # the reply can never beat the cancel, however fast the link
+                return await echo(ctx, meta, tensors)
+
+            server.register("slow_echo", slow_echo)
             big = torch.zeros(32 << 20, dtype=torch.uint8)
-            with trio.move_on_after(0.02) as scope:
-                await conn.call("echo", {}, [tensor_to_blob(big)])
+            with trio.move_on_after(0.02) as scope:  # lands while the 32 MB upload is in flight
+                await conn.call("slow_echo", {}, [tensor_to_blob(big)])
             assert scope.cancelled_caught
             x = torch.arange(1000, dtype=torch.int64)
             for _ in range(3):
