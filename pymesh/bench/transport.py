@@ -204,7 +204,7 @@ def _client_pymesh(transport: str, packet_size: int, port: int, peer: str, rtt_c
                    bulk_calls: int, cc: str) -> dict[str, Any]:
     import trio
 
-    from pymesh.net.frames import TensorBlob
+    from pymesh.proto.frames import TensorBlob
     from pymesh.net.rpc import RpcNode, TransportConfig
     from pymesh.proto.identity import Identity, PeerID
 

@@ -100,7 +100,7 @@ class InferenceSession:
             p.event.set()
 
     def _on_out(self, peer: PeerID, meta: dict[str, Any], tensors: list[Any]) -> None:
-        from pymesh.net.tensors import blob_to_tensor
+        from pymesh.model.blobs import blob_to_tensor
 
         hop = next((o for o in self.route if o.peer == peer and o.start == meta.get("start")), None)
         steps = meta.get("steps")
@@ -223,7 +223,7 @@ class InferenceSession:
         return result
 
     async def _run_step(self, step: int, pos: int, hidden: Any) -> Any:
-        from pymesh.net.tensors import tensor_to_blob
+        from pymesh.model.blobs import tensor_to_blob
 
         p = _Pending(step, None, {}, None, trio.Event())
         self._pending = p
@@ -327,7 +327,7 @@ class InferenceSession:
 
     async def _fetch_unsent_copies(self, route: list[SpanOption], boundary: int) -> None:
         """Ask the (alive) hop ending at ``boundary`` for the recovery copies it has not pushed yet."""
-        from pymesh.net.tensors import blob_to_tensor
+        from pymesh.model.blobs import blob_to_tensor
 
         source = next((o for o in route if o.stop == boundary), None)
         if source is None:
@@ -361,7 +361,7 @@ class InferenceSession:
 
     async def _replay(self, route: list[SpanOption], new_hops: list[SpanOption], upto: int) -> None:
         """Rebuild the caches of new hops: their stored inputs, one call per original step."""
-        from pymesh.net.tensors import blob_to_tensor, tensor_to_blob
+        from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
 
         for o in route:
             if o not in new_hops or upto == 0:

@@ -2,8 +2,6 @@
 
 Transport modules (public names in ``rpc``, see docs/INTERFACES.md "Transport"):
 
-* ``frames``       frame codec: fixed header, bencoded envelope, raw tensor bytes; caps
-* ``tensors``      torch <-> TensorBlob without copies (the only module importing torch)
 * ``config``       TransportConfig
 * ``tls``          self-signed Ed25519 certificates, pinned-key checks
 * ``handshake``    identity proof and protocol version check on every connection
@@ -14,6 +12,9 @@ Transport modules (public names in ``rpc``, see docs/INTERFACES.md "Transport"):
 * ``quic``         RPC over QUIC, one stream per call
 * ``congestion``   the "pymesh-delay" congestion controller for aioquic
 * ``rpc``          RpcNode
+
+The frame codec is ``pymesh.proto.frames`` (no I/O); torch <-> TensorBlob conversion is
+``pymesh.model.blobs`` (this package never imports torch).
 
 Importing this package imports nothing.
 """

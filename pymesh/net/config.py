@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from pymesh.errors import ConfigError
-from pymesh.net.frames import FrameLimits
+from pymesh.proto.frames import FrameLimits
 
 #: ALPN protocol name of pymesh over QUIC (and TLS over TCP).
 ALPN = "pymesh/1"

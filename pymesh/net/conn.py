@@ -11,7 +11,7 @@ import trio
 
 from pymesh.errors import PeerUnavailable, PymeshError
 from pymesh.net.config import TransportConfig
-from pymesh.net.frames import Frame, FrameType, Meta, TensorBlob, encode_frame_head
+from pymesh.proto.frames import Frame, FrameType, Meta, TensorBlob, encode_frame_head
 from pymesh.proto.identity import PeerID
 
 if TYPE_CHECKING:

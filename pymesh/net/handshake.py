@@ -17,7 +17,7 @@ import os
 from typing import Awaitable, Callable
 
 from pymesh.errors import IdentityError, VersionMismatch
-from pymesh.net.frames import Frame, FrameError, FrameLimits, FrameType, encode_frame
+from pymesh.proto.frames import Frame, FrameError, FrameLimits, FrameType, encode_frame
 from pymesh.proto.identity import Identity, PeerID
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pymesh.net import congestion as _congestion  # noqa: F401  (registers "pyme
 from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
 from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection
-from pymesh.net.frames import Frame, FrameType, read_frame_untrusted
+from pymesh.proto.frames import Frame, FrameType, read_frame_untrusted
 from pymesh.net.quic_driver import QStream, QuicDriver, StreamAborted
 from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.tls import certificate_for, check_peer_certificate

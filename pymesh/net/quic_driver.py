@@ -25,7 +25,7 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 
 from pymesh.errors import LocalProtocolError, PeerUnavailable
-from pymesh.net.frames import FrameError
+from pymesh.proto.frames import FrameError
 
 if TYPE_CHECKING:
     from pymesh.net.quic_endpoint import QuicEndpoint

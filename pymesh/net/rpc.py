@@ -26,7 +26,7 @@ from pymesh.net import quic as quic_mod
 from pymesh.net import tcp as tcp_mod
 from pymesh.net.config import TransportConfig
 from pymesh.net.conn import CallContext, Connection, Handler, PushHandler, RemoteError
-from pymesh.net.frames import Allocator, Meta, TensorBlob, default_allocator
+from pymesh.proto.frames import Allocator, Meta, TensorBlob, default_allocator
 from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.tls import server_ssl_context
 from pymesh.proto.identity import Identity, PeerID
@@ -57,7 +57,7 @@ class RpcNode:
         self.transport = "tcp" if transport.startswith("tcp") else "quic"
         self.config = config
         self.protocol_version: int = pymesh.PROTOCOL_VERSION
-        #: Where received tensor bytes land; a CUDA host sets ``pymesh.net.tensors.pinned_allocator``.
+        #: Where received tensor bytes land; a CUDA host sets ``pymesh.model.blobs.pinned_allocator``.
         self.allocator: Allocator = default_allocator
         self._handlers: dict[str, Handler] = {}
         self._push_handlers: dict[str, PushHandler] = {}

@@ -14,7 +14,7 @@ from typing import Awaitable
 import trio
 
 from pymesh.errors import PeerUnavailable
-from pymesh.net.frames import FrameError
+from pymesh.proto.frames import FrameError
 
 RECV_CHUNK = 256 * 1024
 SEND_CHUNK = 256 * 1024

@@ -17,7 +17,7 @@ from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import handshake
 from pymesh.net.config import TransportConfig
 from pymesh.net.conn import Connection
-from pymesh.net.frames import Frame, FrameType, encode_frame_head, read_frame_untrusted
+from pymesh.proto.frames import Frame, FrameType, encode_frame_head, read_frame_untrusted
 from pymesh.net.streams import BufferedReader, PlainStream, Raw, TlsStream
 from pymesh.net.tls import check_peer_certificate_der, client_ssl_context, server_ssl_context
 from pymesh.proto.identity import PeerID

@@ -20,7 +20,7 @@ import trio
 from pymesh import PROTOCOL_VERSION
 from pymesh.errors import PeerUnavailable, PymeshError
 from pymesh.net.rpc import CallContext, Connection, Meta, RemoteError, RpcNode
-from pymesh.net.frames import TensorBlob
+from pymesh.proto.frames import TensorBlob
 from pymesh.worker import wire
 from pymesh.worker.runtime import Runtime
 from pymesh.worker.sessions import Session, SessionError, SessionTable, advance, check_step
@@ -214,7 +214,7 @@ class WorkerService:
 
     # -- the data path ---------------------------------------------------------------------
     async def _compute(self, s: Session, meta: Meta, tensors: list[TensorBlob]) -> TensorBlob:
-        from pymesh.net.tensors import blob_to_tensor, tensor_to_blob
+        from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
 
         step = wire.get_int(meta, "step", 0, 1 << 30)
         pos = wire.get_int(meta, "pos", 0, wire.MAX_SESSION_TOKENS)

@@ -68,7 +68,7 @@ def _serves(swarm: LocalProcs, tiny3: Path, reference: list[int], transport: str
 def _h(*shape: int, dtype: Any = None) -> Any:
     import torch
 
-    from pymesh.net.tensors import tensor_to_blob
+    from pymesh.model.blobs import tensor_to_blob
 
     return tensor_to_blob(torch.zeros(*shape, dtype=dtype or torch.float32))
 

@@ -13,7 +13,7 @@ import sys
 
 import trio
 
-from pymesh.net.frames import Meta, TensorBlob
+from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.net.rpc import CallContext, RpcNode, TransportConfig
 from pymesh.proto.identity import Identity
 

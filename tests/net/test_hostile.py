@@ -11,7 +11,7 @@ import trio
 
 from pymesh.errors import IdentityError, PeerUnavailable, VersionMismatch
 from pymesh.net import tcp as tcp_mod
-from pymesh.net.frames import HEADER, MAGIC, FrameType, Meta, TensorBlob, encode_frame
+from pymesh.proto.frames import HEADER, MAGIC, FrameType, Meta, TensorBlob, encode_frame
 from pymesh.net.quic import QuicRpcConnection
 from pymesh.net.rpc import CallContext, RpcNode
 from pymesh.proto.identity import Identity

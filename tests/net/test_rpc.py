@@ -7,9 +7,9 @@ import torch
 import trio
 
 from pymesh.errors import PeerUnavailable
-from pymesh.net.frames import Meta, TensorBlob
+from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.net.rpc import CallContext, Connection, RemoteError
-from pymesh.net.tensors import blob_to_tensor, tensor_to_blob
+from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
 
 from tests.net.helpers import node_pair
 

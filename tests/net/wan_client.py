@@ -14,7 +14,7 @@ import time
 
 import trio
 
-from pymesh.net.frames import TensorBlob
+from pymesh.proto.frames import TensorBlob
 from pymesh.net.rpc import RpcNode, TransportConfig
 from pymesh.proto.identity import Identity, PeerID
 

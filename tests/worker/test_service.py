@@ -67,7 +67,7 @@ async def _enter(node: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> N
 def _blob(value: float, seq: int = 1) -> Any:
     import torch
 
-    from pymesh.net.tensors import tensor_to_blob
+    from pymesh.model.blobs import tensor_to_blob
 
     return tensor_to_blob(torch.full((1, seq, 4), value))
 

@@ -1,4 +1,4 @@
-"""Torch <-> :class:`TensorBlob` without copies where the memory allows it.
+"""Torch <-> :class:`pymesh.proto.frames.TensorBlob` without copies where the memory allows it.
 
 ``tensor_to_blob`` hands the transport a byte view of a contiguous CPU tensor's own
 storage (bfloat16 goes through a uint8 view, numpy has no bfloat16). ``blob_to_tensor``
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from pymesh.net.frames import TensorBlob
+from pymesh.proto.frames import TensorBlob
 
 _TO_NAME: dict[torch.dtype, str] = {
     torch.float32: "float32",
@@ -29,7 +29,7 @@ _TO_NAME: dict[torch.dtype, str] = {
 _FROM_NAME: dict[str, torch.dtype] = {v: k for k, v in _TO_NAME.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
-    raise ImportError("pymesh.net.tensors assumes a little-endian host")
+    raise ImportError("pymesh.model.blobs assumes a little-endian host")
 
 
 def tensor_to_blob(t: torch.Tensor) -> TensorBlob:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pymesh.errors import RemoteProtocolError
-from pymesh.net.frames import (
+from pymesh.proto.frames import (
     HEADER, MAGIC, FrameError, FrameLimits, FrameType, TensorBlob, decode_frame_untrusted,
     decode_header_untrusted, encode_frame,
 )
@@ -132,7 +132,7 @@ _blobs = st.lists(st.tuples(st.sampled_from(["float32", "bfloat16", "int64", "ui
 @given(_text, _meta, _blobs, _text, _text)
 def test_fast_envelope_encoder_matches_bencode(name: str, meta: dict[str, object],
                                                blobs: list[tuple[str, list[int]]], code: str, message: str) -> None:
-    from pymesh.net.frames import encode_envelope, nbytes_of
+    from pymesh.proto.frames import encode_envelope, nbytes_of
     from pymesh.proto import bencode
 
     tensors = [TensorBlob(d, tuple(shape), memoryview(bytes(nbytes_of(d, shape)))) for d, shape in blobs]
