@@ -1,9 +1,8 @@
-"""Settings of the transport (QUIC and TCP), with environment overrides for tests."""
+"""Settings of the transport (QUIC and TCP); ``pymesh.settings`` fills them from the environment."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pymesh.errors import ConfigError
 from pymesh.proto.frames import FrameLimits
@@ -14,24 +13,12 @@ ALPN = "pymesh/1"
 MAX_PACKET_SIZE = 16384
 
 
-def _env_float(name: str, default: float) -> float:
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ConfigError(f"environment variable {name}={text!r} must be positive")
-    return value
-
 
 @dataclass
 class TransportConfig:
     """Knobs of the transport. Defaults suit an unknown Internet path.
 
-    ``idle_timeout`` (env ``PYMESH_TRANSPORT_TIMEOUT``) bounds how long a silent peer is
+    ``idle_timeout`` (``PYMESH_TRANSPORT_TIMEOUT`` via ``Settings.transport_config()``) bounds how long a silent peer is
     kept: keep-alive pings go out every third of it, and a peer that answers nothing for
     that long is declared gone (pending calls fail with ``PeerUnavailable``).
     """
@@ -41,7 +28,7 @@ class TransportConfig:
     max_meta_bytes: int = 64 * 1024         # cap on one frame's bencoded metadata
     max_tensors: int = 64                   # cap on tensors per frame
     max_dims: int = 8                       # cap on dimensions per tensor
-    idle_timeout: float = field(default_factory=lambda: _env_float("PYMESH_TRANSPORT_TIMEOUT", 30.0))
+    idle_timeout: float = 30.0             # a silent peer is declared gone after this long
     connect_timeout: float = 10.0           # dial + TLS + identity handshake
     frame_timeout: float = 60.0             # a frame once started must complete within this
     tls: bool = True                        # TCP only: False = plaintext (benchmarks, trusted LANs)

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket as _socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Sequence
 
@@ -48,25 +47,14 @@ from pymesh.proto.lookup import Lookup, RttEstimator
 log = logging.getLogger(__name__)
 
 
-def _env_float(name: str, default: float) -> float:
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        log.warning("ignoring %s=%r: not a number", name, text)
-        return default
-
-
 @dataclass
 class DHTConfig:
-    """Knobs of a DHT node. Defaults honour PYMESH_RECORD_TTL, PYMESH_HEARTBEAT and
-    PYMESH_DHT_TIMEOUT so tests and local swarms run in seconds."""
+    """Knobs of a DHT node (defaults = the documented ones; ``Settings.dht_config()`` applies
+    PYMESH_RECORD_TTL, PYMESH_HEARTBEAT and PYMESH_DHT_TIMEOUT)."""
 
-    record_ttl: float = field(default_factory=lambda: _env_float("PYMESH_RECORD_TTL", 300.0))
-    heartbeat: float = field(default_factory=lambda: _env_float("PYMESH_HEARTBEAT", 60.0))
-    rpc_timeout: float = field(default_factory=lambda: _env_float("PYMESH_DHT_TIMEOUT", 2.0))
+    record_ttl: float = 300.0          # seconds a record lives without a refresh
+    heartbeat: float = 60.0            # seconds between re-publications of own records
+    rpc_timeout: float = 2.0           # seconds one query waits for its answer
     k: int = 8
     alpha: int = 3
     rate_limit: float = 400.0          # datagrams per second per source IP

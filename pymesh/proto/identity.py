@@ -151,7 +151,8 @@ class Identity:
         return self._private.sign(message)
 
 
-def default_identity_path(role: str) -> Path:
-    """Where a role keeps its key unless ``--identity`` says otherwise."""
-    base = Path(os.environ.get("PYMESH_HOME", Path.home() / ".pymesh"))
+def default_identity_path(role: str, home: Path | None = None) -> Path:
+    """Where a role keeps its key unless ``--identity`` says otherwise: ``home`` (the
+    caller passes ``settings.runtime.home``, i.e. PYMESH_HOME), default ``~/.pymesh``."""
+    base = home if home is not None else Path.home() / ".pymesh"
     return base / f"{role}.key"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -105,19 +107,38 @@ def test_fuzz_mutated_valid_frames(data: st.DataObject) -> None:
         assert sum(t.nbytes for t in decoded.tensors) <= LIMITS.max_frame_bytes
 
 
-def test_transport_timeout_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transport_timeout_from_settings() -> None:
     from pymesh.errors import ConfigError
     from pymesh.net.config import TransportConfig
+    from pymesh.settings import SettingsError, load_settings
 
-    monkeypatch.setenv("PYMESH_TRANSPORT_TIMEOUT", "2.5")
-    assert TransportConfig().idle_timeout == 2.5
-    assert TransportConfig(idle_timeout=7).idle_timeout == 7
-    monkeypatch.setenv("PYMESH_TRANSPORT_TIMEOUT", "soon")
-    with pytest.raises(ConfigError, match="PYMESH_TRANSPORT_TIMEOUT"):
-        TransportConfig()
-    monkeypatch.delenv("PYMESH_TRANSPORT_TIMEOUT")
+    assert TransportConfig().idle_timeout == 30.0
+    settings = load_settings({"PYMESH_TRANSPORT_TIMEOUT": "2.5"})
+    assert settings.transport_config().idle_timeout == 2.5
+    assert settings.transport_config(idle_timeout=7).idle_timeout == 7
+    with pytest.raises(SettingsError, match="PYMESH_TRANSPORT_TIMEOUT"):
+        load_settings({"PYMESH_TRANSPORT_TIMEOUT": "soon"})
     with pytest.raises(ConfigError, match="packet_size"):
         TransportConfig(packet_size=20000)
+
+
+def test_config_defaults_ignore_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pymesh.net.config import TransportConfig
+    from pymesh.net.dht import DHTConfig
+    from pymesh.proto.identity import default_identity_path
+    from pymesh.settings import load_settings
+
+    for name in ("PYMESH_TRANSPORT_TIMEOUT", "PYMESH_RECORD_TTL", "PYMESH_HEARTBEAT", "PYMESH_DHT_TIMEOUT"):
+        monkeypatch.setenv(name, "1.5")
+    monkeypatch.setenv("PYMESH_HOME", str(tmp_path))
+    assert TransportConfig().idle_timeout == 30.0
+    cfg = DHTConfig()
+    assert (cfg.record_ttl, cfg.heartbeat, cfg.rpc_timeout) == (300.0, 60.0, 2.0)
+    assert default_identity_path("worker-1") == Path.home() / ".pymesh" / "worker-1.key"
+    assert default_identity_path("worker-1", tmp_path) == tmp_path / "worker-1.key"
+    settings = load_settings({"PYMESH_RECORD_TTL": "3", "PYMESH_HEARTBEAT": "1", "PYMESH_DHT_TIMEOUT": "0.5"})
+    cfg = settings.dht_config(k=4)
+    assert (cfg.record_ttl, cfg.heartbeat, cfg.rpc_timeout, cfg.k) == (3.0, 1.0, 0.5, 4)
 
 
 _text = st.text(max_size=12)
