@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
+import ssl
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import trio
 
 from pymesh.errors import PeerUnavailable, PymeshError
 from pymesh.net.config import TransportConfig
-from pymesh.proto.frames import Frame, FrameType, Meta, TensorBlob, encode_frame_head
-from pymesh.proto.identity import PeerID
-
-if TYPE_CHECKING:
-    from pymesh.net.rpc import RpcNode
+from pymesh.proto.frames import Allocator, Frame, FrameType, Meta, TensorBlob, encode_frame_head
+from pymesh.proto.identity import Identity, PeerID
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +45,40 @@ ERR_PROTOCOL = 0x11
 ERR_CLOSING = 0x0
 
 
+class ConnectionHost(Protocol):
+    """What a connection needs from the node that owns it (``RpcNode`` is one): its
+    identity and settings for handshakes, the handlers to dispatch to, where received
+    tensor bytes go, and to be told when the connection opens and ends."""
+
+    @property
+    def identity(self) -> Identity: ...
+
+    @property
+    def config(self) -> TransportConfig: ...
+
+    @property
+    def protocol_version(self) -> int: ...
+
+    @property
+    def allocator(self) -> Allocator: ...
+
+    def handler_for(self, method: str) -> Handler | None: ...
+
+    def push_handler_for(self, topic: str) -> PushHandler | None: ...
+
+    def server_ssl(self) -> ssl.SSLContext: ...
+
+    def adopt(self, conn: "Connection") -> None: ...
+
+    def forget(self, conn: "Connection") -> None: ...
+
+
 class Connection:
     """An authenticated connection to one peer; calls and pushes go both ways."""
 
     peer: PeerID
 
-    def __init__(self, node: "RpcNode", peer: PeerID, config: TransportConfig) -> None:
+    def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig) -> None:
         self.node = node
         self.peer = peer
         self.config = config
@@ -110,7 +136,7 @@ class Connection:
         """Run the handler for a CALL frame; returns the encoded REPLY or ERROR frame."""
         method = frame.envelope.name
         rid = frame.request_id
-        handler = self.node._handlers.get(method)
+        handler = self.node.handler_for(method)
         if handler is None:
             return encode_frame_head(FrameType.ERROR, rid, code="not_found",
                                      message=f"no method {method!r} on this node")
@@ -127,7 +153,7 @@ class Connection:
 
     async def _serve_push(self, frame: Frame) -> None:
         topic = frame.envelope.name
-        handler = self.node._push_handlers.get(topic)
+        handler = self.node.push_handler_for(topic)
         if handler is None:
             self._log.warning("push on topic %r from %s has no handler; dropped", topic, self.peer.short())
             return

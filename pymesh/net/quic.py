@@ -10,7 +10,6 @@ import itertools
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING
 
 import trio
 from aioquic.quic.configuration import QuicConfiguration
@@ -20,15 +19,12 @@ from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import congestion as _congestion  # noqa: F401  (registers "pymesh-delay")
 from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
-from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection
+from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost
 from pymesh.proto.frames import Frame, FrameType, read_frame_untrusted
 from pymesh.net.quic_driver import QStream, QuicDriver, StreamAborted
 from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.tls import certificate_for, check_peer_certificate
 from pymesh.proto.identity import Identity, PeerID
-
-if TYPE_CHECKING:
-    from pymesh.net.rpc import RpcNode
 
 log = logging.getLogger(__name__)
 _ping_ids = itertools.count(1)
@@ -56,7 +52,7 @@ def quic_configuration(config: TransportConfig, *, is_client: bool, identity: Id
 
 
 class QuicRpcConnection(Connection):
-    def __init__(self, node: "RpcNode", peer: PeerID, config: TransportConfig, driver: QuicDriver) -> None:
+    def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, driver: QuicDriver) -> None:
         super().__init__(node, peer, config)
         self.driver = driver
         driver.on_terminated = self._on_terminated
@@ -66,7 +62,7 @@ class QuicRpcConnection(Connection):
         if not self.closed:
             self.closed = True
             self.close_reason = reason
-            self.node._forget(self)
+            self.node.forget(self)
 
     async def serve(self) -> None:
         """Accept the peer's streams (calls and pushes) until the connection ends."""
@@ -193,7 +189,7 @@ def _handshake_io(driver: QuicDriver, stream: QStream, config: TransportConfig
     return read, send
 
 
-def new_endpoint(node: "RpcNode", host: str, port: int, *, server: bool) -> QuicEndpoint:
+def new_endpoint(node: ConnectionHost, host: str, port: int, *, server: bool) -> QuicEndpoint:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -213,7 +209,7 @@ def new_endpoint(node: "RpcNode", host: str, port: int, *, server: bool) -> Quic
     return endpoint
 
 
-async def _serve_inbound(node: "RpcNode", driver: QuicDriver) -> None:
+async def _serve_inbound(node: ConnectionHost, driver: QuicDriver) -> None:
     try:
         await _serve_inbound_inner(node, driver)
     except Exception:  # never let one connection take the endpoint (and node) down
@@ -221,7 +217,7 @@ async def _serve_inbound(node: "RpcNode", driver: QuicDriver) -> None:
         driver.close(ERR_PROTOCOL, "internal error")
 
 
-async def _serve_inbound_inner(node: "RpcNode", driver: QuicDriver) -> None:
+async def _serve_inbound_inner(node: ConnectionHost, driver: QuicDriver) -> None:
     cfg = node.config
     async with trio.open_nursery() as nursery:
         await nursery.start(driver.run)
@@ -242,12 +238,12 @@ async def _serve_inbound_inner(node: "RpcNode", driver: QuicDriver) -> None:
         # Streams the client opened before authenticating would be a protocol violation;
         # the honest client opens none, so the queue is empty here.
         conn = QuicRpcConnection(node, peer, cfg, driver)
-        node._adopt(conn)
+        node.adopt(conn)
         await conn.serve()
         driver.close(ERR_CLOSING, "connection closed")
 
 
-async def dial(node: "RpcNode", endpoint: QuicEndpoint, host: str, port: int, peer_id: PeerID) -> QuicRpcConnection:
+async def dial(node: ConnectionHost, endpoint: QuicEndpoint, host: str, port: int, peer_id: PeerID) -> QuicRpcConnection:
     cfg = node.config
     qc = quic_configuration(cfg, is_client=True, identity=None)
     quic = QuicConnection(configuration=qc)

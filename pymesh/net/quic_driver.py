@@ -174,12 +174,11 @@ class QuicDriver:
         finally:
             self._terminate("driver stopped")
             for cid in self._cids:
-                if self.endpoint.by_cid.get(cid) is self:
-                    del self.endpoint.by_cid[cid]
+                self.endpoint.forget_cid(cid, self)
 
     def add_cid(self, cid: bytes) -> None:
         self._cids.add(cid)
-        self.endpoint.by_cid[cid] = self
+        self.endpoint.register_cid(cid, self)
 
     def _terminate(self, reason: str) -> None:
         if self.terminated is not None:
@@ -283,8 +282,7 @@ class QuicDriver:
                 self.add_cid(ev.connection_id)
             elif isinstance(ev, events.ConnectionIdRetired):
                 self._cids.discard(ev.connection_id)
-                if self.endpoint.by_cid.get(ev.connection_id) is self:
-                    del self.endpoint.by_cid[ev.connection_id]
+                self.endpoint.forget_cid(ev.connection_id, self)
             elif isinstance(ev, events.ConnectionTerminated):
                 why = ev.reason_phrase or f"error code {ev.error_code:#x}"
                 self._terminate(f"connection terminated: {why}")

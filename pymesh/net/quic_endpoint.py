@@ -65,6 +65,15 @@ class QuicEndpoint:
         self._backlog_event = trio.Event()
         self.dropped = 0
 
+    def register_cid(self, cid: bytes, driver: QuicDriver) -> None:
+        """Route datagrams addressed to connection ID ``cid`` to ``driver``."""
+        self.by_cid[cid] = driver
+
+    def forget_cid(self, cid: bytes, driver: QuicDriver) -> None:
+        """Stop routing ``cid`` to ``driver`` (a no-op if another driver took the ID since)."""
+        if self.by_cid.get(cid) is driver:
+            del self.by_cid[cid]
+
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1])

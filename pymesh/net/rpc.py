@@ -80,17 +80,24 @@ class RpcNode:
     def connections(self) -> list[Connection]:
         return [c for conns in self._conns.values() for c in conns if not c.closed]
 
-    def _adopt(self, conn: Connection) -> None:
+    # ------------------------------------------------------------------ ConnectionHost
+    def handler_for(self, method: str) -> Handler | None:
+        return self._handlers.get(method)
+
+    def push_handler_for(self, topic: str) -> PushHandler | None:
+        return self._push_handlers.get(topic)
+
+    def adopt(self, conn: Connection) -> None:
         self._conns.setdefault(conn.peer, []).append(conn)
 
-    def _forget(self, conn: Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         conns = self._conns.get(conn.peer)
         if conns and conn in conns:
             conns.remove(conn)
             if not conns:
                 del self._conns[conn.peer]
 
-    def _server_ssl(self) -> ssl.SSLContext:
+    def server_ssl(self) -> ssl.SSLContext:
         if self._ssl is None:
             self._ssl = server_ssl_context(self.identity)
         return self._ssl
@@ -154,7 +161,7 @@ class RpcNode:
         conn = await tcp_mod.accept(self, stream)
         if conn is None:
             return
-        self._adopt(conn)
+        self.adopt(conn)
         await conn.run()
 
     async def connect(self, host: str, port: int, peer_id: PeerID) -> Connection:
@@ -181,6 +188,6 @@ class RpcNode:
                 tconn = await tcp_mod.dial(self, host, port, peer_id)
                 await nursery.start(tconn.run)
                 conn = tconn
-            self._adopt(conn)
+            self.adopt(conn)
             log.debug("connected to %s at %s:%d over %s", peer_id.short(), host, port, self.transport)
             return conn

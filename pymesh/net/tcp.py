@@ -9,21 +9,17 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import handshake
 from pymesh.net.config import TransportConfig
-from pymesh.net.conn import Connection
+from pymesh.net.conn import Connection, ConnectionHost
 from pymesh.proto.frames import Frame, FrameType, encode_frame_head, read_frame_untrusted
 from pymesh.net.streams import BufferedReader, PlainStream, Raw, TlsStream
 from pymesh.net.tls import check_peer_certificate_der, client_ssl_context, server_ssl_context
 from pymesh.proto.identity import PeerID
-
-if TYPE_CHECKING:
-    from pymesh.net.rpc import RpcNode
 
 log = logging.getLogger(__name__)
 _RID = struct.Struct("<Q")
@@ -38,7 +34,7 @@ class _Pending:
 
 
 class TcpConnection(Connection):
-    def __init__(self, node: "RpcNode", peer: PeerID, config: TransportConfig, raw: Raw,
+    def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, raw: Raw,
                  reader: BufferedReader) -> None:
         super().__init__(node, peer, config)
         self._raw = raw
@@ -66,7 +62,7 @@ class TcpConnection(Connection):
             self._mark_closed(self.close_reason or "connection closed")
             with trio.CancelScope(shield=True):
                 await self._raw.aclose()
-            self.node._forget(self)
+            self.node.forget(self)
 
     def _mark_closed(self, reason: str) -> None:
         if not self.closed:
@@ -258,14 +254,14 @@ class TcpConnection(Connection):
 # -------------------------------------------------------------------- dial / accept
 
 
-def _wrap(stream: trio.SocketStream, node: "RpcNode", server_side: bool) -> Raw:
+def _wrap(stream: trio.SocketStream, node: ConnectionHost, server_side: bool) -> Raw:
     if not node.config.tls:
         return PlainStream(stream)
-    ctx = node._server_ssl() if server_side else client_ssl_context()
+    ctx = node.server_ssl() if server_side else client_ssl_context()
     return TlsStream(stream, ctx, server_side)
 
 
-async def dial(node: "RpcNode", host: str, port: int, peer_id: PeerID) -> TcpConnection:
+async def dial(node: ConnectionHost, host: str, port: int, peer_id: PeerID) -> TcpConnection:
     cfg = node.config
     try:
         with trio.fail_after(cfg.connect_timeout):
@@ -291,7 +287,7 @@ async def dial(node: "RpcNode", host: str, port: int, peer_id: PeerID) -> TcpCon
     return TcpConnection(node, peer_id, cfg, raw, reader)
 
 
-async def accept(node: "RpcNode", stream: trio.SocketStream) -> TcpConnection | None:
+async def accept(node: ConnectionHost, stream: trio.SocketStream) -> TcpConnection | None:
     """Run TLS and the identity handshake on an inbound stream; None if it failed."""
     cfg = node.config
     raw = _wrap(stream, node, server_side=True)
