@@ -1,0 +1,631 @@
+"""The swarm's session protocol (``pm.*``): one frozen dataclass per message, shared by
+worker and client. This module is the schema; worker/service.py and client/ only build and
+read these objects.
+
+Metadata arrives as bencoded dictionaries from peers (keys are str, strings come back as
+bytes), so every ``from_meta_untrusted`` checks types and ranges and raises only
+:class:`BadRequest`; nothing is evaluated. Tensors travel beside the metadata in the same
+frame; :meth:`check_tensor_count` and :func:`check_hidden_shape` check them.
+
+``next`` names the peer that must serve the following span and the span itself
+(:class:`NextHop`); an address travels at most as a hint. A worker dials what that peer's
+own signed DHT record says, never an address only the request named.
+
+``MESSAGES`` lists every message (wire name, direction, fields, tensors) for the docs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, NamedTuple, Sequence, TypeVar
+
+from pymesh.errors import DecodeError, IdentityError, RemoteProtocolError
+from pymesh.proto.identity import PeerID
+from pymesh.proto.vocab import Transport, WorkerState
+
+# --------------------------------------------------------------------------- names and caps
+
+INFO, OPEN, SET_NEXT, CLOSE, FORWARD, STATS, FLUSH = (
+    "pm.info", "pm.open", "pm.set_next", "pm.close", "pm.forward", "pm.stats", "pm.flush")
+STEP, OUT, ERR = "pm.step", "pm.out", "pm.err"
+
+MAX_SESSION_TOKENS = 1 << 20      # positions one session may reserve
+MAX_BATCH = 1024
+MAX_HIDDEN_DIMS = 3               # hidden states are [batch, seq, hidden]
+MAX_COPY_EVERY = 64               # recovery copies batched per pm.out at most
+MAX_SID_BYTES = 64
+MAX_STEP = 1 << 30
+MAX_BLOCK = 1 << 20               # block indices (span bounds)
+MAX_MODEL_ID = 200
+MAX_HOST = 253
+MAX_MESSAGE = 600                 # characters of an error message (senders cut at 500)
+MAX_STEPS_LISTED = 4096           # step indices in one pm.out / pm.flush reply
+MAX_COUNTER = 1 << 62
+
+
+class BadRequest(RemoteProtocolError):
+    """Metadata from a peer is missing a field or has the wrong type or range."""
+
+
+class ErrorCode(str, enum.Enum):
+    """``RemoteError`` / ``pm.err`` codes of the session protocol (equal to their wire strings)."""
+
+    BAD_REQUEST = "bad_request"            # the request broke the protocol (or the session's order)
+    NOT_FOUND = "not_found"                # no such session here (expired, closed, never opened)
+    REFUSED = "refused"                    # valid, but this worker will not serve it: go elsewhere
+    BUSY = "busy"
+    NEXT_UNREACHABLE = "next_unreachable"  # the next hop's recorded address did not answer
+    NEXT_UNKNOWN = "next_unknown"          # no verified record of the next peer serves that span
+    INTERNAL = "internal"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse_untrusted(cls, text: str) -> "ErrorCode":
+        try:
+            return cls(text)
+        except ValueError:
+            raise BadRequest(f"unknown error code {text[:32]!r}") from None
+
+
+# --------------------------------------------------------------------------- field readers
+
+Meta = Mapping[str, object]
+
+
+def get_int(meta: Meta, key: str, lo: int = 0, hi: int = 1 << 40, default: int | None = None) -> int:
+    v = meta.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise BadRequest(f"field {key!r} must be an integer in {lo}..{hi}, got {v!r}"[:200])
+    return v
+
+
+def get_opt_int(meta: Meta, key: str, lo: int = 0, hi: int = 1 << 40) -> int | None:
+    return None if meta.get(key) is None else get_int(meta, key, lo, hi)
+
+
+def get_bytes(meta: Meta, key: str, max_len: int = 64, *, min_len: int = 1) -> bytes:
+    v = meta.get(key)
+    if isinstance(v, str):
+        v = v.encode()
+    if not isinstance(v, bytes) or not min_len <= len(v) <= max_len:
+        raise BadRequest(f"field {key!r} must be {min_len}..{max_len} bytes")
+    return v
+
+
+def get_str(meta: Meta, key: str, max_len: int = 256, default: str | None = None) -> str:
+    v = meta.get(key, default)
+    if isinstance(v, bytes):
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"field {key!r} is not UTF-8") from None
+    if not isinstance(v, str) or len(v) > max_len:
+        raise BadRequest(f"field {key!r} must be a string of at most {max_len} characters")
+    return v
+
+
+def get_peer(meta: Meta, key: str) -> PeerID:
+    raw = get_bytes(meta, key, 32)
+    if len(raw) != 32:
+        raise BadRequest(f"field {key!r} must be a 32-byte peer ID")
+    return PeerID(raw)
+
+
+def get_steps(meta: Meta, key: str) -> tuple[int, ...]:
+    v = meta.get(key)
+    if not isinstance(v, list) or len(v) > MAX_STEPS_LISTED:
+        raise BadRequest(f"field {key!r} must be a list of at most {MAX_STEPS_LISTED} step indices")
+    return tuple(get_int({key: k}, key, 0, MAX_STEP) for k in v)
+
+
+def get_dict(meta: Meta, key: str) -> Meta | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise BadRequest(f"field {key!r} must be a dictionary")
+    return v
+
+
+def _sid(meta: Meta) -> bytes:
+    return get_bytes(meta, "sid", MAX_SID_BYTES)
+
+
+def _span(meta: Meta, what: str) -> tuple[int, int]:
+    start, stop = get_int(meta, "start", 0, MAX_BLOCK), get_int(meta, "stop", 1, MAX_BLOCK)
+    if start >= stop:
+        raise BadRequest(f"{what} span {start}..{stop} is empty")
+    return start, stop
+
+
+def _mapping(meta: object) -> Meta:
+    if not isinstance(meta, Mapping):
+        raise BadRequest("message metadata must be a dictionary")
+    return meta
+
+
+def check_tensor_count(tensors: Sequence[object], n: int, what: str) -> None:
+    if len(tensors) != n:
+        raise BadRequest(f"{what} carries exactly {n} tensor(s), got {len(tensors)}")
+
+
+def check_hidden_shape(shape: tuple[int, ...], hidden_size: int | None, max_tokens: int,
+                       batch_size: int | None = None) -> int:
+    """Validate a hidden-state tensor ``[batch, seq, hidden]``; returns ``seq``."""
+    if len(shape) != MAX_HIDDEN_DIMS:
+        raise BadRequest(f"hidden states must be [batch, seq, hidden], got shape {list(shape)}")
+    batch, seq, hidden = shape
+    if batch_size is not None and batch != batch_size:
+        raise BadRequest(f"hidden states have batch {batch} but the session was opened with batch {batch_size}")
+    if hidden_size is not None and hidden != hidden_size:
+        raise BadRequest(f"hidden size {hidden} does not match this model's {hidden_size}")
+    if not 0 < seq <= max_tokens or batch <= 0:
+        raise BadRequest(f"hidden states of shape {list(shape)} do not fit a session of {max_tokens} tokens")
+    return seq
+
+
+# --------------------------------------------------------------------------- next hop
+
+
+class AddrHint(NamedTuple):
+    """Where the sender believes a peer listens; only ever compared with the peer's record."""
+
+    host: str
+    port: int
+    transport: Transport
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """The peer that serves blocks ``[start, stop)`` after this worker; ``None`` = last hop."""
+
+    peer: PeerID
+    start: int
+    stop: int
+    addr_hint: AddrHint | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        out: dict[str, object] = {"peer": self.peer.key, "start": self.start, "stop": self.stop}
+        if self.addr_hint is not None:
+            h = self.addr_hint
+            out["hint"] = {"host": h.host, "port": h.port, "transport": h.transport.value}
+        return out
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "NextHop":
+        m = _mapping(meta)
+        start, stop = _span(m, "next")
+        raw = get_dict(m, "hint")
+        hint = None
+        if raw is not None:
+            text = get_str(raw, "transport", 8)
+            try:
+                transport = Transport(text)
+            except ValueError:
+                raise BadRequest(f"next.hint.transport {text!r} must be quic or tcp") from None
+            hint = AddrHint(get_str(raw, "host", MAX_HOST), get_int(raw, "port", 1, 65535), transport)
+        return cls(get_peer(m, "peer"), start, stop, hint)
+
+    def describe(self) -> str:
+        return f"{self.peer.short()} (blocks {self.start}-{self.stop - 1})"
+
+
+def _put_next(out: dict[str, object], hop: NextHop | None) -> dict[str, object]:
+    if hop is not None:
+        out["next"] = hop.to_meta()
+    return out
+
+
+def _get_next(meta: Meta) -> NextHop | None:
+    raw = meta.get("next")
+    return None if raw is None else NextHop.from_meta_untrusted(raw)
+
+
+# --------------------------------------------------------------------------- messages
+
+@dataclass(frozen=True)
+class Info:
+    """Call: who are you, what do you serve, how full are you (also a liveness probe)."""
+
+    METHOD: ClassVar[str] = INFO
+
+    def to_meta(self) -> dict[str, object]:
+        return {}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "Info":
+        _mapping(meta)
+        return cls()
+
+
+@dataclass(frozen=True)
+class InfoReply:
+    METHOD: ClassVar[str] = INFO
+
+    peer: PeerID
+    model: str
+    start: int
+    stop: int
+    version: int
+    state: WorkerState
+    free: int
+    total: int
+    sessions: int
+
+    def to_meta(self) -> dict[str, object]:
+        return {"peer": self.peer.to_text(), "model": self.model, "start": self.start, "stop": self.stop,
+                "version": self.version, "state": self.state.value, "free": self.free, "total": self.total,
+                "sessions": self.sessions}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "InfoReply":
+        m = _mapping(meta)
+        try:
+            peer = PeerID.from_text(get_str(m, "peer", 64))
+            state = WorkerState.parse_untrusted(get_str(m, "state", 16))
+        except (IdentityError, DecodeError) as exc:
+            raise BadRequest(str(exc)) from None
+        start, stop = _span(m, "info")
+        return cls(peer, get_str(m, "model", MAX_MODEL_ID), start, stop, get_int(m, "version", 0, 1 << 20),
+                   state, get_int(m, "free", 0, MAX_COUNTER), get_int(m, "total", 0, MAX_COUNTER),
+                   get_int(m, "sessions", 0, MAX_COUNTER))
+
+
+@dataclass(frozen=True)
+class Open:
+    """Call: reserve a session's cache; ``model``/``start``/``stop`` absent = whatever is served."""
+
+    METHOD: ClassVar[str] = OPEN
+
+    sid: bytes
+    max_tokens: int
+    batch: int = 1
+    model: str | None = None
+    start: int | None = None
+    stop: int | None = None
+    reset: bool = False           # drop an existing session of this id first (same client only)
+    copies: int = 1               # push recovery copies every this many steps
+    next_hop: NextHop | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        out: dict[str, object] = {"sid": self.sid, "max_tokens": self.max_tokens, "batch": self.batch,
+                                  "reset": int(self.reset), "copies": self.copies}
+        for key, value in (("model", self.model), ("start", self.start), ("stop", self.stop)):
+            if value is not None:
+                out[key] = value
+        return _put_next(out, self.next_hop)
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "Open":
+        m = _mapping(meta)
+        model = None if m.get("model") is None else get_str(m, "model", MAX_MODEL_ID)
+        return cls(_sid(m), get_int(m, "max_tokens", 1, MAX_SESSION_TOKENS),
+                   get_int(m, "batch", 1, MAX_BATCH, default=1), model, get_opt_int(m, "start", 0, MAX_BLOCK),
+                   get_opt_int(m, "stop", 1, MAX_BLOCK), bool(get_int(m, "reset", 0, 1, default=0)),
+                   get_int(m, "copies", 1, MAX_COPY_EVERY, default=1), _get_next(m))
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    METHOD: ClassVar[str] = OPEN
+
+    start: int
+    stop: int
+    free: int
+
+    def to_meta(self) -> dict[str, object]:
+        return {"start": self.start, "stop": self.stop, "free": self.free}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "OpenReply":
+        m = _mapping(meta)
+        start, stop = _span(m, "open reply")
+        return cls(start, stop, get_int(m, "free", 0, MAX_COUNTER))
+
+
+@dataclass(frozen=True)
+class SetNext:
+    """Call: point an open session at another next hop (``None``: this hop is now the last)."""
+
+    METHOD: ClassVar[str] = SET_NEXT
+
+    sid: bytes
+    next_hop: NextHop | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        return _put_next({"sid": self.sid}, self.next_hop)
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "SetNext":
+        m = _mapping(meta)
+        return cls(_sid(m), _get_next(m))
+
+
+@dataclass(frozen=True)
+class SessionRef:
+    """Call body that names a session only (``pm.close``, ``pm.flush``)."""
+
+    sid: bytes
+
+    def to_meta(self) -> dict[str, object]:
+        return {"sid": self.sid}
+
+    @classmethod
+    def from_meta_untrusted(cls: type[_R], meta: object) -> _R:
+        return cls(_sid(_mapping(meta)))
+
+
+_R = TypeVar("_R", bound=SessionRef)
+
+
+@dataclass(frozen=True)
+class Close(SessionRef):
+    METHOD: ClassVar[str] = CLOSE
+
+
+@dataclass(frozen=True)
+class CloseReply:
+    METHOD: ClassVar[str] = CLOSE
+
+    closed: bool
+    free: int
+
+    def to_meta(self) -> dict[str, object]:
+        return {"closed": int(self.closed), "free": self.free}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "CloseReply":
+        m = _mapping(meta)
+        return cls(bool(get_int(m, "closed", 0, 1)), get_int(m, "free", 0, MAX_COUNTER))
+
+
+@dataclass(frozen=True)
+class Flush(SessionRef):
+    """Call: hand over the recovery copies not yet pushed (the client is recovering)."""
+
+    METHOD: ClassVar[str] = FLUSH
+
+
+@dataclass(frozen=True)
+class FlushReply:
+    """Reply to ``pm.flush``; one output tensor per entry of ``steps``."""
+
+    METHOD: ClassVar[str] = FLUSH
+
+    steps: tuple[int, ...]
+    start: int
+    stop: int
+
+    def to_meta(self) -> dict[str, object]:
+        return {"steps": list(self.steps), "start": self.start, "stop": self.stop}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "FlushReply":
+        m = _mapping(meta)
+        start, stop = _span(m, "flush reply")
+        return cls(get_steps(m, "steps"), start, stop)
+
+
+@dataclass(frozen=True)
+class StepRef:
+    """One step of a session: index and first position; carries one hidden-state tensor."""
+
+    sid: bytes
+    step: int
+    pos: int
+
+    def to_meta(self) -> dict[str, object]:
+        return {"sid": self.sid, "step": self.step, "pos": self.pos}
+
+    @classmethod
+    def from_meta_untrusted(cls: type[_S], meta: object) -> _S:
+        m = _mapping(meta)
+        return cls(_sid(m), get_int(m, "step", 0, MAX_STEP), get_int(m, "pos", 0, MAX_SESSION_TOKENS))
+
+
+_S = TypeVar("_S", bound=StepRef)
+
+
+@dataclass(frozen=True)
+class Step(StepRef):
+    """Push (client -> first worker, worker -> next worker) + [hidden]."""
+
+    TOPIC: ClassVar[str] = STEP
+
+
+@dataclass(frozen=True)
+class Forward(StepRef):
+    """Call: replay one step (rebuilds the cache) + [hidden]; the output comes back, not on."""
+
+    METHOD: ClassVar[str] = FORWARD
+
+
+@dataclass(frozen=True)
+class Empty:
+    """A reply with no fields (``pm.set_next``; ``pm.forward``, whose output is its tensor)."""
+
+    def to_meta(self) -> dict[str, object]:
+        return {}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "Empty":
+        _mapping(meta)
+        return cls()
+
+
+@dataclass(frozen=True)
+class Out:
+    """Push worker -> client + one output per entry of ``steps``: the last hop's result at
+    once (``final``), other hops' recovery copies every ``copies`` steps."""
+
+    TOPIC: ClassVar[str] = OUT
+
+    sid: bytes
+    step: int
+    steps: tuple[int, ...]
+    final: bool
+    start: int
+    stop: int
+
+    def to_meta(self) -> dict[str, object]:
+        return {"sid": self.sid, "step": self.step, "steps": list(self.steps), "final": int(self.final),
+                "start": self.start, "stop": self.stop}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "Out":
+        m = _mapping(meta)
+        start, stop = _span(m, "out")
+        return cls(_sid(m), get_int(m, "step", 0, MAX_STEP), get_steps(m, "steps"),
+                   bool(get_int(m, "final", 0, 1)), start, stop)
+
+
+@dataclass(frozen=True)
+class Err:
+    """Push worker -> client (or to the previous worker, who relays it): a step failed.
+
+    ``sid`` is empty and ``step`` -1 when the failing request was too malformed to name
+    them; ``blame`` is the peer the sender holds responsible (``None``: the sender itself).
+    """
+
+    TOPIC: ClassVar[str] = ERR
+
+    sid: bytes
+    step: int
+    code: ErrorCode
+    msg: str
+    start: int
+    stop: int
+    blame: PeerID | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        return {"sid": self.sid, "step": self.step, "code": self.code.value, "msg": self.msg,
+                "start": self.start, "stop": self.stop,
+                "blame": self.blame.key if self.blame is not None else b""}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "Err":
+        m = _mapping(meta)
+        start, stop = _span(m, "err")
+        blame = None if m.get("blame") in (None, b"", "") else get_peer(m, "blame")
+        return cls(get_bytes(m, "sid", MAX_SID_BYTES, min_len=0), get_int(m, "step", -1, MAX_STEP),
+                   ErrorCode.parse_untrusted(get_str(m, "code", 32, default="internal")),
+                   get_str(m, "msg", MAX_MESSAGE, default=""), start, stop, blame)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Call: the worker's counters, and one session's when ``sid`` is given."""
+
+    METHOD: ClassVar[str] = STATS
+
+    sid: bytes | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        return {} if self.sid is None else {"sid": self.sid}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "Stats":
+        m = _mapping(meta)
+        return cls(None if m.get("sid") is None else _sid(m))
+
+
+@dataclass(frozen=True)
+class SessionCounters:
+    from_client: int       # step inputs received straight from the client
+    from_peer: int         # step inputs pushed by the previous worker
+    steps: int             # steps done (the index of the next one)
+    replayed: int
+
+
+_WORKER_COUNTERS = ("from_client", "from_peer", "steps", "replayed", "errors", "compute_us", "sessions",
+                    "free", "total", "expired", "refused")
+_SESSION_COUNTERS = ("s_from_client", "s_from_peer", "s_steps", "s_replayed")
+
+
+@dataclass(frozen=True)
+class StatsReply:
+    METHOD: ClassVar[str] = STATS
+
+    from_client: int
+    from_peer: int
+    steps: int
+    replayed: int
+    errors: int
+    compute_us: int
+    sessions: int
+    free: int
+    total: int
+    expired: int
+    refused: int
+    start: int
+    stop: int
+    session: SessionCounters | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        out: dict[str, object] = {k: getattr(self, k) for k in _WORKER_COUNTERS}
+        out.update(start=self.start, stop=self.stop)
+        if self.session is not None:
+            s = self.session
+            out.update(s_from_client=s.from_client, s_from_peer=s.from_peer, s_steps=s.steps,
+                       s_replayed=s.replayed)
+        return out
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "StatsReply":
+        m = _mapping(meta)
+        c = {k: get_int(m, k, 0, MAX_COUNTER) for k in (*_WORKER_COUNTERS, *_SESSION_COUNTERS)
+             if k in _WORKER_COUNTERS or m.get("s_steps") is not None}
+        start, stop = _span(m, "stats")
+        session = None
+        if "s_steps" in c:
+            session = SessionCounters(c["s_from_client"], c["s_from_peer"], c["s_steps"], c["s_replayed"])
+        return cls(c["from_client"], c["from_peer"], c["steps"], c["replayed"], c["errors"], c["compute_us"],
+                   c["sessions"], c["free"], c["total"], c["expired"], c["refused"], start, stop, session)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """One row of the protocol table: ``fields`` are wire keys, ``?`` marks optional ones."""
+
+    name: str            # the method or push topic
+    kind: str            # "call", "reply" or "push"
+    direction: str
+    cls: type
+    fields: tuple[str, ...]
+    tensors: str
+
+
+_NEXT = "next?{peer, start, stop, hint?{host, port, transport}}"
+_STATS = (*_WORKER_COUNTERS, "start", "stop", *(f"{k}?" for k in _SESSION_COUNTERS))
+
+MESSAGES: tuple[MessageSpec, ...] = (
+    MessageSpec(INFO, "call", "client -> worker", Info, (), ""),
+    MessageSpec(INFO, "reply", "worker -> client", InfoReply,
+                ("peer", "model", "start", "stop", "version", "state", "free", "total", "sessions"), ""),
+    MessageSpec(OPEN, "call", "client -> worker", Open,
+                ("sid", "max_tokens", "batch?", "model?", "start?", "stop?", "reset?", "copies?", _NEXT), ""),
+    MessageSpec(OPEN, "reply", "worker -> client", OpenReply, ("start", "stop", "free"), ""),
+    MessageSpec(SET_NEXT, "call", "client -> worker", SetNext, ("sid", _NEXT), ""),
+    MessageSpec(SET_NEXT, "reply", "worker -> client", Empty, (), ""),
+    MessageSpec(CLOSE, "call", "client -> worker", Close, ("sid",), ""),
+    MessageSpec(CLOSE, "reply", "worker -> client", CloseReply, ("closed", "free"), ""),
+    MessageSpec(FLUSH, "call", "client -> worker", Flush, ("sid",), ""),
+    MessageSpec(FLUSH, "reply", "worker -> client", FlushReply, ("steps", "start", "stop"),
+                "one output per step"),
+    MessageSpec(FORWARD, "call", "client -> worker", Forward, ("sid", "step", "pos"), "hidden"),
+    MessageSpec(FORWARD, "reply", "worker -> client", Empty, (), "output"),
+    MessageSpec(STATS, "call", "client -> worker", Stats, ("sid?",), ""),
+    MessageSpec(STATS, "reply", "worker -> client", StatsReply, _STATS, ""),
+    MessageSpec(STEP, "push", "client or previous worker -> worker", Step, ("sid", "step", "pos"), "hidden"),
+    MessageSpec(OUT, "push", "worker -> client", Out, ("sid", "step", "steps", "final", "start", "stop"),
+                "one output per step"),
+    MessageSpec(ERR, "push", "worker -> client or previous worker", Err,
+                ("sid", "step", "code", "msg", "start", "stop", "blame"), ""),
+)
