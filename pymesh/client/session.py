@@ -13,10 +13,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 
+from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
 from pymesh.client.routing import SpanOption
 from pymesh.client.swarm import Swarm, env_float
 from pymesh.errors import PeerUnavailable, PymeshError
@@ -44,10 +45,6 @@ class _Pending:
     arrived: dict[int, float]        # hop start -> perf_counter at arrival (copies every step)
     error: tuple[PeerID | None, str] | None
     event: trio.Event
-
-
-def _key(o: SpanOption) -> tuple[PeerID, int, int]:
-    return (o.peer, o.start, o.stop)
 
 
 class InferenceSession:
@@ -80,8 +77,8 @@ class InferenceSession:
         self.max_recoveries = int(env_float("PYMESH_MAX_RECOVERIES", 8))
         self.last_hop_times: dict[int, float] = {}
         self._pending: _Pending | None = None
-        #: what each worker of ours currently pushes to: (peer, start, stop) -> next hop's key
-        self._next_of: dict[tuple[PeerID, int, int], tuple[PeerID, int, int] | None] = {}
+        #: every hop holding a session of ours and what it pushes to
+        self.links: dict[HopKey, Link] = {}
 
     # -- push sink -------------------------------------------------------------------------
     def on_push(self, peer: PeerID, topic: str, meta: dict[str, Any], tensors: list[Any]) -> None:
@@ -149,6 +146,8 @@ class InferenceSession:
             except PymeshError:
                 pass
 
+        for o in hops:
+            self.links.pop(hop_key(o), None)
         async with trio.open_nursery() as n:
             for o in hops:
                 n.start_soon(one, o)
@@ -169,7 +168,10 @@ class InferenceSession:
             need = self.max_tokens * self.batch if self.trust_record_cache else 0
             route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=need, exclude=excluded)
             self._log_route(route)
-            failed = await self._open_hops(route, route)
+            p = plan([], route, self.links, self.history, 0, dead=set(self.swarm.banned))
+            with trio.move_on_after(2):
+                await self._close_hops(list(p.closes))  # left open by an attempt that failed
+            failed = await self._open_hops(p.opens)
             if failed is None:
                 self.route = route
                 self.history = {route[0].start: {}}
@@ -177,16 +179,13 @@ class InferenceSession:
             excluded.append(failed)
         raise SessionFailed("could not open a session on any route: every candidate worker refused or failed")
 
-    async def _open_hops(self, route: list[SpanOption], which: list[SpanOption]) -> PeerID | None:
-        """Open sessions on ``which`` (hops of ``route``), last first; returns a peer that failed."""
-        for i in reversed(range(len(route))):
-            o = route[i]
-            if o not in which:
-                continue
-            nxt = route[i + 1] if i + 1 < len(route) else None
+    async def _open_hops(self, opens: Sequence[OpenHop]) -> PeerID | None:
+        """Open sessions (in the plan's order: last hop first); returns a peer that failed."""
+        for op in opens:
+            o, nxt = op.hop, op.next
             try:
                 await self.swarm.call(o, wire.OPEN, self._open_meta(o, nxt))
-                self._next_of[_key(o)] = _key(nxt) if nxt is not None else None
+                self.links[hop_key(o)] = Link(o, hop_key(nxt) if nxt is not None else None)
             except PymeshError as exc:
                 code = getattr(exc, "code", "")
                 log.warning("Client: worker %s refused the session (%s): %s", o.peer.short(), code or "error", exc)
@@ -289,49 +288,63 @@ class InferenceSession:
 
     # -- recovery --------------------------------------------------------------------------
     async def _recover(self, failure: _StepFailure, step: int) -> None:
+        """Ban the culprit, pick a new route keeping the healthy hops, and execute the plan
+        that moves the session onto it (re-planned from where it stopped if it fails)."""
         t0 = time.perf_counter()
         if failure.blame is not None:
             self.swarm.ban(failure.blame, failure.why)
-        old = list(self.route)
+        #: hops whose cache holds steps 0..step-1: the route, plus hops replayed on the way
+        ready: dict[HopKey, SpanOption] = {hop_key(o): o for o in self.route}
+        before = set(ready)
         for _ in range(self.max_recoveries + 1):
-            route = await self.swarm.find_route(
-                self.start, self.stop, min_cache_tokens=0, prefer=[_key(o) for o in old],
-            )
-            old_keys = {_key(o) for o in old}
-            new_hops = [o for o in route if _key(o) not in old_keys]
+            route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=0, prefer=list(ready))
+            p = plan(list(ready.values()), route, self.links, self.history, step, dead=set(self.swarm.banned))
+            if p.missing is not None:
+                raise SessionFailed(p.missing.describe())
             try:
-                bad = await self._open_hops(route, new_hops)
-                if bad is None:
-                    await self._relink(route, old_keys)
-                    await self._replay(route, new_hops, step)
-            except _StepFailure as exc:
-                bad = exc.blame
-                if bad is not None:
-                    self.swarm.ban(bad, exc.why)
-            if bad is None:
+                await self._execute(p, step, ready)
                 break
-            if bad not in self.swarm.banned:
-                self.swarm.ban(bad, "refused the session during recovery")
+            except _StepFailure as exc:
+                if exc.blame is not None and exc.blame not in self.swarm.banned:
+                    self.swarm.ban(exc.blame, exc.why)
         else:
             raise SessionFailed(f"could not recover from: {failure.why}")
         self.route = route
-        gone = [o for o in old if _key(o) not in {_key(r) for r in route}]
+        for k in [k for k, link in self.links.items() if link.hop.peer in self.swarm.banned]:
+            del self.links[k]
         with trio.move_on_after(2):
-            await self._close_hops([o for o in gone if o.peer not in self.swarm.banned])
+            await self._close_hops([o for o in p.closes if o.peer not in self.swarm.banned])
         elapsed = time.perf_counter() - t0
         self.recoveries.append({"step": step, "blamed": str(failure.blame) if failure.blame else None,
-                                "why": failure.why, "replaced": [o.describe() for o in new_hops],
+                                "why": failure.why,
+                                "replaced": [o.describe() for o in route if hop_key(o) not in before],
                                 "seconds": round(elapsed, 3)})
         log.warning("Client: recovered at step %d in %.2f s: new route [%s]", step, elapsed,
                     ", ".join(o.describe() for o in route))
 
-    async def _fetch_unsent_copies(self, route: list[SpanOption], boundary: int) -> None:
+    async def _execute(self, p: RecoveryPlan, step: int, ready: dict[HopKey, SpanOption]) -> None:
+        """Open, re-link, flush, replay (the plan's I/O); a hop that fails raises _StepFailure."""
+        bad = await self._open_hops(p.opens)
+        if bad is not None:
+            raise _StepFailure(bad, "refused the session during recovery")
+        for link in p.relinks:
+            meta = self._open_meta(link.hop, link.next)
+            try:
+                await self.swarm.call(link.hop, wire.SET_NEXT,
+                                      {"sid": self.sid, **({"next": meta["next"]} if link.next else {})})
+            except PymeshError as exc:
+                raise _StepFailure(link.hop.peer, f"set_next failed: {exc}") from None
+            self.links[hop_key(link.hop)] = Link(link.hop, hop_key(link.next) if link.next is not None else None)
+        for f in p.flushes:
+            await self._fetch_unsent_copies(f.source, f.boundary)
+        for r in p.replays:
+            await self._replay(r)
+            ready[hop_key(r.hop)] = r.hop
+
+    async def _fetch_unsent_copies(self, source: SpanOption, boundary: int) -> None:
         """Ask the (alive) hop ending at ``boundary`` for the recovery copies it has not pushed yet."""
         from pymesh.model.blobs import blob_to_tensor
 
-        source = next((o for o in route if o.stop == boundary), None)
-        if source is None:
-            return
         try:
             meta, tensors = await self.swarm.call(source, wire.FLUSH, {"sid": self.sid})
         except PymeshError as exc:
@@ -343,46 +356,26 @@ class InferenceSession:
                 if isinstance(k, int):
                     store[k] = blob_to_tensor(blob)
 
-    async def _relink(self, route: list[SpanOption], old_keys: set[tuple[PeerID, int, int]]) -> None:
-        """Point kept hops at their new successors."""
-        for i, o in enumerate(route):
-            if _key(o) not in old_keys:
-                continue
-            nxt = route[i + 1] if i + 1 < len(route) else None
-            want = _key(nxt) if nxt is not None else None
-            if self._next_of.get(_key(o)) == want:
-                continue
-            meta = self._open_meta(o, nxt)
-            try:
-                await self.swarm.call(o, wire.SET_NEXT, {"sid": self.sid, **({"next": meta["next"]} if nxt else {})})
-            except PymeshError as exc:
-                raise _StepFailure(o.peer, f"set_next failed: {exc}") from None
-            self._next_of[_key(o)] = want
-
-    async def _replay(self, route: list[SpanOption], new_hops: list[SpanOption], upto: int) -> None:
-        """Rebuild the caches of new hops: their stored inputs, one call per original step."""
+    async def _replay(self, r: Replay) -> None:
+        """Rebuild a new hop's cache: its stored inputs, one call per original step."""
         from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
 
-        for o in route:
-            if o not in new_hops or upto == 0:
-                continue
-            inputs = self.history.setdefault(o.start, {})
-            if any(k not in inputs for k in range(upto)):
-                await self._fetch_unsent_copies(route, o.start)
-            missing = [k for k in range(upto) if k not in inputs]
-            if missing:
-                raise SessionFailed(f"no stored input of step {missing[0]} for block {o.start}: cannot replay "
-                                    f"onto {o.describe()}")
-            outputs = {}
-            for k in range(upto):
-                pos, _seq = self.shapes[k]
-                try:
-                    _meta, tensors = await self.swarm.call(
-                        o, wire.FORWARD, {"sid": self.sid, "step": k, "pos": pos}, [tensor_to_blob(inputs[k])],
-                        timeout=self.step_timeout)
-                except PymeshError as exc:
-                    raise _StepFailure(o.peer, f"replay of step {k} failed: {exc}") from None
-                outputs[k] = blob_to_tensor(tensors[0])
-            if o is not route[-1]:
-                self.history.setdefault(o.stop, {}).update(outputs)
-            log.info("Client: replayed %d step(s) onto %s", upto, o.describe())
+        o = r.hop
+        inputs = self.history.setdefault(o.start, {})
+        missing = [k for k in range(r.steps) if k not in inputs]
+        if missing:
+            raise SessionFailed(f"no stored input of step {missing[0]} for block {o.start}: cannot replay "
+                                f"onto {o.describe()}")
+        outputs = {}
+        for k in range(r.steps):
+            pos, _seq = self.shapes[k]
+            try:
+                _meta, tensors = await self.swarm.call(
+                    o, wire.FORWARD, {"sid": self.sid, "step": k, "pos": pos}, [tensor_to_blob(inputs[k])],
+                    timeout=self.step_timeout)
+            except PymeshError as exc:
+                raise _StepFailure(o.peer, f"replay of step {k} failed: {exc}") from None
+            outputs[k] = blob_to_tensor(tensors[0])
+        if r.store:
+            self.history.setdefault(o.stop, {}).update(outputs)
+        log.info("Client: replayed %d step(s) onto %s", r.steps, o.describe())
