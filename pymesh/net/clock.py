@@ -28,7 +28,8 @@ class Clock(Protocol):
 class TrioClock:
     """trio's clock (virtual under a MockClock) plus a wall clock that moves with it.
 
-    Call the methods only inside ``trio.run``; the anchor is taken at the first call.
+    ``monotonic()`` works only inside ``trio.run``. ``wall()`` anchors at its first call
+    inside ``trio.run``; before that (a node built outside any run) it is ``time.time()``.
     """
 
     def __init__(self) -> None:
@@ -38,7 +39,10 @@ class TrioClock:
         return trio.current_time()
 
     def wall(self) -> float:
-        now = trio.current_time()
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # not inside trio.run
+            return time.time()
         if self._anchor is None:
             self._anchor = (time.time(), now)
         wall0, mono0 = self._anchor

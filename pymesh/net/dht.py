@@ -18,8 +18,11 @@ Lookups give each query a soft timeout from measured round-trip times (at least
 contact is skipped by later lookups until it is heard from again, so a departed node
 costs one short wait, not ``rpc_timeout`` on every lookup.
 
-The pymesh record API (``publish_record``, ``find_block_providers``, ...) lives in
-:mod:`pymesh.net.dht_records` and is mixed in here.
+The pymesh record API (``publish_record``, ``find_block_providers``, ...) is the
+:class:`~pymesh.net.dht_records.DHTRecords` component ``node.records``; the node's methods of
+the same names delegate to it. Time comes from one injectable :class:`~pymesh.net.clock.Clock`
+(``clock.wall()`` for what the sans-I/O core and records stamp, ``clock.monotonic()`` for
+round trips), so tests run nodes under trio's virtual clock.
 """
 
 from __future__ import annotations
@@ -27,54 +30,29 @@ from __future__ import annotations
 import logging
 import math
 import socket as _socket
-import time
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Sequence
 
 import trio
 
-from pymesh.errors import ConfigError, PeerUnavailable, RemoteProtocolError
+from pymesh.errors import ConfigError, PeerUnavailable
 from pymesh.net.dht_ratelimit import RateLimiter
-from pymesh.net.dht_records import RecordOps
+from pymesh.net.clock import Clock, TrioClock
+from pymesh.net.dht_config import DHTConfig, DHTRemoteError
+from pymesh.net.dht_records import DHTRecords, LookupResult
 from pymesh.proto import krpc
 from pymesh.proto.addr import PeerAddr
+from pymesh.proto.backoff import Backoff
+from pymesh.proto.bep44 import best_item_untrusted
 from pymesh.proto.dht_core import DHTCore
 from pymesh.proto.identity import Identity
 from pymesh.proto.krpc import Addr, Contact, ErrorReply, KRPCError, Response
 from pymesh.proto.lookup import Lookup, RttEstimator
+from pymesh.proto.records import WorkerRecord
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class DHTConfig:
-    """Knobs of a DHT node (defaults = the documented ones; ``Settings.dht_config()`` applies
-    PYMESH_RECORD_TTL, PYMESH_HEARTBEAT and PYMESH_DHT_TIMEOUT)."""
-
-    record_ttl: float = 300.0          # seconds a record lives without a refresh
-    heartbeat: float = 60.0            # seconds between re-publications of own records
-    rpc_timeout: float = 2.0           # seconds one query waits for its answer
-    k: int = 8
-    alpha: int = 3
-    rate_limit: float = 400.0          # datagrams per second per source IP
-    rate_burst: float = 800.0
-    refresh_interval: float = 900.0    # stale-bucket refresh (BEP 5: 15 minutes)
-    bootstrap_timeout: float = 10.0
-    max_record_pages: int = 64         # per responder, when paging a large model
-    max_pending_pings: int = 32
-    read_only: bool = False            # BEP 43: send ro=1, answer no queries
-    min_rpc_timeout: float = 0.25      # floor of the adaptive (4 x srtt) soft timeout in lookups
-    offline_deadline: float = 2.0      # publishing offline records at shutdown: one try, this long
-
-    def __post_init__(self) -> None:
-        if self.record_ttl <= 0 or self.rpc_timeout <= 0:
-            raise ValueError("record_ttl and rpc_timeout must be positive")
-        if self.heartbeat <= 0 or self.heartbeat > self.record_ttl / 2:
-            fixed = self.record_ttl / 3
-            log.info("heartbeat %.1fs is not well inside the record TTL %.1fs; using %.1fs",
-                     self.heartbeat, self.record_ttl, fixed)
-            self.heartbeat = fixed
+__all__ = ["DHTNode", "DHTConfig", "DHTRemoteError"]
 
 
 #: What a lookup query reports: (contact, response or None, past its soft timeout?).
@@ -88,19 +66,11 @@ def _put(out: trio.MemorySendChannel[_Report], item: _Report) -> None:
         pass  # the lookup has finished
 
 
-class DHTRemoteError(RemoteProtocolError):
-    """A DHT peer answered a query with a KRPC error."""
-
-    def __init__(self, addr: Addr, code: int, message: str) -> None:
-        super().__init__(f"DHT node {addr[0]}:{addr[1]} refused the query: error {code} {message}")
-        self.code = code
-        self.remote_message = message
-
-
-class DHTNode(RecordOps):
+class DHTNode:
     def __init__(self, identity: Identity, *, host: str = "0.0.0.0", port: int = 0,
                  bootstrap: Sequence[PeerAddr] = (), config: DHTConfig | None = None,
-                 read_only: bool | None = None) -> None:
+                 read_only: bool | None = None, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock if clock is not None else TrioClock()
         self.identity = identity
         self.node_id = identity.node_id
         self.host = host
@@ -108,7 +78,7 @@ class DHTNode(RecordOps):
         self.bootstrap_addrs = list(bootstrap)
         self.config = config or DHTConfig()
         self.read_only = self.config.read_only if read_only is None else read_only
-        self.core = DHTCore(self.node_id, now=time.time(), k=self.config.k,
+        self.core = DHTCore(self.node_id, now=self.clock.wall(), k=self.config.k,
                             record_ttl=self.config.record_ttl, read_only=self.read_only)
         self.rtt = RttEstimator(floor=min(self.config.min_rpc_timeout, self.config.rpc_timeout))
         self.limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
@@ -116,12 +86,12 @@ class DHTNode(RecordOps):
         self._nursery: trio.Nursery | None = None
         self._pending: dict[tuple[bytes, Addr], tuple[trio.Event, list[Response | ErrorReply]]] = {}
         self._pings = 0
-        self._boot_retry: dict[PeerAddr, tuple[float, float]] = {}  # -> (next try at, backoff)
+        self._boot_retry: Backoff[PeerAddr] = Backoff()  # bootstrap addresses that stopped answering
         # timeouts: queries unanswered for rpc_timeout; slow: lookup queries past their soft
         # timeout; skipped: lookup candidates not queried because they recently failed
         self.stats = {"received": 0, "dropped": 0, "answered": 0, "malformed": 0,
                       "queries": 0, "timeouts": 0, "slow": 0, "skipped": 0}
-        RecordOps.__init__(self)
+        self.records = DHTRecords(self, self.clock)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> "DHTNode":
@@ -159,7 +129,7 @@ class DHTNode(RecordOps):
             with trio.move_on_after(self.config.offline_deadline + 0.5) as scope:
                 scope.shield = True
                 try:
-                    await self.publish_offline()
+                    await self.records.publish_offline()
                 except Exception as err:
                     log.warning("could not publish offline records at shutdown: %s", err)
         return await self._stop(exc_type, exc, tb)
@@ -186,7 +156,7 @@ class DHTNode(RecordOps):
                 await trio.sleep(0.01)
                 continue
             self.stats["received"] += 1
-            now = time.time()
+            now = self.clock.wall()
             src = (src[0], src[1])
             if not self.limiter.allow(src[0], now):
                 self.stats["dropped"] += 1
@@ -228,14 +198,14 @@ class DHTNode(RecordOps):
         box: list[Response | ErrorReply] = []
         self._pending[key] = (event, box)
         self.stats["queries"] += 1
-        sent = trio.current_time()
+        sent = self.clock.monotonic()
         try:
             self._send_nowait(data, addr)
             with trio.move_on_after(timeout or self.config.rpc_timeout):
                 await event.wait()
         finally:
             self._pending.pop(key, None)
-        now = time.time()
+        now = self.clock.wall()
         if not box:
             self.stats["timeouts"] += 1
             if node_id is not None:
@@ -243,7 +213,7 @@ class DHTNode(RecordOps):
             raise PeerUnavailable(f"DHT node {addr[0]}:{addr[1]} did not answer {method.decode()} "
                                   f"within {timeout or self.config.rpc_timeout:.1f}s")
         msg = box[0]
-        self.rtt.observe(addr, trio.current_time() - sent)
+        self.rtt.observe(addr, self.clock.monotonic() - sent)
         if isinstance(msg, ErrorReply):
             raise DHTRemoteError(addr, msg.code, msg.message)
         for c in self.core.note_response(Contact(msg.sender_id, addr), now):
@@ -266,21 +236,20 @@ class DHTNode(RecordOps):
 
     # -- lookups -------------------------------------------------------------------------
     async def lookup(self, target: bytes, method: bytes = b"find_node",
-                     args: dict[bytes, object] | None = None,
-                     ) -> tuple[list[Contact], dict[bytes, tuple[Contact, Response]]]:
+                     args: dict[bytes, object] | None = None) -> LookupResult:
         """Iterative lookup of ``target``: (k closest that answered, every reply by node id)."""
         if args is None:
             key = b"info_hash" if method == b"get_peers" else b"target"
             args = {key: target}
         lk = Lookup(target, self.core.routing.closest(target, 2 * self.config.k), k=self.config.k,
                     alpha=self.config.alpha, own_id=self.node_id,
-                    skip=lambda c: self.core.recently_failed(c, time.time()))
+                    skip=lambda c: self.core.recently_failed(c, self.clock.wall()))
         replies: dict[bytes, tuple[Contact, Response]] = {}
         send, recv = trio.open_memory_channel[_Report](math.inf)
         assert self._nursery is not None
         # Queries run in the node's nursery, not the lookup's: one that outlives the lookup
         # still ends in a response (routing update) or a timeout (the contact is marked).
-        for c in lk.next_queries(time.time()):
+        for c in lk.next_queries(self.clock.wall()):
             self._nursery.start_soon(self._lookup_query, c, method, args, send)
         try:
             while not lk.done and (lk.inflight or (lk.pending_slow and not lk.responses)):
@@ -288,7 +257,7 @@ class DHTNode(RecordOps):
                     c, resp, slow = await recv.receive()
                 if waited.cancelled_caught:  # every query reports within rpc_timeout: closing
                     break
-                now = time.time()
+                now = self.clock.wall()
                 if slow:  # past its soft timeout: go on without it
                     if lk.on_slow(c.node_id, now):
                         self.stats["slow"] += 1
@@ -385,7 +354,7 @@ class DHTNode(RecordOps):
     def _answered_within(self, addr: Addr, seconds: float) -> bool:
         """Whether a routing-table node at ``addr`` answered within ``seconds`` and has missed
         no query since."""
-        now = time.time()
+        now = self.clock.wall()
         return any(e.addr == addr and e.fail_count == 0 and e.last_response is not None
                    and now - e.last_response < seconds for e in self.core.routing.all_nodes())
 
@@ -395,20 +364,16 @@ class DHTNode(RecordOps):
         with its own backoff (``period`` doubling up to 8x) while it stays silent: a bootstrap
         restarted on the same address hears from us, learns the swarm, and receives records
         at the next heartbeat. Only the first 8 addresses are checked."""
-        now = time.time()
-        cap = min(8 * period, 300.0)
-
         async def one(pa: PeerAddr) -> None:
             if await self._ping_bootstrap(pa, quiet=True, fresh=4 * period):
-                self._boot_retry.pop(pa, None)
+                self._boot_retry.succeeded(pa)
             else:
-                backoff = self._boot_retry.get(pa, (0.0, period / 2))[1]
-                backoff = min(2 * backoff, cap)
-                self._boot_retry[pa] = (time.time() + backoff, backoff)
+                self._boot_retry.failed(pa, self.clock.monotonic(), period)
 
+        now = self.clock.monotonic()
         async with trio.open_nursery() as nursery:
             for pa in self.bootstrap_addrs[:8]:
-                if now >= self._boot_retry.get(pa, (0.0, 0.0))[0]:
+                if self._boot_retry.due(pa, now):
                     nursery.start_soon(one, pa)
 
     async def _maintenance_loop(self) -> None:
@@ -420,12 +385,12 @@ class DHTNode(RecordOps):
                     await self.bootstrap()
                 elif self.bootstrap_addrs and not self.read_only:
                     await self.recheck_bootstraps(period)
-                now = time.time()
+                now = self.clock.wall()
                 for c in self.core.routing.questionable(now, limit=self.config.max_pending_pings):
                     self._spawn_ping(c)
                 for target in self.core.routing.refresh_targets(now, after=self.config.refresh_interval):
                     await self.lookup(target)
-                await self.heartbeat_records()
+                await self.records.heartbeat_records()
             except Exception:
                 log.exception("DHT maintenance step failed; continuing")
 
@@ -445,10 +410,10 @@ class DHTNode(RecordOps):
 
     async def announce_peer(self, info_hash: bytes, port: int) -> int:
         closest, replies = await self.lookup(info_hash, b"get_peers")
-        return await self._write_to(closest, replies, b"announce_peer",
+        return await self.write_to(closest, replies, b"announce_peer",
                                     {b"info_hash": info_hash, b"port": port})
 
-    async def _write_to(self, closest: list[Contact], replies: dict[bytes, tuple[Contact, Response]],
+    async def write_to(self, closest: list[Contact], replies: dict[bytes, tuple[Contact, Response]],
                         method: bytes, args: dict[bytes, object]) -> int:
         """Send a token-carrying write to every node in ``closest``; count acceptances."""
         ok = 0
@@ -477,40 +442,45 @@ class DHTNode(RecordOps):
         v_raw = encode(value)
         target = mutable_target(identity.public_key, salt)
         sig = identity.sign(krpc.mutable_sign_input(v_raw, seq, salt))
-        self.core.items.put_mutable(identity.public_key, salt, seq, sig, v_raw, None, time.time())
+        self.core.items.put_mutable(identity.public_key, salt, seq, sig, v_raw, None, self.clock.wall())
         closest, replies = await self.lookup(target, b"get")
         args: dict[bytes, object] = {b"v": value, b"k": identity.public_key, b"sig": sig, b"seq": seq}
         if salt:
             args[b"salt"] = salt
-        return await self._write_to(closest, replies, b"put", args)
+        return await self.write_to(closest, replies, b"put", args)
 
     async def get_item(self, target: bytes, *, salt: bytes = b"") -> tuple[object, int | None] | None:
         """BEP 44 get: the (value, seq) with the highest verified seq, or None. For a
         mutable item pass the ``salt`` it was stored with (replies do not carry it)."""
-        from pymesh.proto.bencode import encode
-        from pymesh.proto.identity import verify_signature
-        from pymesh.proto.storage import immutable_target, mutable_target
+        from pymesh.proto.bencode import decode_untrusted
 
         _, replies = await self.lookup(target, b"get")
-        best: tuple[object, int | None] | None = None
-        local = self.core.items.get(target, time.time())
-        if local is not None:
-            from pymesh.proto.bencode import decode_untrusted
+        local = self.core.items.get(target, self.clock.wall())
+        mine = None if local is None else (decode_untrusted(local.v_raw), local.seq)
+        return best_item_untrusted((resp.values for _, resp in replies.values()), target, salt, mine)
 
-            best = (decode_untrusted(local.v_raw), local.seq)
-        for _, resp in replies.values():
-            r = resp.values
-            if b"v" not in r:
-                continue
-            v_raw = encode(r[b"v"])
-            k, sig, seq = r.get(b"k"), r.get(b"sig"), r.get(b"seq")
-            if isinstance(k, bytes) and isinstance(sig, bytes) and isinstance(seq, int):
-                if mutable_target(k, salt) != target:
-                    continue
-                if not verify_signature(k, sig, krpc.mutable_sign_input(v_raw, seq, salt)):
-                    continue
-                if best is None or (best[1] or -1) < seq:
-                    best = (r[b"v"], seq)
-            elif immutable_target(v_raw) == target and best is None:
-                best = (r[b"v"], None)
-        return best
+    # -- worker records (the DHTRecords component) --------------------------------------
+    async def publish_record(self, record: WorkerRecord) -> int:
+        """See :meth:`DHTRecords.publish_record`."""
+        return await self.records.publish_record(record)
+
+    async def publish_offline(self) -> None:
+        await self.records.publish_offline()
+
+    async def heartbeat_records(self) -> None:
+        await self.records.heartbeat_records()
+
+    def stop_refreshing(self, model_id: str | None = None) -> None:
+        self.records.stop_refreshing(model_id)
+
+    async def find_block_providers(self, model_id: str, block: int) -> list[WorkerRecord]:
+        return await self.records.find_block_providers(model_id, block)
+
+    async def find_model_records(self, model_id: str) -> list[WorkerRecord]:
+        return await self.records.find_model_records(model_id)
+
+    async def list_records(self, model_id: str | None = None) -> list[WorkerRecord]:
+        return await self.records.list_records(model_id)
+
+    async def list_models(self) -> list[str]:
+        return await self.records.list_models()

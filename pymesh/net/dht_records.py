@@ -1,4 +1,5 @@
-"""pymesh worker records over the DHT (mixed into :class:`pymesh.net.dht.DHTNode`).
+"""pymesh worker records over the DHT: :class:`DHTRecords`, a component each
+:class:`pymesh.net.dht.DHTNode` owns (``node.records``; the node's record methods delegate).
 
 Each record is stored at two targets, on the k nodes closest to each (and locally
 when this node is one of them): the model's target (``find_block_providers``,
@@ -15,21 +16,21 @@ A node re-signs and re-publishes its own records every ``heartbeat`` seconds unt
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from pymesh.errors import LocalProtocolError, PeerUnavailable, RemoteProtocolError
-from pymesh.proto import krpc
 from pymesh.proto.dht_core import MAX_SKEW, RECORD_PAGE_BUDGET
 from pymesh.proto.krpc import Addr, Contact, Response
 from pymesh.proto.records import ALL_TARGET, RecordError, RecordVersionMismatch, WorkerRecord, model_target
 from pymesh.proto.routing import distance
 from pymesh.proto.storage import StoredRecord
+from pymesh.proto.vocab import WorkerState
 
 if TYPE_CHECKING:
+    from pymesh.net.clock import Clock
     from pymesh.net.dht import DHTConfig
     from pymesh.proto.dht_core import DHTCore
     from pymesh.proto.identity import Identity
@@ -37,30 +38,45 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class RecordOps:
-    identity: "Identity"
-    node_id: bytes
-    config: "DHTConfig"
-    core: "DHTCore"
+#: What one lookup returns: (k closest that answered, every reply by node id).
+LookupResult = tuple[list[Contact], dict[bytes, tuple[Contact, Response]]]
 
-    def __init__(self) -> None:
-        self._own_records: dict[str, WorkerRecord] = {}
-        self._published_at: dict[str, float] = {}
-        self._warned_versions: set[object] = set()
 
-    # provided by DHTNode
+class RecordNetwork(Protocol):
+    """What the record component needs from its DHT node: who it is, its store, and
+    lookups, queries and token-carrying writes."""
+
+    @property
+    def identity(self) -> "Identity": ...
+
+    @property
+    def node_id(self) -> bytes: ...
+
+    @property
+    def config(self) -> "DHTConfig": ...
+
+    @property
+    def core(self) -> "DHTCore": ...
+
     async def lookup(self, target: bytes, method: bytes = b"find_node",
-                     args: dict[bytes, object] | None = None,
-                     ) -> tuple[list[Contact], dict[bytes, tuple[Contact, Response]]]:
-        raise NotImplementedError
+                     args: dict[bytes, object] | None = None) -> LookupResult: ...
 
     async def query(self, addr: Addr, method: bytes, args: dict[bytes, object] | None = None, *,
-                    node_id: bytes | None = None, timeout: float | None = None) -> Response:
-        raise NotImplementedError
+                    node_id: bytes | None = None, timeout: float | None = None) -> Response: ...
 
-    async def _write_to(self, closest: list[Contact], replies: dict[bytes, tuple[Contact, Response]],
-                        method: bytes, args: dict[bytes, object]) -> int:
-        raise NotImplementedError
+    async def write_to(self, closest: list[Contact], replies: dict[bytes, tuple[Contact, Response]],
+                       method: bytes, args: dict[bytes, object]) -> int: ...
+
+
+class DHTRecords:
+    """Publishing, refreshing and reading signed worker records through one DHT node."""
+
+    def __init__(self, net: RecordNetwork, clock: "Clock") -> None:
+        self.net = net
+        self.clock = clock
+        self.own: dict[str, WorkerRecord] = {}          # this node's records, refreshed each heartbeat
+        self._published_at: dict[str, float] = {}       # model id -> wall time of the last publish
+        self._warned_versions: set[object] = set()
 
     # -- writing -------------------------------------------------------------------------
     async def publish_record(self, record: WorkerRecord) -> int:
@@ -70,20 +86,20 @@ class RecordOps:
 
         An offline record (a node going away) gets one attempt of at most
         ``config.offline_deadline`` seconds: shutdown must not hang on a dead swarm."""
-        if record.peer_id == self.identity.peer_id or not record.signature:
-            record = record.signed(self.identity)
-            self._own_records[record.model_id] = record
+        if record.peer_id == self.net.identity.peer_id or not record.signature:
+            record = record.signed(self.net.identity, timestamp=self.clock.wall())
+            self.own[record.model_id] = record
         elif not record.verify():
             raise LocalProtocolError("publish_record: the record's signature does not verify; "
                                      "sign it with WorkerRecord.signed(identity) first")
         raw = record.to_bytes()
-        self._published_at[record.model_id] = time.time()
+        self._published_at[record.model_id] = self.clock.wall()
         counts: dict[bytes, int] = {}
 
         async def one(target: bytes) -> None:
             counts[target] = await self._put_record(target, record, raw)
 
-        deadline = self.config.offline_deadline if record.state == "offline" else float("inf")
+        deadline = self.net.config.offline_deadline if record.state == WorkerState.OFFLINE else float("inf")
         with trio.move_on_after(deadline) as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(one, model_target(record.model_id))
@@ -97,28 +113,28 @@ class RecordOps:
         return n
 
     async def _put_record(self, target: bytes, record: WorkerRecord, raw: bytes) -> int:
-        closest, replies = await self.lookup(target, b"pm_get", {b"target": target})
+        net = self.net
+        closest, replies = await net.lookup(target, b"pm_get", {b"target": target})
         stored = 0
-        k = self.config.k
+        ttl = net.config.record_ttl
         # A read-only node answers no pm_get: a copy kept here would help no one.
-        near = len(closest) < k or distance(self.node_id, target) < distance(closest[-1].node_id, target)
-        if near and not self.core.read_only:
-            now = time.time()
-            self.core.records.put(
+        near = len(closest) < net.config.k or distance(net.node_id, target) < distance(closest[-1].node_id, target)
+        if near and not net.core.read_only:
+            now = self.clock.wall()
+            net.core.records.put(
                 target, record.peer_id.key,
-                StoredRecord(raw, record.timestamp, min(now + self.config.record_ttl,
-                                                        record.timestamp + self.config.record_ttl + MAX_SKEW),
+                StoredRecord(raw, record.timestamp, min(now + ttl, record.timestamp + ttl + MAX_SKEW),
                              record.start, record.stop), now)
             stored += 1
 
-        stored += await self._write_to(closest, replies, b"pm_put", {b"target": target, b"rec": raw})
+        stored += await net.write_to(closest, replies, b"pm_put", {b"target": target, b"rec": raw})
         return stored
 
     async def heartbeat_records(self) -> None:
         """Re-sign and re-publish this node's records whose heartbeat is due."""
-        now = time.time()
-        for model_id, rec in list(self._own_records.items()):
-            if now - self._published_at.get(model_id, 0.0) >= self.config.heartbeat * 0.9:
+        now = self.clock.wall()
+        for model_id, rec in list(self.own.items()):
+            if now - self._published_at.get(model_id, 0.0) >= self.net.config.heartbeat * 0.9:
                 try:
                     await self.publish_record(rec)
                 except Exception as exc:
@@ -126,19 +142,19 @@ class RecordOps:
 
     def stop_refreshing(self, model_id: str | None = None) -> None:
         """Stop the heartbeat of this node's record(s); they expire after the TTL."""
-        for m in [model_id] if model_id is not None else list(self._own_records):
-            self._own_records.pop(m, None)
+        for m in [model_id] if model_id is not None else list(self.own):
+            self.own.pop(m, None)
 
     async def publish_offline(self) -> None:
         """Replace this node's records with offline ones (clean shutdown): one attempt,
         all records at once, within ``config.offline_deadline`` seconds."""
-        records = list(self._own_records.values())
-        self._own_records.clear()
-        with trio.move_on_after(self.config.offline_deadline):
+        records = list(self.own.values())
+        self.own.clear()
+        with trio.move_on_after(self.net.config.offline_deadline):
             async with trio.open_nursery() as nursery:
                 for rec in records:
-                    nursery.start_soon(self.publish_record, replace(rec, state="offline"))
-        self._own_records.clear()
+                    nursery.start_soon(self.publish_record, replace(rec, state=WorkerState.OFFLINE))
+        self.own.clear()
 
     # -- reading -------------------------------------------------------------------------
     def _parse(self, raw: object) -> WorkerRecord | None:
@@ -169,12 +185,13 @@ class RecordOps:
         args: dict[bytes, object] = {b"target": target}
         if block is not None:
             args[b"b"] = block
-        closest, replies = await self.lookup(target, b"pm_get", args)
+        net = self.net
+        closest, replies = await net.lookup(target, b"pm_get", args)
         found: dict[bytes, WorkerRecord] = {}
-        now = time.time()
+        now = self.clock.wall()
         after = b""
         while True:  # our own store, every page
-            raws, nxt = self.core.records.page(target, now, after=after, block=block, budget=RECORD_PAGE_BUDGET)
+            raws, nxt = net.core.records.page(target, now, after=after, block=block, budget=RECORD_PAGE_BUDGET)
             self._merge(found, raws, model_id)
             if nxt is None:
                 break
@@ -188,9 +205,9 @@ class RecordOps:
                 more.append((c, nxt_v))
 
         async def pages(c: Contact, cursor: bytes) -> None:
-            for _ in range(self.config.max_record_pages):
+            for _ in range(net.config.max_record_pages):
                 try:
-                    resp = await self.query(c.addr, b"pm_get", {**args, b"after": cursor}, node_id=c.node_id)
+                    resp = await net.query(c.addr, b"pm_get", {**args, b"after": cursor}, node_id=c.node_id)
                 except (PeerUnavailable, RemoteProtocolError):
                     return
                 self._merge(found, resp.values.get(b"recs"), model_id)
@@ -231,4 +248,4 @@ def _order(r: WorkerRecord) -> tuple[str, int, bytes]:
     return (r.model_id, r.start, r.peer_id.key)
 
 
-__all__ = ["RecordOps", "krpc"]
+__all__ = ["DHTRecords", "RecordNetwork", "LookupResult"]

@@ -148,7 +148,7 @@ def test_offline_publish_is_one_bounded_attempt_when_nobody_answers() -> None:
             await node.publish_offline()
             took = trio.current_time() - t0
             assert took <= config.offline_deadline + 0.1, took
-            assert node._own_records == {}
+            assert node.records.own == {}
             # one attempt: each known contact is asked at most once per target (2 targets)
             assert sent and len(sent) <= 2 * len(set(sent)), sent
             stay.set()
