@@ -8,47 +8,21 @@ per device while the node keeps answering the DHT, pings and other RPCs.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import trio
 
-from pymesh.errors import ConfigError
+if TYPE_CHECKING:
+    import torch
+
+    from pymesh.model.kv_cache import KVCache
+    from pymesh.model.span import SpanModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def configure_threads(threads: int | None) -> int:
-    """Set torch's intra-op thread count (before the first forward pass); returns it.
-
-    Default: ``PYMESH_THREADS`` or half the cores (at least one). Measured on a loaded
-    2-core machine (SmolLM2 decode, one process): 1 thread 16 tok/s, 2 threads 1.4 tok/s
-    -- a thread that waits for a descheduled sibling stalls every matrix product, so
-    processes sharing a machine must not each claim every core.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    if threads is None or threads <= 0:
-        env = os.environ.get("PYMESH_THREADS", "")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = int(env) if env.isdigit() and int(env) > 0 else max(1, cores // 2)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def parse_dtype(name: str) -> Any:
-    import torch
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise ConfigError(f"--dtype {name!r} is not supported; use float32, float16 or bfloat16")
-    return table[name]
 
 
 class EchoSpan:
@@ -56,7 +30,6 @@ class EchoSpan:
 
     def __init__(self, start: int, stop: int) -> None:
         self.start, self.stop = start, stop
-        self.config = None
 
     def new_cache(self, max_tokens: int, batch: int = 1) -> None:
         return None
@@ -64,7 +37,7 @@ class EchoSpan:
     def cache_bytes_per_token(self) -> int:
         return 0
 
-    def forward(self, hidden: Any, cache: Any, start_pos: int) -> Any:
+    def forward(self, hidden: "torch.Tensor", cache: "KVCache | None", start_pos: int) -> "torch.Tensor":
         return hidden
 
 
@@ -77,7 +50,7 @@ class Throughput:
 class Runtime:
     """A loaded span plus the lock that serialises compute on its device."""
 
-    def __init__(self, span: Any, *, device: str = "cpu", dtype_name: str = "float32") -> None:
+    def __init__(self, span: "SpanModel | EchoSpan", *, device: str = "cpu", dtype_name: str = "float32") -> None:
         self.span = span
         self.device = device
         self.dtype_name = dtype_name
@@ -99,12 +72,14 @@ class Runtime:
         async with self._lock:
             return await trio.to_thread.run_sync(fn)
 
-    def new_cache(self, max_tokens: int, batch: int) -> Any:
+    def new_cache(self, max_tokens: int, batch: int) -> "KVCache | None":
         return self.span.new_cache(max_tokens, batch)
 
-    def forward(self, hidden: Any, cache: Any, start_pos: int) -> Any:
-        if self.echo:
+    def forward(self, hidden: "torch.Tensor", cache: "KVCache | None", start_pos: int) -> "torch.Tensor":
+        if isinstance(self.span, EchoSpan):
             return hidden
+        if cache is None:
+            raise ValueError("a loaded span needs the cache its new_cache made")
         import torch
 
         with torch.inference_mode():
@@ -112,14 +87,17 @@ class Runtime:
             out = self.span.forward(x, cache, start_pos)
             return out.to("cpu").contiguous()
 
-    def measure_throughput(self, steps: int = 8) -> Throughput:
-        """Time decode steps (one token, growing cache) on this span; runs in the caller's thread."""
-        override = os.environ.get("PYMESH_THROUGHPUT", "")
+    def measure_throughput(self, steps: int = 8, *, announced: float | None = None,
+                           skip: bool = False) -> Throughput:
+        """Time decode steps (one token, growing cache) on this span; runs in the caller's thread.
+
+        ``announced`` (PYMESH_THROUGHPUT) replaces the measurement; ``skip``
+        (PYMESH_SKIP_THROUGHPUT) announces a nominal figure instead.
+        """
         n_blocks = max(self.stop - self.start, 1)
-        if override:
-            tps = float(override)
-            return Throughput(1000.0 / tps / n_blocks, tps)
-        if self.echo or os.environ.get("PYMESH_SKIP_THROUGHPUT") == "1":
+        if announced is not None:
+            return Throughput(1000.0 / announced / n_blocks, announced)
+        if isinstance(self.span, EchoSpan) or skip:
             return Throughput(1.0, 1000.0 / n_blocks)
         import torch
 
@@ -147,6 +125,7 @@ def load_runtime(
     if model_path is None:
         return Runtime(EchoSpan(start, stop), device=device, dtype_name=dtype_name)
     from pymesh.model.span import load_span
+    from pymesh.model.torch_setup import parse_dtype
 
     t0 = time.perf_counter()
     span = load_span(Path(model_path), start, stop, device=device, dtype=parse_dtype(dtype_name),
@@ -158,6 +137,7 @@ def load_runtime(
 def block_bytes(model_path: str, dtype_name: str) -> tuple[int, int, int]:
     """(bytes per block, KV-cache bytes per token per block, number of blocks) from config.json."""
     from pymesh.model.config import load_config
+    from pymesh.model.torch_setup import parse_dtype
     from pymesh.worker.placement import block_parameter_count
 
     cfg = load_config(Path(model_path))

@@ -11,31 +11,33 @@ and moves when that clearly helps (blocks nobody serves, or a much better bottle
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from pymesh.errors import ConfigError
+from pymesh.net.clock import Clock, TrioClock
 from pymesh.proto.addr import parse_addr
 from pymesh.proto.identity import Identity, PeerID, default_identity_path
+from pymesh.proto.records import WorkerRecord
+from pymesh.proto.vocab import Transport, WorkerState
+from pymesh.settings import Settings
 from pymesh.worker import placement
+from pymesh.worker.directory import RecordDirectory
 from pymesh.worker.runtime import Runtime, Throughput, block_bytes, load_runtime
 from pymesh.worker.sessions import SessionTable
 
+if TYPE_CHECKING:
+    from pymesh.net.dht import DHTNode
+    from pymesh.net.rpc import Connection, RpcNode
+    from pymesh.worker.service import WorkerService
+
 log = logging.getLogger(__name__)
-
-
-def _env_float(name: str, default: float) -> float:
-    text = os.environ.get(name, "")
-    try:
-        return float(text) if text else default
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={text!r} is not a number") from None
 
 
 @dataclass
@@ -50,34 +52,59 @@ class WorkerOptions:
     port: int = 0
     dht_port: int | None = None
     announce_addr: str | None = None
-    transport: str = "quic"
+    transport: str = "quic"                        # quic, tcp or both
     cache_tokens: int = 8192
     identity: str | None = None
-    threads: int | None = None
-    max_blocks: int | None = None
+    threads: int | None = None                     # what the CLI set (reported only)
+    max_blocks: int | None = None                  # None: settings.worker.max_blocks
     num_layers: int | None = None                  # echo mode without --layers
-    session_idle: float = field(default_factory=lambda: _env_float("PYMESH_SESSION_IDLE", 300.0))
-    rebalance_period: float = field(default_factory=lambda: _env_float("PYMESH_REBALANCE_PERIOD", 120.0))
+    session_idle: float | None = None              # None: settings.worker.session_idle
+    rebalance_period: float | None = None          # None: settings.worker.rebalance_period
     progress: bool = False
+    settings: Settings = field(default_factory=Settings)
+
+    def transports(self) -> list[Transport]:
+        if self.transport == "both":
+            return [Transport.QUIC, Transport.TCP]
+        return [Transport.parse(self.transport)]
 
 
 class Worker:
-    def __init__(self, opts: WorkerOptions) -> None:
+    def __init__(self, opts: WorkerOptions, *, clock: Clock | None = None) -> None:
         self.opts = opts
+        self.settings = opts.settings
+        self.clock: Clock = clock or TrioClock()
         if opts.identity or opts.port:
-            self.identity = Identity.load_or_create(opts.identity or default_identity_path(f"worker-{opts.port}"))
+            home = self.settings.runtime.home
+            self.identity = Identity.load_or_create(opts.identity or default_identity_path(f"worker-{opts.port}", home))
         else:  # any port: no stable key file to share with other workers on this machine
             self.identity = Identity.generate()
         self.peer_id: PeerID = self.identity.peer_id
         self.model_id = self._model_id()
         self.num_blocks: int | None = opts.num_layers
         self.throughput = Throughput(1.0, 1.0)
-        self.service: Any = None
-        self.dht: Any = None
-        self.nodes: dict[str, Any] = {}
+        self._service: WorkerService | None = None
+        self._dht: DHTNode | None = None
+        self.nodes: dict[Transport, RpcNode] = {}
+        self.directory = RecordDirectory(self._read_records, self.clock, opts.transports())
         self.port = opts.port
-        self.state = "joining"
+        self.state = WorkerState.JOINING
         self.stopping = trio.Event()
+
+    @property
+    def service(self) -> "WorkerService":
+        if self._service is None:
+            raise RuntimeError("the worker's service starts in serve()")
+        return self._service
+
+    @property
+    def dht(self) -> "DHTNode":
+        if self._dht is None:
+            raise RuntimeError("the worker's DHT node starts in serve()")
+        return self._dht
+
+    async def _read_records(self) -> list[WorkerRecord]:
+        return await self.dht.find_model_records(self.model_id)
 
     def _model_id(self) -> str:
         if self.opts.model_path is None:
@@ -87,21 +114,19 @@ class Worker:
         return model_id(Path(self.opts.model_path), self.opts.model_name)
 
     # -- records ---------------------------------------------------------------------------
-    def record(self, state: str) -> Any:
-        from pymesh.proto.records import WorkerRecord
-
+    def record(self, state: WorkerState) -> WorkerRecord:
         rt: Runtime = self.service.runtime
         host = self.opts.announce_addr or (self.opts.host if self.opts.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
         return WorkerRecord(
             peer_id=self.peer_id, model_id=self.model_id, start=rt.start, stop=rt.stop, host=host,
-            port=self.port, transports=tuple(self.nodes), state=state,
+            port=self.port, transports=tuple(t.value for t in self.nodes), state=state.value,
             block_ms=self.throughput.block_ms, tokens_per_s=self.throughput.tokens_per_s,
             cache_tokens_free=self.service.table.free_tokens,
             cache_tokens_total=self.service.table.budget_tokens,
             sessions=len(self.service.table.sessions),
         ).signed(self.identity)
 
-    async def announce(self, state: str) -> None:
+    async def announce(self, state: WorkerState) -> None:
         self.state = state
         self.service.state = state
         try:
@@ -112,10 +137,10 @@ class Worker:
             log.warning("announcing %s failed: %s", state, exc)
 
     # -- placement -------------------------------------------------------------------------
-    async def _other_records(self) -> list[Any]:
+    async def _other_records(self) -> list[WorkerRecord]:
         with trio.move_on_after(10):
-            recs = await self.dht.find_model_records(self.model_id)
-            return [r for r in recs if r.peer_id != self.peer_id and r.state != "offline"]
+            recs = await self.directory.records(max_age=0)
+            return [r for r in recs if r.peer_id != self.peer_id and r.state != WorkerState.OFFLINE]
         log.warning("reading the swarm's records timed out; assuming an empty swarm")
         return []
 
@@ -127,7 +152,7 @@ class Worker:
         "joining", wait a little and look again: if a worker with a smaller peer ID
         overlaps ours, choose again knowing about it (the smaller ID keeps its choice)."""
         assert self.num_blocks is not None
-        await trio.sleep(random.uniform(0.5, 1.0) * _env_float("PYMESH_JOIN_SETTLE", 2.0))
+        await trio.sleep(random.uniform(0.5, 1.0) * self.settings.worker.join_settle)
         recs = await self._other_records()
         if not any(r.start < stop and start < r.stop and r.peer_id < self.peer_id for r in recs):
             return start, stop
@@ -142,8 +167,7 @@ class Worker:
     def _how_many_blocks(self) -> int:
         assert self.opts.model_path is not None and self.num_blocks is not None
         per_block, kv_per_token_block, n = block_bytes(self.opts.model_path, self.opts.dtype)
-        env_cap = os.environ.get("PYMESH_MAX_BLOCKS", "")
-        cap = self.opts.max_blocks or (int(env_cap) if env_cap.isdigit() else None)
+        cap = self.opts.max_blocks or self.settings.worker.max_blocks
         avail = placement.available_memory_bytes(self.opts.device)
         cache = self.opts.cache_tokens * kv_per_token_block
         count = placement.blocks_that_fit(avail, per_block + cache, 0, 256 << 20, n, max_blocks=cap)
@@ -164,22 +188,25 @@ class Worker:
         rt = await trio.to_thread.run_sync(
             lambda: load_runtime(opts.model_path, start, stop, device=opts.device, dtype_name=opts.dtype,
                                  progress=opts.progress))
-        self.throughput = await trio.to_thread.run_sync(rt.measure_throughput)
+        ws = self.settings.worker
+        self.throughput = await trio.to_thread.run_sync(
+            lambda: rt.measure_throughput(announced=ws.throughput, skip=ws.skip_throughput))
         log.info("throughput: %.2f ms per block per token, %.1f tokens/s for the span",
                  self.throughput.block_ms, self.throughput.tokens_per_s)
         return rt
 
     async def _rebalance_loop(self) -> None:
         assert self.num_blocks is not None
+        period = self.opts.rebalance_period or self.settings.worker.rebalance_period
         while True:
-            await trio.sleep(self.opts.rebalance_period * random.uniform(0.8, 1.2))
+            await trio.sleep(period * random.uniform(0.8, 1.2))
             rt: Runtime = self.service.runtime
             mine = placement.Announced(rt.start, rt.stop, self.throughput.tokens_per_s)
             decision = placement.should_move(self.num_blocks, mine, await self._others())
             if not decision.move:
                 continue
             # Random delay, then look again: two workers seeing the same gap should not both move.
-            await trio.sleep(random.uniform(0.0, self.opts.rebalance_period / 2))
+            await trio.sleep(random.uniform(0.0, period / 2))
             decision = placement.should_move(self.num_blocks, mine, await self._others())
             if not decision.move:
                 continue
@@ -187,22 +214,22 @@ class Worker:
             log.info("Worker moving from layers %d-%d to %d-%d: %s", rt.start, rt.stop - 1, new[0],
                      new[1] - 1, decision.reason)
             log.info("Worker announcing layers %d-%d", new[0], new[1] - 1)
-            await self.announce("offline")
+            await self.announce(WorkerState.OFFLINE)
             runtime = await self._load(*new)
             dropped = self.service.swap_runtime(runtime)
             if dropped:
                 log.info("dropped %d session(s) on the old span; their clients recover elsewhere", dropped)
-            await self.announce("online")
+            await self.announce(WorkerState.ONLINE)
 
     # -- main ------------------------------------------------------------------------------
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: "trio.TaskStatus[Worker]" = trio.TASK_STATUS_IGNORED) -> None:
         from pymesh.net.dht import DHTNode
         from pymesh.net.rpc import RpcNode
         from pymesh.worker.service import WorkerService
 
         opts = self.opts
         boots = [parse_addr(b) for b in opts.bootstrap]
-        transports = ["quic", "tcp"] if opts.transport == "both" else [opts.transport]
+        transports = opts.transports()
         if opts.model_path is not None:
             from pymesh.model.config import load_config
 
@@ -216,35 +243,37 @@ class Worker:
             hidden = None
         async with trio.open_nursery() as nursery:
             for t in transports:
-                node = RpcNode(self.identity, transport=t)
+                node = RpcNode(self.identity, transport=t.value, config=self.settings.transport_config())
                 await nursery.start(_run_node, node)
                 self.port = await node.listen(opts.host, self.port)
                 self.nodes[t] = node
             dht_port = opts.dht_port if opts.dht_port is not None else (self.port + 1 if self.port else 0)
-            self.dht = DHTNode(self.identity, host=opts.host, port=dht_port, bootstrap=boots)
-            await nursery.start(_run_node, self.dht)
-            log.info("worker %s: transport %s on port %d, DHT on UDP %d", self.peer_id, "+".join(transports),
-                     self.port, self.dht.port)
+            dht = self._dht = DHTNode(self.identity, host=opts.host, port=dht_port, bootstrap=boots,
+                                      config=self.settings.dht_config(), clock=self.clock)
+            await nursery.start(_run_node, dht)
+            log.info("worker %s: transport %s on port %d, DHT on UDP %d", self.peer_id,
+                     "+".join(t.value for t in transports), self.port, dht.port)
             start, stop = await self._choose_span()
             log.info("Worker announcing layers %d-%d", start, stop - 1)
-            table = SessionTable(opts.cache_tokens, opts.session_idle)
-            self.service = WorkerService(
+            table = SessionTable(opts.cache_tokens, opts.session_idle or self.settings.worker.session_idle)
+            service = self._service = WorkerService(
                 load_runtime(None, start, stop, device=opts.device, dtype_name=opts.dtype), table,
-                model_id=self.model_id, peer_text=self.peer_id.to_text(), dial=self._dial, hidden_size=hidden)
+                model_id=self.model_id, peer=self.peer_id, dial=self._dial, resolve_next=self.directory,
+                hidden_size=hidden, settings=self.settings.worker, clock=self.clock)
             for node in self.nodes.values():
-                self.service.register(node)
-            await nursery.start(self.service.run)
-            await self.announce("joining")
+                service.register(node)
+            await nursery.start(service.run)
+            await self.announce(WorkerState.JOINING)
             if opts.layers is None:
                 settled = await self._settle_span(start, stop)
                 if settled != (start, stop):
                     start, stop = settled
                     self.service.swap_runtime(load_runtime(None, start, stop, device=opts.device,
                                                            dtype_name=opts.dtype))
-                    await self.announce("joining")
+                    await self.announce(WorkerState.JOINING)
             runtime = await self._load(start, stop)
             self.service.swap_runtime(runtime)
-            await self.announce("online")
+            await self.announce(WorkerState.ONLINE)
             log.info("Worker bootstrapped: %s serves %s layers %d-%d", self.peer_id.short(), self.model_id,
                      start, stop - 1)
             nursery.start_soon(self._heartbeat)
@@ -254,23 +283,22 @@ class Worker:
             await self.stopping.wait()
             log.info("worker stopping: announcing offline")
             with trio.move_on_after(5):
-                await self.announce("offline")
+                await self.announce(WorkerState.OFFLINE)
             nursery.cancel_scope.cancel()
 
-    async def _dial(self, transport: str, host: str, port: int, peer: PeerID) -> Any:
+    async def _dial(self, transport: Transport, host: str, port: int, peer: PeerID) -> "Connection":
         node = self.nodes.get(transport) or next(iter(self.nodes.values()))
         return await node.connect(host, port, peer)
 
     async def _heartbeat(self) -> None:
-        from pymesh.net.dht import DHTConfig
-
-        period = DHTConfig().heartbeat
+        period = self.dht.config.heartbeat
         while True:
             await trio.sleep(period)
             await self.announce(self.state)
 
 
-async def _run_node(node: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def _run_node(node: AbstractAsyncContextManager[object], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Enter an async-context-managed node and keep it open until cancelled."""
     async with node:
         task_status.started()

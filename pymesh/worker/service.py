@@ -6,31 +6,48 @@ in the compute thread, pushes the output straight to the next worker of the sess
 route, then pushes a copy to the client (``pm.out``): the last hop's copy is the
 result, the others are what the client keeps to replay a span after a fault.
 Failures go back as ``pm.err`` pushes naming the peer to blame.
+
+Every message is a typed object of :mod:`pymesh.proto.session_wire`. The next hop of a
+session is dialled at the address its own verified record announces (``resolve_next``),
+never at an address only the request named.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any, Callable
+from typing import Awaitable, Callable, Protocol, TypeVar
 
 import trio
 
 from pymesh import PROTOCOL_VERSION
-from pymesh.errors import PeerUnavailable, PymeshError
+from pymesh.errors import IdentityError, PeerUnavailable, PymeshError
+from pymesh.net.clock import Clock, TrioClock
 from pymesh.net.rpc import CallContext, Connection, Meta, RemoteError, RpcNode
+from pymesh.proto import session_wire as sw
 from pymesh.proto.frames import TensorBlob
-from pymesh.worker import wire
+from pymesh.proto.identity import PeerID
+from pymesh.proto.session_wire import BadRequest, ErrorCode
+from pymesh.proto.vocab import Transport, WorkerState
+from pymesh.settings import WorkerSettings
+from pymesh.worker.directory import NextAddr, NextHopResolver
 from pymesh.worker.runtime import Runtime
 from pymesh.worker.sessions import Session, SessionError, SessionTable, advance, check_step
 
 log = logging.getLogger(__name__)
 
-#: how long a step that arrived early waits for the previous one (seconds)
-STEP_WAIT = float(os.environ.get("PYMESH_STEP_WAIT", "10"))
-#: how long dialing / pushing to the next hop may take (seconds)
-NEXT_HOP_TIMEOUT = float(os.environ.get("PYMESH_NEXT_HOP_TIMEOUT", "5"))
+Reply = tuple[Meta, list[TensorBlob]]
+Call = Callable[[CallContext, Meta, list[TensorBlob]], Awaitable[Reply]]
+T = TypeVar("T")
+
+#: errors of dialling or pushing to the next hop: it is unreachable (or not who its record says)
+_HOP_ERRORS = (PeerUnavailable, IdentityError, trio.TooSlowError, OSError)
+
+
+class Dial(Protocol):
+    async def __call__(self, transport: Transport, host: str, port: int, peer: PeerID) -> Connection:
+        """An authenticated connection to ``peer`` (pinned key) at ``host:port``."""
+        ...
 
 
 class WorkerService:
@@ -40,19 +57,23 @@ class WorkerService:
         table: SessionTable,
         *,
         model_id: str,
-        peer_text: str,
-        dial: Callable[[str, str, int, Any], Any],
+        peer: PeerID,
+        dial: Dial,
+        resolve_next: NextHopResolver,
         hidden_size: int | None,
-        clock: Callable[[], float] = time.monotonic,
+        settings: WorkerSettings | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.runtime = runtime
         self.table = table
         self.model_id = model_id
-        self.peer_text = peer_text
-        self._dial = dial            # async (transport, host, port, peer_id) -> Connection
+        self.peer = peer
+        self._dial = dial
+        self._resolve_next = resolve_next
         self.hidden_size = hidden_size
-        self.clock = clock
-        self.state = "joining"
+        self.settings = settings or WorkerSettings()
+        self.clock: Clock = clock or TrioClock()
+        self.state = WorkerState.JOINING
         self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0,
                          "compute_us": 0}
         self._nursery: trio.Nursery | None = None
@@ -60,24 +81,24 @@ class WorkerService:
 
     # -- wiring ----------------------------------------------------------------------------
     def register(self, node: RpcNode) -> None:
-        node.register(wire.INFO, self._wrap(self.info))
-        node.register(wire.OPEN, self._wrap(self.open))
-        node.register(wire.SET_NEXT, self._wrap(self.set_next))
-        node.register(wire.CLOSE, self._wrap(self.close))
-        node.register(wire.FORWARD, self._wrap(self.forward))
-        node.register(wire.STATS, self._wrap(self.stats))
-        node.register(wire.FLUSH, self._wrap(self.flush))
-        node.on_push(wire.STEP, self.on_step)
-        node.on_push(wire.ERR, self.on_relayed_error)
+        node.register(sw.INFO, self._wrap(self.info))
+        node.register(sw.OPEN, self._wrap(self.open))
+        node.register(sw.SET_NEXT, self._wrap(self.set_next))
+        node.register(sw.CLOSE, self._wrap(self.close))
+        node.register(sw.FORWARD, self._wrap(self.forward))
+        node.register(sw.STATS, self._wrap(self.stats))
+        node.register(sw.FLUSH, self._wrap(self.flush))
+        node.on_push(sw.STEP, self.on_step)
+        node.on_push(sw.ERR, self.on_relayed_error)
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Owns the tasks that process pushed steps and expires idle sessions."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             while True:
                 await trio.sleep(min(1.0, max(self.table.idle_timeout / 4, 0.05)))
-                for sid in self.table.expire(self.clock()):
+                for sid in self.table.expire(self.clock.monotonic()):
                     log.info("session %s expired after %.0f s idle; cache freed", sid.hex()[:8],
                              self.table.idle_timeout)
 
@@ -87,157 +108,158 @@ class WorkerService:
         return self.table.clear()
 
     @staticmethod
-    def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        async def handler(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Any:
+    def _wrap(fn: Call) -> Call:
+        async def handler(ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
             try:
                 return await fn(ctx, meta, tensors)
             except SessionError as exc:
                 raise RemoteError(exc.code, exc.message) from None
-            except wire.BadRequest as exc:
-                raise RemoteError("bad_request", str(exc)) from None
+            except BadRequest as exc:
+                raise RemoteError(ErrorCode.BAD_REQUEST, str(exc)) from None
             except PymeshError as exc:
                 if isinstance(exc, RemoteError):
                     raise
-                raise RemoteError("bad_request", f"{type(exc).__name__}: {exc}") from None
+                raise RemoteError(ErrorCode.BAD_REQUEST, f"{type(exc).__name__}: {exc}") from None
 
         return handler
 
     # -- calls -----------------------------------------------------------------------------
-    async def info(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
-        return {
-            "peer": self.peer_text, "model": self.model_id, "start": self.runtime.start,
-            "stop": self.runtime.stop, "version": PROTOCOL_VERSION, "state": self.state,
-            "free": self.table.free_tokens, "total": self.table.budget_tokens,
-            "sessions": len(self.table.sessions),
-        }, []
+    async def info(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
+        sw.Info.from_meta_untrusted(meta)
+        return sw.InfoReply(
+            peer=self.peer, model=self.model_id, start=self.runtime.start, stop=self.runtime.stop,
+            version=PROTOCOL_VERSION, state=self.state, free=self.table.free_tokens,
+            total=self.table.budget_tokens, sessions=len(self.table.sessions),
+        ).to_meta(), []
 
-    async def open(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
-        if self.state == "offline":
-            raise SessionError("refused", "this worker is shutting down; use another one")
-        model = wire.get_str(meta, "model", 200, default=self.model_id)
-        if model != self.model_id:
-            raise SessionError("bad_request", f"this worker serves {self.model_id}, not {model}")
-        start = wire.get_int(meta, "start", 0, 1 << 20, default=self.runtime.start)
-        stop = wire.get_int(meta, "stop", 1, 1 << 20, default=self.runtime.stop)
-        if (start, stop) != (self.runtime.start, self.runtime.stop):
+    async def open(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
+        if self.state == WorkerState.OFFLINE:
+            raise SessionError(ErrorCode.REFUSED, "this worker is shutting down; use another one")
+        req = sw.Open.from_meta_untrusted(meta)
+        if req.model is not None and req.model != self.model_id:
+            raise SessionError(ErrorCode.BAD_REQUEST, f"this worker serves {self.model_id}, not {req.model}")
+        rt = self.runtime
+        start = rt.start if req.start is None else req.start
+        stop = rt.stop if req.stop is None else req.stop
+        if (start, stop) != (rt.start, rt.stop):
             raise SessionError(
-                "refused",
-                f"this worker serves blocks {self.runtime.start}-{self.runtime.stop - 1}, not "
-                f"{start}-{stop - 1} (it moved); look up the swarm again",
+                ErrorCode.REFUSED,
+                f"this worker serves blocks {rt.start}-{rt.stop - 1}, not {start}-{stop - 1} (it moved); "
+                "look up the swarm again",
             )
-        sid = wire.get_bytes(meta, "sid")
-        max_tokens = wire.get_int(meta, "max_tokens", 1, wire.MAX_SESSION_TOKENS)
-        batch = wire.get_int(meta, "batch", 1, wire.MAX_BATCH, default=1)
-        next_hop = wire.decode_next(meta)
-        old = self.table.sessions.get(sid)
-        if old is not None and wire.get_int(meta, "reset", 0, 1, default=0) and old.client == ctx.peer:
-            self.table.close(sid)  # a fresh session under a reused id (the client re-routed back here)
-        existed = sid in self.table.sessions
-        s = self.table.open(sid, ctx.peer, max_tokens, batch, next_hop, self.clock())
+        old = self.table.sessions.get(req.sid)
+        if old is not None and req.reset and old.client == ctx.peer:
+            self.table.close(req.sid)  # a fresh session under a reused id (the client re-routed back here)
+        prev = self.table.sessions.get(req.sid)
+        route = (prev.next_hop, prev.next_addr) if prev is not None else (None, None)
+        s = self.table.open(req.sid, ctx.peer, req.max_tokens, req.batch, req.next_hop, self.clock.monotonic())
         s.client_conn = ctx.connection
-        s.copy_every = wire.get_int(meta, "copies", 1, wire.MAX_COPY_EVERY, default=1)
-        if not existed:
-            try:
-                s.cache = await self.runtime.run(lambda: self.runtime.new_cache(max_tokens, batch))
-            except BaseException:
-                self.table.close(sid)
-                raise
-        if next_hop is not None:
-            try:
-                await self._connect_next(s)
-            except BaseException:
-                if not existed:
-                    self.table.close(sid)  # a session that cannot reach its next hop reserves nothing
-                raise
-        log.info("session %s opened (%d tokens x %d) -> %s", sid.hex()[:8], max_tokens, batch,
-                 next_hop.peer.short() if next_hop else "client")
-        return {"start": self.runtime.start, "stop": self.runtime.stop, "free": self.table.free_tokens}, []
-
-    async def _connect_next(self, s: Session) -> Connection:
-        hop = s.next_hop
-        assert hop is not None
+        s.copy_every = req.copies
         try:
-            with trio.fail_after(NEXT_HOP_TIMEOUT):
-                return await self._dial(hop.transport, hop.host, hop.port, hop.peer)
-        except (PeerUnavailable, trio.TooSlowError, OSError) as exc:
+            if prev is None:
+                s.cache = await rt.run(lambda: rt.new_cache(req.max_tokens, req.batch))
+            s.next_addr = await self._connect_next(req.next_hop)
+        except BaseException:
+            if prev is None:
+                self.table.close(req.sid)  # a session that cannot reach its next hop reserves nothing
+            else:
+                s.next_hop, s.next_addr = route  # a failed re-open leaves the session's route as it was
+            raise
+        log.info("session %s opened (%d tokens x %d) -> %s", req.sid.hex()[:8], req.max_tokens, req.batch,
+                 s.next_addr.describe() if s.next_addr else "client")
+        return sw.OpenReply(rt.start, rt.stop, self.table.free_tokens).to_meta(), []
+
+    async def _connect_next(self, hop: sw.NextHop | None) -> NextAddr | None:
+        """Resolve ``hop`` to its verified record's address and dial it (``None``: last hop)."""
+        if hop is None:
+            return None
+        if hop.start != self.runtime.stop:
+            raise BadRequest(f"the next hop must serve the blocks after this worker's (from {self.runtime.stop}), "
+                             f"not {hop.start}-{hop.stop - 1}")
+        addr = await self._resolve_next(hop)
+        if addr is None:
             raise RemoteError(
-                "next_unreachable",
-                f"cannot reach the next worker {hop.peer.short()} at {hop.host}:{hop.port} over "
-                f"{hop.transport}: {exc}",
-            ) from None
+                ErrorCode.NEXT_UNKNOWN,
+                f"no verified record of peer {hop.peer} serving {self.model_id} blocks "
+                f"{hop.start}-{hop.stop - 1}; this worker dials only addresses a peer announced itself",
+            )
+        try:
+            with trio.fail_after(self.settings.next_hop_timeout):
+                await self._dial(addr.transport, addr.host, addr.port, addr.peer)
+        except _HOP_ERRORS as exc:
+            raise RemoteError(ErrorCode.NEXT_UNREACHABLE,
+                              f"cannot reach the next worker {addr.describe()}: {exc}") from None
+        return addr
 
-    async def set_next(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
-        s = self._own_session(ctx, meta)
-        s.next_hop = wire.decode_next(meta)
-        if s.next_hop is not None:
-            await self._connect_next(s)
-        return {}, []
+    async def set_next(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
+        req = sw.SetNext.from_meta_untrusted(meta)
+        s = self._own_session(ctx, req.sid)
+        addr = await self._connect_next(req.next_hop)
+        s.next_hop, s.next_addr = req.next_hop, addr
+        return sw.Empty().to_meta(), []
 
-    async def close(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
-        sid = wire.get_bytes(meta, "sid")
+    async def close(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
+        sid = sw.Close.from_meta_untrusted(meta).sid
         s = self.table.sessions.get(sid)
         closed = s is not None and s.client == ctx.peer and self.table.close(sid)
-        return {"closed": int(bool(closed)), "free": self.table.free_tokens}, []
+        return sw.CloseReply(bool(closed), self.table.free_tokens).to_meta(), []
 
-    async def stats(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
-        out: Meta = dict(self.counters)
-        out.update(sessions=len(self.table.sessions), free=self.table.free_tokens,
-                   total=self.table.budget_tokens, expired=self.table.expired,
-                   refused=self.table.refused, start=self.runtime.start, stop=self.runtime.stop)
-        if "sid" in meta:
-            s = self.table.sessions.get(wire.get_bytes(meta, "sid"))
-            if s is not None:
-                out.update(s_from_client=s.from_client, s_from_peer=s.from_peer, s_steps=s.next_step,
-                           s_replayed=s.replayed)
-        return out, []
+    async def stats(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
+        req = sw.Stats.from_meta_untrusted(meta)
+        s = self.table.sessions.get(req.sid) if req.sid is not None else None
+        c, t = self.counters, self.table
+        return sw.StatsReply(
+            from_client=c["from_client"], from_peer=c["from_peer"], steps=c["steps"], replayed=c["replayed"],
+            errors=c["errors"], compute_us=c["compute_us"], sessions=len(t.sessions), free=t.free_tokens,
+            total=t.budget_tokens, expired=t.expired, refused=t.refused, start=self.runtime.start,
+            stop=self.runtime.stop,
+            session=None if s is None else sw.SessionCounters(s.from_client, s.from_peer, s.next_step, s.replayed),
+        ).to_meta(), []
 
-    async def flush(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
+    async def flush(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
         """Hand over the recovery copies not yet pushed to the client (it is recovering)."""
-        s = self._own_session(ctx, meta)
+        s = self._own_session(ctx, sw.Flush.from_meta_untrusted(meta).sid)
         steps = sorted(s.pending)
         outs = [s.pending.pop(k) for k in steps]
-        return {"steps": steps, "start": self.runtime.start, "stop": self.runtime.stop}, outs
+        return sw.FlushReply(tuple(steps), self.runtime.start, self.runtime.stop).to_meta(), outs
 
-    async def forward(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
+    async def forward(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
         """Replay one step of a session (rebuilds the cache); the output goes back, not on."""
-        s = self._own_session(ctx, meta)
-        out = await self._compute(s, meta, tensors)
+        req = sw.Forward.from_meta_untrusted(meta)
+        s = self._own_session(ctx, req.sid)
+        out = await self._compute(s, req, tensors)
         s.replayed += 1
         self.counters["replayed"] += 1
-        return {}, [out]
+        return sw.Empty().to_meta(), [out]
 
-    def _own_session(self, ctx: CallContext, meta: Meta) -> Session:
-        s = self.table.get(wire.get_bytes(meta, "sid"), self.clock())
+    def _own_session(self, ctx: CallContext, sid: bytes) -> Session:
+        s = self.table.get(sid, self.clock.monotonic())
         if s.client != ctx.peer:
-            raise SessionError("bad_request", "only the client that opened a session may change it")
+            raise SessionError(ErrorCode.BAD_REQUEST, "only the client that opened a session may change it")
         return s
 
     # -- the data path ---------------------------------------------------------------------
-    async def _compute(self, s: Session, meta: Meta, tensors: list[TensorBlob]) -> TensorBlob:
+    async def _compute(self, s: Session, req: sw.StepRef, tensors: list[TensorBlob]) -> TensorBlob:
         from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
 
-        step = wire.get_int(meta, "step", 0, 1 << 30)
-        pos = wire.get_int(meta, "pos", 0, wire.MAX_SESSION_TOKENS)
-        if len(tensors) != 1:
-            raise wire.BadRequest(f"a step carries exactly one tensor, got {len(tensors)}")
-        seq = wire.check_hidden_shape(tuple(tensors[0].shape), self.hidden_size, s.max_tokens, s.batch)
-        deadline = trio.current_time() + STEP_WAIT
-        while check_step(s, step, pos, seq) == "future":
-            event = self._progress.setdefault(s.sid, trio.Event())
-            with trio.move_on_at(deadline):
-                await event.wait()
-            if trio.current_time() >= deadline:
-                raise SessionError("bad_request", f"step {step} arrived but step {s.next_step} never did")
+        sw.check_tensor_count(tensors, 1, "a step")
+        seq = sw.check_hidden_shape(tuple(tensors[0].shape), self.hidden_size, s.max_tokens, s.batch)
+        with trio.move_on_after(self.settings.step_wait):
+            while check_step(s, req.step, req.pos, seq) == "future":
+                await self._progress.setdefault(s.sid, trio.Event()).wait()
+        if check_step(s, req.step, req.pos, seq) == "future":
+            raise SessionError(ErrorCode.BAD_REQUEST, f"step {req.step} arrived but step {s.next_step} never did")
         x = blob_to_tensor(tensors[0])
+        rt = self.runtime
         s.busy = True
         t0 = time.perf_counter()
         try:
-            y = await self.runtime.run(lambda: self.runtime.forward(x, s.cache, pos))
+            y = await rt.run(lambda: rt.forward(x, s.cache, req.pos))
         finally:
             self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
             s.busy = False
-            s.last_used = self.clock()
-        advance(s, step, pos, seq)
+            s.last_used = self.clock.monotonic()
+        advance(s, req.step, req.pos, seq)
         self.counters["steps"] += 1
         event = self._progress.pop(s.sid, None)
         if event is not None:
@@ -250,42 +272,39 @@ class WorkerService:
         self._nursery.start_soon(self._process_step, conn, meta, tensors)
 
     async def _process_step(self, conn: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
-        sid = b""
-        step = -1
+        sid, step = _best_effort_ids(meta)
         s: Session | None = None
         try:
-            sid = wire.get_bytes(meta, "sid")
-            step = wire.get_int(meta, "step", 0, 1 << 30)
-            s = self.table.get(sid, self.clock())
+            req = sw.Step.from_meta_untrusted(meta)
+            s = self.table.get(req.sid, self.clock.monotonic())
             if conn.peer == s.client:
                 s.from_client += 1
                 self.counters["from_client"] += 1
             else:
                 s.from_peer += 1
                 self.counters["from_peer"] += 1
-            out = await self._compute(s, meta, tensors)
-        except (SessionError, wire.BadRequest, PymeshError) as exc:
-            code = exc.code if isinstance(exc, SessionError) else "bad_request"
+            out = await self._compute(s, req, tensors)
+        except PymeshError as exc:  # SessionError, BadRequest and the rest
+            code = exc.code if isinstance(exc, SessionError) else ErrorCode.BAD_REQUEST
             self.counters["errors"] += 1
             log.warning("step %d of session %s failed: %s", step, sid.hex()[:8], exc)
             target = s.client_conn if s is not None and s.client_conn is not None else conn
             await self._report(target, sid, step, code, str(exc), blame=None)
             return
-        step_meta: Meta = {"sid": sid, "step": step, "pos": meta.get("pos", 0)}
-        if s.next_hop is not None:
-            hop = s.next_hop
+        if s.next_addr is not None:
+            addr = s.next_addr
             try:
-                with trio.fail_after(NEXT_HOP_TIMEOUT):
-                    nconn = await self._dial(hop.transport, hop.host, hop.port, hop.peer)
-                    await nconn.push(wire.STEP, step_meta, [out])
-            except (PeerUnavailable, trio.TooSlowError, OSError) as exc:
-                log.warning("cannot push step %d to next worker %s: %s", step, hop.peer.short(), exc)
-                await self._report(s.client_conn, sid, step, "next_unreachable",
-                                   f"next worker unreachable: {exc}", blame=hop.peer.key)
+                with trio.fail_after(self.settings.next_hop_timeout):
+                    nconn = await self._dial(addr.transport, addr.host, addr.port, addr.peer)
+                    await nconn.push(sw.STEP, req.to_meta(), [out])
+            except _HOP_ERRORS as exc:
+                log.warning("cannot push step %d to next worker %s: %s", step, addr.describe(), exc)
+                await self._report(s.client_conn, sid, step, ErrorCode.NEXT_UNREACHABLE,
+                                   f"next worker unreachable: {exc}", blame=addr.peer)
                 return
         # The result (last hop) goes to the client at once; other hops batch their recovery
         # copies (the client fetches the unsent ones with pm.flush when it needs them).
-        final = s.next_hop is None
+        final = s.next_addr is None
         if not final:
             s.pending[step] = out
             if len(s.pending) < s.copy_every:
@@ -293,35 +312,41 @@ class WorkerService:
         steps = [step] if final else sorted(s.pending)
         outs = [out] if final else [s.pending.pop(k) for k in steps]
         if s.client_conn is not None:
+            msg = sw.Out(sid, step, tuple(steps), final, self.runtime.start, self.runtime.stop)
             try:
-                await s.client_conn.push(
-                    wire.OUT, {"sid": sid, "step": step, "steps": steps, "final": int(final),
-                               "start": self.runtime.start, "stop": self.runtime.stop}, outs)
+                await s.client_conn.push(sw.OUT, msg.to_meta(), outs)
             except PeerUnavailable:
                 log.info("client of session %s is gone; closing it", sid.hex()[:8])
                 self.table.close(sid)
 
-    async def _report(self, conn: Connection | None, sid: bytes, step: int, code: str, msg: str,
-                      blame: bytes | None) -> None:
+    async def _report(self, conn: Connection | None, sid: bytes, step: int, code: ErrorCode, msg: str,
+                      blame: PeerID | None) -> None:
         if conn is None or conn.closed:
             return
-        meta: Meta = {"sid": sid, "step": step, "code": code, "msg": msg[:500],
-                      "start": self.runtime.start, "stop": self.runtime.stop,
-                      "blame": blame if blame is not None else b""}
+        err = sw.Err(sid, step, code, msg[:500], self.runtime.start, self.runtime.stop, blame)
         try:
-            await conn.push(wire.ERR, meta, [])
+            await conn.push(sw.ERR, err.to_meta(), [])
         except PeerUnavailable:
             pass
 
     async def on_relayed_error(self, conn: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
         """The next worker rejected a step we pushed: tell our session's client, blaming it."""
         try:
-            sid = wire.get_bytes(meta, "sid")
-            s = self.table.get(sid)
-            msg = wire.get_str(meta, "msg", 600, default="")
-            code = wire.get_str(meta, "code", 32, default="internal")
-        except (SessionError, wire.BadRequest):
+            err = sw.Err.from_meta_untrusted(meta)
+            s = self.table.get(err.sid)
+        except (SessionError, BadRequest):
             return
-        step = meta.get("step", -1)
-        await self._report(s.client_conn, sid, step if isinstance(step, int) else -1, code,
-                           f"next worker {conn.peer.short()} rejected the step: {msg}", blame=conn.peer.key)
+        if s.next_addr is None or s.next_addr.peer != conn.peer:
+            return  # only the session's own next hop may report against it
+        await self._report(s.client_conn, err.sid, err.step, err.code,
+                           f"next worker {conn.peer.short()} rejected the step: {err.msg}", blame=conn.peer)
+
+
+def _best_effort_ids(meta: Meta) -> tuple[bytes, int]:
+    """The session id and step of a (maybe malformed) step push, for its error report."""
+    sid, step = meta.get("sid"), meta.get("step")
+    if not isinstance(sid, bytes) or len(sid) > sw.MAX_SID_BYTES:
+        sid = b""
+    if not isinstance(step, int) or isinstance(step, bool) or not -1 <= step <= sw.MAX_STEP:
+        step = -1
+    return sid, step

@@ -11,29 +11,26 @@ Time is an argument (``now``), so expiry is tested without sleeping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pymesh.errors import PymeshError
+from pymesh.proto.frames import TensorBlob
 from pymesh.proto.identity import PeerID
+from pymesh.proto.session_wire import ErrorCode, NextHop
+
+if TYPE_CHECKING:
+    from pymesh.model.kv_cache import KVCache
+    from pymesh.net.rpc import Connection
+    from pymesh.worker.directory import NextAddr
 
 
 class SessionError(PymeshError):
     """A session request cannot be served; ``code`` is the RemoteError code to answer with."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class NextHop:
-    """Where a session's output goes after this worker (``None`` in a session = last hop)."""
-
-    peer: PeerID
-    host: str
-    port: int
-    transport: str
 
 
 @dataclass
@@ -42,11 +39,12 @@ class Session:
     client: PeerID
     max_tokens: int
     batch: int
-    next_hop: NextHop | None
+    next_hop: NextHop | None       # what the client asked for (peer + span)
     opened: float
     last_used: float
-    cache: Any = None              # the runtime's KV cache (opaque here)
-    client_conn: Any = None        # the connection the client opened the session on
+    next_addr: "NextAddr | None" = None   # where that peer's verified record says it listens
+    cache: "KVCache | None" = None   # the runtime's KV cache (none in echo mode)
+    client_conn: "Connection | None" = None   # the connection the client opened the session on
     next_step: int = 0             # index of the step expected next
     length: int = 0                # tokens written to the cache so far
     last_pos: int = 0              # start position of the last processed step
@@ -56,7 +54,7 @@ class Session:
     from_peer: int = 0             # step inputs pushed by the previous worker
     replayed: int = 0
     copy_every: int = 1            # push recovery copies to the client every N steps
-    pending: dict[int, Any] = field(default_factory=dict)   # step -> output not yet copied to the client
+    pending: dict[int, TensorBlob] = field(default_factory=dict)   # step -> output not yet copied to the client
 
     @property
     def reserved(self) -> int:
@@ -89,13 +87,13 @@ class SessionTable:
         now: float,
     ) -> Session:
         if not 1 <= len(sid) <= 64:
-            raise SessionError("bad_request", "session id must be 1..64 bytes")
+            raise SessionError(ErrorCode.BAD_REQUEST, "session id must be 1..64 bytes")
         if max_tokens <= 0 or batch <= 0:
-            raise SessionError("bad_request", f"max_tokens ({max_tokens}) and batch ({batch}) must be positive")
+            raise SessionError(ErrorCode.BAD_REQUEST, f"max_tokens ({max_tokens}) and batch ({batch}) must be positive")
         existing = self.sessions.get(sid)
         if existing is not None:
             if existing.client != client:
-                raise SessionError("bad_request", "session id already in use by another client")
+                raise SessionError(ErrorCode.BAD_REQUEST, "session id already in use by another client")
             # Re-opening (e.g. after a client-side retry): keep the cache, update the route.
             existing.next_hop = next_hop
             existing.last_used = now
@@ -104,7 +102,7 @@ class SessionTable:
         if need > self.free_tokens:
             self.refused += 1
             raise SessionError(
-                "refused",
+                ErrorCode.REFUSED,
                 f"session needs {need} cache tokens but only {self.free_tokens} of {self.budget_tokens} "
                 "are free on this worker; use another worker or a shorter max_tokens",
             )
@@ -116,7 +114,7 @@ class SessionTable:
         s = self.sessions.get(sid)
         if s is None:
             raise SessionError(
-                "not_found",
+                ErrorCode.NOT_FOUND,
                 "no such session on this worker (expired, closed or never opened); reopen it and replay",
             )
         if now is not None:
@@ -151,18 +149,18 @@ def check_step(s: Session, step: int, start_pos: int, seq: int) -> str:
     for it and checks again.
     """
     if seq <= 0:
-        raise SessionError("bad_request", f"step {step} carries no tokens")
+        raise SessionError(ErrorCode.BAD_REQUEST, f"step {step} carries no tokens")
     if step == s.next_step:
         if start_pos != s.length:
             raise SessionError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"step {step} starts at position {start_pos} but the session holds {s.length} tokens",
             )
         kind = "next"
     elif step == s.next_step - 1 and step >= 0:
         if start_pos != s.last_pos or seq != s.last_seq:
             raise SessionError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"retry of step {step} at position {start_pos} (x{seq}) does not match the original "
                 f"(position {s.last_pos}, x{s.last_seq})",
             )
@@ -171,11 +169,11 @@ def check_step(s: Session, step: int, start_pos: int, seq: int) -> str:
         return "future"
     else:
         raise SessionError(
-            "bad_request", f"stale step {step}: the session is at step {s.next_step}"
+            ErrorCode.BAD_REQUEST, f"stale step {step}: the session is at step {s.next_step}"
         )
     if start_pos + seq > s.max_tokens:
         raise SessionError(
-            "refused",
+            ErrorCode.REFUSED,
             f"step {step} would write positions up to {start_pos + seq} but the session reserved "
             f"{s.max_tokens} tokens",
         )

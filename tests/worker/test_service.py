@@ -9,11 +9,15 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pymesh.proto.identity import Identity
-from pymesh.worker import wire
+from pymesh.proto import session_wire as wire
+from pymesh.proto.identity import Identity, PeerID
+from pymesh.proto.session_wire import AddrHint, NextHop
+from pymesh.proto.vocab import Transport
+from pymesh.worker.directory import NextAddr
 from pymesh.worker.runtime import load_runtime
 from pymesh.worker.sessions import SessionTable
 
@@ -39,20 +43,38 @@ class Inbox:
                 await self.changed.wait()
 
 
-async def _start(nursery: trio.Nursery, start: int, stop: int, **table: Any) -> Any:
+class Directory:
+    """Stands in for the DHT: the addresses workers announced, by peer and span."""
+
+    def __init__(self) -> None:
+        self.entries: dict[PeerID, tuple[int, int, NextAddr]] = {}
+        self.dialled: list[NextAddr] = []
+
+    async def __call__(self, hop: NextHop) -> NextAddr | None:
+        entry = self.entries.get(hop.peer)
+        if entry is None or not entry[0] <= hop.start < hop.stop <= entry[1]:
+            return None
+        return entry[2]
+
+
+async def _start(nursery: trio.Nursery, start: int, stop: int, directory: Directory | None = None,
+                 **table: Any) -> Any:
     from pymesh.net.rpc import RpcNode
     from pymesh.worker.service import WorkerService
 
+    directory = directory or Directory()
     node = RpcNode(Identity.generate(), transport="tcp")
     await nursery.start(_enter, node)
     port = await node.listen("127.0.0.1", 0)
+    directory.entries[node.peer_id] = (start, stop, NextAddr(node.peer_id, "127.0.0.1", port, Transport.TCP))
 
-    async def dial(transport: str, host: str, p: int, peer: Any) -> Any:
+    async def dial(transport: Transport, host: str, p: int, peer: PeerID) -> Any:
+        directory.dialled.append(NextAddr(peer, host, p, transport))
         return await node.connect(host, p, peer)
 
     svc = WorkerService(load_runtime(None, start, stop, device="cpu", dtype_name="float32"),
                         SessionTable(table.get("budget", 1000), table.get("idle", 60)), model_id="echo",
-                        peer_text=node.peer_id.to_text(), dial=dial, hidden_size=None)
+                        peer=node.peer_id, dial=dial, resolve_next=directory, hidden_size=None)
     svc.register(node)
     await nursery.start(svc.run)
     return node, port, svc
@@ -77,8 +99,9 @@ def test_steps_flow_worker_to_worker_in_order() -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            n1, p1, s1 = await _start(nursery, 0, 2)
-            n2, p2, s2 = await _start(nursery, 2, 4, budget=50)
+            directory = Directory()
+            n1, p1, s1 = await _start(nursery, 0, 2, directory)
+            n2, p2, s2 = await _start(nursery, 2, 4, directory, budget=50)
             client = RpcNode(Identity.generate(), transport="tcp")
             await nursery.start(_enter, client)
             inbox = Inbox()
@@ -92,8 +115,10 @@ def test_steps_flow_worker_to_worker_in_order() -> None:
                 await c2.call(wire.OPEN, {"sid": sid, "max_tokens": 64})
             assert info.value.code == "refused"
             await c2.call(wire.OPEN, {"sid": sid, "max_tokens": 40})
-            nxt = {"peer": n2.peer_id.key, "host": "127.0.0.1", "port": p2, "transport": "tcp"}
-            await c1.call(wire.OPEN, {"sid": sid, "max_tokens": 40, "next": nxt})
+            # The hint names another address: the worker dials what the directory says.
+            nxt = NextHop(n2.peer_id, 2, 4, AddrHint("10.9.9.9", 1, Transport.TCP))
+            await c1.call(wire.OPEN, wire.Open(sid, 40, next_hop=nxt).to_meta())
+            assert directory.dialled[-1] == NextAddr(n2.peer_id, "127.0.0.1", p2, Transport.TCP)
             # Step 1 arrives before step 0: it waits for it, then both flow on in order.
             await c1.push(wire.STEP, {"sid": sid, "step": 1, "pos": 3}, [_blob(1.0)])
             await trio.sleep(0.2)
@@ -136,7 +161,8 @@ _meta = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["next", "sid", "step", "x"]), _meta, max_size=4))
 def test_wire_readers_raise_only_bad_request(meta: dict[str, Any]) -> None:
-    for read in (wire.decode_next, lambda m: wire.get_bytes(m, "sid"), lambda m: wire.get_int(m, "step")):
+    for read in (wire.SetNext.from_meta_untrusted, lambda m: wire.get_bytes(m, "sid"),
+                 lambda m: wire.get_int(m, "step")):
         try:
             read(meta)
         except wire.BadRequest:
@@ -151,3 +177,67 @@ def test_hidden_shape_check_raises_only_bad_request(shape: list[int]) -> None:
     except wire.BadRequest:
         return
     assert 0 < seq <= 128 and len(shape) == 3
+
+
+def test_next_hop_without_a_verified_record_is_refused_naming_the_peer() -> None:
+    from pymesh.net.rpc import RemoteError, RpcNode
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            directory = Directory()
+            n1, p1, s1 = await _start(nursery, 0, 2, directory)
+            n2, p2, s2 = await _start(nursery, 2, 4, Directory())   # announced nowhere n1 can see
+            client = RpcNode(Identity.generate(), transport="tcp")
+            await nursery.start(_enter, client)
+            c1 = await client.connect("127.0.0.1", p1, n1.peer_id)
+            sid = b"n" * 16
+            # The request names n2 and even its right address: not enough without n2's record.
+            hint = AddrHint("127.0.0.1", p2, Transport.TCP)
+            with pytest.raises(RemoteError) as info:
+                await c1.call(wire.OPEN, wire.Open(sid, 8, next_hop=NextHop(n2.peer_id, 2, 4, hint)).to_meta())
+            assert info.value.code == wire.ErrorCode.NEXT_UNKNOWN and str(n2.peer_id) in info.value.message
+            assert directory.dialled == [] and s1.table.sessions == {}   # nothing dialled, nothing reserved
+            # A next hop that does not continue this worker's span is a bad request.
+            with pytest.raises(RemoteError) as info:
+                await c1.call(wire.OPEN, wire.Open(sid, 8, next_hop=NextHop(n2.peer_id, 3, 4)).to_meta())
+            assert info.value.code == wire.ErrorCode.BAD_REQUEST and "blocks after" in info.value.message
+            # set_next resolves the same way; the session keeps its old route on failure.
+            await c1.call(wire.OPEN, wire.Open(sid, 8).to_meta())
+            with pytest.raises(RemoteError) as info:
+                await c1.call(wire.SET_NEXT, wire.SetNext(sid, NextHop(n2.peer_id, 2, 4, hint)).to_meta())
+            assert info.value.code == wire.ErrorCode.NEXT_UNKNOWN
+            assert s1.table.sessions[sid].next_addr is None
+            directory.entries[n2.peer_id] = (2, 4, NextAddr(n2.peer_id, "127.0.0.1", p2, Transport.TCP))
+            await c1.call(wire.SET_NEXT, wire.SetNext(sid, NextHop(n2.peer_id, 2, 4)).to_meta())
+            assert s1.table.sessions[sid].next_addr == directory.entries[n2.peer_id][2]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_idle_sessions_expire_on_the_injected_clock() -> None:
+    """No sockets: the service's expiry loop under trio's virtual clock (30 s take no time)."""
+    from pymesh.net.clock import TrioClock
+    from pymesh.worker.service import WorkerService
+
+    async def never(*args: Any) -> Any:
+        raise AssertionError("nothing is dialled in this test")
+
+    async def main() -> None:
+        clock = TrioClock()
+        svc = WorkerService(load_runtime(None, 0, 2, device="cpu", dtype_name="float32"),
+                            SessionTable(100, idle_timeout=30), model_id="echo", peer=PeerID(b"w" * 32),
+                            dial=never, resolve_next=never, hidden_size=None, clock=clock)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.run)
+            svc.table.open(b"e", PeerID(b"c" * 32), 8, 1, None, clock.monotonic())
+            await trio.sleep(20)
+            assert len(svc.table.sessions) == 1
+            svc.table.get(b"e", clock.monotonic())        # used: the idle time starts again
+            await trio.sleep(25)
+            assert len(svc.table.sessions) == 1
+            await trio.sleep(10)
+            assert svc.table.sessions == {} and svc.table.expired == 1
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
