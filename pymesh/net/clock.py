@@ -25,15 +25,18 @@ class Clock(Protocol):
         ...
 
 
+#: (time.time(), trio.current_time()) taken once per trio run, shared by every TrioClock in
+#: it: nodes created at different virtual times must agree on the wall time.
+_ANCHOR: trio.lowlevel.RunVar[tuple[float, float]] = trio.lowlevel.RunVar("pymesh_wall_anchor")
+
+
 class TrioClock:
     """trio's clock (virtual under a MockClock) plus a wall clock that moves with it.
 
-    ``monotonic()`` works only inside ``trio.run``. ``wall()`` anchors at its first call
-    inside ``trio.run``; before that (a node built outside any run) it is ``time.time()``.
+    ``monotonic()`` works only inside ``trio.run``. ``wall()`` is anchored to ``time.time()``
+    once per run (every TrioClock of the run shares the anchor, so virtual time moves all of
+    them alike); outside any run it is plain ``time.time()``.
     """
-
-    def __init__(self) -> None:
-        self._anchor: tuple[float, float] | None = None
 
     def monotonic(self) -> float:
         return trio.current_time()
@@ -43,9 +46,11 @@ class TrioClock:
             now = trio.current_time()
         except RuntimeError:  # not inside trio.run
             return time.time()
-        if self._anchor is None:
-            self._anchor = (time.time(), now)
-        wall0, mono0 = self._anchor
+        try:
+            wall0, mono0 = _ANCHOR.get()
+        except LookupError:
+            wall0, mono0 = time.time(), now
+            _ANCHOR.set((wall0, mono0))
         return wall0 + (now - mono0)
 
 

@@ -77,6 +77,14 @@ class DHTRecords:
         self.own: dict[str, WorkerRecord] = {}          # this node's records, refreshed each heartbeat
         self._published_at: dict[str, float] = {}       # model id -> wall time of the last publish
         self._warned_versions: set[object] = set()
+        self._last_stamp = 0.0
+
+    def _stamp(self) -> float:
+        """A timestamp for a record this node signs: the wall clock, but always at least 1 ms
+        (the wire's precision) past the previous one, so a newer version always replaces
+        the older (an offline record right after an online one, or under a virtual clock)."""
+        self._last_stamp = max(self.clock.wall(), self._last_stamp + 0.001)
+        return self._last_stamp
 
     # -- writing -------------------------------------------------------------------------
     async def publish_record(self, record: WorkerRecord) -> int:
@@ -87,7 +95,7 @@ class DHTRecords:
         An offline record (a node going away) gets one attempt of at most
         ``config.offline_deadline`` seconds: shutdown must not hang on a dead swarm."""
         if record.peer_id == self.net.identity.peer_id or not record.signature:
-            record = record.signed(self.net.identity, timestamp=self.clock.wall())
+            record = record.signed(self.net.identity, timestamp=self._stamp())
             self.own[record.model_id] = record
         elif not record.verify():
             raise LocalProtocolError("publish_record: the record's signature does not verify; "

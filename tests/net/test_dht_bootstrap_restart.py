@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from contextlib import AsyncExitStack
 
 import pytest
 import trio
+import trio.testing
 
 from pymesh.net.dht import DHTConfig, DHTNode
 from pymesh.proto.addr import PeerAddr
@@ -42,15 +42,15 @@ def test_restarted_bootstrap_relearns_swarm_and_records() -> None:
             again = await stack.enter_async_context(
                 DHTNode(Identity.generate(), host="127.0.0.1", port=port, config=cfg()))
             assert len(again.core.routing) == 0
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and len(again.core.routing) < len(nodes):
+            deadline = trio.current_time() + 20
+            while trio.current_time() < deadline and len(again.core.routing) < len(nodes):
                 await trio.sleep(0.25)
             assert len(again.core.routing) == len(nodes), "the restarted bootstrap did not hear from every node"
             async with DHTNode(Identity.generate(), host="127.0.0.1", bootstrap=boot, config=cfg(),
                                read_only=True) as client:
                 recs = await client.find_model_records(MODEL)
             assert [(r.start, r.stop) for r in recs] == [(0, 2)]
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))  # virtual time: no real waits
 
 
 @pytest.mark.timeout(30)
@@ -67,9 +67,9 @@ def test_dead_bootstrap_is_retried_with_backoff() -> None:
             with trio.move_on_after(6.0):
                 while True:  # the node queries the silent address; count how often
                     await probe.recvfrom(2048)
-                    got.append(time.monotonic())
+                    got.append(trio.current_time())
             # period 1 s, backoff doubling to 8 s: well under one query per tick over 6 s
             assert 1 <= len(got) <= 4, got
             assert (node._boot_retry.wait(dead) or 0.0) > 1.0
         probe.close()
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))  # virtual time: no real waits

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
 
 import pytest
 import trio
+import trio.testing
 
 from pymesh.errors import LocalProtocolError
 from pymesh.net.dht import DHTConfig, DHTNode, DHTRemoteError
@@ -76,8 +76,8 @@ def test_record_expires_once_refreshing_stops_and_offline_at_shutdown() -> None:
             await trio.sleep(4.0)  # longer than the TTL: heartbeats keep both alive
             assert len(await client.find_model_records(MODEL)) == 2
             w1.stop_refreshing()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            deadline = trio.current_time() + 10
+            while trio.current_time() < deadline:
                 found = await client.find_model_records(MODEL)
                 if [r.start for r in found] == [4]:
                     break
@@ -91,7 +91,7 @@ def test_record_expires_once_refreshing_stops_and_offline_at_shutdown() -> None:
             assert await client.find_block_providers(MODEL, 9) == []
             offline = [r for r in await client.list_records(MODEL) if r.start == 8]
             assert offline and offline[0].state == "offline"
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))  # virtual time: no real waits
 
 
 @pytest.mark.timeout(120)

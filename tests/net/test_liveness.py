@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from pymesh.errors import PeerUnavailable
 from pymesh.net.rpc import RpcNode, TransportConfig
@@ -72,4 +73,4 @@ def test_quiet_connection_survives_mismatched_idle_timeouts(transport: str) -> N
             assert not conn.closed, conn.close_reason
             meta, _ = await conn.call("echo", {"alive": 1}, timeout=5)
             assert meta == {"alive": 1}
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))  # virtual time: no real waits
