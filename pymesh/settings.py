@@ -70,6 +70,39 @@ ENV_VARS: dict[str, str] = {
 }
 
 
+#: name -> the :class:`Settings` attribute holding it (dotted); the C++ knobs have none
+FIELDS: dict[str, str] = {
+    "PYMESH_TRANSPORT_TIMEOUT": "transport_timeout",
+    "PYMESH_RECORD_TTL": "record_ttl",
+    "PYMESH_HEARTBEAT": "heartbeat",
+    "PYMESH_DHT_TIMEOUT": "dht_timeout",
+    "PYMESH_STEP_WAIT": "worker.step_wait",
+    "PYMESH_NEXT_HOP_TIMEOUT": "worker.next_hop_timeout",
+    "PYMESH_SESSION_IDLE": "worker.session_idle",
+    "PYMESH_REBALANCE_PERIOD": "worker.rebalance_period",
+    "PYMESH_JOIN_SETTLE": "worker.join_settle",
+    "PYMESH_MAX_BLOCKS": "worker.max_blocks",
+    "PYMESH_THROUGHPUT": "worker.throughput",
+    "PYMESH_SKIP_THROUGHPUT": "worker.skip_throughput",
+    "PYMESH_THREADS": "runtime.threads",
+    "PYMESH_BAN_SECONDS": "client.ban_seconds",
+    "PYMESH_DISCOVERY_TIMEOUT": "client.discovery_timeout",
+    "PYMESH_CLIENT_RPC_TIMEOUT": "client.rpc_timeout",
+    "PYMESH_COPY_EVERY": "client.copy_every",
+    "PYMESH_STEP_TIMEOUT": "client.step_timeout",
+    "PYMESH_PROBE_AFTER": "client.probe_after",
+    "PYMESH_PROBE_TIMEOUT": "client.probe_timeout",
+    "PYMESH_MAX_RECOVERIES": "client.max_recoveries",
+    "PYMESH_REQUIRE_C": "runtime.require_c",
+    "PYMESH_FAST_DECODE": "runtime.fast_decode",
+    "PYMESH_HOME": "runtime.home",
+    "PYMESH_CACHE": "runtime.cache",
+    "PYMESH_SMOLLM2_GGUF": "runtime.smollm2_gguf",
+    "PYMESH_LOG_LEVEL": "log_level",
+    "PYMESH_REPORT_MODULES": "report_modules",
+}
+
+
 def _get(env: Mapping[str, str], name: str) -> str | None:
     text = env.get(name)
     if text is None or text.strip() == "":
@@ -183,20 +216,29 @@ class RuntimeSettings:
     require_c: bool = False            # PYMESH_REQUIRE_C
     fast_decode: bool = True           # PYMESH_FAST_DECODE
     home: Path = field(default_factory=lambda: Path.home() / ".pymesh")   # PYMESH_HOME
-    cache: Path | None = None          # PYMESH_CACHE (None: XDG default, see model.pull)
+    cache: Path | None = None          # PYMESH_CACHE, else $XDG_CACHE_HOME/pymesh (None: ~/.cache/pymesh)
     smollm2_gguf: Path | None = None   # PYMESH_SMOLLM2_GGUF
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "RuntimeSettings":
         home, cache, gguf = _get(env, "PYMESH_HOME"), _get(env, "PYMESH_CACHE"), _get(env, "PYMESH_SMOLLM2_GGUF")
+        xdg = _get(env, "XDG_CACHE_HOME")
+        if cache:
+            cache_dir: Path | None = Path(cache).expanduser()
+        else:
+            cache_dir = Path(xdg).expanduser() / "pymesh" if xdg else None
         return cls(
             threads=env_int(env, "PYMESH_THREADS", None),
             require_c=env_flag(env, "PYMESH_REQUIRE_C", False),
             fast_decode=env_flag(env, "PYMESH_FAST_DECODE", True),
             home=Path(home).expanduser() if home else Path.home() / ".pymesh",
-            cache=Path(cache).expanduser() if cache else None,
+            cache=cache_dir,
             smollm2_gguf=Path(gguf).expanduser() if gguf else None,
         )
+
+    def cache_root(self) -> Path:
+        """The folder pulled models live in (``cache``, or ``~/.cache/pymesh``)."""
+        return self.cache if self.cache is not None else Path.home() / ".cache" / "pymesh"
 
 
 @dataclass(frozen=True)
@@ -210,6 +252,8 @@ class Settings:
     heartbeat: float = 60.0            # PYMESH_HEARTBEAT
     dht_timeout: float = 2.0           # PYMESH_DHT_TIMEOUT
     transport_timeout: float = 30.0    # PYMESH_TRANSPORT_TIMEOUT
+    log_level: str | None = None       # PYMESH_LOG_LEVEL (None: from -v / -q)
+    report_modules: bool = False       # PYMESH_REPORT_MODULES
 
     def dht_config(self, **overrides: object) -> "DHTConfig":
         from pymesh.net.dht import DHTConfig
@@ -234,8 +278,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker=WorkerSettings.from_env(e),
         client=ClientSettings.from_env(e),
         runtime=RuntimeSettings.from_env(e),
-        record_ttl=env_float(e, "PYMESH_RECORD_TTL", 300.0),
-        heartbeat=env_float(e, "PYMESH_HEARTBEAT", 60.0),
-        dht_timeout=env_float(e, "PYMESH_DHT_TIMEOUT", 2.0),
-        transport_timeout=env_float(e, "PYMESH_TRANSPORT_TIMEOUT", 30.0),
+        record_ttl=env_float(e, "PYMESH_RECORD_TTL", Settings.record_ttl),
+        heartbeat=env_float(e, "PYMESH_HEARTBEAT", Settings.heartbeat),
+        dht_timeout=env_float(e, "PYMESH_DHT_TIMEOUT", Settings.dht_timeout),
+        transport_timeout=env_float(e, "PYMESH_TRANSPORT_TIMEOUT", Settings.transport_timeout),
+        log_level=_log_level(e),
+        report_modules=env_flag(e, "PYMESH_REPORT_MODULES", False),
     )
+
+
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _log_level(env: Mapping[str, str]) -> str | None:
+    text = _get(env, "PYMESH_LOG_LEVEL")
+    if text is None:
+        return None
+    if text.upper() not in _LOG_LEVELS:
+        raise SettingsError(f"environment variable PYMESH_LOG_LEVEL={text!r} must be one of "
+                            f"{', '.join(_LOG_LEVELS)}")
+    return text.upper()

@@ -27,6 +27,15 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 os.environ.setdefault("MKL_NUM_THREADS", str(TEST_THREADS))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The test command exports PYMESH_REQUIRE_C=1 (a missing _C must fail the kernel tests): the
+# model's process-wide switches come from the environment here, as the CLI sets them in its processes.
+from pymesh.settings import load_settings as _load_settings  # noqa: E402
+
+SETTINGS = _load_settings()
+from pymesh.model.switches import set_switches as _set_switches  # noqa: E402
+
+_set_switches(require_c=SETTINGS.runtime.require_c, fast_decode=SETTINGS.runtime.fast_decode)
+
 try:  # bounded property tests, no per-example deadline (the CPU is shared and contended)
     from hypothesis import settings as _hyp_settings
 
@@ -48,10 +57,10 @@ def _torch_threads() -> None:
 
 def _pull(dtype: str) -> Path:
     from pymesh.errors import PymeshError
-    from pymesh.model.pull import pull_default_model
+    from pymesh.model.pull import pull_runtime
 
     try:
-        return pull_default_model(progress=False, dtype=dtype)
+        return pull_runtime(SETTINGS.runtime, progress=False, dtype=dtype)
     except PymeshError as exc:
         if "could not download" in str(exc):
             pytest.skip(f"SmolLM2 is not cached and cannot be downloaded: {exc}")
@@ -74,7 +83,8 @@ def smollm2_gguf() -> Path:
     from pymesh.model.pull import default_gguf
 
     try:
-        return default_gguf(progress=False)
+        return default_gguf(progress=False, root=SETTINGS.runtime.cache_root(),
+                            override=SETTINGS.runtime.smollm2_gguf)
     except PymeshError as exc:
         if "could not download" in str(exc):
             pytest.skip(f"the SmolLM2 GGUF is not cached and cannot be downloaded: {exc}")

@@ -145,14 +145,18 @@ RUNNERS: dict[str, Callable[[Path, str], Runner]] = {"pymesh": pymesh_runner, "t
 def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     """Measure in a fresh child process, so OpenMP starts with the PASSIVE wait policy and the
     requested thread count whatever this process has already imported."""
+    from pymesh.cli.common import settings_of
+
+    settings = settings_of(args)
     quick = getattr(args, "quick", False)
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
-        from pymesh.model.pull import pull_default_model
+        from pymesh.model.pull import pull_runtime
 
-        model_dir = pull_default_model(progress=True)
+        model_dir = pull_runtime(settings.runtime, progress=True)
     spec = {"model_dir": str(model_dir), "new_tokens": args.new_tokens or (32 if quick else 128),
+            "require_c": settings.runtime.require_c, "fast_decode": settings.runtime.fast_decode,
             "repeats": args.repeats or (1 if quick else 3), "threads": args.threads,
             "dtypes": [d for d in args.dtypes.split(",") if d], "engines": [e for e in args.engines.split(",") if e]}
     for name in spec["engines"]:
@@ -186,15 +190,17 @@ def _measure(spec: dict[str, Any]) -> None:
     """The child process: runs every engine and dtype, prints progress and result as JSON lines."""
     import torch
 
-    from pymesh.model.generate import set_threads
+    from pymesh.model.switches import set_switches
     from pymesh.model.tokenizer import load_tokenizer
+    from pymesh.model.torch_setup import configure_threads
 
     def emit(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
 
     model_dir, n, repeats, threads = Path(spec["model_dir"]), spec["new_tokens"], spec["repeats"], spec["threads"]
-    set_threads(threads)
+    configure_threads(threads, shared=False)
+    set_switches(require_c=spec.get("require_c", False), fast_decode=spec.get("fast_decode", True))
     ids = load_tokenizer(model_dir).encode(PROMPT)
     notes = [f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
              f"prompt {len(ids)} tokens, {n} new greedy tokens, {threads} threads, best of {repeats} runs"]

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pymesh.settings import Settings
+
 log = logging.getLogger(__name__)
 
 PROMPT_TEXT = (
@@ -94,7 +96,7 @@ def single_process(model_dir: Path, ids: list[int], n: int, repeats: int) -> tup
 
 
 async def swarm_runs(bootstrap: str, model_dir: Path, transport: str, ids: list[int], n: int,
-                     repeats: int) -> tuple[float, float, list[int]]:
+                     repeats: int, settings: Settings | None = None) -> tuple[float, float, list[int]]:
     from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
     from pymesh.client.swarm import Swarm
     from pymesh.model.sampling import SamplingParams
@@ -102,7 +104,10 @@ async def swarm_runs(bootstrap: str, model_dir: Path, transport: str, ids: list[
     model = ClientModel(model_dir)
     best = (float("inf"), 0.0)
     tokens: list[int] = []
-    async with Swarm([bootstrap], model.model_id, transport=transport) as swarm:
+    from pymesh.cli.common import accepted_kwargs
+
+    async with Swarm([bootstrap], model.model_id, transport=transport,
+                     **accepted_kwargs(Swarm, settings=settings or Settings())) as swarm:
         for _ in range(repeats):
             stats = GenerationStats()
             tokens = [t async for t in generate_tokens(swarm, model, ids, SamplingParams(max_new_tokens=n),
@@ -117,18 +122,20 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     from pymesh.demo.procs import Supervisor, free_port, pymesh_argv
     from pymesh.model.config import load_config
     from pymesh.model.tokenizer import load_tokenizer
-    from pymesh.worker.runtime import configure_threads
+    from pymesh.cli.common import settings_of, threads_of
+    from pymesh.model.torch_setup import configure_threads
 
+    settings = settings_of(args)
     quick = getattr(args, "quick", False)
     n = args.new_tokens or (32 if quick else 128)
     repeats = args.repeats or (1 if quick else 2)
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
-        from pymesh.model.pull import pull_default_model
+        from pymesh.model.pull import pull_runtime
 
-        model_dir = pull_default_model(progress=True)
-    threads = configure_threads(args.threads)
+        model_dir = pull_runtime(settings.runtime, progress=True)
+    threads = configure_threads(threads_of(args, settings))
     cfg = load_config(model_dir)
     ids = prompt_of(load_tokenizer(model_dir), args.prompt_tokens)
     transports = [t for t in args.transports.split(",") if t]
@@ -160,7 +167,8 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
         measured = []
         for transport in transports:
             progress.update(task, description=f"swarm over {transport}: {len(spans)} workers, {n} tokens")
-            ttft, rate, _tokens = trio.run(swarm_runs, f"127.0.0.1:{bport}", model_dir, transport, ids, n, repeats)
+            ttft, rate, _tokens = trio.run(swarm_runs, f"127.0.0.1:{bport}", model_dir, transport, ids, n, repeats,
+                                             settings)
             measured.append((transport, ttft, rate))
             progress.advance(task)
         # The baseline again, after the swarm: on a shared machine the load drifts, and the

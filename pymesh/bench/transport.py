@@ -144,13 +144,17 @@ def _serve_aioquic(packet_size: int) -> None:
 # =========================================================================== clients
 
 
+#: pid of the server process (the client role's ``--server-pid``), for its CPU seconds
+_SERVER_PID: int | None = None
+
+
 class _Cpu:
     """CPU seconds used by this process and by the server process (Linux /proc), so the
     report can show cost per call and per byte, which other load on the machine skews
     far less than wall-clock figures."""
 
     def __init__(self) -> None:
-        pid = os.environ.get("PYMESH_BENCH_SERVER_PID")
+        pid = _SERVER_PID
         self.stat = f"/proc/{pid}/stat" if pid else None
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -297,7 +301,10 @@ def _role_main(argv: list[str]) -> None:
     p.add_argument("--rtt-calls", type=int, default=300)
     p.add_argument("--bulk-calls", type=int, default=8)
     p.add_argument("--cc", default="reno")
+    p.add_argument("--server-pid", type=int, default=None)
     a = p.parse_args(argv)
+    global _SERVER_PID
+    _SERVER_PID = a.server_pid
     pymesh_transport = {"pymesh-quic": "quic", "pymesh-tcp": "tcp", "pymesh-tcp-plain": "tcp-plain"}
     if a.role == "server":
         if a.transport == "udp-floor":
@@ -329,8 +336,8 @@ def run_case(transport: str, packet_size: int | None, *, rtt_calls: int, bulk_ca
         ready = server.stdout.readline().split()
         if not ready or ready[0] != "READY":
             raise RuntimeError(f"bench server for {transport} did not start (exit {server.poll()})")
-        env["PYMESH_BENCH_SERVER_PID"] = str(server.pid)
         out = subprocess.run(base + ["client", transport, "--port", ready[1], "--peer", ready[2],
+                                     "--server-pid", str(server.pid),
                                      "--rtt-calls", str(rtt_calls), "--bulk-calls", str(bulk_calls)] + ps,
                              capture_output=True, text=True, timeout=timeout, env=env)
         if out.returncode != 0:

@@ -58,6 +58,8 @@ def _part_args(module: Any, args: argparse.Namespace) -> argparse.Namespace:
     part_args = sp.parse_args([])
     for key in ("json", "out", "quick"):
         setattr(part_args, key, getattr(args, key))
+    if hasattr(args, "settings"):
+        part_args.settings = args.settings
     return part_args
 
 

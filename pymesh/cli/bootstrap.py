@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
+    from pymesh.cli.common import settings_of
     from pymesh.errors import ConfigError
     from pymesh.net.dht import DHTNode
     from pymesh.proto.addr import PeerAddr, parse_addr
@@ -52,18 +52,20 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not in 1..65535")
-    identity = Identity.load_or_create(args.identity or default_identity_path("bootstrap"))
+    settings = settings_of(args)
+    identity = Identity.load_or_create(args.identity or default_identity_path("bootstrap", settings.runtime.home))
     peers = [parse_addr(a) for a in args.bootstrap]
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with DHTNode(identity, host=args.host, port=args.port, bootstrap=peers) as node:
+            async with DHTNode(identity, host=args.host, port=args.port, bootstrap=peers,
+                               config=settings.dht_config()) as node:
                 host = args.announce_addr or (args.host if args.host not in ("0.0.0.0", "") else _local_ip())
                 addr = PeerAddr(host, node.port, "udp", identity.peer_id)
                 print(f"peer id: {identity.peer_id}", flush=True)
                 print(f"bootstrap address: {addr.hostport()}", flush=True)
                 print(f"bootstrap multiaddr: {addr.to_multiaddr()}", flush=True)
-                if os.environ.get("PYMESH_REPORT_MODULES"):
+                if settings.report_modules:
                     print(f"torch imported: {'torch' in sys.modules}", flush=True)
                 log.info("bootstrap node %s serving on udp %s:%d", identity.peer_id.short(), args.host, node.port)
                 async for signum in signals:

@@ -5,15 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
+from pymesh.cli.common import accepted_kwargs, check_device, settings_of, threads_of
 from pymesh.errors import ConfigError
-
-# OpenMP reads its settings when torch loads it (this command's arguments may import torch):
-# several pymesh processes share the CPU, so none may spin while waiting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("pymesh.client")
 
@@ -42,12 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import trio
 
-    from pymesh.worker.runtime import configure_threads
+    from pymesh.model.torch_setup import configure_threads
 
-    configure_threads(args.threads)
+    configure_threads(threads_of(args, settings_of(args)))
     if args.model_path is None:
         return trio.run(_network_test, args)
     if not args.prompt:
@@ -67,7 +62,6 @@ def _range(args: argparse.Namespace, num_layers: int | None) -> tuple[int, int] 
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from pymesh.cli.worker import check_device
     from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
     from pymesh.client.swarm import Swarm
     from pymesh.model.sampling import sampling_params_from_args
@@ -85,7 +79,8 @@ async def _generate(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     decoder = model.tokenizer.stream_decoder()
     stop_text = StopText(params.stop)  # like `pymesh generate`: the stop text itself is never shown
-    async with Swarm(args.bootstrap, model.model_id, transport=args.transport) as swarm:
+    async with Swarm(args.bootstrap, model.model_id, transport=args.transport,
+                     **accepted_kwargs(Swarm, settings=settings_of(args))) as swarm:
         async for token in generate_tokens(swarm, model, ids, params, stats=stats):
             if not args.json:
                 sys.stdout.write(stop_text.push(decoder.push(token)))
@@ -114,7 +109,8 @@ async def _network_test(args: argparse.Namespace) -> int:
         raise ConfigError("the echo network test needs --chain (which layers the echo workers serve), "
                           "or --model-path to generate")
     t0 = time.perf_counter()
-    async with Swarm(args.bootstrap, args.model_name or "echo", transport=args.transport) as swarm:
+    async with Swarm(args.bootstrap, args.model_name or "echo", transport=args.transport,
+                     **accepted_kwargs(Swarm, settings=settings_of(args))) as swarm:
         res = await run_network_test(swarm, layers[0], layers[1], hidden=args.hidden_size, rounds=args.rounds)
     if args.json:
         json.dump({"route": res.route, "hop_ms": [round(h, 3) for h in res.hop_ms],

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from pymesh.cli.common import settings_of
     from pymesh.demo.run import DEFAULT_PROMPTS, DemoOptions, run_demo
     from pymesh.errors import ConfigError
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         keep_logs=args.keep_logs,
         worker_args=list(args.worker_arg),
+        settings=settings_of(args),
     )
     if not args.verbose:
         # The demo narrates what happens; library INFO lines would drown it (-v brings them back).

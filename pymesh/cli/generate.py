@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,18 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from pymesh.cli.worker import check_device
+    from pymesh.cli.common import check_device, settings_of, threads_of
     from pymesh.errors import ConfigError
     from pymesh.model.config import load_config
-    from pymesh.model.generate import LocalModel, eos_ids, make_stop_check, prompt_ids, set_threads
+    from pymesh.model.generate import LocalModel, eos_ids, make_stop_check, prompt_ids
     from pymesh.model.sampling import StopText, sampling_params_from_args
     from pymesh.model.tokenizer import load_tokenizer
+    from pymesh.model.torch_setup import configure_threads
 
-    threads = args.threads
-    if threads is None and os.environ.get("PYMESH_THREADS"):
-        threads = int(os.environ["PYMESH_THREADS"])
-    set_threads(threads)
+    configure_threads(threads_of(args, settings_of(args)), shared=False)  # one process alone: every core
     params = sampling_params_from_args(args)
     check_device(args.device)  # one line, not a torch traceback, for --device cuda without CUDA
     root = Path(args.model_path)

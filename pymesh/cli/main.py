@@ -4,6 +4,11 @@ Each subcommand lives in its own module under ``pymesh.cli`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``. Those modules import nothing
 heavy at module level (``pymesh bootstrap`` must never import torch), so the whole
 parser can be built cheaply.
+
+``main`` reads the environment once (:func:`pymesh.settings.load_settings`; a bad
+``PYMESH_*`` value is a one-line error and exit status 2) and hands the result to the
+subcommand as ``args.settings``. It also sets ``OMP_WAIT_POLICY`` before any subcommand can
+import torch (OpenMP reads it when torch loads it).
 """
 
 from __future__ import annotations
@@ -62,9 +67,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: int, quiet: bool, log_file: str | None) -> None:
+def configure_logging(verbose: int, quiet: bool, log_file: str | None, env_level: str | None = None) -> None:
+    """Root logging from -v / -q; ``env_level`` (``PYMESH_LOG_LEVEL``, a level name) wins."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
-    env_level = os.environ.get("PYMESH_LOG_LEVEL")
     if env_level:
         level = getattr(logging, env_level.upper(), level)
     handlers: list[logging.Handler] = []
@@ -84,6 +89,9 @@ def configure_logging(verbose: int, quiet: bool, log_file: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Several pymesh processes share the CPU, so none may spin while waiting. OpenMP reads
+    # this when torch loads it: set before any subcommand module (or its arguments) imports torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Build only the chosen subcommand's arguments: keeps start-up cheap.
     only = next((a for a in argv if a in SUBCOMMANDS), None)
@@ -95,8 +103,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_unavailable", None):
         print(f"pymesh: the '{args._unavailable}' command is not available in this build yet", file=sys.stderr)
         return 2
-    configure_logging(args.verbose, args.quiet, args.log_file)
     from pymesh.errors import PymeshError
+    from pymesh.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"pymesh {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    args.settings = settings
+    configure_logging(args.verbose, args.quiet, args.log_file, settings.log_level)
+    from pymesh.cli.common import apply_runtime_switches
+
+    apply_runtime_switches(settings)
 
     try:
         return int(args._run(args) or 0)

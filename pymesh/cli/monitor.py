@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import trio
     from rich.console import Console
 
+    from pymesh.cli.common import settings_of
     from pymesh.errors import ConfigError
     from pymesh.monitor.app import MonitorOptions, monitor_loop
     from pymesh.monitor.state import snapshot
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         poll_timeout=args.timeout,
         host=args.host,
         model_blocks=None,
+        settings=settings_of(args),
     )
     if args.json and not args.once:
         raise ConfigError("--json prints one snapshot: use it together with --once")

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from pymesh.cli.common import accepted_kwargs, check_device, settings_of, threads_of, with_flags
 from pymesh.errors import ConfigError
-
-# OpenMP reads its settings when torch loads it (this command's arguments may import torch):
-# several pymesh processes share the CPU, so none may spin while waiting.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,27 +46,10 @@ def parse_layers(text: str) -> tuple[int, int]:
     return lo, hi + 1
 
 
-def check_device(device: str) -> None:
-    """ConfigError (one line) for a device this machine does not have."""
-    if device == "cpu":
-        return
-    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ConfigError(f"--device {device!r} is not a device pymesh runs on; use cpu, cuda or cuda:N")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
-                          "use --device cpu")
-    index = int(device[5:]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-
-
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
     import trio
 
-    from pymesh.worker.runtime import configure_threads
+    from pymesh.model.torch_setup import configure_threads
     from pymesh.worker.server import WorkerOptions, run_worker
 
     if args.port and not 0 < args.port < 65535:
@@ -84,13 +63,15 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers) if args.layers else None
     if args.model_path is None and layers is None and args.num_layers is None:
         raise ConfigError("echo mode (no --model-path) needs --layers A-B (or --num-layers N to place itself)")
-    configure_threads(args.threads)
+    settings = with_flags(settings_of(args), threads=args.threads, max_blocks=args.max_blocks)
+    threads = configure_threads(threads_of(args, settings))
+    extra = accepted_kwargs(WorkerOptions, settings=settings)
     opts = WorkerOptions(
         bootstrap=args.bootstrap, layers=layers, model_path=args.model_path, model_name=args.model_name,
         device=args.device, dtype=args.dtype, host=args.host, port=args.port, dht_port=args.dht_port,
         announce_addr=args.announce_addr, transport=args.transport, cache_tokens=args.cache_tokens,
-        identity=args.identity, threads=args.threads, max_blocks=args.max_blocks, num_layers=args.num_layers,
-        progress=not args.quiet,
+        identity=args.identity, threads=threads, max_blocks=settings.worker.max_blocks,
+        num_layers=args.num_layers, progress=not args.quiet, **extra,
     )
     try:
         trio.run(run_worker, opts)

@@ -17,6 +17,7 @@ import trio
 from pymesh.demo.procs import DemoError
 from pymesh.proto.addr import PeerAddr
 from pymesh.proto.identity import Identity
+from pymesh.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 class Observer:
     """``start()`` once, ``list_records()`` from any non-trio thread, ``close()`` at the end."""
 
-    def __init__(self, bootstrap: PeerAddr, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, bootstrap: PeerAddr, *, host: str = "127.0.0.1", settings: Settings | None = None) -> None:
         self.bootstrap = bootstrap
         self.host = host
+        self.settings = settings or Settings()
         self.identity = Identity.generate()
         self._token: trio.lowlevel.TrioToken | None = None
         self._node: Any = None
@@ -59,7 +61,7 @@ class Observer:
         self._stop = trio.Event()
         # read-only (BEP 43): it only looks records up and must not linger in routing tables
         async with DHTNode(self.identity, host=self.host, port=0, bootstrap=[self.bootstrap],
-                           read_only=True) as node:
+                           config=self.settings.dht_config(), read_only=True) as node:
             self._node = node
             self._ready.set()
             await self._stop.wait()

@@ -23,6 +23,8 @@ from rich.table import Table
 
 from pymesh.demo.procs import DemoError
 from pymesh.demo.swarm import LocalSwarm, covered_blocks, model_matches
+from pymesh.proto.vocab import WorkerState
+from pymesh.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class DemoOptions:
     timeout: float = 240.0
     keep_logs: bool = False
     worker_args: list[str] = field(default_factory=list)
+    settings: Settings = field(default_factory=Settings)   # the CLI's (cache folder, client timers)
 
 
 def even_split(num_blocks: int, parts: int) -> list[tuple[int, int]]:
@@ -65,7 +68,7 @@ def placement_table(records: list[Any], model: str, num_blocks: int, names: dict
     for col in ("worker", "peer", "address", "blocks", "count", "tok/s"):
         table.add_column(col, justify="right" if col in ("count", "tok/s") else "left")
     mine = sorted(
-        (r for r in records if r.state == "online" and model_matches(str(r.model_id), model)),
+        (r for r in records if r.state == WorkerState.ONLINE and model_matches(str(r.model_id), model)),
         key=lambda r: (r.start, r.stop),
     )
     for r in mine:
@@ -74,27 +77,8 @@ def placement_table(records: list[Any], model: str, num_blocks: int, names: dict
     return table
 
 
-def _worker_flags(swarm_help: str) -> str | None:
-    """The worker's flag limiting how many blocks automatic placement takes, if any."""
-    for flag in ("--max-blocks", "--num-blocks", "--blocks"):
-        if flag in swarm_help:
-            return flag
-    return None
-
-
-def _worker_help() -> str:
-    import contextlib
-    import io
-
-    from pymesh.cli.main import build_parser
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        try:
-            build_parser("worker").parse_args(["worker", "--help"])
-        except SystemExit:
-            pass
-    return buf.getvalue()
+#: the worker flag capping how many blocks automatic placement takes (see ``pymesh worker --help``)
+MAX_BLOCKS_FLAG = "--max-blocks"
 
 
 class Demo:
@@ -110,10 +94,10 @@ class Demo:
         from pymesh.model.config import load_config
 
         if self.o.model_path is None:
-            from pymesh.model.pull import pull_default_model
+            from pymesh.model.pull import pull_runtime
 
             self.console.print("[bold]1.[/] the embedded model: SmolLM2-135M-Instruct")
-            self.model_dir = Path(pull_default_model(progress=True))
+            self.model_dir = Path(pull_runtime(self.o.settings.runtime, progress=True))
         else:
             self.model_dir = Path(self.o.model_path)
         self.num_blocks = load_config(self.model_dir).num_hidden_layers
@@ -134,30 +118,25 @@ class Demo:
         self.console.print(f"   watch it: [bold]pymesh monitor --bootstrap {addr}[/] "
                            f"(or add --once for a snapshot)")
         if self.o.placement == "auto":
-            limit_flag = _worker_flags(_worker_help())
-            if limit_flag is None:
-                self.console.print("   [yellow]the worker has no flag to limit automatic placement to a "
-                                   "share of the blocks; using an explicit even split instead[/]")
-            else:
-                try:
-                    self.start_auto(swarm, limit_flag)
-                    return self.wait_for_coverage(swarm, timeout=min(self.o.timeout, AUTO_COVER_TIMEOUT))
-                except DemoError as exc:
-                    if "timed out" not in str(exc):
-                        raise
-                    self.console.print(f"   [yellow]automatic placement did not cover every block ({exc}); "
-                                       "restarting the workers with an explicit even split[/]")
-                    for proc in list(swarm.workers):
-                        swarm.stop_worker(proc)
+            try:
+                self.start_auto(swarm)
+                return self.wait_for_coverage(swarm, timeout=min(self.o.timeout, AUTO_COVER_TIMEOUT))
+            except DemoError as exc:
+                if "timed out" not in str(exc):
+                    raise
+                self.console.print(f"   [yellow]automatic placement did not cover every block ({exc}); "
+                                   "restarting the workers with an explicit even split[/]")
+                for proc in list(swarm.workers):
+                    swarm.stop_worker(proc)
         self.start_split(swarm)
         return self.wait_for_coverage(swarm, timeout=self.o.timeout)
 
-    def start_auto(self, swarm: LocalSwarm, limit_flag: str) -> None:
+    def start_auto(self, swarm: LocalSwarm) -> None:
         """Workers without --layers, each capped to its share, started one after another."""
         share = math.ceil(self.num_blocks / self.o.workers)
         for _ in range(self.o.workers):
             proc = swarm.start_worker(model_path=self.model_dir, transport=self.o.transport,
-                                      extra_args=[*self.o.worker_args, limit_flag, str(share)])
+                                      extra_args=[*self.o.worker_args, MAX_BLOCKS_FLAG, str(share)])
             self.console.print(f"   {proc.name}: automatic placement, at most {share} blocks "
                                f"(port {proc.port}, pid {proc.child.pid})")
             # Let it announce before the next one chooses, so they spread out.
@@ -224,7 +203,10 @@ class Demo:
         tokenizer = load_tokenizer(self.model_dir)
         results: list[Answer] = []
         self.console.print("[bold]3.[/] chatting through the swarm (greedy, chat template on)")
-        with SwarmClient([swarm.bootstrap_addr], self.model_dir, transport=self.o.transport) as client:
+        from pymesh.cli.common import accepted_kwargs
+
+        with SwarmClient([swarm.bootstrap_addr], self.model_dir, transport=self.o.transport,
+                         **accepted_kwargs(SwarmClient, settings=self.o.settings)) as client:
             for prompt in self.o.prompts:
                 results.append(self.answer(client, tokenizer, prompt, echo=prompt)[0])
             if self.o.interactive:
@@ -288,7 +270,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     swarm: LocalSwarm | None = None
     try:
         demo.prepare_model()
-        swarm = LocalSwarm(keep_workdir=options.keep_logs)
+        swarm = LocalSwarm(keep_workdir=options.keep_logs, settings=options.settings)
         with swarm:
             demo.start_swarm(swarm)
             results = demo.chat(swarm)

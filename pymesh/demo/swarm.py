@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 from pymesh.demo.observer import Observer
 from pymesh.demo.procs import Child, DemoError, Supervisor, free_port, pymesh_argv
 from pymesh.proto.identity import Identity, PeerID
+from pymesh.proto.vocab import WorkerState
+from pymesh.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def covered_blocks(records: Sequence[Any], model: str, num_blocks: int) -> list[
     """Per block: whether an online record of ``model`` serves it."""
     cover = [False] * num_blocks
     for r in records:
-        if r.state == "online" and model_matches(str(r.model_id), model):
+        if r.state == WorkerState.ONLINE and model_matches(str(r.model_id), model):
             for b in range(max(0, r.start), min(num_blocks, r.stop)):
                 cover[b] = True
     return cover
@@ -65,10 +67,12 @@ class LocalSwarm:
         env: dict[str, str] | None = None,
         grace: float = 8.0,
         keep_workdir: bool = False,
+        settings: Settings | None = None,
     ) -> None:
         self._own_dir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="pymesh-swarm-")) if workdir is None else Path(workdir)
         self.host = host
+        self.settings = settings or Settings()   # for this process's observer node
         full_env = dict(os.environ)
         full_env.update(LOCAL_ENV)
         full_env.update(env or {})
@@ -161,7 +165,7 @@ class LocalSwarm:
         if self._observer is None:
             from pymesh.proto.addr import parse_addr
 
-            obs = Observer(parse_addr(self.bootstrap_addr), host=self.host)
+            obs = Observer(parse_addr(self.bootstrap_addr), host=self.host, settings=self.settings)
             obs.start()
             self._observer = obs
         return self._observer
@@ -201,7 +205,7 @@ class LocalSwarm:
         want = {p.peer_id for p in procs}
 
         def done(records: list[Any]) -> bool:
-            return want <= {r.peer_id for r in records if r.state == "online"}
+            return want <= {r.peer_id for r in records if r.state == WorkerState.ONLINE}
 
         names = ", ".join(p.name for p in procs)
         return self.wait_until(done, timeout=timeout, what=f"{names} to announce")

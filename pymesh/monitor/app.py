@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 import trio
@@ -20,6 +20,7 @@ from rich.console import Console
 from pymesh.monitor.state import MonitorState, RecordLike, peer_text, update
 from pymesh.monitor.view import render
 from pymesh.proto.addr import PeerAddr
+from pymesh.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class MonitorOptions:
     rtt_timeout: float = 1.0
     host: str = "0.0.0.0"
     model_blocks: dict[str, int] | None = None
+    settings: Settings = field(default_factory=Settings)   # DHT and transport timers (PYMESH_*)
 
 
 class SwarmPoller:
@@ -160,10 +162,10 @@ async def monitor_loop(
         def node_factory(identity: Any) -> Any:
             # read-only (BEP 43): the monitor comes and goes; it must not linger in routing tables
             return DHTNode(identity, host=options.host, port=0, bootstrap=list(options.bootstrap),
-                           read_only=True)
+                           config=options.settings.dht_config(), read_only=True)
 
     async with node_factory(ident) as node:
-        async with _maybe_rpc(ident, pinger_factory) as pinger:
+        async with _maybe_rpc(ident, pinger_factory, options.settings) as pinger:
             poller = SwarmPoller(node, options, pinger)
             if once:
                 state = await poll_until_records(poller, state, options.poll_timeout)
@@ -196,9 +198,10 @@ async def poll_until_records(poller: SwarmPoller, state: MonitorState, budget: f
 class _maybe_rpc:
     """``async with``: a pinger over one RpcNode per transport, or None without a transport."""
 
-    def __init__(self, ident: Any, factory: Callable[[], Any] | None) -> None:
+    def __init__(self, ident: Any, factory: Callable[[], Any] | None, settings: Settings) -> None:
         self.ident = ident
         self.factory = factory
+        self.settings = settings
         self.nodes: dict[str, Any] = {}
 
     async def __aenter__(self) -> Pinger | None:
@@ -210,7 +213,7 @@ class _maybe_rpc:
             log.info("pymesh.net.rpc is not available: RTT column stays blank")
             return None
         for transport in ("quic", "tcp"):
-            node = RpcNode(self.ident, transport=transport)
+            node = RpcNode(self.ident, transport=transport, config=self.settings.transport_config())
             await node.__aenter__()
             self.nodes[transport] = node
         by_transport = {name: make_rpc_pinger(node) for name, node in self.nodes.items()}

