@@ -16,29 +16,37 @@ From synchronous code (trio runs in a background thread)::
 from __future__ import annotations
 
 import threading
-from typing import Any, AsyncIterator, Iterator, Sequence
+from types import TracebackType
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
 
 import trio
 
 from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
 from pymesh.client.swarm import Swarm
+from pymesh.settings import Settings
+
+if TYPE_CHECKING:
+    from pymesh.model.sampling import SamplingParams
 
 class SwarmClient:
     def __init__(
         self,
         bootstrap: list[str],
-        model_path: Any = None,
+        model_path: str | Path | None = None,
         *,
         model_name: str | None = None,
         transport: str = "quic",
         device: str = "cpu",
         dtype: str = "float32",
+        settings: Settings | None = None,
     ) -> None:
         if model_path is None:
             raise ValueError("SwarmClient needs model_path (the client loads embeddings, head and tokenizer)")
         self.bootstrap = list(bootstrap)
         self.model = ClientModel(model_path, device=device, dtype=dtype, model_name=model_name)
         self.transport = transport
+        self.settings = settings
         self.last_stats: GenerationStats | None = None
         self._swarm: Swarm | None = None
         # sync flavour: a trio loop in a thread, fed through a call queue
@@ -50,16 +58,17 @@ class SwarmClient:
 
     # -- trio flavour ----------------------------------------------------------------------
     async def __aenter__(self) -> "SwarmClient":
-        self._swarm = Swarm(self.bootstrap, self.model.model_id, transport=self.transport)
+        self._swarm = Swarm(self.bootstrap, self.model.model_id, transport=self.transport, settings=self.settings)
         await self._swarm.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         if self._swarm is not None:
-            await self._swarm.__aexit__(*exc)
+            await self._swarm.__aexit__(exc_type, exc, tb)
             self._swarm = None
 
-    async def agenerate(self, prompt: str | Sequence[int], params: Any, *, chat: bool = False) -> AsyncIterator[int]:
+    async def agenerate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False) -> AsyncIterator[int]:
         if self._swarm is None:
             raise RuntimeError("use `async with SwarmClient(...)` before agenerate()")
         stats = GenerationStats()
@@ -103,7 +112,7 @@ class SwarmClient:
             self._error = exc
             self._ready.set()
 
-    def generate(self, prompt: str | Sequence[int], params: Any, *, chat: bool = False) -> Iterator[int]:
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False) -> Iterator[int]:
         """Yield token ids as they are generated; the generation runs in the client's trio thread.
 
         The producer waits for each token to be taken (an unbuffered channel), so the

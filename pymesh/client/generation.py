@@ -11,12 +11,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 import trio
 
 from pymesh.client.session import InferenceSession
 from pymesh.client.swarm import Swarm
+
+if TYPE_CHECKING:
+    from pymesh.model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,9 @@ class ClientModel:
     def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "float32",
                  model_name: str | None = None) -> None:
         from pymesh.model.fingerprint import model_id
-        from pymesh.model.generate import parse_dtype
         from pymesh.model.head import load_head
         from pymesh.model.tokenizer import load_tokenizer
+        from pymesh.model.torch_setup import parse_dtype
 
         self.path = Path(model_path)
         self.head = load_head(self.path, device=device, dtype=parse_dtype(dtype))
@@ -68,7 +71,7 @@ async def generate_tokens(
     swarm: Swarm,
     model: ClientModel,
     ids: Sequence[int],
-    params: Any,
+    params: SamplingParams,
     *,
     stats: GenerationStats | None = None,
     ignore_eos: bool = False,
@@ -94,15 +97,15 @@ async def generate_tokens(
     head = model.head
     total = len(ids) + params.max_new_tokens
 
-    def embed(tokens: list[list[int]]) -> Any:
+    def embed(tokens: list[list[int]]) -> "torch.Tensor":
         with torch.inference_mode():
             return head.embed(torch.tensor(tokens)).contiguous()
 
-    def pick(out: Any) -> int:
+    def pick(out: "torch.Tensor") -> int:
         with torch.inference_mode():
             return int(sampler.sample(head.logits(out[0, -1]), history))
 
-    def pick_and_embed(out: Any) -> tuple[int, Any]:
+    def pick_and_embed(out: "torch.Tensor") -> tuple[int, "torch.Tensor"]:
         """Sample the next token and embed it: one trip to the compute thread per token."""
         token = pick(out)
         history.append(token)

@@ -13,16 +13,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import trio
 
 from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
 from pymesh.client.routing import SpanOption
-from pymesh.client.swarm import Swarm, env_float
+from pymesh.client.swarm import Swarm
 from pymesh.errors import PeerUnavailable, PymeshError
+from pymesh.net.conn import RemoteError
+from pymesh.proto import session_wire as sw
+from pymesh.proto.frames import TensorBlob
 from pymesh.proto.identity import PeerID
-from pymesh.worker import wire
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ class _StepFailure(Exception):
 @dataclass
 class _Pending:
     step: int
-    result: Any                      # the last hop's output
+    result: "Tensor | None"            # the last hop's output
     arrived: dict[int, float]        # hop start -> perf_counter at arrival (copies every step)
     error: tuple[PeerID | None, str] | None
     event: trio.Event
@@ -62,61 +67,52 @@ class InferenceSession:
         self.sid = os.urandom(16)
         self.route: list[SpanOption] = []
         #: block boundary -> step -> the input of the span starting there (for replay)
-        self.history: dict[int, dict[int, Any]] = {}
+        self.history: dict[int, dict[int, Tensor]] = {}
+        settings = swarm.settings.client
         #: workers push their recovery copies every this many steps (1: every step, which
         #: also gives per-hop timings); unsent ones are fetched with pm.flush on recovery
-        self.copy_every = copy_every or int(env_float("PYMESH_COPY_EVERY", 16))
+        self.copy_every = copy_every or settings.copy_every
         self.shapes: list[tuple[int, int]] = []          # (start_pos, seq) per step
         self.length = 0
         self.recoveries: list[dict[str, Any]] = []
-        self.step_timeout = env_float("PYMESH_STEP_TIMEOUT", 60.0)
+        self.step_timeout = settings.step_timeout
         #: a step still running after this long makes the client ask every hop for a sign of
         #: life (workers answer while they compute); one that stays silent is a failure
-        self.probe_after = env_float("PYMESH_PROBE_AFTER", 2.0)
-        self.probe_timeout = env_float("PYMESH_PROBE_TIMEOUT", 3.0)
-        self.max_recoveries = int(env_float("PYMESH_MAX_RECOVERIES", 8))
+        self.probe_after = settings.probe_after
+        self.probe_timeout = settings.probe_timeout
+        self.max_recoveries = settings.max_recoveries
         self.last_hop_times: dict[int, float] = {}
         self._pending: _Pending | None = None
         #: every hop holding a session of ours and what it pushes to
         self.links: dict[HopKey, Link] = {}
 
-    # -- push sink -------------------------------------------------------------------------
-    def on_push(self, peer: PeerID, topic: str, meta: dict[str, Any], tensors: list[Any]) -> None:
-        if topic == wire.OUT:
-            self._on_out(peer, meta, tensors)
-            return
+    # -- push sink (pushes arrive parsed by the swarm) ------------------------------------
+    def on_err(self, peer: PeerID, err: sw.Err) -> None:
         p = self._pending
-        if p is None or meta.get("step") != p.step:
+        if p is None or err.step != p.step or p.error is not None:
             return
-        if topic == wire.ERR and p.error is None:
-            blame_raw = meta.get("blame")
-            blame = PeerID(blame_raw) if isinstance(blame_raw, bytes) and len(blame_raw) == 32 else peer
-            msg = meta.get("msg", b"")
-            text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
-            p.error = (blame, f"worker {peer.short()} reported: {text}")
-            p.event.set()
+        p.error = (err.blame or peer, f"worker {peer.short()} reported: {err.msg}")
+        p.event.set()
 
-    def _on_out(self, peer: PeerID, meta: dict[str, Any], tensors: list[Any]) -> None:
+    def on_out(self, peer: PeerID, out: sw.Out, tensors: list[TensorBlob]) -> None:
         from pymesh.model.blobs import blob_to_tensor
 
-        hop = next((o for o in self.route if o.peer == peer and o.start == meta.get("start")), None)
-        steps = meta.get("steps")
-        if hop is None or not isinstance(steps, list) or len(steps) != len(tensors):
+        hop = next((o for o in self.route if o.peer == peer and o.start == out.start), None)
+        if hop is None:
             return
         p = self._pending
-        if meta.get("final") == 1 and hop is self.route[-1]:
-            if p is not None and steps == [p.step]:
+        if out.final and hop is self.route[-1]:
+            if p is not None and out.steps == (p.step,):
                 p.result = blob_to_tensor(tensors[0])
                 p.arrived[hop.start] = time.perf_counter()
                 self._maybe_done(p)
             return
         store = self.history.setdefault(hop.stop, {})
-        for k, blob in zip(steps, tensors):
-            if isinstance(k, int):
-                store[k] = blob_to_tensor(blob)
-                if p is not None and k == p.step:
-                    p.arrived[hop.start] = time.perf_counter()
-                    self._maybe_done(p)
+        for k, blob in zip(out.steps, tensors):
+            store[k] = blob_to_tensor(blob)
+            if p is not None and k == p.step:
+                p.arrived[hop.start] = time.perf_counter()
+                self._maybe_done(p)
 
     def _maybe_done(self, p: _Pending) -> None:
         # With a copy every step (the network test) wait for every hop's copy too: the
@@ -142,7 +138,7 @@ class InferenceSession:
     async def _close_hops(self, hops: list[SpanOption]) -> None:
         async def one(o: SpanOption) -> None:
             try:
-                await self.swarm.call(o, wire.CLOSE, {"sid": self.sid}, timeout=2)
+                await self.swarm.request(o, sw.Close(self.sid), timeout=2)
             except PymeshError:
                 pass
 
@@ -152,14 +148,17 @@ class InferenceSession:
             for o in hops:
                 n.start_soon(one, o)
 
-    def _open_meta(self, o: SpanOption, nxt: SpanOption | None) -> dict[str, Any]:
-        meta: dict[str, Any] = {"sid": self.sid, "max_tokens": self.max_tokens, "batch": self.batch,
-                                "model": self.swarm.model_id, "start": o.start, "stop": o.stop, "reset": 1,
-                                "copies": self.copy_every}
-        if nxt is not None:
-            meta["next"] = {"peer": nxt.peer.key, "host": nxt.host, "port": nxt.port,
-                            "transport": self.swarm.transport}
-        return meta
+    def _next_hop(self, nxt: SpanOption | None) -> sw.NextHop | None:
+        """``next`` as the wire carries it: a peer and its span; the address only as a hint
+        (the worker dials what that peer's own record says)."""
+        if nxt is None:
+            return None
+        hint = sw.AddrHint(nxt.host, nxt.port, self.swarm.transport) if nxt.host and nxt.port else None
+        return sw.NextHop(nxt.peer, nxt.start, nxt.stop, hint)
+
+    def _open_msg(self, o: SpanOption, nxt: SpanOption | None) -> sw.Open:
+        return sw.Open(self.sid, self.max_tokens, self.batch, self.swarm.model_id, o.start, o.stop, reset=True,
+                       copies=self.copy_every, next_hop=self._next_hop(nxt))
 
     async def _open_route(self) -> None:
         """Choose a route and open a session on every hop; refused workers are avoided."""
@@ -184,12 +183,12 @@ class InferenceSession:
         for op in opens:
             o, nxt = op.hop, op.next
             try:
-                await self.swarm.call(o, wire.OPEN, self._open_meta(o, nxt))
+                await self.swarm.request(o, self._open_msg(o, nxt))
                 self.links[hop_key(o)] = Link(o, hop_key(nxt) if nxt is not None else None)
             except PymeshError as exc:
-                code = getattr(exc, "code", "")
+                code = exc.code if isinstance(exc, RemoteError) else ""
                 log.warning("Client: worker %s refused the session (%s): %s", o.peer.short(), code or "error", exc)
-                if code != "refused":
+                if code != sw.ErrorCode.REFUSED:
                     self.swarm.ban(o.peer, f"open_session failed: {exc}")
                 return o.peer
         return None
@@ -201,7 +200,7 @@ class InferenceSession:
         log.info("Client: resolved chain: [%s]", ", ".join(f"{o.peer} ({o.start}-{o.stop - 1})" for o in route))
 
     # -- steps -----------------------------------------------------------------------------
-    async def step(self, hidden: Any) -> Any:
+    async def step(self, hidden: "Tensor") -> "Tensor":
         """Run one step (prefill chunk or one token) through the route; returns the last hop's output."""
         seq = int(hidden.shape[1])
         if self.length + seq > self.max_tokens:
@@ -221,7 +220,7 @@ class InferenceSession:
         self.length += seq
         return result
 
-    async def _run_step(self, step: int, pos: int, hidden: Any) -> Any:
+    async def _run_step(self, step: int, pos: int, hidden: "Tensor") -> "Tensor":
         from pymesh.model.blobs import tensor_to_blob
 
         p = _Pending(step, None, {}, None, trio.Event())
@@ -233,7 +232,7 @@ class InferenceSession:
             with trio.move_on_after(self.step_timeout):
                 try:
                     conn = await self.swarm.connect(first)
-                    await conn.push(wire.STEP, {"sid": self.sid, "step": step, "pos": pos}, [tensor_to_blob(hidden)])
+                    await conn.push(sw.STEP, sw.Step(self.sid, step, pos).to_meta(), [tensor_to_blob(hidden)])
                 except (PeerUnavailable, OSError) as exc:
                     raise _StepFailure(first.peer, f"cannot reach the first worker: {exc}") from None
                 while not p.event.is_set():
@@ -264,7 +263,7 @@ class InferenceSession:
 
         async def probe(i: int, o: SpanOption) -> None:
             try:
-                await self.swarm.call(o, wire.INFO, {}, timeout=self.probe_timeout)
+                await self.swarm.request(o, sw.Info(), timeout=self.probe_timeout)
             except PymeshError:
                 silent[i] = o
 
@@ -278,11 +277,11 @@ class InferenceSession:
         probe = min(5.0, max(self.step_timeout / 2, 0.5))
         for o in self.route:
             try:
-                meta, _ = await self.swarm.call(o, wire.STATS, {"sid": self.sid}, timeout=probe)
+                meta, _ = await self.swarm.request(o, sw.Stats(self.sid), timeout=probe)
+                stats = sw.StatsReply.from_meta_untrusted(meta)
             except PymeshError:
                 return o
-            done = meta.get("s_steps")
-            if not isinstance(done, int) or done <= step:
+            if stats.session is None or stats.session.steps <= step:
                 return o
         return self.route[-1]
 
@@ -328,10 +327,8 @@ class InferenceSession:
         if bad is not None:
             raise _StepFailure(bad, "refused the session during recovery")
         for link in p.relinks:
-            meta = self._open_meta(link.hop, link.next)
             try:
-                await self.swarm.call(link.hop, wire.SET_NEXT,
-                                      {"sid": self.sid, **({"next": meta["next"]} if link.next else {})})
+                await self.swarm.request(link.hop, sw.SetNext(self.sid, self._next_hop(link.next)))
             except PymeshError as exc:
                 raise _StepFailure(link.hop.peer, f"set_next failed: {exc}") from None
             self.links[hop_key(link.hop)] = Link(link.hop, hop_key(link.next) if link.next is not None else None)
@@ -346,15 +343,14 @@ class InferenceSession:
         from pymesh.model.blobs import blob_to_tensor
 
         try:
-            meta, tensors = await self.swarm.call(source, wire.FLUSH, {"sid": self.sid})
+            meta, tensors = await self.swarm.request(source, sw.Flush(self.sid))
+            reply = sw.FlushReply.from_meta_untrusted(meta)
+            sw.check_tensor_count(tensors, len(reply.steps), "pm.flush reply")
         except PymeshError as exc:
             raise _StepFailure(source.peer, f"flush of recovery copies failed: {exc}") from None
-        steps = meta.get("steps")
-        if isinstance(steps, list) and len(steps) == len(tensors):
-            store = self.history.setdefault(boundary, {})
-            for k, blob in zip(steps, tensors):
-                if isinstance(k, int):
-                    store[k] = blob_to_tensor(blob)
+        store = self.history.setdefault(boundary, {})
+        for k, blob in zip(reply.steps, tensors):
+            store[k] = blob_to_tensor(blob)
 
     async def _replay(self, r: Replay) -> None:
         """Rebuild a new hop's cache: its stored inputs, one call per original step."""
@@ -370,9 +366,9 @@ class InferenceSession:
         for k in range(r.steps):
             pos, _seq = self.shapes[k]
             try:
-                _meta, tensors = await self.swarm.call(
-                    o, wire.FORWARD, {"sid": self.sid, "step": k, "pos": pos}, [tensor_to_blob(inputs[k])],
-                    timeout=self.step_timeout)
+                _meta, tensors = await self.swarm.request(
+                    o, sw.Forward(self.sid, k, pos), [tensor_to_blob(inputs[k])], timeout=self.step_timeout)
+                sw.check_tensor_count(tensors, 1, "pm.forward reply")
             except PymeshError as exc:
                 raise _StepFailure(o.peer, f"replay of step {k} failed: {exc}") from None
             outputs[k] = blob_to_tensor(tensors[0])

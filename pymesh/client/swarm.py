@@ -3,37 +3,52 @@
 :class:`Swarm` is what an inference session talks through. It reads worker records
 from the DHT, measures round-trip times (``pm.info``), bans workers that failed for a
 while, and routes the pushes workers send back (``pm.out``, ``pm.err``) to the
-session they belong to.
+session they belong to, after parsing them (malformed ones are dropped).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any, Protocol, Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import trio
 
-from pymesh.errors import ConfigError, PeerUnavailable, PymeshError
 from pymesh.client.routing import NoRouteError, SpanOption, choose_route
+from pymesh.errors import ConfigError, PeerUnavailable, PymeshError
+from pymesh.net.clock import Clock, TrioClock
+from pymesh.proto import session_wire as sw
 from pymesh.proto.addr import parse_addr
+from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.proto.identity import Identity, PeerID
-from pymesh.worker import wire
+from pymesh.proto.records import WorkerRecord
+from pymesh.proto.vocab import Transport, WorkerState
+from pymesh.settings import Settings
+
+if TYPE_CHECKING:
+    from pymesh.net.conn import Connection
+    from pymesh.net.dht import DHTNode
+    from pymesh.net.rpc import RpcNode
 
 log = logging.getLogger(__name__)
 
 
-def env_float(name: str, default: float) -> float:
-    text = os.environ.get(name, "")
-    try:
-        return float(text) if text else default
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={text!r} is not a number") from None
-
-
 class PushSink(Protocol):
-    def on_push(self, peer: PeerID, topic: str, meta: dict[str, Any], tensors: list[Any]) -> None: ...
+    """A session's end of the pushes workers send it (already parsed)."""
+
+    def on_out(self, peer: PeerID, out: sw.Out, tensors: list[TensorBlob]) -> None: ...
+
+    def on_err(self, peer: PeerID, err: sw.Err) -> None: ...
+
+
+class Request(Protocol):
+    """A call message of :mod:`pymesh.proto.session_wire`."""
+
+    METHOD: ClassVar[str]
+
+    def to_meta(self) -> dict[str, object]: ...
 
 
 class Swarm:
@@ -47,91 +62,123 @@ class Swarm:
         transport: str = "quic",
         identity: Identity | None = None,
         dht_port: int = 0,
+        settings: Settings | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        if transport not in ("quic", "tcp"):
-            raise ConfigError(f"--transport {transport!r}: choose quic or tcp")
+        self.transport = Transport.parse(transport)
         if not bootstrap:
             raise ConfigError("give at least one --bootstrap address (HOST:PORT of a bootstrap node)")
         self.bootstrap = [parse_addr(b) for b in bootstrap]
         self.model_id = model_id
-        self.transport = transport
         self.identity = identity or Identity.generate()
         self.dht_port = dht_port
-        self.ban_seconds = env_float("PYMESH_BAN_SECONDS", 60.0)
-        self.discovery_timeout = env_float("PYMESH_DISCOVERY_TIMEOUT", 20.0)
-        self.rpc_timeout = env_float("PYMESH_CLIENT_RPC_TIMEOUT", 10.0)
+        self.settings = settings if settings is not None else Settings()
+        #: bans and discovery deadlines run on this clock (trio's, so virtual in tests)
+        self.clock: Clock = clock if clock is not None else TrioClock()
+        c = self.settings.client
+        self.ban_seconds = c.ban_seconds
+        self.discovery_timeout = c.discovery_timeout
+        self.rpc_timeout = c.rpc_timeout
         self.banned: dict[PeerID, float] = {}
         self.rtt_ms: dict[PeerID, float] = {}
         self.sinks: dict[bytes, PushSink] = {}
-        self.node: Any = None
-        self.dht: Any = None
-        self._stack: Any = None
+        self._node: RpcNode | None = None
+        self._dht: DHTNode | None = None
+        self._stack = AsyncExitStack()
+
+    @property
+    def node(self) -> "RpcNode":
+        if self._node is None:
+            raise PymeshError("the swarm is not started: use `async with Swarm(...)`")
+        return self._node
+
+    @property
+    def dht(self) -> "DHTNode":
+        if self._dht is None:
+            raise PymeshError("the swarm is not started: use `async with Swarm(...)`")
+        return self._dht
 
     async def __aenter__(self) -> "Swarm":
-        from contextlib import AsyncExitStack
-
         from pymesh.net.dht import DHTNode
         from pymesh.net.rpc import RpcNode
 
-        self._stack = AsyncExitStack()
         await self._stack.__aenter__()
         try:
-            self.node = RpcNode(self.identity, transport=self.transport)
-            await self._stack.enter_async_context(self.node)
-            self.node.on_push(wire.OUT, self._on_push(wire.OUT))
-            self.node.on_push(wire.ERR, self._on_push(wire.ERR))
-            self.dht = DHTNode(self.identity, host="0.0.0.0", port=self.dht_port, bootstrap=self.bootstrap,
-                               read_only=True)  # BEP 43: a client leaves no dead contact behind
-            await self._stack.enter_async_context(self.dht)
+            self._node = RpcNode(self.identity, transport=self.transport.value,
+                                 config=self.settings.transport_config())
+            await self._stack.enter_async_context(self._node)
+            self._node.on_push(sw.OUT, self._on_out)
+            self._node.on_push(sw.ERR, self._on_err)
+            # BEP 43: a client joins read-only and leaves no dead contact behind
+            self._dht = DHTNode(self.identity, host="0.0.0.0", port=self.dht_port, bootstrap=self.bootstrap,
+                                config=self.settings.dht_config(), read_only=True, clock=self.clock)
+            await self._stack.enter_async_context(self._dht)
         except BaseException:
             await self._stack.__aexit__(None, None, None)
             raise
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         try:
-            await self._stack.__aexit__(*exc)
+            await self._stack.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             # The nodes' nurseries wrap whatever left the `async with` body in a group;
             # hand the caller the error it raised, not the wrapping.
-            original = exc[1] if len(exc) > 1 else None
+            original = exc
             if original is not None and _leaves(group) == [original]:
                 raise original from None
             raise
 
-    def _on_push(self, topic: str) -> Any:
-        async def handler(conn: Any, meta: dict[str, Any], tensors: list[Any]) -> None:
-            sid = meta.get("sid")
-            sink = self.sinks.get(sid) if isinstance(sid, bytes) else None
-            if sink is None:
-                log.debug("push %s for an unknown session from %s dropped", topic, conn.peer.short())
-                return
-            sink.on_push(conn.peer, topic, meta, tensors)
+    def _sink(self, conn: "Connection", topic: str, sid: bytes) -> PushSink | None:
+        sink = self.sinks.get(sid)
+        if sink is None:
+            log.debug("push %s for an unknown session from %s dropped", topic, conn.peer.short())
+        return sink
 
-        return handler
+    async def _on_out(self, conn: "Connection", meta: Meta, tensors: list[TensorBlob]) -> None:
+        try:
+            out = sw.Out.from_meta_untrusted(meta)
+            sw.check_tensor_count(tensors, len(out.steps), "pm.out")
+        except sw.BadRequest as exc:
+            log.debug("malformed pm.out from %s dropped: %s", conn.peer.short(), exc)
+            return
+        sink = self._sink(conn, sw.OUT, out.sid)
+        if sink is not None:
+            sink.on_out(conn.peer, out, tensors)
+
+    async def _on_err(self, conn: "Connection", meta: Meta, tensors: list[TensorBlob]) -> None:
+        try:
+            err = sw.Err.from_meta_untrusted(meta)
+        except sw.BadRequest as exc:
+            log.debug("malformed pm.err from %s dropped: %s", conn.peer.short(), exc)
+            return
+        sink = self._sink(conn, sw.ERR, err.sid)
+        if sink is not None:
+            sink.on_err(conn.peer, err)
 
     # -- bans ------------------------------------------------------------------------------
     def ban(self, peer: PeerID, why: str) -> None:
         log.warning("Client: banning worker %s for %.0f s: %s", peer.short(), self.ban_seconds, why)
-        self.banned[peer] = time.monotonic() + self.ban_seconds
+        self.banned[peer] = self.clock.monotonic() + self.ban_seconds
 
     def current_bans(self) -> set[PeerID]:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for p in [p for p, until in self.banned.items() if until <= now]:
             del self.banned[p]
         return set(self.banned)
 
     # -- discovery -------------------------------------------------------------------------
-    async def records(self) -> list[Any]:
+    async def records(self) -> list[WorkerRecord]:
         with trio.move_on_after(max(self.rpc_timeout, 5.0)):
             return list(await self.dht.find_model_records(self.model_id))
         log.warning("Client: DHT lookup for %s timed out", self.model_id)
         return []
 
-    def options_from(self, records: Sequence[Any]) -> list[SpanOption]:
+    def options_from(self, records: Sequence[WorkerRecord]) -> list[SpanOption]:
         out = []
         for r in records:
-            if r.state != "online" or self.transport not in r.transports:
+            if r.state != WorkerState.ONLINE or self.transport not in r.transports:
                 continue
             out.append(SpanOption(r.peer_id, r.start, r.stop, r.host, r.port, tuple(r.transports),
                                   r.block_ms, r.cache_tokens_free))
@@ -152,7 +199,7 @@ class Swarm:
         ``PYMESH_DISCOVERY_TIMEOUT`` seconds, then raises :class:`NoRouteError`
         naming the first layer nobody serves.
         """
-        deadline = trio.current_time() + self.discovery_timeout
+        deadline = self.clock.monotonic() + self.discovery_timeout
         delay = 0.2
         while True:
             records = await self.records()
@@ -163,19 +210,19 @@ class Swarm:
                 return choose_route(options, start, stop, rtt_ms=self.rtt_ms, banned=banned,
                                     min_cache_tokens=min_cache_tokens, prefer=prefer)
             except NoRouteError as exc:
-                if trio.current_time() + delay > deadline:
+                if self.clock.monotonic() + delay > deadline:
                     raise await self._explain(exc, records, options) from None
                 log.info("Client: %s; retrying", exc)
             await trio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _explain(self, exc: NoRouteError, records: Sequence[Any], options: Sequence[SpanOption]) -> NoRouteError:
+    async def _explain(self, exc: NoRouteError, records: Sequence[WorkerRecord],
+                       options: Sequence[SpanOption]) -> NoRouteError:
         """The most useful reason discovery failed: bootstrap unreachable, another model,
         another transport, or a layer nobody serves."""
         waited = f"(gave up after {self.discovery_timeout:.0f} s)"
         block = exc.missing_block
-        routing = getattr(getattr(self.dht, "core", None), "routing", None)
-        if not records and routing is not None and len(routing) == 0:
+        if not records and len(self.dht.core.routing) == 0:
             boots = ", ".join(str(b) for b in self.bootstrap)
             return NoRouteError(f"the bootstrap node {boots} did not answer: no DHT node is reachable from here "
                                 f"{waited}; check the --bootstrap address and that the bootstrap is running", block)
@@ -190,7 +237,7 @@ class Swarm:
                                 f"{', '.join(models[:8])}; use the same model folder (or --model-name) as the "
                                 "workers", block)
         if block is not None:
-            others = sorted({t for r in records if r.state == "online" and r.covers(block)
+            others = sorted({t for r in records if r.state == WorkerState.ONLINE and r.covers(block)
                              for t in r.transports if t != self.transport})
             if others and not any(o.start <= block < o.stop for o in options):
                 return NoRouteError(f"no worker serves layer {block} over {self.transport}: its workers speak only "
@@ -204,7 +251,7 @@ class Swarm:
                 with trio.fail_after(self.rpc_timeout):
                     conn = await self.connect(o)  # the handshake is not part of the RTT
                     t0 = time.perf_counter()
-                    await conn.call(wire.INFO, {})
+                    await conn.call(sw.INFO, sw.Info().to_meta())
                 self.rtt_ms[o.peer] = (time.perf_counter() - t0) * 1000.0
             except (PymeshError, trio.TooSlowError, OSError) as exc:
                 why = str(exc) or f"no answer within {self.rpc_timeout:.0f} s"
@@ -217,11 +264,16 @@ class Swarm:
                     seen.add(o.peer)
                     nursery.start_soon(one, o)
 
-    async def connect(self, option: SpanOption) -> Any:
+    async def connect(self, option: SpanOption) -> "Connection":
         return await self.node.connect(option.host, option.port, option.peer)
 
-    async def call(self, option: SpanOption, method: str, meta: dict[str, Any], tensors: Sequence[Any] = (),
-                   *, timeout: float | None = None) -> tuple[dict[str, Any], list[Any]]:
+    async def request(self, option: SpanOption, message: Request, tensors: Sequence[TensorBlob] = (),
+                      *, timeout: float | None = None) -> tuple[Meta, list[TensorBlob]]:
+        """Call ``message.METHOD`` on the worker of ``option``; the reply is still untrusted."""
+        return await self.call(option, message.METHOD, message.to_meta(), tensors, timeout=timeout)
+
+    async def call(self, option: SpanOption, method: str, meta: Meta, tensors: Sequence[TensorBlob] = (),
+                   *, timeout: float | None = None) -> tuple[Meta, list[TensorBlob]]:
         t = timeout if timeout is not None else self.rpc_timeout
         try:
             with trio.fail_after(t):
