@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar, Mapping, NamedTuple, Sequence, TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
 
-from pymesh.errors import DecodeError, IdentityError, RemoteProtocolError
+from pymesh.errors import DecodeError, IdentityError
 from pymesh.proto.identity import PeerID
+from pymesh.proto.session_fields import (MAX_HIDDEN_DIMS, MAX_STEP, MAX_STEPS_LISTED, BadRequest, Meta,
+                                         as_mapping, check_hidden_shape, check_tensor_count, get_bytes,
+                                         get_dict, get_int, get_opt_int, get_peer, get_steps, get_str)
 from pymesh.proto.vocab import Transport, WorkerState
 
 # --------------------------------------------------------------------------- names and caps
@@ -32,20 +35,13 @@ STEP, OUT, ERR = "pm.step", "pm.out", "pm.err"
 
 MAX_SESSION_TOKENS = 1 << 20      # positions one session may reserve
 MAX_BATCH = 1024
-MAX_HIDDEN_DIMS = 3               # hidden states are [batch, seq, hidden]
 MAX_COPY_EVERY = 64               # recovery copies batched per pm.out at most
 MAX_SID_BYTES = 64
-MAX_STEP = 1 << 30
 MAX_BLOCK = 1 << 20               # block indices (span bounds)
 MAX_MODEL_ID = 200
 MAX_HOST = 253
 MAX_MESSAGE = 600                 # characters of an error message (senders cut at 500)
-MAX_STEPS_LISTED = 4096           # step indices in one pm.out / pm.flush reply
 MAX_COUNTER = 1 << 62
-
-
-class BadRequest(RemoteProtocolError):
-    """Metadata from a peer is missing a field or has the wrong type or range."""
 
 
 class ErrorCode(str, enum.Enum):
@@ -73,64 +69,6 @@ class ErrorCode(str, enum.Enum):
 
 # --------------------------------------------------------------------------- field readers
 
-Meta = Mapping[str, object]
-
-
-def get_int(meta: Meta, key: str, lo: int = 0, hi: int = 1 << 40, default: int | None = None) -> int:
-    v = meta.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise BadRequest(f"field {key!r} must be an integer in {lo}..{hi}, got {v!r}"[:200])
-    return v
-
-
-def get_opt_int(meta: Meta, key: str, lo: int = 0, hi: int = 1 << 40) -> int | None:
-    return None if meta.get(key) is None else get_int(meta, key, lo, hi)
-
-
-def get_bytes(meta: Meta, key: str, max_len: int = 64, *, min_len: int = 1) -> bytes:
-    v = meta.get(key)
-    if isinstance(v, str):
-        v = v.encode()
-    if not isinstance(v, bytes) or not min_len <= len(v) <= max_len:
-        raise BadRequest(f"field {key!r} must be {min_len}..{max_len} bytes")
-    return v
-
-
-def get_str(meta: Meta, key: str, max_len: int = 256, default: str | None = None) -> str:
-    v = meta.get(key, default)
-    if isinstance(v, bytes):
-        try:
-            v = v.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest(f"field {key!r} is not UTF-8") from None
-    if not isinstance(v, str) or len(v) > max_len:
-        raise BadRequest(f"field {key!r} must be a string of at most {max_len} characters")
-    return v
-
-
-def get_peer(meta: Meta, key: str) -> PeerID:
-    raw = get_bytes(meta, key, 32)
-    if len(raw) != 32:
-        raise BadRequest(f"field {key!r} must be a 32-byte peer ID")
-    return PeerID(raw)
-
-
-def get_steps(meta: Meta, key: str) -> tuple[int, ...]:
-    v = meta.get(key)
-    if not isinstance(v, list) or len(v) > MAX_STEPS_LISTED:
-        raise BadRequest(f"field {key!r} must be a list of at most {MAX_STEPS_LISTED} step indices")
-    return tuple(get_int({key: k}, key, 0, MAX_STEP) for k in v)
-
-
-def get_dict(meta: Meta, key: str) -> Meta | None:
-    v = meta.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, dict):
-        raise BadRequest(f"field {key!r} must be a dictionary")
-    return v
-
-
 def _sid(meta: Meta) -> bytes:
     return get_bytes(meta, "sid", MAX_SID_BYTES)
 
@@ -140,32 +78,6 @@ def _span(meta: Meta, what: str) -> tuple[int, int]:
     if start >= stop:
         raise BadRequest(f"{what} span {start}..{stop} is empty")
     return start, stop
-
-
-def _mapping(meta: object) -> Meta:
-    if not isinstance(meta, Mapping):
-        raise BadRequest("message metadata must be a dictionary")
-    return meta
-
-
-def check_tensor_count(tensors: Sequence[object], n: int, what: str) -> None:
-    if len(tensors) != n:
-        raise BadRequest(f"{what} carries exactly {n} tensor(s), got {len(tensors)}")
-
-
-def check_hidden_shape(shape: tuple[int, ...], hidden_size: int | None, max_tokens: int,
-                       batch_size: int | None = None) -> int:
-    """Validate a hidden-state tensor ``[batch, seq, hidden]``; returns ``seq``."""
-    if len(shape) != MAX_HIDDEN_DIMS:
-        raise BadRequest(f"hidden states must be [batch, seq, hidden], got shape {list(shape)}")
-    batch, seq, hidden = shape
-    if batch_size is not None and batch != batch_size:
-        raise BadRequest(f"hidden states have batch {batch} but the session was opened with batch {batch_size}")
-    if hidden_size is not None and hidden != hidden_size:
-        raise BadRequest(f"hidden size {hidden} does not match this model's {hidden_size}")
-    if not 0 < seq <= max_tokens or batch <= 0:
-        raise BadRequest(f"hidden states of shape {list(shape)} do not fit a session of {max_tokens} tokens")
-    return seq
 
 
 # --------------------------------------------------------------------------- next hop
@@ -197,7 +109,7 @@ class NextHop:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "NextHop":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         start, stop = _span(m, "next")
         raw = get_dict(m, "hint")
         hint = None
@@ -238,7 +150,7 @@ class Info:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Info":
-        _mapping(meta)
+        as_mapping(meta)
         return cls()
 
 
@@ -263,7 +175,7 @@ class InfoReply:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "InfoReply":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         try:
             peer = PeerID.from_text(get_str(m, "peer", 64))
             state = WorkerState.parse_untrusted(get_str(m, "state", 16))
@@ -301,7 +213,7 @@ class Open:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Open":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         model = None if m.get("model") is None else get_str(m, "model", MAX_MODEL_ID)
         return cls(_sid(m), get_int(m, "max_tokens", 1, MAX_SESSION_TOKENS),
                    get_int(m, "batch", 1, MAX_BATCH, default=1), model, get_opt_int(m, "start", 0, MAX_BLOCK),
@@ -322,7 +234,7 @@ class OpenReply:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "OpenReply":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         start, stop = _span(m, "open reply")
         return cls(start, stop, get_int(m, "free", 0, MAX_COUNTER))
 
@@ -341,7 +253,7 @@ class SetNext:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "SetNext":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         return cls(_sid(m), _get_next(m))
 
 
@@ -356,7 +268,7 @@ class SessionRef:
 
     @classmethod
     def from_meta_untrusted(cls: type[_R], meta: object) -> _R:
-        return cls(_sid(_mapping(meta)))
+        return cls(_sid(as_mapping(meta)))
 
 
 _R = TypeVar("_R", bound=SessionRef)
@@ -379,7 +291,7 @@ class CloseReply:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "CloseReply":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         return cls(bool(get_int(m, "closed", 0, 1)), get_int(m, "free", 0, MAX_COUNTER))
 
 
@@ -405,7 +317,7 @@ class FlushReply:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "FlushReply":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         start, stop = _span(m, "flush reply")
         return cls(get_steps(m, "steps"), start, stop)
 
@@ -423,7 +335,7 @@ class StepRef:
 
     @classmethod
     def from_meta_untrusted(cls: type[_S], meta: object) -> _S:
-        m = _mapping(meta)
+        m = as_mapping(meta)
         return cls(_sid(m), get_int(m, "step", 0, MAX_STEP), get_int(m, "pos", 0, MAX_SESSION_TOKENS))
 
 
@@ -453,7 +365,7 @@ class Empty:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Empty":
-        _mapping(meta)
+        as_mapping(meta)
         return cls()
 
 
@@ -477,7 +389,7 @@ class Out:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Out":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         start, stop = _span(m, "out")
         return cls(_sid(m), get_int(m, "step", 0, MAX_STEP), get_steps(m, "steps"),
                    bool(get_int(m, "final", 0, 1)), start, stop)
@@ -508,7 +420,7 @@ class Err:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Err":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         start, stop = _span(m, "err")
         blame = None if m.get("blame") in (None, b"", "") else get_peer(m, "blame")
         return cls(get_bytes(m, "sid", MAX_SID_BYTES, min_len=0), get_int(m, "step", -1, MAX_STEP),
@@ -529,7 +441,7 @@ class Stats:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Stats":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         return cls(None if m.get("sid") is None else _sid(m))
 
 
@@ -576,7 +488,7 @@ class StatsReply:
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "StatsReply":
-        m = _mapping(meta)
+        m = as_mapping(meta)
         c = {k: get_int(m, k, 0, MAX_COUNTER) for k in (*_WORKER_COUNTERS, *_SESSION_COUNTERS)
              if k in _WORKER_COUNTERS or m.get("s_steps") is not None}
         start, stop = _span(m, "stats")
@@ -585,6 +497,18 @@ class StatsReply:
             session = SessionCounters(c["s_from_client"], c["s_from_peer"], c["s_steps"], c["s_replayed"])
         return cls(c["from_client"], c["from_peer"], c["steps"], c["replayed"], c["errors"], c["compute_us"],
                    c["sessions"], c["free"], c["total"], c["expired"], c["refused"], start, stop, session)
+
+
+__all__ = [
+    "CLOSE", "ERR", "FLUSH", "FORWARD", "INFO", "OPEN", "OUT", "SET_NEXT", "STATS", "STEP",
+    "MAX_BATCH", "MAX_BLOCK", "MAX_COPY_EVERY", "MAX_COUNTER", "MAX_HIDDEN_DIMS", "MAX_HOST", "MAX_MESSAGE",
+    "MAX_MODEL_ID", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
+    "BadRequest", "ErrorCode", "AddrHint", "NextHop", "Info", "InfoReply", "Open", "OpenReply", "SetNext",
+    "SessionRef", "Close", "CloseReply", "Flush", "FlushReply", "StepRef", "Step", "Forward", "Empty", "Out",
+    "Err", "Stats", "SessionCounters", "StatsReply", "MessageSpec", "MESSAGES", "Meta",
+    "as_mapping", "check_hidden_shape", "check_tensor_count", "get_bytes", "get_dict", "get_int",
+    "get_opt_int", "get_peer", "get_steps", "get_str",
+]
 
 
 # --------------------------------------------------------------------------- the table

@@ -77,7 +77,7 @@ def test_decode_inputs_come_from_the_previous_worker(echo_swarm: LocalProcs) -> 
     import torch
 
     from pymesh.client.session import InferenceSession
-    from pymesh.worker import wire
+    from pymesh.proto import session_wire as wire
 
     steps = 6
 
@@ -104,7 +104,7 @@ def test_idle_session_expires_and_frees_its_cache(echo_swarm: LocalProcs) -> Non
     import torch
 
     from pymesh.client.session import InferenceSession
-    from pymesh.worker import wire
+    from pymesh.proto import session_wire as wire
 
     async def run(swarm: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         s = InferenceSession(swarm, 0, 30, max_tokens=100)
@@ -128,7 +128,7 @@ def test_refused_session_routes_through_another_worker(echo_swarm: LocalProcs) -
     import torch
 
     from pymesh.client.session import InferenceSession
-    from pymesh.worker import wire
+    from pymesh.proto import session_wire as wire
 
     small = echo_swarm.start_worker("--layers", "0-9", "--cache-tokens", "64", name="small",
                                     PYMESH_THROUGHPUT="100000")

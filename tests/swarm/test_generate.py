@@ -35,7 +35,7 @@ def _stats(procs: LocalProcs, model_dir: Path) -> list[dict[str, Any]]:
     from pymesh.client.swarm import Swarm
     from pymesh.model.fingerprint import model_id
     from pymesh.proto.identity import PeerID
-    from pymesh.worker import wire
+    from pymesh.proto import session_wire as wire
 
     async def main() -> list[dict[str, Any]]:
         async with Swarm([procs.bootstrap_addr], model_id(model_dir)) as swarm:

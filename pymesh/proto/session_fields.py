@@ -1,0 +1,104 @@
+"""Readers of untrusted message fields: type and range checks that raise only BadRequest.
+
+:mod:`pymesh.proto.session_wire` builds its messages on these; they are split out only to
+keep that module short (import them from there).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from pymesh.errors import RemoteProtocolError
+from pymesh.proto.identity import PeerID
+
+MAX_HIDDEN_DIMS = 3               # hidden states are [batch, seq, hidden]
+MAX_STEP = 1 << 30
+MAX_STEPS_LISTED = 4096           # step indices in one pm.out / pm.flush reply
+
+
+class BadRequest(RemoteProtocolError):
+    """Metadata from a peer is missing a field or has the wrong type or range."""
+
+
+Meta = Mapping[str, object]
+
+
+def get_int(meta: Meta, key: str, lo: int = 0, hi: int = 1 << 40, default: int | None = None) -> int:
+    v = meta.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise BadRequest(f"field {key!r} must be an integer in {lo}..{hi}, got {v!r}"[:200])
+    return v
+
+
+def get_opt_int(meta: Meta, key: str, lo: int = 0, hi: int = 1 << 40) -> int | None:
+    return None if meta.get(key) is None else get_int(meta, key, lo, hi)
+
+
+def get_bytes(meta: Meta, key: str, max_len: int = 64, *, min_len: int = 1) -> bytes:
+    v = meta.get(key)
+    if isinstance(v, str):
+        v = v.encode()
+    if not isinstance(v, bytes) or not min_len <= len(v) <= max_len:
+        raise BadRequest(f"field {key!r} must be {min_len}..{max_len} bytes")
+    return v
+
+
+def get_str(meta: Meta, key: str, max_len: int = 256, default: str | None = None) -> str:
+    v = meta.get(key, default)
+    if isinstance(v, bytes):
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"field {key!r} is not UTF-8") from None
+    if not isinstance(v, str) or len(v) > max_len:
+        raise BadRequest(f"field {key!r} must be a string of at most {max_len} characters")
+    return v
+
+
+def get_peer(meta: Meta, key: str) -> PeerID:
+    raw = get_bytes(meta, key, 32)
+    if len(raw) != 32:
+        raise BadRequest(f"field {key!r} must be a 32-byte peer ID")
+    return PeerID(raw)
+
+
+def get_steps(meta: Meta, key: str) -> tuple[int, ...]:
+    v = meta.get(key)
+    if not isinstance(v, list) or len(v) > MAX_STEPS_LISTED:
+        raise BadRequest(f"field {key!r} must be a list of at most {MAX_STEPS_LISTED} step indices")
+    return tuple(get_int({key: k}, key, 0, MAX_STEP) for k in v)
+
+
+def get_dict(meta: Meta, key: str) -> Meta | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise BadRequest(f"field {key!r} must be a dictionary")
+    return v
+
+
+def as_mapping(meta: object) -> Meta:
+    if not isinstance(meta, Mapping):
+        raise BadRequest("message metadata must be a dictionary")
+    return meta
+
+
+def check_tensor_count(tensors: Sequence[object], n: int, what: str) -> None:
+    if len(tensors) != n:
+        raise BadRequest(f"{what} carries exactly {n} tensor(s), got {len(tensors)}")
+
+
+def check_hidden_shape(shape: tuple[int, ...], hidden_size: int | None, max_tokens: int,
+                       batch_size: int | None = None) -> int:
+    """Validate a hidden-state tensor ``[batch, seq, hidden]``; returns ``seq``."""
+    if len(shape) != MAX_HIDDEN_DIMS:
+        raise BadRequest(f"hidden states must be [batch, seq, hidden], got shape {list(shape)}")
+    batch, seq, hidden = shape
+    if batch_size is not None and batch != batch_size:
+        raise BadRequest(f"hidden states have batch {batch} but the session was opened with batch {batch_size}")
+    if hidden_size is not None and hidden != hidden_size:
+        raise BadRequest(f"hidden size {hidden} does not match this model's {hidden_size}")
+    if not 0 < seq <= max_tokens or batch <= 0:
+        raise BadRequest(f"hidden states of shape {list(shape)} do not fit a session of {max_tokens} tokens")
+    return seq
