@@ -45,5 +45,11 @@ class PeerUnavailable(PymeshError):
     """A peer could not be reached, timed out, or closed the connection."""
 
 
+class ConnectionClosed(LocalProtocolError):
+    """This node closed the connection itself (``aclose``) and then used it, or a call was
+    still waiting when it did (trio's ClosedResourceError; the peer going away is
+    :class:`PeerUnavailable`, trio's BrokenResourceError)."""
+
+
 class ConfigError(PymeshError):
     """A model folder, config field or command-line option is invalid or unsupported."""

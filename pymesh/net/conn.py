@@ -10,22 +10,26 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import trio
 
-from pymesh.errors import PeerUnavailable, PymeshError
+from pymesh.errors import ConnectionClosed, PeerUnavailable, PymeshError
+from pymesh.net.clock import Clock
 from pymesh.net.config import TransportConfig
 from pymesh.proto.frames import Allocator, Frame, FrameType, Meta, TensorBlob, encode_frame_head
 from pymesh.proto.identity import Identity, PeerID
+from pymesh.proto.vocab import RpcErrorCode
 
 log = logging.getLogger(__name__)
 
 
 class RemoteError(PymeshError):
     """Raised by a handler to answer a call with an error; re-raised at the caller with
-    the same ``code`` and ``message``. Codes: "bad_request", "not_found", "busy",
-    "refused", "internal", "cancelled", ..."""
+    the same ``code`` and ``message``. The RPC layer's own codes are :class:`RpcErrorCode`
+    (no such method, handler crashed); handlers use their protocol's (str-enum) codes.
+    ``code`` is a ``str``: a str-enum member or, at the caller, the wire string, which
+    compares equal to the member."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code: str = code
         self.message = message
 
 
@@ -62,6 +66,9 @@ class ConnectionHost(Protocol):
     @property
     def allocator(self) -> Allocator: ...
 
+    @property
+    def clock(self) -> Clock: ...
+
     def handler_for(self, method: str) -> Handler | None: ...
 
     def push_handler_for(self, topic: str) -> PushHandler | None: ...
@@ -84,6 +91,8 @@ class Connection:
         self.config = config
         self.closed = False
         self.close_reason = ""
+        self.closed_locally = False      # aclose() on this side ended it (not the peer or the network)
+        self.clock = node.clock          # keep-alive and frame watchdogs read it
         self._handler_slots = trio.Semaphore(config.max_concurrent_handlers)
         self._log = logging.LoggerAdapter(log, {"peer": peer.short()})
 
@@ -105,7 +114,7 @@ class Connection:
             if scope.cancelled_caught:
                 raise PeerUnavailable(f"call {method!r} to {self.peer.short()} timed out after {timeout:.3g} s")
         if frame.type == FrameType.ERROR:
-            raise RemoteError(frame.envelope.code or "internal", frame.envelope.message)
+            raise RemoteError(frame.envelope.code or RpcErrorCode.INTERNAL.value, frame.envelope.message)
         return frame.envelope.meta, frame.tensors
 
     async def push(self, topic: str, meta: Meta | None = None, tensors: Sequence[TensorBlob] = ()) -> None:
@@ -128,7 +137,15 @@ class Connection:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise PeerUnavailable(f"connection to {self.peer.short()} is closed ({self.close_reason or 'closed'})")
+            raise self._closed_error()
+
+    def _closed_error(self, reason: str = "") -> PymeshError:
+        """The error for using this connection, or waiting on it, once it has ended:
+        ConnectionClosed when this node closed it, PeerUnavailable otherwise."""
+        reason = reason or self.close_reason or "closed"
+        if self.closed_locally:
+            return ConnectionClosed(f"connection to {self.peer.short()} was closed by this node ({reason})")
+        return PeerUnavailable(f"connection to {self.peer.short()} is closed ({reason})")
 
     # ---- shared server-side dispatch (callers hold one of ``_handler_slots``: at most
     # max_concurrent_handlers calls and pushes are in progress per connection)
@@ -138,7 +155,7 @@ class Connection:
         rid = frame.request_id
         handler = self.node.handler_for(method)
         if handler is None:
-            return encode_frame_head(FrameType.ERROR, rid, code="not_found",
+            return encode_frame_head(FrameType.ERROR, rid, code=RpcErrorCode.NOT_FOUND.value,
                                      message=f"no method {method!r} on this node")
         ctx = CallContext(self.peer, self, method)
         try:
@@ -148,7 +165,7 @@ class Connection:
             return encode_frame_head(FrameType.ERROR, rid, code=exc.code, message=exc.message)
         except Exception as exc:
             self._log.exception("handler for %r from %s failed", method, self.peer.short())
-            return encode_frame_head(FrameType.ERROR, rid, code="internal",
+            return encode_frame_head(FrameType.ERROR, rid, code=RpcErrorCode.INTERNAL.value,
                                      message=f"{type(exc).__name__} in handler {method!r}: {exc}")
 
     async def _serve_push(self, frame: Frame) -> None:

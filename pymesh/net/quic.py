@@ -96,10 +96,10 @@ class QuicRpcConnection(Connection):
         task instead of a deadline per stream)."""
         cfg = self.config
         tick = min(cfg.idle_timeout / 5, cfg.frame_timeout / 10)
-        next_ping = trio.current_time() + cfg.idle_timeout / 5
+        next_ping = self.clock.monotonic() + cfg.idle_timeout / 5
         while not self.closed:
             await trio.sleep(tick)
-            now = trio.current_time()
+            now = self.clock.monotonic()
             for stream, since in list(self._reading.items()):
                 if now - since >= cfg.frame_timeout - tick:
                     self._log.info("peer %s held stream %d open for over frame_timeout=%ss; reset",
@@ -124,7 +124,7 @@ class QuicRpcConnection(Connection):
     async def _serve_stream_slot(self, stream: QStream) -> None:
         driver = self.driver
         try:
-            self._reading[stream] = trio.current_time()
+            self._reading[stream] = self.clock.monotonic()
             try:
                 frame = await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator)
             finally:
@@ -153,6 +153,8 @@ class QuicRpcConnection(Connection):
             await driver.send_frame(stream, head, payloads)
             return await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator)
         except StreamAborted as exc:
+            if self.closed_locally:
+                raise self._closed_error() from None
             raise PeerUnavailable(f"call to {self.peer.short()} aborted: {exc}") from None
         except BaseException:
             driver.abort(stream, ERR_CANCELLED)
@@ -173,6 +175,8 @@ class QuicRpcConnection(Connection):
         await trio.lowlevel.checkpoint()  # sending may not have yielded; a push loop must not starve others
 
     async def aclose(self) -> None:
+        if not self.closed:
+            self.closed_locally = True
         self.driver.close(ERR_CLOSING, "closed by the peer")
         self._on_terminated("closed by this node")
 

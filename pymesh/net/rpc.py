@@ -24,10 +24,12 @@ import pymesh
 from pymesh.errors import ConfigError, LocalProtocolError
 from pymesh.net import quic as quic_mod
 from pymesh.net import tcp as tcp_mod
+from pymesh.net.clock import Clock, TrioClock
 from pymesh.net.config import TransportConfig
 from pymesh.net.conn import CallContext, Connection, Handler, PushHandler, RemoteError
 from pymesh.proto.frames import Allocator, Meta, TensorBlob, default_allocator
 from pymesh.net.quic_endpoint import QuicEndpoint
+from pymesh.net.streams import AnyStream
 from pymesh.net.tls import server_ssl_context
 from pymesh.proto.identity import Identity, PeerID
 
@@ -46,13 +48,16 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 class RpcNode:
-    def __init__(self, identity: Identity, *, transport: str = "quic", config: TransportConfig | None = None) -> None:
+    def __init__(self, identity: Identity, *, transport: str = "quic", config: TransportConfig | None = None,
+                 clock: Clock | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
         config = dataclasses.replace(config) if config is not None else TransportConfig()
         if transport == "tcp-plain":
             config.tls = False
         self.identity = identity
+        #: Keep-alive and frame watchdogs measure time with it (trio's clock by default).
+        self.clock: Clock = clock if clock is not None else TrioClock()
         self.peer_id: PeerID = identity.peer_id
         self.transport = "tcp" if transport.startswith("tcp") else "quic"
         self.config = config
@@ -159,6 +164,26 @@ class RpcNode:
 
     async def _accept_one(self, stream: trio.SocketStream) -> None:
         conn = await tcp_mod.accept(self, stream)
+        if conn is None:
+            return
+        self.adopt(conn)
+        await conn.run()
+
+    async def connect_stream(self, stream: trio.abc.Stream, peer_id: PeerID) -> Connection:
+        """An authenticated connection to ``peer_id`` over an already open byte stream (one
+        end of ``trio.testing.memory_stream_pair()``, say): the identity handshake and then
+        frames exactly as over TCP, without TLS. The other end runs :meth:`serve_stream`."""
+        nursery = self._require_started()
+        conn = await tcp_mod.dial_stream(self, stream, peer_id)
+        await nursery.start(conn.run)
+        self.adopt(conn)
+        return conn
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve the peer at the other end of ``stream`` (the handshake's server side) until
+        the connection ends; a failed handshake closes the stream and returns."""
+        self._require_started()
+        conn = await tcp_mod.accept_raw(self, AnyStream(stream), "a byte stream")
         if conn is None:
             return
         self.adopt(conn)

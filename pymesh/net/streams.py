@@ -177,7 +177,41 @@ class TlsStream:
         await self.stream.aclose()
 
 
-Raw = PlainStream | TlsStream
+class AnyStream:
+    """Any trio byte stream (an in-memory pair in tests, a pipe): RPC frames exactly as
+    over TCP, without the socket fast paths and without TLS."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    async def recv_into(self, view: memoryview) -> int:
+        try:
+            data = await self.stream.receive_some(len(view))
+        except trio.BrokenResourceError as exc:
+            raise PeerUnavailable(f"connection lost: {exc or 'stream broken'}") from None
+        view[:len(data)] = data
+        return len(data)
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise PeerUnavailable(f"connection lost while sending: {exc or 'stream broken'}") from None
+
+    def send_nowait(self, data: bytes) -> memoryview:
+        return memoryview(data)  # nothing goes out without an await: send_encoded sends it all
+
+    async def send_encoded(self, rest: memoryview) -> None:
+        await self.send_all(rest)
+
+    def peer_certificate(self) -> bytes | None:
+        return None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+Raw = PlainStream | TlsStream | AnyStream
 
 
 class BufferedReader:

@@ -17,7 +17,7 @@ from pymesh.net import handshake
 from pymesh.net.config import TransportConfig
 from pymesh.net.conn import Connection, ConnectionHost
 from pymesh.proto.frames import Frame, FrameType, encode_frame_head, read_frame_untrusted
-from pymesh.net.streams import BufferedReader, PlainStream, Raw, TlsStream
+from pymesh.net.streams import AnyStream, BufferedReader, PlainStream, Raw, TlsStream
 from pymesh.net.tls import check_peer_certificate_der, client_ssl_context, server_ssl_context
 from pymesh.proto.identity import PeerID
 
@@ -44,7 +44,7 @@ class TcpConnection(Connection):
         self._serving: dict[int, trio.CancelScope] = {}
         self._next_id = 1
         self._nursery: trio.Nursery | None = None
-        self._rx_at = trio.current_time()           # when the last complete frame arrived
+        self._rx_at = self.clock.monotonic()           # when the last complete frame arrived
         self._frame_since: float | None = None      # when the frame being read began
 
     # ---------------------------------------------------------------- lifecycle
@@ -71,7 +71,8 @@ class TcpConnection(Connection):
             self._log.debug("connection to %s closed: %s", self.peer.short(), reason)
         for slot in self._pending.values():
             if not slot.event.is_set():
-                slot.error = PeerUnavailable(f"connection to {self.peer.short()} lost: {reason}")
+                slot.error = (self._closed_error(reason) if self.closed_locally
+                              else PeerUnavailable(f"connection to {self.peer.short()} lost: {reason}"))
                 slot.event.set()
 
     def _fail(self, reason: str) -> None:
@@ -80,6 +81,8 @@ class TcpConnection(Connection):
             self._nursery.cancel_scope.cancel()
 
     async def aclose(self) -> None:
+        if not self.closed:
+            self.closed_locally = True
         self._fail("closed by this node")
 
     # ---------------------------------------------------------------- sending
@@ -157,10 +160,10 @@ class TcpConnection(Connection):
         that does not complete (one task instead of two deadlines per frame read)."""
         cfg = self.config
         tick = min(cfg.idle_timeout, cfg.frame_timeout) / 10
-        next_ping = trio.current_time() + cfg.idle_timeout / 3
+        next_ping = self.clock.monotonic() + cfg.idle_timeout / 3
         while True:
             await trio.sleep(tick)
-            now = trio.current_time()
+            now = self.clock.monotonic()
             if self._frame_since is not None:
                 if now - self._frame_since >= cfg.frame_timeout - tick:
                     why = f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s"
@@ -183,10 +186,10 @@ class TcpConnection(Connection):
                 if await reader.at_eof():  # the watchdog in _keepalive bounds both waits
                     self._fail("the peer closed the connection")
                     return
-                self._frame_since = trio.current_time()
+                self._frame_since = self.clock.monotonic()
                 frame = await read_frame_untrusted(reader, cfg.limits, alloc=self.node.allocator)
                 self._frame_since = None
-                self._rx_at = trio.current_time()
+                self._rx_at = self.clock.monotonic()
                 if frame.type in (FrameType.CALL, FrameType.PUSH):
                     # Backpressure: with every handler slot busy, stop reading; TCP's window
                     # then stalls the peer. (Replies queued behind wait too, so handlers must
@@ -271,10 +274,7 @@ async def dial(node: ConnectionHost, host: str, port: int, peer_id: PeerID) -> T
                 if isinstance(raw, TlsStream):
                     await raw.handshake()
                     check_peer_certificate_der(raw.peer_certificate(), peer_id)
-                reader = BufferedReader(raw)
-                await handshake.client_handshake(
-                    node.identity, node.protocol_version, peer_id,
-                    read=lambda: read_frame_untrusted(reader, cfg.limits), send=raw.send_all)
+                reader = await _client_handshake(node, raw, peer_id)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await raw.aclose()
@@ -287,10 +287,38 @@ async def dial(node: ConnectionHost, host: str, port: int, peer_id: PeerID) -> T
     return TcpConnection(node, peer_id, cfg, raw, reader)
 
 
+async def _client_handshake(node: ConnectionHost, raw: Raw, peer_id: PeerID) -> BufferedReader:
+    reader = BufferedReader(raw)
+    await handshake.client_handshake(
+        node.identity, node.protocol_version, peer_id,
+        read=lambda: read_frame_untrusted(reader, node.config.limits), send=raw.send_all)
+    return reader
+
+
+async def dial_stream(node: ConnectionHost, stream: trio.abc.Stream, peer_id: PeerID) -> TcpConnection:
+    """The client side of a connection over an open byte stream (see ``RpcNode.connect_stream``)."""
+    raw = AnyStream(stream)
+    try:
+        with trio.fail_after(node.config.connect_timeout):
+            reader = await _client_handshake(node, raw, peer_id)
+    except BaseException as exc:
+        with trio.CancelScope(shield=True):
+            await raw.aclose()
+        if isinstance(exc, trio.TooSlowError):
+            raise PeerUnavailable(f"handshake with {peer_id.short()} timed out after "
+                                  f"{node.config.connect_timeout}s") from None
+        raise
+    return TcpConnection(node, peer_id, node.config, raw, reader)
+
+
 async def accept(node: ConnectionHost, stream: trio.SocketStream) -> TcpConnection | None:
     """Run TLS and the identity handshake on an inbound stream; None if it failed."""
+    return await accept_raw(node, _wrap(stream, node, server_side=True), _addr(stream))
+
+
+async def accept_raw(node: ConnectionHost, raw: Raw, where: str) -> TcpConnection | None:
+    """The server side of TLS (if ``raw`` has it) and the identity handshake; None if it failed."""
     cfg = node.config
-    raw = _wrap(stream, node, server_side=True)
     try:
         with trio.fail_after(cfg.connect_timeout):
             if isinstance(raw, TlsStream):
@@ -300,7 +328,7 @@ async def accept(node: ConnectionHost, stream: trio.SocketStream) -> TcpConnecti
                 node.identity, node.protocol_version,
                 read=lambda: read_frame_untrusted(reader, cfg.limits), send=raw.send_all, limits=cfg.limits)
     except (trio.TooSlowError, PeerUnavailable, RemoteProtocolError, IdentityError) as exc:
-        log.info("inbound TCP connection from %s rejected: %s", _addr(stream),
+        log.info("inbound connection from %s rejected: %s", where,
                  str(exc) or "handshake did not finish within connect_timeout")
         with trio.CancelScope(shield=True):
             await raw.aclose()
@@ -311,6 +339,6 @@ async def accept(node: ConnectionHost, stream: trio.SocketStream) -> TcpConnecti
 def _addr(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
+        return f"TCP {host}:{port}"
     except OSError:
         return "?"

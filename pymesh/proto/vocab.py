@@ -1,4 +1,4 @@
-"""Enumerations shared by every role: worker states and transports.
+"""Enumerations shared by every role: worker states, transports and RPC error codes.
 
 Both are ``str`` enums, so a member compares equal to its wire spelling (``"online"``,
 ``"quic"``) and bencodes as that string; parsers turn peer strings into members with
@@ -46,3 +46,15 @@ class Transport(str, enum.Enum):
             return cls(text)
         except ValueError:
             raise ConfigError(f"{what} {text!r}: choose quic or tcp") from None
+
+
+class RpcErrorCode(str, enum.Enum):
+    """The ``RemoteError`` codes the RPC layer itself answers with. Handlers answer with
+    their own protocol's codes (the session protocol's ``ErrorCode``); a code is a string on
+    the wire, so a caller compares ``exc.code`` with either enum's members."""
+
+    NOT_FOUND = "not_found"    # no handler registered for the method
+    INTERNAL = "internal"      # the handler raised something other than RemoteError
+
+    def __str__(self) -> str:
+        return self.value

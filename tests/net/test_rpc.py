@@ -6,7 +6,7 @@ import pytest
 import torch
 import trio
 
-from pymesh.errors import PeerUnavailable
+from pymesh.errors import ConnectionClosed, PeerUnavailable
 from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.net.rpc import CallContext, Connection, RemoteError
 from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
@@ -177,9 +177,13 @@ def test_connect_reuses_and_aclose(transport: str) -> None:
             again = await client.connect("127.0.0.1", server.test_port, server.peer_id)  # type: ignore[attr-defined]
             assert again is conn and conn.peer == server.peer_id
             await conn.aclose()
-            assert conn.closed
-            with pytest.raises(PeerUnavailable):
+            assert conn.closed and conn.closed_locally
+            # Using a connection this node closed is this node's mistake, not the peer's absence.
+            with pytest.raises(ConnectionClosed):
                 await conn.call("echo", {})
+            with pytest.raises(ConnectionClosed):
+                await conn.push("topic", {})
+            assert not issubclass(ConnectionClosed, PeerUnavailable)
             fresh = await client.connect("127.0.0.1", server.test_port, server.peer_id)  # type: ignore[attr-defined]
             assert fresh is not conn
             meta, _ = await fresh.call("echo", {"x": 1}, timeout=10)
