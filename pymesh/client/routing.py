@@ -16,6 +16,7 @@ from typing import Collection, Mapping, Sequence
 
 from pymesh.errors import PymeshError
 from pymesh.proto.identity import PeerID
+from pymesh.proto.vocab import Transport
 
 #: RTT assumed for a worker we have not measured yet (milliseconds).
 DEFAULT_RTT_MS = 5.0
@@ -40,7 +41,7 @@ class SpanOption:
     stop: int
     host: str = ""
     port: int = 0
-    transports: tuple[str, ...] = ("quic", "tcp")
+    transports: tuple[Transport, ...] = (Transport.QUIC, Transport.TCP)
     block_ms: float = DEFAULT_BLOCK_MS
     cache_tokens_free: int = 1 << 30
     extra: Mapping[str, object] = field(default_factory=dict, compare=False, hash=False)

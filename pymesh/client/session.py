@@ -351,6 +351,8 @@ class InferenceSession:
         store = self.history.setdefault(boundary, {})
         for k, blob in zip(reply.steps, tensors):
             store[k] = blob_to_tensor(blob)
+        log.info("Client: fetched %d unsent recovery cop%s from %s", len(reply.steps),
+                 "y" if len(reply.steps) == 1 else "ies", source.describe())
 
     async def _replay(self, r: Replay) -> None:
         """Rebuild a new hop's cache: its stored inputs, one call per original step."""

@@ -180,7 +180,8 @@ class Swarm:
         for r in records:
             if r.state != WorkerState.ONLINE or self.transport not in r.transports:
                 continue
-            out.append(SpanOption(r.peer_id, r.start, r.stop, r.host, r.port, tuple(r.transports),
+            out.append(SpanOption(r.peer_id, r.start, r.stop, r.host, r.port,
+                                  tuple(t for t in Transport if t in r.transports),
                                   r.block_ms, r.cache_tokens_free))
         return out
 
