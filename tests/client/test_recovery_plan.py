@@ -87,7 +87,7 @@ def test_flush_impossible_when_the_source_died_too() -> None:
     history = {0: set(range(3)), 2: {0}}
     p = run([A, B, C], [A, B2, C], history, 3, dead={A.peer, B.peer})
     assert p.missing == Missing(2, (1, 2), A)
-    assert p.opens == p.replays == p.closes == ()
+    assert p.opens == () and p.replays == () and p.closes == ()
     assert "step 1 for block 2" in p.missing.describe()
 
 
@@ -104,7 +104,7 @@ def test_step_zero_opens_without_replaying() -> None:
 def test_fresh_session_opens_every_hop_last_first() -> None:
     p = plan([], [A, B, C], {}, {0: set()}, 0)
     assert p.opens == (OpenHop(C, None), OpenHop(B, C), OpenHop(A, B))
-    assert p.relinks == p.replays == p.closes == ()
+    assert p.relinks == () and p.replays == () and p.closes == ()
 
 
 def test_replacement_that_fails_halfway_is_replanned_from_what_was_done() -> None:
