@@ -7,7 +7,8 @@
         meta, tensors = await conn.call("echo", {"x": 1}, [blob], timeout=5)
 
 Transports: "quic" (default), "tcp" (TLS 1.3) and "tcp-plain" (no encryption; the
-server's identity is only asserted, for benchmarks and trusted networks).
+server's identity is only asserted, for benchmarks and trusted networks); ``node.transport``
+is the :class:`~pymesh.proto.vocab.Transport` it speaks (QUIC or TCP).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.streams import AnyStream
 from pymesh.net.tls import server_ssl_context
 from pymesh.proto.identity import Identity, PeerID
+from pymesh.proto.vocab import Transport
 
 __all__ = ["RpcNode", "Connection", "CallContext", "RemoteError", "TransportConfig", "Meta", "TensorBlob",
            "Handler", "PushHandler", "TRANSPORTS"]
@@ -48,7 +50,7 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 class RpcNode:
-    def __init__(self, identity: Identity, *, transport: str = "quic", config: TransportConfig | None = None,
+    def __init__(self, identity: Identity, *, transport: str = Transport.QUIC, config: TransportConfig | None = None,
                  clock: Clock | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
@@ -59,7 +61,7 @@ class RpcNode:
         #: Keep-alive and frame watchdogs measure time with it (trio's clock by default).
         self.clock: Clock = clock if clock is not None else TrioClock()
         self.peer_id: PeerID = identity.peer_id
-        self.transport = "tcp" if transport.startswith("tcp") else "quic"
+        self.transport = Transport.TCP if transport.startswith("tcp") else Transport.QUIC
         self.config = config
         self.protocol_version: int = pymesh.PROTOCOL_VERSION
         #: Where received tensor bytes land; a CUDA host sets ``pymesh.model.blobs.pinned_allocator``.
@@ -139,7 +141,7 @@ class RpcNode:
     async def listen(self, host: str, port: int) -> int:
         """Start serving; returns the bound port (pass 0 for any)."""
         nursery = self._require_started()
-        if self.transport == "quic":
+        if self.transport == Transport.QUIC:
             endpoint = quic_mod.new_endpoint(self, host, port, server=True)
             if self._endpoint is not None and not self._listening_endpoint:
                 log.debug("dialing endpoint stays separate from the listening one")
@@ -201,7 +203,7 @@ class RpcNode:
                 if not conn.closed:
                     return conn
             conn: Connection  # type: ignore[no-redef]
-            if self.transport == "quic":
+            if self.transport == Transport.QUIC:
                 if self._endpoint is None:
                     endpoint = quic_mod.new_endpoint(self, "::" if ":" in host else "0.0.0.0", 0, server=False)
                     await nursery.start(endpoint.run)

@@ -24,11 +24,12 @@ from pymesh import PROTOCOL_VERSION
 from pymesh.errors import DecodeError, VersionMismatch
 from pymesh.proto.bencode import BencodeError, decode_untrusted, encode
 from pymesh.proto.identity import Identity, PeerID, verify_signature
+from pymesh.proto.vocab import WorkerState
 
 MAX_RECORD_BYTES = 700
 MAX_MODEL_ID = 160
 MAX_HOST = 253
-STATES = ("joining", "online", "offline")
+STATES = tuple(s.value for s in WorkerState)   # ("joining", "online", "offline")
 SIGN_DOMAIN = b"pymesh-record\0"
 ALL_TARGET = hashlib.sha1(b"pymesh:all-records").digest()
 _NO_PEER = PeerID(bytes(32))
@@ -60,7 +61,7 @@ class WorkerRecord:
     host: str = ""
     port: int = 0
     transports: tuple[str, ...] = ("quic", "tcp")
-    state: str = "online"
+    state: WorkerState = WorkerState.ONLINE
     block_ms: float = 0.0
     tokens_per_s: float = 0.0
     cache_tokens_free: int = 0
@@ -69,13 +70,19 @@ class WorkerRecord:
     timestamp: float = 0.0
     signature: bytes = field(default=b"", repr=False)
 
+    def __post_init__(self) -> None:
+        # A plain string naming a state becomes the member; anything else stays, for
+        # _check_local to refuse (a record is only checked when signed).
+        if not isinstance(self.state, WorkerState) and self.state in STATES:
+            object.__setattr__(self, "state", WorkerState(self.state))
+
     # -- helpers ---------------------------------------------------------------------------
     def covers(self, block: int) -> bool:
         return self.start <= block < self.stop
 
     @property
     def live(self) -> bool:
-        return self.state != "offline"
+        return self.state != WorkerState.OFFLINE
 
     def _fields(self) -> dict[bytes, object]:
         return {
@@ -87,7 +94,7 @@ class WorkerRecord:
             b"h": self.host,
             b"p": self.port,
             b"t": list(self.transports),
-            b"st": self.state,
+            b"st": str(self.state),
             b"bm": round(self.block_ms * 1000),
             b"tp": round(self.tokens_per_s * 1000),
             b"cf": self.cache_tokens_free,
@@ -182,7 +189,7 @@ class WorkerRecord:
             host=text(b"h", MAX_HOST),
             port=num(b"p", 0, 65535),
             transports=tuple(t.decode("ascii", "replace") for t in transports),  # type: ignore[union-attr]
-            state=text(b"st", 16),
+            state=_state_untrusted(text(b"st", 16)),
             block_ms=num(b"bm") / 1000,
             tokens_per_s=num(b"tp") / 1000,
             cache_tokens_free=num(b"cf"),
@@ -191,8 +198,6 @@ class WorkerRecord:
             timestamp=num(b"ts") / 1000,
             signature=sig,
         )
-        if rec.state not in STATES:
-            raise RecordError(f"record state {rec.state!r} is not one of {STATES}")
         if rec.start >= rec.stop:
             raise RecordError(f"record span [{rec.start}, {rec.stop}) is empty")
         if not rec.model_id:
@@ -200,3 +205,10 @@ class WorkerRecord:
         if require_signature and not rec.verify():
             raise RecordError(f"record signature does not verify for key {rec.peer_id.short()}")
         return rec
+
+
+def _state_untrusted(text: str) -> WorkerState:
+    try:
+        return WorkerState.parse_untrusted(text)
+    except DecodeError as exc:
+        raise RecordError(f"invalid record: {exc}") from None
