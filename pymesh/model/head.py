@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pymesh.errors import ConfigError
+from pymesh.model.shapes import ShapeError
 from pymesh.model.config import ModelConfig, load_config
 from pymesh.model import ops
 from pymesh.model.weights import WeightStore
@@ -33,9 +33,9 @@ class ClientHead:
         """``[batch, seq]`` token ids -> ``[batch, seq, hidden]``."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         if ids.dim() != 2:
-            raise ConfigError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
+            raise ShapeError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ConfigError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+            raise ShapeError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
         return F.embedding(ids, self.embed_tokens)
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pymesh.errors import ConfigError
+from pymesh.model.shapes import ShapeError
 
 
 class KVCache:
@@ -43,9 +44,9 @@ class KVCache:
         return self._kv.numel() * self._kv.element_size()
 
     def check(self, start_pos: int, seq: int, batch: int) -> None:
-        """Raise ConfigError unless positions ``start_pos .. start_pos+seq-1`` fit."""
+        """Raise :class:`ShapeError` unless positions ``start_pos .. start_pos+seq-1`` fit."""
         if batch != self.batch:
-            raise ConfigError(f"hidden states have batch {batch} but the KV cache was made for batch {self.batch}")
+            raise ShapeError(f"hidden states have batch {batch} but the KV cache was made for batch {self.batch}")
         if start_pos < 0 or seq < 1 or start_pos + seq > self.max_tokens:
-            raise ConfigError(f"positions {start_pos}..{start_pos + seq - 1} do not fit a KV cache of "
+            raise ShapeError(f"positions {start_pos}..{start_pos + seq - 1} do not fit a KV cache of "
                               f"{self.max_tokens} tokens; open the session with a larger max_tokens")

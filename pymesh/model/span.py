@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pymesh.errors import ConfigError
+from pymesh.model.shapes import ShapeError
 from pymesh.model.config import ModelConfig, load_config
 from pymesh.model.decode_plan import DecodePlan, plan_supported
 from pymesh.model.kv_cache import KVCache
@@ -65,7 +66,7 @@ class SpanModel:
     def forward(self, hidden: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
         """Run the span on ``hidden`` ``[batch, seq, hidden]`` at positions ``start_pos..``; returns new hidden."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
-            raise ConfigError(f"hidden states must be [batch, seq, {self.config.hidden_size}], "
+            raise ShapeError(f"hidden states must be [batch, seq, {self.config.hidden_size}], "
                               f"got {list(hidden.shape)}")
         b, s, _ = hidden.shape
         cache.check(start_pos, s, b)

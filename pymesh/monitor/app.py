@@ -20,6 +20,7 @@ from rich.console import Console
 from pymesh.monitor.state import MonitorState, RecordLike, peer_text, update
 from pymesh.monitor.view import render
 from pymesh.proto.addr import PeerAddr
+from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class SwarmPoller:
 
         async with trio.open_nursery() as nursery:
             for rec in records:
-                if rec.state != "offline":
+                if rec.state != WorkerState.OFFLINE:
                     nursery.start_soon(one, rec)
         return out
 
@@ -212,8 +213,8 @@ class _maybe_rpc:
         except ImportError:
             log.info("pymesh.net.rpc is not available: RTT column stays blank")
             return None
-        for transport in ("quic", "tcp"):
-            node = RpcNode(self.ident, transport=transport, config=self.settings.transport_config())
+        for transport in Transport:
+            node = RpcNode(self.ident, transport=transport.value, config=self.settings.transport_config())
             await node.__aenter__()
             self.nodes[transport] = node
         by_transport = {name: make_rpc_pinger(node) for name, node in self.nodes.items()}

@@ -18,6 +18,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Protocol
 
+from pymesh.errors import DecodeError
+from pymesh.proto.vocab import WorkerState
+
 #: How many events the state keeps (the view shows the newest few).
 MAX_EVENTS = 200
 
@@ -84,8 +87,8 @@ class WorkerView:
     stop: int                       # blocks [start, stop)
     host: str
     port: int
-    transports: tuple[str, ...]
-    state: str
+    transports: tuple[str, ...]    # as announced (a transport this monitor does not know stays a string)
+    state: WorkerState
     tokens_per_s: float
     block_ms: float
     sessions: int
@@ -105,7 +108,7 @@ class WorkerView:
 
     @property
     def live(self) -> bool:
-        return self.state != "offline"
+        return self.state != WorkerState.OFFLINE
 
     def span_text(self) -> str:
         """The span as the command line writes it: inclusive ``A-B``."""
@@ -123,7 +126,7 @@ class WorkerView:
             host=str(record.host),
             port=int(record.port),
             transports=tuple(str(t) for t in record.transports),
-            state=str(record.state),
+            state=WorkerState.parse_untrusted(str(record.state)),
             tokens_per_s=float(record.tokens_per_s),
             block_ms=float(record.block_ms),
             sessions=int(record.sessions),
@@ -254,7 +257,10 @@ def update(
     workers: list[WorkerView] = []
     for key, rec in newest.items():
         rtt = rtts[key] if key in rtts else (previous[key].rtt_ms if key in previous else None)
-        workers.append(WorkerView.from_record(rec, rtt))
+        try:
+            workers.append(WorkerView.from_record(rec, rtt))
+        except DecodeError:  # a state this monitor does not know: not shown
+            continue
     workers.sort(key=lambda w: (w.model_id, w.start, w.stop, w.peer))
 
     blocks = dict(state.model_blocks)

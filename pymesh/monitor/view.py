@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pymesh.monitor.state import Event, MonitorState, WorkerView
+from pymesh.proto.vocab import WorkerState
 
 #: Cell characters by share of the model's best-served block (gap first).
 GAP_CELL = "×"
@@ -113,7 +114,7 @@ def _rtt(w: WorkerView) -> str:
     return "-" if w.rtt_ms is None else f"{w.rtt_ms:.1f}ms"
 
 
-STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red"}
+STATE_STYLES = {WorkerState.ONLINE: "green", WorkerState.JOINING: "yellow", WorkerState.OFFLINE: "red"}
 
 
 def render_workers(state: MonitorState) -> RenderableType:
