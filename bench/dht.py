@@ -1,9 +1,7 @@
-"""Thin script: the DHT benchmark (same as ``pymesh bench dht``).
+"""DHT lookups in the socket-free simulation: rounds and success rate at 100 to 10,000 nodes.
 
-    python bench/dht.py [--json] [--sizes 100,1000,10000] [--lookups 500]
+``python bench/dht.py [ARGS]`` is ``pymesh bench dht [ARGS]`` (``--help`` lists ARGS).
 """
-
-from __future__ import annotations
 
 import sys
 

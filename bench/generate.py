@@ -1,9 +1,7 @@
-"""Decode speed, pymesh vs transformers (fp32 and bf16) and the bandwidth ceiling.
+"""Decode speed in one process: pymesh against transformers (float32, bfloat16) and the bandwidth ceiling.
 
-Same as ``pymesh bench generate``; e.g. ``python bench/generate.py --json``.
+``python bench/generate.py [ARGS]`` is ``pymesh bench generate [ARGS]`` (``--help`` lists ARGS).
 """
-
-from __future__ import annotations
 
 import sys
 

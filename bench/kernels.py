@@ -1,9 +1,7 @@
-"""Fused kernels vs the pure-torch reference: a thin wrapper of ``pymesh bench kernels``.
+"""Fused kernels (pymesh._C) against the pure-torch reference, per op, dtype and token count.
 
-    python bench/kernels.py [--json] [--out FILE] [--quick] [--threads 2] [--ops rms_norm,linear]
+``python bench/kernels.py [ARGS]`` is ``pymesh bench kernels [ARGS]`` (``--help`` lists ARGS).
 """
-
-from __future__ import annotations
 
 import sys
 

@@ -1,9 +1,7 @@
-"""Swarm speed: N local worker processes vs single-process generation, over QUIC and TCP.
+"""A local swarm of worker processes against single-process generation, over QUIC and TCP.
 
-Same as ``pymesh bench swarm``; e.g. ``python bench/swarm.py --json``.
+``python bench/swarm.py [ARGS]`` is ``pymesh bench swarm [ARGS]`` (``--help`` lists ARGS).
 """
-
-from __future__ import annotations
 
 import sys
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pymesh.errors import ConfigError
 
@@ -236,6 +236,10 @@ class RuntimeSettings:
             smollm2_gguf=Path(gguf).expanduser() if gguf else None,
         )
 
+    def threads_or(self, flag: int | None) -> int | None:
+        """``--threads`` if given, else ``PYMESH_THREADS`` (None: the caller's default)."""
+        return flag if flag is not None else self.threads
+
     def cache_root(self) -> Path:
         """The folder pulled models live in (``cache``, or ``~/.cache/pymesh``)."""
         return self.cache if self.cache is not None else Path.home() / ".cache" / "pymesh"
@@ -298,3 +302,25 @@ def _log_level(env: Mapping[str, str]) -> str | None:
         raise SettingsError(f"environment variable PYMESH_LOG_LEVEL={text!r} must be one of "
                             f"{', '.join(_LOG_LEVELS)}")
     return text.upper()
+
+
+def settings_of(args: object) -> Settings:
+    """The settings ``pymesh.cli.main`` attached to parsed arguments as ``args.settings``
+    (the defaults for a namespace built elsewhere, e.g. by a test)."""
+    settings = getattr(args, "settings", None)
+    return settings if isinstance(settings, Settings) else Settings()
+
+
+def settings_kwargs(target: object, settings: Settings) -> dict[str, Any]:
+    """``{"settings": settings}`` if ``target``'s signature takes ``settings``, else ``{}``.
+
+    For the roll-out of the ``settings=`` keyword (WorkerOptions, Swarm, SwarmClient gain it
+    one at a time): callers pass it where it exists rather than fail where it does not yet.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(target).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return {}
+    return {"settings": settings} if "settings" in params else {}

@@ -57,10 +57,11 @@ def _torch_threads() -> None:
 
 def _pull(dtype: str) -> Path:
     from pymesh.errors import PymeshError
-    from pymesh.model.pull import pull_runtime
+    from pymesh.model.pull import pull_default_model
 
     try:
-        return pull_runtime(SETTINGS.runtime, progress=False, dtype=dtype)
+        return pull_default_model(progress=False, dtype=dtype, root=SETTINGS.runtime.cache_root(),
+                                  gguf=SETTINGS.runtime.smollm2_gguf)
     except PymeshError as exc:
         if "could not download" in str(exc):
             pytest.skip(f"SmolLM2 is not cached and cannot be downloaded: {exc}")

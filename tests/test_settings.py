@@ -154,7 +154,8 @@ def test_cli_reports_a_bad_variable_and_exits_2(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_cli_flags_override_settings() -> None:
-    from pymesh.cli.common import threads_of, with_flags
+    from pymesh.cli.common import with_flags
+    from pymesh.settings import settings_of
 
     s = load_settings({"PYMESH_THREADS": "3", "PYMESH_MAX_BLOCKS": "4"})
     assert with_flags(s, threads=1, max_blocks=2).runtime.threads == 1
@@ -162,5 +163,6 @@ def test_cli_flags_override_settings() -> None:
     assert with_flags(s).worker.max_blocks == 4
     import argparse
 
-    assert threads_of(argparse.Namespace(threads=None), s) == 3
-    assert threads_of(argparse.Namespace(threads=5), s) == 5
+    assert s.runtime.threads_or(None) == 3 and s.runtime.threads_or(5) == 5
+    assert settings_of(argparse.Namespace(settings=s)) is s
+    assert settings_of(argparse.Namespace()) == Settings()

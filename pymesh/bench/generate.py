@@ -145,16 +145,17 @@ RUNNERS: dict[str, Callable[[Path, str], Runner]] = {"pymesh": pymesh_runner, "t
 def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     """Measure in a fresh child process, so OpenMP starts with the PASSIVE wait policy and the
     requested thread count whatever this process has already imported."""
-    from pymesh.cli.common import settings_of
+    from pymesh.settings import settings_of
 
     settings = settings_of(args)
     quick = getattr(args, "quick", False)
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
-        from pymesh.model.pull import pull_runtime
+        from pymesh.model.pull import pull_default_model
 
-        model_dir = pull_runtime(settings.runtime, progress=True)
+        model_dir = pull_default_model(progress=True, root=settings.runtime.cache_root(),
+                                       gguf=settings.runtime.smollm2_gguf)
     spec = {"model_dir": str(model_dir), "new_tokens": args.new_tokens or (32 if quick else 128),
             "require_c": settings.runtime.require_c, "fast_decode": settings.runtime.fast_decode,
             "repeats": args.repeats or (1 if quick else 3), "threads": args.threads,

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pymesh.settings import Settings
+from pymesh.settings import Settings, settings_kwargs, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,8 @@ async def swarm_runs(bootstrap: str, model_dir: Path, transport: str, ids: list[
     model = ClientModel(model_dir)
     best = (float("inf"), 0.0)
     tokens: list[int] = []
-    from pymesh.cli.common import accepted_kwargs
-
     async with Swarm([bootstrap], model.model_id, transport=transport,
-                     **accepted_kwargs(Swarm, settings=settings or Settings())) as swarm:
+                     **settings_kwargs(Swarm, settings or Settings())) as swarm:
         for _ in range(repeats):
             stats = GenerationStats()
             tokens = [t async for t in generate_tokens(swarm, model, ids, SamplingParams(max_new_tokens=n),
@@ -122,7 +120,6 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     from pymesh.demo.procs import Supervisor, free_port, pymesh_argv
     from pymesh.model.config import load_config
     from pymesh.model.tokenizer import load_tokenizer
-    from pymesh.cli.common import settings_of, threads_of
     from pymesh.model.torch_setup import configure_threads
 
     settings = settings_of(args)
@@ -132,10 +129,11 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
-        from pymesh.model.pull import pull_runtime
+        from pymesh.model.pull import pull_default_model
 
-        model_dir = pull_runtime(settings.runtime, progress=True)
-    threads = configure_threads(threads_of(args, settings))
+        model_dir = pull_default_model(progress=True, root=settings.runtime.cache_root(),
+                                       gguf=settings.runtime.smollm2_gguf)
+    threads = configure_threads(settings.runtime.threads_or(args.threads))
     cfg = load_config(model_dir)
     ids = prompt_of(load_tokenizer(model_dir), args.prompt_tokens)
     transports = [t for t in args.transports.split(",") if t]

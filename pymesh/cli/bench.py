@@ -11,13 +11,14 @@ go to stdout and the tables to stderr, so stdout stays machine-readable.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from pymesh.cli.common import load_optional
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _module(part: str) -> Any:
-    try:
-        return importlib.import_module(f"pymesh.bench.{part}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"pymesh.bench.{part}":
-            return None
-        raise
+    return load_optional(f"pymesh.bench.{part}")
 
 
 def _part_args(module: Any, args: argparse.Namespace) -> argparse.Namespace:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from pymesh.cli.common import settings_of
+    from pymesh.settings import settings_of
     from pymesh.errors import ConfigError
     from pymesh.net.dht import DHTNode
     from pymesh.proto.addr import PeerAddr, parse_addr

@@ -8,8 +8,10 @@ import logging
 import sys
 import time
 
-from pymesh.cli.common import accepted_kwargs, check_device, settings_of, threads_of
+from pymesh.cli.common import check_device
+from pymesh.settings import settings_kwargs, settings_of
 from pymesh.errors import ConfigError
+from pymesh.proto.vocab import Transport
 
 log = logging.getLogger("pymesh.client")
 
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--transport", default="quic", choices=["quic", "tcp"])
+    parser.add_argument("--transport", default=Transport.QUIC.value, choices=[t.value for t in Transport])
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming text")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
     parser.add_argument("--hidden-size", type=int, default=4096, help="echo test: hidden size of the test tensor")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pymesh.model.torch_setup import configure_threads
 
-    configure_threads(threads_of(args, settings_of(args)))
+    configure_threads(settings_of(args).runtime.threads_or(args.threads))
     if args.model_path is None:
         return trio.run(_network_test, args)
     if not args.prompt:
@@ -80,7 +82,7 @@ async def _generate(args: argparse.Namespace) -> int:
     decoder = model.tokenizer.stream_decoder()
     stop_text = StopText(params.stop)  # like `pymesh generate`: the stop text itself is never shown
     async with Swarm(args.bootstrap, model.model_id, transport=args.transport,
-                     **accepted_kwargs(Swarm, settings=settings_of(args))) as swarm:
+                     **settings_kwargs(Swarm, settings_of(args))) as swarm:
         async for token in generate_tokens(swarm, model, ids, params, stats=stats):
             if not args.json:
                 sys.stdout.write(stop_text.push(decoder.push(token)))
@@ -110,7 +112,7 @@ async def _network_test(args: argparse.Namespace) -> int:
                           "or --model-path to generate")
     t0 = time.perf_counter()
     async with Swarm(args.bootstrap, args.model_name or "echo", transport=args.transport,
-                     **accepted_kwargs(Swarm, settings=settings_of(args))) as swarm:
+                     **settings_kwargs(Swarm, settings_of(args))) as swarm:
         res = await run_network_test(swarm, layers[0], layers[1], hidden=args.hidden_size, rounds=args.rounds)
     if args.json:
         json.dump({"route": res.route, "hop_ms": [round(h, 3) for h in res.hop_ms],

@@ -2,29 +2,29 @@
 
 ``pymesh.cli.main`` reads the environment once (:func:`pymesh.settings.load_settings`) and
 puts the result on the parsed arguments as ``args.settings``; subcommands take their parts
-from there (:func:`settings_of`) and let their flags override them. Imports nothing heavy.
+from there (:func:`pymesh.settings.settings_of`) and let their flags override them
+(:func:`with_flags`). Imports nothing heavy.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from typing import Any
+import importlib
+from types import ModuleType
 
 from pymesh.errors import ConfigError
 from pymesh.settings import Settings
 
 
-def settings_of(args: argparse.Namespace) -> Settings:
-    """The settings ``main`` attached to ``args`` (defaults for a namespace built elsewhere)."""
-    settings = getattr(args, "settings", None)
-    return settings if isinstance(settings, Settings) else Settings()
-
-
-def threads_of(args: argparse.Namespace, settings: Settings) -> int | None:
-    """``--threads`` if given, else ``PYMESH_THREADS`` (None: the caller's default)."""
-    threads = getattr(args, "threads", None)
-    return threads if threads is not None else settings.runtime.threads
+def load_optional(module: str) -> ModuleType | None:
+    """``import module``, or None when that module itself is missing from this build
+    (an error inside it, or a missing dependency of it, still raises)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
 
 
 def with_flags(settings: Settings, *, threads: int | None = None, max_blocks: int | None = None) -> Settings:
@@ -59,17 +59,3 @@ def check_device(device: str) -> None:
     if index >= torch.cuda.device_count():
         raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
-
-def accepted_kwargs(target: object, **kwargs: object) -> dict[str, Any]:
-    """Those ``kwargs`` that ``target``'s signature names.
-
-    The roles adopt ``settings=`` one at a time (WorkerOptions, Swarm, SwarmClient); until a
-    constructor has the parameter the CLI leaves it out rather than failing.
-    """
-    import inspect
-
-    try:
-        params = inspect.signature(target).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return {}
-    return {k: v for k, v in kwargs.items() if k in params}

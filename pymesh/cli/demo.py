@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pymesh.proto.vocab import Transport
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=3, help="worker processes to start (default 3)")
@@ -16,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", default=None, metavar="DIR",
                         help="a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct, "
                              "pulled and converted on first use)")
-    parser.add_argument("--transport", choices=("quic", "tcp"), default="quic")
+    parser.add_argument("--transport", choices=[t.value for t in Transport], default=Transport.QUIC.value)
     parser.add_argument("--placement", choices=("auto", "split"), default="auto",
                         help="auto: workers choose their blocks from the swarm (default); "
                              "split: explicit --layers, an even split")
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from pymesh.cli.common import settings_of
+    from pymesh.settings import settings_of
     from pymesh.demo.run import DEFAULT_PROMPTS, DemoOptions, run_demo
     from pymesh.errors import ConfigError
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         interactive=args.interactive,
         model_path=Path(args.model_path) if args.model_path else None,
-        transport=args.transport,
+        transport=Transport(args.transport),
         placement=args.placement,
         timeout=args.timeout,
         keep_logs=args.keep_logs,

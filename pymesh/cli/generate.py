@@ -33,15 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pymesh.cli.common import check_device, settings_of, threads_of
+    from pymesh.cli.common import check_device
     from pymesh.errors import ConfigError
     from pymesh.model.config import load_config
     from pymesh.model.generate import LocalModel, eos_ids, make_stop_check, prompt_ids
     from pymesh.model.sampling import StopText, sampling_params_from_args
     from pymesh.model.tokenizer import load_tokenizer
     from pymesh.model.torch_setup import configure_threads
+    from pymesh.settings import settings_of
 
-    configure_threads(threads_of(args, settings_of(args)), shared=False)  # one process alone: every core
+    configure_threads(settings_of(args).runtime.threads_or(args.threads), shared=False)  # one process alone: every core
     params = sampling_params_from_args(args)
     check_device(args.device)  # one line, not a torch traceback, for --device cuda without CUDA
     root = Path(args.model_path)

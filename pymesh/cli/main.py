@@ -14,13 +14,13 @@ import torch (OpenMP reads it when torch loads it).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from typing import Sequence
 
 from pymesh import __version__
+from pymesh.cli.common import load_optional
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -33,15 +33,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("pymesh.cli.monitor", "live TUI of the swarm: workers, coverage, throughput"),
     "demo": ("pymesh.cli.demo", "start a local swarm on the embedded model and chat with it"),
 }
-
-
-def _load(module: str) -> object | None:
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return None
-        raise
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -58,7 +49,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         if only is not None and name != only:
             continue
-        module = _load(module_name)
+        module = load_optional(module_name)
         if module is None:
             sp.set_defaults(_unavailable=name)
             continue

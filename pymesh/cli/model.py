@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pymesh.errors import ConfigError
+    from pymesh.settings import settings_of
 
     if args.model_command == "pull":
         from pymesh.model.pull import ALIASES, pull_default_model
@@ -41,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
                 f"no embedded model named {args.name!r}; the embedded model is smollm2-135m-instruct. "
                 "For other models download a Hugging Face folder or convert a GGUF with 'pymesh model convert'"
             )
-        folder = pull_default_model(progress=not args.no_progress, dtype=args.dtype)
+        runtime = settings_of(args).runtime
+        folder = pull_default_model(progress=not args.no_progress, dtype=args.dtype, root=runtime.cache_root(),
+                                    gguf=runtime.smollm2_gguf)
         if args.out:
             out = Path(args.out)
             if out.exists() and any(out.iterdir()):

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import trio
     from rich.console import Console
 
-    from pymesh.cli.common import settings_of
+    from pymesh.settings import settings_of
     from pymesh.errors import ConfigError
     from pymesh.monitor.app import MonitorOptions, monitor_loop
     from pymesh.monitor.state import snapshot

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from pymesh.cli.common import accepted_kwargs, check_device, settings_of, threads_of, with_flags
+from pymesh.cli.common import check_device, with_flags
+from pymesh.settings import settings_kwargs, settings_of
 from pymesh.errors import ConfigError
+from pymesh.proto.vocab import Transport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (default: --port + 1)")
     parser.add_argument("--announce-addr", default=None, metavar="HOST",
                         help="address published in the worker's record (default: --host, or 127.0.0.1 for 0.0.0.0)")
-    parser.add_argument("--transport", default="quic", choices=["quic", "tcp", "both"])
+    parser.add_argument("--transport", default=Transport.QUIC.value, choices=[*(t.value for t in Transport), "both"])
     parser.add_argument("--cache-tokens", type=int, default=8192,
                         help="KV-cache budget in tokens, summed over sessions (default 8192)")
     parser.add_argument("--identity", default=None, metavar="FILE",
@@ -64,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model_path is None and layers is None and args.num_layers is None:
         raise ConfigError("echo mode (no --model-path) needs --layers A-B (or --num-layers N to place itself)")
     settings = with_flags(settings_of(args), threads=args.threads, max_blocks=args.max_blocks)
-    threads = configure_threads(threads_of(args, settings))
-    extra = accepted_kwargs(WorkerOptions, settings=settings)
+    threads = configure_threads(settings.runtime.threads)
+    extra = settings_kwargs(WorkerOptions, settings)
     opts = WorkerOptions(
         bootstrap=args.bootstrap, layers=layers, model_path=args.model_path, model_name=args.model_name,
         device=args.device, dtype=args.dtype, host=args.host, port=args.port, dht_port=args.dht_port,

@@ -56,15 +56,26 @@ class Child:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def wait_for_output(self, needle: str, timeout: float) -> None:
-        """Block until ``needle`` appears in the child's log; DemoError if it exits or times out."""
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the child itself (not its group); nothing if it has exited."""
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def log_text(self) -> str:
+        """Everything the child has logged so far ("" before its log exists)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_output(self, needle: str, timeout: float) -> str:
+        """Block until ``needle`` appears in the child's log (returns the log so far);
+        DemoError if it exits or times out first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                if needle in self.log_path.read_text(errors="replace"):
-                    return
-            except OSError:
-                pass
+            text = self.log_text()
+            if needle in text:
+                return text
             if not self.alive():
                 raise DemoError(f"{self.name} (pid {self.pid}) exited with status {self.popen.returncode} "
                                 f"before printing {needle!r}; its log ends with:\n{self.log_tail()}")
@@ -73,11 +84,8 @@ class Child:
                         f"its log ends with:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        text = self.log_text()
+        return "\n".join(text.splitlines()[-lines:]) if text else "(no log)"
 
 
 def pymesh_argv(*args: str) -> list[str]:
@@ -195,14 +203,21 @@ def pid_exists(pid: int) -> bool:
         return True
 
 
+#: ports free_port already handed out in this process (a child may not have bound them yet)
+_handed_out: set[int] = set()
+
+
 def free_port(span: int = 2, *, host: str = "127.0.0.1", tries: int = 200) -> int:
-    """A port N such that UDP and TCP N..N+span-1 are free on ``host`` right now."""
+    """A port N such that UDP and TCP N..N+span-1 are free on ``host`` right now and were not
+    handed out before by this process (span 2: a node's transport port and its DHT port)."""
     import random
 
     rng = random.Random()
     for _ in range(tries):
         base = rng.randrange(20000, 32000 - span)
-        if all(_bindable(host, base + i) for i in range(span)):
+        wanted = range(base, base + span)
+        if not _handed_out.intersection(wanted) and all(_bindable(host, p) for p in wanted):
+            _handed_out.update(wanted)
             return base
     raise DemoError(f"found no {span} consecutive free ports on {host} in 20000-32000")
 

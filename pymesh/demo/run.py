@@ -23,8 +23,8 @@ from rich.table import Table
 
 from pymesh.demo.procs import DemoError
 from pymesh.demo.swarm import LocalSwarm, covered_blocks, model_matches
-from pymesh.proto.vocab import WorkerState
-from pymesh.settings import Settings
+from pymesh.proto.vocab import Transport, WorkerState
+from pymesh.settings import Settings, settings_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class DemoOptions:
     max_tokens: int = 48
     interactive: bool = False
     model_path: Path | None = None
-    transport: str = "quic"
+    transport: Transport = Transport.QUIC
     placement: str = "auto"            # "auto" | "split"
     timeout: float = 240.0
     keep_logs: bool = False
@@ -94,10 +94,11 @@ class Demo:
         from pymesh.model.config import load_config
 
         if self.o.model_path is None:
-            from pymesh.model.pull import pull_runtime
+            from pymesh.model.pull import pull_default_model
 
             self.console.print("[bold]1.[/] the embedded model: SmolLM2-135M-Instruct")
-            self.model_dir = Path(pull_runtime(self.o.settings.runtime, progress=True))
+            self.model_dir = Path(pull_default_model(progress=True, root=self.o.settings.runtime.cache_root(),
+                                                     gguf=self.o.settings.runtime.smollm2_gguf))
         else:
             self.model_dir = Path(self.o.model_path)
         self.num_blocks = load_config(self.model_dir).num_hidden_layers
@@ -203,10 +204,8 @@ class Demo:
         tokenizer = load_tokenizer(self.model_dir)
         results: list[Answer] = []
         self.console.print("[bold]3.[/] chatting through the swarm (greedy, chat template on)")
-        from pymesh.cli.common import accepted_kwargs
-
         with SwarmClient([swarm.bootstrap_addr], self.model_dir, transport=self.o.transport,
-                         **accepted_kwargs(SwarmClient, settings=self.o.settings)) as client:
+                         **settings_kwargs(SwarmClient, self.o.settings)) as client:
             for prompt in self.o.prompts:
                 results.append(self.answer(client, tokenizer, prompt, echo=prompt)[0])
             if self.o.interactive:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from pymesh.demo.observer import Observer
 from pymesh.demo.procs import Child, DemoError, Supervisor, free_port, pymesh_argv
 from pymesh.proto.identity import Identity, PeerID
-from pymesh.proto.vocab import WorkerState
+from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,14 @@ class LocalSwarm:
         model_path: Path | None = None,
         model_name: str | None = None,
         layers: tuple[int, int] | None = None,
-        transport: str = "quic",
+        transport: str = Transport.QUIC,
         extra_args: Sequence[str] = (),
     ) -> WorkerProc:
         name = f"worker{len(self.workers)}"
         key, peer = self._identity(name)
         port = free_port(2, host=self.host)  # transport port N, DHT port N+1
         argv = ["worker", "--bootstrap", self.bootstrap_addr, "--port", str(port),
-                "--identity", str(key), "--transport", transport]
+                "--identity", str(key), "--transport", str(transport)]
         if self.host != "0.0.0.0":
             argv += ["--announce-addr", self.host]
         if model_path is not None:

@@ -30,12 +30,9 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from pymesh.errors import ConfigError, PymeshError
-
-if TYPE_CHECKING:
-    from pymesh.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +50,6 @@ def cache_root() -> Path:
     """The cache folder when the caller names none: ``~/.cache/pymesh`` (the environment's
     ``PYMESH_CACHE`` / ``XDG_CACHE_HOME`` reach this module as ``root``, from the settings)."""
     return Path.home() / ".cache" / "pymesh"
-
-
-def pull_runtime(runtime: "RuntimeSettings", *, progress: bool = True, dtype: str = "float32") -> Path:
-    """:func:`pull_default_model` where the settings say (cache folder, local GGUF override)."""
-    return pull_default_model(progress=progress, dtype=dtype, root=runtime.cache_root(), gguf=runtime.smollm2_gguf)
 
 
 def model_dir_for(dtype: str = "float32", root: Path | None = None) -> Path:

@@ -74,7 +74,7 @@ def _generate_with_faults(swarm: LocalProcs, tiny4: Path, n: int, faults: list[t
     victims: list[Any] = []
     todo = {at: (start, sig) for at, start, sig in faults}
     try:
-        with SwarmClient([swarm.bootstrap_addr], tiny4, transport=transport) as client:
+        with SwarmClient([swarm.bootstrap_addr], tiny4, transport=transport, settings=swarm.settings) as client:
             for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
                 got.append(token)
                 if len(got) in todo:

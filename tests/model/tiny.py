@@ -107,10 +107,11 @@ def make_tiny_model(tmp_path: Path, arch: str = "llama", **overrides: Any) -> Pa
         out = Path(tmp_path) / f"{name}-{n}"
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer_dir is None:
-        from pymesh.model.pull import pull_runtime
+        from pymesh.model.pull import pull_default_model
         from tests.conftest import SETTINGS
 
-        tokenizer_dir = pull_runtime(SETTINGS.runtime, progress=False)
+        tokenizer_dir = pull_default_model(progress=False, root=SETTINGS.runtime.cache_root(),
+                                           gguf=SETTINGS.runtime.smollm2_gguf)
     for fname in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_dir) / fname, out / fname)
     return out

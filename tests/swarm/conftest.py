@@ -1,23 +1,28 @@
 """Local swarms of real processes on loopback for the swarm tests.
 
 ``LocalProcs`` starts a bootstrap node and workers as ``python -m pymesh ...`` child
-processes with short timers (heartbeat, record TTL, timeouts) and one torch thread
-each, logs to files, waits for their log lines, and stops them by PID at the end.
+processes under the demo's :class:`~pymesh.demo.procs.Supervisor` (own session, log file,
+SIGTERM then SIGKILL, no orphans), with short timers (heartbeat, record TTL, timeouts) and
+one torch thread each. ``procs.settings`` holds the same short timers for the in-process
+clients the tests build (``Swarm(..., settings=procs.settings)``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import pytest
+
+from pymesh.demo.procs import Child, DemoError, Supervisor, free_port, pymesh_argv
+from pymesh.settings import Settings, load_settings
+
+__all__ = ["FAST_ENV", "LocalProcs", "Proc", "assert_same_tokens", "free_port", "identity_peer",
+           "reference_run", "wait_ready"]
 
 #: environment of every child process: short timers so tests run in seconds
 FAST_ENV = {
@@ -36,103 +41,65 @@ FAST_ENV = {
 }
 
 
-def _free(port: int, kind: int) -> bool:
-    s = socket.socket(socket.AF_INET, kind)
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-_used: set[int] = set()
-
-
-def free_port() -> int:
-    """A port P with UDP P, TCP P and UDP P+1 free (transport and DHT of one node)."""
-    for _ in range(200):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        if port >= 65000 or port in _used or port + 1 in _used:
-            continue
-        if _free(port, socket.SOCK_STREAM) and _free(port + 1, socket.SOCK_DGRAM) and _free(port + 1, socket.SOCK_STREAM):
-            _used.update((port, port + 1))
-            return port
-    raise RuntimeError("no free port pair found on 127.0.0.1")
-
-
 class Proc:
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self._fh = open(log, "wb")
-        self.popen = subprocess.Popen(argv, stdout=self._fh, stderr=subprocess.STDOUT, env=env)
+    """One child of a :class:`LocalProcs` (the supervisor's :class:`Child`) and what the
+    tests learn about it (peer id, ports, identity file)."""
+
+    def __init__(self, child: Child, sup: Supervisor) -> None:
+        self.child = child
+        self.sup = sup
         self.peer_id: str | None = None
+        self.port: int | None = None
+        self.identity: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.child.name
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        return self.child.popen
+
+    @property
+    def log(self) -> Path:
+        return self.child.log_path
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.child.log_text()
 
     def wait_for(self, needle: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text()
-            if needle in text:
-                return text
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before {needle!r}:\n{text[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name}: no {needle!r} within {timeout:.0f} s:\n{self.text()[-3000:]}")
+        try:
+            return self.child.wait_for_output(needle, timeout)
+        except DemoError as exc:
+            raise AssertionError(str(exc)) from None
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.child.alive()
 
     def signal(self, sig: int) -> None:
-        if self.alive():
-            self.popen.send_signal(sig)
+        self.child.signal(sig)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._fh.close()
-        return self.popen.returncode
-
-
-#: knobs the in-process client (the Python API in the test process) reads
-CLIENT_KNOBS = ("PYMESH_STEP_TIMEOUT", "PYMESH_DISCOVERY_TIMEOUT", "PYMESH_DHT_TIMEOUT", "PYMESH_TRANSPORT_TIMEOUT",
-                "PYMESH_HEARTBEAT", "PYMESH_RECORD_TTL")
+    def stop(self) -> int | None:
+        return self.sup.stop(self.child)
 
 
 class LocalProcs:
-    """Bootstrap + workers for one test module; use as a context manager.
-
-    Inside it, the test process's own environment carries the same short client
-    timeouts as the children (restored on exit)."""
+    """Bootstrap + workers for one test module; ``stop_all()`` stops every child."""
 
     def __init__(self, root: Path, **env: str) -> None:
         self.root = root
-        self._mp = pytest.MonkeyPatch()
         self.env = {**os.environ, **FAST_ENV, "PYMESH_HOME": str(root / "home"), **env}
-        for knob in CLIENT_KNOBS:
-            self._mp.setenv(knob, self.env[knob])
         self.env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+        #: the children's timers, for clients this test process builds
+        self.settings: Settings = load_settings(self.env)
+        self.sup = Supervisor(root, env=self.env)
         self.procs: list[Proc] = []
         self.bootstrap_addr = ""
-        self._n = 0
 
     def spawn(self, name: str, args: Sequence[str], **env: str) -> Proc:
-        self._n += 1
-        argv = [sys.executable, "-m", "pymesh", *args]
-        p = Proc(name, argv, self.root / f"{self._n:02d}-{name}.log", {**self.env, **env})
+        child = self.sup.spawn(f"{len(self.procs) + 1:02d}-{name}", pymesh_argv(*args), extra_env=env)
+        child.name = name
+        p = Proc(child, self.sup)
         self.procs.append(p)
         return p
 
@@ -140,6 +107,7 @@ class LocalProcs:
         port = free_port()
         p = self.spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", str(port)])
         p.wait_for("bootstrap address", 60)
+        p.port = port
         self.bootstrap_addr = f"127.0.0.1:{port}"
         return p
 
@@ -149,8 +117,8 @@ class LocalProcs:
         ident = identity or str(self.root / f"{name}-{port}.key")
         p = self.spawn(name, ["worker", "--bootstrap", self.bootstrap_addr, "--host", "127.0.0.1",
                               "--port", str(port), "--identity", ident, *args], **env)
-        p.port = port  # type: ignore[attr-defined]
-        p.identity = ident  # type: ignore[attr-defined]
+        p.port = port
+        p.identity = ident
         return p
 
     def client(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
@@ -160,14 +128,11 @@ class LocalProcs:
     def client_json(self, *args: str, timeout: float = 120, **env: str) -> dict[str, Any]:
         res = self.client(*args, "--json", timeout=timeout, **env)
         assert res.returncode == 0, f"client failed ({res.returncode}):\n{res.stderr[-4000:]}"
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        return json.loads(res.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
     def stop_all(self) -> None:
-        for p in self.procs:  # all at once: each worker's goodbye takes a moment
-            p.signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            p.stop()
-        self._mp.undo()
+        """SIGTERM to every worker at once (each goodbye takes a moment), the bootstrap last."""
+        self.sup.stop_all()
 
 
 def wait_ready(workers: Sequence[Proc], timeout: float = 90) -> None:

@@ -38,7 +38,7 @@ def _with_swarm(procs: LocalProcs, fn: Any, model: str = "echo") -> Any:
     from pymesh.client.swarm import Swarm
 
     async def main() -> Any:
-        async with Swarm([procs.bootstrap_addr], model) as swarm:
+        async with Swarm([procs.bootstrap_addr], model, settings=procs.settings) as swarm:
             return await fn(swarm)
 
     return trio.run(main)

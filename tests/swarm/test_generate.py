@@ -38,7 +38,7 @@ def _stats(procs: LocalProcs, model_dir: Path) -> list[dict[str, Any]]:
     from pymesh.proto import session_wire as wire
 
     async def main() -> list[dict[str, Any]]:
-        async with Swarm([procs.bootstrap_addr], model_id(model_dir)) as swarm:
+        async with Swarm([procs.bootstrap_addr], model_id(model_dir), settings=procs.settings) as swarm:
             out = []
             for w in procs.workers:  # type: ignore[attr-defined]
                 o = SpanOption(PeerID.from_text(w.peer_id), 0, 1, "127.0.0.1", w.port)
@@ -76,7 +76,7 @@ def test_python_api_sync_and_trio(smol_swarm: LocalProcs, smollm2_dir: Path) -> 
 
     params = SamplingParams(max_new_tokens=8)
     ref, gaps = reference_run(smollm2_dir, "The capital of France is", 8)
-    with SwarmClient([smol_swarm.bootstrap_addr], smollm2_dir) as client:
+    with SwarmClient([smol_swarm.bootstrap_addr], smollm2_dir, settings=smol_swarm.settings) as client:
         got_sync = list(client.generate("The capital of France is", params))
         # Leaving the loop early cancels the generation cleanly.
         first = next(iter(client.generate("The capital of France is", params)))
@@ -84,7 +84,7 @@ def test_python_api_sync_and_trio(smol_swarm: LocalProcs, smollm2_dir: Path) -> 
     assert first == ref[0]
 
     async def main() -> list[int]:
-        async with SwarmClient([smol_swarm.bootstrap_addr], smollm2_dir) as client:
+        async with SwarmClient([smol_swarm.bootstrap_addr], smollm2_dir, settings=smol_swarm.settings) as client:
             return [t async for t in client.agenerate("The capital of France is", params)]
 
     assert_same_tokens(trio.run(main), ref, gaps, "trio API")
@@ -105,7 +105,7 @@ def test_four_clients_at_once(smol_swarm: LocalProcs, smollm2_dir: Path) -> None
     async def main() -> tuple[dict[str, list[int]], dict[str, list[int]]]:
         alone: dict[str, list[int]] = {}
         together: dict[str, list[int]] = {}
-        async with Swarm([smol_swarm.bootstrap_addr], model.model_id) as swarm:
+        async with Swarm([smol_swarm.bootstrap_addr], model.model_id, settings=smol_swarm.settings) as swarm:
             for p in prompts:
                 await one(swarm, p, alone)
             async with trio.open_nursery() as nursery:

@@ -19,7 +19,7 @@ def _spans(procs: LocalProcs, model_dir: Path) -> dict[str, tuple[int, int]]:
     from pymesh.model.fingerprint import model_id
 
     async def main() -> dict[str, tuple[int, int]]:
-        async with Swarm([procs.bootstrap_addr], model_id(model_dir)) as swarm:
+        async with Swarm([procs.bootstrap_addr], model_id(model_dir), settings=procs.settings) as swarm:
             recs = await swarm.records()
             return {str(r.peer_id): (r.start, r.stop) for r in recs if r.state == "online"}
 

@@ -68,7 +68,7 @@ def test_killed_worker_is_replaced_and_output_is_identical(tiny_swarm: LocalProc
     assert len(ref) > 12
     workers = tiny_swarm.workers  # type: ignore[attr-defined]
     got: list[int] = []
-    with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir) as client:
+    with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir, settings=tiny_swarm.settings) as client:
         stream = client.generate(PROMPT, SamplingParams(max_new_tokens=n))
         for token in stream:
             got.append(token)
@@ -105,7 +105,7 @@ def test_stalled_worker_is_routed_around(tiny_swarm: LocalProcs, tiny6_dir: Path
     got: list[int] = []
     stalled = None
     try:
-        with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir) as client:
+        with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir, settings=tiny_swarm.settings) as client:
             for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
                 got.append(token)
                 if len(got) == 4:
@@ -139,7 +139,7 @@ def test_first_worker_killed_over_tcp(tiny_swarm: LocalProcs, tiny6_dir: Path) -
     wait_ready([spare], timeout=120)
     workers = [*tiny_swarm.workers, spare]  # type: ignore[attr-defined]
     got: list[int] = []
-    with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir, transport="tcp") as client:
+    with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir, transport="tcp", settings=tiny_swarm.settings) as client:
         for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
             got.append(token)
             if len(got) == 5:
