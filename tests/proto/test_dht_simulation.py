@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pymesh.bench.dht import SimNetwork, simulate
+from pymesh.proto.dht_sim import SimNetwork, simulate
 from pymesh.proto import krpc
 
 
