@@ -39,10 +39,11 @@ from pymesh.errors import ConfigError, PeerUnavailable
 from pymesh.net.dht_ratelimit import RateLimiter
 from pymesh.net.clock import Clock, TrioClock
 from pymesh.net.dht_config import DHTConfig, DHTRemoteError
-from pymesh.net.dht_records import DHTRecords, LookupResult
+from pymesh.net.dht_bootstrap import Bootstrapper
+from pymesh.net.dht_ops import LookupResult
+from pymesh.net.dht_records import DHTRecords
 from pymesh.proto import krpc
 from pymesh.proto.addr import PeerAddr
-from pymesh.proto.backoff import Backoff
 from pymesh.proto.bep44 import best_item_untrusted
 from pymesh.proto.dht_core import DHTCore
 from pymesh.proto.identity import Identity
@@ -86,12 +87,12 @@ class DHTNode:
         self._nursery: trio.Nursery | None = None
         self._pending: dict[tuple[bytes, Addr], tuple[trio.Event, list[Response | ErrorReply]]] = {}
         self._pings = 0
-        self._boot_retry: Backoff[PeerAddr] = Backoff()  # bootstrap addresses that stopped answering
         # timeouts: queries unanswered for rpc_timeout; slow: lookup queries past their soft
         # timeout; skipped: lookup candidates not queried because they recently failed
         self.stats = {"received": 0, "dropped": 0, "answered": 0, "malformed": 0,
                       "queries": 0, "timeouts": 0, "slow": 0, "skipped": 0}
         self.records = DHTRecords(self, self.clock)
+        self.bootstrapper = Bootstrapper(self, self.clock, self.bootstrap_addrs)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> "DHTNode":
@@ -303,78 +304,11 @@ class DHTNode:
         _put(out, (c, result[0], False))
 
     async def bootstrap(self) -> int:
-        """Ask the bootstrap addresses, look up our own ID, then IDs in sparse buckets.
-        Returns the routing table size."""
-        if not self.bootstrap_addrs:
-            return len(self.core.routing)
-        with trio.move_on_after(self.config.bootstrap_timeout):
-            async with trio.open_nursery() as nursery:
-                for pa in self.bootstrap_addrs:
-                    nursery.start_soon(self._ping_bootstrap, pa)
-            await self.lookup(self.node_id)
-            # Kademlia's join: fill the far buckets that are still sparse.
-            async with trio.open_nursery() as nursery:
-                for target in self.core.routing.sparse_targets()[:8]:
-                    nursery.start_soon(self.lookup, target)
-        size = len(self.core.routing)
-        if size == 0:
-            log.warning("bootstrap: none of %s answered; will retry",
-                        ", ".join(str(a) for a in self.bootstrap_addrs))
-        else:
-            log.info("bootstrap: routing table holds %d nodes", size)
-        return size
-
-    async def _ping_bootstrap(self, pa: PeerAddr, quiet: bool = False, fresh: float = 0.0) -> bool:
-        """find_node(own ID) to one bootstrap address (skipped if it answered within ``fresh``
-        seconds and has missed no query since); True when it answered."""
-        try:
-            infos = await trio.socket.getaddrinfo(pa.host, pa.port, _socket.AF_INET, _socket.SOCK_DGRAM)
-        except OSError as exc:
-            log.warning("bootstrap address %s does not resolve: %s", pa, exc)
-            return False
-        for info in infos[:1]:
-            addr = (str(info[4][0]), int(info[4][1]))
-            if fresh > 0 and self._answered_within(addr, fresh):
-                return True
-            try:
-                reply = await self.query(addr, b"find_node", {b"target": self.node_id})
-            except (PeerUnavailable, DHTRemoteError) as exc:
-                (log.debug if quiet else log.warning)("bootstrap node %s: %s", pa, exc)
-                continue
-            if pa.peer_id is not None and reply.sender_id != pa.peer_id.node_id:
-                # The address named a peer (/p2p/<id>) and someone else answers there.
-                self.core.routing.remove(reply.sender_id)
-                log.error("bootstrap %s: the node answering there is not peer %s (its node ID is %s); "
-                          "not using it — check the address printed by `pymesh bootstrap`",
-                          pa.hostport(), pa.peer_id.short(), reply.sender_id.hex()[:12])
-                continue
-            return True
-        return False
-
-    def _answered_within(self, addr: Addr, seconds: float) -> bool:
-        """Whether a routing-table node at ``addr`` answered within ``seconds`` and has missed
-        no query since."""
-        now = self.clock.wall()
-        return any(e.addr == addr and e.fail_count == 0 and e.last_response is not None
-                   and now - e.last_response < seconds for e in self.core.routing.all_nodes())
+        """See :meth:`Bootstrapper.bootstrap`; returns the routing table size."""
+        return await self.bootstrapper.bootstrap()
 
     async def recheck_bootstraps(self, period: float) -> None:
-        """Query each bootstrap address that no routing-table node at it answered within
-        ``4 * period`` (a restarted bootstrap may have kept its address and even its ID), each
-        with its own backoff (``period`` doubling up to 8x) while it stays silent: a bootstrap
-        restarted on the same address hears from us, learns the swarm, and receives records
-        at the next heartbeat. Only the first 8 addresses are checked."""
-        async def one(pa: PeerAddr) -> None:
-            if await self._ping_bootstrap(pa, quiet=True, fresh=4 * period):
-                self._boot_retry.succeeded(pa)
-            else:
-                self._boot_retry.failed(pa, self.clock.monotonic(), period)
-
-        now = self.clock.monotonic()
-        async with trio.open_nursery() as nursery:
-            for pa in self.bootstrap_addrs[:8]:
-                if self._boot_retry.due(pa, now):
-                    nursery.start_soon(one, pa)
+        await self.bootstrapper.recheck(period)
 
     async def _maintenance_loop(self) -> None:
         period = max(0.2, min(self.config.heartbeat, 30.0))

@@ -17,61 +17,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from pymesh.errors import LocalProtocolError, PeerUnavailable, RemoteProtocolError
+from pymesh.net.clock import Clock
+from pymesh.net.dht_ops import DHTOps
 from pymesh.proto.dht_core import MAX_SKEW, RECORD_PAGE_BUDGET
-from pymesh.proto.krpc import Addr, Contact, Response
+from pymesh.proto.krpc import Contact
 from pymesh.proto.records import ALL_TARGET, RecordError, RecordVersionMismatch, WorkerRecord, model_target
 from pymesh.proto.routing import distance
 from pymesh.proto.storage import StoredRecord
 from pymesh.proto.vocab import WorkerState
 
-if TYPE_CHECKING:
-    from pymesh.net.clock import Clock
-    from pymesh.net.dht import DHTConfig
-    from pymesh.proto.dht_core import DHTCore
-    from pymesh.proto.identity import Identity
-
 log = logging.getLogger(__name__)
-
-
-#: What one lookup returns: (k closest that answered, every reply by node id).
-LookupResult = tuple[list[Contact], dict[bytes, tuple[Contact, Response]]]
-
-
-class RecordNetwork(Protocol):
-    """What the record component needs from its DHT node: who it is, its store, and
-    lookups, queries and token-carrying writes."""
-
-    @property
-    def identity(self) -> "Identity": ...
-
-    @property
-    def node_id(self) -> bytes: ...
-
-    @property
-    def config(self) -> "DHTConfig": ...
-
-    @property
-    def core(self) -> "DHTCore": ...
-
-    async def lookup(self, target: bytes, method: bytes = b"find_node",
-                     args: dict[bytes, object] | None = None) -> LookupResult: ...
-
-    async def query(self, addr: Addr, method: bytes, args: dict[bytes, object] | None = None, *,
-                    node_id: bytes | None = None, timeout: float | None = None) -> Response: ...
-
-    async def write_to(self, closest: list[Contact], replies: dict[bytes, tuple[Contact, Response]],
-                       method: bytes, args: dict[bytes, object]) -> int: ...
 
 
 class DHTRecords:
     """Publishing, refreshing and reading signed worker records through one DHT node."""
 
-    def __init__(self, net: RecordNetwork, clock: "Clock") -> None:
+    def __init__(self, net: DHTOps, clock: Clock) -> None:
         self.net = net
         self.clock = clock
         self.own: dict[str, WorkerRecord] = {}          # this node's records, refreshed each heartbeat
@@ -256,4 +221,4 @@ def _order(r: WorkerRecord) -> tuple[str, int, bytes]:
     return (r.model_id, r.start, r.peer_id.key)
 
 
-__all__ = ["DHTRecords", "RecordNetwork", "LookupResult"]
+__all__ = ["DHTRecords"]

@@ -18,7 +18,7 @@ from pymesh.net.config import TransportConfig
 from pymesh.net.conn import Connection, ConnectionHost
 from pymesh.proto.frames import Frame, FrameType, encode_frame_head, read_frame_untrusted
 from pymesh.net.streams import AnyStream, BufferedReader, PlainStream, Raw, TlsStream
-from pymesh.net.tls import check_peer_certificate_der, client_ssl_context, server_ssl_context
+from pymesh.net.tls import check_peer_certificate_der, client_ssl_context
 from pymesh.proto.identity import PeerID
 
 log = logging.getLogger(__name__)

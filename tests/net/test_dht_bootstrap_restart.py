@@ -70,6 +70,6 @@ def test_dead_bootstrap_is_retried_with_backoff() -> None:
                     got.append(trio.current_time())
             # period 1 s, backoff doubling to 8 s: well under one query per tick over 6 s
             assert 1 <= len(got) <= 4, got
-            assert (node._boot_retry.wait(dead) or 0.0) > 1.0
+            assert (node.bootstrapper.backoff.wait(dead) or 0.0) > 1.0
         probe.close()
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))  # virtual time: no real waits
