@@ -132,8 +132,10 @@ class InferenceSession:
 
     async def __aexit__(self, *exc: object) -> None:
         self.swarm.sinks.pop(self.sid, None)
+        # the route, and any hop a recovery that gave up had opened already
+        hops = {hop_key(o): o for o in [*self.route, *(link.hop for link in self.links.values())]}
         with trio.move_on_after(2):
-            await self._close_hops(self.route)
+            await self._close_hops(list(hops.values()))
 
     async def _close_hops(self, hops: list[SpanOption]) -> None:
         async def one(o: SpanOption) -> None:
