@@ -119,7 +119,7 @@ class Worker:
         host = self.opts.announce_addr or (self.opts.host if self.opts.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
         return WorkerRecord(
             peer_id=self.peer_id, model_id=self.model_id, start=rt.start, stop=rt.stop, host=host,
-            port=self.port, transports=tuple(t.value for t in self.nodes), state=state.value,
+            port=self.port, transports=tuple(t.value for t in self.nodes), state=state,
             block_ms=self.throughput.block_ms, tokens_per_s=self.throughput.tokens_per_s,
             cache_tokens_free=self.service.table.free_tokens,
             cache_tokens_total=self.service.table.budget_tokens,
@@ -243,7 +243,8 @@ class Worker:
             hidden = None
         async with trio.open_nursery() as nursery:
             for t in transports:
-                node = RpcNode(self.identity, transport=t.value, config=self.settings.transport_config())
+                node = RpcNode(self.identity, transport=t, config=self.settings.transport_config(),
+                               clock=self.clock)
                 await nursery.start(_run_node, node)
                 self.port = await node.listen(opts.host, self.port)
                 self.nodes[t] = node
