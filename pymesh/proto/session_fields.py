@@ -6,6 +6,8 @@ keep that module short (import them from there).
 
 from __future__ import annotations
 
+import enum
+
 from typing import Mapping, Sequence
 
 from pymesh.errors import RemoteProtocolError
@@ -102,3 +104,26 @@ def check_hidden_shape(shape: tuple[int, ...], hidden_size: int | None, max_toke
     if not 0 < seq <= max_tokens or batch <= 0:
         raise BadRequest(f"hidden states of shape {list(shape)} do not fit a session of {max_tokens} tokens")
     return seq
+
+
+class ErrorCode(str, enum.Enum):
+    """``RemoteError`` / ``pm.err`` codes of the session protocol (equal to their wire strings)."""
+
+    BAD_REQUEST = "bad_request"            # the request broke the protocol (or the session's order)
+    NOT_FOUND = "not_found"                # no such session here (expired, closed, never opened)
+    REFUSED = "refused"                    # valid, but this worker will not serve it: go elsewhere
+    BUSY = "busy"
+    NEXT_UNREACHABLE = "next_unreachable"  # the next hop's recorded address did not answer
+    NEXT_UNKNOWN = "next_unknown"          # no verified record of the next peer serves that span
+    INTERNAL = "internal"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse_untrusted(cls, text: str) -> "ErrorCode":
+        try:
+            return cls(text)
+        except ValueError:
+            raise BadRequest(f"unknown error code {text[:32]!r}") from None

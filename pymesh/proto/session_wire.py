@@ -11,18 +11,18 @@ frame; :meth:`check_tensor_count` and :func:`check_hidden_shape` check them.
 (:class:`NextHop`); an address travels at most as a hint. A worker dials what that peer's
 own signed DHT record says, never an address only the request named.
 
-``MESSAGES`` lists every message (wire name, direction, fields, tensors) for the docs.
+``pymesh.proto.session_table.MESSAGES`` lists every message (wire name, direction, fields,
+tensors); docs/INTERFACES.md renders it.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, TypeVar
 
 from pymesh.errors import DecodeError, IdentityError
 from pymesh.proto.identity import PeerID
-from pymesh.proto.session_fields import (MAX_HIDDEN_DIMS, MAX_STEP, MAX_STEPS_LISTED, BadRequest, Meta,
+from pymesh.proto.session_fields import (MAX_HIDDEN_DIMS, MAX_STEP, MAX_STEPS_LISTED, BadRequest, ErrorCode, Meta,
                                          as_mapping, check_hidden_shape, check_tensor_count, get_bytes,
                                          get_dict, get_int, get_opt_int, get_peer, get_steps, get_str)
 from pymesh.proto.vocab import Transport, WorkerState
@@ -42,29 +42,6 @@ MAX_MODEL_ID = 200
 MAX_HOST = 253
 MAX_MESSAGE = 600                 # characters of an error message (senders cut at 500)
 MAX_COUNTER = 1 << 62
-
-
-class ErrorCode(str, enum.Enum):
-    """``RemoteError`` / ``pm.err`` codes of the session protocol (equal to their wire strings)."""
-
-    BAD_REQUEST = "bad_request"            # the request broke the protocol (or the session's order)
-    NOT_FOUND = "not_found"                # no such session here (expired, closed, never opened)
-    REFUSED = "refused"                    # valid, but this worker will not serve it: go elsewhere
-    BUSY = "busy"
-    NEXT_UNREACHABLE = "next_unreachable"  # the next hop's recorded address did not answer
-    NEXT_UNKNOWN = "next_unknown"          # no verified record of the next peer serves that span
-    INTERNAL = "internal"
-    CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @classmethod
-    def parse_untrusted(cls, text: str) -> "ErrorCode":
-        try:
-            return cls(text)
-        except ValueError:
-            raise BadRequest(f"unknown error code {text[:32]!r}") from None
 
 
 # --------------------------------------------------------------------------- field readers
@@ -453,9 +430,9 @@ class SessionCounters:
     replayed: int
 
 
-_WORKER_COUNTERS = ("from_client", "from_peer", "steps", "replayed", "errors", "compute_us", "sessions",
+WORKER_COUNTERS = ("from_client", "from_peer", "steps", "replayed", "errors", "compute_us", "sessions",
                     "free", "total", "expired", "refused")
-_SESSION_COUNTERS = ("s_from_client", "s_from_peer", "s_steps", "s_replayed")
+SESSION_COUNTERS = ("s_from_client", "s_from_peer", "s_steps", "s_replayed")
 
 
 @dataclass(frozen=True)
@@ -478,7 +455,7 @@ class StatsReply:
     session: SessionCounters | None = None
 
     def to_meta(self) -> dict[str, object]:
-        out: dict[str, object] = {k: getattr(self, k) for k in _WORKER_COUNTERS}
+        out: dict[str, object] = {k: getattr(self, k) for k in WORKER_COUNTERS}
         out.update(start=self.start, stop=self.stop)
         if self.session is not None:
             s = self.session
@@ -489,8 +466,8 @@ class StatsReply:
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "StatsReply":
         m = as_mapping(meta)
-        c = {k: get_int(m, k, 0, MAX_COUNTER) for k in (*_WORKER_COUNTERS, *_SESSION_COUNTERS)
-             if k in _WORKER_COUNTERS or m.get("s_steps") is not None}
+        c = {k: get_int(m, k, 0, MAX_COUNTER) for k in (*WORKER_COUNTERS, *SESSION_COUNTERS)
+             if k in WORKER_COUNTERS or m.get("s_steps") is not None}
         start, stop = _span(m, "stats")
         session = None
         if "s_steps" in c:
@@ -505,51 +482,7 @@ __all__ = [
     "MAX_MODEL_ID", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
     "BadRequest", "ErrorCode", "AddrHint", "NextHop", "Info", "InfoReply", "Open", "OpenReply", "SetNext",
     "SessionRef", "Close", "CloseReply", "Flush", "FlushReply", "StepRef", "Step", "Forward", "Empty", "Out",
-    "Err", "Stats", "SessionCounters", "StatsReply", "MessageSpec", "MESSAGES", "Meta",
+    "Err", "Stats", "SessionCounters", "StatsReply", "Meta",
     "as_mapping", "check_hidden_shape", "check_tensor_count", "get_bytes", "get_dict", "get_int",
     "get_opt_int", "get_peer", "get_steps", "get_str",
 ]
-
-
-# --------------------------------------------------------------------------- the table
-
-
-@dataclass(frozen=True)
-class MessageSpec:
-    """One row of the protocol table: ``fields`` are wire keys, ``?`` marks optional ones."""
-
-    name: str            # the method or push topic
-    kind: str            # "call", "reply" or "push"
-    direction: str
-    cls: type
-    fields: tuple[str, ...]
-    tensors: str
-
-
-_NEXT = "next?{peer, start, stop, hint?{host, port, transport}}"
-_STATS = (*_WORKER_COUNTERS, "start", "stop", *(f"{k}?" for k in _SESSION_COUNTERS))
-
-MESSAGES: tuple[MessageSpec, ...] = (
-    MessageSpec(INFO, "call", "client -> worker", Info, (), ""),
-    MessageSpec(INFO, "reply", "worker -> client", InfoReply,
-                ("peer", "model", "start", "stop", "version", "state", "free", "total", "sessions"), ""),
-    MessageSpec(OPEN, "call", "client -> worker", Open,
-                ("sid", "max_tokens", "batch?", "model?", "start?", "stop?", "reset?", "copies?", _NEXT), ""),
-    MessageSpec(OPEN, "reply", "worker -> client", OpenReply, ("start", "stop", "free"), ""),
-    MessageSpec(SET_NEXT, "call", "client -> worker", SetNext, ("sid", _NEXT), ""),
-    MessageSpec(SET_NEXT, "reply", "worker -> client", Empty, (), ""),
-    MessageSpec(CLOSE, "call", "client -> worker", Close, ("sid",), ""),
-    MessageSpec(CLOSE, "reply", "worker -> client", CloseReply, ("closed", "free"), ""),
-    MessageSpec(FLUSH, "call", "client -> worker", Flush, ("sid",), ""),
-    MessageSpec(FLUSH, "reply", "worker -> client", FlushReply, ("steps", "start", "stop"),
-                "one output per step"),
-    MessageSpec(FORWARD, "call", "client -> worker", Forward, ("sid", "step", "pos"), "hidden"),
-    MessageSpec(FORWARD, "reply", "worker -> client", Empty, (), "output"),
-    MessageSpec(STATS, "call", "client -> worker", Stats, ("sid?",), ""),
-    MessageSpec(STATS, "reply", "worker -> client", StatsReply, _STATS, ""),
-    MessageSpec(STEP, "push", "client or previous worker -> worker", Step, ("sid", "step", "pos"), "hidden"),
-    MessageSpec(OUT, "push", "worker -> client", Out, ("sid", "step", "steps", "final", "start", "stop"),
-                "one output per step"),
-    MessageSpec(ERR, "push", "worker -> client or previous worker", Err,
-                ("sid", "step", "code", "msg", "start", "stop", "blame"), ""),
-)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pymesh.errors import RemoteProtocolError
 from pymesh.proto import session_wire as sw
+from pymesh.proto import session_table as st_
 from pymesh.proto.frames import FrameLimits, decode_envelope_untrusted, encode_envelope
 from pymesh.proto.identity import PeerID
 from pymesh.proto.vocab import Transport, WorkerState
@@ -84,11 +85,11 @@ _junk = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(text, inner, max_size=5)),
     max_leaves=12,
 )
-_keys = st.sampled_from(sorted({f.rstrip("?").split("?")[0] for m in sw.MESSAGES for f in m.fields} | {"x"}))
+_keys = st.sampled_from(sorted({f.rstrip("?").split("?")[0] for m in st_.MESSAGES for f in m.fields} | {"x"}))
 
 
 @FAST
-@given(st.sampled_from([m.cls for m in sw.MESSAGES]), st.dictionaries(_keys, _junk, max_size=8) | _junk)
+@given(st.sampled_from([m.cls for m in st_.MESSAGES]), st.dictionaries(_keys, _junk, max_size=8) | _junk)
 def test_junk_only_ever_raises_bad_request(cls: Any, meta: Any) -> None:
     try:
         cls.from_meta_untrusted(meta)
@@ -161,11 +162,11 @@ def test_hidden_shape_check_raises_only_bad_request(shape: list[int]) -> None:
 
 
 def test_the_table_lists_every_message_and_its_wire_fields() -> None:
-    classes = {m.cls for m in sw.MESSAGES}
+    classes = {m.cls for m in st_.MESSAGES}
     public = {v for v in vars(sw).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
               and hasattr(v, "to_meta") and v.__module__ == sw.__name__ and v not in (sw.NextHop,)}
     assert public - {sw.SessionRef, sw.StepRef} == classes
-    for spec in sw.MESSAGES:
+    for spec in st_.MESSAGES:
         assert spec.kind in ("call", "reply", "push")
         assert getattr(spec.cls, "TOPIC" if spec.kind == "push" else "METHOD", spec.name) == spec.name
         required = {f for f in spec.fields if "?" not in f}
