@@ -133,7 +133,7 @@ def test_remote_errors_keep_code_and_message() -> None:
             assert err.value.code == RpcErrorCode.NOT_FOUND and "missing" in err.value.message
             with pytest.raises(RemoteError) as err:
                 await conn.call("crash")
-            assert err.value.code == RpcErrorCode.INTERNAL == "internal" and "KeyError" in err.value.message
+            assert err.value.code == RpcErrorCode.INTERNAL and err.value.code == "internal" and "KeyError" in err.value.message
             assert not conn.closed  # an error answer is an answer: the connection stays
     run(main)
 

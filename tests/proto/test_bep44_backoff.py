@@ -37,8 +37,8 @@ def test_immutable_reply_must_hash_to_target() -> None:
 def test_best_item_takes_highest_verified_seq() -> None:
     ident = Identity.generate()
     target = mutable_target(ident.public_key)
-    forged = {**_mutable(ident, b"v9", 9), b"v": b"evil"}
-    replies = [_mutable(ident, b"v2", 2), forged, _mutable(ident, b"v5", 5), {b"token": b"t"}]
+    forged: dict[bytes, object] = {**_mutable(ident, b"v9", 9), b"v": b"evil"}
+    replies: list[dict[bytes, object]] = [_mutable(ident, b"v2", 2), forged, _mutable(ident, b"v5", 5), {b"token": b"t"}]
     assert best_item_untrusted(replies, target) == (b"v5", 5)
     assert best_item_untrusted(replies, target, local=(b"mine", 7)) == (b"mine", 7)
     assert best_item_untrusted([], target) is None
