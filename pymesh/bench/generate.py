@@ -124,7 +124,8 @@ def transformers_runner(model_dir: Path, dtype: str) -> Runner:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model.eval()
 
     def steps(ids: list[int], n: int) -> Iterator[int]:
         # The same loop as pymesh's: prefill, then one token per step on transformers' own KV cache.
@@ -142,7 +143,7 @@ def transformers_runner(model_dir: Path, dtype: str) -> Runner:
 RUNNERS: dict[str, Callable[[Path, str], Runner]] = {"pymesh": pymesh_runner, "transformers": transformers_runner}
 
 
-def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
+def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     """Measure in a fresh child process, so OpenMP starts with the PASSIVE wait policy and the
     requested thread count whatever this process has already imported."""
     from pymesh.settings import settings_of
@@ -206,7 +207,7 @@ def _measure(spec: dict[str, Any]) -> None:
     notes = [f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
              f"prompt {len(ids)} tokens, {n} new greedy tokens, {threads} threads, best of {repeats} runs"]
     warnings: list[str] = []
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     probe = BandwidthProbe(threads)
     for dtype in spec["dtypes"]:
         runners = {e: RUNNERS[e](model_dir, dtype) for e in spec["engines"]}
@@ -244,7 +245,7 @@ def _measure(spec: dict[str, Any]) -> None:
     emit({"rows": rows, "notes": notes, "warnings": warnings})
 
 
-def render(rows: list[dict]) -> Any:
+def render(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="decode speed, SmolLM2-135M, greedy (tokens/s; higher is better)")

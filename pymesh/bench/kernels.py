@@ -118,7 +118,7 @@ def read_bandwidth_gbps(budget: float, threads: int) -> float:
     read = (lambda: c.read_sum(big.data_ptr(), big.numel(), threads)) if c is not None and hasattr(
         c, "read_sum") else big.sum
     read()
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + max(budget * 4, 0.5)
     while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 20):
         start = time.perf_counter()
@@ -127,7 +127,7 @@ def read_bandwidth_gbps(budget: float, threads: int) -> float:
     return big.numel() * 4 / min(times) / 1e9
 
 
-def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
+def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     selected = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = sorted(set(selected) - set(OPS))
     if unknown:
@@ -147,7 +147,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
             for hidden in HIDDEN:
                 for tokens in DECODE + PREFILL:
                     plan.append((op, tokens, hidden, torch.float32))
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     task = progress.add_task(f"kernels ({args.threads} threads)", total=len(plan) + 1)
     try:
         ceiling = read_bandwidth_gbps(budget, args.threads) if "linear" in selected else None
@@ -188,7 +188,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict]) -> Any:
+def render(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     threads = rows[0]["threads"] if rows else "?"

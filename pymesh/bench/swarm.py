@@ -114,7 +114,7 @@ async def swarm_runs(bootstrap: str, model_dir: Path, transport: str, ids: list[
     return best[0], best[1], tokens
 
 
-def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
+def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     import trio
 
     from pymesh.demo.procs import Supervisor, free_port, pymesh_argv
@@ -143,7 +143,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     sp_ttft, sp_rate = single_process(model_dir, ids, n, repeats)
     progress.advance(task)
 
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     spans = even_split(cfg.num_hidden_layers, args.workers)
     env = {**os.environ, **CHILD_ENV, "PYMESH_THREADS": str(threads)}
     with tempfile.TemporaryDirectory(prefix="pymesh-bench-swarm-") as tmp, \
@@ -184,7 +184,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict]) -> Any:
+def render(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="swarm vs single process, SmolLM2-135M fp32, greedy (loopback; higher tokens/s is better)")

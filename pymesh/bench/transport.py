@@ -119,7 +119,7 @@ def _aioquic_config(is_client: bool, packet_size: int) -> Any:
 def _serve_aioquic(packet_size: int) -> None:
     import asyncio
 
-    from aioquic.asyncio import serve
+    from aioquic.asyncio.server import serve
 
     def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def run() -> None:
@@ -134,6 +134,7 @@ def _serve_aioquic(packet_size: int) -> None:
     async def main() -> None:
         server = await serve("127.0.0.1", 0, configuration=_aioquic_config(False, packet_size),
                              stream_handler=handler)
+        assert server._transport is not None
         port = server._transport.get_extra_info("sockname")[1]
         print(f"READY {port} -", flush=True)
         await asyncio.Future()
@@ -250,7 +251,7 @@ def _client_pymesh(transport: str, packet_size: int, port: int, peer: str, rtt_c
 def _client_aioquic(packet_size: int, port: int, rtt_calls: int, bulk_calls: int) -> dict[str, Any]:
     import asyncio
 
-    from aioquic.asyncio import connect
+    from aioquic.asyncio.client import connect
 
     async def one(client: Any, data: bytes) -> bytes:
         reader, writer = await client.create_stream()
@@ -380,9 +381,9 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
             else:  # best round of each metric: the least disturbed by other processes
                 old["rtt_us_median"] = min(old["rtt_us_median"], row["rtt_us_median"])
                 old["rtt_us_p99"] = min(old["rtt_us_p99"], row["rtt_us_p99"])
-                for key, better in (("mb_per_s", max), ("cpu_us_per_call", min), ("cpu_mb_per_s", max)):
-                    if row[key] is not None:
-                        old[key] = row[key] if old[key] is None else better(old[key], row[key])
+                for metric, better in (("mb_per_s", max), ("cpu_us_per_call", min), ("cpu_mb_per_s", max)):
+                    if row[metric] is not None:
+                        old[metric] = row[metric] if old[metric] is None else better(old[metric], row[metric])
             progress.advance(task)
     return [best[c] for c in cases]
 

@@ -53,8 +53,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if module is None:
             sp.set_defaults(_unavailable=name)
             continue
-        module.add_arguments(sp)  # type: ignore[attr-defined]
-        sp.set_defaults(_run=module.run)  # type: ignore[attr-defined]
+        module.add_arguments(sp)
+        sp.set_defaults(_run=module.run)
     return parser
 
 

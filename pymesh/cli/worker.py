@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
         found = group.subgroup(lambda e: isinstance(e, PymeshError))
         while found is not None and isinstance(found, BaseExceptionGroup) and len(found.exceptions) == 1:
-            found = found.exceptions[0]  # type: ignore[assignment]
+            found = found.exceptions[0]
         if isinstance(found, PymeshError):
             raise found from None
         raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -18,6 +18,10 @@ from pymesh.demo.procs import DemoError
 from pymesh.proto.addr import PeerAddr
 from pymesh.proto.identity import Identity
 from pymesh.settings import Settings
+
+if TYPE_CHECKING:
+    from pymesh.net.dht import DHTNode
+    from pymesh.proto.records import WorkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ class Observer:
         self.settings = settings or Settings()
         self.identity = Identity.generate()
         self._token: trio.lowlevel.TrioToken | None = None
-        self._node: Any = None
+        self._node: DHTNode | None = None
         self._stop: trio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -66,14 +70,15 @@ class Observer:
             self._ready.set()
             await self._stop.wait()
 
-    def list_records(self, timeout: float) -> list[Any] | None:
+    def list_records(self, timeout: float) -> list[WorkerRecord] | None:
         """Every record in the DHT, or None when the lookup took longer than ``timeout``."""
         if self._token is None or self._node is None:
             raise DemoError("the observer is not running")
+        node = self._node
 
-        async def query() -> list[Any] | None:
+        async def query() -> list[WorkerRecord] | None:
             with trio.move_on_after(timeout):
-                return list(await self._node.list_records(None))
+                return list(await node.list_records(None))
             return None
 
         return trio.from_thread.run(query, trio_token=self._token)

@@ -23,6 +23,8 @@ from rich.table import Table
 
 from pymesh.demo.procs import DemoError
 from pymesh.demo.swarm import LocalSwarm, covered_blocks, model_matches
+from pymesh.proto.identity import PeerID
+from pymesh.proto.records import WorkerRecord
 from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings, settings_kwargs
 
@@ -62,7 +64,7 @@ def even_split(num_blocks: int, parts: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(parts)]
 
 
-def placement_table(records: list[Any], model: str, num_blocks: int, names: dict[Any, str]) -> Table:
+def placement_table(records: list[WorkerRecord], model: str, num_blocks: int, names: dict[PeerID, str]) -> Table:
     """Which worker serves which blocks."""
     table = Table(title=f"where the {num_blocks} blocks landed", title_justify="left")
     for col in ("worker", "peer", "address", "blocks", "count", "tok/s"):
@@ -111,7 +113,7 @@ class Demo:
         self.console.print(f"   model folder {self.model_dir} ({self.num_blocks} blocks, id {self.model_id})")
 
     # ---- swarm ------------------------------------------------------------------------
-    def start_swarm(self, swarm: LocalSwarm) -> list[Any]:
+    def start_swarm(self, swarm: LocalSwarm) -> list[WorkerRecord]:
         assert self.model_dir is not None
         addr = swarm.start_bootstrap()
         self.console.print(f"[bold]2.[/] bootstrap node at [bold cyan]{addr}[/] "
@@ -150,12 +152,12 @@ class Demo:
             self.console.print(f"   {proc.name}: --layers {span[0]}-{span[1]} "
                                f"(port {proc.port}, pid {proc.child.pid})")
 
-    def wait_for_coverage(self, swarm: LocalSwarm, *, timeout: float) -> list[Any]:
+    def wait_for_coverage(self, swarm: LocalSwarm, *, timeout: float) -> list[WorkerRecord]:
         columns = (TextColumn("   blocks served"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
             task = progress.add_task("cover", total=self.num_blocks)
 
-            def show(records: list[Any]) -> None:
+            def show(records: list[WorkerRecord]) -> None:
                 progress.update(task, completed=sum(covered_blocks(records, self.model_id, self.num_blocks)))
                 progress.refresh()
 

@@ -14,11 +14,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from pymesh.demo.observer import Observer
 from pymesh.demo.procs import Child, DemoError, Supervisor, free_port, pymesh_argv
 from pymesh.proto.identity import Identity, PeerID
+from pymesh.proto.records import WorkerRecord
 from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
 
@@ -46,7 +47,7 @@ def model_matches(model_id: str, wanted: str) -> bool:
     return model_id == wanted or model_id.split("@", 1)[0] == wanted.split("@", 1)[0]
 
 
-def covered_blocks(records: Sequence[Any], model: str, num_blocks: int) -> list[bool]:
+def covered_blocks(records: Sequence[WorkerRecord], model: str, num_blocks: int) -> list[bool]:
     """Per block: whether an online record of ``model`` serves it."""
     cover = [False] * num_blocks
     for r in records:
@@ -170,23 +171,23 @@ class LocalSwarm:
             self._observer = obs
         return self._observer
 
-    def records(self, timeout: float = 10.0) -> list[Any]:
+    def records(self, timeout: float = 10.0) -> list[WorkerRecord]:
         """Every worker record in the DHT right now (empty if the lookup timed out)."""
         return self.observer().list_records(timeout) or []
 
     def wait_until(
         self,
-        done: Callable[[list[Any]], bool],
+        done: Callable[[list[WorkerRecord]], bool],
         *,
         timeout: float,
         what: str,
-        on_poll: Callable[[list[Any]], None] | None = None,
+        on_poll: Callable[[list[WorkerRecord]], None] | None = None,
         interval: float = 0.5,
         poll_timeout: float = 10.0,
-    ) -> list[Any]:
+    ) -> list[WorkerRecord]:
         """Poll every worker record until ``done(records)``; children must stay alive."""
         deadline = time.monotonic() + timeout
-        records: list[Any] = []
+        records: list[WorkerRecord] = []
         while time.monotonic() < deadline:
             self.sup.check_alive()
             got = self.observer().list_records(min(poll_timeout, max(0.1, deadline - time.monotonic())))
@@ -200,11 +201,11 @@ class LocalSwarm:
         self.sup.check_alive()
         raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}; logs are in {self.workdir}")
 
-    def wait_for_workers(self, procs: Sequence[WorkerProc], *, timeout: float) -> list[Any]:
+    def wait_for_workers(self, procs: Sequence[WorkerProc], *, timeout: float) -> list[WorkerRecord]:
         """Until each of ``procs`` has an online record."""
         want = {p.peer_id for p in procs}
 
-        def done(records: list[Any]) -> bool:
+        def done(records: list[WorkerRecord]) -> bool:
             return want <= {r.peer_id for r in records if r.state == WorkerState.ONLINE}
 
         names = ", ".join(p.name for p in procs)
@@ -216,8 +217,8 @@ class LocalSwarm:
         num_blocks: int,
         *,
         timeout: float,
-        on_poll: Callable[[list[Any]], None] | None = None,
-    ) -> list[Any]:
+        on_poll: Callable[[list[WorkerRecord]], None] | None = None,
+    ) -> list[WorkerRecord]:
         """Until online records of ``model`` cover blocks 0..num_blocks-1."""
         return self.wait_until(
             lambda recs: all(covered_blocks(recs, model, num_blocks)),

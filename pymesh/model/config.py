@@ -51,7 +51,7 @@ class ModelConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None
+    rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool
@@ -130,7 +130,7 @@ def _eos_list(value: Any) -> list[int]:
     return out
 
 
-def _rope(raw: Mapping[str, Any], max_pos: int) -> tuple[float, dict | None]:
+def _rope(raw: Mapping[str, Any], max_pos: int) -> tuple[float, dict[str, Any] | None]:
     """Resolve (rope_theta, scaling dict or None) from either spelling, as transformers does."""
     params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if not isinstance(params, dict):

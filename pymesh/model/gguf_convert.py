@@ -252,21 +252,20 @@ def _infer_llama3_scaling(freqs: np.ndarray, cfg: dict[str, Any], path: Path) ->
     """
     freqs = freqs.reshape(-1).astype(np.float64)
     factor = round(float(freqs.max()), 4)  # stored as float32
+    low_ff, high_ff, orig_max = 1.0, 4.0, 8192
     guess = {
         "rope_type": "llama3",
         "factor": factor,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
+        "low_freq_factor": low_ff,
+        "high_freq_factor": high_ff,
+        "original_max_position_embeddings": orig_max,
     }
     dim = cfg["head_dim"]
     inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     wavelen = 2 * np.pi / inv
-    low_wl = guess["original_max_position_embeddings"] / guess["low_freq_factor"]
-    high_wl = guess["original_max_position_embeddings"] / guess["high_freq_factor"]
-    smooth = (guess["original_max_position_embeddings"] / wavelen - guess["low_freq_factor"]) / (
-        guess["high_freq_factor"] - guess["low_freq_factor"]
-    )
+    low_wl = orig_max / low_ff
+    high_wl = orig_max / high_ff
+    smooth = (orig_max / wavelen - low_ff) / (high_ff - low_ff)
     expected = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, factor, 1.0 / ((1 - smooth) / factor + smooth)))
     if expected.shape != freqs.shape or not np.allclose(expected, freqs, rtol=1e-3):
         raise ConfigError(

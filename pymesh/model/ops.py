@@ -29,15 +29,16 @@ _IMPORT_ERROR: str | None = None
 try:
     from pymesh import _C
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    _C = None
+    _C = None  # type: ignore[assignment]  # typed as the module (pymesh/_C.pyi); None means "missing"
     _IMPORT_ERROR = str(exc)
 else:
     _missing = [name for name in _REQUIRED if not hasattr(_C, name)]
     if _missing:  # an old build left in place: treat it as missing, say how to fix it
-        _C = None
+        _C = None  # type: ignore[assignment]
         _IMPORT_ERROR = f"stale build, lacks {', '.join(_missing)}"
 
 __all__ = [
+    "_C",
     "KernelInputError",
     "KernelUnavailableError",
     "rms_norm",

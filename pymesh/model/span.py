@@ -79,7 +79,7 @@ class SpanModel:
             if plan:
                 if hidden.dtype != self.dtype or hidden.device != self.device:
                     hidden = hidden.to(device=self.device, dtype=self.dtype)
-                out = plan.step(hidden, start_pos)
+                out: torch.Tensor = plan.step(hidden, start_pos)
                 if end > cache.length:
                     cache.length = end
                 return out

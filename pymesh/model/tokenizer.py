@@ -49,8 +49,8 @@ def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+    if isinstance(value, dict) and isinstance(content := value.get("content"), str):
+        return content
     return None
 
 

@@ -115,7 +115,8 @@ class WeightStore:
         if tuple(tensor.shape) != tuple(shape):
             raise ConfigError(f"tensor {name} in {path} has shape {tuple(tensor.shape)}, "
                               f"config.json implies {tuple(shape)}")
-        return tensor.to(device=device, dtype=dtype).contiguous()
+        out: torch.Tensor = tensor.to(device=device, dtype=dtype).contiguous()
+        return out
 
     def close(self) -> None:
         self._open.clear()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
 
 import trio
 from rich.console import Console
@@ -22,6 +24,10 @@ from pymesh.monitor.view import render
 from pymesh.proto.addr import PeerAddr
 from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
+
+if TYPE_CHECKING:
+    from pymesh.net.rpc import RpcNode
+    from pymesh.proto.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +47,20 @@ class MonitorOptions:
     settings: Settings = field(default_factory=Settings)   # DHT and transport timers (PYMESH_*)
 
 
+class RecordSource(Protocol):
+    """What the monitor needs of its DHT node (a :class:`pymesh.net.dht.DHTNode`, or a test's stand-in)."""
+
+    async def list_records(self, model_id: str | None = None) -> Sequence[RecordLike]: ...
+
+
+#: identity -> the DHT node's async context manager
+NodeFactory = Callable[["Identity"], AbstractAsyncContextManager[RecordSource]]
+
+
 class SwarmPoller:
     """One DHT node and the per-poll work: records, bootstrap check, RTTs."""
 
-    def __init__(self, node: Any, options: MonitorOptions, pinger: Pinger | None) -> None:
+    def __init__(self, node: RecordSource, options: MonitorOptions, pinger: Pinger | None) -> None:
         self.node = node
         self.options = options
         self.pinger = pinger
@@ -120,7 +136,7 @@ def _previous_records(state: MonitorState) -> list[RecordLike]:
 INFO_METHOD = "pm.info"
 
 
-def make_rpc_pinger(rpc: Any) -> Pinger:
+def make_rpc_pinger(rpc: "RpcNode") -> Pinger:
     """A pinger timing the worker's ``pm.info`` call over an open :class:`RpcNode`.
 
     The first call to a worker also dials it; that call is not timed, the second is.
@@ -141,8 +157,8 @@ async def monitor_loop(
     *,
     console: Console,
     once: bool = False,
-    pinger_factory: Callable[[], Any] | None = None,
-    node_factory: Callable[[Any], Any] | None = None,
+    pinger_factory: Callable[[], Pinger | None] | None = None,
+    node_factory: NodeFactory | None = None,
     max_polls: int | None = None,
     screen: bool = True,
 ) -> MonitorState:
@@ -160,7 +176,7 @@ async def monitor_loop(
     if node_factory is None:
         from pymesh.net.dht import DHTNode
 
-        def node_factory(identity: Any) -> Any:
+        def node_factory(identity: "Identity") -> AbstractAsyncContextManager[RecordSource]:
             # read-only (BEP 43): the monitor comes and goes; it must not linger in routing tables
             return DHTNode(identity, host=options.host, port=0, bootstrap=list(options.bootstrap),
                            config=options.settings.dht_config(), read_only=True)
@@ -199,15 +215,15 @@ async def poll_until_records(poller: SwarmPoller, state: MonitorState, budget: f
 class _maybe_rpc:
     """``async with``: a pinger over one RpcNode per transport, or None without a transport."""
 
-    def __init__(self, ident: Any, factory: Callable[[], Any] | None, settings: Settings) -> None:
+    def __init__(self, ident: "Identity", factory: Callable[[], Pinger | None] | None, settings: Settings) -> None:
         self.ident = ident
         self.factory = factory
         self.settings = settings
-        self.nodes: dict[str, Any] = {}
+        self.nodes: dict[Transport, "RpcNode"] = {}
 
     async def __aenter__(self) -> Pinger | None:
         if self.factory is not None:
-            return self.factory()  # type: ignore[no-any-return]
+            return self.factory()
         try:
             from pymesh.net.rpc import RpcNode
         except ImportError:
@@ -217,7 +233,7 @@ class _maybe_rpc:
             node = RpcNode(self.ident, transport=transport.value, config=self.settings.transport_config())
             await node.__aenter__()
             self.nodes[transport] = node
-        by_transport = {name: make_rpc_pinger(node) for name, node in self.nodes.items()}
+        by_transport: dict[str, Pinger] = {t.value: make_rpc_pinger(node) for t, node in self.nodes.items()}
 
         async def ping(rec: RecordLike) -> float | None:
             # The worker's first listed transport that this monitor speaks.
@@ -228,6 +244,7 @@ class _maybe_rpc:
 
         return ping
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         for node in reversed(list(self.nodes.values())):
-            await node.__aexit__(*exc)
+            await node.__aexit__(exc_type, exc, tb)
