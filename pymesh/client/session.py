@@ -20,7 +20,7 @@ import trio
 from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
 from pymesh.client.routing import SpanOption
 from pymesh.client.swarm import Swarm
-from pymesh.errors import PeerUnavailable, PymeshError
+from pymesh.errors import ConnectionClosed, PeerUnavailable, PymeshError
 from pymesh.net.conn import RemoteError
 from pymesh.proto import session_wire as sw
 from pymesh.proto.frames import TensorBlob
@@ -235,7 +235,7 @@ class InferenceSession:
                 try:
                     conn = await self.swarm.connect(first)
                     await conn.push(sw.STEP, sw.Step(self.sid, step, pos).to_meta(), [tensor_to_blob(hidden)])
-                except (PeerUnavailable, OSError) as exc:
+                except (PeerUnavailable, ConnectionClosed, OSError) as exc:
                     raise _StepFailure(first.peer, f"cannot reach the first worker: {exc}") from None
                 while not p.event.is_set():
                     with trio.move_on_after(self.probe_after):

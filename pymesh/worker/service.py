@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Protocol, TypeVar
 import trio
 
 from pymesh import PROTOCOL_VERSION
-from pymesh.errors import IdentityError, PeerUnavailable, PymeshError
+from pymesh.errors import ConnectionClosed, IdentityError, PeerUnavailable, PymeshError
 from pymesh.net.clock import Clock, TrioClock
 from pymesh.net.rpc import CallContext, Connection, Meta, RemoteError, RpcNode
 from pymesh.proto import session_wire as sw
@@ -41,7 +41,9 @@ Call = Callable[[CallContext, Meta, list[TensorBlob]], Awaitable[Reply]]
 T = TypeVar("T")
 
 #: errors of dialling or pushing to the next hop: it is unreachable (or not who its record says)
-_HOP_ERRORS = (PeerUnavailable, IdentityError, trio.TooSlowError, OSError)
+_HOP_ERRORS = (PeerUnavailable, ConnectionClosed, IdentityError, trio.TooSlowError, OSError)
+#: a push back to the client failed: it went away, or this node already closed its connection
+_GONE = (PeerUnavailable, ConnectionClosed)
 
 
 class Dial(Protocol):
@@ -315,7 +317,7 @@ class WorkerService:
             msg = sw.Out(sid, step, tuple(steps), final, self.runtime.start, self.runtime.stop)
             try:
                 await s.client_conn.push(sw.OUT, msg.to_meta(), outs)
-            except PeerUnavailable:
+            except _GONE:
                 log.info("client of session %s is gone; closing it", sid.hex()[:8])
                 self.table.close(sid)
 
@@ -326,7 +328,7 @@ class WorkerService:
         err = sw.Err(sid, step, code, msg[:500], self.runtime.start, self.runtime.stop, blame)
         try:
             await conn.push(sw.ERR, err.to_meta(), [])
-        except PeerUnavailable:
+        except _GONE:
             pass
 
     async def on_relayed_error(self, conn: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
