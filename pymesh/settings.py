@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from pymesh.errors import ConfigError
 
@@ -309,18 +309,3 @@ def settings_of(args: object) -> Settings:
     (the defaults for a namespace built elsewhere, e.g. by a test)."""
     settings = getattr(args, "settings", None)
     return settings if isinstance(settings, Settings) else Settings()
-
-
-def settings_kwargs(target: object, settings: Settings) -> dict[str, Any]:
-    """``{"settings": settings}`` if ``target``'s signature takes ``settings``, else ``{}``.
-
-    For the roll-out of the ``settings=`` keyword (WorkerOptions, Swarm, SwarmClient gain it
-    one at a time): callers pass it where it exists rather than fail where it does not yet.
-    """
-    import inspect
-
-    try:
-        params = inspect.signature(target).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return {}
-    return {"settings": settings} if "settings" in params else {}

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pymesh.settings import Settings, settings_kwargs, settings_of
+from pymesh.settings import Settings, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ async def swarm_runs(bootstrap: str, model_dir: Path, transport: str, ids: list[
     best = (float("inf"), 0.0)
     tokens: list[int] = []
     async with Swarm([bootstrap], model.model_id, transport=transport,
-                     **settings_kwargs(Swarm, settings or Settings())) as swarm:
+                     settings=settings) as swarm:
         for _ in range(repeats):
             stats = GenerationStats()
             tokens = [t async for t in generate_tokens(swarm, model, ids, SamplingParams(max_new_tokens=n),

@@ -9,7 +9,7 @@ import sys
 import time
 
 from pymesh.cli.common import check_device
-from pymesh.settings import settings_kwargs, settings_of
+from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
 from pymesh.proto.vocab import Transport
 
@@ -82,7 +82,7 @@ async def _generate(args: argparse.Namespace) -> int:
     decoder = model.tokenizer.stream_decoder()
     stop_text = StopText(params.stop)  # like `pymesh generate`: the stop text itself is never shown
     async with Swarm(args.bootstrap, model.model_id, transport=args.transport,
-                     **settings_kwargs(Swarm, settings_of(args))) as swarm:
+                     settings=settings_of(args)) as swarm:
         async for token in generate_tokens(swarm, model, ids, params, stats=stats):
             if not args.json:
                 sys.stdout.write(stop_text.push(decoder.push(token)))
@@ -112,7 +112,7 @@ async def _network_test(args: argparse.Namespace) -> int:
                           "or --model-path to generate")
     t0 = time.perf_counter()
     async with Swarm(args.bootstrap, args.model_name or "echo", transport=args.transport,
-                     **settings_kwargs(Swarm, settings_of(args))) as swarm:
+                     settings=settings_of(args)) as swarm:
         res = await run_network_test(swarm, layers[0], layers[1], hidden=args.hidden_size, rounds=args.rounds)
     if args.json:
         json.dump({"route": res.route, "hop_ms": [round(h, 3) for h in res.hop_ms],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pymesh.cli.common import check_device, with_flags
-from pymesh.settings import settings_kwargs, settings_of
+from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
 from pymesh.proto.vocab import Transport
 
@@ -67,13 +67,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("echo mode (no --model-path) needs --layers A-B (or --num-layers N to place itself)")
     settings = with_flags(settings_of(args), threads=args.threads, max_blocks=args.max_blocks)
     threads = configure_threads(settings.runtime.threads)
-    extra = settings_kwargs(WorkerOptions, settings)
     opts = WorkerOptions(
         bootstrap=args.bootstrap, layers=layers, model_path=args.model_path, model_name=args.model_name,
         device=args.device, dtype=args.dtype, host=args.host, port=args.port, dht_port=args.dht_port,
         announce_addr=args.announce_addr, transport=args.transport, cache_tokens=args.cache_tokens,
-        identity=args.identity, threads=threads, max_blocks=settings.worker.max_blocks,
-        num_layers=args.num_layers, progress=not args.quiet, **extra,
+        identity=args.identity, threads=threads, max_blocks=args.max_blocks,
+        num_layers=args.num_layers, progress=not args.quiet, settings=settings,
     )
     try:
         trio.run(run_worker, opts)

@@ -26,7 +26,7 @@ from pymesh.demo.swarm import LocalSwarm, covered_blocks, model_matches
 from pymesh.proto.identity import PeerID
 from pymesh.proto.records import WorkerRecord
 from pymesh.proto.vocab import Transport, WorkerState
-from pymesh.settings import Settings, settings_kwargs
+from pymesh.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class Demo:
         results: list[Answer] = []
         self.console.print("[bold]3.[/] chatting through the swarm (greedy, chat template on)")
         with SwarmClient([swarm.bootstrap_addr], self.model_dir, transport=self.o.transport,
-                         **settings_kwargs(SwarmClient, self.o.settings)) as client:
+                         settings=self.o.settings) as client:
             for prompt in self.o.prompts:
                 results.append(self.answer(client, tokenizer, prompt, echo=prompt)[0])
             if self.o.interactive:
