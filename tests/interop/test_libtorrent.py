@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from pymesh.demo.procs import free_port
 from pymesh.errors import PeerUnavailable
 from pymesh.net.dht import DHTConfig, DHTNode, DHTRemoteError
 from pymesh.proto import krpc
@@ -28,25 +28,9 @@ lt = pytest.importorskip("libtorrent", reason="the libtorrent wheel is not insta
 PEER_SCRIPT = Path(__file__).with_name("lt_peer.py")
 
 
-def free_port() -> int:
-    """A port below 32768 free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            import random
-            port = random.randrange(20000, 32000)
-            try:
-                u.bind(("127.0.0.1", port))
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below 32768")
-
-
 class LtPeer:
     def __init__(self, bootstrap: str = "") -> None:
-        self.port = free_port()
+        self.port = free_port(1)
         self.proc = subprocess.Popen([sys.executable, str(PEER_SCRIPT), str(self.port), bootstrap],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
