@@ -1,4 +1,5 @@
-"""Readers of untrusted message fields: type and range checks that raise only BadRequest.
+"""Readers of untrusted message fields (type and range checks that raise only BadRequest),
+error codes and the next-hop field.
 
 :mod:`pymesh.proto.session_wire` builds its messages on these; they are split out only to
 keep that module short (import them from there).
@@ -7,15 +8,18 @@ keep that module short (import them from there).
 from __future__ import annotations
 
 import enum
-
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Sequence
 
 from pymesh.errors import RemoteProtocolError
 from pymesh.proto.identity import PeerID
+from pymesh.proto.vocab import Transport
 
 MAX_HIDDEN_DIMS = 3               # hidden states are [batch, seq, hidden]
 MAX_STEP = 1 << 30
 MAX_STEPS_LISTED = 4096           # step indices in one pm.out / pm.flush reply
+MAX_BLOCK = 1 << 20               # block indices (span bounds)
+MAX_HOST = 253
 
 
 class BadRequest(RemoteProtocolError):
@@ -127,3 +131,61 @@ class ErrorCode(str, enum.Enum):
             return cls(text)
         except ValueError:
             raise BadRequest(f"unknown error code {text[:32]!r}") from None
+
+
+def get_span(meta: Meta, what: str) -> tuple[int, int]:
+    start, stop = get_int(meta, "start", 0, MAX_BLOCK), get_int(meta, "stop", 1, MAX_BLOCK)
+    if start >= stop:
+        raise BadRequest(f"{what} span {start}..{stop} is empty")
+    return start, stop
+
+
+def get_opt_peer(meta: Meta, key: str) -> PeerID | None:
+    """An optional peer id: absent or empty means ``None``."""
+    return None if meta.get(key) in (None, b"", "") else get_peer(meta, key)
+
+
+# --------------------------------------------------------------------------- next hop
+
+
+class AddrHint(NamedTuple):
+    """Where the sender believes a peer listens; only ever compared with the peer's record."""
+
+    host: str
+    port: int
+    transport: Transport
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """The peer that serves blocks ``[start, stop)`` after this worker; ``None`` = last hop."""
+
+    peer: PeerID
+    start: int
+    stop: int
+    addr_hint: AddrHint | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        out: dict[str, object] = {"peer": self.peer.key, "start": self.start, "stop": self.stop}
+        if self.addr_hint is not None:
+            h = self.addr_hint
+            out["hint"] = {"host": h.host, "port": h.port, "transport": h.transport.value}
+        return out
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "NextHop":
+        m = as_mapping(meta)
+        start, stop = get_span(m, "next")
+        raw = get_dict(m, "hint")
+        hint = None
+        if raw is not None:
+            text = get_str(raw, "transport", 8)
+            try:
+                transport = Transport(text)
+            except ValueError:
+                raise BadRequest(f"next.hint.transport {text!r} must be quic or tcp") from None
+            hint = AddrHint(get_str(raw, "host", MAX_HOST), get_int(raw, "port", 1, 65535), transport)
+        return cls(get_peer(m, "peer"), start, stop, hint)
+
+    def describe(self) -> str:
+        return f"{self.peer.short()} (blocks {self.start}-{self.stop - 1})"

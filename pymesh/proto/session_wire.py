@@ -11,6 +11,23 @@ frame; :meth:`check_tensor_count` and :func:`check_hidden_shape` check them.
 (:class:`NextHop`); an address travels at most as a hint. A worker dials what that peer's
 own signed DHT record says, never an address only the request named.
 
+Sessions are bound to their client and route (issue 11): the peer that opens a session is its
+client, and only it may change, close, flush, replay or read the session's counters. ``prev``
+(on :class:`Open` and :class:`SetNext`) names the peer that will push this hop its steps: the
+previous worker of the route, or ``None`` when the client pushes them itself (first hop). A
+worker accepts ``pm.step`` for the session only from that peer (or from the client when
+``prev`` is ``None``); anyone else gets ``bad_request`` and nothing is computed. A ``SetNext``
+without ``prev`` keeps the bound previous hop; the client names it whenever it relinks.
+
+Link failures: when a worker cannot deliver a step to its next hop (no connection, the
+connection closed, a timeout), it pushes the client an :class:`Err` with code
+``next_unreachable``, ``blame`` = the next peer and ``link=True``: the link between the two
+hops failed, which does not prove the next peer misbehaved (it may have restarted). A
+``RemoteError`` ``next_unreachable`` answering ``pm.open``/``pm.set_next`` is the same kind of
+link failure. :class:`CheckLink` (``pm.link``, only the session's client may call it) asks a
+hop whether its connection to the session's next hop is alive right now (a short ``pm.info``
+over it): ``CheckLinkReply(ok, detail)``; the last hop answers ``ok`` (its next is the client).
+
 ``pymesh.proto.session_table.MESSAGES`` lists every message (wire name, direction, fields,
 tensors); docs/INTERFACES.md renders it.
 """
@@ -18,30 +35,30 @@ tensors); docs/INTERFACES.md renders it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, TypeVar
+from typing import ClassVar, TypeVar
 
 from pymesh.errors import DecodeError, IdentityError
 from pymesh.proto.identity import PeerID
-from pymesh.proto.session_fields import (MAX_HIDDEN_DIMS, MAX_STEP, MAX_STEPS_LISTED, BadRequest, ErrorCode, Meta,
-                                         as_mapping, check_hidden_shape, check_tensor_count, get_bytes,
-                                         get_dict, get_int, get_opt_int, get_peer, get_steps, get_str)
-from pymesh.proto.vocab import Transport, WorkerState
+from pymesh.proto.session_fields import (MAX_BLOCK, MAX_HIDDEN_DIMS, MAX_HOST, MAX_STEP, MAX_STEPS_LISTED, AddrHint,
+                                         BadRequest, ErrorCode, Meta, NextHop, as_mapping, check_hidden_shape,
+                                         check_tensor_count, get_bytes, get_dict, get_int, get_opt_int,
+                                         get_opt_peer, get_peer, get_span, get_steps, get_str)
+from pymesh.proto.vocab import WorkerState
 
 # --------------------------------------------------------------------------- names and caps
 
-INFO, OPEN, SET_NEXT, CLOSE, FORWARD, STATS, FLUSH = (
-    "pm.info", "pm.open", "pm.set_next", "pm.close", "pm.forward", "pm.stats", "pm.flush")
+INFO, OPEN, SET_NEXT, CLOSE, FORWARD, STATS, FLUSH, LINK = (
+    "pm.info", "pm.open", "pm.set_next", "pm.close", "pm.forward", "pm.stats", "pm.flush", "pm.link")
 STEP, OUT, ERR = "pm.step", "pm.out", "pm.err"
 
 MAX_SESSION_TOKENS = 1 << 20      # positions one session may reserve
 MAX_BATCH = 1024
 MAX_COPY_EVERY = 64               # recovery copies batched per pm.out at most
 MAX_SID_BYTES = 64
-MAX_BLOCK = 1 << 20               # block indices (span bounds)
 MAX_MODEL_ID = 200
-MAX_HOST = 253
 MAX_MESSAGE = 600                 # characters of an error message (senders cut at 500)
 MAX_COUNTER = 1 << 62
+MAX_DETAIL = 300                  # characters of a link check's detail
 
 
 # --------------------------------------------------------------------------- field readers
@@ -51,61 +68,18 @@ def _sid(meta: Meta) -> bytes:
 
 
 def _span(meta: Meta, what: str) -> tuple[int, int]:
-    start, stop = get_int(meta, "start", 0, MAX_BLOCK), get_int(meta, "stop", 1, MAX_BLOCK)
-    if start >= stop:
-        raise BadRequest(f"{what} span {start}..{stop} is empty")
-    return start, stop
-
-
-# --------------------------------------------------------------------------- next hop
-
-
-class AddrHint(NamedTuple):
-    """Where the sender believes a peer listens; only ever compared with the peer's record."""
-
-    host: str
-    port: int
-    transport: Transport
-
-
-@dataclass(frozen=True)
-class NextHop:
-    """The peer that serves blocks ``[start, stop)`` after this worker; ``None`` = last hop."""
-
-    peer: PeerID
-    start: int
-    stop: int
-    addr_hint: AddrHint | None = None
-
-    def to_meta(self) -> dict[str, object]:
-        out: dict[str, object] = {"peer": self.peer.key, "start": self.start, "stop": self.stop}
-        if self.addr_hint is not None:
-            h = self.addr_hint
-            out["hint"] = {"host": h.host, "port": h.port, "transport": h.transport.value}
-        return out
-
-    @classmethod
-    def from_meta_untrusted(cls, meta: object) -> "NextHop":
-        m = as_mapping(meta)
-        start, stop = _span(m, "next")
-        raw = get_dict(m, "hint")
-        hint = None
-        if raw is not None:
-            text = get_str(raw, "transport", 8)
-            try:
-                transport = Transport(text)
-            except ValueError:
-                raise BadRequest(f"next.hint.transport {text!r} must be quic or tcp") from None
-            hint = AddrHint(get_str(raw, "host", MAX_HOST), get_int(raw, "port", 1, 65535), transport)
-        return cls(get_peer(m, "peer"), start, stop, hint)
-
-    def describe(self) -> str:
-        return f"{self.peer.short()} (blocks {self.start}-{self.stop - 1})"
+    return get_span(meta, what)
 
 
 def _put_next(out: dict[str, object], hop: NextHop | None) -> dict[str, object]:
     if hop is not None:
         out["next"] = hop.to_meta()
+    return out
+
+
+def _put_prev(out: dict[str, object], prev: PeerID | None) -> dict[str, object]:
+    if prev is not None:
+        out["prev"] = prev.key
     return out
 
 
@@ -179,6 +153,7 @@ class Open:
     reset: bool = False           # drop an existing session of this id first (same client only)
     copies: int = 1               # push recovery copies every this many steps
     next_hop: NextHop | None = None
+    prev: PeerID | None = None    # who pushes this hop its steps; None: the client itself
 
     def to_meta(self) -> dict[str, object]:
         out: dict[str, object] = {"sid": self.sid, "max_tokens": self.max_tokens, "batch": self.batch,
@@ -186,7 +161,7 @@ class Open:
         for key, value in (("model", self.model), ("start", self.start), ("stop", self.stop)):
             if value is not None:
                 out[key] = value
-        return _put_next(out, self.next_hop)
+        return _put_prev(_put_next(out, self.next_hop), self.prev)
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Open":
@@ -195,7 +170,7 @@ class Open:
         return cls(_sid(m), get_int(m, "max_tokens", 1, MAX_SESSION_TOKENS),
                    get_int(m, "batch", 1, MAX_BATCH, default=1), model, get_opt_int(m, "start", 0, MAX_BLOCK),
                    get_opt_int(m, "stop", 1, MAX_BLOCK), bool(get_int(m, "reset", 0, 1, default=0)),
-                   get_int(m, "copies", 1, MAX_COPY_EVERY, default=1), _get_next(m))
+                   get_int(m, "copies", 1, MAX_COPY_EVERY, default=1), _get_next(m), get_opt_peer(m, "prev"))
 
 
 @dataclass(frozen=True)
@@ -218,20 +193,22 @@ class OpenReply:
 
 @dataclass(frozen=True)
 class SetNext:
-    """Call: point an open session at another next hop (``None``: this hop is now the last)."""
+    """Call: point an open session at another next hop (``None``: this hop is now the last) and,
+    when ``prev`` is given, at another previous hop (``None`` keeps the bound one)."""
 
     METHOD: ClassVar[str] = SET_NEXT
 
     sid: bytes
     next_hop: NextHop | None = None
+    prev: PeerID | None = None
 
     def to_meta(self) -> dict[str, object]:
-        return _put_next({"sid": self.sid}, self.next_hop)
+        return _put_prev(_put_next({"sid": self.sid}, self.next_hop), self.prev)
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "SetNext":
         m = as_mapping(meta)
-        return cls(_sid(m), _get_next(m))
+        return cls(_sid(m), _get_next(m), get_opt_peer(m, "prev"))
 
 
 @dataclass(frozen=True)
@@ -378,6 +355,8 @@ class Err:
 
     ``sid`` is empty and ``step`` -1 when the failing request was too malformed to name
     them; ``blame`` is the peer the sender holds responsible (``None``: the sender itself).
+    ``link`` is true when the failure is the link to ``blame`` (the sender could not deliver
+    the step to its next hop): the client re-checks or relinks rather than banning ``blame``.
     """
 
     TOPIC: ClassVar[str] = ERR
@@ -389,20 +368,50 @@ class Err:
     start: int
     stop: int
     blame: PeerID | None = None
+    link: bool = False
 
     def to_meta(self) -> dict[str, object]:
-        return {"sid": self.sid, "step": self.step, "code": self.code.value, "msg": self.msg,
-                "start": self.start, "stop": self.stop,
-                "blame": self.blame.key if self.blame is not None else b""}
+        out: dict[str, object] = {"sid": self.sid, "step": self.step, "code": self.code.value, "msg": self.msg,
+                                  "start": self.start, "stop": self.stop,
+                                  "blame": self.blame.key if self.blame is not None else b""}
+        if self.link:
+            out["link"] = 1
+        return out
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Err":
         m = as_mapping(meta)
         start, stop = _span(m, "err")
-        blame = None if m.get("blame") in (None, b"", "") else get_peer(m, "blame")
         return cls(get_bytes(m, "sid", MAX_SID_BYTES, min_len=0), get_int(m, "step", -1, MAX_STEP),
                    ErrorCode.parse_untrusted(get_str(m, "code", 32, default="internal")),
-                   get_str(m, "msg", MAX_MESSAGE, default=""), start, stop, blame)
+                   get_str(m, "msg", MAX_MESSAGE, default=""), start, stop, get_opt_peer(m, "blame"),
+                   bool(get_int(m, "link", 0, 1, default=0)))
+
+
+@dataclass(frozen=True)
+class CheckLink(SessionRef):
+    """Call (client -> each hop): is this hop's connection to the session's next hop alive?"""
+
+    METHOD: ClassVar[str] = LINK
+
+
+@dataclass(frozen=True)
+class CheckLinkReply:
+    """``ok``: the next hop answered a short ``pm.info`` over the worker's connection (or this is
+    the last hop); ``detail`` says what was checked or what failed, for logs."""
+
+    METHOD: ClassVar[str] = LINK
+
+    ok: bool
+    detail: str = ""
+
+    def to_meta(self) -> dict[str, object]:
+        return {"ok": int(self.ok), "detail": self.detail[:MAX_DETAIL]}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "CheckLinkReply":
+        m = as_mapping(meta)
+        return cls(bool(get_int(m, "ok", 0, 1)), get_str(m, "detail", MAX_DETAIL, default=""))
 
 
 @dataclass(frozen=True)
@@ -477,12 +486,12 @@ class StatsReply:
 
 
 __all__ = [
-    "CLOSE", "ERR", "FLUSH", "FORWARD", "INFO", "OPEN", "OUT", "SET_NEXT", "STATS", "STEP",
+    "CLOSE", "ERR", "FLUSH", "FORWARD", "INFO", "LINK", "OPEN", "OUT", "SET_NEXT", "STATS", "STEP",
     "MAX_BATCH", "MAX_BLOCK", "MAX_COPY_EVERY", "MAX_COUNTER", "MAX_HIDDEN_DIMS", "MAX_HOST", "MAX_MESSAGE",
-    "MAX_MODEL_ID", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
+    "MAX_DETAIL", "MAX_MODEL_ID", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
     "BadRequest", "ErrorCode", "AddrHint", "NextHop", "Info", "InfoReply", "Open", "OpenReply", "SetNext",
     "SessionRef", "Close", "CloseReply", "Flush", "FlushReply", "StepRef", "Step", "Forward", "Empty", "Out",
-    "Err", "Stats", "SessionCounters", "StatsReply", "Meta",
+    "Err", "CheckLink", "CheckLinkReply", "Stats", "SessionCounters", "StatsReply", "Meta",
     "as_mapping", "check_hidden_shape", "check_tensor_count", "get_bytes", "get_dict", "get_int",
-    "get_opt_int", "get_peer", "get_steps", "get_str",
+    "get_opt_int", "get_opt_peer", "get_peer", "get_span", "get_steps", "get_str",
 ]

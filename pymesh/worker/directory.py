@@ -35,6 +35,13 @@ class NextAddr:
         return f"{self.peer.short()} at {self.host}:{self.port} over {self.transport}"
 
 
+class PeerFilter(Protocol):
+    """Which peers a worker deals with (``pymesh.proto.allowlist.PeerAllowlist`` fits)."""
+
+    def allows(self, peer: PeerID) -> bool:
+        ...
+
+
 class NextHopResolver(Protocol):
     async def __call__(self, hop: NextHop) -> NextAddr | None:
         """The address ``hop.peer``'s verified record announces for its span, or ``None``."""

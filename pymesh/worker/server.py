@@ -28,7 +28,7 @@ from pymesh.proto.records import WorkerRecord
 from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
 from pymesh.worker import placement
-from pymesh.worker.directory import RecordDirectory
+from pymesh.worker.directory import PeerFilter, RecordDirectory
 from pymesh.worker.runtime import Runtime, Throughput, block_bytes, load_runtime
 from pymesh.worker.sessions import SessionTable
 
@@ -62,6 +62,8 @@ class WorkerOptions:
     rebalance_period: float | None = None          # None: settings.worker.rebalance_period
     progress: bool = False
     settings: Settings = field(default_factory=Settings)
+    #: serve only listed clients and push only to listed workers (``--allow-peers``); None: anyone
+    allow_peers: PeerFilter | None = None
 
     def transports(self) -> list[Transport]:
         if self.transport == "both":

@@ -45,9 +45,12 @@ MESSAGE = st.one_of(
         st.sampled_from(WorkerState), count, count, count)),
     st.builds(sw.Open, sid, st.integers(1, sw.MAX_SESSION_TOKENS), st.integers(1, sw.MAX_BATCH),
               st.none() | text, st.none() | block, st.none() | st.integers(1, sw.MAX_BLOCK), st.booleans(),
-              st.integers(1, sw.MAX_COPY_EVERY), next_hop),
+              st.integers(1, sw.MAX_COPY_EVERY), next_hop, st.none() | peer),
     span().flatmap(lambda s: st.builds(sw.OpenReply, st.just(s[0]), st.just(s[1]), count)),
-    st.builds(sw.SetNext, sid, next_hop),
+    st.builds(sw.SetNext, sid, next_hop, st.none() | peer),
+    st.builds(sw.CheckLink, sid),
+    st.builds(sw.CheckLinkReply, st.booleans(), st.text(st.characters(blacklist_categories=("Cs",)),
+                                                        max_size=sw.MAX_DETAIL)),
     st.builds(sw.Close, sid),
     st.builds(sw.CloseReply, st.booleans(), count),
     st.builds(sw.Flush, sid),
@@ -60,7 +63,7 @@ MESSAGE = st.one_of(
     span().flatmap(lambda s: st.builds(
         sw.Err, st.binary(max_size=sw.MAX_SID_BYTES), st.integers(-1, sw.MAX_STEP), st.sampled_from(sw.ErrorCode),
         st.text(st.characters(blacklist_categories=("Cs",)), max_size=sw.MAX_MESSAGE), st.just(s[0]),
-        st.just(s[1]), st.none() | peer)),
+        st.just(s[1]), st.none() | peer, st.booleans())),
     st.builds(sw.Stats, st.none() | sid),
     span().flatmap(lambda s: st.builds(
         sw.StatsReply, *([count] * 11), st.just(s[0]), st.just(s[1]),
@@ -142,6 +145,18 @@ def test_open_defaults_match_what_the_worker_assumes() -> None:
         sw.Open.from_meta_untrusted({"sid": b"s" * (sw.MAX_SID_BYTES + 1), "max_tokens": 8})
 
 
+def test_prev_and_link_are_optional_and_checked() -> None:
+    p = PeerID(b"k" * 32)
+    assert sw.Open.from_meta_untrusted({"sid": b"s", "max_tokens": 8}).prev is None
+    assert sw.Open(b"s", 8, prev=p).to_meta()["prev"] == p.key
+    assert sw.SetNext.from_meta_untrusted({"sid": b"s", "prev": p.key}).prev == p
+    with pytest.raises(sw.BadRequest, match="prev"):
+        sw.SetNext.from_meta_untrusted({"sid": b"s", "prev": b"short"})
+    err = sw.Err(b"s", 1, sw.ErrorCode.NEXT_UNREACHABLE, "down", 0, 2, p, link=True)
+    assert sw.Err.from_meta_untrusted(_over_the_wire(err.to_meta())).link
+    assert "link" not in sw.Err(b"s", 1, sw.ErrorCode.INTERNAL, "x", 0, 2).to_meta()
+
+
 def test_err_with_unknown_code_or_bad_blame_is_a_bad_request() -> None:
     base = sw.Err(b"", -1, sw.ErrorCode.INTERNAL, "boom", 0, 2).to_meta()
     assert base["blame"] == b"" and sw.Err.from_meta_untrusted(base).blame is None
@@ -179,13 +194,14 @@ def _full(cls: Any) -> Any:
     hop = sw.NextHop(PeerID(b"p" * 32), 1, 2)
     sample: dict[type, Any] = {
         sw.InfoReply: sw.InfoReply(PeerID(b"p" * 32), "m", 0, 1, 1, WorkerState.ONLINE, 1, 1, 0),
-        sw.Open: sw.Open(b"s", 8, 1, "m", 0, 1, True, 2, hop),
+        sw.Open: sw.Open(b"s", 8, 1, "m", 0, 1, True, 2, hop, PeerID(b"q" * 32)),
         sw.OpenReply: sw.OpenReply(0, 1, 5),
-        sw.SetNext: sw.SetNext(b"s", hop),
+        sw.SetNext: sw.SetNext(b"s", hop, PeerID(b"q" * 32)),
+        sw.CheckLinkReply: sw.CheckLinkReply(True, "alive"),
         sw.CloseReply: sw.CloseReply(True, 1),
         sw.FlushReply: sw.FlushReply((1,), 0, 1),
         sw.Out: sw.Out(b"s", 1, (1,), True, 0, 1),
-        sw.Err: sw.Err(b"s", 1, sw.ErrorCode.REFUSED, "m", 0, 1, PeerID(b"p" * 32)),
+        sw.Err: sw.Err(b"s", 1, sw.ErrorCode.REFUSED, "m", 0, 1, PeerID(b"p" * 32), True),
         sw.Stats: sw.Stats(b"s"),
         sw.StatsReply: sw.StatsReply(*([0] * 11), 0, 1, sw.SessionCounters(0, 0, 0, 0)),
     }
