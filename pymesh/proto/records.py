@@ -12,11 +12,22 @@ equal to its decoded copy.
 
 Records live at two DHT targets: :func:`model_target` (per model) and
 :data:`ALL_TARGET` (every record, for ``list_models`` and the monitor).
+
+Every field of a record is text or numbers chosen by a stranger, so the parser is strict
+(and :meth:`WorkerRecord.signed` applies the same rules, so a worker learns at once that a
+record it signs would be refused): model ids use letters, digits and ``. - _ @ :`` only
+(no markup such as ``[/]``, no control or escape characters); a host is an IP address or
+a DNS name; transports are :class:`~pymesh.proto.vocab.Transport` names; spans lie within
+:data:`MAX_BLOCKS`; speeds, cache sizes and session counts are bounded. A reader that
+knows the model's layer count also checks ``stop`` against it (:meth:`WorkerRecord.fits`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -24,11 +35,23 @@ from pymesh import PROTOCOL_VERSION
 from pymesh.errors import DecodeError, VersionMismatch
 from pymesh.proto.bencode import BencodeError, decode_untrusted, encode
 from pymesh.proto.identity import Identity, PeerID, verify_signature
-from pymesh.proto.vocab import WorkerState
+from pymesh.proto.vocab import Transport, WorkerState
 
 MAX_RECORD_BYTES = 700
 MAX_MODEL_ID = 160
+#: Longest name :func:`sanitize_model_name` returns (room is left for ``@<fingerprint>``).
+MAX_MODEL_NAME = 96
 MAX_HOST = 253
+#: Largest block index + 1 a record may claim; models have at most a few hundred layers.
+MAX_BLOCKS = 4096
+MAX_CACHE_TOKENS = 1 << 40
+MAX_SESSIONS = 1 << 20
+MAX_BLOCK_MS = 3_600_000.0          # one hour per block: anything slower is a lie or a bug
+MAX_TOKENS_PER_S = 1e9
+TRANSPORTS = tuple(t.value for t in Transport)
+_MODEL_ID = re.compile(r"[A-Za-z0-9._@:-]+")
+_NAME_BAD = re.compile(r"[^A-Za-z0-9._:-]+")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 STATES = tuple(s.value for s in WorkerState)   # ("joining", "online", "offline")
 SIGN_DOMAIN = b"pymesh-record\0"
 ALL_TARGET = hashlib.sha1(b"pymesh:all-records").digest()
@@ -38,6 +61,38 @@ _NO_PEER = PeerID(bytes(32))
 def model_target(model_id: str) -> bytes:
     """DHT target under which the records of ``model_id`` are stored."""
     return hashlib.sha1(b"pymesh:model:" + model_id.encode("utf-8")).digest()
+
+
+def is_valid_model_id(text: str) -> bool:
+    """Whether ``text`` may name a model in a record: 1..MAX_MODEL_ID ASCII letters, digits,
+    ``.``, ``-``, ``_``, ``@`` and ``:`` (nothing a terminal or a markup renderer interprets)."""
+    return 0 < len(text) <= MAX_MODEL_ID and _MODEL_ID.fullmatch(text) is not None
+
+
+def sanitize_model_name(name: str) -> str:
+    """A model name built from ``name`` (e.g. a folder's name) that a record accepts.
+
+    Pure. Every run of characters outside ASCII letters, digits, ``.``, ``-``, ``_`` and
+    ``:`` becomes one ``-`` (``@`` too: it separates the name from the fingerprint, so
+    ``f"{sanitize_model_name(folder)}@{fingerprint}"`` is a valid model id); leading and
+    trailing ``-`` and ``.`` are stripped, the result is cut to :data:`MAX_MODEL_NAME`
+    characters, and an empty result becomes ``"model"``. Callers log a line when the result
+    differs from ``name`` so the user knows which name the swarm sees.
+    """
+    out = _NAME_BAD.sub("-", name).strip("-.")[:MAX_MODEL_NAME].strip("-.")
+    return out or "model"
+
+
+def is_valid_host(text: str) -> bool:
+    """Whether ``text`` is an IPv4/IPv6 address (no zone id) or a DNS name of ASCII labels."""
+    if not 0 < len(text) <= MAX_HOST or not text.isascii() or "%" in text:
+        return False
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    return all(_DNS_LABEL.fullmatch(label) for label in text.split("."))
 
 
 class RecordError(DecodeError):
@@ -80,6 +135,11 @@ class WorkerRecord:
     def covers(self, block: int) -> bool:
         return self.start <= block < self.stop
 
+    def fits(self, num_blocks: int) -> bool:
+        """Whether the span lies within a model of ``num_blocks`` blocks (readers that know
+        the model's layer count drop records that claim blocks past its end)."""
+        return 0 <= self.start < self.stop <= num_blocks
+
     @property
     def live(self) -> bool:
         return self.state != WorkerState.OFFLINE
@@ -104,22 +164,38 @@ class WorkerRecord:
         }
 
     def _check_local(self) -> None:
-        if not 0 <= self.start < self.stop:
-            raise ValueError(f"record span [{self.start}, {self.stop}) is empty or negative")
+        """The parser's rules, for a record this node is about to sign (ValueError)."""
+        if not 0 <= self.start < self.stop <= MAX_BLOCKS:
+            raise ValueError(f"record span [{self.start}, {self.stop}) must be non-empty within 0..{MAX_BLOCKS}")
         if self.state not in STATES:
             raise ValueError(f"record state {self.state!r} is not one of {STATES}")
-        if len(self.model_id.encode()) > MAX_MODEL_ID or not self.model_id:
-            raise ValueError(f"model id must be 1..{MAX_MODEL_ID} bytes")
+        if not is_valid_model_id(self.model_id):
+            raise ValueError(f"model id {self.model_id[:40]!r} must be 1..{MAX_MODEL_ID} letters, digits "
+                             "or . - _ @ : (use sanitize_model_name for a folder's name)")
+        if not is_valid_host(self.host):
+            raise ValueError(f"record host {self.host[:40]!r} is not an IP address or DNS name; "
+                             "set --announce-addr to one")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"record port {self.port} is outside 0..65535")
+        if not 0 < len(self.transports) <= 4 or any(t not in TRANSPORTS for t in self.transports):
+            raise ValueError(f"record transports {self.transports!r} must be 1..4 of {TRANSPORTS}")
+        for name, v, cap in (("block_ms", self.block_ms, MAX_BLOCK_MS),
+                             ("tokens_per_s", self.tokens_per_s, MAX_TOKENS_PER_S),
+                             ("cache_tokens_free", self.cache_tokens_free, MAX_CACHE_TOKENS),
+                             ("cache_tokens_total", self.cache_tokens_total, MAX_CACHE_TOKENS),
+                             ("sessions", self.sessions, MAX_SESSIONS)):
+            if not (math.isfinite(v) and 0 <= v <= cap):
+                raise ValueError(f"record field {name}={v!r} must be finite and within 0..{cap:g}")
 
     def signed(self, identity: Identity, *, timestamp: float | None = None) -> "WorkerRecord":
         """A copy with peer_id, timestamp and signature set by ``identity``."""
         ts = time.time() if timestamp is None else timestamp
+        self._check_local()
         rec = replace(
             self, peer_id=identity.peer_id, timestamp=round(ts * 1000) / 1000,
             block_ms=round(self.block_ms * 1000) / 1000,
             tokens_per_s=round(self.tokens_per_s * 1000) / 1000, signature=b"",
         )
-        rec._check_local()
         body = encode(rec._fields())
         out = replace(rec, signature=identity.sign(SIGN_DOMAIN + body))
         if len(out.to_bytes()) > MAX_RECORD_BYTES:
@@ -173,9 +249,9 @@ class WorkerRecord:
         if not isinstance(sig, bytes) or len(sig) != 64:
             raise RecordError("record signature 'sig' must be 64 bytes")
         transports = d.get(b"t")
-        if not isinstance(transports, list) or len(transports) > 4 or \
-                not all(isinstance(t, bytes) and 0 < len(t) <= 16 for t in transports):
-            raise RecordError("record field 't' must be a list of up to 4 short transport names")
+        if not isinstance(transports, list) or not 0 < len(transports) <= 4 or \
+                not all(isinstance(t, bytes) and t.decode("ascii", "replace") in TRANSPORTS for t in transports):
+            raise RecordError(f"record field 't' must list 1..4 transports of {TRANSPORTS}")
         known = {b"v", b"k", b"m", b"s", b"e", b"h", b"p", b"t", b"st", b"bm", b"tp",
                  b"cf", b"ct", b"n", b"ts", b"sig"}
         if set(d) - known:
@@ -184,24 +260,27 @@ class WorkerRecord:
             version=version,
             peer_id=PeerID(key),
             model_id=text(b"m", MAX_MODEL_ID),
-            start=num(b"s", 0, 1 << 20),
-            stop=num(b"e", 1, 1 << 20),
+            start=num(b"s", 0, MAX_BLOCKS - 1),
+            stop=num(b"e", 1, MAX_BLOCKS),
             host=text(b"h", MAX_HOST),
             port=num(b"p", 0, 65535),
-            transports=tuple(t.decode("ascii", "replace") for t in transports),  # type: ignore[union-attr]
+            transports=tuple(t.decode("ascii") for t in transports),  # type: ignore[union-attr]
             state=_state_untrusted(text(b"st", 16)),
-            block_ms=num(b"bm") / 1000,
-            tokens_per_s=num(b"tp") / 1000,
-            cache_tokens_free=num(b"cf"),
-            cache_tokens_total=num(b"ct"),
-            sessions=num(b"n", 0, 1 << 30),
+            block_ms=num(b"bm", 0, round(MAX_BLOCK_MS * 1000)) / 1000,
+            tokens_per_s=num(b"tp", 0, round(MAX_TOKENS_PER_S * 1000)) / 1000,
+            cache_tokens_free=num(b"cf", 0, MAX_CACHE_TOKENS),
+            cache_tokens_total=num(b"ct", 0, MAX_CACHE_TOKENS),
+            sessions=num(b"n", 0, MAX_SESSIONS),
             timestamp=num(b"ts") / 1000,
             signature=sig,
         )
         if rec.start >= rec.stop:
             raise RecordError(f"record span [{rec.start}, {rec.stop}) is empty")
-        if not rec.model_id:
-            raise RecordError("record has an empty model id")
+        if not is_valid_model_id(rec.model_id):
+            raise RecordError(f"record model id {ascii(rec.model_id[:40])} is empty or has characters "
+                              "other than letters, digits and . - _ @ :")
+        if not is_valid_host(rec.host):
+            raise RecordError(f"record host {ascii(rec.host[:40])} is not an IP address or DNS name")
         if require_signature and not rec.verify():
             raise RecordError(f"record signature does not verify for key {rec.peer_id.short()}")
         return rec
