@@ -8,11 +8,13 @@ from there (:func:`pymesh.settings.settings_of`) and let their flags override th
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 from types import ModuleType
 
 from pymesh.errors import ConfigError
+from pymesh.proto.allowlist import PeerAllowlist
 from pymesh.settings import Settings
 
 
@@ -59,3 +61,17 @@ def check_device(device: str) -> None:
     if index >= torch.cuda.device_count():
         raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
 
+
+
+def add_allow_peers_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--allow-peers FILE`` (a private swarm), the same for every role that joins;
+    ``what`` says what the role does with the list."""
+    parser.add_argument("--allow-peers", default=None, metavar="FILE",
+                        help=f"private swarm: {what}. FILE lists one peer ID a line, as `pymesh "
+                             "identity show KEYFILE` prints it (# comments); default: an open swarm")
+
+
+def allow_peers_of(args: argparse.Namespace) -> PeerAllowlist | None:
+    """The allowlist ``--allow-peers`` names, or None (an open swarm)."""
+    path = getattr(args, "allow_peers", None)
+    return None if path is None else PeerAllowlist.load(path)

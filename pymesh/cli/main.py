@@ -17,10 +17,11 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from pymesh import __version__
 from pymesh.cli.common import load_optional
+from pymesh.monitor.text import printable, printable_lines
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -32,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pymesh.cli.bench", "run benchmarks side by side with their baselines"),
     "monitor": ("pymesh.cli.monitor", "live TUI of the swarm: workers, coverage, throughput"),
     "demo": ("pymesh.cli.demo", "start a local swarm on the embedded model and chat with it"),
+    "identity": ("pymesh.cli.identity", "show the peer ID of an identity key file (for --allow-peers)"),
 }
 
 
@@ -58,6 +60,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class SafeFormatter(logging.Formatter):
+    """Log lines with control characters escaped (``\\x1b``, ``\\n``): a message may quote what a
+    peer sent (a model id, a host, an error text), and an escape sequence in it must neither reach
+    the terminal nor forge a line in a log file. Tracebacks keep their newlines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record), None)
+
+    def formatException(self, ei: Any) -> str:
+        return printable_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return printable_lines(super().formatStack(stack_info))
+
+
 def configure_logging(verbose: int, quiet: bool, log_file: str | None, env_level: str | None = None) -> None:
     """Root logging from -v / -q; ``env_level`` (``PYMESH_LOG_LEVEL``, a level name) wins."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
@@ -68,7 +85,7 @@ def configure_logging(verbose: int, quiet: bool, log_file: str | None, env_level
     handlers.append(stream)
     if log_file:
         handlers.append(logging.FileHandler(log_file))
-    fmt = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+    fmt = SafeFormatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
     for h in handlers:
         h.setFormatter(fmt)
     root = logging.getLogger()

@@ -8,6 +8,8 @@ import json
 import logging
 import sys
 
+from pymesh.cli.common import add_allow_peers_argument, allow_peers_of
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", action="append", required=True, metavar="ADDR",
@@ -27,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model has N blocks (shows missing tail blocks as gaps; "
                              "otherwise the largest announced block bounds the map)")
     parser.add_argument("--host", default="0.0.0.0", help="address the monitor's DHT node binds")
+    add_allow_peers_argument(parser, "show only workers whose records are signed by a listed peer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         model_blocks=None,
         settings=settings_of(args),
+        allow_peers=allow_peers_of(args),
     )
     if args.json and not args.once:
         raise ConfigError("--json prints one snapshot: use it together with --once")

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
 import trio
 from rich.console import Console
 
-from pymesh.monitor.state import MonitorState, RecordLike, peer_text, update
+from pymesh.monitor.state import MonitorState, RecordLike, admissible, peer_text, update
 from pymesh.monitor.view import render
 from pymesh.proto.addr import PeerAddr
+from pymesh.proto.allowlist import PeerAllowlist
 from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
 
@@ -45,6 +46,7 @@ class MonitorOptions:
     host: str = "0.0.0.0"
     model_blocks: dict[str, int] | None = None
     settings: Settings = field(default_factory=Settings)   # DHT and transport timers (PYMESH_*)
+    allow_peers: PeerAllowlist | None = None   # --allow-peers: records of other signers are ignored
 
 
 class RecordSource(Protocol):
@@ -121,7 +123,10 @@ class SwarmPoller:
         if error is not None:
             # Keep showing the last known workers rather than an empty swarm.
             records = list(_previous_records(state))
-        boot, rtts = await self.bootstrap_reachable(), await self.rtts(records)
+        # Only records the view will show are pinged: the monitor never dials a host that an
+        # unlisted signer (or an impossible record) names.
+        shown = [r for r in records if admissible(state, r, self.options.model_blocks)]
+        boot, rtts = await self.bootstrap_reachable(), await self.rtts(shown)
         return update(
             state, records, now=time.time(), rtts_ms=rtts, bootstrap_ok=boot, error=error,
             model_blocks=self.options.model_blocks,
@@ -170,8 +175,10 @@ async def monitor_loop(
     from pymesh.proto.identity import Identity
 
     ident = Identity.generate()
+    allow = options.allow_peers
     state = MonitorState(
-        bootstrap=", ".join(str(a) for a in options.bootstrap), model_filter=options.model
+        bootstrap=", ".join(str(a) for a in options.bootstrap), model_filter=options.model,
+        allow_peers=None if allow is None else frozenset(p.to_text() for p in allow),
     )
     if node_factory is None:
         from pymesh.net.dht import DHTNode

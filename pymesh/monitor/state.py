@@ -19,10 +19,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Protocol
 
 from pymesh.errors import DecodeError
+from pymesh.monitor.text import printable
 from pymesh.proto.vocab import WorkerState
 
 #: How many events the state keeps (the view shows the newest few).
 MAX_EVENTS = 200
+#: No model has more blocks than this (the largest open models have ~130): a record whose
+#: span ends beyond it, or beyond a block count given with ``--blocks``, is not a worker
+#: of any real model and is ignored, so one record cannot make a million-cell coverage map.
+MAX_BLOCKS = 1024
+#: Cut lengths for the text fields a record's signer chooses (see pymesh.monitor.text).
+MAX_MODEL_ID_SHOWN = 120
+MAX_HOST_SHOWN = 64
+MAX_TRANSPORT_SHOWN = 16
+MAX_TRANSPORTS_SHOWN = 4
 
 
 class RecordLike(Protocol):
@@ -118,14 +128,16 @@ class WorkerView:
 
     @classmethod
     def from_record(cls, record: RecordLike, rtt_ms: float | None = None) -> "WorkerView":
+        """The view of a record; its free-text fields are escaped and cut (pymesh.monitor.text)."""
         return cls(
-            peer=peer_text(record.peer_id),
-            model_id=str(record.model_id),
+            peer=printable(peer_text(record.peer_id), 64),
+            model_id=printable(record.model_id, MAX_MODEL_ID_SHOWN),
             start=int(record.start),
             stop=int(record.stop),
-            host=str(record.host),
+            host=printable(record.host, MAX_HOST_SHOWN),
             port=int(record.port),
-            transports=tuple(str(t) for t in record.transports),
+            transports=tuple(printable(t, MAX_TRANSPORT_SHOWN)
+                             for t in tuple(record.transports)[:MAX_TRANSPORTS_SHOWN]),
             state=WorkerState.parse_untrusted(str(record.state)),
             tokens_per_s=float(record.tokens_per_s),
             block_ms=float(record.block_ms),
@@ -167,6 +179,10 @@ class MonitorState:
     events: tuple[Event, ...] = ()
     error: str | None = None                # last poll failure, shown in the header
     model_filter: str | None = None
+    #: text peer IDs of ``--allow-peers`` (None: an open swarm, every signer is shown)
+    allow_peers: frozenset[str] | None = None
+    #: records of the last poll that were not shown: unlisted signer, impossible span
+    ignored: int = 0
 
     # ---- derived values the view uses ---------------------------------------------
     def models(self) -> list[str]:
@@ -193,7 +209,7 @@ class MonitorState:
     def block_throughput(self, model_id: str) -> list[float]:
         """Per block: the summed tokens/s of the live workers serving it (0.0 = gap)."""
         n = self.model_blocks.get(model_id, 0)
-        n = max([n] + [w.stop for w in self.workers if w.model_id == model_id])
+        n = min(MAX_BLOCKS, max([n] + [w.stop for w in self.workers if w.model_id == model_id]))
         cover = [0.0] * n
         for w in self.live_workers():
             if w.model_id != model_id:
@@ -246,9 +262,13 @@ def update(
     """
     rtts = dict(rtts_ms or {})
     newest: dict[str, RecordLike] = {}
+    ignored = 0
     for rec in records:
         key = peer_text(rec.peer_id)
         if state.model_filter is not None and not _model_matches(str(rec.model_id), state.model_filter):
+            continue
+        if not admissible(state, rec, model_blocks):
+            ignored += 1
             continue
         old = newest.get(key)
         if old is None or float(rec.timestamp) >= float(old.timestamp):
@@ -290,7 +310,22 @@ def update(
         events=tuple(events),
         bootstrap_ok=state.bootstrap_ok if bootstrap_ok is None else bootstrap_ok,
         error=error,
+        ignored=ignored,
     )
+
+
+def admissible(state: MonitorState, record: RecordLike, model_blocks: Mapping[str, int] | None = None) -> bool:
+    """Whether the monitor shows (and pings) ``record``: its signer is on the allowlist, if
+    there is one, and its span lies inside the model: ``0 <= start < stop <= blocks``
+    (``--blocks`` when given for this model, else :data:`MAX_BLOCKS`)."""
+    if state.allow_peers is not None and peer_text(record.peer_id) not in state.allow_peers:
+        return False
+    limit = MAX_BLOCKS
+    for name, n in (model_blocks or {}).items():
+        if _model_matches(str(record.model_id), name):
+            limit = min(limit, int(n))
+    start, stop = int(record.start), int(record.stop)
+    return 0 <= start < stop <= limit
 
 
 def diff_events(

@@ -5,6 +5,10 @@ reachability), one coverage map per model (a cell per block, shaded by the throu
 serving it, gaps red), the table of workers, and the newest events. Every colour has a
 plain-text twin (cell characters, words) so ``--once`` output and tests read the same
 information without colours.
+
+Fields a record's signer chose (model id, host, transports, event details) are already
+escaped by :mod:`pymesh.monitor.state` and are always passed to rich as ``Text``, never as
+a markup string: ``[/]`` or ``[link=...]`` in a model id is shown, not interpreted.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pymesh.monitor.state import Event, MonitorState, WorkerView
+from pymesh.monitor.text import printable
 from pymesh.proto.vocab import WorkerState
 
 #: Cell characters by share of the model's best-served block (gap first).
@@ -26,6 +31,8 @@ SHADE_STYLES = ("yellow", "green", "green", "bold green")
 EVENT_STYLES = {"joined": "green", "left": "red", "moved": "cyan", "state": "yellow"}
 EVENTS_SHOWN = 8
 CELLS_PER_ROW = 50
+#: coverage maps drawn at most (records can name any number of models; --model picks one)
+MODELS_SHOWN = 8
 
 
 def render(state: MonitorState) -> RenderableType:
@@ -34,8 +41,11 @@ def render(state: MonitorState) -> RenderableType:
     models = state.models()
     if not models:
         parts.append(Text("no worker records in the DHT yet", style="yellow"))
-    for model in models:
+    for model in models[:MODELS_SHOWN]:
         parts.append(render_coverage(state, model))
+    if len(models) > MODELS_SHOWN:
+        parts.append(Text(f"... and {len(models) - MODELS_SHOWN} more models (pick one with --model NAME)",
+                          style="yellow"))
     parts.append(render_workers(state))
     parts.append(render_events(state))
     return Group(*parts)
@@ -56,8 +66,11 @@ def render_header(state: MonitorState) -> RenderableType:
         ("   bootstrap ", "bold"), f"{state.bootstrap or '-'} ", boot,
     )
     lines = [line]
+    if state.ignored:
+        what = "unlisted signer (--allow-peers) or a span outside the model"
+        lines.append(Text(f"{state.ignored} records ignored: {what}", style="yellow"))
     if state.error:
-        lines.append(Text(f"last poll failed: {state.error}", style="red"))
+        lines.append(Text(f"last poll failed: {printable(state.error)}", style="red"))
     stamp = time.strftime("%H:%M:%S", time.localtime(state.now)) if state.now else "-"
     return Panel(Group(*lines), title="pymesh swarm", subtitle=f"poll {state.polls} at {stamp}")
 
@@ -95,7 +108,8 @@ def render_coverage(state: MonitorState, model_id: str) -> RenderableType:
             f"all {len(cover)} blocks covered; bottleneck {bottleneck:.1f} tok/s", style="green"
         )
     n_live = sum(1 for w in state.workers_of(model_id) if w.live)
-    return Panel(body, title=f"coverage {model_id}", subtitle=f"{n_live} live workers", title_align="left")
+    return Panel(body, title=Text(f"coverage {model_id}"), subtitle=f"{n_live} live workers",
+                 title_align="left")
 
 
 def _age(w: WorkerView, now: float) -> str:
@@ -128,10 +142,10 @@ def render_workers(state: MonitorState) -> RenderableType:
     for model in state.models():
         for w in state.workers_of(model):
             table.add_row(
-                w.short,
-                model.split("@", 1)[0],
-                f"{w.host}:{w.port}",
-                ",".join(w.transports) or "-",
+                Text(w.short),
+                Text(model.split("@", 1)[0]),
+                Text(f"{w.host}:{w.port}"),
+                Text(",".join(w.transports) or "-"),
                 w.span_text(),
                 Text(w.state, style=STATE_STYLES.get(w.state, "")),
                 f"{w.tokens_per_s:.1f}",
@@ -157,8 +171,8 @@ def render_events(state: MonitorState) -> RenderableType:
         table.add_row(
             time.strftime("%H:%M:%S", time.localtime(ev.time)),
             Text(ev.kind, style=EVENT_STYLES.get(ev.kind, "")),
-            ev.short,
-            f"{ev.model_id.split('@', 1)[0]} {ev.text}",
+            Text(ev.short),
+            Text(f"{ev.model_id.split('@', 1)[0]} {ev.text}"),
         )
     if not events:
         table.add_row("", "", "", Text("none yet", style="dim"))
