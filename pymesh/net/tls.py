@@ -8,9 +8,7 @@ a dialer that knows the peer ID it wants checks the certificate's public key aga
 from __future__ import annotations
 
 import datetime
-import os
 import ssl
-import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -83,17 +81,9 @@ def server_ssl_context(identity: Identity) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_TICKET
     ctx.set_alpn_protocols([ALPN])
     cert = certificate_for(identity)
-    pem = cert.public_bytes(serialization.Encoding.PEM) + identity.private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    # SSLContext only loads key material from files: write it to a private temp file briefly.
-    fd, path = tempfile.mkstemp(prefix="pymesh-tls-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        ctx.load_cert_chain(path)
-    finally:
-        os.unlink(path)
+    # SSLContext loads key material only from files: never a plain temp file (Identity.pem_file).
+    with identity.pem_file(cert.public_bytes(serialization.Encoding.PEM)) as (path, password):
+        ctx.load_cert_chain(path, password=password)
     return ctx
 
 

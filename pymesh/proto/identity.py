@@ -13,8 +13,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import secrets
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -115,25 +119,76 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> "Identity":
-        """Load the key at ``path``; create it (mode 0600) if the file does not exist."""
+        """Load the key at ``path``; create it (mode 0600) if the file does not exist. Two
+        processes racing to create it end up with the same identity (the loser loads it)."""
         p = Path(path)
         if p.exists():
             return cls.load(p)
         ident = cls.generate()
-        ident.save(p)
+        try:
+            ident.save(p, exist_ok=False)
+        except FileExistsError:
+            return cls.load(p)
         return ident
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, exist_ok: bool = True) -> None:
+        """Write the key (PKCS#8 PEM) to ``path``: created with mode 0600 (its folder 0700 when
+        created here), never through a symlink or into a file that already existed. Replacing
+        an existing key goes through a same-folder file with a random name, created the same
+        way and removed on failure; ``exist_ok=False`` raises FileExistsError instead."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        pem = self._private.private_bytes(
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pem = self._pem()
+        try:
+            _write_new_private(p, pem)
+            return
+        except FileExistsError:
+            if not exist_ok:
+                raise
+        tmp = p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp")
+        _write_new_private(tmp, pem)
+        try:
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @contextmanager
+    def pem_file(self, prefix: bytes = b"") -> Iterator[tuple[str, bytes | None]]:
+        """``with identity.pem_file(cert_pem) as (path, password)``: a path from which OpenSSL
+        reads ``prefix`` and this key (``ssl.SSLContext.load_cert_chain`` takes only paths),
+        and the password to pass with it. On Linux the file is anonymous memory (memfd), so
+        the key touches no file system; elsewhere it is a 0600 temporary file holding the key
+        encrypted under a random password that exists only in this process, removed on exit."""
+        memfd = getattr(os, "memfd_create", None)
+        if memfd is not None and os.path.isdir("/proc/self/fd"):
+            fd = memfd("pymesh-key", getattr(os, "MFD_CLOEXEC", 0))
+            try:
+                _write_all(fd, prefix + self._pem())
+                yield f"/proc/self/fd/{fd}", None
+            finally:
+                os.close(fd)
+            return
+        password = secrets.token_hex(32).encode("ascii")
+        sealed = self._private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password),
+        )
+        fd, name = tempfile.mkstemp(prefix="pymesh-sealed-", suffix=".pem")
+        try:
+            _write_all(fd, prefix + sealed)
+            os.close(fd)
+            fd = -1
+            yield name, password
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            os.unlink(name)
+
+    def _pem(self) -> bytes:
+        return self._private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        tmp = p.with_name(p.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        os.replace(tmp, p)
 
     @property
     def private_key(self) -> Ed25519PrivateKey:
@@ -149,6 +204,27 @@ class Identity:
 
     def sign(self, message: bytes) -> bytes:
         return self._private.sign(message)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_new_private(path: Path, data: bytes) -> None:
+    """Create ``path`` (O_EXCL: never an existing file or a symlink) with mode 0600 from the
+    start, write ``data`` and fsync it; a partial file is removed if writing fails."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def default_identity_path(role: str, home: Path | None = None) -> Path:
