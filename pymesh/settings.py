@@ -40,6 +40,7 @@ ENV_VARS: dict[str, str] = {
     "PYMESH_STEP_WAIT": "seconds a step that arrived early waits for the previous one; default 10",
     "PYMESH_NEXT_HOP_TIMEOUT": "seconds a worker may take to dial and push to the next hop; default 5",
     "PYMESH_SESSION_IDLE": "seconds an idle session keeps its cache on a worker; default 300",
+    "PYMESH_RESERVE_LAPSE": "seconds a worker keeps a session's cache reserved before its first step; default 30",
     "PYMESH_REBALANCE_PERIOD": "seconds between a worker's checks whether to move its span; default 120",
     "PYMESH_JOIN_SETTLE": "seconds (scaled by 0.5-1.0 at random) a worker waits before choosing a span; default 2",
     "PYMESH_MAX_BLOCKS": "cap on the blocks an automatically placed worker takes (like --max-blocks)",
@@ -79,6 +80,7 @@ FIELDS: dict[str, str] = {
     "PYMESH_STEP_WAIT": "worker.step_wait",
     "PYMESH_NEXT_HOP_TIMEOUT": "worker.next_hop_timeout",
     "PYMESH_SESSION_IDLE": "worker.session_idle",
+    "PYMESH_RESERVE_LAPSE": "worker.reserve_lapse",
     "PYMESH_REBALANCE_PERIOD": "worker.rebalance_period",
     "PYMESH_JOIN_SETTLE": "worker.join_settle",
     "PYMESH_MAX_BLOCKS": "worker.max_blocks",
@@ -160,6 +162,7 @@ class WorkerSettings:
     step_wait: float = 10.0            # PYMESH_STEP_WAIT
     next_hop_timeout: float = 5.0      # PYMESH_NEXT_HOP_TIMEOUT
     session_idle: float = 300.0        # PYMESH_SESSION_IDLE
+    reserve_lapse: float = 30.0        # PYMESH_RESERVE_LAPSE
     rebalance_period: float = 120.0    # PYMESH_REBALANCE_PERIOD
     join_settle: float = 2.0           # PYMESH_JOIN_SETTLE
     max_blocks: int | None = None      # PYMESH_MAX_BLOCKS
@@ -173,6 +176,7 @@ class WorkerSettings:
             step_wait=env_float(env, "PYMESH_STEP_WAIT", cls.step_wait),
             next_hop_timeout=env_float(env, "PYMESH_NEXT_HOP_TIMEOUT", cls.next_hop_timeout),
             session_idle=env_float(env, "PYMESH_SESSION_IDLE", cls.session_idle),
+            reserve_lapse=env_float(env, "PYMESH_RESERVE_LAPSE", cls.reserve_lapse),
             rebalance_period=env_float(env, "PYMESH_REBALANCE_PERIOD", cls.rebalance_period),
             join_settle=env_float(env, "PYMESH_JOIN_SETTLE", cls.join_settle, positive=False),
             max_blocks=env_int(env, "PYMESH_MAX_BLOCKS", None),

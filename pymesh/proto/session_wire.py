@@ -16,8 +16,8 @@ client, and only it may change, close, flush, replay or read the session's count
 (on :class:`Open` and :class:`SetNext`) names the peer that will push this hop its steps: the
 previous worker of the route, or ``None`` when the client pushes them itself (first hop). A
 worker accepts ``pm.step`` for the session only from that peer (or from the client when
-``prev`` is ``None``); anyone else gets ``bad_request`` and nothing is computed. A ``SetNext``
-without ``prev`` keeps the bound previous hop; the client names it whenever it relinks.
+``prev`` is ``None``); anyone else gets ``bad_request`` and nothing is computed. ``SetNext``
+rebinds both ends: its ``prev`` replaces the bound one (``None``: the client pushes from now on).
 
 Link failures: when a worker cannot deliver a step to its next hop (no connection, the
 connection closed, a timeout), it pushes the client an :class:`Err` with code
@@ -193,8 +193,8 @@ class OpenReply:
 
 @dataclass(frozen=True)
 class SetNext:
-    """Call: point an open session at another next hop (``None``: this hop is now the last) and,
-    when ``prev`` is given, at another previous hop (``None`` keeps the bound one)."""
+    """Call: point an open session at another next hop (``None``: this hop is now the last) and
+    another previous hop (``None``: the client pushes the steps itself)."""
 
     METHOD: ClassVar[str] = SET_NEXT
 

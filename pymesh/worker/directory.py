@@ -48,15 +48,19 @@ class NextHopResolver(Protocol):
         ...
 
 
-def address_from_record(rec: WorkerRecord, hop: NextHop, ours: Sequence[Transport]) -> NextAddr | None:
-    """The address to dial for ``hop`` if ``rec`` is that peer's live record covering its span.
+def address_from_record(rec: WorkerRecord, hop: NextHop, ours: Sequence[Transport],
+                        model_id: str | None = None) -> NextAddr | None:
+    """The address to dial for ``hop`` if ``rec`` is that peer's live record (of ``model_id``,
+    when given) for a span that starts where the hop starts and covers it.
 
     The transport is one both sides speak: the hint's if the hint names the record's own
     host and port, else the first of ``ours`` the record lists. Pure.
     """
     if rec.peer_id != hop.peer or rec.state == WorkerState.OFFLINE:
         return None
-    if not rec.start <= hop.start < hop.stop <= rec.stop:
+    if model_id is not None and rec.model_id != model_id:
+        return None
+    if not rec.start == hop.start < hop.stop <= rec.stop:
         return None
     common = [t for t in ours if t.value in rec.transports]
     if not common:
@@ -79,8 +83,10 @@ class RecordDirectory:
     """
 
     def __init__(self, read: Callable[[], Awaitable[list[WorkerRecord]]], clock: Clock,
-                 transports: Sequence[Transport], *, max_age: float = 10.0, min_refresh: float = 1.0) -> None:
+                 transports: Sequence[Transport], *, max_age: float = 10.0, min_refresh: float = 1.0,
+                 model_id: str | None = None) -> None:
         self._read = read
+        self.model_id = model_id
         self.clock = clock
         self.transports = tuple(transports)
         self.max_age = max_age
@@ -111,7 +117,7 @@ class RecordDirectory:
 
     def _find(self, hop: NextHop, recs: list[WorkerRecord]) -> NextAddr | None:
         for rec in recs:
-            addr = address_from_record(rec, hop, self.transports)
+            addr = address_from_record(rec, hop, self.transports, self.model_id)
             if addr is not None:
                 return addr
         return None

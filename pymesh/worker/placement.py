@@ -6,7 +6,11 @@ workers serving it; the swarm as a whole runs at the speed of its weakest block
 first the one covering the most blocks nobody serves (close gaps), then the one
 whose weakest block is weakest, then the one with the lowest total throughput.
 A running worker moves when moving would raise the bottleneck by a clear margin
-(Petals' rule, with our own numbers), or when blocks are left without any worker.
+(Petals' rule, with our own numbers), or when blocks are left without any worker, and
+never when leaving would uncover blocks only it serves. Records can be forged or hidden,
+so a move also needs :class:`MoveGuard`'s hysteresis: the same move proposed by
+consecutive checks, and a cooldown after each move (fake gaps cannot make a worker hop
+every period, dropping its sessions each time).
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def should_move(
     new_tput = block_throughputs(num_blocks, [*others, moved])
     now_gaps = sum(1 for t in now_tput if t <= 0)
     new_gaps = sum(1 for t in new_tput if t <= 0)
+    if any(t <= 0 for t in new_tput[mine.start:mine.stop]):
+        return MoveDecision(False, mine.start, "moving would uncover blocks only this worker serves")
     if new_gaps < now_gaps:
         return MoveDecision(True, new_start, f"covers {now_gaps - new_gaps} block(s) nobody serves")
     if new_gaps > now_gaps:
@@ -94,6 +100,31 @@ def should_move(
     if now_b > 0 and new_b >= now_b * margin:
         return MoveDecision(True, new_start, f"raises the bottleneck from {now_b:.1f} to {new_b:.1f} tok/s")
     return MoveDecision(False, mine.start, "the swarm is balanced enough")
+
+
+@dataclass
+class MoveGuard:
+    """Hysteresis over :func:`should_move`: act on a move only when ``confirm`` consecutive
+    checks proposed the same new start, and not within ``cooldown`` checks of the last move."""
+
+    confirm: int = 2
+    cooldown: int = 3
+    _candidate: int | None = None
+    _seen: int = 0
+    _since_move: int = 1 << 30
+
+    def admit(self, decision: MoveDecision) -> bool:
+        self._since_move += 1
+        if not decision.move:
+            self._candidate, self._seen = None, 0
+            return False
+        if decision.new_start != self._candidate:
+            self._candidate, self._seen = decision.new_start, 0
+        self._seen += 1
+        if self._seen < self.confirm or self._since_move <= self.cooldown:
+            return False
+        self._candidate, self._seen, self._since_move = None, 0, 0
+        return True
 
 
 # --- how many blocks fit -------------------------------------------------------------

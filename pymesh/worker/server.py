@@ -5,7 +5,9 @@ port+1), choose its blocks (``--layers`` or automatic placement from the swarm's
 records), announce them as "joining", load them, measure throughput, announce
 "online", then refresh its record on a heartbeat until Ctrl-C/SIGTERM, when it
 announces "offline" and exits. Without ``--layers`` it re-reads the swarm now and then
-and moves when that clearly helps (blocks nobody serves, or a much better bottleneck).
+and moves when that clearly helps (blocks nobody serves, or a much better bottleneck),
+counting only other workers' online records (and, with ``allow_peers``, listed ones), with
+hysteresis (``placement.MoveGuard``), and not while its sessions are stepping.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class Worker:
         self._service: WorkerService | None = None
         self._dht: DHTNode | None = None
         self.nodes: dict[Transport, RpcNode] = {}
-        self.directory = RecordDirectory(self._read_records, self.clock, opts.transports())
+        self.directory = RecordDirectory(self._read_records, self.clock, opts.transports(), model_id=self.model_id)
+        self.move_guard = placement.MoveGuard()
         self.port = opts.port
         self.state = WorkerState.JOINING
         self.stopping = trio.Event()
@@ -139,15 +142,21 @@ class Worker:
             log.warning("announcing %s failed: %s", state, exc)
 
     # -- placement -------------------------------------------------------------------------
-    async def _other_records(self) -> list[WorkerRecord]:
+    async def _other_records(self, *, online_only: bool = False) -> list[WorkerRecord]:
+        """Other workers' verified records of this model (not offline; ``online_only``: serving
+        now, not joining), from listed peers only when the worker has an allowlist."""
+        allow = self.opts.allow_peers
         with trio.move_on_after(10):
             recs = await self.directory.records(max_age=0)
-            return [r for r in recs if r.peer_id != self.peer_id and r.state != WorkerState.OFFLINE]
+            return [r for r in recs if r.peer_id != self.peer_id and r.state != WorkerState.OFFLINE
+                    and r.model_id == self.model_id and (not online_only or r.state == WorkerState.ONLINE)
+                    and (allow is None or allow.allows(r.peer_id))]
         log.warning("reading the swarm's records timed out; assuming an empty swarm")
         return []
 
-    async def _others(self) -> list[placement.Announced]:
-        return [placement.Announced(r.start, r.stop, r.tokens_per_s) for r in await self._other_records()]
+    async def _others(self, *, online_only: bool = False) -> list[placement.Announced]:
+        return [placement.Announced(r.start, r.stop, r.tokens_per_s)
+                for r in await self._other_records(online_only=online_only)]
 
     async def _settle_span(self, start: int, stop: int) -> tuple[int, int]:
         """Workers joining at the same moment may pick the same span. After announcing
@@ -204,13 +213,17 @@ class Worker:
             await trio.sleep(period * random.uniform(0.8, 1.2))
             rt: Runtime = self.service.runtime
             mine = placement.Announced(rt.start, rt.stop, self.throughput.tokens_per_s)
-            decision = placement.should_move(self.num_blocks, mine, await self._others())
-            if not decision.move:
+            decision = placement.should_move(self.num_blocks, mine, await self._others(online_only=True))
+            if not self.move_guard.admit(decision):
                 continue
             # Random delay, then look again: two workers seeing the same gap should not both move.
             await trio.sleep(random.uniform(0.0, period / 2))
-            decision = placement.should_move(self.num_blocks, mine, await self._others())
+            decision = placement.should_move(self.num_blocks, mine, await self._others(online_only=True))
             if not decision.move:
+                continue
+            if self._sessions_active():
+                log.info("sessions are stepping here: not moving to layers from %d now; will look again",
+                         decision.new_start)
                 continue
             new = (decision.new_start, decision.new_start + rt.stop - rt.start)
             log.info("Worker moving from layers %d-%d to %d-%d: %s", rt.start, rt.stop - 1, new[0],
@@ -222,6 +235,12 @@ class Worker:
             if dropped:
                 log.info("dropped %d session(s) on the old span; their clients recover elsewhere", dropped)
             await self.announce(WorkerState.ONLINE)
+
+    def _sessions_active(self) -> bool:
+        """Any session computing or stepped within the last step_wait seconds."""
+        now = self.clock.monotonic()
+        wait = self.settings.worker.step_wait
+        return any(s.busy or (s.stepped and now - s.last_used < wait) for s in self.service.table.sessions.values())
 
     # -- main ------------------------------------------------------------------------------
     async def serve(self, *, task_status: "trio.TaskStatus[Worker]" = trio.TASK_STATUS_IGNORED) -> None:
@@ -258,11 +277,12 @@ class Worker:
                      "+".join(t.value for t in transports), self.port, dht.port)
             start, stop = await self._choose_span()
             log.info("Worker announcing layers %d-%d", start, stop - 1)
-            table = SessionTable(opts.cache_tokens, opts.session_idle or self.settings.worker.session_idle)
+            table = SessionTable(opts.cache_tokens, opts.session_idle or self.settings.worker.session_idle,
+                                 lapse=self.settings.worker.reserve_lapse)
             service = self._service = WorkerService(
                 load_runtime(None, start, stop, device=opts.device, dtype_name=opts.dtype), table,
                 model_id=self.model_id, peer=self.peer_id, dial=self._dial, resolve_next=self.directory,
-                hidden_size=hidden, settings=self.settings.worker, clock=self.clock)
+                hidden_size=hidden, settings=self.settings.worker, clock=self.clock, allow_peers=opts.allow_peers)
             for node in self.nodes.values():
                 service.register(node)
             await nursery.start(service.run)

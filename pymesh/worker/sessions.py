@@ -2,9 +2,13 @@
 
 A session reserves ``max_tokens * batch`` cache tokens out of the worker's budget
 (``--cache-tokens``) for its whole life; a session that does not fit is refused so
-the client can go elsewhere. Steps carry (step index, start position); a worker
-accepts the next step, or the previous one again (a retry after a fault downstream:
-the forward pass overwrites the same cache positions), and rejects anything older.
+the client can go elsewhere. Admission is fair (:mod:`pymesh.worker.admission`): a
+reservation that receives no step lapses after ``lapse`` seconds (re-opening does not
+extend it), and when the cache is full a peer (or address) holding more than its share
+loses its idle sessions to a newcomer within its share. Steps carry (step index, start
+position); a worker accepts the next step, or the previous one again (a retry after a
+fault downstream: the forward pass overwrites the same cache positions) at most
+``MAX_RETRIES`` times, and rejects anything older.
 Time is an argument (``now``), so expiry is tested without sleeping.
 """
 
@@ -17,6 +21,10 @@ from pymesh.errors import PymeshError
 from pymesh.proto.frames import TensorBlob
 from pymesh.proto.identity import PeerID
 from pymesh.proto.session_wire import ErrorCode, NextHop
+from pymesh.worker.admission import Admission, lapsed, make_room
+
+#: times one step may be retried (the same step pushed again) before it is refused
+MAX_RETRIES = 3
 
 if TYPE_CHECKING:
     from pymesh.model.kv_cache import KVCache
@@ -55,6 +63,16 @@ class Session:
     replayed: int = 0
     copy_every: int = 1            # push recovery copies to the client every N steps
     pending: dict[int, TensorBlob] = field(default_factory=dict)   # step -> output not yet copied to the client
+    prev: PeerID | None = None     # who pushes this hop its steps (None: the client)
+    host: str | None = None        # the client's address, when the transport knows it
+    stepped: bool = False          # received a step (a reservation that never does lapses)
+    retries: int = 0               # retries of the last step so far
+    waiting: set[int] = field(default_factory=set)   # future steps waiting for their predecessor
+
+    @property
+    def sender(self) -> PeerID:
+        """The one peer allowed to push this session's steps."""
+        return self.prev if self.prev is not None else self.client
 
     @property
     def reserved(self) -> int:
@@ -65,9 +83,12 @@ class Session:
 class SessionTable:
     budget_tokens: int
     idle_timeout: float
+    lapse: float = 30.0            # seconds a reservation may wait for its first step
+    share: float = 0.5             # of the budget, beyond which a peer's idle sessions can be evicted
     sessions: dict[bytes, Session] = field(default_factory=dict)
     expired: int = 0
     refused: int = 0
+    evicted: int = 0
 
     @property
     def used_tokens(self) -> int:
@@ -85,6 +106,8 @@ class SessionTable:
         batch: int,
         next_hop: NextHop | None,
         now: float,
+        *,
+        host: str | None = None,
     ) -> Session:
         if not 1 <= len(sid) <= 64:
             raise SessionError(ErrorCode.BAD_REQUEST, "session id must be 1..64 bytes")
@@ -95,10 +118,15 @@ class SessionTable:
             if existing.client != client:
                 raise SessionError(ErrorCode.BAD_REQUEST, "session id already in use by another client")
             # Re-opening (e.g. after a client-side retry): keep the cache, update the route.
+            # It does not count as use: a reservation that never got a step still lapses.
             existing.next_hop = next_hop
-            existing.last_used = now
             return existing
         need = max_tokens * batch
+        if need > self.free_tokens:
+            self._drop(lapsed(self.sessions.values(), now, self.lapse))
+        if need > self.free_tokens:
+            ask = Admission(client, host, need)
+            self._drop(make_room(self.sessions.values(), ask, self.budget_tokens, self.share, now))
         if need > self.free_tokens:
             self.refused += 1
             raise SessionError(
@@ -106,9 +134,14 @@ class SessionTable:
                 f"session needs {need} cache tokens but only {self.free_tokens} of {self.budget_tokens} "
                 "are free on this worker; use another worker or a shorter max_tokens",
             )
-        s = Session(sid, client, max_tokens, batch, next_hop, opened=now, last_used=now)
+        s = Session(sid, client, max_tokens, batch, next_hop, opened=now, last_used=now, host=host)
         self.sessions[sid] = s
         return s
+
+    def _drop(self, victims: list[Session]) -> None:
+        for v in victims:
+            del self.sessions[v.sid]
+        self.evicted += len(victims)
 
     def get(self, sid: bytes, now: float | None = None) -> Session:
         s = self.sessions.get(sid)
@@ -125,11 +158,13 @@ class SessionTable:
         return self.sessions.pop(sid, None) is not None
 
     def expire(self, now: float) -> list[bytes]:
-        """Drop sessions idle for longer than ``idle_timeout``; returns their ids."""
+        """Drop sessions idle for longer than ``idle_timeout`` and reservations that got no step
+        within ``lapse``; returns their ids."""
+        unused = {s.sid for s in lapsed(self.sessions.values(), now, self.lapse)}
         gone = [
             sid
             for sid, s in self.sessions.items()
-            if not s.busy and now - s.last_used > self.idle_timeout
+            if not s.busy and (now - s.last_used > self.idle_timeout or sid in unused)
         ]
         for sid in gone:
             del self.sessions[sid]
@@ -164,6 +199,11 @@ def check_step(s: Session, step: int, start_pos: int, seq: int) -> str:
                 f"retry of step {step} at position {start_pos} (x{seq}) does not match the original "
                 f"(position {s.last_pos}, x{s.last_seq})",
             )
+        if s.retries >= MAX_RETRIES:
+            raise SessionError(
+                ErrorCode.BAD_REQUEST,
+                f"step {step} was already retried {s.retries} times; reopen the session and replay it",
+            )
         kind = "retry"
     elif step > s.next_step:
         return "future"
@@ -182,8 +222,12 @@ def check_step(s: Session, step: int, start_pos: int, seq: int) -> str:
 
 def advance(s: Session, step: int, start_pos: int, seq: int) -> None:
     """Record that ``step`` was computed (after :func:`check_step` said next or retry)."""
+    s.stepped = True
     if step == s.next_step:
+        s.retries = 0
         s.next_step += 1
         s.length = start_pos + seq
         s.last_pos = start_pos
         s.last_seq = seq
+    else:
+        s.retries += 1

@@ -40,7 +40,9 @@ def test_records_that_do_not_vouch_for_the_hop_are_not_used() -> None:
     assert address_from_record(_rec(ALICE, 3, 6), hop, both) is None             # does not cover the span
     assert address_from_record(_rec(ALICE, 2, 6, state="offline"), hop, both) is None
     assert address_from_record(_rec(ALICE, 2, 6, transports=("tcp",)), hop, (Transport.QUIC,)) is None
-    assert address_from_record(_rec(ALICE, 0, 8), hop, both) is not None         # a wider span serves it
+    assert address_from_record(_rec(ALICE, 2, 8), hop, both) is not None         # a longer span serves it
+    assert address_from_record(_rec(ALICE, 0, 8), hop, both) is None             # one starting earlier does not
+    assert address_from_record(_rec(ALICE, 2, 6), hop, both, "other-model") is None   # another model's record
 
 
 def test_directory_caches_and_rereads_once_on_a_miss() -> None:

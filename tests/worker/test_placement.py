@@ -63,3 +63,24 @@ def test_blocks_that_fit() -> None:
     assert blocks_that_fit(100 * per, per, 0, 0, 30) == 30
     assert blocks_that_fit(100 * per, per, 0, 0, 30, max_blocks=15) == 15
     assert blocks_that_fit(0, per, 0, 0, 30) == 1
+
+
+def test_leaving_blocks_only_this_worker_serves_is_never_a_move() -> None:
+    # We alone serve 0-4 (another worker has 5-9); moving to 10-19 closes 10 blocks of the
+    # 20-block gap but opens a new one at 0-4: stay (the gap is someone else's to close).
+    d = should_move(30, Announced(0, 10, 1.0), [Announced(5, 10, 1.0)])
+    assert not d.move and "only this worker" in d.reason
+
+
+def test_fake_gaps_that_come_and_go_never_move_a_worker() -> None:
+    from pymesh.worker.placement import MoveDecision, MoveGuard
+
+    guard = MoveGuard()
+    flapping = [MoveDecision(True, 10, "gap"), MoveDecision(True, 20, "gap"), MoveDecision(False, 0, "fine")]
+    moves = sum(guard.admit(flapping[i % 3]) for i in range(30))
+    assert moves == 0
+    # A gap that persists moves the worker once, then not again within the cooldown.
+    persistent = MoveDecision(True, 10, "gap")
+    admitted = [guard.admit(persistent) for _ in range(10)]
+    assert admitted[:2] == [False, True] and sum(admitted) <= 3
+    assert admitted[2:6] == [False] * 4

@@ -114,7 +114,7 @@ def test_steps_flow_worker_to_worker_in_order() -> None:
             with pytest.raises(RemoteError) as info:
                 await c2.call(wire.OPEN, {"sid": sid, "max_tokens": 64})
             assert info.value.code == "refused"
-            await c2.call(wire.OPEN, {"sid": sid, "max_tokens": 40})
+            await c2.call(wire.OPEN, {"sid": sid, "max_tokens": 40, "prev": n1.peer_id.key})
             # The hint names another address: the worker dials what the directory says.
             nxt = NextHop(n2.peer_id, 2, 4, AddrHint("10.9.9.9", 1, Transport.TCP))
             await c1.call(wire.OPEN, wire.Open(sid, 40, next_hop=nxt).to_meta())

@@ -1,0 +1,258 @@
+"""A worker's data path: pushed steps in, the span computed, the output pushed on.
+
+One step of a session arrives as a ``pm.step`` push (from the client at the first hop,
+from the previous worker after that). The worker checks who sent it (only the session's
+bound previous hop, or its client when it has none), the step order and the queues, runs
+its span in the compute thread, pushes the output straight to the next worker of the
+session's route, then pushes a copy to the client (``pm.out``): the last hop's copy is
+the result, the others are what the client keeps to replay a span after a fault.
+Failures go back as ``pm.err`` pushes naming the peer to blame; a step that cannot be
+delivered to the next worker is reported to the client at once as a link failure
+(``next_unreachable``, ``link=True``), never dropped silently.
+
+Everything a peer can make this worker hold is bounded: steps in flight per sender and
+per node (``MAX_INFLIGHT_PER_PEER``, ``MAX_INFLIGHT``), future steps waiting for their
+predecessor per session (``MAX_WAITING``, each holding its one tensor), and retries of a
+step (``sessions.MAX_RETRIES``), so no route, even a loop, computes without end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Protocol
+
+import trio
+
+from pymesh.errors import ConnectionClosed, IdentityError, PeerUnavailable, PymeshError
+from pymesh.net.clock import Clock
+from pymesh.net.rpc import Connection, Meta
+from pymesh.proto import session_wire as sw
+from pymesh.proto.frames import TensorBlob
+from pymesh.proto.identity import PeerID
+from pymesh.proto.session_wire import BadRequest, ErrorCode
+from pymesh.proto.vocab import Transport
+from pymesh.settings import WorkerSettings
+from pymesh.worker.directory import PeerFilter
+from pymesh.worker.runtime import Runtime
+from pymesh.worker.sessions import Session, SessionError, SessionTable, advance, check_step
+
+log = logging.getLogger(__name__)
+
+#: future steps of one session that may wait for their predecessor at once
+MAX_WAITING = 4
+#: step pushes being processed at once, per sending peer and for the whole node
+MAX_INFLIGHT_PER_PEER = 16
+MAX_INFLIGHT = 256
+
+#: errors of dialling or pushing to the next hop: it is unreachable (or not who its record says)
+HOP_ERRORS = (PeerUnavailable, ConnectionClosed, IdentityError, trio.TooSlowError, OSError)
+#: a push back to the client failed: it went away, or this node already closed its connection
+GONE = (PeerUnavailable, ConnectionClosed)
+
+
+class Dial(Protocol):
+    async def __call__(self, transport: Transport, host: str, port: int, peer: PeerID) -> Connection:
+        """An authenticated connection to ``peer`` (pinned key) at ``host:port``."""
+        ...
+
+
+class DataPath:
+    """Step processing of :class:`pymesh.worker.service.WorkerService` (its base class)."""
+
+    def __init__(self, runtime: Runtime, table: SessionTable, *, peer: PeerID, dial: Dial,
+                 hidden_size: int | None, settings: WorkerSettings, clock: Clock,
+                 allow_peers: PeerFilter | None) -> None:
+        self.runtime = runtime
+        self.table = table
+        self.peer = peer
+        self._dial = dial
+        self.hidden_size = hidden_size
+        self.settings = settings
+        self.clock = clock
+        self.allow_peers = allow_peers
+        self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0,
+                         "compute_us": 0, "rejected": 0}
+        self._nursery: trio.Nursery | None = None
+        self._progress: dict[bytes, trio.Event] = {}
+        self._inflight: Counter[PeerID] = Counter()
+
+    def allowed(self, peer: PeerID) -> bool:
+        return self.allow_peers is None or self.allow_peers.allows(peer)
+
+    async def compute(self, s: Session, req: sw.StepRef, tensors: list[TensorBlob]) -> TensorBlob:
+        from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
+
+        sw.check_tensor_count(tensors, 1, "a step")
+        seq = sw.check_hidden_shape(tuple(tensors[0].shape), self.hidden_size, s.max_tokens, s.batch)
+        if check_step(s, req.step, req.pos, seq) == "future":
+            await self._wait_for_predecessor(s, req, seq)
+        x = blob_to_tensor(tensors[0])
+        rt = self.runtime
+        s.busy = True
+        t0 = time.perf_counter()
+        try:
+            y = await rt.run(lambda: rt.forward(x, s.cache, req.pos))
+        finally:
+            self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
+            s.busy = False
+            s.last_used = self.clock.monotonic()
+        advance(s, req.step, req.pos, seq)
+        self.counters["steps"] += 1
+        event = self._progress.pop(s.sid, None)
+        if event is not None:
+            event.set()
+        return tensor_to_blob(y)
+
+    async def _wait_for_predecessor(self, s: Session, req: sw.StepRef, seq: int) -> None:
+        """Hold a step that arrived early (with its one tensor) until the ones before it are done."""
+        if req.step in s.waiting:
+            raise SessionError(ErrorCode.BAD_REQUEST, f"step {req.step} is already waiting for step {s.next_step}")
+        if len(s.waiting) >= MAX_WAITING or req.step >= s.next_step + MAX_WAITING + 1:
+            raise SessionError(ErrorCode.BAD_REQUEST,
+                               f"step {req.step} is too far ahead: the session is at step {s.next_step} and "
+                               f"at most {MAX_WAITING} later steps may wait; send steps in order")
+        s.waiting.add(req.step)
+        try:
+            with trio.move_on_after(self.settings.step_wait):
+                while check_step(s, req.step, req.pos, seq) == "future":
+                    await self._progress.setdefault(s.sid, trio.Event()).wait()
+        finally:
+            s.waiting.discard(req.step)
+        if check_step(s, req.step, req.pos, seq) == "future":
+            raise SessionError(ErrorCode.BAD_REQUEST, f"step {req.step} arrived but step {s.next_step} never did")
+
+    async def on_step(self, conn: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
+        if self._nursery is None:
+            return
+        sender = conn.peer
+        if self._inflight[sender] >= MAX_INFLIGHT_PER_PEER or sum(self._inflight.values()) >= MAX_INFLIGHT:
+            sid, step = best_effort_ids(meta)
+            self.counters["rejected"] += 1
+            await self.report(conn, sid, step, ErrorCode.BUSY,
+                              "too many steps in flight from you on this worker; wait for the results", None)
+            return
+        self._inflight[sender] += 1
+        self._nursery.start_soon(self._process_step, conn, meta, tensors)
+
+    async def _process_step(self, conn: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
+        try:
+            await self._process_step_inner(conn, meta, tensors)
+        finally:
+            self._inflight[conn.peer] -= 1
+            if self._inflight[conn.peer] <= 0:
+                del self._inflight[conn.peer]
+
+    def _accept_sender(self, conn: Connection, meta: Meta) -> Session:
+        """The session a step is for, if ``conn``'s peer may push its steps (raises otherwise:
+        the caller answers the sender only, so a stranger cannot make the client ban anyone)."""
+        if not self.allowed(conn.peer):
+            raise BadRequest("this worker accepts steps only from the peers on its allowlist")
+        req = sw.Step.from_meta_untrusted(meta)
+        s = self.table.get(req.sid)
+        if conn.peer != s.sender:
+            raise BadRequest("this session accepts steps only from its bound previous hop "
+                             "(or its client at the first hop); reopen or relink it naming you as prev")
+        s.last_used = self.clock.monotonic()
+        return s
+
+    async def _process_step_inner(self, conn: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
+        sid, step = best_effort_ids(meta)
+        try:
+            s = self._accept_sender(conn, meta)
+        except PymeshError as exc:
+            self.counters["rejected"] += 1
+            code = exc.code if isinstance(exc, SessionError) else ErrorCode.BAD_REQUEST
+            log.info("step %d of session %s from %s refused: %s", step, sid.hex()[:8], conn.peer.short(), exc)
+            await self.report(conn, sid, step, code, str(exc), blame=None)
+            return
+        try:
+            req = sw.Step.from_meta_untrusted(meta)
+            if conn.peer == s.client:
+                s.from_client += 1
+                self.counters["from_client"] += 1
+            else:
+                s.from_peer += 1
+                self.counters["from_peer"] += 1
+            out = await self.compute(s, req, tensors)
+        except PymeshError as exc:  # SessionError, BadRequest and the rest
+            code = exc.code if isinstance(exc, SessionError) else ErrorCode.BAD_REQUEST
+            self.counters["errors"] += 1
+            log.warning("step %d of session %s failed: %s", step, sid.hex()[:8], exc)
+            await self.report(s.client_conn or conn, sid, step, code, str(exc), blame=None)
+            return
+        if s.next_addr is not None and not await self._push_on(s, req, out):
+            return
+        await self._copy_to_client(s, step, out)
+
+    async def _push_on(self, s: Session, req: sw.Step, out: TensorBlob) -> bool:
+        """Push the output to the next worker; a failure is reported to the client at once."""
+        addr = s.next_addr
+        assert addr is not None
+        if not self.allowed(addr.peer):
+            await self.report(s.client_conn, s.sid, req.step, ErrorCode.NEXT_UNKNOWN,
+                              f"next worker {addr.peer.short()} is not on this worker's allowlist", blame=addr.peer)
+            return False
+        try:
+            with trio.fail_after(self.settings.next_hop_timeout):
+                nconn = await self._dial(addr.transport, addr.host, addr.port, addr.peer)
+                await nconn.push(sw.STEP, req.to_meta(), [out])
+        except HOP_ERRORS as exc:
+            log.warning("cannot push step %d to next worker %s: %s", req.step, addr.describe(), exc)
+            await self.report(s.client_conn, s.sid, req.step, ErrorCode.NEXT_UNREACHABLE,
+                              f"the link to next worker {addr.peer.short()} failed ({type(exc).__name__}); "
+                              "check the link or relink the session", blame=addr.peer, link=True)
+            return False
+        return True
+
+    async def _copy_to_client(self, s: Session, step: int, out: TensorBlob) -> None:
+        # The result (last hop) goes to the client at once; other hops batch their recovery
+        # copies (the client fetches the unsent ones with pm.flush when it needs them).
+        final = s.next_addr is None
+        if not final:
+            s.pending[step] = out
+            if len(s.pending) < s.copy_every:
+                return
+        steps = [step] if final else sorted(s.pending)
+        outs = [out] if final else [s.pending.pop(k) for k in steps]
+        if s.client_conn is not None:
+            msg = sw.Out(s.sid, step, tuple(steps), final, self.runtime.start, self.runtime.stop)
+            try:
+                await s.client_conn.push(sw.OUT, msg.to_meta(), outs)
+            except GONE:
+                log.info("client of session %s is gone; closing it", s.sid.hex()[:8])
+                self.table.close(s.sid)
+
+    async def report(self, conn: Connection | None, sid: bytes, step: int, code: ErrorCode, msg: str,
+                     blame: PeerID | None, *, link: bool = False) -> None:
+        if conn is None or conn.closed:
+            return
+        err = sw.Err(sid, step, code, msg[:500], self.runtime.start, self.runtime.stop, blame, link)
+        try:
+            await conn.push(sw.ERR, err.to_meta(), [])
+        except GONE:
+            pass
+
+    async def on_relayed_error(self, conn: Connection, meta: Meta, tensors: list[TensorBlob]) -> None:
+        """The next worker rejected a step we pushed: tell our session's client, blaming it
+        (the sender: it cannot blame anyone else through us)."""
+        try:
+            err = sw.Err.from_meta_untrusted(meta)
+            s = self.table.get(err.sid)
+        except (SessionError, BadRequest):
+            return
+        if s.next_addr is None or s.next_addr.peer != conn.peer:
+            return  # only the session's own next hop may report against it
+        await self.report(s.client_conn, err.sid, err.step, err.code,
+                          f"next worker {conn.peer.short()} rejected the step: {err.msg}", blame=conn.peer)
+
+
+def best_effort_ids(meta: Meta) -> tuple[bytes, int]:
+    """The session id and step of a (maybe malformed) step push, for its error report."""
+    sid, step = meta.get("sid"), meta.get("step")
+    if not isinstance(sid, bytes) or len(sid) > sw.MAX_SID_BYTES:
+        sid = b""
+    if not isinstance(step, int) or isinstance(step, bool) or not -1 <= step <= sw.MAX_STEP:
+        step = -1
+    return sid, step
