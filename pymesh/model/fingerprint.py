@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from pymesh.errors import ConfigError
+from pymesh.proto.records import MAX_MODEL_NAME, sanitize_model_name
 from pymesh.model.weights import INDEX_FILE, SINGLE_FILE, read_safetensors_header, weight_files
 
 FINGERPRINT_CHARS = 12
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(model_dir: str | Path) -> str:
@@ -51,9 +55,23 @@ def fingerprint(model_dir: str | Path) -> str:
 
 
 def model_id(model_dir: str | Path, name: str | None = None) -> str:
-    """``<name>@<fingerprint>``; ``name`` defaults to the folder's name."""
+    """``<name>@<fingerprint>``. ``name`` (``--model-name``) must already be a valid model name
+    (letters, digits, ``.``, ``-``, ``_``, ``:``); without it the folder's name is used,
+    sanitised (:func:`pymesh.proto.records.sanitize_model_name`), with a log line when that
+    changed it: a folder name is whatever the download tool chose, and records carry it to
+    every monitor and log in the swarm."""
     root = Path(model_dir)
-    label = name or root.resolve().name
-    if not label or "@" in label:
-        raise ConfigError(f"model name {label!r} must be non-empty and contain no '@'")
+    if name is not None:
+        if sanitize_model_name(name) != name or len(name) > MAX_MODEL_NAME:
+            raise ConfigError(
+                f"model name {name!r} must contain no '@' and only ASCII letters, digits, '.', '-', '_' "
+                f"and ':' (at most {MAX_MODEL_NAME} characters); e.g. {sanitize_model_name(name)!r}"
+            )
+        label = name
+    else:
+        folder = root.resolve().name
+        label = sanitize_model_name(folder)
+        if label != folder:
+            log.info("model folder name %r is not a valid model name; the swarm will see it as %r "
+                     "(use --model-name to choose another)", folder, label)
     return f"{label}@{fingerprint(root)}"

@@ -20,14 +20,14 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from pymesh.errors import DecodeError
 from pymesh.monitor.text import printable
+from pymesh.proto.records import MAX_BLOCKS
 from pymesh.proto.vocab import WorkerState
 
 #: How many events the state keeps (the view shows the newest few).
 MAX_EVENTS = 200
-#: No model has more blocks than this (the largest open models have ~130): a record whose
-#: span ends beyond it, or beyond a block count given with ``--blocks``, is not a worker
-#: of any real model and is ignored, so one record cannot make a million-cell coverage map.
-MAX_BLOCKS = 1024
+#: MAX_BLOCKS (from proto.records, which rejects records past it): a record whose span
+#: ends beyond it, or beyond a block count given with ``--blocks``, is not a worker of any
+#: real model and is ignored, so one record cannot make a million-cell coverage map.
 #: Cut lengths for the text fields a record's signer chooses (see pymesh.monitor.text).
 MAX_MODEL_ID_SHOWN = 120
 MAX_HOST_SHOWN = 64

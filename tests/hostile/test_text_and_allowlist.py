@@ -16,6 +16,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,6 +161,24 @@ def test_monitor_shows_and_pings_only_listed_signers() -> None:
     assert [w.peer for w in state.workers] == [listed.to_text()] and state.ignored == 1
     assert pinged == [9100], "the monitor dialled a host that an unlisted signer named"
     assert stranger.to_text()[:10] not in text_of(state)
+
+
+def test_a_default_model_name_from_a_hostile_folder_is_sanitised(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from pymesh.errors import ConfigError
+    from pymesh.model.fingerprint import model_id
+    from pymesh.proto.records import is_valid_model_id
+    from tests.model.tiny import make_tiny_model
+
+    tiny = make_tiny_model(tmp_path)
+    hostile = tmp_path / "evil[b]\x1b]0;t\x07 model@x"
+    tiny.rename(hostile)
+    with caplog.at_level(logging.INFO, logger="pymesh.model.fingerprint"):
+        mid = model_id(hostile)
+    assert is_valid_model_id(mid) and mid.startswith("evil-b-0-t-model-x@")
+    assert "not a valid model name" in caplog.text
+    with pytest.raises(ConfigError, match="only ASCII letters"):
+        model_id(hostile, "bad name[/]")
 
 
 # ---- measurement: python -m tests.hostile.test_text_and_allowlist ---------------------------------
