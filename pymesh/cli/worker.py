@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pymesh.cli.common import check_device, with_flags
+from pymesh.cli.common import add_allow_peers_argument, allow_peers_of, check_device, with_flags
 from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
 from pymesh.proto.vocab import Transport
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="without --layers: serve at most this many blocks (also $PYMESH_MAX_BLOCKS)")
     parser.add_argument("--num-layers", type=int, default=None,
                         help="echo mode without --layers: how many layers the echoed model has")
+    add_allow_peers_argument(parser, "serve only listed clients and push only to listed workers")
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         announce_addr=args.announce_addr, transport=args.transport, cache_tokens=args.cache_tokens,
         identity=args.identity, threads=threads, max_blocks=args.max_blocks,
         num_layers=args.num_layers, progress=not args.quiet, settings=settings,
+        allow_peers=allow_peers_of(args),
     )
     try:
         trio.run(run_worker, opts)
