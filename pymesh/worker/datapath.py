@@ -8,7 +8,11 @@ session's route, then pushes a copy to the client (``pm.out``): the last hop's c
 the result, the others are what the client keeps to replay a span after a fault.
 Failures go back as ``pm.err`` pushes naming the peer to blame; a step that cannot be
 delivered to the next worker is reported to the client at once as a link failure
-(``next_unreachable``, ``link=True``), never dropped silently.
+(``next_unreachable``, ``link=True``), never dropped silently. A push only hands bytes to
+the transport, so when the connection it went over ends within ``LINK_WATCH`` seconds (a
+TCP reset, a QUIC stateless reset: the next worker's process is gone), the steps pushed in
+that window are reported as link failures too; a client that already has such a step's
+result ignores the report.
 
 Everything a peer can make this worker hold is bounded: steps in flight per sender and
 per node (``MAX_INFLIGHT_PER_PEER``, ``MAX_INFLIGHT``), future steps waiting for their
@@ -46,6 +50,9 @@ MAX_WAITING = 4
 MAX_INFLIGHT_PER_PEER = 16
 MAX_INFLIGHT = 256
 
+#: seconds after a push during which the connection's end means the step may be lost
+LINK_WATCH = 5.0
+
 #: errors of dialling or pushing to the next hop: it is unreachable (or not who its record says)
 HOP_ERRORS = (PeerUnavailable, ConnectionClosed, IdentityError, trio.TooSlowError, OSError)
 #: a push back to the client failed: it went away, or this node already closed its connection
@@ -77,6 +84,7 @@ class DataPath:
         self._nursery: trio.Nursery | None = None
         self._progress: dict[bytes, trio.Event] = {}
         self._inflight: Counter[PeerID] = Counter()
+        self._pushed: dict[Connection, dict[bytes, tuple[int, float]]] = {}   # conn -> sid -> (step, when)
 
     def allowed(self, peer: PeerID) -> bool:
         return self.allow_peers is None or self.allow_peers.allows(peer)
@@ -198,13 +206,45 @@ class DataPath:
             with trio.fail_after(self.settings.next_hop_timeout):
                 nconn = await self._dial(addr.transport, addr.host, addr.port, addr.peer)
                 await nconn.push(sw.STEP, req.to_meta(), [out])
+                self._watch(nconn, s.sid, req.step)
         except HOP_ERRORS as exc:
             log.warning("cannot push step %d to next worker %s: %s", req.step, addr.describe(), exc)
             await self.report(s.client_conn, s.sid, req.step, ErrorCode.NEXT_UNREACHABLE,
-                              f"the link to next worker {addr.peer.short()} failed ({type(exc).__name__}); "
-                              "check the link or relink the session", blame=addr.peer, link=True)
+                              f"the link to next worker {addr.peer.short()} failed; check the link or relink "
+                              "the session", blame=addr.peer, link=True)
             return False
         return True
+
+    def _watch(self, conn: Connection, sid: bytes, step: int) -> None:
+        recent = self._pushed.get(conn)
+        if recent is None:
+            recent = self._pushed[conn] = {}
+            if self._nursery is not None:
+                self._nursery.start_soon(self._watch_link, conn)
+        recent[sid] = (step, self.clock.monotonic())
+
+    async def _watch_link(self, conn: Connection) -> None:
+        """Report the steps pushed over ``conn`` shortly before it ended (they may be lost)."""
+        try:
+            while not conn.closed:
+                await trio.sleep(0.25)
+                now = self.clock.monotonic()
+                recent = self._pushed.get(conn, {})
+                for sid in [k for k, (_, t) in recent.items() if now - t > LINK_WATCH]:
+                    del recent[sid]
+            now = self.clock.monotonic()
+            for sid, (step, t) in self._pushed.get(conn, {}).items():
+                s = self.table.sessions.get(sid)
+                if s is None or now - t > LINK_WATCH or conn.closed_locally:
+                    continue
+                log.warning("link to %s ended %.1f s after step %d of session %s was pushed; reporting it",
+                            conn.peer.short(), now - t, step, sid.hex()[:8])
+                await self.report(s.client_conn, sid, step, ErrorCode.NEXT_UNREACHABLE,
+                                  f"the link to next worker {conn.peer.short()} ended right after step {step} "
+                                  "was pushed; it may be lost: check the link or relink the session",
+                                  blame=conn.peer, link=True)
+        finally:
+            self._pushed.pop(conn, None)
 
     async def _copy_to_client(self, s: Session, step: int, out: TensorBlob) -> None:
         # The result (last hop) goes to the client at once; other hops batch their recovery

@@ -228,8 +228,9 @@ class WorkerService(DataPath):
                 reply, _ = await conn.call(sw.INFO, sw.Info().to_meta(), timeout=timeout)
             info = sw.InfoReply.from_meta_untrusted(reply)
         except _LINK_ERRORS as exc:
+            log.info("link check of session %s: next worker %s: %s", s.sid.hex()[:8], addr.describe(), exc)
             return sw.CheckLinkReply(False, f"next worker {addr.peer.short()} did not answer over this "
-                                            f"worker's link ({type(exc).__name__})").to_meta(), []
+                                            "worker's link").to_meta(), []
         if info.peer != addr.peer or info.stop <= self.runtime.stop or info.start != self.runtime.stop:
             return sw.CheckLinkReply(False, f"next worker {addr.peer.short()} answered but no longer serves "
                                             f"blocks from {self.runtime.stop}").to_meta(), []
