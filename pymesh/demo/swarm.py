@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from pymesh.demo.observer import Observer
 from pymesh.demo.procs import Child, DemoError, Supervisor, free_port, pymesh_argv
+from pymesh.proto.allowlist import PeerAllowlist, allowed
 from pymesh.proto.identity import Identity, PeerID
 from pymesh.proto.records import WorkerRecord
 from pymesh.proto.vocab import Transport, WorkerState
@@ -83,6 +84,9 @@ class LocalSwarm:
         self.bootstrap_peer: PeerID | None = None
         self.workers: list[WorkerProc] = []
         self._observer: Observer | None = None
+        #: set by :meth:`make_private`: workers get ``--allow-peers``, records of others are ignored
+        self.allow_peers: PeerAllowlist | None = None
+        self.allow_file: Path | None = None
 
     def __enter__(self) -> "LocalSwarm":
         return self
@@ -100,10 +104,28 @@ class LocalSwarm:
 
     # ---- starting ---------------------------------------------------------------------
     def _identity(self, name: str) -> tuple[Path, PeerID]:
+        """The key of node ``name``: made here on first use (kept for a restart, or made
+        ahead of time by :meth:`make_private`)."""
         path = self.workdir / f"{name}.key"
-        ident = Identity.generate()
-        ident.save(path)
+        ident = Identity.load(path) if path.exists() else Identity.generate()
+        if not path.exists():
+            ident.save(path, exist_ok=False)
         return path, ident.peer_id
+
+    def identity(self, name: str) -> Identity:
+        """The identity of node ``name`` (e.g. the in-process client of a private swarm)."""
+        return Identity.load(self._identity(name)[0])
+
+    def make_private(self, names: Sequence[str], extra: PeerAllowlist | None = None) -> PeerAllowlist:
+        """A private swarm: keys for ``names`` (workers ``worker0``..., the ``client``) are made
+        now and, with the peers of ``extra``, listed in ``allow-peers.txt``, which every worker
+        started afterwards gets as ``--allow-peers``; :meth:`records` ignores other signers."""
+        peers = [self._identity(n)[1] for n in names]
+        allow = PeerAllowlist.of([*peers, *(extra or ())])
+        self.allow_file = self.workdir / "allow-peers.txt"
+        self.allow_file.write_text("".join(f"{p}\n" for p in allow), encoding="utf-8")
+        self.allow_peers = allow
+        return allow
 
     @property
     def bootstrap_addr(self) -> str:
@@ -148,6 +170,8 @@ class LocalSwarm:
             argv += ["--model-name", model_name]
         if layers is not None:
             argv += ["--layers", f"{layers[0]}-{layers[1]}"]
+        if self.allow_file is not None:
+            argv += ["--allow-peers", str(self.allow_file)]
         argv += list(extra_args)
         child = self.sup.spawn(name, pymesh_argv(*argv))
         proc = WorkerProc(name, peer, port, child, layers)
@@ -173,7 +197,10 @@ class LocalSwarm:
 
     def records(self, timeout: float = 10.0) -> list[WorkerRecord]:
         """Every worker record in the DHT right now (empty if the lookup timed out)."""
-        return self.observer().list_records(timeout) or []
+        return self._listed(self.observer().list_records(timeout) or [])
+
+    def _listed(self, records: list[WorkerRecord]) -> list[WorkerRecord]:
+        return [r for r in records if allowed(self.allow_peers, r.peer_id)]
 
     def wait_until(
         self,
@@ -192,7 +219,7 @@ class LocalSwarm:
             self.sup.check_alive()
             got = self.observer().list_records(min(poll_timeout, max(0.1, deadline - time.monotonic())))
             if got is not None:
-                records = got
+                records = self._listed(got)
             if on_poll is not None:
                 on_poll(records)
             if done(records):
