@@ -75,3 +75,24 @@ def test_a_long_conversation_fits_the_budget() -> None:
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 200} for i in range(200)]
     out = render_chat("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}", msgs)
     assert len(out) > 200_000 and len(out) < MAX_CHAT_CHARS
+
+
+# ---- measurement: python -m tests.model.test_chat_bounds -------------------------------------------
+def measure() -> list[tuple[str, str, str]]:
+    """(template, outcome, seconds until it stopped) for each runaway template on this tree.
+    Do not run it on the tree before the fix: those templates run for hours or take 10+ GB."""
+    rows = []
+    for name, src in RUNAWAY.items():
+        t0 = time.monotonic()
+        try:
+            render_chat(src, MSGS)
+            outcome = "rendered (not stopped)"
+        except ChatTemplateLimit as exc:
+            outcome = f"stopped: {str(exc)[:60]}..."
+        rows.append((name, outcome, f"{time.monotonic() - t0:.3f} s"))
+    return rows
+
+
+if __name__ == "__main__":
+    for row in measure():
+        print("| " + " | ".join(row) + " |")
