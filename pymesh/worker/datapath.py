@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 #: future steps of one session that may wait for their predecessor at once
 MAX_WAITING = 4
 #: step pushes being processed at once, per sending peer and for the whole node
-MAX_INFLIGHT_PER_PEER = 16
-MAX_INFLIGHT = 256
+MAX_INFLIGHT_PER_PEER = 64         # a previous worker carries the steps of all its sessions
+MAX_INFLIGHT = 512
 
 #: seconds after a push during which the connection's end means the step may be lost
 LINK_WATCH = 5.0
@@ -233,7 +233,7 @@ class DataPath:
                 for sid in [k for k, (_, t) in recent.items() if now - t > LINK_WATCH]:
                     del recent[sid]
             now = self.clock.monotonic()
-            for sid, (step, t) in self._pushed.get(conn, {}).items():
+            for sid, (step, t) in list(self._pushed.get(conn, {}).items()):
                 s = self.table.sessions.get(sid)
                 if s is None or now - t > LINK_WATCH or conn.closed_locally:
                     continue

@@ -140,12 +140,12 @@ class WorkerService(DataPath):
         self._check_prev(req.prev)
         now = self.clock.monotonic()
         old = self.table.sessions.get(req.sid)
-        unstepped_since = None
+        unstepped_since: float | None = None
         if old is not None and req.reset and old.client == ctx.peer:
             unstepped_since = None if old.stepped else old.opened
             self.table.close(req.sid)  # a fresh session under a reused id (the client re-routed back here)
-        prev = self.table.sessions.get(req.sid)
-        route = (prev.next_hop, prev.next_addr, prev.prev) if prev is not None else None
+        existing = self.table.sessions.get(req.sid)
+        route = (existing.next_hop, existing.next_addr, existing.prev) if existing is not None else None
         s = self.table.open(req.sid, ctx.peer, req.max_tokens, req.batch, req.next_hop, now,
                             host=_host(ctx.connection))
         if unstepped_since is not None:
@@ -154,7 +154,7 @@ class WorkerService(DataPath):
         s.copy_every = req.copies
         s.prev = req.prev
         try:
-            if prev is None:
+            if existing is None:
                 s.cache = await rt.run(lambda: rt.new_cache(req.max_tokens, req.batch))
             s.next_addr = await self._connect_next(req.next_hop)
         except BaseException:

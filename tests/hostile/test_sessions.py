@@ -21,7 +21,7 @@ import trio
 
 from pymesh.proto import session_wire as wire
 from pymesh.proto.session_wire import NextHop
-from tests.worker.harness import Directory, MemNet, blob, run, step
+from tests.worker.harness import Directory, MemNet, blob, open_meta, run, set_next_meta, step
 
 pytestmark = pytest.mark.timeout(120)
 SID = b"h" * 16
@@ -32,8 +32,8 @@ async def _two_hops(net: MemNet, directory: Directory) -> tuple[Any, Any, Any, A
     w2 = await net.worker(2, 4, directory)
     client, inbox = await net.client()
     c1, c2 = await net.connect(client, w1.peer), await net.connect(client, w2.peer)
-    await c2.call(wire.OPEN, wire.Open(SID, 64, prev=w1.peer).to_meta())
-    await c1.call(wire.OPEN, wire.Open(SID, 64, next_hop=NextHop(w2.peer, 2, 4)).to_meta())
+    await c2.call(wire.OPEN, open_meta(SID, 64, prev=w1.peer))
+    await c1.call(wire.OPEN, open_meta(SID, 64, next_hop=NextHop(w2.peer, 2, 4)))
     return w1, w2, client, inbox
 
 
@@ -78,12 +78,11 @@ def measure_loop(window: float = 120.0) -> dict[str, int]:
             directory.entries[w1.peer] = (4, 6, directory.entries[w1.peer][2])
             attacker, _ = await net.client()
             a1, a2 = await net.connect(attacker, w1.peer), await net.connect(attacker, w2.peer)
-            await a2.call(wire.OPEN, wire.Open(SID, 64, copies=64, next_hop=NextHop(w1.peer, 4, 6),
-                                               prev=w1.peer).to_meta())
-            await a1.call(wire.OPEN, wire.Open(SID, 64, copies=64, next_hop=NextHop(w2.peer, 2, 4)).to_meta())
+            await a2.call(wire.OPEN, open_meta(SID, 64, copies=64, next_hop=NextHop(w1.peer, 4, 6), prev=w1.peer))
+            await a1.call(wire.OPEN, open_meta(SID, 64, copies=64, next_hop=NextHop(w2.peer, 2, 4)))
             await a1.push(wire.STEP, step(SID, 0, 0), [blob(1.0)])
             await trio.sleep(0.2)               # the step is at w2 now: close the loop behind it
-            await a1.call(wire.SET_NEXT, wire.SetNext(SID, NextHop(w2.peer, 2, 4), prev=w2.peer).to_meta())
+            await a1.call(wire.SET_NEXT, set_next_meta(SID, NextHop(w2.peer, 2, 4), prev=w2.peer))
             await a1.aclose()
             await a2.aclose()
             await trio.sleep(window)
@@ -105,7 +104,7 @@ def measure_future_flood(n: int = 50) -> dict[str, int]:
             w1 = await net.worker(0, 2, directory)
             client, inbox = await net.client()
             c1 = await net.connect(client, w1.peer)
-            await c1.call(wire.OPEN, wire.Open(SID, 512).to_meta())
+            await c1.call(wire.OPEN, open_meta(SID, 512))
             for k in range(1, n + 1):
                 await c1.push(wire.STEP, step(SID, k, k), [blob(1.0)])
             await trio.sleep(1)                 # well before step_wait (10 s)

@@ -163,3 +163,20 @@ def blob(value: float, seq: int = 1) -> Any:
 
 def step(sid: bytes, k: int, pos: int) -> dict[str, object]:
     return wire.Step(sid, k, pos).to_meta()
+
+
+def open_meta(sid: bytes, tokens: int, *, next_hop: NextHop | None = None, prev: PeerID | None = None,
+              copies: int = 1) -> dict[str, object]:
+    """``pm.open`` metadata built by hand (so the benchmark's "before" run, whose ``Open`` has no
+    ``prev``, sends the same bytes)."""
+    meta = wire.Open(sid, tokens, copies=copies, next_hop=next_hop).to_meta()
+    if prev is not None:
+        meta["prev"] = prev.key
+    return meta
+
+
+def set_next_meta(sid: bytes, next_hop: NextHop | None, prev: PeerID | None) -> dict[str, object]:
+    meta = wire.SetNext(sid, next_hop).to_meta()
+    if prev is not None:
+        meta["prev"] = prev.key
+    return meta

@@ -220,7 +220,7 @@ def test_idle_sessions_expire_on_the_injected_clock() -> None:
                             dial=never, resolve_next=never, hidden_size=None, clock=clock)
         async with trio.open_nursery() as nursery:
             await nursery.start(svc.run)
-            svc.table.open(b"e", PeerID(b"c" * 32), 8, 1, None, clock.monotonic())
+            svc.table.open(b"e", PeerID(b"c" * 32), 8, 1, None, clock.monotonic()).stepped = True  # in use
             await trio.sleep(20)
             assert len(svc.table.sessions) == 1
             svc.table.get(b"e", clock.monotonic())        # used: the idle time starts again
