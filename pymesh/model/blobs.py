@@ -52,7 +52,11 @@ def tensor_to_blob(t: torch.Tensor) -> TensorBlob:
 
 def pinned_allocator(nbytes: int) -> memoryview:
     """Receive buffers in pinned (page-locked) host memory, for ``RpcNode.allocator`` on a
-    CUDA host: ``blob_to_tensor(b, "cuda")`` then copies them to the GPU asynchronously."""
+    CUDA host: ``blob_to_tensor(b, "cuda")`` then copies them to the GPU asynchronously.
+
+    Pinned memory is committed at once, so the transport charges each tensor's whole
+    announced size to ``TransportConfig.max_inflight_per_node`` before calling this (the
+    default, no allocator, commits memory only as bytes arrive)."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     return memoryview(host.numpy())  # type: ignore[arg-type]  # the array keeps `host` alive
 

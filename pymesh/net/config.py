@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pymesh.errors import ConfigError
-from pymesh.proto.frames import FrameLimits
+from pymesh.proto.frames import RECV_COMMIT_CHUNK, FrameLimits
 
 #: ALPN protocol name of pymesh over QUIC (and TLS over TCP).
 ALPN = "pymesh/1"
@@ -39,6 +39,12 @@ class TransportConfig:
     connection_send_buffer: int = 16 * 1024 * 1024  # QUIC: the same bound over all streams of a connection
     congestion_control: str = "reno"        # aioquic algorithm name ("reno", "cubic", "pymesh-delay")
     max_concurrent_handlers: int = 256      # calls served at once per connection; more wait
+    # Received payload held at once (pymesh.net.inflight): a frame is admitted against its
+    # connection with the size it announces (larger than this: refused; no room: it waits
+    # for the connection's earlier frames), and charged to the node as its bytes arrive
+    # (no room: it waits; frame_timeout does not count that wait).
+    max_inflight_per_connection: int = 512 * 1024 * 1024
+    max_inflight_per_node: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 1200 <= self.packet_size <= MAX_PACKET_SIZE:
@@ -49,6 +55,12 @@ class TransportConfig:
         for name in ("idle_timeout", "connect_timeout", "frame_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TransportConfig.{name} must be positive, got {getattr(self, name)}")
+        if not RECV_COMMIT_CHUNK <= self.max_inflight_per_connection <= self.max_inflight_per_node:
+            raise ConfigError(
+                f"TransportConfig needs {RECV_COMMIT_CHUNK} <= max_inflight_per_connection "
+                f"({self.max_inflight_per_connection}) <= max_inflight_per_node ({self.max_inflight_per_node}): "
+                "a frame admitted on a connection must be able to fit in the node's budget"
+            )
 
     @property
     def limits(self) -> FrameLimits:

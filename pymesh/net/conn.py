@@ -13,6 +13,7 @@ import trio
 from pymesh.errors import ConnectionClosed, PeerUnavailable, PymeshError
 from pymesh.net.clock import Clock
 from pymesh.net.config import TransportConfig
+from pymesh.net.inflight import ByteBudget, FrameCharge
 from pymesh.proto.frames import Allocator, Frame, FrameType, Meta, TensorBlob, encode_frame_head
 from pymesh.proto.identity import Identity, PeerID
 from pymesh.proto.vocab import RpcErrorCode
@@ -52,7 +53,8 @@ ERR_CLOSING = 0x0
 class ConnectionHost(Protocol):
     """What a connection needs from the node that owns it (``RpcNode`` is one): its
     identity and settings for handshakes, the handlers to dispatch to, where received
-    tensor bytes go, and to be told when the connection opens and ends."""
+    tensor bytes go and the node's in-flight budget, and to be told when the connection
+    opens and ends."""
 
     @property
     def identity(self) -> Identity: ...
@@ -64,7 +66,10 @@ class ConnectionHost(Protocol):
     def protocol_version(self) -> int: ...
 
     @property
-    def allocator(self) -> Allocator: ...
+    def allocator(self) -> Allocator | None: ...
+
+    @property
+    def inflight(self) -> ByteBudget: ...
 
     @property
     def clock(self) -> Clock: ...
@@ -94,6 +99,8 @@ class Connection:
         self.closed_locally = False      # aclose() on this side ended it (not the peer or the network)
         self.clock = node.clock          # keep-alive and frame watchdogs read it
         self._handler_slots = trio.Semaphore(config.max_concurrent_handlers)
+        #: Received payload held on this connection (pymesh.net.inflight).
+        self.inflight = ByteBudget(config.max_inflight_per_connection, "max_inflight_per_connection")
         self._log = logging.LoggerAdapter(log, {"peer": peer.short()})
 
     def __repr__(self) -> str:
@@ -134,6 +141,10 @@ class Connection:
 
     async def _push(self, head: bytes, payloads: list[memoryview]) -> None:
         raise NotImplementedError
+
+    def _charge(self) -> FrameCharge:
+        """The in-flight account of the next frame read on this connection."""
+        return FrameCharge(self.inflight, self.node.inflight, self.clock)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -8,6 +8,11 @@
 The client's certificate is never requested (aioquic cannot), so step 2 is how the
 server learns who dialed it; the nonce makes the signature single-use. The client
 already checked the server's certificate key against the peer ID it dialed.
+
+Both sides read these frames with ``frames.HANDSHAKE_LIMITS`` (a few KiB of metadata, no
+tensors): before the peer proved its key it can make this node hold almost nothing, and
+a frame over the caps is a ``FrameError`` that drops the connection (a dialer reports it
+as ``PeerUnavailable``, like a server that stalls past ``connect_timeout``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from pymesh.net import congestion as _congestion  # noqa: F401  (registers "pyme
 from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
 from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost
-from pymesh.proto.frames import Frame, FrameType, read_frame_untrusted
+from pymesh.net.inflight import FrameCharge
+from pymesh.proto.frames import HANDSHAKE_LIMITS, Frame, FrameError, FrameType, read_frame_untrusted
 from pymesh.net.quic_driver import QStream, QuicDriver, StreamAborted
 from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.tls import certificate_for, check_peer_certificate
@@ -28,6 +29,10 @@ from pymesh.proto.identity import Identity, PeerID
 
 log = logging.getLogger(__name__)
 _ping_ids = itertools.count(1)
+
+#: Unread stream bytes a connection may queue before the peer proved its key (the driver's
+#: ``max_unread`` until then): the handshake needs a few hundred; more closes the connection.
+PREAUTH_MAX_UNREAD = 64 * 1024
 
 
 def quic_configuration(config: TransportConfig, *, is_client: bool, identity: Identity | None) -> QuicConfiguration:
@@ -56,7 +61,8 @@ class QuicRpcConnection(Connection):
         super().__init__(node, peer, config)
         self.driver = driver
         driver.on_terminated = self._on_terminated
-        self._reading: dict[QStream, float] = {}   # streams whose first frame is being read -> since
+        # streams whose first frame is being read -> (since, its in-flight account)
+        self._reading: dict[QStream, tuple[float, FrameCharge]] = {}
 
     def _on_terminated(self, reason: str) -> None:
         if not self.closed:
@@ -100,8 +106,9 @@ class QuicRpcConnection(Connection):
         while not self.closed:
             await trio.sleep(tick)
             now = self.clock.monotonic()
-            for stream, since in list(self._reading.items()):
-                if now - since >= cfg.frame_timeout - tick:
+            for stream, (since, charge) in list(self._reading.items()):
+                stalled = charge.stalled_for(now, since)  # None: waiting for memory, not for the peer
+                if stalled is not None and stalled >= cfg.frame_timeout - tick:
                     self._log.info("peer %s held stream %d open for over frame_timeout=%ss; reset",
                                    self.peer.short(), stream.sid, cfg.frame_timeout)
                     del self._reading[stream]
@@ -123,18 +130,26 @@ class QuicRpcConnection(Connection):
 
     async def _serve_stream_slot(self, stream: QStream) -> None:
         driver = self.driver
+        charge = self._charge()
         try:
-            self._reading[stream] = self.clock.monotonic()
+            self._reading[stream] = (self.clock.monotonic(), charge)
             try:
-                frame = await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator)
+                frame = await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator,
+                                                   budget=charge)
             finally:
                 self._reading.pop(stream, None)
             if frame.type == FrameType.PUSH:
-                await self._serve_push(frame)
+                try:
+                    await self._serve_push(frame)
+                finally:
+                    charge.release()
             elif frame.type == FrameType.CALL and stream.sid & 2 == 0:
                 with trio.CancelScope() as call_scope:
                     stream.on_reset = call_scope.cancel
-                    head, payloads = await self._serve_call(frame)
+                    try:
+                        head, payloads = await self._serve_call(frame)
+                    finally:
+                        charge.release()
                     await driver.send_frame(stream, head, payloads)
             else:
                 raise RemoteProtocolError(f"unexpected {frame.type.name} frame opening stream {stream.sid}")
@@ -144,14 +159,17 @@ class QuicRpcConnection(Connection):
         except PeerUnavailable:
             pass
         finally:
+            charge.release()
             driver.forget(stream)
 
     async def _call(self, head: bytes, payloads: list[memoryview]) -> Frame:
         driver = self.driver
         stream = driver.open_stream()
+        charge = self._charge()
         try:
             await driver.send_frame(stream, head, payloads)
-            return await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator)
+            # The reply's bytes are in flight until returned; then they are the caller's.
+            return await read_frame_untrusted(stream, self.config.limits, alloc=self.node.allocator, budget=charge)
         except StreamAborted as exc:
             if self.closed_locally:
                 raise self._closed_error() from None
@@ -160,6 +178,7 @@ class QuicRpcConnection(Connection):
             driver.abort(stream, ERR_CANCELLED)
             raise
         finally:
+            charge.release()
             driver.forget(stream)
 
     async def _push(self, head: bytes, payloads: list[memoryview]) -> None:
@@ -183,9 +202,9 @@ class QuicRpcConnection(Connection):
 
 def _handshake_io(driver: QuicDriver, stream: QStream, config: TransportConfig
                   ) -> tuple[handshake.ReadFn, handshake.SendFn]:
-    """Frame read/write functions over the handshake stream."""
+    """Frame read/write functions over the handshake stream (handshake caps: no tensors)."""
     async def read() -> Frame:
-        return await read_frame_untrusted(stream, config.limits)
+        return await read_frame_untrusted(stream, HANDSHAKE_LIMITS)
 
     async def send(data: bytes) -> None:
         await driver.send(stream, data, end=False)
@@ -223,6 +242,7 @@ async def _serve_inbound(node: ConnectionHost, driver: QuicDriver) -> None:
 
 async def _serve_inbound_inner(node: ConnectionHost, driver: QuicDriver) -> None:
     cfg = node.config
+    driver.max_unread = PREAUTH_MAX_UNREAD  # until the peer proved its key
     async with trio.open_nursery() as nursery:
         await nursery.start(driver.run)
         try:
@@ -241,6 +261,7 @@ async def _serve_inbound_inner(node: ConnectionHost, driver: QuicDriver) -> None
             return
         # Streams the client opened before authenticating would be a protocol violation;
         # the honest client opens none, so the queue is empty here.
+        driver.max_unread = 2 * cfg.connection_window
         conn = QuicRpcConnection(node, peer, cfg, driver)
         node.adopt(conn)
         await conn.serve()
@@ -252,7 +273,7 @@ async def dial(node: ConnectionHost, endpoint: QuicEndpoint, host: str, port: in
     qc = quic_configuration(cfg, is_client=True, identity=None)
     quic = QuicConnection(configuration=qc)
     driver = QuicDriver(endpoint, quic, is_client=True, send_buffer=cfg.send_buffer,
-                        connection_send_buffer=cfg.connection_send_buffer, max_unread=2 * cfg.connection_window)
+                        connection_send_buffer=cfg.connection_send_buffer, max_unread=PREAUTH_MAX_UNREAD)
     driver.add_cid(quic.host_cid)
     assert endpoint.nursery is not None
     await endpoint.nursery.start(driver.run)
@@ -276,6 +297,7 @@ async def dial(node: ConnectionHost, endpoint: QuicEndpoint, host: str, port: in
             await handshake.client_handshake(node.identity, node.protocol_version, peer_id, read, send)
             await driver.send(stream, b"", end=True)
             driver.forget(stream)
+            driver.max_unread = 2 * cfg.connection_window
     except trio.TooSlowError:
         driver.close(ERR_CLOSING, "connect timeout")
         raise PeerUnavailable(f"connecting to {peer_id.short()} at {host}:{port} over QUIC timed out after "
@@ -284,6 +306,9 @@ async def dial(node: ConnectionHost, endpoint: QuicEndpoint, host: str, port: in
         driver.close(ERR_CLOSING, "closed")
         raise PeerUnavailable(f"QUIC connection to {peer_id.short()} closed during the handshake: "
                               f"{driver.terminated}") from None
+    except FrameError as exc:
+        driver.close(ERR_PROTOCOL, "handshake failed")
+        raise PeerUnavailable(f"{peer_id.short()} at {host}:{port} broke the QUIC handshake: {exc}") from None
     except BaseException:
         driver.close(ERR_PROTOCOL, "handshake failed")
         raise

@@ -28,7 +28,8 @@ from pymesh.net import tcp as tcp_mod
 from pymesh.net.clock import Clock, TrioClock
 from pymesh.net.config import TransportConfig
 from pymesh.net.conn import CallContext, Connection, Handler, PushHandler, RemoteError
-from pymesh.proto.frames import Allocator, Meta, TensorBlob, default_allocator
+from pymesh.net.inflight import ByteBudget
+from pymesh.proto.frames import Allocator, Meta, TensorBlob
 from pymesh.net.quic_endpoint import QuicEndpoint
 from pymesh.net.streams import AnyStream
 from pymesh.net.tls import server_ssl_context
@@ -64,8 +65,11 @@ class RpcNode:
         self.transport = Transport.TCP if transport.startswith("tcp") else Transport.QUIC
         self.config = config
         self.protocol_version: int = pymesh.PROTOCOL_VERSION
-        #: Where received tensor bytes land; a CUDA host sets ``pymesh.model.blobs.pinned_allocator``.
-        self.allocator: Allocator = default_allocator
+        #: Where received tensor bytes land: None (buffers that grow as the bytes arrive), or
+        #: an allocator such as ``pymesh.model.blobs.pinned_allocator`` on a CUDA host.
+        self.allocator: Allocator | None = None
+        #: Received payload held by all connections (``config.max_inflight_per_node``).
+        self.inflight = ByteBudget(config.max_inflight_per_node, "max_inflight_per_node")
         self._handlers: dict[str, Handler] = {}
         self._push_handlers: dict[str, PushHandler] = {}
         self._conns: dict[PeerID, list[Connection]] = {}

@@ -1,7 +1,9 @@
 """RPC over one TCP connection (TLS by default): frames multiplexed by request id.
 
-One reader task per connection reads frames (tensor bytes straight into fresh
-buffers) and dispatches them; writers take a lock per frame so frames never interleave.
+One reader task per connection reads frames (tensor bytes straight into buffers that
+grow as they arrive, charged to the connection's and the node's in-flight budgets until
+the frame is handed over) and dispatches them; writers take a lock per frame so frames
+never interleave.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import handshake
 from pymesh.net.config import TransportConfig
 from pymesh.net.conn import Connection, ConnectionHost
-from pymesh.proto.frames import Frame, FrameType, encode_frame_head, read_frame_untrusted
+from pymesh.net.inflight import FrameCharge
+from pymesh.proto.frames import (
+    HANDSHAKE_LIMITS, Frame, FrameError, FrameType, encode_frame_head, read_frame_untrusted,
+)
 from pymesh.net.streams import AnyStream, BufferedReader, PlainStream, Raw, TlsStream
 from pymesh.net.tls import check_peer_certificate_der, client_ssl_context
 from pymesh.proto.identity import PeerID
@@ -45,7 +50,10 @@ class TcpConnection(Connection):
         self._next_id = 1
         self._nursery: trio.Nursery | None = None
         self._rx_at = self.clock.monotonic()           # when the last complete frame arrived
+        if isinstance(raw, TlsStream):
+            raw.authenticated()
         self._frame_since: float | None = None      # when the frame being read began
+        self._reading = self._charge()              # in-flight account of the frame being read
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -165,7 +173,8 @@ class TcpConnection(Connection):
             await trio.sleep(tick)
             now = self.clock.monotonic()
             if self._frame_since is not None:
-                if now - self._frame_since >= cfg.frame_timeout - tick:
+                stalled = self._reading.stalled_for(now, self._frame_since)  # None: waiting for memory
+                if stalled is not None and stalled >= cfg.frame_timeout - tick:
                     why = f"a frame from the peer did not complete within frame_timeout={cfg.frame_timeout}s"
                     self._log.info("closing connection to %s: %s", self.peer.short(), why)
                     self._fail(why)
@@ -187,25 +196,40 @@ class TcpConnection(Connection):
                     self._fail("the peer closed the connection")
                     return
                 self._frame_since = self.clock.monotonic()
-                frame = await read_frame_untrusted(reader, cfg.limits, alloc=self.node.allocator)
+                charge = self._reading
+                try:
+                    frame = await read_frame_untrusted(reader, cfg.limits, alloc=self.node.allocator, budget=charge)
+                except BaseException:
+                    charge.release()
+                    raise
+                held: FrameCharge | None = None
+                if charge.admitted or charge.grown:  # a frame without payload leaves it unused
+                    held, self._reading = charge, self._charge()
                 self._frame_since = None
                 self._rx_at = self.clock.monotonic()
-                if frame.type in (FrameType.CALL, FrameType.PUSH):
-                    # Backpressure: with every handler slot busy, stop reading; TCP's window
-                    # then stalls the peer. (Replies queued behind wait too, so handlers must
-                    # not all wait on calls back over this same connection.)
-                    try:
-                        self._handler_slots.acquire_nowait()
-                    except trio.WouldBlock:
-                        await self._handler_slots.acquire()
-                self._dispatch(frame)
+                try:
+                    if frame.type in (FrameType.CALL, FrameType.PUSH):
+                        # Backpressure: with every handler slot busy (or, above, no room in
+                        # the in-flight budget), stop reading; TCP's window then stalls the
+                        # peer. (Replies queued behind wait too, so handlers must not all
+                        # wait on calls back over this same connection.)
+                        try:
+                            self._handler_slots.acquire_nowait()
+                        except trio.WouldBlock:
+                            await self._handler_slots.acquire()
+                    held = self._dispatch(frame, held)
+                finally:
+                    if held is not None:  # not handed to a handler
+                        held.release()
         except RemoteProtocolError as exc:
             self._log.warning("peer %s sent an invalid frame, closing: %s", self.peer.short(), exc)
             self._fail(f"protocol error: {exc}")
         except PeerUnavailable as exc:
             self._fail(str(exc))
 
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, frame: Frame, charge: FrameCharge | None) -> FrameCharge | None:
+        """Hand ``frame`` over; returns ``charge`` unless a handler task took it (and
+        releases it when done): a reply's bytes belong to its caller from now on."""
         assert self._nursery is not None
         t = frame.type
         if t == FrameType.REPLY or t == FrameType.ERROR:
@@ -218,9 +242,11 @@ class TcpConnection(Connection):
                 raise RemoteProtocolError(f"request id {frame.request_id} reused while still in progress")
             scope = trio.CancelScope()
             self._serving[frame.request_id] = scope
-            self._nursery.start_soon(self._handle_call, frame, scope)
+            self._nursery.start_soon(self._handle_call, frame, scope, charge)
+            return None
         elif t == FrameType.PUSH:
-            self._nursery.start_soon(self._handle_push, frame)
+            self._nursery.start_soon(self._handle_push, frame, charge)
+            return None
         elif t == FrameType.CANCEL:
             serving = self._serving.get(frame.request_id)
             if serving is not None:
@@ -232,20 +258,25 @@ class TcpConnection(Connection):
             pass
         else:
             raise RemoteProtocolError(f"unexpected {t.name} frame after the handshake")
+        return charge
 
-    async def _handle_push(self, frame: Frame) -> None:
+    async def _handle_push(self, frame: Frame, charge: FrameCharge | None) -> None:
         try:
             await self._serve_push(frame)
         finally:
             self._handler_slots.release()
+            if charge is not None:
+                charge.release()
 
-    async def _handle_call(self, frame: Frame, scope: trio.CancelScope) -> None:
+    async def _handle_call(self, frame: Frame, scope: trio.CancelScope, charge: FrameCharge | None) -> None:
         try:
             with scope:
                 head, payloads = await self._serve_call(frame)
         finally:
             self._serving.pop(frame.request_id, None)
             self._handler_slots.release()
+            if charge is not None:
+                charge.release()
         if scope.cancelled_caught:
             return
         try:
@@ -282,6 +313,8 @@ async def dial(node: ConnectionHost, host: str, port: int, peer_id: PeerID) -> T
     except trio.TooSlowError:
         raise PeerUnavailable(f"connecting to {peer_id.short()} at {host}:{port} over TCP timed out "
                               f"after {cfg.connect_timeout}s") from None
+    except FrameError as exc:
+        raise PeerUnavailable(f"{peer_id.short()} at {host}:{port} broke the TCP handshake: {exc}") from None
     except OSError as exc:
         raise PeerUnavailable(f"cannot connect to {peer_id.short()} at {host}:{port} over TCP: {exc}") from None
     return TcpConnection(node, peer_id, cfg, raw, reader)
@@ -291,7 +324,7 @@ async def _client_handshake(node: ConnectionHost, raw: Raw, peer_id: PeerID) -> 
     reader = BufferedReader(raw)
     await handshake.client_handshake(
         node.identity, node.protocol_version, peer_id,
-        read=lambda: read_frame_untrusted(reader, node.config.limits), send=raw.send_all)
+        read=lambda: read_frame_untrusted(reader, HANDSHAKE_LIMITS), send=raw.send_all)
     return reader
 
 
@@ -307,6 +340,8 @@ async def dial_stream(node: ConnectionHost, stream: trio.abc.Stream, peer_id: Pe
         if isinstance(exc, trio.TooSlowError):
             raise PeerUnavailable(f"handshake with {peer_id.short()} timed out after "
                                   f"{node.config.connect_timeout}s") from None
+        if isinstance(exc, FrameError):
+            raise PeerUnavailable(f"{peer_id.short()} broke the handshake: {exc}") from None
         raise
     return TcpConnection(node, peer_id, node.config, raw, reader)
 
@@ -326,7 +361,7 @@ async def accept_raw(node: ConnectionHost, raw: Raw, where: str) -> TcpConnectio
             reader = BufferedReader(raw)
             peer = await handshake.server_handshake(
                 node.identity, node.protocol_version,
-                read=lambda: read_frame_untrusted(reader, cfg.limits), send=raw.send_all, limits=cfg.limits)
+                read=lambda: read_frame_untrusted(reader, HANDSHAKE_LIMITS), send=raw.send_all, limits=cfg.limits)
     except (trio.TooSlowError, PeerUnavailable, RemoteProtocolError, IdentityError) as exc:
         log.info("inbound connection from %s rejected: %s", where,
                  str(exc) or "handshake did not finish within connect_timeout")

@@ -71,12 +71,27 @@ class FrameType(enum.IntEnum):
 
 @dataclass(frozen=True)
 class FrameLimits:
-    """Caps applied to every frame received from a peer."""
+    """Caps applied to every frame received from a peer. ``phase`` names the frames they
+    apply to in error messages ("handshake" for the frames read before the peer proved
+    its key, see :data:`HANDSHAKE_LIMITS`)."""
 
     max_meta_bytes: int = 64 * 1024
     max_frame_bytes: int = 512 * 1024 * 1024
     max_tensors: int = 64
     max_dims: int = 8
+    phase: str = ""
+
+
+#: Caps on the frames read before the peer proved its key (HELLO, AUTH, WELCOME, a
+#: handshake ERROR): a few hundred bytes of metadata, never tensors. An unauthenticated
+#: peer can make this node hold at most this much per connection.
+HANDSHAKE_LIMITS = FrameLimits(max_meta_bytes=4096, max_frame_bytes=0, max_tensors=0, max_dims=0,
+                               phase="handshake")
+
+#: Received payload is committed (allocated and charged to a :class:`ReceiveBudget`) in
+#: pieces of at most this many bytes, each just before its bytes are read: a peer that
+#: announces a large frame and stalls makes this node hold what it sent plus one piece.
+RECV_COMMIT_CHUNK = 1 << 20
 
 
 @dataclass
@@ -212,6 +227,12 @@ def decode_header_untrusted(data: bytes | bytearray | memoryview, limits: FrameL
         kind = FrameType(ftype)
     except ValueError:
         raise FrameError(f"unknown frame type {ftype}") from None
+    if limits.phase == "handshake" and (meta_len > limits.max_meta_bytes or payload_len > limits.max_frame_bytes):
+        raise FrameError(
+            f"{kind.name} frame of {meta_len} metadata and {payload_len} payload bytes exceeds the cap of "
+            f"{limits.max_meta_bytes} metadata bytes and no tensors on frames sent before the peer proved "
+            "its key (handshake); the peer is not a pymesh node or is hostile"
+        )
     if meta_len > limits.max_meta_bytes:
         raise FrameError(f"frame metadata of {meta_len} bytes exceeds the cap of {limits.max_meta_bytes}")
     if payload_len > limits.max_frame_bytes:
@@ -323,30 +344,72 @@ class FrameReader(Protocol):
     async def readinto_exact(self, view: memoryview) -> None: ...
 
 
+class ReceiveBudget(Protocol):
+    """Accounting of received payload bytes (the transports' in-flight caps). Either method
+    may wait until memory is released, or raise :class:`FrameError` when the frame can
+    never fit; ``read_frame_untrusted`` calls them before reading the bytes they count."""
+
+    async def admit(self, payload_len: int) -> None:
+        """Once per frame with a payload, after its header and metadata passed the caps."""
+
+    async def grow(self, nbytes: int) -> None:
+        """Before ``nbytes`` more payload bytes are committed (allocated) and read."""
+
+
 #: Allocates the receive buffer of one tensor: ``alloc(nbytes) -> writable memoryview``.
+#: It may commit the memory at once (pinned host memory does): the reader then charges
+#: the whole tensor to the budget before calling it. Without one, buffers grow as bytes
+#: arrive.
 Allocator = Callable[[int], memoryview]
 
+_ZEROS = memoryview(bytes(RECV_COMMIT_CHUNK))
 
-def default_allocator(nbytes: int) -> memoryview:
-    return memoryview(bytearray(nbytes))
+
+async def _read_growing(reader: FrameReader, n: int, budget: ReceiveBudget | None) -> memoryview:
+    """``n`` payload bytes in a buffer that grows one :data:`RECV_COMMIT_CHUNK` at a time,
+    each piece committed only when its bytes are about to be read (received in place,
+    no copy; growing a large buffer moves no bytes on Linux, where ``realloc`` remaps)."""
+    buf = bytearray()
+    pos = 0
+    while pos < n:
+        k = min(RECV_COMMIT_CHUNK, n - pos)
+        if budget is not None:
+            await budget.grow(k)
+        buf += _ZEROS[:k]
+        with memoryview(buf) as whole:
+            await reader.readinto_exact(whole[pos:pos + k])
+        pos += k
+    return memoryview(buf)
 
 
 async def read_frame_untrusted(reader: FrameReader, limits: FrameLimits, *,
                                first: bytes | bytearray | None = None,
-                               alloc: Allocator = default_allocator) -> Frame:
-    """Read one frame; tensor bytes land directly in buffers from ``alloc`` (called only
-    after the announced sizes passed the caps), which the returned blobs own."""
+                               alloc: Allocator | None = None,
+                               budget: ReceiveBudget | None = None) -> Frame:
+    """Read one frame. Memory follows the bytes, never the announced sizes: without
+    ``alloc`` each tensor's buffer grows as its bytes arrive; with ``alloc`` (called only
+    after the announced sizes passed the caps) the whole tensor is charged to ``budget``
+    first. The returned blobs own their buffers."""
     raw = first if first is not None else await reader.read_exact(HEADER_SIZE)
     head = decode_header_untrusted(raw, limits)
     meta = await reader.read_exact(head.meta_len) if head.meta_len else b""
     env = decode_envelope_untrusted(meta, head.payload_len, limits)
+    if budget is not None and head.payload_len:
+        await budget.admit(head.payload_len)
     tensors: list[TensorBlob] = []
     for dtype, shape in env.specs:
         n = nbytes_of(dtype, shape)
-        view = alloc(n) if n else memoryview(b"")
-        if n and (len(view) != n or view.readonly):
-            raise ValueError(f"receive allocator returned {len(view)} bytes (readonly={view.readonly}), asked for {n}")
-        if n:
+        if not n:
+            view = memoryview(b"")
+        elif alloc is None:
+            view = await _read_growing(reader, n, budget)
+        else:
+            if budget is not None:
+                await budget.grow(n)
+            view = alloc(n)
+            if len(view) != n or view.readonly:
+                raise ValueError(f"receive allocator returned {len(view)} bytes (readonly={view.readonly}), "
+                                 f"asked for {n}")
             await reader.readinto_exact(view)
         tensors.append(TensorBlob(dtype, shape, view))
     return Frame(head.type, head.request_id, env, tensors)

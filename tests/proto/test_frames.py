@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import trio
 
 from pymesh.errors import RemoteProtocolError
 from pymesh.proto.frames import (
-    HEADER, MAGIC, FrameError, FrameLimits, FrameType, TensorBlob, decode_frame_untrusted,
-    decode_header_untrusted, encode_frame,
+    HANDSHAKE_LIMITS, HEADER, MAGIC, RECV_COMMIT_CHUNK, Frame, FrameError, FrameLimits, FrameType, TensorBlob,
+    decode_frame_untrusted, decode_header_untrusted, encode_frame, read_frame_untrusted,
 )
 
 LIMITS = FrameLimits(max_meta_bytes=4096, max_frame_bytes=1 << 20, max_tensors=4, max_dims=4)
@@ -169,3 +170,98 @@ def test_fast_envelope_encoder_matches_bencode(name: str, meta: dict[str, object
     if message:
         env["x"] = message
     assert encode_envelope(name, meta, tensors, code, message) == (bencode.encode(env) if env else b"")
+
+
+# --------------------------------------------------------------------------- streamed reads
+
+
+class _BytesReader:
+    """A FrameReader over bytes in memory; running out is a truncated frame."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def _take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise FrameError(f"truncated frame: {len(self.data) - self.pos} of {n} bytes")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    async def read_exact(self, n: int) -> bytes:
+        return bytes(self._take(n))
+
+    async def readinto_exact(self, view: memoryview) -> None:
+        view[:] = self._take(len(view))
+
+
+class _Ledger:
+    """A ReceiveBudget that records what it was asked for."""
+
+    def __init__(self) -> None:
+        self.admitted: list[int] = []
+        self.grown: list[int] = []
+
+    async def admit(self, payload_len: int) -> None:
+        self.admitted.append(payload_len)
+
+    async def grow(self, nbytes: int) -> None:
+        self.grown.append(nbytes)
+
+
+def _read(data: bytes, limits: FrameLimits, budget: _Ledger | None = None, **kw: object) -> Frame:
+    async def main() -> Frame:
+        return await read_frame_untrusted(_BytesReader(data), limits, budget=budget, **kw)  # type: ignore[arg-type]
+    return trio.run(main)
+
+
+def test_handshake_limits_refuse_tensors_and_large_metadata() -> None:
+    hello = encode_frame(FrameType.HELLO, 0, meta={"v": 1, "id": bytes(32), "n": bytes(32)})
+    assert _read(hello, HANDSHAKE_LIMITS).envelope.meta["v"] == 1
+    with_tensor = encode_frame(FrameType.AUTH, 0, meta={"v": 1}, tensors=[TensorBlob("uint8", (1,), memoryview(b"x"))])
+    with pytest.raises(FrameError, match="handshake"):
+        _read(with_tensor, HANDSHAKE_LIMITS)
+    big = HEADER.pack(MAGIC, 1, FrameType.AUTH, 0, 0, 10, 512 << 20)
+    with pytest.raises(FrameError, match="no tensors"):
+        decode_header_untrusted(big, HANDSHAKE_LIMITS)
+    with pytest.raises(FrameError, match="handshake"):
+        decode_header_untrusted(HEADER.pack(MAGIC, 1, FrameType.HELLO, 0, 0, 5000, 0), HANDSHAKE_LIMITS)
+
+
+def test_payload_is_committed_in_pieces_as_it_is_read() -> None:
+    n = 2 * RECV_COMMIT_CHUNK + 5
+    payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    data = encode_frame(FrameType.CALL, 1, name="m", tensors=[
+        TensorBlob("uint8", (n,), memoryview(payload)), TensorBlob("uint8", (3,), memoryview(b"abc"))])
+    ledger = _Ledger()
+    frame = _read(data, FrameLimits(max_frame_bytes=4 * RECV_COMMIT_CHUNK), ledger)
+    assert ledger.admitted == [n + 3]
+    assert ledger.grown == [RECV_COMMIT_CHUNK, RECV_COMMIT_CHUNK, 5, 3]
+    assert bytes(frame.tensors[0].data) == payload and bytes(frame.tensors[1].data) == b"abc"
+    assert not frame.tensors[0].data.readonly
+    # An allocator that commits at once is charged the whole tensor before it is called.
+    ledger = _Ledger()
+    frame = _read(data, FrameLimits(max_frame_bytes=4 * RECV_COMMIT_CHUNK), ledger,
+                  alloc=lambda k: memoryview(bytearray(k)))
+    assert ledger.grown == [n, 3] and bytes(frame.tensors[0].data) == payload
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=HEADER.size, max_size=HEADER.size), st.binary(max_size=200),
+       st.sampled_from(["handshake", "session"]))
+def test_fuzz_streamed_headers_raise_only_frame_error(head: bytes, rest: bytes, phase: str) -> None:
+    """Random headers (magic and version forced valid half the time) read from a stream:
+    only FrameError, and never a commit beyond the bytes that followed plus one piece."""
+    if rest[:1] and rest[0] & 1:
+        head = MAGIC + bytes([1]) + head[5:]
+    limits = HANDSHAKE_LIMITS if phase == "handshake" else FrameLimits()
+    ledger = _Ledger()
+    try:
+        frame = _read(head + rest, limits, ledger)
+    except FrameError:
+        pass
+    else:
+        assert sum(t.nbytes for t in frame.tensors) <= len(rest)
+    assert sum(ledger.grown[:-1]) <= len(rest)
+    assert all(g <= RECV_COMMIT_CHUNK for g in ledger.grown)
