@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import trio
 from aioquic import tls
 from aioquic.quic import events
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
 from pymesh.errors import LocalProtocolError, PeerUnavailable
 from pymesh.proto.frames import FrameError
 
 if TYPE_CHECKING:
     from pymesh.net.quic_endpoint import QuicEndpoint
+    from pymesh.proto.reset_tokens import ResetTokens
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,10 @@ class QuicDriver:
         # bytes parked in streams nobody reads yet are bounded here instead.
         self.budget = Budget()
         self.max_unread = 4 * send_buffer if max_unread is None else max_unread
+        self.fed_first = False  # the endpoint fed this new connection its first datagram
         _check_internals(quic)
         _relax_pacing(quic)
+        _derive_reset_tokens(quic, endpoint.reset_tokens)
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -184,6 +187,7 @@ class QuicDriver:
         if self.terminated is not None:
             return
         self.terminated = reason
+        self.endpoint.handshake_ended(self)
         for stream in list(self.streams.values()):
             stream.fail(f"connection closed: {reason}")
         self.handshake_done.set()
@@ -219,6 +223,25 @@ class QuicDriver:
 
     def receive(self, data: bytes, addr: Any, now: float) -> None:
         self.quic.receive_datagram(data, addr, now)
+
+    def started_handshake(self) -> bool:
+        """Whether a packet of this (server) connection decrypted, so its handshake began."""
+        return bool(self.quic._state != QuicConnectionState.FIRSTFLIGHT)
+
+    # ---------------------------------------------------------------- stateless reset
+    def peer_reset_tokens(self) -> list[bytes]:
+        """The Stateless Reset tokens the peer gave for its connection IDs we know."""
+        quic = self.quic
+        return [c.stateless_reset_token for c in [quic._peer_cid, *quic._peer_cid_available]
+                if c.stateless_reset_token]
+
+    def peer_reset(self) -> None:
+        """The peer answered with a Stateless Reset: it has no state for this connection
+        (it restarted, or dropped it). RFC 9000 section 10.3: end it at once, sending nothing."""
+        if self.terminated is None:
+            log.info("QUIC peer at %s sent a stateless reset (it restarted or lost the connection)",
+                     self.quic._network_paths[0].addr if self.quic._network_paths else "?")
+            self._terminate("the peer reset the connection (stateless reset: it restarted or lost its state)")
 
     def after_receive(self) -> None:
         """Process events and wake readers and senders, but leave transmitting to
@@ -278,6 +301,7 @@ class QuicDriver:
                 self._reset(ev.stream_id, ev.error_code)
             elif isinstance(ev, events.HandshakeCompleted):
                 self.handshake_done.set()
+                self.endpoint.handshake_ended(self)
             elif isinstance(ev, events.ConnectionIdIssued):
                 self.add_cid(ev.connection_id)
             elif isinstance(ev, events.ConnectionIdRetired):
@@ -371,13 +395,28 @@ class QuicDriver:
             self.after_io(piggyback_ack=True)
 
     async def send_frame(self, stream: QStream, head: bytes, payloads: list[memoryview]) -> None:
-        """Send one whole frame and end the stream; small frames go out as one write."""
+        """Send one whole frame and end the stream; small frames go out as one write.
+
+        On a unidirectional stream (a push: nothing answers it) this returns only once the
+        peer acknowledged every byte, so a push into a connection that dies (a stateless
+        reset from a restarted peer, the idle timeout) raises PeerUnavailable instead of
+        vanishing. The wait is one round trip, spent by the pushing task only."""
         if sum(len(p) for p in payloads) <= COALESCE:
             await self.send(stream, b"".join([head, *payloads]), end=True)
-            return
-        await self.send(stream, head, end=False)
-        for i, p in enumerate(payloads):
-            await self.send(stream, p, end=i == len(payloads) - 1)
+        else:
+            await self.send(stream, head, end=False)
+            for i, p in enumerate(payloads):
+                await self.send(stream, p, end=i == len(payloads) - 1)
+        if stream.sid & 2:
+            await self._delivered(stream)
+
+    async def _delivered(self, stream: QStream) -> None:
+        while True:
+            self._check_send(stream)
+            s = self.quic._streams.get(stream.sid)
+            if s is None or s.sender.is_finished:
+                return
+            await self._progress.wait()
 
     def _check_send(self, stream: QStream) -> None:
         if self.terminated is not None:
@@ -393,8 +432,10 @@ class QuicDriver:
 
 #: aioquic internals the driver reads (no public API exposes them): the pacer, stream send
 #: buffers (unacknowledged bytes), packet spaces (ACK timing), the close timer, the peer
-#: certificate. Tested with aioquic 1.7.2.
-_INTERNALS = ("_loss", "_streams", "_spaces", "_close_at")
+#: certificate, the connection state and connection IDs with their stateless reset tokens
+#: (aioquic draws tokens at random and never checks received ones). Tested with aioquic 1.7.2.
+_INTERNALS = ("_loss", "_streams", "_spaces", "_close_at", "_state", "_host_cids", "_peer_cid",
+              "_peer_cid_available", "_replenish_connection_ids", "_network_paths")
 
 
 def _check_internals(quic: QuicConnection) -> None:
@@ -419,3 +460,23 @@ def _relax_pacing(quic: QuicConnection) -> None:
         return t
 
     pacer.next_send_time = next_send_time  # type: ignore[method-assign,assignment]
+
+
+def _derive_reset_tokens(quic: QuicConnection, tokens: "ResetTokens") -> None:
+    """Give each connection ID this side issues the reset token derived from the node's
+    identity (see :mod:`pymesh.proto.reset_tokens`) instead of aioquic's random one, now
+    and whenever aioquic issues more. A client's first connection ID has no token (QUIC
+    cannot announce one for it) and keeps none."""
+    def derive() -> None:
+        for c in quic._host_cids:
+            if c.stateless_reset_token:
+                c.stateless_reset_token = tokens.token(c.cid)
+
+    original = quic._replenish_connection_ids
+
+    def replenish() -> None:
+        original()
+        derive()
+
+    derive()
+    quic._replenish_connection_ids = replenish  # type: ignore[method-assign]

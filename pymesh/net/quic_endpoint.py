@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import os
 import socket
 import struct
 from typing import Any, Callable, Iterable
@@ -22,14 +24,23 @@ from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pymesh.net.dht_ratelimit import RateLimiter
+from pymesh.net.quic_admission import InitialGate, Verdict
 from pymesh.net.quic_driver import QuicDriver
+from pymesh.proto.reset_tokens import ResetTokens, build_reset, reset_secret, reset_token_untrusted
 
 log = logging.getLogger(__name__)
 
 RECV_BATCH = 512
 CID_LENGTH = 8
-MAX_PENDING_HANDSHAKES = 256
+#: Stateless Resets sent per second at most (burst as many): a spoofed flood of short
+#: packets cannot turn the endpoint into a reflector, and each reset is smaller than
+#: the packet that triggered it
+RESETS_PER_SECOND = 100
+TOKEN_TABLE_AGE = 0.05
 SOCKET_BUFFER = 8 * 1024 * 1024
 UDP_SEGMENT = 103          # linux/udp.h
 GSO_MAX_SEGMENTS = 64
@@ -42,7 +53,7 @@ class QuicEndpoint:
     def __init__(self, sock: socket.socket, server_config: QuicConfiguration | None,
                  on_new_connection: Callable[[QuicDriver], None] | None, send_buffer: int,
                  gso: bool = True, connection_send_buffer: int | None = None,
-                 max_unread: int | None = None) -> None:
+                 max_unread: int | None = None, gate: InitialGate | None = None) -> None:
         self.sock = sock
         sock.setblocking(False)
         for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_RCVBUFFORCE / SO_SNDBUFFORCE
@@ -64,6 +75,18 @@ class QuicEndpoint:
         self.gso = gso and hasattr(socket, "SOL_UDP")
         self._backlog_event = trio.Event()
         self.dropped = 0
+        self.gate = gate or InitialGate()
+        #: Reset tokens of this node's connection IDs: from its identity key when it serves
+        #: (a restart with the same key resets its predecessor's connections), else random.
+        key = getattr(server_config, "private_key", None)
+        secret = reset_secret(_raw_private(key)) if isinstance(key, Ed25519PrivateKey) else os.urandom(32)
+        self.reset_tokens = ResetTokens(secret)
+        self._reset_limit = RateLimiter(RESETS_PER_SECOND, RESETS_PER_SECOND, max_ips=1)
+        self._peer_tokens: dict[bytes, QuicDriver] = {}
+        self._peer_tokens_stale = True
+        self._peer_tokens_at = -math.inf
+        #: resets_sent, resets_limited, resets_received
+        self.counters = self.gate.counters
 
     def register_cid(self, cid: bytes, driver: QuicDriver) -> None:
         """Route datagrams addressed to connection ID ``cid`` to ``driver``."""
@@ -73,6 +96,7 @@ class QuicEndpoint:
         """Stop routing ``cid`` to ``driver`` (a no-op if another driver took the ID since)."""
         if self.by_cid.get(cid) is driver:
             del self.by_cid[cid]
+            self._peer_tokens_stale = True
 
     @property
     def port(self) -> int:
@@ -166,11 +190,14 @@ class QuicEndpoint:
                 if driver is None:
                     self.dropped += 1
                     continue
-                try:
-                    # the clock per datagram: a long batch must not skew RTT samples
-                    driver.receive(data, addr, trio.current_time())
-                except Exception:  # aioquic should never raise on peer input; never let it kill the loop
-                    log.exception("aioquic failed on a datagram from %s; dropped", addr)
+                if driver.fed_first:  # a new connection: its first datagram went in already
+                    driver.fed_first = False
+                else:
+                    try:
+                        # the clock per datagram: a long batch must not skew RTT samples
+                        driver.receive(data, addr, trio.current_time())
+                    except Exception:  # aioquic should never raise on peer input; never let it kill the loop
+                        log.exception("aioquic failed on a datagram from %s; dropped", addr)
                 touched[id(driver)] = driver
             _each(touched.values(), QuicDriver.after_receive)
             # Let the tasks just woken answer first: their sends transmit (ACKs included);
@@ -182,30 +209,101 @@ class QuicEndpoint:
         if data and not data[0] & 0x80:
             # Short header (every packet after the handshake): the destination connection
             # ID is the CID_LENGTH bytes after the first; no need for a full header parse.
-            return self.by_cid.get(data[1:1 + CID_LENGTH])
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-        except Exception:  # garbage: aioquic raises ValueError / BufferReadError
-            return None
-        driver = self.by_cid.get(header.destination_cid)
+            driver = self.by_cid.get(data[1:1 + CID_LENGTH])
+            if driver is None:
+                self._unknown_short_untrusted(data, addr)
+            else:
+                self._peer_tokens_stale = True  # it may carry new connection IDs and tokens
+            return driver
+        # Long header: version (4 bytes) after the first byte, then the destination CID's
+        # length and bytes (RFC 9000 section 17.2); routed before any full parse.
+        driver = self.by_cid.get(data[6:6 + data[5]]) if len(data) > 6 else None
         if driver is not None:
+            self._peer_tokens_stale = True
             return driver
         cfg = self.server_config
-        if (cfg is None or header.packet_type != QuicPacketType.INITIAL or len(data) < 1200
-                or header.version not in cfg.supported_versions or self.nursery is None):
+        if cfg is None or len(data) < 1200 or self.nursery is None:
             return None
-        pending = sum(1 for d in set(self.by_cid.values()) if not d.handshake_done.is_set())
-        if pending >= MAX_PENDING_HANDSHAKES:
-            log.warning("dropping a new QUIC connection from %s: %d handshakes already pending", addr, pending)
+        now = trio.current_time()
+        if not self.gate.within_budget(addr, now):
             return None
-        quic = QuicConnection(configuration=cfg, original_destination_connection_id=header.destination_cid)
+        buf = Buffer(data=data)
+        try:
+            header = pull_quic_header(buf, host_cid_length=CID_LENGTH)
+        except Exception:  # garbage: aioquic raises ValueError / BufferReadError
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or header.version not in cfg.supported_versions:
+            return None
+        decision = self.gate.decide_untrusted(data, header, buf.tell(), addr, now)
+        if decision.verdict == Verdict.RETRY:
+            self._send_one(decision.reply, addr, 0)
+            return None
+        if decision.verdict == Verdict.DROP:
+            if self.gate.counters["full"] % 1000 == 1 and self.gate.pending >= self.gate.max_pending:
+                log.warning("dropping new QUIC connections: %d handshakes already pending", self.gate.pending)
+            return None
+        quic = QuicConnection(configuration=cfg, original_destination_connection_id=decision.original_dcid,
+                              retry_source_connection_id=decision.retry_scid)
         driver = QuicDriver(self, quic, is_client=False, send_buffer=self.send_buffer,
                             connection_send_buffer=self.connection_send_buffer, max_unread=self.max_unread)
+        try:
+            driver.receive(data, addr, now)
+        except Exception:
+            log.exception("aioquic failed on an Initial from %s; dropped", addr)
+            return None
+        if not driver.started_handshake():  # belt and braces: the gate saw it decrypt
+            self.gate.counters["undecryptable"] += 1
+            return None
+        driver.fed_first = True
+        self.gate.add(driver, addr)
         driver.add_cid(header.destination_cid)
         driver.add_cid(quic.host_cid)
         if self.on_new_connection is not None:
             self.on_new_connection(driver)
         return driver
+
+    def handshake_ended(self, driver: QuicDriver) -> None:
+        """``driver``'s handshake completed or failed: it no longer holds a pending slot."""
+        self.gate.done(driver)
+
+    # ---------------------------------------------------------------- stateless reset
+    def _unknown_short_untrusted(self, data: bytes, addr: Any) -> None:
+        """A short-header packet for no connection here: a peer's Stateless Reset for one of
+        ours (tear that connection down), or a packet for a connection this node no longer
+        has, say from before a restart (answer with a Stateless Reset, rate-limited)."""
+        token = reset_token_untrusted(data)
+        if token is None:
+            return
+        driver = self._driver_for_reset(token)
+        if driver is not None:
+            self.counters["resets_received"] += 1
+            driver.peer_reset()
+            return  # never answer a reset
+        reply = build_reset(self.reset_tokens.token(data[1:1 + CID_LENGTH]), len(data))
+        if reply is None:
+            return
+        if not self._reset_limit.allow("", trio.current_time()):
+            self.counters["resets_limited"] += 1
+            return
+        self.counters["resets_sent"] += 1
+        self._send_one(reply, addr, 0)
+
+    def _driver_for_reset(self, token: bytes) -> QuicDriver | None:
+        # Peers announce tokens during the handshake and in NEW_CONNECTION_ID frames (no
+        # aioquic event for those), so the table is rebuilt after traffic, but at most every
+        # TOKEN_TABLE_AGE seconds: a flood of unroutable packets costs a lookup each, not a
+        # walk over every connection.
+        now = trio.current_time()
+        if self._peer_tokens_stale and now - self._peer_tokens_at >= TOKEN_TABLE_AGE:
+            self._peer_tokens = {t: d for d in set(self.by_cid.values()) for t in d.peer_reset_tokens()}
+            self._peer_tokens_stale = False
+            self._peer_tokens_at = now
+        return self._peer_tokens.get(token)
+
+
+def _raw_private(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
 
 
 def _each(drivers: Iterable[QuicDriver], step: Callable[[QuicDriver], None]) -> None:
