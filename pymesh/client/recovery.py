@@ -6,7 +6,9 @@ works out how to get from the hops that hold a valid cache to the new route:
 
 - open a session on every hop of the new route without one (last first, so each hop's
   successor is there when it is told about it);
-- point kept hops whose successor changed at the new one (``pm.set_next``);
+- point kept hops whose successor or predecessor changed at the new ones (``pm.set_next``;
+  a worker accepts steps only from the previous hop it was told about, ``prev``), and kept
+  hops whose link failed at the same successor again (it re-dials);
 - fetch the recovery copies a kept hop has not pushed yet (``pm.flush``), where a new hop
   needs inputs the client does not hold;
 - replay the stored inputs of steps ``0..step-1`` through every new hop, in route order
@@ -37,22 +39,26 @@ def hop_key(o: SpanOption) -> HopKey:
 
 @dataclass(frozen=True)
 class Link:
-    """An open session on ``hop``, pushing its outputs to ``next`` (None: to the client only)."""
+    """An open session on ``hop``, pushing its outputs to ``next`` (None: to the client only)
+    and taking its steps from ``prev`` (None: from the client)."""
 
     hop: SpanOption
     next: HopKey | None
+    prev: PeerID | None = None
 
 
 @dataclass(frozen=True)
 class OpenHop:
     hop: SpanOption
     next: SpanOption | None
+    prev: PeerID | None = None
 
 
 @dataclass(frozen=True)
 class Relink:
     hop: SpanOption
     next: SpanOption | None
+    prev: PeerID | None = None
 
 
 @dataclass(frozen=True)
@@ -119,15 +125,18 @@ def plan(
 
     ``old_route``: the hops whose cache holds steps ``0..step-1`` (the previous route, plus
     hops a partly executed plan finished replaying). ``links``: every hop with an open
-    session and what it pushes to. ``history``: block boundary -> the steps whose input
+    session, what it pushes to and whom it takes steps from (a hop whose link failed has
+    none: it is relinked). ``history``: block boundary -> the steps whose input
     there the client holds. ``dead``: peers not to ask for anything (banned).
     """
     route = tuple(new_route)
     ready = {hop_key(o) for o in old_route}
     keys = [hop_key(o) for o in route]
     nexts: list[SpanOption | None] = [*route[1:], None]
+    prevs: list[PeerID | None] = [None, *(o.peer for o in route[:-1])]
 
-    opens = tuple(OpenHop(route[i], nexts[i]) for i in reversed(range(len(route))) if keys[i] not in ready)
+    opens = tuple(OpenHop(route[i], nexts[i], prevs[i]) for i in reversed(range(len(route)))
+                  if keys[i] not in ready)
     relinks = []
     for i, o in enumerate(route):
         if keys[i] not in ready:
@@ -135,8 +144,8 @@ def plan(
         nxt = nexts[i]
         want = hop_key(nxt) if nxt is not None else None
         link = links.get(keys[i])
-        if link is None or link.next != want:
-            relinks.append(Relink(o, nxt))
+        if link is None or link.next != want or link.prev != prevs[i]:
+            relinks.append(Relink(o, nxt, prevs[i]))
 
     flushes: list[Flush] = []
     replays: list[Replay] = []
