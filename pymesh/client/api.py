@@ -24,6 +24,7 @@ import trio
 
 from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
 from pymesh.client.swarm import Swarm
+from pymesh.proto.allowlist import PeerAllowlist
 from pymesh.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class SwarmClient:
         device: str = "cpu",
         dtype: str = "float32",
         settings: Settings | None = None,
+        allow_peers: PeerAllowlist | None = None,
     ) -> None:
         if model_path is None:
             raise ValueError("SwarmClient needs model_path (the client loads embeddings, head and tokenizer)")
@@ -47,6 +49,8 @@ class SwarmClient:
         self.model = ClientModel(model_path, device=device, dtype=dtype, model_name=model_name)
         self.transport = transport
         self.settings = settings
+        #: route only through these workers (None: an open swarm)
+        self.allow_peers = allow_peers
         self.last_stats: GenerationStats | None = None
         self._swarm: Swarm | None = None
         # sync flavour: a trio loop in a thread, fed through a call queue
@@ -58,7 +62,8 @@ class SwarmClient:
 
     # -- trio flavour ----------------------------------------------------------------------
     async def __aenter__(self) -> "SwarmClient":
-        self._swarm = Swarm(self.bootstrap, self.model.model_id, transport=self.transport, settings=self.settings)
+        self._swarm = Swarm(self.bootstrap, self.model.model_id, transport=self.transport, settings=self.settings,
+                            allow_peers=self.allow_peers)
         await self._swarm.__aenter__()
         return self
 

@@ -4,6 +4,13 @@
 from the DHT, measures round-trip times (``pm.info``), bans workers that failed for a
 while, and routes the pushes workers send back (``pm.out``, ``pm.err``) to the
 session they belong to, after parsing them (malformed ones are dropped).
+
+Discovery keeps the union of the records its lookups returned (:mod:`pymesh.client.discovery`):
+while nodes join and leave one lookup can miss records another one saw; a layer nobody
+seems to serve gets a lookup of its own before discovery reports it missing. A newer
+record of a banned worker (a new incarnation) lifts a ban a failure or timeout caused,
+and when every provider of a span is banned, discovery waits for the earliest ban to end.
+With ``allow_peers`` the client routes only through the listed workers.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import trio
 
-from pymesh.client.routing import NoRouteError, SpanOption, choose_route
+from pymesh.client.bans import PENALTY_MS, BanBook, BanCause
+from pymesh.client.discovery import RecordBook
+from pymesh.client.routing import DEFAULT_RTT_MS, NoRouteError, SpanOption, choose_route, first_uncovered_block
 from pymesh.errors import ConfigError, PeerUnavailable, PymeshError
 from pymesh.net.clock import Clock, TrioClock
 from pymesh.proto import session_wire as sw
 from pymesh.proto.addr import parse_addr
+from pymesh.proto.allowlist import PeerAllowlist
 from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.proto.identity import Identity, PeerID
 from pymesh.proto.records import WorkerRecord
@@ -64,6 +74,7 @@ class Swarm:
         dht_port: int = 0,
         settings: Settings | None = None,
         clock: Clock | None = None,
+        allow_peers: PeerAllowlist | None = None,
     ) -> None:
         self.transport = Transport.parse(transport)
         if not bootstrap:
@@ -79,7 +90,12 @@ class Swarm:
         self.ban_seconds = c.ban_seconds
         self.discovery_timeout = c.discovery_timeout
         self.rpc_timeout = c.rpc_timeout
-        self.banned: dict[PeerID, float] = {}
+        #: route only through these workers (None: an open swarm)
+        self.allow_peers = allow_peers
+        #: a failed RTT probe is remembered as long as the record it was made for may live
+        self.bans = BanBook(self.clock.monotonic, self.ban_seconds, probe_memory=self.settings.record_ttl)
+        self.book = RecordBook(model_id, self.clock.monotonic, self.settings.record_ttl,
+                               allow_peers.allows if allow_peers is not None else None)
         self.rtt_ms: dict[PeerID, float] = {}
         self.sinks: dict[bytes, PushSink] = {}
         self._node: RpcNode | None = None
@@ -158,31 +174,63 @@ class Swarm:
             sink.on_err(conn.peer, err)
 
     # -- bans ------------------------------------------------------------------------------
-    def ban(self, peer: PeerID, why: str) -> None:
-        log.warning("Client: banning worker %s for %.0f s: %s", peer.short(), self.ban_seconds, why)
-        self.banned[peer] = self.clock.monotonic() + self.ban_seconds
+    def ban(self, peer: PeerID, why: str, cause: BanCause = BanCause.TIMEOUT) -> None:
+        ban = self.bans.ban(peer, why, cause)
+        log.warning("Client: banning worker %s for %.0f s (%s): %s", peer.short(), self.ban_seconds,
+                    ban.cause.value, why)
+
+    def deprioritise(self, peer: PeerID, why: str) -> None:
+        """Route around ``peer`` while another worker serves its blocks, without banning it."""
+        log.info("Client: deprioritising worker %s: %s", peer.short(), why)
+        self.bans.deprioritise(peer)
+
+    @property
+    def banned(self) -> dict[PeerID, float]:
+        """Banned peers and when (monotonic) their bans end."""
+        return {p: b.until for p, b in self.bans.active().items()}
 
     def current_bans(self) -> set[PeerID]:
-        now = self.clock.monotonic()
-        for p in [p for p, until in self.banned.items() if until <= now]:
-            del self.banned[p]
-        return set(self.banned)
+        return set(self.bans.active())
 
     # -- discovery -------------------------------------------------------------------------
-    async def records(self) -> list[WorkerRecord]:
-        with trio.move_on_after(max(self.rpc_timeout, 5.0)):
-            return list(await self.dht.find_model_records(self.model_id))
-        log.warning("Client: DHT lookup for %s timed out", self.model_id)
-        return []
+    async def lookup(self, block: int | None = None) -> list[WorkerRecord]:
+        """One DHT read of the model's records (offline ones included: they replace the
+        online record they follow); ``block``: only records covering that block."""
+        if block is not None:
+            return list(await self.dht.find_block_providers(self.model_id, block))
+        return list(await self.dht.list_records(self.model_id))
+
+    async def records(self, gaps: Sequence[int] = ()) -> list[WorkerRecord]:
+        """Live records of the model: the union of this lookup (plus one per block of
+        ``gaps``) with what earlier lookups returned, newest record per worker."""
+        got: list[list[WorkerRecord]] = []
+
+        async def one(block: int | None) -> None:
+            got.append(await self.lookup(block))
+
+        with trio.move_on_after(max(self.rpc_timeout, 5.0)) as scope:
+            async with trio.open_nursery() as nursery:
+                for block in (None, *gaps):
+                    nursery.start_soon(one, block)
+        if scope.cancelled_caught:
+            log.warning("Client: DHT lookup for %s timed out", self.model_id)
+        for recs in got:
+            self.book.merge(recs)
+        for peer, ban in self.bans.see(self.book.all()):
+            log.warning("Client: worker %s announced itself again (a new incarnation): lifting its ban (%s)",
+                        peer.short(), ban.why)
+        return self.book.live()
 
     def options_from(self, records: Sequence[WorkerRecord]) -> list[SpanOption]:
         out = []
         for r in records:
             if r.state != WorkerState.ONLINE or self.transport not in r.transports:
                 continue
+            if self.allow_peers is not None and not self.allow_peers.allows(r.peer_id):
+                continue
             out.append(SpanOption(r.peer_id, r.start, r.stop, r.host, r.port,
                                   tuple(t for t in Transport if t in r.transports),
-                                  r.block_ms, r.cache_tokens_free))
+                                  r.block_ms, r.cache_tokens_free, {"ts": r.timestamp}))
         return out
 
     async def find_route(
@@ -197,25 +245,51 @@ class Swarm:
         """Discover workers and choose the fastest chain for ``[start, stop)``.
 
         Retries while blocks are missing (workers may be joining) for at most
-        ``PYMESH_DISCOVERY_TIMEOUT`` seconds, then raises :class:`NoRouteError`
-        naming the first layer nobody serves.
+        ``PYMESH_DISCOVERY_TIMEOUT`` seconds, each retry adding a lookup of the missing
+        block to the model-wide one, then raises :class:`NoRouteError` naming the first
+        layer nobody serves. When the workers serving a block are all banned it waits
+        instead for the first of their bans to end (a new incarnation's record may lift
+        one sooner). Deprioritised workers cost :data:`PENALTY_MS` more, except where
+        ``prefer`` keeps them (they hold the session already).
         """
         deadline = self.clock.monotonic() + self.discovery_timeout
         delay = 0.2
+        gaps: list[int] = []
         while True:
-            records = await self.records()
+            records = await self.records(gaps)
             options = self.options_from(records)
             await self.measure_rtts([o for o in options if o.peer not in self.rtt_ms])
             banned = self.current_bans() | set(exclude)
+            rtt = dict(self.rtt_ms)
+            for p in self.bans.penalised():
+                rtt[p] = rtt.get(p, DEFAULT_RTT_MS) + PENALTY_MS
             try:
-                return choose_route(options, start, stop, rtt_ms=self.rtt_ms, banned=banned,
+                return choose_route(options, start, stop, rtt_ms=rtt, banned=banned,
                                     min_cache_tokens=min_cache_tokens, prefer=prefer)
             except NoRouteError as exc:
-                if self.clock.monotonic() + delay > deadline:
+                now = self.clock.monotonic()
+                wake = now + delay
+                gap = first_uncovered_block(options, start, stop)
+                gaps = [gap] if gap is not None else []
+                ban_end = None if gap is not None else self._earliest_ban_end(options, exc.missing_block)
+                if ban_end is not None and ban_end > deadline:
+                    # every provider is banned: wait for the first ban to end (or for a new
+                    # incarnation's record to lift one) instead of giving up before it does
+                    log.info("Client: every worker for layer %s is banned; waiting %.1f s for the first ban "
+                             "to end", exc.missing_block, ban_end - now)
+                    deadline = ban_end
+                if ban_end is not None:
+                    wake = min(wake, ban_end)
+                if wake > deadline:
                     raise await self._explain(exc, records, options) from None
                 log.info("Client: %s; retrying", exc)
-            await trio.sleep(delay)
+            await trio.sleep(max(wake - self.clock.monotonic(), 0.0))
             delay = min(delay * 2, 2.0)
+
+    def _earliest_ban_end(self, options: Sequence[SpanOption], block: int | None) -> float | None:
+        if block is None:
+            return None
+        return self.bans.earliest_end(o.peer for o in options if o.start <= block < o.stop)
 
     async def _explain(self, exc: NoRouteError, records: Sequence[WorkerRecord],
                        options: Sequence[SpanOption]) -> NoRouteError:
@@ -244,9 +318,21 @@ class Swarm:
                 return NoRouteError(f"no worker serves layer {block} over {self.transport}: its workers speak only "
                                     f"{', '.join(others)}; run the client with --transport {others[0]} {waited}",
                                     block)
+        if self.allow_peers is not None and self.book.refused:
+            return NoRouteError(f"{exc} {waited}; records of workers not on the allowlist were ignored "
+                                f"({self.book.refused} seen)", block)
         return NoRouteError(f"{exc} {waited}", block)
 
     async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
+        """Measure the RTT to each option's worker; one that does not answer is banned and
+        not probed again for this record (a dead address costs one timeout, not one per
+        route search)."""
+        banned = self.current_bans()
+
+        def key(o: SpanOption) -> tuple[PeerID, str, int, float]:
+            ts = o.extra.get("ts", 0.0)
+            return (o.peer, o.host, o.port, ts if isinstance(ts, float) else 0.0)
+
         async def one(o: SpanOption) -> None:
             try:
                 with trio.fail_after(self.rpc_timeout):
@@ -256,11 +342,15 @@ class Swarm:
                 self.rtt_ms[o.peer] = (time.perf_counter() - t0) * 1000.0
             except (PymeshError, trio.TooSlowError, OSError) as exc:
                 why = str(exc) or f"no answer within {self.rpc_timeout:.0f} s"
-                self.ban(o.peer, f"unreachable at {o.host}:{o.port} over {self.transport}: {why}")
+                self.bans.probe_failed(key(o))
+                self.ban(o.peer, f"unreachable at {o.host}:{o.port} over {self.transport}: {why}",
+                         BanCause.UNREACHABLE)
 
         seen: set[PeerID] = set()
         async with trio.open_nursery() as nursery:
             for o in options:
+                if o.peer in banned or self.bans.probe_recently_failed(key(o)):
+                    continue
                 if o.peer not in seen:
                     seen.add(o.peer)
                     nursery.start_soon(one, o)

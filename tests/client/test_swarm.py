@@ -21,6 +21,7 @@ from pymesh.proto.identity import PeerID
 from pymesh.proto.records import WorkerRecord
 from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import ClientSettings, Settings
+from tests.client.sim import FakeDHT
 
 BOOT = ["127.0.0.1:9"]
 
@@ -43,11 +44,12 @@ class OfflineSwarm(Swarm):
     def __init__(self, records: Sequence[WorkerRecord], **kw: Any) -> None:
         super().__init__(BOOT, "m", **kw)
         self._records = list(records)
-        self.lookups = 0
+        self.reads = FakeDHT(lambda block: list(self._records))
+        self._dht = self.reads  # type: ignore[assignment]
 
-    async def records(self) -> list[WorkerRecord]:
-        self.lookups += 1
-        return list(self._records)
+    @property
+    def lookups(self) -> int:
+        return len(self.reads.reads)
 
     async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
         return None
@@ -155,6 +157,11 @@ class _SilentSecondHop(Swarm):
 
     async def request(self, option: SpanOption, message: Request, tensors: Sequence[TensorBlob] = (),
                       *, timeout: float | None = None) -> tuple[Meta, list[TensorBlob]]:
+        if isinstance(message, sw.CheckLink):  # the link is fine (the hop is what went silent)
+            if option.peer == peer(1):
+                return sw.CheckLinkReply(True, "").to_meta(), []
+            await trio.sleep(timeout or 0)
+            raise PeerUnavailable("no answer")
         assert isinstance(message, sw.Info)
         self.probes.append((trio.current_time(), option.peer))
         if option.peer == peer(2):

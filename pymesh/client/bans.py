@@ -1,0 +1,130 @@
+"""What the client holds against workers: bans, soft penalties and failed probes. No I/O.
+
+A **ban** keeps a worker out of every route for ``ban_seconds``. Its cause decides whether
+a new incarnation of the worker lifts it early: a worker that timed out, was unreachable or
+reported a failure may have been restarted (a crash plus a service manager restart keeps
+its identity and port), so a record it signs later than the newest one the client knew
+when it banned it lifts the ban. A wrong answer (an output of the wrong shape, dtype or
+with non-finite values) is the worker's own doing and is never lifted early.
+
+A **penalty** (``deprioritise``) makes route choice avoid a worker while another one
+serves the same blocks, without excluding it: a hop-to-hop link failure puts it on the
+worker *behind* the link, which may be perfectly healthy.
+
+A **failed probe** (an RTT measurement that got no answer) is remembered for the record it
+was made for, so every route search does not wait for the same dead address again; a
+newer record (another address, or a restart) is probed afresh.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from pymesh.proto.identity import PeerID
+from pymesh.proto.records import WorkerRecord
+
+log = logging.getLogger(__name__)
+
+#: extra route cost (milliseconds) of a deprioritised worker: more than any real hop
+PENALTY_MS = 60_000.0
+
+
+class BanCause(enum.Enum):
+    TIMEOUT = "timeout"            # silent, or no result in time
+    UNREACHABLE = "unreachable"    # could not connect / open a session
+    FAILED = "failed"              # reported an error on our session
+    WRONG_ANSWER = "wrong answer"  # sent an output that cannot be right
+
+    @property
+    def liftable(self) -> bool:
+        """Whether a newer record of the worker (a new incarnation) lifts a ban of this cause."""
+        return self is not BanCause.WRONG_ANSWER
+
+
+@dataclass(frozen=True)
+class Ban:
+    until: float          # on the book's monotonic clock
+    cause: BanCause
+    why: str
+    record_ts: float      # newest record timestamp of the peer known when it was banned
+
+
+class BanBook:
+    """Bans, penalties and failed probes on a monotonic clock ``now`` (seconds)."""
+
+    def __init__(self, now: Callable[[], float], ban_seconds: float, *, penalty_seconds: float | None = None,
+                 probe_memory: float | None = None) -> None:
+        self.now = now
+        self.ban_seconds = ban_seconds
+        self.penalty_seconds = ban_seconds if penalty_seconds is None else penalty_seconds
+        self.probe_memory = ban_seconds if probe_memory is None else probe_memory
+        self._bans: dict[PeerID, Ban] = {}
+        self._penalties: dict[PeerID, float] = {}
+        self._failed_probes: dict[tuple[PeerID, str, int, float], float] = {}
+        #: newest record timestamp seen per peer (what a later record must beat to lift a ban)
+        self.newest_ts: dict[PeerID, float] = {}
+
+    # -- bans ------------------------------------------------------------------------------
+    def ban(self, peer: PeerID, why: str, cause: BanCause) -> Ban:
+        """Ban ``peer``; a stronger cause is never replaced by a liftable one."""
+        old = self.active().get(peer)
+        if old is not None and not old.cause.liftable and cause.liftable:
+            cause = old.cause
+        ban = Ban(self.now() + self.ban_seconds, cause, why, self.newest_ts.get(peer, 0.0))
+        self._bans[peer] = ban
+        return ban
+
+    def active(self) -> dict[PeerID, Ban]:
+        now = self.now()
+        for p in [p for p, b in self._bans.items() if b.until <= now]:
+            del self._bans[p]
+        return dict(self._bans)
+
+    def lift(self, peer: PeerID) -> Ban | None:
+        return self._bans.pop(peer, None)
+
+    def earliest_end(self, peers: Iterable[PeerID]) -> float | None:
+        """When the first of ``peers``' bans ends (None: none of them is banned)."""
+        bans = self.active()
+        ends = [bans[p].until for p in peers if p in bans]
+        return min(ends) if ends else None
+
+    def see(self, records: Iterable[WorkerRecord]) -> list[tuple[PeerID, Ban]]:
+        """Note the records' timestamps; returns the bans that a newer incarnation lifted."""
+        lifted = []
+        bans = self.active()
+        for r in records:
+            ban = bans.get(r.peer_id)
+            if ban is not None and ban.cause.liftable and r.timestamp > ban.record_ts:
+                del self._bans[r.peer_id]
+                del bans[r.peer_id]
+                self._penalties.pop(r.peer_id, None)
+                lifted.append((r.peer_id, ban))
+            if r.timestamp > self.newest_ts.get(r.peer_id, 0.0):
+                self.newest_ts[r.peer_id] = r.timestamp
+        return lifted
+
+    # -- penalties -------------------------------------------------------------------------
+    def deprioritise(self, peer: PeerID) -> None:
+        self._penalties[peer] = self.now() + self.penalty_seconds
+
+    def penalised(self) -> set[PeerID]:
+        now = self.now()
+        for p in [p for p, until in self._penalties.items() if until <= now]:
+            del self._penalties[p]
+        return set(self._penalties)
+
+    # -- failed probes ---------------------------------------------------------------------
+    def probe_failed(self, record: tuple[PeerID, str, int, float]) -> None:
+        """An RTT probe of (peer, host, port, record timestamp) got no answer."""
+        self._failed_probes[record] = self.now() + self.probe_memory
+
+    def probe_recently_failed(self, record: tuple[PeerID, str, int, float]) -> bool:
+        now = self.now()
+        for k in [k for k, until in self._failed_probes.items() if until <= now]:
+            del self._failed_probes[k]
+        return record in self._failed_probes
+
