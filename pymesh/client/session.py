@@ -5,6 +5,12 @@ its output to the next one and a copy back here. The session keeps, per span bou
 the input of every step (``history``): when a worker fails, the client bans it, picks a
 new route for the blocks (keeping the healthy hops and their caches), replays the
 stored inputs through the new workers with the original step shapes, and retries.
+
+Not every failure bans (:mod:`pymesh.client.blame`): a hop whose push to its successor
+failed reports a *link* failure, and the client relinks it (it re-dials) and keeps the
+successor if its session survived; a worker that lost the session (restarted) is opened
+again and replayed. Errors are accepted only from the route's hops, blaming themselves or
+their successor; outputs are checked (shape, dtype, finite) before they are used.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import trio
 
+from pymesh.client import probes
+from pymesh.client.bans import BanCause
+from pymesh.client.blame import Blame, Verdict, judge_err
+from pymesh.client.checks import output_problem_untrusted
 from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
 from pymesh.client.routing import SpanOption
 from pymesh.client.swarm import Swarm
@@ -37,10 +47,10 @@ class SessionFailed(PymeshError):
 
 
 class _StepFailure(Exception):
-    def __init__(self, blame: PeerID | None, why: str) -> None:
-        super().__init__(why)
+    def __init__(self, blame: Blame) -> None:
+        super().__init__(blame.why)
         self.blame = blame
-        self.why = why
+        self.why = blame.why
 
 
 @dataclass
@@ -48,7 +58,7 @@ class _Pending:
     step: int
     result: "Tensor | None"            # the last hop's output
     arrived: dict[int, float]        # hop start -> perf_counter at arrival (copies every step)
-    error: tuple[PeerID | None, str] | None
+    error: Blame | None
     event: trio.Event
 
 
@@ -85,14 +95,23 @@ class InferenceSession:
         self._pending: _Pending | None = None
         #: every hop holding a session of ours and what it pushes to
         self.links: dict[HopKey, Link] = {}
+        #: step -> (dtype, shape) of its input: what every hop's output must match
+        self.expect: dict[int, tuple[str, tuple[int, ...]]] = {}
 
     # -- push sink (pushes arrive parsed by the swarm) ------------------------------------
     def on_err(self, peer: PeerID, err: sw.Err) -> None:
         p = self._pending
         if p is None or err.step != p.step or p.error is not None:
             return
-        p.error = (err.blame or peer, f"worker {peer.short()} reported: {err.msg}")
-        p.event.set()
+        blame = judge_err(self.route, peer, err)  # only route hops, blaming themselves or their successor
+        if blame is not None:
+            p.error = blame
+            p.event.set()
+
+    def _problem(self, k: int, blob: TensorBlob) -> str | None:
+        if k not in self.expect:
+            return f"an output for step {k}, which was never sent"
+        return output_problem_untrusted(blob, *self.expect[k])
 
     def on_out(self, peer: PeerID, out: sw.Out, tensors: list[TensorBlob]) -> None:
         from pymesh.model.blobs import blob_to_tensor
@@ -102,13 +121,23 @@ class InferenceSession:
             return
         p = self._pending
         if out.final and hop is self.route[-1]:
-            if p is not None and out.steps == (p.step,):
+            if p is not None and out.steps == (p.step,) and p.error is None:
+                problem = self._problem(p.step, tensors[0])
+                if problem is not None:
+                    p.error = Blame(peer, f"{hop.describe()} sent a wrong answer for step {p.step}: {problem}",
+                                    cause=BanCause.WRONG_ANSWER)
+                    p.event.set()
+                    return
                 p.result = blob_to_tensor(tensors[0])
                 p.arrived[hop.start] = time.perf_counter()
                 self._maybe_done(p)
             return
         store = self.history.setdefault(hop.stop, {})
         for k, blob in zip(out.steps, tensors):
+            problem = self._problem(k, blob)
+            if problem is not None:  # not kept: a replay that needs it flushes or fails
+                log.warning("Client: dropping %s's recovery copy of step %d: %s", hop.describe(), k, problem)
+                continue
             store[k] = blob_to_tensor(blob)
             if p is not None and k == p.step:
                 p.arrived[hop.start] = time.perf_counter()
@@ -158,9 +187,10 @@ class InferenceSession:
         hint = sw.AddrHint(nxt.host, nxt.port, self.swarm.transport) if nxt.host and nxt.port else None
         return sw.NextHop(nxt.peer, nxt.start, nxt.stop, hint)
 
-    def _open_msg(self, o: SpanOption, nxt: SpanOption | None) -> sw.Open:
+    def _open_msg(self, op: OpenHop) -> sw.Open:
+        o = op.hop
         return sw.Open(self.sid, self.max_tokens, self.batch, self.swarm.model_id, o.start, o.stop, reset=True,
-                       copies=self.copy_every, next_hop=self._next_hop(nxt))
+                       copies=self.copy_every, next_hop=self._next_hop(op.next), prev=op.prev)
 
     async def _open_route(self) -> None:
         """Choose a route and open a session on every hop; refused workers are avoided."""
@@ -177,22 +207,27 @@ class InferenceSession:
                 self.route = route
                 self.history = {route[0].start: {}}
                 return
-            excluded.append(failed)
+            await self._apply(failed, {}, 0)
+            if failed.verdict in (Verdict.BAN, Verdict.AVOID):
+                excluded.append(failed.peer)
         raise SessionFailed("could not open a session on any route: every candidate worker refused or failed")
 
-    async def _open_hops(self, opens: Sequence[OpenHop]) -> PeerID | None:
-        """Open sessions (in the plan's order: last hop first); returns a peer that failed."""
+    async def _open_hops(self, opens: Sequence[OpenHop]) -> Blame | None:
+        """Open sessions (in the plan's order: last hop first); returns what failed, if any."""
         for op in opens:
             o, nxt = op.hop, op.next
             try:
-                await self.swarm.request(o, self._open_msg(o, nxt))
-                self.links[hop_key(o)] = Link(o, hop_key(nxt) if nxt is not None else None)
+                await self.swarm.request(o, self._open_msg(op))
+                self.links[hop_key(o)] = Link(o, hop_key(nxt) if nxt is not None else None, op.prev)
             except PymeshError as exc:
                 code = exc.code if isinstance(exc, RemoteError) else ""
                 log.warning("Client: worker %s refused the session (%s): %s", o.peer.short(), code or "error", exc)
-                if code != sw.ErrorCode.REFUSED:
-                    self.swarm.ban(o.peer, f"open_session failed: {exc}")
-                return o.peer
+                if code == sw.ErrorCode.NEXT_UNREACHABLE and nxt is not None:
+                    return Blame(nxt.peer, f"{o.describe()} cannot reach {nxt.describe()}: {exc}", Verdict.LINK,
+                                 sender=o)
+                if code == sw.ErrorCode.REFUSED:
+                    return Blame(o.peer, f"refused the session: {exc}", Verdict.AVOID)
+                return probes.failure_of(o, "open_session", exc)
         return None
 
     def _log_route(self, route: list[SpanOption]) -> None:
@@ -210,6 +245,7 @@ class InferenceSession:
         step = len(self.shapes)
         hidden = hidden.contiguous()
         self.history.setdefault(self.start, {})[step] = hidden
+        self.expect[step] = (str(hidden.dtype).removeprefix("torch."), tuple(hidden.shape))
         for attempt in range(self.max_recoveries + 1):
             try:
                 result = await self._run_step(step, self.length, hidden)
@@ -236,67 +272,41 @@ class InferenceSession:
                     conn = await self.swarm.connect(first)
                     await conn.push(sw.STEP, sw.Step(self.sid, step, pos).to_meta(), [tensor_to_blob(hidden)])
                 except (PeerUnavailable, ConnectionClosed, OSError) as exc:
-                    raise _StepFailure(first.peer, f"cannot reach the first worker: {exc}") from None
+                    # the client's own link to the first hop: re-dialled, the hop not banned
+                    raise _StepFailure(Blame(first.peer, f"cannot reach the first worker: {exc}",
+                                             Verdict.LINK)) from None
                 while not p.event.is_set():
                     with trio.move_on_after(self.probe_after):
                         await p.event.wait()
                     if p.event.is_set():
                         break
-                    silent = await self._silent_hop()
-                    if silent is not None and not p.event.is_set():
-                        p.error = (silent.peer, f"{silent.describe()} stopped answering while step {step} "
-                                                "was in flight")
+                    problem = await probes.route_problem(self.swarm, self.sid, self.route, step,
+                                                         self.probe_timeout)
+                    if problem is not None and not p.event.is_set():
+                        p.error = problem
                         break
         finally:
             self._pending = None
         if p.error is not None:
-            raise _StepFailure(*p.error)
+            raise _StepFailure(p.error)
         if p.result is None:
-            culprit = await self._find_stuck_hop(step)
-            raise _StepFailure(culprit.peer, f"no result within {self.step_timeout:.0f} s; "
-                                             f"{culprit.describe()} did not get step {step} through")
+            culprit = await probes.stuck_hop(self.swarm, self.sid, self.route, step,
+                                             min(5.0, max(self.step_timeout / 2, 0.5)))
+            raise _StepFailure(Blame(culprit.peer, f"no result within {self.step_timeout:.0f} s; "
+                                                   f"{culprit.describe()} did not get step {step} through"))
         self.last_hop_times = {s: t - sent for s, t in p.arrived.items()}
         log.info("Client: received response for request_id %d", step)
         return p.result
-
-    async def _silent_hop(self) -> SpanOption | None:
-        """The first hop of the route that does not answer a liveness probe, if any."""
-        silent: dict[int, SpanOption] = {}
-
-        async def probe(i: int, o: SpanOption) -> None:
-            try:
-                await self.swarm.request(o, sw.Info(), timeout=self.probe_timeout)
-            except PymeshError:
-                silent[i] = o
-
-        async with trio.open_nursery() as nursery:
-            for i, o in enumerate(self.route):
-                nursery.start_soon(probe, i, o)
-        return silent[min(silent)] if silent else None
-
-    async def _find_stuck_hop(self, step: int) -> SpanOption:
-        """The first hop that did not process ``step`` (or does not answer at all)."""
-        probe = min(5.0, max(self.step_timeout / 2, 0.5))
-        for o in self.route:
-            try:
-                meta, _ = await self.swarm.request(o, sw.Stats(self.sid), timeout=probe)
-                stats = sw.StatsReply.from_meta_untrusted(meta)
-            except PymeshError:
-                return o
-            if stats.session is None or stats.session.steps <= step:
-                return o
-        return self.route[-1]
 
     # -- recovery --------------------------------------------------------------------------
     async def _recover(self, failure: _StepFailure, step: int) -> None:
         """Ban the culprit, pick a new route keeping the healthy hops, and execute the plan
         that moves the session onto it (re-planned from where it stopped if it fails)."""
         t0 = time.perf_counter()
-        if failure.blame is not None:
-            self.swarm.ban(failure.blame, failure.why)
         #: hops whose cache holds steps 0..step-1: the route, plus hops replayed on the way
         ready: dict[HopKey, SpanOption] = {hop_key(o): o for o in self.route}
         before = set(ready)
+        await self._apply(failure.blame, ready, step)
         for _ in range(self.max_recoveries + 1):
             route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=0, prefer=list(ready))
             p = plan(list(ready.values()), route, self.links, self.history, step, dead=set(self.swarm.banned))
@@ -306,8 +316,7 @@ class InferenceSession:
                 await self._execute(p, step, ready)
                 break
             except _StepFailure as exc:
-                if exc.blame is not None and exc.blame not in self.swarm.banned:
-                    self.swarm.ban(exc.blame, exc.why)
+                await self._apply(exc.blame, ready, step)
         else:
             raise SessionFailed(f"could not recover from: {failure.why}")
         self.route = route
@@ -316,24 +325,53 @@ class InferenceSession:
         with trio.move_on_after(2):
             await self._close_hops([o for o in p.closes if o.peer not in self.swarm.banned])
         elapsed = time.perf_counter() - t0
-        self.recoveries.append({"step": step, "blamed": str(failure.blame) if failure.blame else None,
-                                "why": failure.why,
+        self.recoveries.append({"step": step, "blamed": str(failure.blame.peer),
+                                "verdict": failure.blame.verdict.value, "why": failure.why,
                                 "replaced": [o.describe() for o in route if hop_key(o) not in before],
                                 "seconds": round(elapsed, 3)})
         log.warning("Client: recovered at step %d in %.2f s: new route [%s]", step, elapsed,
                     ", ".join(o.describe() for o in route))
 
+    async def _apply(self, blame: Blame, ready: dict[HopKey, SpanOption], step: int) -> None:
+        """Act on a failure before re-planning: ban the peer; or, for a failed link, drop
+        the link (the hop is relinked, re-dialling) and keep the peer behind it only if it
+        still holds the session; or forget the cache of a peer that lost the session."""
+        if blame.verdict is Verdict.BAN:
+            self.swarm.ban(blame.peer, blame.why, blame.cause)
+            return
+        self.swarm.deprioritise(blame.peer, blame.why)
+        if blame.verdict is Verdict.AVOID:
+            return
+        if blame.sender is not None:
+            self.links.pop(hop_key(blame.sender), None)
+        for k, o in list(ready.items()):
+            if o.peer != blame.peer or (blame.sender is not None and o.start != blame.sender.stop):
+                continue
+            if blame.verdict is Verdict.LINK:
+                steps = await probes.session_steps(self.swarm, self.sid, o, self.probe_timeout)
+                if steps is not None and steps >= step:
+                    log.info("Client: %s still holds the session (%d steps): relinking to it", o.describe(), steps)
+                    continue
+            log.info("Client: %s lost the session; it will be opened and replayed", o.describe())
+            del ready[k]
+            for before in [h for h, link in self.links.items() if link.next == k]:
+                del self.links[before]  # relinked: it re-dials the reopened hop
+
     async def _execute(self, p: RecoveryPlan, step: int, ready: dict[HopKey, SpanOption]) -> None:
         """Open, re-link, flush, replay (the plan's I/O); a hop that fails raises _StepFailure."""
         bad = await self._open_hops(p.opens)
         if bad is not None:
-            raise _StepFailure(bad, "refused the session during recovery")
+            raise _StepFailure(bad)
         for link in p.relinks:
+            nxt = link.next
             try:
-                await self.swarm.request(link.hop, sw.SetNext(self.sid, self._next_hop(link.next)))
+                await self.swarm.request(link.hop, sw.SetNext(self.sid, self._next_hop(nxt), link.prev))
             except PymeshError as exc:
-                raise _StepFailure(link.hop.peer, f"set_next failed: {exc}") from None
-            self.links[hop_key(link.hop)] = Link(link.hop, hop_key(link.next) if link.next is not None else None)
+                if isinstance(exc, RemoteError) and exc.code == sw.ErrorCode.NEXT_UNREACHABLE and nxt is not None:
+                    raise _StepFailure(Blame(nxt.peer, f"{link.hop.describe()} cannot reach {nxt.describe()}: "
+                                                       f"{exc}", Verdict.LINK, sender=link.hop)) from None
+                raise _StepFailure(probes.failure_of(link.hop, "set_next", exc)) from None
+            self.links[hop_key(link.hop)] = Link(link.hop, hop_key(nxt) if nxt is not None else None, link.prev)
         for f in p.flushes:
             await self._fetch_unsent_copies(f.source, f.boundary)
         for r in p.replays:
@@ -349,9 +387,13 @@ class InferenceSession:
             reply = sw.FlushReply.from_meta_untrusted(meta)
             sw.check_tensor_count(tensors, len(reply.steps), "pm.flush reply")
         except PymeshError as exc:
-            raise _StepFailure(source.peer, f"flush of recovery copies failed: {exc}") from None
+            raise _StepFailure(probes.failure_of(source, "flush of recovery copies", exc)) from None
         store = self.history.setdefault(boundary, {})
         for k, blob in zip(reply.steps, tensors):
+            problem = self._problem(k, blob)
+            if problem is not None:
+                raise _StepFailure(Blame(source.peer, f"{source.describe()} flushed a wrong copy of step {k}: "
+                                                      f"{problem}", cause=BanCause.WRONG_ANSWER))
             store[k] = blob_to_tensor(blob)
         log.info("Client: fetched %d unsent recovery cop%s from %s", len(reply.steps),
                  "y" if len(reply.steps) == 1 else "ies", source.describe())
@@ -374,7 +416,11 @@ class InferenceSession:
                     o, sw.Forward(self.sid, k, pos), [tensor_to_blob(inputs[k])], timeout=self.step_timeout)
                 sw.check_tensor_count(tensors, 1, "pm.forward reply")
             except PymeshError as exc:
-                raise _StepFailure(o.peer, f"replay of step {k} failed: {exc}") from None
+                raise _StepFailure(probes.failure_of(o, f"replay of step {k}", exc)) from None
+            problem = self._problem(k, tensors[0])
+            if problem is not None:
+                raise _StepFailure(Blame(o.peer, f"{o.describe()} replayed step {k} wrongly: {problem}",
+                                         cause=BanCause.WRONG_ANSWER))
             outputs[k] = blob_to_tensor(tensors[0])
         if r.store:
             self.history.setdefault(o.stop, {}).update(outputs)

@@ -1,0 +1,86 @@
+"""Who a failed step is held against, and what the session does about it. Pure, no I/O.
+
+Three verdicts, each with its remedy:
+
+- ``BAN``: the peer failed (timed out, was unreachable, reported an error on our session,
+  or sent a wrong answer): it is banned and routed around (:mod:`pymesh.client.bans`).
+- ``LINK``: a hop could not push the step to its successor. The connection between them
+  failed, which does not prove the successor misbehaved (it may have restarted): nobody
+  is banned; the hop is relinked (it re-dials) and the successor keeps its place if its
+  session survived, else it is reopened and replayed, and only deprioritised.
+- ``LOST``: the peer answers but no longer holds our session (a restarted worker, or an
+  expired one): it is opened again and replayed, not banned.
+- ``AVOID``: the peer refused a session (full, or not serving those blocks any more): it is
+  routed around while others serve its blocks.
+
+:func:`judge_err` applies the session protocol's rule for ``pm.err`` pushes (issue 11):
+only a hop of the session's route may report, and it may blame only itself or its own
+successor on the route. Anything else is dropped, so a peer that once served the session
+(or guessed its id) cannot get an honest hop banned.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+from pymesh.client.bans import BanCause
+from pymesh.client.routing import SpanOption
+from pymesh.proto import session_wire as sw
+from pymesh.proto.identity import PeerID
+
+log = logging.getLogger(__name__)
+
+
+class Verdict(enum.Enum):
+    BAN = "ban"
+    LINK = "link"
+    LOST = "lost"
+    AVOID = "avoid"
+
+
+@dataclass(frozen=True)
+class Blame:
+    """``peer`` is the one held responsible; for ``LINK`` it is the successor behind the
+    failed link and ``sender`` the hop whose push failed."""
+
+    peer: PeerID
+    why: str
+    verdict: Verdict = Verdict.BAN
+    cause: BanCause = BanCause.FAILED
+    sender: SpanOption | None = None
+
+
+def route_index(route: Sequence[SpanOption], peer: PeerID, start: int | None = None) -> int | None:
+    """The position of ``peer``'s hop on ``route`` (the one starting at ``start`` if given)."""
+    for i, o in enumerate(route):
+        if o.peer == peer and (start is None or o.start == start):
+            return i
+    return None
+
+
+def judge_err(route: Sequence[SpanOption], sender: PeerID, err: sw.Err) -> Blame | None:
+    """What a ``pm.err`` from ``sender`` means for a session on ``route``; None: drop it."""
+    i = route_index(route, sender, err.start)
+    if i is None:
+        log.debug("pm.err from %s dropped: not a hop of the session's route", sender.short())
+        return None
+    hop = route[i]
+    successor = route[i + 1] if i + 1 < len(route) else None
+    said = f"worker {hop.describe()} reported {err.code.value}: {err.msg}"
+    if err.blame is None or err.blame == sender:
+        if err.code == sw.ErrorCode.NOT_FOUND:
+            return Blame(sender, said, Verdict.LOST)
+        return Blame(sender, said)
+    if successor is None or err.blame != successor.peer:
+        log.debug("pm.err from %s dropped: it blames %s, who is not its successor on the route",
+                  sender.short(), err.blame.short())
+        return None
+    if err.link or err.code == sw.ErrorCode.NEXT_UNREACHABLE:
+        return Blame(successor.peer, f"link {hop.describe()} -> {successor.describe()} failed: {err.msg}",
+                     Verdict.LINK, sender=hop)
+    if err.code == sw.ErrorCode.NOT_FOUND:
+        return Blame(successor.peer, said, Verdict.LOST)
+    return Blame(successor.peer, said)
