@@ -29,8 +29,8 @@ def test_every_session_message_is_in_the_doc() -> None:
     from pymesh.proto.session_table import MESSAGES
 
     text = (ROOT / "docs" / "INTERFACES.md").read_text(encoding="utf-8")
-    names = {getattr(session_wire, n) for n in ("INFO", "OPEN", "SET_NEXT", "CLOSE", "FORWARD", "STATS", "FLUSH", "LINK",
-                                                "STEP", "OUT", "ERR")}
+    names = {getattr(session_wire, n) for n in ("INFO", "OPEN", "SET_NEXT", "CLOSE", "FORWARD", "STATS", "FLUSH",
+                                                "LINK", "STEP", "OUT", "ERR")}
     assert names == {m.name for m in MESSAGES}
     for name in names:
         assert f"`{name}`" in text, f"{name} is missing from docs/INTERFACES.md"
