@@ -29,6 +29,7 @@ class DHTConfig:
     refresh_interval: float = 900.0    # stale-bucket refresh (BEP 5: 15 minutes)
     bootstrap_timeout: float = 10.0
     max_record_pages: int = 64         # per responder, when paging a large model
+    max_record_pages_total: int = 256  # all responders of one read together
     max_pending_pings: int = 32
     read_only: bool = False            # BEP 43: send ro=1, answer no queries
     min_rpc_timeout: float = 0.25      # floor of the adaptive (4 x srtt) soft timeout in lookups

@@ -5,9 +5,14 @@ Each record is stored at two targets, on the k nodes closest to each (and locall
 when this node is one of them): the model's target (``find_block_providers``,
 ``find_model_records``) and the all-records target (``list_models``,
 ``list_records``). Writes are ``pm_put`` with a token from a ``pm_get`` answer;
-reads are a ``pm_get`` lookup whose replies carry the first page of records, then
-further pages (``after`` = cursor) from the closest nodes that said there is more.
-Every record read is verified; bad or other-version records are dropped with a log line.
+reads are a ``pm_get`` lookup (queries padded so that the first, unverified replies may
+carry a full page) whose replies carry the first page of records, then further pages
+(``after`` = cursor, with the node's token) from every closest node that said there is
+more, while its cursor advances, within ``max_record_pages`` per node and
+``max_record_pages_total`` in all. Nodes page round-robin across the addresses that stored
+records, so one address cannot fill every page. Every record read is verified and checked
+against the clock (older than ``record_ttl`` or from the future: dropped); bad or
+other-version records are dropped with a log line.
 
 A node re-signs and re-publishes its own records every ``heartbeat`` seconds until
 :meth:`stop_refreshing` or shutdown; at clean shutdown it publishes them as offline.
@@ -23,7 +28,7 @@ import trio
 from pymesh.errors import LocalProtocolError, PeerUnavailable, RemoteProtocolError
 from pymesh.net.clock import Clock
 from pymesh.net.dht_ops import DHTOps
-from pymesh.proto.dht_core import MAX_SKEW, RECORD_PAGE_BUDGET
+from pymesh.proto.dht_core import MAX_SKEW, RECORD_PAGE_BUDGET, padded_read_args
 from pymesh.proto.krpc import Contact
 from pymesh.proto.records import ALL_TARGET, RecordError, RecordVersionMismatch, WorkerRecord, model_target
 from pymesh.proto.routing import distance
@@ -143,23 +148,36 @@ class DHTRecords:
             log.info("ignoring an invalid worker record: %s", exc)
         return None
 
-    def _merge(self, into: dict[bytes, WorkerRecord], raws: object, model_id: str | None) -> None:
+    def _merge(self, into: dict[bytes, WorkerRecord], raws: object, model_id: str | None) -> int:
+        """Add the valid, current records of one reply to ``into`` (newest per signer wins);
+        returns how many records the reply carried. A record older than ``record_ttl`` (plus
+        the MAX_SKEW a store allows) or stamped more than MAX_SKEW in the future is dropped
+        here too, not only by the node that stored it: a stale or lying store cannot bring
+        it back."""
         if not isinstance(raws, list):
-            return
+            return 0
+        now = self.clock.wall()
+        oldest = now - self.net.config.record_ttl - MAX_SKEW  # what a store keeps, at most
         for raw in raws[:64]:
             rec = self._parse(raw)
             if rec is None or (model_id is not None and rec.model_id != model_id):
                 continue
+            if not oldest <= rec.timestamp <= now + MAX_SKEW:
+                log.debug("ignoring a record of %s stamped %.0fs from now", rec.peer_id.short(), rec.timestamp - now)
+                continue
             old = into.get(rec.peer_id.key)
             if old is None or old.timestamp < rec.timestamp:
                 into[rec.peer_id.key] = rec
+        return len(raws)
 
     async def _read_records(self, target: bytes, model_id: str | None, block: int | None) -> list[WorkerRecord]:
         args: dict[bytes, object] = {b"target": target}
         if block is not None:
             args[b"b"] = block
         net = self.net
-        closest, replies = await net.lookup(target, b"pm_get", args)
+        # Padded so that even these first, unverified replies may carry a full page.
+        closest, replies = await net.lookup(target, b"pm_get",
+                                            padded_read_args(net.node_id, args, read_only=net.core.read_only))
         found: dict[bytes, WorkerRecord] = {}
         now = self.clock.wall()
         after = b""
@@ -172,26 +190,34 @@ class DHTRecords:
         more = []
         for _, resp in replies.values():
             self._merge(found, resp.values.get(b"recs"), model_id)
-        for c in closest[:3]:
-            nxt_v = replies[c.node_id][1].values.get(b"next") if c.node_id in replies else None
-            if isinstance(nxt_v, bytes):
-                more.append((c, nxt_v))
+        for c in closest:
+            values = replies[c.node_id][1].values if c.node_id in replies else {}
+            nxt_v, token = values.get(b"next"), values.get(b"token")
+            if isinstance(nxt_v, bytes) and isinstance(token, bytes):
+                more.append((c, nxt_v, token))
+        # Pages come while a responder's cursor advances, within a budget shared by all of
+        # them (a node full of one address's records costs a bounded number of queries).
+        budget = [net.config.max_record_pages_total]
 
-        async def pages(c: Contact, cursor: bytes) -> None:
+        async def pages(c: Contact, cursor: bytes, token: bytes) -> None:
             for _ in range(net.config.max_record_pages):
+                if budget[0] <= 0:
+                    return
+                budget[0] -= 1
                 try:
-                    resp = await net.query(c.addr, b"pm_get", {**args, b"after": cursor}, node_id=c.node_id)
+                    resp = await net.query(c.addr, b"pm_get", {**args, b"after": cursor, b"token": token},
+                                           node_id=c.node_id)
                 except (PeerUnavailable, RemoteProtocolError):
                     return
-                self._merge(found, resp.values.get(b"recs"), model_id)
+                got = self._merge(found, resp.values.get(b"recs"), model_id)
                 nxt = resp.values.get(b"next")
-                if not isinstance(nxt, bytes) or nxt <= cursor:
+                if not got or not isinstance(nxt, bytes) or nxt <= cursor:
                     return
                 cursor = nxt
 
         async with trio.open_nursery() as nursery:
-            for c, cursor in more:
-                nursery.start_soon(pages, c, cursor)
+            for c, cursor, token in more:
+                nursery.start_soon(pages, c, cursor, token)
         if block is not None:
             return sorted((r for r in found.values() if r.covers(block)), key=_order)
         return sorted(found.values(), key=_order)

@@ -8,8 +8,17 @@ timers. ``now`` is unix time in seconds (record timestamps are compared with it)
 Methods answered: BEP 5 ``ping``, ``find_node``, ``get_peers``, ``announce_peer``;
 BEP 44 ``get``, ``put``; and pymesh's extension queries in the same envelope:
 
-``pm_put``  a = {id, target, rec, token}      -> r = {id, stored: 0|1}
-``pm_get``  a = {id, target, [b], [after]}    -> r = {id, token, nodes, recs, [next]}
+``pm_put``  a = {id, target, rec, token}               -> r = {id, stored: 0|1}
+``pm_get``  a = {id, target, [b], [after], [token]}    -> r = {id, token, nodes, recs, [next]}
+
+Reflection: a ``pm_get`` whose ``token`` is not valid for its source address and target
+comes from an address that has not proven it receives there (it may be spoofed). Its
+reply carries only as many records as keep the whole reply within
+``AMPLIFICATION`` x the query's size (id, token and nodes, what any BEP 5 node answers,
+always go), so a spoofed query cannot make this node flood a victim. Readers pad the
+queries of a lookup to :data:`READ_QUERY_SIZE` bytes (a full first page at 3x) and send
+the token they were given with every further page. ``next`` is present while records
+remain; an unverified reply that had room for none repeats the caller's cursor.
 
 A *read-only* core (BEP 43) sends ``ro=1`` in its queries and answers none: nodes
 that only look things up (a client, the monitor) stay out of everyone's routing tables,
@@ -27,6 +36,7 @@ filters to records covering block b; ``after`` is the paging cursor from ``next`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections import OrderedDict
@@ -52,6 +62,10 @@ RECORD_PAGE_BUDGET = 950
 #: How long a contact that failed to answer is skipped by lookups (unless heard from).
 FAILED_FOR = 300.0
 MAX_FAILED = 4096
+#: A reply to an unverified source is at most this many times its query (QUIC's limit).
+AMPLIFICATION = 3
+#: Size readers pad pm_get lookup queries to: 3 x 480 bytes leaves room for a full page.
+READ_QUERY_SIZE = 480
 
 
 @dataclass
@@ -82,7 +96,9 @@ class DHTCore:
                                    random_bytes=lambda n: self._rng.getrandbits(8 * n).to_bytes(n, "big"))
         self.peers = PeerStore()
         self.items = ItemStore()
-        self.records = RecordStore()
+        # The secret that orders sources in record pages: the OS's randomness, except in a
+        # seeded simulation (repeatable, and leaves the seeded generator's sequence alone).
+        self.records = RecordStore(salt=None if rng is None else hashlib.sha256(b"pm-order" + node_id).digest()[:16])
         self._tid = self._rng.randrange(1 << 16)
 
     # -- outgoing ------------------------------------------------------------------------
@@ -165,6 +181,8 @@ class DHTCore:
                         pings=pings)
 
     def _dispatch(self, q: Query, src: Addr, now: float) -> dict[bytes, object]:
+        if q.method == b"pm_get":
+            return self._pm_get(q, src, now)
         handler = _HANDLERS.get(q.method)
         if handler is None:
             raise KRPCError(f"method {q.method[:32]!r} unknown", krpc.METHOD_UNKNOWN)
@@ -264,16 +282,35 @@ class DHTCore:
                                   StoredRecord(raw, rec.timestamp, expires, rec.start, rec.stop, src[0]), now)
         return {b"id": self.node_id, b"stored": int(stored)}
 
-    def _pm_get(self, a: dict, src: Addr, now: float) -> dict[bytes, object]:  # type: ignore[type-arg]
+    def _pm_get(self, q: Query, src: Addr, now: float) -> dict[bytes, object]:
+        a = q.args
         target = krpc.get_id20(a, b"target")
         block = krpc.get_int(a, b"b", 0, 1 << 20) if b"b" in a else None
         after = krpc.get_bytes(a, b"after", 32, required=False) or b""
-        recs, nxt = self.records.page(target, now, after=after, block=block, budget=RECORD_PAGE_BUDGET)
+        token = krpc.get_bytes(a, b"token", krpc.MAX_TOKEN, required=False)
         out: dict[bytes, object] = {b"id": self.node_id, b"token": self.tokens.issue(src[0], target, now),
-                                    b"nodes": self._nodes(target), b"recs": recs}
+                                    b"nodes": self._nodes(target)}
+        budget = RECORD_PAGE_BUDGET
+        if token is None or not self.tokens.check(token, src[0], target, now):
+            # the reply's size without records, with the largest transaction id and cursor
+            bare = krpc.encode_response(b"t" * krpc.MAX_TID, {**out, b"recs": [], b"next": b"c" * max(12, len(after))},
+                                        seen=src, client=CLIENT_VERSION)
+            budget = min(budget, AMPLIFICATION * q.size - len(bare))
+        recs, nxt = self.records.page(target, now, after=after, block=block, budget=max(0, budget))
+        out[b"recs"] = recs
         if nxt is not None:
             out[b"next"] = nxt
         return out
+
+
+def padded_read_args(node_id: bytes, args: dict[bytes, object], *, read_only: bool = False) -> dict[bytes, object]:
+    """``args`` of a pm_get plus a ``pad`` that brings the query to about
+    :data:`READ_QUERY_SIZE` bytes, so an unverified (first) reply may carry a full page."""
+    probe = krpc.encode_query(b"t" * 4, b"pm_get", {b"id": node_id, **args, b"pad": b""},
+                              read_only=read_only, client=CLIENT_VERSION)
+    room = READ_QUERY_SIZE - len(probe)
+    n = max(0, room - len(str(max(room, 0))))
+    return {**args, b"pad": bytes(n)}
 
 
 def _salvage_tid(data: bytes) -> bytes | None:
@@ -299,7 +336,6 @@ _HANDLERS = {
     b"get": DHTCore._get,
     b"put": DHTCore._put,
     b"pm_put": DHTCore._pm_put,
-    b"pm_get": DHTCore._pm_get,
 }
 
-__all__ = ["DHTCore", "Incoming", "CLIENT_VERSION", "PROTOCOL_VERSION"]
+__all__ = ["DHTCore", "Incoming", "CLIENT_VERSION", "PROTOCOL_VERSION", "padded_read_args"]

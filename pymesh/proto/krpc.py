@@ -69,6 +69,8 @@ class Query:
     args: dict[bytes, Value]
     sender_id: bytes
     read_only: bool = False
+    #: Bytes of the datagram it came in (a reply to an unverified source is bounded by it).
+    size: int = 0
 
 
 @dataclass
@@ -189,7 +191,7 @@ def decode_message_untrusted(data: bytes) -> Message:
         args = msg.get(b"a")
         if not isinstance(method, bytes) or not isinstance(args, dict):
             raise KRPCError("query needs a method name 'q' and an argument dictionary 'a'")
-        return Query(tid, method, args, _node_id(args, "query"), read_only=msg.get(b"ro") == 1)
+        return Query(tid, method, args, _node_id(args, "query"), read_only=msg.get(b"ro") == 1, size=len(data))
     if kind == b"r":
         values = msg.get(b"r")
         if not isinstance(values, dict):

@@ -8,6 +8,7 @@ expire, cap and page.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -140,7 +141,8 @@ class RecordStore:
     """
 
     def __init__(self, *, max_targets: int = 512, max_per_target: int = 1024, max_records: int = 8192,
-                 max_per_source: int = 256, max_targets_per_signer: int = 16) -> None:
+                 max_per_source: int = 256, max_targets_per_signer: int = 16, salt: bytes | None = None) -> None:
+        self._salt = os.urandom(16) if salt is None else salt
         self.max_targets = max_targets
         self.max_per_target = max_per_target
         self.max_records = max_records
@@ -255,29 +257,46 @@ class RecordStore:
         for s in [s for s, r in recs.items() if r.expires <= now]:
             self._remove(target, s)
 
+    def _order_key(self, source: str) -> bytes:
+        """Where ``source``'s records go in a round of a page order: a keyed hash, so no one
+        can choose (by grinding keys or picking addresses) to come first."""
+        return hashlib.blake2b(source.encode("utf-8", "replace"), key=self._salt, digest_size=8).digest()
+
     def page(self, target: bytes, now: float, *, after: bytes = b"", block: int | None = None,
              budget: int = 900) -> tuple[list[bytes], bytes | None]:
-        """Raw records (sorted by signer key) after ``after`` that fit in ``budget`` bytes;
-        also the cursor for the next page (None when this page is the last)."""
+        """Raw records after cursor ``after`` that fit in ``budget`` bytes, and the cursor for
+        the next page (None when this page is the last).
+
+        Records are served round-robin across sources: every source's first record (its
+        signers in key order), then every source's second, and so on, sources in an order
+        keyed by this store's secret. One address holding its whole quota under keys ground
+        to sort first therefore delays each honest source by at most one round, instead of
+        pushing it past the last page a reader fetches. A cursor is (round, source key): 12
+        bytes that grow strictly, so readers stop when it does not advance."""
         self._expire(target, now)
         recs = self._targets.get(target)
         if not recs:
             return [], None
+        groups: dict[str, list[bytes]] = {}
+        for signer in sorted(recs):
+            r = recs[signer]
+            if block is None or r.start <= block < r.stop:
+                groups.setdefault(r.source, []).append(signer)
+        order = sorted((rank.to_bytes(4, "big") + self._order_key(src), signer)
+                       for src, signers in groups.items() for rank, signer in enumerate(signers))
         out: list[bytes] = []
         used = 0
         prev = b""
-        for signer in sorted(recs):
-            if signer <= after and after:
+        for pos, signer in order:
+            if after and pos <= after:
                 continue
-            r = recs[signer]
-            if block is not None and not r.start <= block < r.stop:
-                continue
-            size = len(r.raw) + 6
-            if out and used + size > budget:
-                return out, prev
-            out.append(r.raw)
+            raw = recs[signer].raw
+            size = len(raw) + 6
+            if used + size > budget:
+                return out, prev or after
+            out.append(raw)
             used += size
-            prev = signer
+            prev = pos
         return out, None
 
     def count(self, target: bytes) -> int:

@@ -47,10 +47,12 @@ class RawKRPC:
                 return msg
         return None
 
-    def pm_get(self, target: bytes, block: int | None = None) -> Any:
+    def pm_get(self, target: bytes, block: int | None = None, token: bytes | None = None) -> Any:
         args: dict[bytes, object] = {b"target": target}
         if block is not None:
             args[b"b"] = block
+        if token is not None:  # proves this address receives: the full page, not a capped one
+            args[b"token"] = token
         return self.query(b"pm_get", args)
 
     def pm_put(self, target: bytes, raw: bytes, token: bytes | None = None) -> Any:
@@ -61,7 +63,9 @@ class RawKRPC:
         return self.query(b"pm_put", {b"target": target, b"rec": raw, b"token": token})
 
     def records(self, target: bytes) -> list[bytes]:
-        got = self.pm_get(target)
+        first = self.pm_get(target)
+        assert isinstance(first, krpc.Response), f"pm_get failed: {first}"
+        got = self.pm_get(target, token=first.values[b"token"])
         assert isinstance(got, krpc.Response), f"pm_get failed: {got}"
         return list(got.values.get(b"recs", []))
 

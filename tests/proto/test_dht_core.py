@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pymesh import PROTOCOL_VERSION
 from pymesh.proto import krpc
 from pymesh.proto.bencode import encode
-from pymesh.proto.dht_core import DHTCore
+from pymesh.proto.dht_core import AMPLIFICATION, CLIENT_VERSION, DHTCore, padded_read_args
 from pymesh.proto.identity import Identity
 from pymesh.proto.krpc import ErrorReply, Response
 from pymesh.proto.records import ALL_TARGET, WorkerRecord, model_target
@@ -127,7 +127,9 @@ def pm_put(core: DHTCore, raw: bytes, target: bytes | None = None) -> Response |
 
 
 def stored(core: DHTCore, target: bytes | None = None) -> list[WorkerRecord]:
-    r = ok(ask(core, b"pm_get", {b"target": target or model_target("m@1")}))
+    target = target or model_target("m@1")
+    token = ok(ask(core, b"pm_get", {b"target": target}))[b"token"]
+    r = ok(ask(core, b"pm_get", {b"target": target, b"token": token}))
     return [WorkerRecord.from_bytes_untrusted(x) for x in r[b"recs"]]
 
 
@@ -169,8 +171,9 @@ def test_pm_get_pages_fit_in_a_datagram_and_cover_everything(core: DHTCore) -> N
         ok(pm_put(core, record(ident, start=i, stop=i + 1).to_bytes()))
     seen: set[bytes] = set()
     after = b""
+    token = ok(ask(core, b"pm_get", {b"target": model_target("m@1")}))[b"token"]
     while True:
-        args: dict[bytes, object] = {b"target": model_target("m@1")}
+        args: dict[bytes, object] = {b"target": model_target("m@1"), b"token": token}
         if after:
             args[b"after"] = after
         data = krpc.encode_query(b"tx", b"pm_get", {b"id": ME, **args})
@@ -182,8 +185,47 @@ def test_pm_get_pages_fit_in_a_datagram_and_cover_everything(core: DHTCore) -> N
             break
         after = r[b"next"]
     assert len(seen) == 25
-    one = ok(ask(core, b"pm_get", {b"target": model_target("m@1"), b"b": 7}))[b"recs"]
+    one = ok(ask(core, b"pm_get", {b"target": model_target("m@1"), b"b": 7, b"token": token}))[b"recs"]
     assert [WorkerRecord.from_bytes_untrusted(x).start for x in one] == [7]
+
+
+def pm_get_from(core: DHTCore, src: tuple[str, int], args: dict[bytes, object]) -> tuple[int, int, dict]:  # type: ignore[type-arg]
+    """(query bytes, reply bytes, reply values) of one pm_get from ``src``."""
+    data = krpc.encode_query(b"tx", b"pm_get", {b"id": ME, **args})
+    inc = core.receive(data, src, NOW)
+    assert inc.reply is not None
+    return len(data), len(inc.reply), ok(krpc.decode_message_untrusted(inc.reply))  # type: ignore[arg-type]
+
+
+def test_unverified_pm_get_reply_is_bounded_by_its_query(core: DHTCore) -> None:
+    """Reflection: a pm_get whose source never showed it receives (no valid token) gets at
+    most AMPLIFICATION x its size beyond what any BEP 5 node answers (id, token, nodes);
+    a padded query gets a page, a query with the token a full page. Before the cap a
+    75-byte query drew a ~1,300-byte reply (17x)."""
+    for i in range(8):  # a full "nodes" field, as a real node answers
+        core.routing.heard_from(krpc.Contact(bytes([0x56, i]) * 10, (f"10.1.0.{i}", 6881)), NOW, responded=True)
+    for i, ident in enumerate(Identity.from_seed(bytes([i]) * 32) for i in range(25)):
+        ok(pm_put(core, record(ident, start=i, stop=i + 1).to_bytes()))
+    target = model_target("m@1")
+    victim = ("10.66.0.1", 53)
+    q, r, values = pm_get_from(core, victim, {b"target": target})
+    bare = len(krpc.encode_response(b"tx", {b"id": values[b"id"], b"token": values[b"token"],
+                                            b"nodes": values[b"nodes"], b"recs": [], b"next": b""},
+                                    seen=victim, client=CLIENT_VERSION))
+    assert values[b"recs"] == [] and values[b"next"] == b""  # come back with the token
+    assert r <= max(AMPLIFICATION * q, bare)
+    for args in ({b"target": target, b"pad": bytes(150)}, padded_read_args(ME, {b"target": target}),
+                 {b"target": target, b"b": 3, b"pad": bytes(1000)}):
+        q, r, values = pm_get_from(core, victim, args)
+        assert r <= max(AMPLIFICATION * q, bare) and r <= krpc.SAFE_PAYLOAD, (q, r)
+    _, _, padded = pm_get_from(core, victim, padded_read_args(ME, {b"target": target}))
+    assert len(padded[b"recs"]) >= 3 and b"next" in padded  # a full first page for a padded lookup query
+    token = ok(ask(core, b"pm_get", {b"target": target}))[b"token"]
+    _, r, full = pm_get_from(core, SRC, {b"target": target, b"token": token})
+    assert len(full[b"recs"]) >= 3 and r <= krpc.SAFE_PAYLOAD
+    # the victim's token does not verify another address
+    _, _, other = pm_get_from(core, ("10.66.0.2", 53), {b"target": target, b"token": padded[b"token"]})
+    assert other[b"recs"] == []
 
 
 def test_records_expire_after_ttl(core: DHTCore) -> None:
