@@ -195,19 +195,26 @@ def test_batch_mismatch_is_a_bad_request(swarm: LocalProcs) -> None:
 
 
 def test_failed_open_reserves_nothing(swarm: LocalProcs) -> None:
+    """An open whose next hop cannot be used reserves no cache. The worker dials only what a
+    verified record names: an unknown peer is ``next_unknown`` (the hinted address, a dead
+    port, is never dialled), and the pre-issue-10 ``next`` shape is a ``bad_request``."""
     a = swarm.workers[0]  # type: ignore[attr-defined]
     dead = free_port()
 
-    async def script(conn: Any) -> tuple[Any, Any, Any]:
+    async def script(conn: Any) -> tuple[Any, Any, Any, Any]:
         before = (await _call(conn, "pm.info", {}))[1]
-        hop = {"peer": b"a" * 32, "host": "127.0.0.1", "port": dead, "transport": "tcp"}
+        hop = {"peer": b"a" * 32, "start": before["stop"], "stop": before["stop"] + 1,
+               "hint": {"host": "127.0.0.1", "port": dead, "transport": "tcp"}}
         code, _ = await _call(conn, "pm.open", {"sid": b"leak", "max_tokens": 100, "next": hop})
+        legacy = {"peer": b"a" * 32, "host": "127.0.0.1", "port": dead, "transport": "tcp"}
+        code_legacy, _ = await _call(conn, "pm.open", {"sid": b"leak2", "max_tokens": 100, "next": legacy})
         after = (await _call(conn, "pm.info", {}))[1]
         await _call(conn, "pm.close", {"sid": b"leak"})
-        return code, before, after
+        return code, code_legacy, before, after
 
-    code, before, after = _rpc(a, script)
-    assert code == "next_unreachable"
+    code, code_legacy, before, after = _rpc(a, script)
+    assert code == "next_unknown"
+    assert code_legacy == "bad_request"
     assert (after["sessions"], after["free"]) == (before["sessions"], before["free"])
 
 
