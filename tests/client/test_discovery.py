@@ -50,13 +50,17 @@ def test_records_of_several_lookups_are_merged_while_a_node_joins() -> None:
     recs = [record(1, 0, 2), record(2, 2, 4), record(3, 4, 6), record(4, 6, 8)]
 
     def script(n: int, block: int | None) -> list[WorkerRecord]:
-        return recs[2:] if n % 2 else recs[:2]
+        if block is not None:
+            return []                       # per-block reads land on the newcomer too
+        wide = s.lookups.count(None)
+        return recs[2:] if wide % 2 else recs[:2]
 
     async def main() -> None:
-        s = ScriptedSwarm(script, settings=settings(discovery_timeout=20.0))
         route = await s.find_route(0, 8)
         assert [o.peer for o in route] == [peer(1), peer(2), peer(3), peer(4)]
-        assert len(s.lookups) <= 4
+        assert s.lookups.count(None) <= 3
+
+    s = ScriptedSwarm(script, settings=settings(discovery_timeout=20.0))
 
     virtual(main)
 
@@ -111,25 +115,31 @@ def test_a_newer_record_lifts_a_timeout_ban_but_not_a_wrong_answer_ban() -> None
     assert bans.active()[peer(2)].cause is BanCause.WRONG_ANSWER
 
 
-def test_restarted_worker_announcing_itself_lifts_its_ban_during_discovery() -> None:
-    # Worker 2 (the only one serving 2-4) was banned after a timeout; at t=3 it restarts
-    # and publishes a newer record. The route comes back within one retry of that record,
-    # not after the 60 s ban (nor a NoRouteError at the 20 s discovery deadline).
+def ban_lift_seconds(announce_at: float = 3.0) -> float:
+    """Worker 2 (the only one serving 2-4) was banned after a timeout; ``announce_at`` s later
+    it restarts and publishes a newer record. Returns when the route came back (virtual s)."""
     old = [record(1, 0, 2), record(2, 2, 4, ts=1000.0)]
-    new = [record(1, 0, 2), record(2, 2, 4, ts=1003.0)]
+    new = [record(1, 0, 2), record(2, 2, 4, ts=1000.0 + announce_at)]
+    out: list[float] = []
 
     async def main() -> None:
         t0 = trio.current_time()
-        s = ScriptedSwarm(lambda n, b: new if trio.current_time() - t0 >= 3 else old,
+        s = ScriptedSwarm(lambda n, b: new if trio.current_time() - t0 >= announce_at else old,
                           settings=settings(discovery_timeout=20.0, ban_seconds=60.0))
         await s.records()
         s.ban(peer(2), "no result within 60 s")
         route = await s.find_route(0, 4)
-        assert [o.peer for o in route] == [peer(1), peer(2)]
-        assert 3 <= trio.current_time() - t0 <= 5.5
-        assert s.banned == {}
+        assert [o.peer for o in route] == [peer(1), peer(2)] and s.banned == {}
+        out.append(trio.current_time() - t0)
 
     virtual(main)
+    return out[0]
+
+
+def test_restarted_worker_announcing_itself_lifts_its_ban_during_discovery() -> None:
+    # The route comes back within one retry of the new record, not after the 60 s ban (nor
+    # a NoRouteError at the 20 s discovery deadline).
+    assert 3 <= ban_lift_seconds(3.0) <= 5.5
 
 
 def test_every_provider_banned_waits_for_the_earliest_ban_to_end() -> None:
@@ -180,7 +190,10 @@ class DeadAddressSwarm(Swarm):
         return Conn()
 
 
-def test_a_failed_rtt_probe_is_not_repeated_for_every_route_search() -> None:
+def dead_address_searches(searches: int = 3) -> tuple[int, float]:
+    """Route searches after a first one met a dead address: (probes of it, virtual seconds)."""
+    out: list[tuple[int, float]] = []
+
     async def main() -> None:
         recs = [record(1, 0, 2), record(2, 0, 2)]
         s = DeadAddressSwarm(recs, settings=settings(rpc_timeout=10.0, ban_seconds=1.0))
@@ -188,14 +201,20 @@ def test_a_failed_rtt_probe_is_not_repeated_for_every_route_search() -> None:
         assert s.dials.count(2) == 1
         await trio.sleep(5)                      # the ban ran out, the failure is remembered
         t0 = trio.current_time()
-        for _ in range(3):
+        for _ in range(searches):
             await s.find_route(0, 2)
-        assert s.dials.count(2) == 1 and trio.current_time() - t0 < 1
+        out.append((s.dials.count(2) - 1, trio.current_time() - t0))
         s.recs = [recs[0], replace(recs[1], timestamp=2000.0, port=2002)]   # a new record: probed again
         await s.find_route(0, 2)
-        assert s.dials.count(2) == 2
+        assert s.dials.count(2) == out[0][0] + 2
 
     virtual(main)
+    return out[0]
+
+
+def test_a_failed_rtt_probe_is_not_repeated_for_every_route_search() -> None:
+    probes, seconds = dead_address_searches(3)
+    assert probes == 0 and seconds < 1
 
 
 def test_allowlist_routes_only_through_listed_workers() -> None:
@@ -213,3 +232,17 @@ def test_allowlist_routes_only_through_listed_workers() -> None:
             await only.find_route(0, 4)
 
     virtual(main)
+
+
+def main() -> None:
+    """Print the closing-table rows measured here (virtual seconds)."""
+    print(f"restarted worker announces itself while banned | before: NoRouteError at the 20 s discovery deadline "
+          f"(60 s ban) | after: ban lifted by the newer record | route {ban_lift_seconds(3.0) - 3.0:.1f} s after "
+          "the announcement (virtual)")
+    probes, seconds = dead_address_searches(3)
+    print(f"dead worker address in the records | before: probed again by every route search (10 s each) | "
+          f"after: failure remembered per record | 3 searches: {probes} probes, {seconds:.1f} s (virtual)")
+
+
+if __name__ == "__main__":
+    main()
