@@ -6,7 +6,7 @@ that does not answer is blamed first (a timeout); a hop that answers but whose l
 blames the link, not the peer behind it; a hop that no longer holds the session has lost
 it (restarted). :func:`stuck_hop` runs after the step timeout: the first hop whose counters
 show it never processed the step. :func:`session_steps` asks one hop how far our session
-got there (None: no session, or no answer).
+got there (None: no session; an error: no answer).
 """
 
 from __future__ import annotations
@@ -91,12 +91,15 @@ async def route_problem(swarm: "Swarm", sid: bytes, route: Sequence[SpanOption],
 
 
 async def session_steps(swarm: "Swarm", sid: bytes, o: SpanOption, timeout: float) -> int | None:
-    """How many steps of session ``sid`` hop ``o`` has done (None: no session, or no answer)."""
+    """How many steps of session ``sid`` hop ``o`` has done (None: it answered without the
+    session); raises the PymeshError of a hop that does not answer."""
     try:
         meta, _ = await swarm.request(o, sw.Stats(sid), timeout=timeout)
         stats = sw.StatsReply.from_meta_untrusted(meta)
-    except PymeshError:
-        return None
+    except RemoteError as exc:
+        if exc.code == sw.ErrorCode.NOT_FOUND:
+            return None
+        raise
     return None if stats.session is None else stats.session.steps
 
 
@@ -104,7 +107,10 @@ async def stuck_hop(swarm: "Swarm", sid: bytes, route: Sequence[SpanOption], ste
                     timeout: float) -> SpanOption:
     """The first hop that did not process ``step`` (or does not answer at all)."""
     for o in route:
-        steps = await session_steps(swarm, sid, o, timeout)
+        try:
+            steps = await session_steps(swarm, sid, o, timeout)
+        except PymeshError:
+            return o
         if steps is None or steps <= step:
             return o
     return route[-1]

@@ -306,7 +306,7 @@ class InferenceSession:
         #: hops whose cache holds steps 0..step-1: the route, plus hops replayed on the way
         ready: dict[HopKey, SpanOption] = {hop_key(o): o for o in self.route}
         before = set(ready)
-        await self._apply(failure.blame, ready, step)
+        blame = await self._apply(failure.blame, ready, step)
         for _ in range(self.max_recoveries + 1):
             route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=0, prefer=list(ready))
             p = plan(list(ready.values()), route, self.links, self.history, step, dead=set(self.swarm.banned))
@@ -325,30 +325,37 @@ class InferenceSession:
         with trio.move_on_after(2):
             await self._close_hops([o for o in p.closes if o.peer not in self.swarm.banned])
         elapsed = time.perf_counter() - t0
-        self.recoveries.append({"step": step, "blamed": str(failure.blame.peer),
-                                "verdict": failure.blame.verdict.value, "why": failure.why,
+        self.recoveries.append({"step": step, "blamed": str(blame.peer), "verdict": blame.verdict.value,
+                                "why": blame.why,
                                 "replaced": [o.describe() for o in route if hop_key(o) not in before],
                                 "seconds": round(elapsed, 3)})
         log.warning("Client: recovered at step %d in %.2f s: new route [%s]", step, elapsed,
                     ", ".join(o.describe() for o in route))
 
-    async def _apply(self, blame: Blame, ready: dict[HopKey, SpanOption], step: int) -> None:
+    async def _apply(self, blame: Blame, ready: dict[HopKey, SpanOption], step: int) -> Blame:
         """Act on a failure before re-planning: ban the peer; or, for a failed link, drop
-        the link (the hop is relinked, re-dialling) and keep the peer behind it only if it
-        still holds the session; or forget the cache of a peer that lost the session."""
+        the link (the hop is relinked, re-dialling) and keep the peer behind it if it still
+        holds the session (banned if it does not answer us either); or forget the cache of a
+        peer that lost the session. Returns the blame as it stands after the checks."""
         if blame.verdict is Verdict.BAN:
             self.swarm.ban(blame.peer, blame.why, blame.cause)
-            return
+            return blame
         self.swarm.deprioritise(blame.peer, blame.why)
         if blame.verdict is Verdict.AVOID:
-            return
+            return blame
         if blame.sender is not None:
             self.links.pop(hop_key(blame.sender), None)
         for k, o in list(ready.items()):
             if o.peer != blame.peer or (blame.sender is not None and o.start != blame.sender.stop):
                 continue
             if blame.verdict is Verdict.LINK:
-                steps = await probes.session_steps(self.swarm, self.sid, o, self.probe_timeout)
+                try:
+                    steps = await probes.session_steps(self.swarm, self.sid, o, self.probe_timeout)
+                except PymeshError as exc:  # silent to us as well: the peer, not only the link
+                    blame = Blame(o.peer, f"{o.describe()} stopped answering after {blame.why} ({exc})",
+                                  cause=BanCause.TIMEOUT)
+                    self.swarm.ban(o.peer, blame.why, blame.cause)
+                    return blame
                 if steps is not None and steps >= step:
                     log.info("Client: %s still holds the session (%d steps): relinking to it", o.describe(), steps)
                     continue
@@ -356,6 +363,7 @@ class InferenceSession:
             del ready[k]
             for before in [h for h, link in self.links.items() if link.next == k]:
                 del self.links[before]  # relinked: it re-dials the reopened hop
+        return blame
 
     async def _execute(self, p: RecoveryPlan, step: int, ready: dict[HopKey, SpanOption]) -> None:
         """Open, re-link, flush, replay (the plan's I/O); a hop that fails raises _StepFailure."""

@@ -110,6 +110,25 @@ def test_stall_probe_finds_a_dead_link_well_before_the_step_timeout() -> None:
     virtual(main)
 
 
+def test_failed_link_to_a_successor_silent_to_us_too_bans_it_and_uses_the_spare() -> None:
+    async def main() -> None:
+        swarm = SimSwarm(chain(SimWorker(5, 2, 4)), settings=settings())
+
+        def before(k: int, s: InferenceSession) -> None:
+            if k == 2:
+                swarm.workers[peer(1)].broken = "report"
+                swarm.workers[s.route[1].peer].down = True     # stopped, not restarted
+
+        session, took = await run_session(swarm, 4, before=before)
+        stopped = ({peer(2), peer(5)} - {session.route[1].peer}).pop()
+        assert swarm.bans.active()[stopped].cause is BanCause.TIMEOUT        # lifted by a new incarnation
+        assert [r["verdict"] for r in session.recoveries] == ["ban"]
+        assert "stopped answering" in session.recoveries[0]["why"]
+        assert took[2] < STEP_TIMEOUT / 5
+
+    virtual(main)
+
+
 def restart_resume_seconds(mode: str) -> tuple[float, InferenceSession, SimSwarm, dict[Any, float]]:
     """Worker 2 restarts before step 4 (same identity, sessions lost); ``mode``: how worker
     1's stale link behaves ("vanish": silent, "report": reset at the first packet)."""
