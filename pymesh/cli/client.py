@@ -7,11 +7,15 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from pymesh.cli.common import check_device
+from pymesh.cli.common import add_allow_peers_argument, allow_peers_of, check_device
 from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
 from pymesh.proto.vocab import Transport
+
+if TYPE_CHECKING:
+    from pymesh.proto.identity import Identity
 
 log = logging.getLogger("pymesh.client")
 
@@ -36,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
     parser.add_argument("--hidden-size", type=int, default=4096, help="echo test: hidden size of the test tensor")
     parser.add_argument("--rounds", type=int, default=10, help="echo test: how many times the tensor goes around")
+    add_allow_peers_argument(parser, "route only through listed workers")
+    parser.add_argument("--identity", default=None, metavar="FILE",
+                        help="this client's key file (created on first use); workers of a private swarm serve "
+                             "only clients their --allow-peers lists (default: a fresh key each run)")
     add_sampling_arguments(parser)
 
 
@@ -50,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise ConfigError("--prompt is required with --model-path")
     return trio.run(_generate, args)
+
+
+def _identity(args: argparse.Namespace) -> "Identity | None":
+    from pymesh.proto.identity import Identity
+
+    return None if args.identity is None else Identity.load_or_create(args.identity)
 
 
 def _range(args: argparse.Namespace, num_layers: int | None) -> tuple[int, int] | None:
@@ -82,7 +96,8 @@ async def _generate(args: argparse.Namespace) -> int:
     decoder = model.tokenizer.stream_decoder()
     stop_text = StopText(params.stop)  # like `pymesh generate`: the stop text itself is never shown
     async with Swarm(args.bootstrap, model.model_id, transport=args.transport,
-                     settings=settings_of(args)) as swarm:
+                     settings=settings_of(args), allow_peers=allow_peers_of(args),
+                     identity=_identity(args)) as swarm:
         async for token in generate_tokens(swarm, model, ids, params, stats=stats):
             if not args.json:
                 sys.stdout.write(stop_text.push(decoder.push(token)))
@@ -112,7 +127,8 @@ async def _network_test(args: argparse.Namespace) -> int:
                           "or --model-path to generate")
     t0 = time.perf_counter()
     async with Swarm(args.bootstrap, args.model_name or "echo", transport=args.transport,
-                     settings=settings_of(args)) as swarm:
+                     settings=settings_of(args), allow_peers=allow_peers_of(args),
+                     identity=_identity(args)) as swarm:
         res = await run_network_test(swarm, layers[0], layers[1], hidden=args.hidden_size, rounds=args.rounds)
     if args.json:
         json.dump({"route": res.route, "hop_ms": [round(h, 3) for h in res.hop_ms],

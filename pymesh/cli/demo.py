@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pymesh.cli.common import add_allow_peers_argument, allow_peers_of
 from pymesh.proto.vocab import Transport
 
 
@@ -26,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the swarm to cover every block (default 240)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the child processes' logs (their folder is printed at the end)")
+    add_allow_peers_argument(parser, "the demo's workers and client deal only with each other and the "
+                                     "peers listed in FILE")
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every worker (repeatable, e.g. --worker-arg=--dtype "
                              "--worker-arg=bfloat16)")
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         keep_logs=args.keep_logs,
         worker_args=list(args.worker_arg),
         settings=settings_of(args),
+        allow_peers=allow_peers_of(args),
     )
     if not args.verbose:
         # The demo narrates what happens; library INFO lines would drown it (-v brings them back).

@@ -25,6 +25,7 @@ import trio
 from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
 from pymesh.client.swarm import Swarm
 from pymesh.proto.allowlist import PeerAllowlist
+from pymesh.proto.identity import Identity
 from pymesh.settings import Settings
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class SwarmClient:
         dtype: str = "float32",
         settings: Settings | None = None,
         allow_peers: PeerAllowlist | None = None,
+        identity: Identity | None = None,
     ) -> None:
         if model_path is None:
             raise ValueError("SwarmClient needs model_path (the client loads embeddings, head and tokenizer)")
@@ -51,6 +53,8 @@ class SwarmClient:
         self.settings = settings
         #: route only through these workers (None: an open swarm)
         self.allow_peers = allow_peers
+        #: this client's key (a private swarm's workers serve only listed clients); None: a fresh one
+        self.identity = identity
         self.last_stats: GenerationStats | None = None
         self._swarm: Swarm | None = None
         # sync flavour: a trio loop in a thread, fed through a call queue
@@ -63,7 +67,7 @@ class SwarmClient:
     # -- trio flavour ----------------------------------------------------------------------
     async def __aenter__(self) -> "SwarmClient":
         self._swarm = Swarm(self.bootstrap, self.model.model_id, transport=self.transport, settings=self.settings,
-                            allow_peers=self.allow_peers)
+                            allow_peers=self.allow_peers, identity=self.identity)
         await self._swarm.__aenter__()
         return self
 

@@ -20,9 +20,11 @@ from typing import Any, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pymesh.demo.procs import DemoError
 from pymesh.demo.swarm import LocalSwarm, covered_blocks, model_matches
+from pymesh.proto.allowlist import PeerAllowlist
 from pymesh.proto.identity import PeerID
 from pymesh.proto.records import WorkerRecord
 from pymesh.proto.vocab import Transport, WorkerState
@@ -54,6 +56,8 @@ class DemoOptions:
     keep_logs: bool = False
     worker_args: list[str] = field(default_factory=list)
     settings: Settings = field(default_factory=Settings)   # the CLI's (cache folder, client timers)
+    #: --allow-peers: a private swarm of the demo's own nodes plus these peers (None: open)
+    allow_peers: PeerAllowlist | None = None
 
 
 def even_split(num_blocks: int, parts: int) -> list[tuple[int, int]]:
@@ -74,13 +78,15 @@ def placement_table(records: list[WorkerRecord], model: str, num_blocks: int, na
         key=lambda r: (r.start, r.stop),
     )
     for r in mine:
-        table.add_row(names.get(r.peer_id, "?"), r.peer_id.short(), f"{r.host}:{r.port}",
+        table.add_row(names.get(r.peer_id, "?"), r.peer_id.short(), Text(f"{r.host}:{r.port}"),  # never markup
                       f"{r.start}-{r.stop - 1}", str(r.stop - r.start), f"{r.tokens_per_s:.1f}")
     return table
 
 
 #: the worker flag capping how many blocks automatic placement takes (see ``pymesh worker --help``)
 MAX_BLOCKS_FLAG = "--max-blocks"
+#: the key name of the demo's in-process client (listed in a private swarm's allowlist)
+CLIENT_NAME = "client"
 
 
 class Demo:
@@ -206,8 +212,10 @@ class Demo:
         tokenizer = load_tokenizer(self.model_dir)
         results: list[Answer] = []
         self.console.print("[bold]3.[/] chatting through the swarm (greedy, chat template on)")
+        private = swarm.allow_peers is not None
         with SwarmClient([swarm.bootstrap_addr], self.model_dir, transport=self.o.transport,
-                         settings=self.o.settings) as client:
+                         settings=self.o.settings, allow_peers=swarm.allow_peers,
+                         identity=swarm.identity(CLIENT_NAME) if private else None) as client:
             for prompt in self.o.prompts:
                 results.append(self.answer(client, tokenizer, prompt, echo=prompt)[0])
             if self.o.interactive:
@@ -273,6 +281,10 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         demo.prepare_model()
         swarm = LocalSwarm(keep_workdir=options.keep_logs, settings=options.settings)
         with swarm:
+            if options.allow_peers is not None:
+                allow = swarm.make_private([*(f"worker{i}" for i in range(options.workers)), CLIENT_NAME],
+                                           options.allow_peers)
+                console.print(f"   private swarm: {len(allow)} peers allowed ({swarm.allow_file})")
             demo.start_swarm(swarm)
             results = demo.chat(swarm)
             console.print("[bold]4.[/] stopping the swarm")

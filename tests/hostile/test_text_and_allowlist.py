@@ -181,6 +181,46 @@ def test_a_default_model_name_from_a_hostile_folder_is_sanitised(tmp_path: Path,
         model_id(hostile, "bad name[/]")
 
 
+@pytest.fixture(scope="module")
+def private_swarm() -> Any:
+    """Bootstrap and two echo workers (TCP) on loopback, started with ``--allow-peers`` listing
+    both workers and a ``client`` key (LocalSwarm.make_private, as ``pymesh demo --allow-peers``)."""
+    from pymesh.demo.swarm import LocalSwarm
+
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.make_private(["worker0", "worker1", "client"])
+        for span in ((0, 1), (2, 3)):
+            swarm.start_worker(layers=span, transport="tcp", model_name="echo")
+        swarm.wait_for_workers(swarm.workers, timeout=120)
+        yield swarm
+
+
+@pytest.mark.timeout(400)
+def test_a_private_swarm_serves_listed_clients_only(private_swarm: Any) -> None:
+    """Real processes: the CLI flag reaches the workers; a listed key gets its echo chain, a
+    fresh key is refused by the allowlist (and gives up at its discovery deadline)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    swarm = private_swarm
+    assert swarm.allow_file is not None
+    base = [sys.executable, "-m", "pymesh", "-v", "client", "--bootstrap", swarm.bootstrap_addr, "--chain", "0-3",
+            "--transport", "tcp", "--hidden-size", "64", "--rounds", "2", "--json",
+            "--allow-peers", str(swarm.allow_file)]
+    env = {**os.environ, "PYMESH_DISCOVERY_TIMEOUT": "6", "PYMESH_BAN_SECONDS": "30"}
+    listed = subprocess.run([*base, "--identity", str(swarm.workdir / "client.key")], capture_output=True,
+                            text=True, timeout=180, env=env)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    route = [hop["peer"] for hop in json.loads(listed.stdout)["route"]]
+    assert route == [w.peer_id.to_text() for w in swarm.workers]
+    stranger = subprocess.run(base, capture_output=True, text=True, timeout=180, env=env)
+    assert stranger.returncode != 0
+    assert "allowlist" in stranger.stderr, stranger.stderr[-2000:]
+
+
 # ---- measurement: python -m tests.hostile.test_text_and_allowlist ---------------------------------
 def measure() -> list[tuple[str, str, str]]:
     """(attack, outcome, figure) on this tree; run it on the commit before the fix for 'before'."""
