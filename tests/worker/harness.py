@@ -96,7 +96,7 @@ class MemNet:
 
     async def node(self, identity: Identity | None = None) -> RpcNode:
         node = RpcNode(identity or Identity.generate(), transport="tcp")
-        await self.nursery.start(_enter, node)
+        await self.nursery.start(enter, node)
         self.nodes[node.peer_id] = node
         return node
 
@@ -147,7 +147,7 @@ def _table(budget: int, idle: float, lapse: float) -> SessionTable:
         return SessionTable(budget, idle)
 
 
-async def _enter(node: RpcNode, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def enter(node: RpcNode, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     async with node:
         task_status.started()
         await trio.sleep_forever()

@@ -20,6 +20,8 @@ from pymesh.proto.vocab import Transport
 from pymesh.worker.directory import NextAddr
 from pymesh.worker.runtime import load_runtime
 from pymesh.worker.sessions import SessionTable
+from tests.worker.harness import enter as _enter
+from tests.worker.harness import blob as _blob
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,20 +80,6 @@ async def _start(nursery: trio.Nursery, start: int, stop: int, directory: Direct
     svc.register(node)
     await nursery.start(svc.run)
     return node, port, svc
-
-
-async def _enter(node: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    async with node:
-        task_status.started()
-        await trio.sleep_forever()
-
-
-def _blob(value: float, seq: int = 1) -> Any:
-    import torch
-
-    from pymesh.model.blobs import tensor_to_blob
-
-    return tensor_to_blob(torch.full((1, seq, 4), value))
 
 
 def test_steps_flow_worker_to_worker_in_order() -> None:
