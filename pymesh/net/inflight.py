@@ -67,10 +67,8 @@ class FrameCharge:
         self.blocked_since: float | None = None
         self.blocked_total = 0.0
 
-    async def _take(self, budget: ByteBudget, n: int) -> None:
-        if budget.fits(n) or n > budget.cap:
-            await budget.take(n)
-            return
+    async def _wait(self, budget: ByteBudget, n: int) -> None:
+        """Take ``n`` from a budget that has no room now (or can never have it)."""
         self.blocked_since = since = self.clock.monotonic()
         try:
             await budget.take(n)
@@ -79,11 +77,19 @@ class FrameCharge:
             self.blocked_total += self.clock.monotonic() - since
 
     async def admit(self, payload_len: int) -> None:
-        await self._take(self.conn, payload_len)
+        conn = self.conn
+        if conn.used + payload_len <= conn.cap:  # the common case: no coroutine, no yield
+            conn.used += payload_len
+        else:
+            await self._wait(conn, payload_len)
         self.admitted += payload_len
 
     async def grow(self, nbytes: int) -> None:
-        await self._take(self.node, nbytes)
+        node = self.node
+        if node.used + nbytes <= node.cap:
+            node.used += nbytes
+        else:
+            await self._wait(node, nbytes)
         self.grown += nbytes
 
     def stalled_for(self, now: float, since: float) -> float | None:

@@ -362,20 +362,41 @@ class ReceiveBudget(Protocol):
 #: arrive.
 Allocator = Callable[[int], memoryview]
 
+def _resize_function() -> Callable[[bytearray, int], int] | None:
+    """CPython's ``PyByteArray_Resize``: grows a bytearray without writing the new bytes
+    (no zero-fill pass: the socket's bytes are the first to touch that memory)."""
+    try:
+        import ctypes
+
+        proto = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_ssize_t)
+        return proto(("PyByteArray_Resize", ctypes.pythonapi))  # type: ignore[no-any-return]
+    except (ImportError, AttributeError, OSError):  # pragma: no cover - not CPython
+        return None
+
+
+_resize = _resize_function()
 _ZEROS = memoryview(bytes(RECV_COMMIT_CHUNK))
+
+
+def _extend(buf: bytearray, k: int) -> None:
+    """Append ``k`` bytes that the caller overwrites before anyone reads them."""
+    if _resize is not None:
+        _resize(buf, len(buf) + k)
+    else:  # pragma: no cover - not CPython
+        buf += _ZEROS[:k]
 
 
 async def _read_growing(reader: FrameReader, n: int, budget: ReceiveBudget | None) -> memoryview:
     """``n`` payload bytes in a buffer that grows one :data:`RECV_COMMIT_CHUNK` at a time,
-    each piece committed only when its bytes are about to be read (received in place,
-    no copy; growing a large buffer moves no bytes on Linux, where ``realloc`` remaps)."""
+    each piece committed only when its bytes are about to be read, and received in place.
+    The buffer is returned only once every byte of it was read."""
     buf = bytearray()
     pos = 0
     while pos < n:
         k = min(RECV_COMMIT_CHUNK, n - pos)
         if budget is not None:
             await budget.grow(k)
-        buf += _ZEROS[:k]
+        _extend(buf, k)
         with memoryview(buf) as whole:
             await reader.readinto_exact(whole[pos:pos + k])
         pos += k
@@ -401,12 +422,12 @@ async def read_frame_untrusted(reader: FrameReader, limits: FrameLimits, *,
         n = nbytes_of(dtype, shape)
         if not n:
             view = memoryview(b"")
-        elif alloc is None:
+        elif alloc is None and n > RECV_COMMIT_CHUNK:
             view = await _read_growing(reader, n, budget)
-        else:
+        else:  # one piece at most (or an allocator): committed at once
             if budget is not None:
                 await budget.grow(n)
-            view = alloc(n)
+            view = alloc(n) if alloc is not None else memoryview(bytearray(n))
             if len(view) != n or view.readonly:
                 raise ValueError(f"receive allocator returned {len(view)} bytes (readonly={view.readonly}), "
                                  f"asked for {n}")
