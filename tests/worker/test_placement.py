@@ -84,3 +84,37 @@ def test_fake_gaps_that_come_and_go_never_move_a_worker() -> None:
     admitted = [guard.admit(persistent) for _ in range(10)]
     assert admitted[:2] == [False, True] and sum(admitted) <= 3
     assert admitted[2:5] == [False] * 3          # the cooldown: three checks
+
+
+def test_placement_counts_only_online_listed_records_of_this_model() -> None:
+    import trio
+
+    from pymesh.net.clock import FakeClock
+    from pymesh.proto.allowlist import PeerAllowlist
+    from pymesh.proto.identity import Identity
+    from pymesh.proto.records import WorkerRecord
+    from pymesh.proto.vocab import Transport
+    from pymesh.worker.directory import RecordDirectory
+    from pymesh.worker.server import Worker, WorkerOptions
+
+    a, b, c = (Identity.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
+
+    def rec(who: Identity, start: int, state: str, model: str = "echo") -> WorkerRecord:
+        return WorkerRecord(model_id=model, start=start, stop=start + 2, host="10.0.0.1", port=4000,
+                            transports=("quic",), state=state).signed(who)
+
+    served = [rec(a, 0, "online"), rec(b, 2, "joining"), rec(c, 4, "online"), rec(a, 6, "offline"),
+              rec(b, 8, "online", model="other")]
+
+    async def read() -> list[WorkerRecord]:
+        return served
+
+    w = Worker(WorkerOptions(bootstrap=[], allow_peers=PeerAllowlist.of([a.peer_id, b.peer_id])))
+    w.directory = RecordDirectory(read, FakeClock(), (Transport.QUIC,), model_id=w.model_id)
+
+    async def main() -> None:
+        online = await w._other_records(online_only=True)
+        assert [(r.peer_id, r.start) for r in online] == [(a.peer_id, 0)]     # c is not listed
+        assert len(await w._other_records()) == 2                              # joining ones settle spans
+
+    trio.run(main)
