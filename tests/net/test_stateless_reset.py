@@ -69,13 +69,19 @@ async def restarted_server(client: RpcNode) -> AsyncIterator[tuple[RpcNode, Conn
 
 
 @pytest.mark.timeout(60)
-def test_call_on_a_restarted_peers_connection_fails_fast() -> None:
+@pytest.mark.parametrize("use", ["call", "push"])
+def test_call_or_push_on_a_restarted_peers_connection_fails_fast(use: str) -> None:
+    """A call waits for its reply, a push for the peer's acknowledgement: on the dead
+    connection both raise PeerUnavailable at the reset, far below the idle timeout."""
     async def main() -> None:
         async with RpcNode(Identity.generate(), transport="quic", config=fast_config(idle_timeout=IDLE)) as client:
             async with restarted_server(client) as (new, conn, port):
                 t0 = time.monotonic()
                 with trio.fail_after(20), pytest.raises(PeerUnavailable, match="reset"):
-                    await conn.call("echo", {"after": 1})
+                    if use == "call":
+                        await conn.call("echo", {"after": 1})
+                    else:
+                        await conn.push("step", {"n": 1}, [TensorBlob("uint8", (64,), memoryview(bytes(64)))])
                 assert time.monotonic() - t0 < BOUND
                 assert conn.closed
                 assert new._endpoint is not None and new._endpoint.counters["resets_sent"] >= 1
@@ -83,20 +89,6 @@ def test_call_on_a_restarted_peers_connection_fails_fast() -> None:
                 assert fresh is not conn
                 meta, _ = await fresh.call("echo", {"again": 1}, timeout=10)
                 assert meta == {"again": 1}
-
-    trio.run(main)
-
-
-@pytest.mark.timeout(60)
-def test_push_on_a_restarted_peers_connection_fails_fast() -> None:
-    """A push waits for the peer's acknowledgement: into a dead connection it raises."""
-    async def main() -> None:
-        async with RpcNode(Identity.generate(), transport="quic", config=fast_config(idle_timeout=IDLE)) as client:
-            async with restarted_server(client) as (new, conn, port):
-                t0 = time.monotonic()
-                with trio.fail_after(20), pytest.raises(PeerUnavailable):
-                    await conn.push("step", {"n": 1}, [TensorBlob("uint8", (64,), memoryview(bytes(64)))])
-                assert time.monotonic() - t0 < BOUND
 
     trio.run(main)
 
