@@ -7,6 +7,14 @@ Sends go straight to the non-blocking socket; runs of equal-size datagrams to on
 address leave in one ``sendmsg`` with UDP generic segmentation offload (``UDP_SEGMENT``)
 where the kernel supports it. Only when the kernel buffer is full does a sender task
 wait for writability.
+
+Hostile input: a new Initial passes :class:`~pymesh.net.quic_admission.InitialGate`
+(per-source budget, decrypt check, per-source and total pending caps, Retry under load)
+before any connection exists. A short-header packet for no known connection is either a
+peer's Stateless Reset for one of ours (that connection ends at once) or one for a
+connection this node no longer has, answered with a Stateless Reset whose token derives
+from the node's identity (:mod:`pymesh.proto.reset_tokens`), so a restarted node ends its
+predecessor's connections at their first packet.
 """
 
 from __future__ import annotations
