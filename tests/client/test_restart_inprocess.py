@@ -23,6 +23,7 @@ from pymesh.net.dht import DHTNode
 from pymesh.proto.identity import Identity
 from pymesh.settings import ClientSettings, Settings, WorkerSettings
 from pymesh.worker.server import Worker, WorkerOptions
+from tests.client.test_recovery_inprocess import _serve
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,11 +36,6 @@ SETTINGS = Settings(
 SPANS = [(0, 2), (2, 4), (4, 6)]
 STEPS = 8
 RESTART_AT = 4
-
-
-async def _serve(worker: Worker, scope: trio.CancelScope, *, task_status: trio.TaskStatus[Worker]) -> None:
-    with scope:
-        await worker.serve(task_status=task_status)
 
 
 def test_restarted_middle_worker_is_reopened_not_banned(tmp_path: Path) -> None:
