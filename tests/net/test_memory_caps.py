@@ -307,3 +307,42 @@ def test_quic_streams_announcing_512_mib_hold_what_arrived(caplog: pytest.LogCap
     with traced():
         trio.run(main)
     assert any("frame_timeout" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["tcp", "quic"])
+@pytest.mark.parametrize("attack", ["announces 512 MiB", "stalls"])
+def test_dialing_a_hostile_server_over_sockets(transport: str, attack: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same as the in-memory dialer test, through TLS/QUIC and ``RpcNode.connect``."""
+    from pymesh.net import handshake
+    from tests.net.helpers import fast_config
+
+    evil = Identity.generate()
+    original = handshake.server_handshake
+    failed_after: list[float] = []
+
+    async def hostile(identity: Identity, version: int, read: object, send: object, limits: object) -> object:
+        if identity is not evil:
+            return await original(identity, version, read, send, limits)  # type: ignore[arg-type]
+        if attack == "announces 512 MiB":
+            await send(announce(FrameType.HELLO, HUGE))  # type: ignore[operator]
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(handshake, "server_handshake", hostile)
+
+    async def main() -> None:
+        async with RpcNode(evil, transport=transport, config=fast_config(connect_timeout=30)) as server, \
+                RpcNode(Identity.generate(), transport=transport, config=fast_config(connect_timeout=3)) as client:
+            port = await server.listen("127.0.0.1", 0)
+            t0 = trio.current_time()
+            with pytest.raises(PeerUnavailable):
+                await client.connect("127.0.0.1", port, evil.peer_id)
+            failed_after.append(trio.current_time() - t0)
+
+    with traced() as peak:
+        trio.run(main)
+    assert peak[0] < 8 * MiB, f"dialing allocated {peak[0]} bytes"
+    if attack == "stalls":
+        assert 2.5 < failed_after[0] < 10
+    else:
+        assert failed_after[0] < 2.5, "refused from the HELLO's header, before connect_timeout (3 s)"
