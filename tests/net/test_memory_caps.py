@@ -346,3 +346,52 @@ def test_dialing_a_hostile_server_over_sockets(transport: str, attack: str, monk
         assert 2.5 < failed_after[0] < 10
     else:
         assert failed_after[0] < 2.5, "refused from the HELLO's header, before connect_timeout (3 s)"
+
+
+@pytest.mark.timeout(60)
+def test_quic_bytes_sent_before_authentication_are_capped(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A QUIC peer that, instead of authenticating, opens a stream and sends 8 MiB into it:
+    nobody reads streams before the handshake, so the server queues at most
+    PREAUTH_MAX_UNREAD (64 KiB) of them and then closes the connection (it queued up to
+    2 x connection_window = 128 MiB before)."""
+    from pymesh.net import handshake
+    from tests.net.helpers import fast_config
+
+    caplog.set_level(logging.INFO, logger="pymesh")
+    evil = Identity.generate()
+    original = handshake.client_handshake
+    outcome: list[str] = []
+
+    async def hostile(identity: Identity, version: int, expected: object, read: object, send: object) -> object:
+        if identity is not evil:
+            return await original(identity, version, expected, read, send)  # type: ignore[arg-type]
+        cells = dict(zip(send.__code__.co_freevars, (c.cell_contents for c in send.__closure__)))  # type: ignore[attr-defined]
+        driver = cells["driver"]
+        await read()  # type: ignore[operator]
+        stream = driver.open_stream()
+        try:
+            for _ in range(32):
+                await driver.send(stream, bytes(256 * 1024), end=False)
+            outcome.append("all 8 MiB accepted")
+        except PeerUnavailable as exc:
+            outcome.append(f"cut off: {exc}")
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(handshake, "client_handshake", hostile)
+
+    async def main() -> None:
+        async with RpcNode(Identity.generate(), transport="quic", config=fast_config(connect_timeout=30)) as server, \
+                RpcNode(evil, transport="quic", config=fast_config(connect_timeout=30)) as attacker, \
+                trio.open_nursery() as nursery:
+            server.register("echo", echo)
+            port = await server.listen("127.0.0.1", 0)
+            nursery.start_soon(attacker.connect, "127.0.0.1", port, server.peer_id)
+            with trio.fail_after(20):
+                while not outcome:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert outcome[0].startswith("cut off"), outcome
+    assert any("receive buffer" in r.getMessage() or "no reader is taking" in r.getMessage() for r in caplog.records)
