@@ -363,9 +363,10 @@ def test_quic_bytes_sent_before_authentication_are_capped(monkeypatch: pytest.Mo
     original = handshake.client_handshake
     outcome: list[str] = []
 
-    async def hostile(identity: Identity, version: int, expected: object, read: object, send: object) -> object:
+    async def hostile(identity: Identity, version: int, expected: object, read: object, send: object) -> None:
         if identity is not evil:
-            return await original(identity, version, expected, read, send)  # type: ignore[arg-type]
+            await original(identity, version, expected, read, send)  # type: ignore[arg-type]
+            return
         cells = dict(zip(send.__code__.co_freevars, (c.cell_contents for c in send.__closure__)))  # type: ignore[attr-defined]
         driver = cells["driver"]
         await read()  # type: ignore[operator]
