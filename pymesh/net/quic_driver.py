@@ -161,9 +161,12 @@ class QuicDriver:
         self.budget = Budget()
         self.max_unread = 4 * send_buffer if max_unread is None else max_unread
         self.fed_first = False  # the endpoint fed this new connection its first datagram
+        # A client's first connection ID has no reset token (QUIC cannot announce one), so a
+        # server moves to the client's next ID, which has one, as soon as it is issued.
+        self._leave_first_peer_cid = not is_client
         _check_internals(quic)
         _relax_pacing(quic)
-        _derive_reset_tokens(quic, endpoint.reset_tokens)
+        _derive_reset_tokens(quic, endpoint.reset_tokens, self.add_cid)
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -248,6 +251,9 @@ class QuicDriver:
         :meth:`flush`: a handler woken here usually answers at once, and its send
         transmits (with the ACK) — one ``datagrams_to_send`` instead of two."""
         self._process_events()
+        if self._leave_first_peer_cid and self.quic._peer_cid_available and self.terminated is None:
+            self._leave_first_peer_cid = False
+            self.quic.change_connection_id()
         self.dirty = True
         self._progress.set()
         self._progress = trio.Event()
@@ -462,11 +468,15 @@ def _relax_pacing(quic: QuicConnection) -> None:
     pacer.next_send_time = next_send_time  # type: ignore[method-assign,assignment]
 
 
-def _derive_reset_tokens(quic: QuicConnection, tokens: "ResetTokens") -> None:
+def _derive_reset_tokens(quic: QuicConnection, tokens: "ResetTokens", register: Callable[[bytes], None]) -> None:
     """Give each connection ID this side issues the reset token derived from the node's
     identity (see :mod:`pymesh.proto.reset_tokens`) instead of aioquic's random one, now
     and whenever aioquic issues more. A client's first connection ID has no token (QUIC
-    cannot announce one for it) and keeps none."""
+    cannot announce one for it) and keeps none.
+
+    IDs issued later are routed to this connection (``register``) at once, not when
+    aioquic's ConnectionIdIssued event is processed: the peer may use an ID as soon as
+    it has it, and a packet for an unknown ID is answered with a Stateless Reset."""
     def derive() -> None:
         for c in quic._host_cids:
             if c.stateless_reset_token:
@@ -477,6 +487,8 @@ def _derive_reset_tokens(quic: QuicConnection, tokens: "ResetTokens") -> None:
     def replenish() -> None:
         original()
         derive()
+        for c in quic._host_cids:
+            register(c.cid)
 
     derive()
     quic._replenish_connection_ids = replenish  # type: ignore[method-assign]

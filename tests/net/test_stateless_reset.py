@@ -94,6 +94,35 @@ def test_call_or_push_on_a_restarted_peers_connection_fails_fast(use: str) -> No
 
 
 @pytest.mark.timeout(60)
+def test_a_restarted_dialer_resets_the_connection_it_had_opened() -> None:
+    """The restarted node had dialed (a worker pushing to the next): the peer's inbound
+    connection uses the dialer's connection IDs, and a client's first ID has no reset
+    token, so the server moves to the next ID the client issues (which has one)."""
+    async def main() -> None:
+        cfg = fast_config(idle_timeout=IDLE)
+        ident = Identity.generate()
+        async with RpcNode(Identity.generate(), transport="quic", config=cfg) as server:
+            server.register("echo", echo)
+            server_port = await server.listen("127.0.0.1", 0)
+            async with RpcNode(ident, transport="quic", config=cfg) as dialer:
+                dialer.register("echo", echo)
+                port = await dialer.listen("127.0.0.1", 0)   # dials from its listening socket
+                conn = await dialer.connect("127.0.0.1", server_port, server.peer_id)
+                await conn.call("echo", {"x": 1}, timeout=10)
+                inbound = server.connections()[0]
+                await inbound.call("echo", {"back": 1}, timeout=10)   # the server's side works too
+                _crash(dialer)
+            async with RpcNode(ident, transport="quic", config=cfg) as again:
+                await again.listen("127.0.0.1", port)
+                t0 = time.monotonic()
+                with trio.fail_after(20), pytest.raises(PeerUnavailable, match="reset"):
+                    await inbound.call("echo", {"after": 1})
+                assert time.monotonic() - t0 < BOUND
+
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
 def test_resets_are_smaller_than_their_trigger_rate_limited_and_carry_the_identity_token() -> None:
     async def main() -> None:
         ident = Identity.generate()
