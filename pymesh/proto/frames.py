@@ -369,7 +369,7 @@ def _resize_function() -> Callable[[bytearray, int], int] | None:
         import ctypes
 
         proto = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_ssize_t)
-        return proto(("PyByteArray_Resize", ctypes.pythonapi))  # type: ignore[no-any-return]
+        return proto(("PyByteArray_Resize", ctypes.pythonapi))
     except (ImportError, AttributeError, OSError):  # pragma: no cover - not CPython
         return None
 

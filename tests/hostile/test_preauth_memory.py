@@ -121,11 +121,11 @@ def stalling_handshake(evil: Identity, sent: list[int], attack: str) -> Iterator
         sent.append(1)
         await trio.sleep_forever()
 
-    handshake.client_handshake = patched  # type: ignore[assignment]
+    handshake.client_handshake = patched
     try:
         yield
     finally:
-        handshake.client_handshake = original  # type: ignore[assignment]
+        handshake.client_handshake = original
 
 
 async def honest_calls(transport: str, port: int, peer: PeerID, n: int = 20) -> list[float]:
