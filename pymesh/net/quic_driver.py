@@ -25,6 +25,7 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
 from pymesh.errors import LocalProtocolError, PeerUnavailable
+from pymesh.net.quic_limits import guard_stream_gaps
 from pymesh.proto.frames import FrameError
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ class QuicDriver:
         _check_internals(quic)
         _relax_pacing(quic)
         _derive_reset_tokens(quic, endpoint.reset_tokens, self.add_cid)
+        guard_stream_gaps(quic, lambda: self.max_unread - self.budget.used)
 
     # ---------------------------------------------------------------- lifecycle
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -441,7 +443,7 @@ class QuicDriver:
 #: certificate, the connection state and connection IDs with their stateless reset tokens
 #: (aioquic draws tokens at random and never checks received ones). Tested with aioquic 1.7.2.
 _INTERNALS = ("_loss", "_streams", "_spaces", "_close_at", "_state", "_host_cids", "_peer_cid",
-              "_peer_cid_available", "_replenish_connection_ids", "_network_paths")
+              "_peer_cid_available", "_replenish_connection_ids", "_network_paths", "_get_or_create_stream")
 
 
 def _check_internals(quic: QuicConnection) -> None:

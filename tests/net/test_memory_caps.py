@@ -399,8 +399,6 @@ def test_quic_bytes_sent_before_authentication_are_capped(monkeypatch: pytest.Mo
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open: aioquic zero-fills stream gaps and doubles receive credit as data "
-                   "arrives; the bound belongs in quic_driver (count the bytes aioquic holds against max_unread)")
 def test_quic_stream_gaps_before_authentication_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before authenticating, a peer sends 100 bytes at offset 16 MiB on each of 12
     streams. aioquic buffers each stream from offset 0 (a zero-filled gap) and doubles the
@@ -421,13 +419,16 @@ def test_quic_stream_gaps_before_authentication_are_capped(monkeypatch: pytest.M
         driver = cells["driver"]
         await read()  # type: ignore[operator]
         base = current_traced()
-        for _ in range(12):
-            stream = driver.open_stream()
-            sender = driver.quic._streams[stream.sid].sender
-            sender._buffer_start = sender._buffer_stop = sender.highest_offset = 16 * MiB - 100
-            driver.quic.send_stream_data(stream.sid, b"x" * 100, False)
-            driver.after_io()
-            await trio.sleep(0.05)
+        try:
+            for _ in range(12):
+                stream = driver.open_stream()
+                sender = driver.quic._streams[stream.sid].sender
+                sender._buffer_start = sender._buffer_stop = sender.highest_offset = 16 * MiB - 100
+                driver.quic.send_stream_data(stream.sid, b"x" * 100, False)
+                driver.after_io()
+                await trio.sleep(0.05)
+        except PeerUnavailable:
+            pass  # the server cut this peer off (the expected outcome)
         await trio.sleep(0.5)
         held.append(current_traced() - base)
         await trio.sleep_forever()
