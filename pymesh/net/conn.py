@@ -3,6 +3,7 @@ errors, and how an incoming call or push is dispatched to the registered handler
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 import ssl
@@ -85,14 +86,35 @@ class ConnectionHost(Protocol):
     def forget(self, conn: "Connection") -> None: ...
 
 
+def host_of(addr: object) -> str | None:
+    """The IP address in a socket address tuple (``(host, port, ...)``) as text, an
+    IPv4-mapped IPv6 address as plain IPv4; None if ``addr`` holds none."""
+    if not isinstance(addr, tuple) or not addr or not isinstance(addr[0], str):
+        return None
+    try:
+        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
 class Connection:
-    """An authenticated connection to one peer; calls and pushes go both ways."""
+    """An authenticated connection to one peer; calls and pushes go both ways.
+
+    ``remote_host`` is the peer's IP address as this side sees it (the TCP socket's peer
+    address; on QUIC the source address of the peer's datagrams), None over a byte stream
+    without one (``RpcNode.connect_stream``/``serve_stream``). It is not authenticated in
+    any way beyond what the network gives: use it for per-address quotas, not identity."""
 
     peer: PeerID
 
-    def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig) -> None:
+    def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, *,
+                 remote_host: str | None = None) -> None:
         self.node = node
         self.peer = peer
+        self.remote_host = remote_host
         self.config = config
         self.closed = False
         self.close_reason = ""

@@ -19,7 +19,7 @@ from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import congestion as _congestion  # noqa: F401  (registers "pymesh-delay")
 from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
-from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost
+from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost, host_of
 from pymesh.net.inflight import FrameCharge
 from pymesh.proto.frames import HANDSHAKE_LIMITS, Frame, FrameError, FrameType, read_frame_untrusted
 from pymesh.net.quic_driver import QStream, QuicDriver, StreamAborted
@@ -58,7 +58,8 @@ def quic_configuration(config: TransportConfig, *, is_client: bool, identity: Id
 
 class QuicRpcConnection(Connection):
     def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, driver: QuicDriver) -> None:
-        super().__init__(node, peer, config)
+        paths = driver.quic._network_paths  # the validated path first (aioquic internal, see quic_driver)
+        super().__init__(node, peer, config, remote_host=host_of(paths[0].addr) if paths else None)
         self.driver = driver
         driver.on_terminated = self._on_terminated
         # streams whose first frame is being read -> (since, its in-flight account)

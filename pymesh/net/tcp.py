@@ -17,7 +17,7 @@ import trio
 from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import handshake
 from pymesh.net.config import TransportConfig
-from pymesh.net.conn import Connection, ConnectionHost
+from pymesh.net.conn import Connection, ConnectionHost, host_of
 from pymesh.net.inflight import FrameCharge
 from pymesh.proto.frames import (
     HANDSHAKE_LIMITS, Frame, FrameError, FrameType, encode_frame_head, read_frame_untrusted,
@@ -41,7 +41,7 @@ class _Pending:
 class TcpConnection(Connection):
     def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, raw: Raw,
                  reader: BufferedReader) -> None:
-        super().__init__(node, peer, config)
+        super().__init__(node, peer, config, remote_host=_peer_host(raw))
         self._raw = raw
         self._reader = reader
         self._send_lock = trio.Lock()
@@ -369,6 +369,16 @@ async def accept_raw(node: ConnectionHost, raw: Raw, where: str) -> TcpConnectio
             await raw.aclose()
         return None
     return TcpConnection(node, peer, cfg, raw, reader)
+
+
+def _peer_host(raw: Raw) -> str | None:
+    """The peer's IP address on a socket stream; None on any other byte stream."""
+    if isinstance(raw, AnyStream):
+        return None
+    try:
+        return host_of(raw.sock.getpeername())
+    except OSError:  # already disconnected
+        return None
 
 
 def _addr(stream: trio.SocketStream) -> str:

@@ -15,6 +15,7 @@ With ``allow_peers`` the worker serves only listed clients and pushes only to li
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Awaitable, Callable
 
@@ -281,6 +282,10 @@ class WorkerService(DataPath):
         return s
 
 def _host(conn: Connection) -> str | None:
-    """The peer's address, where the transport tells it (per-address cache quotas)."""
-    host = getattr(conn, "remote_host", None)
-    return host if isinstance(host, str) else None
+    """Whose address quota the peer's sessions count against: its IPv4 address, or the /64
+    network of its IPv6 address (one host commonly has a whole /64); None when the transport
+    knows no address (an in-memory stream)."""
+    host = conn.remote_host
+    if host is None or ":" not in host:
+        return host
+    return str(ipaddress.IPv6Network((host, 64), strict=False))
