@@ -6,7 +6,8 @@ records), announce them as "joining", load them, measure throughput, announce
 "online", then refresh its record on a heartbeat until Ctrl-C/SIGTERM, when it
 announces "offline" and exits. Without ``--layers`` it re-reads the swarm now and then
 and moves when that clearly helps (blocks nobody serves, or a much better bottleneck),
-counting only other workers' online records (and, with ``allow_peers``, listed ones), with
+counting only other workers' online records (and, with ``allow_peers``, listed ones) whose
+address answers as the record says (``reachability``: probed, cached, bounded per round), with
 hysteresis (``placement.MoveGuard``), and not while its sessions are stepping.
 """
 
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from pymesh.errors import ConfigError
+from pymesh.errors import ConfigError, PymeshError
 from pymesh.net.clock import Clock, TrioClock
+from pymesh.proto import session_wire as sw
 from pymesh.proto.addr import parse_addr
 from pymesh.proto.identity import Identity, PeerID, default_identity_path
 from pymesh.proto.records import WorkerRecord
@@ -31,6 +33,7 @@ from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
 from pymesh.worker import placement
 from pymesh.worker.directory import PeerFilter, RecordDirectory
+from pymesh.worker.reachability import ReachabilityCache
 from pymesh.worker.runtime import Runtime, Throughput, block_bytes, load_runtime
 from pymesh.worker.sessions import SessionTable
 
@@ -92,6 +95,8 @@ class Worker:
         self.nodes: dict[Transport, RpcNode] = {}
         self.directory = RecordDirectory(self._read_records, self.clock, opts.transports(), model_id=self.model_id)
         self.move_guard = placement.MoveGuard()
+        self.reachability = ReachabilityCache(self._probe, self.clock,
+                                              timeout=min(self.settings.worker.next_hop_timeout, 3.0))
         self.port = opts.port
         self.state = WorkerState.JOINING
         self.stopping = trio.Event()
@@ -154,9 +159,29 @@ class Worker:
         log.warning("reading the swarm's records timed out; assuming an empty swarm")
         return []
 
+    async def _counted_records(self, *, online_only: bool = False) -> tuple[list[WorkerRecord], int]:
+        """The other records placement counts: those whose worker answered a probe at the
+        announced address; and how many were left unprobed this round (not counted)."""
+        found = await self.reachability.reachable(await self._other_records(online_only=online_only))
+        return found.records, found.unknown
+
     async def _others(self, *, online_only: bool = False) -> list[placement.Announced]:
-        return [placement.Announced(r.start, r.stop, r.tokens_per_s)
-                for r in await self._other_records(online_only=online_only)]
+        recs, _ = await self._counted_records(online_only=online_only)
+        return [placement.Announced(r.start, r.stop, r.tokens_per_s) for r in recs]
+
+    async def _probe(self, rec: WorkerRecord) -> bool:
+        """Does ``rec``'s peer answer at its address for this model and span? (pm.info)"""
+        common = [t for t in self.nodes if t.value in rec.transports]
+        if not common:
+            return False
+        try:
+            conn = await self._dial(common[0], rec.host, rec.port, rec.peer_id)
+            reply, _ = await conn.call(sw.INFO, sw.Info().to_meta(), timeout=self.reachability.timeout)
+            info = sw.InfoReply.from_meta_untrusted(reply)
+        except (PymeshError, OSError) as exc:
+            log.debug("probing %s at %s:%d: %s", rec.peer_id.short(), rec.host, rec.port, exc)
+            return False
+        return (info.peer, info.model, info.start, info.stop) == (rec.peer_id, rec.model_id, rec.start, rec.stop)
 
     async def _settle_span(self, start: int, stop: int) -> tuple[int, int]:
         """Workers joining at the same moment may pick the same span. After announcing
@@ -164,7 +189,7 @@ class Worker:
         overlaps ours, choose again knowing about it (the smaller ID keeps its choice)."""
         assert self.num_blocks is not None
         await trio.sleep(random.uniform(0.5, 1.0) * self.settings.worker.join_settle)
-        recs = await self._other_records()
+        recs, _ = await self._counted_records()
         if not any(r.start < stop and start < r.stop and r.peer_id < self.peer_id for r in recs):
             return start, stop
         others = [placement.Announced(r.start, r.stop, r.tokens_per_s) for r in recs]
@@ -213,12 +238,12 @@ class Worker:
             await trio.sleep(period * random.uniform(0.8, 1.2))
             rt: Runtime = self.service.runtime
             mine = placement.Announced(rt.start, rt.stop, self.throughput.tokens_per_s)
-            decision = placement.should_move(self.num_blocks, mine, await self._others(online_only=True))
+            decision = await self._move_decision(mine)
             if not self.move_guard.admit(decision):
                 continue
             # Random delay, then look again: two workers seeing the same gap should not both move.
             await trio.sleep(random.uniform(0.0, period / 2))
-            decision = placement.should_move(self.num_blocks, mine, await self._others(online_only=True))
+            decision = await self._move_decision(mine)
             if not decision.move:
                 continue
             if self._sessions_active():
@@ -235,6 +260,16 @@ class Worker:
             if dropped:
                 log.info("dropped %d session(s) on the old span; their clients recover elsewhere", dropped)
             await self.announce(WorkerState.ONLINE)
+
+    async def _move_decision(self, mine: placement.Announced) -> placement.MoveDecision:
+        """``should_move`` over the reachable online records; no move while records are left
+        unprobed (a move drops sessions: not on partial knowledge)."""
+        assert self.num_blocks is not None
+        recs, unknown = await self._counted_records(online_only=True)
+        if unknown:
+            return placement.MoveDecision(False, mine.start, f"{unknown} record(s) not probed yet")
+        others = [placement.Announced(r.start, r.stop, r.tokens_per_s) for r in recs]
+        return placement.should_move(self.num_blocks, mine, others)
 
     def _sessions_active(self) -> bool:
         """Any session computing or stepped within the last step_wait seconds."""
