@@ -65,6 +65,7 @@ ENV_VARS: dict[str, str] = {
     # CLI and tooling
     "PYMESH_LOG_LEVEL": "log level when no -v/-q flag is given (DEBUG, INFO, WARNING, ...)",
     "PYMESH_REPORT_MODULES": "1: `pymesh bootstrap` logs whether torch was imported (a test hook)",
+    "PYMESH_API_KEY": "the key `pymesh serve` requires as `Authorization: Bearer KEY` (or --api-key-file)",
     # read by the C++ kernels (csrc/), listed here so they are documented in one place
     "PYMESH_POOL_SPIN_US": "microseconds the kernel pool's helper spins before blocking (C++; default chosen by load)",
     "PYMESH_GEMV_MIN_KB": "smallest GEMV weight (KiB) split over two threads (C++; default 256)",
@@ -102,6 +103,7 @@ FIELDS: dict[str, str] = {
     "PYMESH_SMOLLM2_GGUF": "runtime.smollm2_gguf",
     "PYMESH_LOG_LEVEL": "log_level",
     "PYMESH_REPORT_MODULES": "report_modules",
+    "PYMESH_API_KEY": "api_key",
 }
 
 
@@ -262,6 +264,7 @@ class Settings:
     transport_timeout: float = 30.0    # PYMESH_TRANSPORT_TIMEOUT
     log_level: str | None = None       # PYMESH_LOG_LEVEL (None: from -v / -q)
     report_modules: bool = False       # PYMESH_REPORT_MODULES
+    api_key: str | None = field(default=None, repr=False)  # PYMESH_API_KEY (never logged)
 
     def dht_config(self, **overrides: object) -> "DHTConfig":
         from pymesh.net.dht import DHTConfig
@@ -292,6 +295,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         transport_timeout=env_float(e, "PYMESH_TRANSPORT_TIMEOUT", Settings.transport_timeout),
         log_level=_log_level(e),
         report_modules=env_flag(e, "PYMESH_REPORT_MODULES", False),
+        api_key=_get(e, "PYMESH_API_KEY"),
     )
 
 

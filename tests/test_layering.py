@@ -25,9 +25,10 @@ ALLOWED: dict[str, set[str]] = {
     "worker": {"model", "net", "proto", "settings", "errors", "pymesh"},
     "client": {"model", "net", "proto", "settings", "errors", "pymesh"},
     "monitor": {"net", "proto", "settings", "errors", "pymesh"},
-    "demo": {"worker", "client", "monitor", "model", "net", "proto", "settings", "errors", "pymesh"},
-    "bench": {"demo", "worker", "client", "model", "net", "proto", "settings", "errors", "pymesh"},
-    "cli": {"demo", "bench", "worker", "client", "monitor", "model", "net", "proto", "settings", "errors",
+    "api": {"client", "model", "net", "proto", "settings", "errors", "pymesh"},
+    "demo": {"api", "worker", "client", "monitor", "model", "net", "proto", "settings", "errors", "pymesh"},
+    "bench": {"api", "demo", "worker", "client", "model", "net", "proto", "settings", "errors", "pymesh"},
+    "cli": {"api", "demo", "bench", "worker", "client", "monitor", "model", "net", "proto", "settings", "errors",
             "pymesh"},
     "__main__": {"cli"},
 }

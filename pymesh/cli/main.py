@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bootstrap": ("pymesh.cli.bootstrap", "run a DHT bootstrap node (rendezvous for workers and clients)"),
     "worker": ("pymesh.cli.worker", "serve a span of transformer blocks to the swarm"),
     "client": ("pymesh.cli.client", "generate text through the swarm (or test an echo chain)"),
+    "serve": ("pymesh.cli.serve", "serve an OpenAI-compatible HTTP API in front of the swarm"),
     "generate": ("pymesh.cli.generate", "generate text in this process (the single-process baseline)"),
     "model": ("pymesh.cli.model", "fetch and convert models (pull, convert)"),
     "bench": ("pymesh.cli.bench", "run benchmarks side by side with their baselines"),
