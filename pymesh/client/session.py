@@ -225,6 +225,9 @@ class InferenceSession:
                 if code == sw.ErrorCode.NEXT_UNREACHABLE and nxt is not None:
                     return Blame(nxt.peer, f"{o.describe()} cannot reach {nxt.describe()}: {exc}", Verdict.LINK,
                                  sender=o)
+                if code == sw.ErrorCode.NOT_LISTED:
+                    self.swarm.not_listed_by(o.peer, str(exc))
+                    return Blame(o.peer, f"does not list this client: {exc}", Verdict.AVOID)
                 if code == sw.ErrorCode.REFUSED:
                     return Blame(o.peer, f"refused the session: {exc}", Verdict.AVOID)
                 return probes.failure_of(o, "open_session", exc)

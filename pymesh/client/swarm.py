@@ -97,6 +97,8 @@ class Swarm:
         self.book = RecordBook(model_id, self.clock.monotonic, self.settings.record_ttl,
                                allow_peers.allows if allow_peers is not None else None)
         self.rtt_ms: dict[PeerID, float] = {}
+        #: workers whose allowlist does not list this client (final: never asked again)
+        self.not_listing: dict[PeerID, str] = {}
         self.sinks: dict[bytes, PushSink] = {}
         self._node: RpcNode | None = None
         self._dht: DHTNode | None = None
@@ -184,6 +186,14 @@ class Swarm:
         log.info("Client: deprioritising worker %s: %s", peer.short(), why)
         self.bans.deprioritise(peer)
 
+    def not_listed_by(self, peer: PeerID, why: str) -> None:
+        """``peer`` refused this client because its allowlist does not list it: routes never
+        use it again (retrying cannot help; its operator must list us)."""
+        if peer not in self.not_listing:
+            log.warning("Client: worker %s does not have this client (%s) on its allowlist; not using it",
+                        peer.short(), self.identity.peer_id.short())
+        self.not_listing[peer] = why
+
     @property
     def banned(self) -> dict[PeerID, float]:
         """Banned peers and when (monotonic) their bans end."""
@@ -259,7 +269,7 @@ class Swarm:
             records = await self.records(gaps)
             options = self.options_from(records)
             await self.measure_rtts([o for o in options if o.peer not in self.rtt_ms])
-            banned = self.current_bans() | set(exclude)
+            banned = self.current_bans() | set(exclude) | set(self.not_listing)
             rtt = dict(self.rtt_ms)
             for p in self.bans.penalised():
                 rtt[p] = rtt.get(p, DEFAULT_RTT_MS) + PENALTY_MS
@@ -267,6 +277,9 @@ class Swarm:
                 return choose_route(options, start, stop, rtt_ms=rtt, banned=banned,
                                     min_cache_tokens=min_cache_tokens, prefer=prefer)
             except NoRouteError as exc:
+                refused = self._not_listed_everywhere(options, exc.missing_block)
+                if refused is not None:
+                    raise refused from None
                 now = self.clock.monotonic()
                 wake = now + delay
                 gap = first_uncovered_block(options, start, stop)
@@ -285,6 +298,19 @@ class Swarm:
                 log.info("Client: %s; retrying", exc)
             await trio.sleep(max(wake - self.clock.monotonic(), 0.0))
             delay = min(delay * 2, 2.0)
+
+    def _not_listed_everywhere(self, options: Sequence[SpanOption], block: int | None) -> NoRouteError | None:
+        """If every worker serving ``block`` refused this client for its allowlist, the error
+        to fail with at once (waiting cannot help)."""
+        providers = {o.peer for o in options if block is not None and o.start <= block < o.stop}
+        if not providers or not providers <= set(self.not_listing):
+            return None
+        me = self.identity.peer_id
+        return NoRouteError(
+            f"this client ({me}) is not on the allowlist of the workers serving layer {block}: "
+            f"{len(providers)} worker(s) refused it. Ask their operators to add this peer id to their "
+            "--allow-peers file, or run the client with --identity FILE holding a key they list "
+            "(`pymesh identity show FILE` prints its peer id)", block)
 
     def _earliest_ban_end(self, options: Sequence[SpanOption], block: int | None) -> float | None:
         if block is None:

@@ -116,6 +116,7 @@ class ErrorCode(str, enum.Enum):
     BAD_REQUEST = "bad_request"            # the request broke the protocol (or the session's order)
     NOT_FOUND = "not_found"                # no such session here (expired, closed, never opened)
     REFUSED = "refused"                    # valid, but this worker will not serve it: go elsewhere
+    NOT_LISTED = "not_listed"              # the caller is not on this worker's allowlist: final
     BUSY = "busy"
     NEXT_UNREACHABLE = "next_unreachable"  # the next hop's recorded address did not answer
     NEXT_UNKNOWN = "next_unknown"          # no verified record of the next peer serves that span

@@ -170,7 +170,8 @@ class WorkerService(DataPath):
 
     def _check_client(self, peer: PeerID) -> None:
         if not self.allowed(peer):
-            raise SessionError(ErrorCode.REFUSED, "this worker serves only the peers on its allowlist (--allow-peers)")
+            raise SessionError(ErrorCode.NOT_LISTED, f"this worker serves only the peers on its allowlist "
+                                                     f"(--allow-peers), and {peer} is not on it")
 
     def _check_prev(self, prev: PeerID | None) -> None:
         if prev == self.peer:

@@ -9,7 +9,9 @@ come back as ``pm.out`` / ``pm.err`` through the Swarm's own push handlers.
 Faults a test can inject: a worker that is down (calls time out), a broken link from one
 worker to its next (``"report"``: the push fails and the sender reports a link failure;
 ``"vanish"``: the push disappears), a restart (the session is lost, the predecessor's link
-goes stale, a newer record is announced), a wrong output, and arbitrary ``pm.err`` pushes.
+goes stale, a newer record is announced), a wrong output, arbitrary ``pm.err`` pushes, a
+worker refusing every session (``refuse``: an error code) and next hops a worker does not
+know (``unknown_next``: ``next_unknown``, as with allowlists that differ between workers).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class SimWorker:
     broken: str | None = None
     #: output = f(input): the identity for an honest echo worker
     compute: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    #: pm.open answers this error code (e.g. ``not_listed``: its allowlist does not list us)
+    refuse: sw.ErrorCode | None = None
+    #: next hops this worker has no record of it trusts (pm.open/pm.set_next: ``next_unknown``)
+    unknown_next: set[PeerID] = field(default_factory=set)
 
     @property
     def peer(self) -> PeerID:
@@ -144,7 +150,12 @@ class SimSwarm(Swarm):
         await trio.sleep(0.001)
         if isinstance(message, sw.Info):
             return {}, []
+        if isinstance(message, (sw.Open, sw.SetNext)) and message.next_hop is not None \
+                and message.next_hop.peer in w.unknown_next:
+            raise RemoteError(sw.ErrorCode.NEXT_UNKNOWN, f"no verified record of peer {message.next_hop.peer}")
         if isinstance(message, sw.Open):
+            if w.refuse is not None:
+                raise RemoteError(w.refuse, f"worker {w.n} refuses ({w.refuse.value})")
             w.sessions[message.sid] = SimSession(0, message.next_hop, message.prev, message.copies)
             return sw.OpenReply(w.start, w.stop, 1000).to_meta(), []
         s = w.sessions.get(getattr(message, "sid", b""))

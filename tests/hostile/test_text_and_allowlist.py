@@ -199,7 +199,7 @@ def private_swarm() -> Any:
 @pytest.mark.timeout(400)
 def test_a_private_swarm_serves_listed_clients_only(private_swarm: Any) -> None:
     """Real processes: the CLI flag reaches the workers; a listed key gets its echo chain, a
-    fresh key is refused by the allowlist (and gives up at its discovery deadline)."""
+    fresh key is refused by the allowlist and fails at once, naming itself and --identity."""
     import json
     import os
     import subprocess
@@ -218,7 +218,8 @@ def test_a_private_swarm_serves_listed_clients_only(private_swarm: Any) -> None:
     assert route == [w.peer_id.to_text() for w in swarm.workers]
     stranger = subprocess.run(base, capture_output=True, text=True, timeout=180, env=env)
     assert stranger.returncode != 0
-    assert "allowlist" in stranger.stderr, stranger.stderr[-2000:]
+    assert "allowlist" in stranger.stderr and "--identity" in stranger.stderr, stranger.stderr[-2000:]
+    assert "banned after failures" not in stranger.stderr, stranger.stderr[-2000:]
 
 
 # ---- measurement: python -m tests.hostile.test_text_and_allowlist ---------------------------------

@@ -164,7 +164,7 @@ def test_the_allowlist_limits_clients_and_next_hops() -> None:
             s1 = await net.connect(stranger, w1.peer)
             with pytest.raises(RemoteError) as info:
                 await s1.call(wire.OPEN, wire.Open(b"x", 8).to_meta())
-            assert info.value.code == ErrorCode.REFUSED and "allowlist" in info.value.message
+            assert info.value.code == ErrorCode.NOT_LISTED and "allowlist" in info.value.message
             await s1.push(wire.STEP, step(SID, 0, 0), [blob(1.0)])
             await s_inbox.wait(1)
             assert s_inbox.errors()[0].code == ErrorCode.BAD_REQUEST and w1.counters["steps"] == 0

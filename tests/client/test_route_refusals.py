@@ -1,0 +1,55 @@
+"""Refusals that retrying cannot cure, on trio's virtual clock with simulated workers:
+
+- a worker whose allowlist does not list this client (``not_listed``) is never asked again;
+  when no route is left the client fails at once, saying so (peer id, --identity hint),
+  instead of retrying until its discovery deadline ("banned after failures");
+- a hop that does not know its successor (``next_unknown``, e.g. allowlists that differ
+  between workers) rules out that (hop, successor) pair, not the successor everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from pymesh.client.routing import NoRouteError
+from pymesh.client.session import InferenceSession
+from pymesh.proto import session_wire as sw
+from tests.client.sim import SimSwarm, SimWorker, peer, settings
+from tests.hostile.test_client_faults import chain, run_session, virtual
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_client_no_worker_lists_fails_at_once_naming_itself() -> None:
+    async def main() -> None:
+        workers = chain()
+        workers[2].refuse = sw.ErrorCode.NOT_LISTED
+        swarm = SimSwarm(workers, settings=settings(discovery_timeout=20.0))
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            swarm.nursery = nursery
+            with pytest.raises(NoRouteError) as info:
+                async with InferenceSession(swarm, 0, 6, max_tokens=4):
+                    pass
+            nursery.cancel_scope.cancel()
+        took = trio.current_time() - t0
+        msg = str(info.value)
+        assert "allowlist" in msg and str(swarm.identity.peer_id) in msg and "--identity" in msg, msg
+        assert took < 5, f"gave up after {took:.1f} virtual s, not at once"
+        assert len(swarm.opened(3)) == 1               # never asked again
+
+    virtual(main)
+
+
+def test_a_worker_that_does_not_list_us_is_skipped_for_another() -> None:
+    async def main() -> None:
+        workers = chain(SimWorker(4, 4, 6))
+        workers[2].refuse = sw.ErrorCode.NOT_LISTED
+        swarm = SimSwarm(workers, settings=settings())
+        session, _ = await run_session(swarm, 3)
+        assert session.route[-1].peer == peer(4)
+        assert len(swarm.opened(3)) <= 1 and peer(3) in swarm.not_listing
+        assert peer(3) not in swarm.banned
+
+    virtual(main)
