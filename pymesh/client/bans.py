@@ -11,6 +11,11 @@ A **penalty** (``deprioritise``) makes route choice avoid a worker while another
 serves the same blocks, without excluding it: a hop-to-hop link failure puts it on the
 worker *behind* the link, which may be perfectly healthy.
 
+A **pair penalty** (``avoid_pair``) makes route choice avoid one hop-to-successor link
+(the hop has no record it trusts of that successor: allowlists that differ between
+workers, or a record it has not seen yet) while another route exists, without holding
+anything against either worker on other routes.
+
 A **failed probe** (an RTT measurement that got no answer) is remembered for the record it
 was made for, so every route search does not wait for the same dead address again; a
 newer record (another address, or a restart) is probed afresh.
@@ -63,6 +68,7 @@ class BanBook:
         self.probe_memory = ban_seconds if probe_memory is None else probe_memory
         self._bans: dict[PeerID, Ban] = {}
         self._penalties: dict[PeerID, float] = {}
+        self._pairs: dict[tuple[PeerID, PeerID], float] = {}
         self._failed_probes: dict[tuple[PeerID, str, int, float], float] = {}
         #: newest record timestamp seen per peer (what a later record must beat to lift a ban)
         self.newest_ts: dict[PeerID, float] = {}
@@ -116,6 +122,15 @@ class BanBook:
         for p in [p for p, until in self._penalties.items() if until <= now]:
             del self._penalties[p]
         return set(self._penalties)
+
+    def avoid_pair(self, hop: PeerID, successor: PeerID) -> None:
+        self._pairs[(hop, successor)] = self.now() + self.penalty_seconds
+
+    def avoided_pairs(self) -> set[tuple[PeerID, PeerID]]:
+        now = self.now()
+        for k in [k for k, until in self._pairs.items() if until <= now]:
+            del self._pairs[k]
+        return set(self._pairs)
 
     # -- failed probes ---------------------------------------------------------------------
     def probe_failed(self, record: tuple[PeerID, str, int, float]) -> None:

@@ -12,6 +12,9 @@ Three verdicts, each with its remedy:
   expired one): it is opened again and replayed, not banned.
 - ``AVOID``: the peer refused a session (full, or not serving those blocks any more): it is
   routed around while others serve its blocks.
+- ``PAIR``: a hop has no record it trusts of its successor (``next_unknown``: allowlists
+  that differ between workers, a record not replicated yet): routes avoid that (hop,
+  successor) pair; neither worker is banned or avoided on other routes.
 
 :func:`judge_err` applies the session protocol's rule for ``pm.err`` pushes (issue 11):
 only a hop of the session's route may report, and it may blame only itself or its own
@@ -39,12 +42,13 @@ class Verdict(enum.Enum):
     LINK = "link"
     LOST = "lost"
     AVOID = "avoid"
+    PAIR = "pair"
 
 
 @dataclass(frozen=True)
 class Blame:
-    """``peer`` is the one held responsible; for ``LINK`` it is the successor behind the
-    failed link and ``sender`` the hop whose push failed."""
+    """``peer`` is the one held responsible; for ``LINK`` and ``PAIR`` it is the successor
+    behind the failed link and ``sender`` the hop whose push failed."""
 
     peer: PeerID
     why: str
@@ -58,6 +62,18 @@ def route_index(route: Sequence[SpanOption], peer: PeerID, start: int | None = N
     for i, o in enumerate(route):
         if o.peer == peer and (start is None or o.start == start):
             return i
+    return None
+
+
+def link_blame(hop: SpanOption, nxt: SpanOption | None, code: str, why: object) -> Blame | None:
+    """What it means that ``hop`` answered pm.open / pm.set_next naming ``nxt`` with ``code``:
+    a link failure, a pair to avoid, or None (the hop's own failure)."""
+    if nxt is None:
+        return None
+    if code == sw.ErrorCode.NEXT_UNREACHABLE:
+        return Blame(nxt.peer, f"{hop.describe()} cannot reach {nxt.describe()}: {why}", Verdict.LINK, sender=hop)
+    if code == sw.ErrorCode.NEXT_UNKNOWN:
+        return Blame(nxt.peer, f"{hop.describe()} does not know {nxt.describe()}: {why}", Verdict.PAIR, sender=hop)
     return None
 
 
@@ -78,6 +94,9 @@ def judge_err(route: Sequence[SpanOption], sender: PeerID, err: sw.Err) -> Blame
         log.debug("pm.err from %s dropped: it blames %s, who is not its successor on the route",
                   sender.short(), err.blame.short())
         return None
+    if err.code == sw.ErrorCode.NEXT_UNKNOWN:
+        return Blame(successor.peer, f"{hop.describe()} does not know {successor.describe()}: {err.msg}",
+                     Verdict.PAIR, sender=hop)
     if err.link or err.code == sw.ErrorCode.NEXT_UNREACHABLE:
         return Blame(successor.peer, f"link {hop.describe()} -> {successor.describe()} failed: {err.msg}",
                      Verdict.LINK, sender=hop)

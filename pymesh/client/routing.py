@@ -107,13 +107,17 @@ def choose_route(
     min_cache_tokens: int = 0,
     prefer: Collection[tuple[PeerID, int, int]] = (),
     default_rtt_ms: float = DEFAULT_RTT_MS,
+    avoid_pairs: Collection[tuple[PeerID, PeerID]] = (),
+    pair_penalty_ms: float = 60_000.0,
 ) -> list[SpanOption]:
     """The lowest-latency chain of spans covering ``[start, stop)``.
 
     ``prefer`` lists (peer, start, stop) hops that already hold a session: their RTT
-    counts as zero, so recovery keeps the healthy part of a route. Ties go to fewer
-    hops, then to the lexicographically smaller peer IDs (deterministic).
-    Raises :class:`NoRouteError` naming the first block nobody serves.
+    counts as zero, so recovery keeps the healthy part of a route. ``avoid_pairs`` lists
+    (hop, successor) pairs that failed to link (the hop does not trust its successor's
+    record): a route using one costs ``pair_penalty_ms`` more, so another route wins if
+    there is one. Ties go to fewer hops, then to the lexicographically smaller peer IDs
+    (deterministic). Raises :class:`NoRouteError` naming the first block nobody serves.
     """
     if not 0 <= start < stop:
         raise ValueError(f"empty or negative block range [{start}, {stop})")
@@ -123,26 +127,35 @@ def choose_route(
     for o in usable:
         by_start.setdefault(o.start, []).append(o)
     preferred = set(prefer)
-    # Dijkstra over boundaries; the key is (cost, hops, tie-break) so results are stable.
-    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
-    back: dict[int, SpanOption] = {}
-    heap: list[tuple[float, int, int]] = [(0.0, 0, start)]
+    pairs = {(a.key, b.key) for a, b in avoid_pairs}
+    # Dijkstra over states (boundary, the hop ending there: only told apart when pairs
+    # matter); the key is (cost, hops, tie-break) so results are stable.
+    origin = (start, b"")
+    best: dict[tuple[int, bytes], tuple[float, int]] = {origin: (0.0, 0)}
+    back: dict[tuple[int, bytes], tuple[tuple[int, bytes], SpanOption]] = {}
+    heap: list[tuple[float, int, int, bytes]] = [(0.0, 0, start, b"")]
+    end: tuple[int, bytes] | None = None
     while heap:
-        cost, hops, here = heapq.heappop(heap)
-        if best.get(here, (float("inf"), 0)) < (cost, hops):
+        cost, hops, here, last = heapq.heappop(heap)
+        state = (here, last)
+        if best.get(state, (float("inf"), 0)) < (cost, hops):
             continue
         if here == stop:
+            end = state
             break
         for o in sorted(by_start.get(here, ()), key=lambda o: (o.stop, o.peer.key)):
             c = hop_cost_ms(o, rtt, default_rtt_ms)
             if (o.peer, o.start, o.stop) in preferred:
                 c -= rtt.get(o.peer, default_rtt_ms)
+            if (last, o.peer.key) in pairs:
+                c += pair_penalty_ms
+            nxt = (o.stop, o.peer.key if pairs else b"")
             new = (cost + c, hops + 1)
-            if new < best.get(o.stop, (float("inf"), 0)):
-                best[o.stop] = new
-                back[o.stop] = o
-                heapq.heappush(heap, (new[0], new[1], o.stop))
-    if stop not in best:
+            if new < best.get(nxt, (float("inf"), 0)):
+                best[nxt] = new
+                back[nxt] = (state, o)
+                heapq.heappush(heap, (new[0], new[1], o.stop, nxt[1]))
+    if end is None:
         missing = first_uncovered_block(usable, start, stop)
         everyone = first_uncovered_block(list(options), start, stop)
         if everyone is not None:
@@ -157,11 +170,10 @@ def choose_route(
             )
         raise NoRouteError(msg, everyone if everyone is not None else missing)
     route: list[SpanOption] = []
-    here = stop
-    while here != start:
-        o = back[here]
+    at = end
+    while at != origin:
+        at, o = back[at]
         route.append(o)
-        here = o.start
     route.reverse()
     return route
 

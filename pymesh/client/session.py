@@ -8,8 +8,9 @@ stored inputs through the new workers with the original step shapes, and retries
 
 Not every failure bans (:mod:`pymesh.client.blame`): a hop whose push to its successor
 failed reports a *link* failure, and the client relinks it (it re-dials) and keeps the
-successor if its session survived; a worker that lost the session (restarted) is opened
-again and replayed. Errors are accepted only from the route's hops, blaming themselves or
+successor if its session survived; a hop that does not know its successor (``next_unknown``)
+makes routes avoid that pair, banning neither; a worker that lost the session (restarted) is
+opened again and replayed; a worker whose allowlist does not list this client is not asked again. Errors are accepted only from the route's hops, blaming themselves or
 their successor; outputs are checked (shape, dtype, finite) before they are used.
 """
 
@@ -25,7 +26,7 @@ import trio
 
 from pymesh.client import probes
 from pymesh.client.bans import BanCause
-from pymesh.client.blame import Blame, Verdict, judge_err
+from pymesh.client.blame import Blame, Verdict, judge_err, link_blame
 from pymesh.client.checks import output_problem_untrusted
 from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
 from pymesh.client.routing import SpanOption
@@ -222,9 +223,9 @@ class InferenceSession:
             except PymeshError as exc:
                 code = exc.code if isinstance(exc, RemoteError) else ""
                 log.warning("Client: worker %s refused the session (%s): %s", o.peer.short(), code or "error", exc)
-                if code == sw.ErrorCode.NEXT_UNREACHABLE and nxt is not None:
-                    return Blame(nxt.peer, f"{o.describe()} cannot reach {nxt.describe()}: {exc}", Verdict.LINK,
-                                 sender=o)
+                link = link_blame(o, nxt, code, exc)
+                if link is not None:
+                    return link
                 if code == sw.ErrorCode.NOT_LISTED:
                     self.swarm.not_listed_by(o.peer, str(exc))
                     return Blame(o.peer, f"does not list this client: {exc}", Verdict.AVOID)
@@ -343,6 +344,11 @@ class InferenceSession:
         if blame.verdict is Verdict.BAN:
             self.swarm.ban(blame.peer, blame.why, blame.cause)
             return blame
+        if blame.verdict is Verdict.PAIR:
+            assert blame.sender is not None
+            self.swarm.avoid_pair(blame.sender.peer, blame.peer, blame.why)
+            self.links.pop(hop_key(blame.sender), None)
+            return blame
         self.swarm.deprioritise(blame.peer, blame.why)
         if blame.verdict is Verdict.AVOID:
             return blame
@@ -378,10 +384,9 @@ class InferenceSession:
             try:
                 await self.swarm.request(link.hop, sw.SetNext(self.sid, self._next_hop(nxt), link.prev))
             except PymeshError as exc:
-                if isinstance(exc, RemoteError) and exc.code == sw.ErrorCode.NEXT_UNREACHABLE and nxt is not None:
-                    raise _StepFailure(Blame(nxt.peer, f"{link.hop.describe()} cannot reach {nxt.describe()}: "
-                                                       f"{exc}", Verdict.LINK, sender=link.hop)) from None
-                raise _StepFailure(probes.failure_of(link.hop, "set_next", exc)) from None
+                code = exc.code if isinstance(exc, RemoteError) else ""
+                raise _StepFailure(link_blame(link.hop, nxt, code, exc)
+                                   or probes.failure_of(link.hop, "set_next", exc)) from None
             self.links[hop_key(link.hop)] = Link(link.hop, hop_key(nxt) if nxt is not None else None, link.prev)
         for f in p.flushes:
             await self._fetch_unsent_copies(f.source, f.boundary)

@@ -186,6 +186,11 @@ class Swarm:
         log.info("Client: deprioritising worker %s: %s", peer.short(), why)
         self.bans.deprioritise(peer)
 
+    def avoid_pair(self, hop: PeerID, successor: PeerID, why: str) -> None:
+        """Prefer routes on which ``hop`` is not followed by ``successor`` (neither is banned)."""
+        log.info("Client: avoiding the link %s -> %s: %s", hop.short(), successor.short(), why)
+        self.bans.avoid_pair(hop, successor)
+
     def not_listed_by(self, peer: PeerID, why: str) -> None:
         """``peer`` refused this client because its allowlist does not list it: routes never
         use it again (retrying cannot help; its operator must list us)."""
@@ -275,7 +280,8 @@ class Swarm:
                 rtt[p] = rtt.get(p, DEFAULT_RTT_MS) + PENALTY_MS
             try:
                 return choose_route(options, start, stop, rtt_ms=rtt, banned=banned,
-                                    min_cache_tokens=min_cache_tokens, prefer=prefer)
+                                    min_cache_tokens=min_cache_tokens, prefer=prefer,
+                                    avoid_pairs=self.bans.avoided_pairs(), pair_penalty_ms=PENALTY_MS)
             except NoRouteError as exc:
                 refused = self._not_listed_everywhere(options, exc.missing_block)
                 if refused is not None:

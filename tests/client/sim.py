@@ -218,6 +218,11 @@ class SimSwarm(Swarm):
         if not final:
             assert s.next_hop is not None
             nxt = self.workers[s.next_hop.peer]
+            if nxt.peer in w.unknown_next:   # as a worker whose allowlist lacks its next hop
+                err = sw.Err(step.sid, step.step, sw.ErrorCode.NEXT_UNKNOWN, "not on this worker's allowlist",
+                             w.start, w.stop, blame=nxt.peer)
+                await self._on_err(_Conn(w.peer), err.to_meta(), [])
+                return
             if w.broken == "report":
                 err = sw.Err(step.sid, step.step, sw.ErrorCode.NEXT_UNREACHABLE, "connection reset", w.start,
                              w.stop, blame=nxt.peer, link=True)

@@ -53,3 +53,36 @@ def test_a_worker_that_does_not_list_us_is_skipped_for_another() -> None:
         assert peer(3) not in swarm.banned
 
     virtual(main)
+
+
+def test_next_unknown_at_open_avoids_the_pair_and_bans_nobody() -> None:
+    """W2 has no record it trusts of W3 (say W3 is not on W2's allowlist): the route goes
+    W1 -> W2 -> W4 instead, and W3 stays usable on routes where W2 does not precede it."""
+    async def main() -> None:
+        workers = chain(SimWorker(4, 4, 6))
+        workers[1].unknown_next = {peer(3)}
+        swarm = SimSwarm(workers, settings=settings())
+        session, _ = await run_session(swarm, 2)
+        assert [o.peer for o in session.route] == [peer(1), peer(2), peer(4)]
+        assert not swarm.banned and not swarm.bans.penalised(), swarm.banned
+        assert swarm.bans.avoided_pairs() == {(peer(2), peer(3))}
+
+    virtual(main)
+
+
+def test_next_unknown_reported_mid_session_moves_the_successor_not_bans_it() -> None:
+    async def main() -> None:
+        swarm = SimSwarm(chain(SimWorker(4, 4, 6)), settings=settings())
+
+        def before(k: int, s: InferenceSession) -> None:
+            if k == 1:
+                assert s.route[-1].peer == peer(3)
+                swarm.workers[peer(2)].unknown_next = {peer(3)}
+
+        session, took = await run_session(swarm, 3, before=before)
+        assert [o.peer for o in session.route] == [peer(1), peer(2), peer(4)]
+        assert not swarm.banned and not swarm.bans.penalised()
+        assert [r["verdict"] for r in session.recoveries] == ["pair"]
+        assert took[1] < 10
+
+    virtual(main)

@@ -78,3 +78,18 @@ def test_parse_chain() -> None:
         parse_chain("0,2", 16)
     with pytest.raises(ValueError, match="not a layer"):
         parse_chain("a,b", 16)
+
+
+def test_an_avoided_pair_costs_more_but_each_of_its_workers_stays_usable() -> None:
+    a, b, b2, c = opt(1, 0, 10), opt(2, 10, 20, block_ms=1.0), opt(3, 10, 20, block_ms=3.0), opt(4, 20, 30)
+    a2 = opt(5, 0, 10, block_ms=2.0)
+    assert [o.peer for o in choose_route([a, b, b2, c], 0, 30)] == [pid(1), pid(2), pid(4)]
+    # 1 -> 2 is avoided: the slower middle worker is used after 1 ...
+    route = choose_route([a, b, b2, c], 0, 30, avoid_pairs={(pid(1), pid(2))})
+    assert [o.peer for o in route] == [pid(1), pid(3), pid(4)]
+    # ... or 2 after another first worker, whichever costs less; 2 itself is not avoided
+    route = choose_route([a, a2, b, c], 0, 30, avoid_pairs={(pid(1), pid(2))})
+    assert [o.peer for o in route] == [pid(5), pid(2), pid(4)]
+    # with no other way, the pair is used (a penalty, not a ban)
+    route = choose_route([a, b, c], 0, 30, avoid_pairs={(pid(1), pid(2))})
+    assert [o.peer for o in route] == [pid(1), pid(2), pid(4)]
