@@ -31,8 +31,11 @@ class SSEResponse(Response):
     sessions) runs either way, because the iterator is always closed here."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Any) -> None:
-        super().__init__(status_code=200, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # not Response.__init__: that sets a body, and with it "content-length: 0"
+        self.status_code = 200
+        self.media_type = "text/event-stream"
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events = events
         self.on_close = on_close
         self.disconnected = False

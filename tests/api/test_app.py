@@ -69,6 +69,7 @@ def test_streaming_chunks() -> None:
     r = run(call, app, "POST", "/v1/chat/completions",
             {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert "content-length" not in r.headers  # a length would make clients read nothing
     events = r.events()
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
