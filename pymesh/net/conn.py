@@ -148,7 +148,16 @@ class Connection:
 
     async def push(self, topic: str, meta: Meta | None = None, tensors: Sequence[TensorBlob] = ()) -> None:
         """Send a one-way message; the peer's ``on_push(topic)`` handler receives it.
-        Returns once the bytes are handed to the transport (not when handled)."""
+
+        Returns once the message is delivered as far as the transport can tell, not when it
+        is handled: on QUIC once the peer has acknowledged the whole stream (one round trip),
+        on TCP once the kernel took the bytes. Raises PeerUnavailable (or ConnectionClosed,
+        if this node closed the connection) when the connection is or becomes closed before
+        that: on QUIC also when the peer resets it (a stateless reset from a restarted node)
+        or stops the push's stream. On TCP a push whose bytes the kernel took can still be
+        lost if the peer closes at that instant (its FIN already queued here is noticed
+        before sending; one arriving later is not): the peer's reset then ends the
+        connection, and callers that must know watch for that (the worker's link watch)."""
         self._check_open()
         head, payloads = encode_frame_head(FrameType.PUSH, 0, name=topic, meta=meta or {}, tensors=tensors,
                                            limits=self.config.limits)

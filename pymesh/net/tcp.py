@@ -9,6 +9,7 @@ never interleave.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -153,6 +154,11 @@ class TcpConnection(Connection):
         return slot.frame
 
     async def _push(self, head: bytes, payloads: list[memoryview]) -> None:
+        if _peer_closed(self._raw):
+            # The peer's FIN is queued but this node's reader has not run yet: the kernel
+            # would still accept the push and the peer would only answer with a reset.
+            # (The reader closes the connection after the frames before the FIN.)
+            raise PeerUnavailable(f"connection to {self.peer.short()} is closed (the peer closed it)")
         await self._send_frame(head, payloads)
         await trio.lowlevel.checkpoint()  # the fast path never yields; a push loop must not starve others
 
@@ -379,6 +385,21 @@ def _peer_host(raw: Raw) -> str | None:
         return host_of(raw.sock.getpeername())
     except OSError:  # already disconnected
         return None
+
+
+def _peer_closed(raw: Raw) -> bool:
+    """Whether the peer's FIN (or a reset) is waiting on the socket with no data before it:
+    one non-blocking MSG_PEEK, no scheduler round trip. A FIN that arrives just after this
+    still loses the push; the peer then answers with a reset, which the reader sees (and a
+    worker reports pushes made shortly before a link ended)."""
+    if isinstance(raw, AnyStream):
+        return False
+    try:
+        return raw.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:            # reset, or the socket is gone
+        return True
 
 
 def _addr(stream: trio.SocketStream) -> str:
