@@ -59,6 +59,7 @@ def hypercorn_config(listen: str) -> Any:
     config = Config()
     config.bind = [listen]
     config.accesslog = None
+    config.errorlog = None  # its lines reach pymesh's log through the root logger
     config.keep_alive_timeout = 75
     return config
 
@@ -88,3 +89,25 @@ async def serve(options: ServeOptions, defaults: SamplingParams, *,
 async def _serve_http(hypercorn_serve: Any, app: Any, listen: str,
                       task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     await hypercorn_serve(app, hypercorn_config(listen), task_status=task_status)
+
+
+def serve_until_signal(options: ServeOptions, defaults: SamplingParams, on_started: Any) -> bool:
+    """``trio.run`` of :func:`serve` until SIGINT or SIGTERM (a clean shutdown: open sessions
+    closed, the swarm node left); ``on_started(urls)`` once listening. True if a signal ended it."""
+    import signal
+
+    stopped = False
+
+    async def main() -> None:
+        nonlocal stopped
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                urls = await nursery.start(serve, options, defaults)
+                on_started(urls)
+                async for _ in signals:
+                    stopped = True
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return stopped

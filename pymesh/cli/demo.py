@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the child processes' logs (their folder is printed at the end)")
     add_allow_peers_argument(parser, "the demo's workers and client deal only with each other and the "
                                      "peers listed in FILE")
+    parser.add_argument("--serve", action="store_true",
+                        help="keep the swarm up behind the OpenAI-compatible API (pymesh serve) instead of "
+                             "answering prompts; Ctrl-C stops it")
+    parser.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT",
+                        help="with --serve: the API's HTTP address (default 127.0.0.1:8000)")
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every worker (repeatable, e.g. --worker-arg=--dtype "
                              "--worker-arg=bfloat16)")
@@ -61,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         worker_args=list(args.worker_arg),
         settings=settings_of(args),
         allow_peers=allow_peers_of(args),
+        serve=args.serve,
+        listen=args.listen,
     )
     if not args.verbose:
         # The demo narrates what happens; library INFO lines would drown it (-v brings them back).

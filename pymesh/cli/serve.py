@@ -39,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import trio
-
-    from pymesh.api.server import ServeOptions, read_api_key, serve
+    from pymesh.api.server import ServeOptions, read_api_key, serve_until_signal
     from pymesh.errors import ConfigError
     from pymesh.model.sampling import sampling_params_from_args
     from pymesh.model.torch_setup import configure_threads
@@ -59,11 +57,8 @@ def run(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting, settings=settings, allow_peers=allow_peers_of(args),
         identity=None if args.identity is None else Identity.load_or_create(args.identity))
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            urls = await nursery.start(serve, options, sampling_params_from_args(args))
-            print(f"pymesh serve: OpenAI-compatible API at {urls[0]}/v1",
-                  flush=True)
+    def started(urls: list[str]) -> None:
+        print(f"pymesh serve: OpenAI-compatible API at {urls[0]}/v1", flush=True)
 
-    trio.run(main)
+    serve_until_signal(options, sampling_params_from_args(args), started)
     return 0

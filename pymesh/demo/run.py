@@ -58,6 +58,9 @@ class DemoOptions:
     settings: Settings = field(default_factory=Settings)   # the CLI's (cache folder, client timers)
     #: --allow-peers: a private swarm of the demo's own nodes plus these peers (None: open)
     allow_peers: PeerAllowlist | None = None
+    #: --serve: keep the swarm up behind the OpenAI-compatible API at ``listen`` instead of chatting
+    serve: bool = False
+    listen: str = "127.0.0.1:8000"
 
 
 def even_split(num_blocks: int, parts: int) -> list[tuple[int, int]]:
@@ -286,7 +289,12 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                                            options.allow_peers)
                 console.print(f"   private swarm: {len(allow)} peers allowed ({swarm.allow_file})")
             demo.start_swarm(swarm)
-            results = demo.chat(swarm)
+            if options.serve:
+                from pymesh.demo.serve import serve_swarm
+
+                assert demo.model_dir is not None
+                serve_swarm(console, swarm, options, demo.model_dir, CLIENT_NAME)
+            results = [] if options.serve else demo.chat(swarm)
             console.print("[bold]4.[/] stopping the swarm")
         summary(console, results)
         return 0
