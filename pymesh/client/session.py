@@ -196,6 +196,7 @@ class InferenceSession:
     async def _open_route(self) -> None:
         """Choose a route and open a session on every hop; refused workers are avoided."""
         excluded: list[PeerID] = []
+        last = ""
         for _ in range(self.max_recoveries + 1):
             need = self.max_tokens * self.batch if self.trust_record_cache else 0
             route = await self.swarm.find_route(self.start, self.stop, min_cache_tokens=need, exclude=excluded)
@@ -209,9 +210,11 @@ class InferenceSession:
                 self.history = {route[0].start: {}}
                 return
             await self._apply(failed, {}, 0)
+            last = failed.why
             if failed.verdict in (Verdict.BAN, Verdict.AVOID):
                 excluded.append(failed.peer)
-        raise SessionFailed("could not open a session on any route: every candidate worker refused or failed")
+        raise SessionFailed("could not open a session on any route: every candidate worker refused or failed "
+                            f"(last: {last})")
 
     async def _open_hops(self, opens: Sequence[OpenHop]) -> Blame | None:
         """Open sessions (in the plan's order: last hop first); returns what failed, if any."""

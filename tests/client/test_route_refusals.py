@@ -86,3 +86,21 @@ def test_next_unknown_reported_mid_session_moves_the_successor_not_bans_it() -> 
         assert took[1] < 10
 
     virtual(main)
+
+
+def test_with_no_other_route_the_pair_is_retried_and_the_failure_names_it() -> None:
+    async def main() -> None:
+        from pymesh.client.session import SessionFailed
+
+        workers = chain()
+        workers[1].unknown_next = {peer(3)}
+        swarm = SimSwarm(workers, settings=settings())
+        async with trio.open_nursery() as nursery:
+            swarm.nursery = nursery
+            with pytest.raises(SessionFailed, match="does not know") as info:
+                async with InferenceSession(swarm, 0, 6, max_tokens=4):
+                    pass
+            nursery.cancel_scope.cancel()
+        assert not swarm.banned, info.value
+
+    virtual(main)
