@@ -107,3 +107,30 @@ def test_a_record_pointing_nowhere_creates_no_coverage() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_no_move_while_records_are_left_unprobed() -> None:
+    """A move drops sessions: with records left unprobed by the per-round bound, the worker
+    does not act on the partial picture (the next rounds probe the rest)."""
+    from pymesh.worker import placement
+
+    ids = [Identity.generate() for _ in range(3)]
+    served = [_rec(i, 2) for i in ids]        # blocks 0-1 uncovered: a move would cover them
+
+    async def read() -> list[WorkerRecord]:
+        return served
+
+    async def probe(rec: WorkerRecord) -> bool:
+        return True
+
+    async def main() -> None:
+        w = Worker(WorkerOptions(bootstrap=[], transport="tcp", num_layers=4, max_blocks=2))
+        w.directory = RecordDirectory(read, TrioClock(), (Transport.TCP,), model_id=w.model_id)
+        w.reachability = ReachabilityCache(probe, TrioClock(), max_probes=2)
+        mine = placement.Announced(2, 4, 10.0)
+        first = await w._move_decision(mine)
+        assert not first.move and "not probed" in first.reason
+        second = await w._move_decision(mine)   # the rest probed now
+        assert second.move and second.new_start == 0
+
+    run(main)
