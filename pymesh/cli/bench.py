@@ -22,7 +22,7 @@ from pymesh.cli.common import load_optional
 
 log = logging.getLogger(__name__)
 
-PARTS = ("kernels", "generate", "transport", "dht", "swarm")
+PARTS = ("kernels", "generate", "transport", "dht", "swarm", "serve")
 
 Row = dict[str, Any]
 

@@ -45,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from pymesh.model.torch_setup import configure_threads
     from pymesh.proto.identity import Identity
 
+    import logging
+
+    if not getattr(args, "verbose", 0):
+        # the client logs every step at INFO; a server's log would be nothing else (-v brings them back)
+        logging.getLogger("pymesh.client").setLevel(logging.WARNING)
     settings = settings_of(args)
     configure_threads(settings.runtime.threads_or(args.threads))
     check_device(args.device)
