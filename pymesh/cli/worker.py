@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from pymesh.cli.common import add_allow_peers_argument, allow_peers_of, check_device, with_flags
 from pymesh.settings import settings_of
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=None,
                         help="echo mode without --layers: how many layers the echoed model has")
     add_allow_peers_argument(parser, "serve only listed clients and push only to listed workers")
+    parser.add_argument("--metrics-listen", default=None, metavar="[HOST:]PORT",
+                        help="serve Prometheus metrics (steps, cache use, compute time, refusals) at this "
+                             "address; a bare PORT binds 127.0.0.1")
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         allow_peers=allow_peers_of(args),
     )
     try:
-        trio.run(run_worker, opts)
+        trio.run(run_worker, opts, _metrics_hook(args.metrics_listen))
     except BaseExceptionGroup as group:
         # Errors raised inside the worker's nurseries arrive wrapped; report the one that matters.
         from pymesh.errors import PymeshError
@@ -89,3 +93,12 @@ def run(args: argparse.Namespace) -> int:
             raise found from None
         raise
     return 0
+
+
+def _metrics_hook(addr: str | None) -> Any:
+    if addr is None:
+        return None
+    from pymesh.worker.metrics import parse_listen, start_metrics
+
+    parse_listen(addr)  # a bad address fails before the worker starts
+    return lambda worker: start_metrics(addr, worker)

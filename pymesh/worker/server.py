@@ -19,7 +19,7 @@ import signal
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
@@ -363,9 +363,11 @@ async def _run_node(node: AbstractAsyncContextManager[object], *,
         await trio.sleep_forever()
 
 
-async def run_worker(opts: WorkerOptions) -> None:
-    """Serve until SIGINT/SIGTERM, then announce offline and return."""
+async def run_worker(opts: WorkerOptions, on_created: Callable[[Worker], object] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then announce offline and return (``on_created``: e.g. metrics)."""
     worker = Worker(opts)
+    if on_created is not None:
+        on_created(worker)
     async with trio.open_nursery() as nursery:
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -32,7 +32,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     procs = LocalProcs(root)
     try:
         procs.start_bootstrap()
-        workers = [procs.start_worker("--layers", "0-1", "--model-path", str(model_dir), name="w01"),
+        metrics_port = free_port()
+        workers = [procs.start_worker("--layers", "0-1", "--model-path", str(model_dir), "--metrics-listen",
+                                      str(metrics_port), name="w01"),
                    procs.start_worker("--layers", "2", "--model-path", str(model_dir), name="w2")]
         wait_ready(workers, timeout=120)
         port = free_port()
@@ -43,6 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         procs.model_dir = model_dir  # type: ignore[attr-defined]
         procs.workers = workers  # type: ignore[attr-defined]
         procs.url = f"http://127.0.0.1:{port}/v1"  # type: ignore[attr-defined]
+        procs.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # type: ignore[attr-defined]
         yield procs
     finally:
         procs.stop_all()
@@ -206,6 +209,23 @@ def test_errors_through_the_sdk_and_raw(served: Any) -> None:
         chat(served, "x", n=2)
     assert br.value.body["param"] == "n"  # type: ignore[index]
     assert [m.id for m in client(served).models.list()] == ["tiny"]
+
+
+def test_metrics_of_serve_and_worker(served: Any) -> None:
+    import urllib.request
+
+    chat(served, PROMPTS[3], max_tokens=4)
+    with urllib.request.urlopen(served.url.replace("/v1", "/metrics"), timeout=30) as resp:
+        text = resp.read().decode()
+    assert 'pymesh_api_requests_total{endpoint="chat",status="200"}' in text
+    assert "pymesh_api_ttft_seconds_bucket" in text and "pymesh_api_inter_token_seconds_count" in text
+    with urllib.request.urlopen(served.metrics_url, timeout=30) as resp:
+        worker = resp.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in worker.splitlines()
+              if line and not line.startswith("#")}
+    assert values["pymesh_worker_steps_total"] >= 4 and values["pymesh_worker_from_client_total"] >= 4
+    assert values["pymesh_worker_blocks"] == 2 and values["pymesh_worker_cache_tokens_total"] > 0
+    assert values["pymesh_worker_compute_seconds_total"] > 0
 
 
 def test_zz_missing_layer_is_503_naming_it(served: Any) -> None:
