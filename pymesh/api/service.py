@@ -119,6 +119,9 @@ def _map_error(exc: BaseException) -> ApiError:
 
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, NoRouteError) and "no free cache" in str(exc):
+        # every provider of a layer is full (or banned for a while): busy, not broken
+        return ApiError(429, f"layer {exc.missing_block}: {exc}", code="swarm_busy")
     if isinstance(exc, NoRouteError):
         layer = "" if exc.missing_block is None else f"layer {exc.missing_block} has no provider: "
         return ApiError(503, f"{layer}{exc}", code="no_route")

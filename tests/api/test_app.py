@@ -192,6 +192,14 @@ def test_refusal_is_429() -> None:
     assert_error(run(call, app, "POST", "/v1/chat/completions", CHAT), 429, "refused")
 
 
+def test_no_free_cache_anywhere_is_429() -> None:
+    from pymesh.client.routing import NoRouteError
+
+    app, _ = make(FakeBackend(error=NoRouteError("no usable worker for layer 1: the workers serving it are "
+                                                 "banned after failures or have no free cache; wait and retry", 1)))
+    assert_error(run(call, app, "POST", "/v1/chat/completions", CHAT), 429, "layer 1")
+
+
 def test_queue_full_is_429() -> None:
     backend = FakeBackend(step_delay=0.05)
     app, gw = make(backend, max_active=1, max_waiting=1)
