@@ -64,6 +64,8 @@ class Backend(Protocol):
 
     async def health(self) -> dict[str, Any]: ...
 
+    def cache_limit(self) -> tuple[int, int] | None: ...
+
 
 class SwarmBackend:
     """A :class:`Backend` through the swarm (use inside ``async with swarm``)."""
@@ -96,6 +98,21 @@ class SwarmBackend:
     @property
     def eos_ids(self) -> set[int]:
         return self.model.eos_ids
+
+    def cache_limit(self) -> tuple[int, int] | None:
+        """(tokens, layer): the most tokens one session can hold on the layer whose largest
+        worker cache is smallest, from the records seen so far (None: none seen yet)."""
+        records = self.swarm.book.live()
+        usable = {o.peer for o in self.swarm.options_from(records)}
+        best: dict[int, int] = {}
+        for r in records:
+            if r.peer_id in usable:
+                for b in range(r.start, r.stop):
+                    best[b] = max(best.get(b, 0), r.cache_tokens_total)
+        if not best or len(best) < self.model.config.num_hidden_layers:
+            return None
+        layer = min(best, key=lambda b: (best[b], b))
+        return best[layer], layer
 
     async def health(self) -> dict[str, Any]:
         from pymesh.client.routing import first_uncovered_block

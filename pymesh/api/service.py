@@ -78,6 +78,12 @@ class Gateway:
             raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_new_tokens}) is "
                                 f"beyond the model's context of {limit} tokens; shorten the prompt or lower "
                                 "max_tokens", param="max_tokens", code="context_length_exceeded")
+        cache = self.backend.cache_limit()
+        if cache is not None and len(ids) + params.max_new_tokens > cache[0]:
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_new_tokens}) is more "
+                                f"than any worker serving layer {cache[1]} can hold ({cache[0]} tokens of cache); "
+                                "shorten the prompt or lower max_tokens", param="max_tokens",
+                                code="context_length_exceeded")
         return ids
 
     @asynccontextmanager

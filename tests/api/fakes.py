@@ -30,6 +30,7 @@ class FakeBackend:
     reply: str = REPLY
     error: BaseException | None = None
     step_delay: float = 0.0
+    cache: tuple[int, int] | None = None     # (tokens, layer) of the smallest largest cache
     opened: int = 0
     closed: int = 0
     started: trio.Event = field(default_factory=trio.Event)
@@ -66,6 +67,9 @@ class FakeBackend:
                 yield TokenStep(tok, -0.25 if top_logprobs is not None else None, top)
         finally:
             self.closed += 1
+
+    def cache_limit(self) -> tuple[int, int] | None:
+        return self.cache
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_id, "blocks": 3, "blocks_covered": 3, "missing_layer": None,

@@ -192,6 +192,13 @@ def test_refusal_is_429() -> None:
     assert_error(run(call, app, "POST", "/v1/chat/completions", CHAT), 429, "refused")
 
 
+def test_beyond_every_workers_cache_is_400_naming_it() -> None:
+    app, _ = make(FakeBackend(cache=(50, 2)))
+    err = assert_error(run(call, app, "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 60}), 400, "layer 2")
+    assert "50 tokens" in err["message"] and err["param"] == "max_tokens"
+    assert run(call, app, "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 30}).status == 200
+
+
 def test_no_free_cache_anywhere_is_429() -> None:
     from pymesh.client.routing import NoRouteError
 
