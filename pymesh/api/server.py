@@ -88,7 +88,11 @@ async def serve(options: ServeOptions, defaults: SamplingParams, *,
 
 async def _serve_http(hypercorn_serve: Any, app: Any, listen: str,
                       task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    await hypercorn_serve(app, hypercorn_config(listen), task_status=task_status)
+    try:
+        await hypercorn_serve(app, hypercorn_config(listen), task_status=task_status)
+    except* (OSError, OverflowError) as group:
+        raise ConfigError(f"--listen {listen}: cannot listen there ({_first_leaf(group)}); give a free "
+                          "HOST:PORT") from None
 
 
 def serve_until_signal(options: ServeOptions, defaults: SamplingParams, on_started: Any) -> bool:
@@ -109,5 +113,21 @@ def serve_until_signal(options: ServeOptions, defaults: SamplingParams, on_start
                     nursery.cancel_scope.cancel()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # errors raised in the nurseries arrive wrapped: a pymesh error (a bad model folder,
+        # an unusable address) is reported as itself, one line
+        from pymesh.errors import PymeshError
+
+        mine = group.split(PymeshError)[0]
+        if mine is not None:
+            raise _first_leaf(mine) from None
+        raise
     return stopped
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
