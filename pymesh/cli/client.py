@@ -9,10 +9,9 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from pymesh.cli.common import add_allow_peers_argument, allow_peers_of, check_device
+from pymesh.cli.common import add_swarm_client_arguments, allow_peers_of, check_device
 from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
-from pymesh.proto.vocab import Transport
 
 if TYPE_CHECKING:
     from pymesh.proto.identity import Identity
@@ -33,17 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers to run, in order: 0,1,2,... or ranges 0-9,10-15 (default: all)")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens to generate at most (default 64)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--transport", default=Transport.QUIC.value, choices=[t.value for t in Transport])
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of streaming text")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
     parser.add_argument("--hidden-size", type=int, default=4096, help="echo test: hidden size of the test tensor")
     parser.add_argument("--rounds", type=int, default=10, help="echo test: how many times the tensor goes around")
-    add_allow_peers_argument(parser, "route only through listed workers")
-    parser.add_argument("--identity", default=None, metavar="FILE",
-                        help="this client's key file (created on first use); workers of a private swarm serve "
-                             "only clients their --allow-peers lists (default: a fresh key each run)")
+    add_swarm_client_arguments(parser)
     add_sampling_arguments(parser)
 
 

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from pymesh.errors import ConfigError
 from pymesh.proto.allowlist import PeerAllowlist
+from pymesh.proto.vocab import Transport
 from pymesh.settings import Settings
 
 
@@ -75,3 +76,16 @@ def allow_peers_of(args: argparse.Namespace) -> PeerAllowlist | None:
     """The allowlist ``--allow-peers`` names, or None (an open swarm)."""
     path = getattr(args, "allow_peers", None)
     return None if path is None else PeerAllowlist.load(path)
+
+
+def add_swarm_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every swarm client shares (``pymesh client``, ``pymesh serve``): where the head
+    runs, the transport, threads, the allowlist and the client's own key."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--transport", default=Transport.QUIC.value, choices=[t.value for t in Transport])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
+    add_allow_peers_argument(parser, "route only through listed workers")
+    parser.add_argument("--identity", default=None, metavar="FILE",
+                        help="this client's key file (created on first use); workers of a private swarm serve "
+                             "only clients their --allow-peers lists (default: a fresh key each run)")

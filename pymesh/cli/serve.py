@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pymesh.cli.common import add_allow_peers_argument, allow_peers_of, check_device
-from pymesh.proto.vocab import Transport
+from pymesh.cli.common import add_swarm_client_arguments, allow_peers_of, check_device
 from pymesh.settings import settings_of
 
 
@@ -27,14 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-active", type=int, default=8, help="generations running at once (default 8)")
     parser.add_argument("--max-waiting", type=int, default=32,
                         help="requests waiting for a slot before new ones get 429 (default 32)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--transport", default=Transport.QUIC.value, choices=[t.value for t in Transport])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
-    add_allow_peers_argument(parser, "route only through listed workers")
-    parser.add_argument("--identity", default=None, metavar="FILE",
-                        help="this client's key file (created on first use); workers of a private swarm serve "
-                             "only clients their --allow-peers lists (default: a fresh key each run)")
+    add_swarm_client_arguments(parser)
     add_sampling_arguments(parser)
 
 
