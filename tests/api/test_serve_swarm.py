@@ -20,7 +20,8 @@ from tests.swarm.conftest import LocalProcs, free_port, wait_ready
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 KEY = "test-key-0123"
-PROMPTS = ["Tell me about the sea.", "What is a lighthouse?", "Count to five.", "Name a colour."]
+PROMPTS = ["Tell me about the sea.", "What is a lighthouse?", "Count to five.", "Name a colour.",
+           "Where do birds go?", "Say hello.", "Why is the sky blue?", "Describe a tree."]
 
 
 @pytest.fixture(scope="module")
@@ -129,19 +130,20 @@ def test_logprobs_match_the_heads_log_softmax(served: Any) -> None:
             hidden = model.head.embed(torch.tensor([[token]]))
 
 
-def test_four_concurrent_streams_equal_their_solo_runs(served: Any) -> None:
-    solo = [chat(served, p, max_tokens=16).choices[0].message.content for p in PROMPTS]
+def test_eight_concurrent_streams_equal_their_solo_runs(served: Any) -> None:
+    """8 streams at once (serve's --max-active is 8 by default, so none waits)."""
+    solo = [chat(served, p, max_tokens=12).choices[0].message.content for p in PROMPTS]
     got: dict[int, str] = {}
 
     def one(i: int) -> None:
-        got[i] = stream_text(served, PROMPTS[i], max_tokens=16)[0]
+        got[i] = stream_text(served, PROMPTS[i], max_tokens=12)[0]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert [got.get(i) for i in range(4)] == solo
+    assert [got.get(i) for i in range(len(PROMPTS))] == solo
 
 
 async def sessions(served: Any, swarm: Any) -> list[int]:
