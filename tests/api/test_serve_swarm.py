@@ -146,14 +146,14 @@ def test_eight_concurrent_streams_equal_their_solo_runs(served: Any) -> None:
     assert [got.get(i) for i in range(len(PROMPTS))] == solo
 
 
-async def sessions(served: Any, swarm: Any) -> list[int]:
+async def sessions(served: Any, swarm: Any, workers: list[Any] | None = None) -> list[int]:
     """The workers' public counter of open sessions (pm.stats)."""
     from pymesh.client.routing import SpanOption
     from pymesh.proto import session_wire as wire
     from pymesh.proto.identity import PeerID
 
     out = []
-    for w in served.workers:
+    for w in served.workers if workers is None else workers:
         meta, _ = await swarm.call(SpanOption(PeerID.from_text(w.peer_id), 0, 1, "127.0.0.1", w.port), wire.STATS, {})
         out.append(int(meta["sessions"]))
     return out
@@ -228,6 +228,53 @@ def test_metrics_of_serve_and_worker(served: Any) -> None:
     assert values["pymesh_worker_steps_total"] >= 4 and values["pymesh_worker_from_client_total"] >= 4
     assert values["pymesh_worker_blocks"] == 2 and values["pymesh_worker_cache_tokens_total"] > 0
     assert values["pymesh_worker_compute_seconds_total"] > 0
+
+
+def _metric(served: Any, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(served.url.replace("/v1", "/metrics"), timeout=30) as resp:
+        text = resp.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_zz_recovery_from_a_killed_worker_mid_stream(served: Any) -> None:
+    """Late: a spare worker for blocks 0-1 joins, and the one of w01 and the spare that holds
+    the stream's session is SIGKILLed mid-stream; the stream completes with the solo greedy
+    text. Layer 2's worker (w2) stays, for the missing-layer test after this one."""
+    import signal
+
+    from pymesh.client.swarm import Swarm
+    from pymesh.model.fingerprint import model_id
+
+    n = 200
+    ref = generate(served, PROMPTS[4], n)
+    assert len(ref["tokens"]) > 20, "the reference should not stop early: pick another prompt"
+    spare = served.start_worker("--layers", "0-1", "--model-path", str(served.model_dir), name="spare01")
+    wait_ready([spare], timeout=120)
+    pair = [served.workers[0], spare]
+    recoveries = _metric(served, "pymesh_api_recoveries_total")
+
+    async def main() -> tuple[str, list[int]]:
+        async with Swarm([served.bootstrap_addr], model_id(served.model_dir), settings=served.settings) as swarm:
+            stream = await trio.to_thread.run_sync(lambda: chat(served, PROMPTS[4], max_tokens=n, stream=True))
+            it = iter(stream)
+            parts: list[str] = []
+            while len(parts) < 4:
+                chunk = await trio.to_thread.run_sync(next, it)
+                parts.extend(c.delta.content or "" for c in chunk.choices)
+            held = await sessions(served, swarm, pair)
+            if held.count(1) == 1:
+                pair[held.index(1)].signal(signal.SIGKILL)
+            with trio.fail_after(120):
+                rest = await trio.to_thread.run_sync(list, it)
+            parts.extend(c.choices[0].delta.content or "" for c in rest if c.choices)
+            return "".join(parts), held
+
+    text, held = trio.run(main)
+    assert held.count(1) == 1, f"sessions of w01 and the spare mid-stream: {held}; the stream should hold one"
+    assert text == ref["text"], "the recovered stream differs from the solo greedy run"
+    assert _metric(served, "pymesh_api_recoveries_total") > recoveries, "serve counted no recovery"
 
 
 def test_zz_missing_layer_is_503_naming_it(served: Any) -> None:
