@@ -1,7 +1,7 @@
 """The HTTP API's cost: `pymesh serve` against the Python API on the same local swarm.
 
 Starts a bootstrap node and N workers (an even split of the embedded SmolLM2-135M) and
-`pymesh serve` as child processes on loopback. For each concurrency (1, 4, 8 streams;
+`pymesh serve` as child processes on loopback. For each concurrency (1, 4, 8, 16 streams;
 ``--quick``: 1 and 4 with fewer tokens) it runs, interleaved and repeated: C concurrent
 streaming ``/v1/completions`` requests through the openai SDK (threads), and C concurrent
 ``SwarmClient.agenerate`` runs in this process (the Python API), each with the same
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-path", default=None, metavar="DIR",
                         help="model folder (default: SmolLM2-135M-Instruct from `pymesh model pull`)")
     parser.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
-    parser.add_argument("--concurrency", default=None, help="comma-separated stream counts (default 1,4,8; --quick 1,4)")
+    parser.add_argument("--concurrency", default=None, help="comma-separated stream counts (default 1,4,8,16; --quick 1,4)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per stream at most (default 64; --quick 24)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per configuration (default 3; --quick 2)")
@@ -139,7 +139,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     quick = getattr(args, "quick", False)
     n = args.new_tokens or (24 if quick else 64)
     repeats = args.repeats or (2 if quick else 3)
-    conc = [int(x) for x in (args.concurrency or ("1,4" if quick else "1,4,8")).split(",") if x]
+    conc = [int(x) for x in (args.concurrency or ("1,4" if quick else "1,4,8,16")).split(",") if x]
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
