@@ -21,6 +21,7 @@ from pymesh.worker.directory import NextAddr
 from pymesh.worker.runtime import load_runtime
 from pymesh.worker.sessions import SessionTable
 from tests.worker.harness import enter as _enter
+from tests.worker.harness import Directory
 from tests.worker.harness import blob as _blob
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,20 +44,6 @@ class Inbox:
         with trio.fail_after(timeout):
             while len(self.items) < n:
                 await self.changed.wait()
-
-
-class Directory:
-    """Stands in for the DHT: the addresses workers announced, by peer and span."""
-
-    def __init__(self) -> None:
-        self.entries: dict[PeerID, tuple[int, int, NextAddr]] = {}
-        self.dialled: list[NextAddr] = []
-
-    async def __call__(self, hop: NextHop) -> NextAddr | None:
-        entry = self.entries.get(hop.peer)
-        if entry is None or not entry[0] <= hop.start < hop.stop <= entry[1]:
-            return None
-        return entry[2]
 
 
 async def _start(nursery: trio.Nursery, start: int, stop: int, directory: Directory | None = None,
