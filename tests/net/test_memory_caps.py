@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import tracemalloc
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 import trio
@@ -355,21 +355,10 @@ def test_quic_bytes_sent_before_authentication_are_capped(monkeypatch: pytest.Mo
     nobody reads streams before the handshake, so the server queues at most
     PREAUTH_MAX_UNREAD (64 KiB) of them and then closes the connection (it queued up to
     2 x connection_window = 128 MiB before)."""
-    from pymesh.net import handshake
-    from tests.net.helpers import fast_config
-
     caplog.set_level(logging.INFO, logger="pymesh")
-    evil = Identity.generate()
-    original = handshake.client_handshake
     outcome: list[str] = []
 
-    async def hostile(identity: Identity, version: int, expected: object, read: object, send: object) -> None:
-        if identity is not evil:
-            await original(identity, version, expected, read, send)  # type: ignore[arg-type]
-            return
-        cells = dict(zip(send.__code__.co_freevars, (c.cell_contents for c in send.__closure__)))  # type: ignore[attr-defined]
-        driver = cells["driver"]
-        await read()  # type: ignore[operator]
+    async def attack(driver: Any) -> None:
         stream = driver.open_stream()
         try:
             for _ in range(32):
@@ -377,23 +366,8 @@ def test_quic_bytes_sent_before_authentication_are_capped(monkeypatch: pytest.Mo
             outcome.append("all 8 MiB accepted")
         except PeerUnavailable as exc:
             outcome.append(f"cut off: {exc}")
-        await trio.sleep_forever()
 
-    monkeypatch.setattr(handshake, "client_handshake", hostile)
-
-    async def main() -> None:
-        async with RpcNode(Identity.generate(), transport="quic", config=fast_config(connect_timeout=30)) as server, \
-                RpcNode(evil, transport="quic", config=fast_config(connect_timeout=30)) as attacker, \
-                trio.open_nursery() as nursery:
-            server.register("echo", echo)
-            port = await server.listen("127.0.0.1", 0)
-            nursery.start_soon(attacker.connect, "127.0.0.1", port, server.peer_id)
-            with trio.fail_after(20):
-                while not outcome:
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    _run_hostile_quic_client(monkeypatch, attack, done=lambda: bool(outcome))
     assert outcome[0].startswith("cut off"), outcome
     assert any("receive buffer" in r.getMessage() or "no reader is taking" in r.getMessage() for r in caplog.records)
 
@@ -404,20 +378,9 @@ def test_quic_stream_gaps_before_authentication_are_capped(monkeypatch: pytest.M
     streams. aioquic buffers each stream from offset 0 (a zero-filled gap) and doubles the
     connection's credit as the offsets arrive: 1.2 KB of packets make the server hold
     ~216 MiB (measured), no reader involved. Expected: under 32 MiB, the peer cut off."""
-    from pymesh.net import handshake
-    from tests.net.helpers import fast_config
-
-    evil = Identity.generate()
-    original = handshake.client_handshake
     held: list[int] = []
 
-    async def hostile(identity: Identity, version: int, expected: object, read: object, send: object) -> None:
-        if identity is not evil:
-            await original(identity, version, expected, read, send)  # type: ignore[arg-type]
-            return
-        cells = dict(zip(send.__code__.co_freevars, (c.cell_contents for c in send.__closure__)))  # type: ignore[attr-defined]
-        driver = cells["driver"]
-        await read()  # type: ignore[operator]
+    async def attack(driver: Any) -> None:
         base = current_traced()
         try:
             for _ in range(12):
@@ -431,6 +394,29 @@ def test_quic_stream_gaps_before_authentication_are_capped(monkeypatch: pytest.M
             pass  # the server cut this peer off (the expected outcome)
         await trio.sleep(0.5)
         held.append(current_traced() - base)
+
+    with traced():
+        _run_hostile_quic_client(monkeypatch, attack, done=lambda: bool(held))
+    assert held[0] < 32 * MiB, f"{held[0]} bytes held for 1.2 KB of stream data"
+
+
+def _run_hostile_quic_client(monkeypatch: pytest.MonkeyPatch, attack: Callable[[Any], Awaitable[None]], *,
+                             done: Callable[[], bool]) -> None:
+    """A QUIC server and an attacker that, instead of authenticating, reads the server's HELLO
+    and runs ``attack(driver)`` on its raw connection; returns once ``done()`` (20 s at most)."""
+    from pymesh.net import handshake
+    from tests.net.helpers import fast_config
+
+    evil = Identity.generate()
+    original = handshake.client_handshake
+
+    async def hostile(identity: Identity, version: int, expected: object, read: object, send: object) -> None:
+        if identity is not evil:
+            await original(identity, version, expected, read, send)  # type: ignore[arg-type]
+            return
+        cells = dict(zip(send.__code__.co_freevars, (c.cell_contents for c in send.__closure__)))  # type: ignore[attr-defined]
+        await read()  # type: ignore[operator]
+        await attack(cells["driver"])
         await trio.sleep_forever()
 
     monkeypatch.setattr(handshake, "client_handshake", hostile)
@@ -439,13 +425,12 @@ def test_quic_stream_gaps_before_authentication_are_capped(monkeypatch: pytest.M
         async with RpcNode(Identity.generate(), transport="quic", config=fast_config(connect_timeout=30)) as server, \
                 RpcNode(evil, transport="quic", config=fast_config(connect_timeout=30)) as attacker, \
                 trio.open_nursery() as nursery:
+            server.register("echo", echo)
             port = await server.listen("127.0.0.1", 0)
             nursery.start_soon(attacker.connect, "127.0.0.1", port, server.peer_id)
             with trio.fail_after(20):
-                while not held:
+                while not done():
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
 
-    with traced():
-        trio.run(main)
-    assert held[0] < 32 * MiB, f"{held[0]} bytes held for 1.2 KB of stream data"
+    trio.run(main)
