@@ -46,6 +46,10 @@ ENV_VARS: dict[str, str] = {
     "PYMESH_MAX_BLOCKS": "cap on the blocks an automatically placed worker takes (like --max-blocks)",
     "PYMESH_THROUGHPUT": "tokens/s a worker announces instead of measuring it at start-up",
     "PYMESH_SKIP_THROUGHPUT": "1: skip the start-up throughput measurement (announce 0 unless PYMESH_THROUGHPUT)",
+    "PYMESH_TEST_FAULTS": "1: allow the fault-injection variables below (tests and audits only; refused otherwise)",
+    "PYMESH_TEST_CORRUPT": "probability a worker corrupts a step's output (needs PYMESH_TEST_FAULTS=1)",
+    "PYMESH_TEST_CORRUPT_MODE": "how it lies: noise (default), equivocate (honest copy, bad push) or receipt",
+    "PYMESH_TEST_CORRUPT_SEED": "seed of the corrupting worker's random choices; default 0",
     "PYMESH_THREADS": "torch intra-op threads of a worker, client or generate run; default half the cores",
     # client
     "PYMESH_BAN_SECONDS": "seconds a client avoids a worker that failed; default 60",
@@ -56,6 +60,8 @@ ENV_VARS: dict[str, str] = {
     "PYMESH_PROBE_AFTER": "seconds into a step after which the client probes every hop for life; default 2",
     "PYMESH_PROBE_TIMEOUT": "seconds a liveness probe waits; default 3",
     "PYMESH_MAX_RECOVERIES": "recoveries a client tries for one step before giving up; default 8",
+    "PYMESH_VERIFY": "verification of workers' outputs: off, sample (default) or all (like --verify)",
+    "PYMESH_VERIFY_RATE": "fraction of hop-steps spot-checked with --verify sample (like --verify-rate)",
     # model runtime and files
     "PYMESH_REQUIRE_C": "1: a missing C++ extension is an error instead of a warning (the test command sets it)",
     "PYMESH_FAST_DECODE": "0: turn off the one-token CPU decode fast path; default on",
@@ -96,6 +102,12 @@ FIELDS: dict[str, str] = {
     "PYMESH_PROBE_AFTER": "client.probe_after",
     "PYMESH_PROBE_TIMEOUT": "client.probe_timeout",
     "PYMESH_MAX_RECOVERIES": "client.max_recoveries",
+    "PYMESH_VERIFY": "client.verify",
+    "PYMESH_VERIFY_RATE": "client.verify_rate",
+    "PYMESH_TEST_FAULTS": "worker.test_faults",
+    "PYMESH_TEST_CORRUPT": "worker.test_corrupt",
+    "PYMESH_TEST_CORRUPT_MODE": "worker.test_corrupt_mode",
+    "PYMESH_TEST_CORRUPT_SEED": "worker.test_corrupt_seed",
     "PYMESH_REQUIRE_C": "runtime.require_c",
     "PYMESH_FAST_DECODE": "runtime.fast_decode",
     "PYMESH_HOME": "runtime.home",
@@ -157,6 +169,15 @@ def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"environment variable {name}={text!r} must be 1 or 0 (true/false)")
 
 
+#: --verify modes: no checks; receipts on every step plus sampled spot checks; every hop-step checked
+VERIFY_MODES = ("off", "sample", "all")
+#: fraction of hop-steps --verify sample re-runs on a second worker (docs/VERIFY.md says why)
+DEFAULT_VERIFY_RATE = 0.1
+#: PYMESH_TEST_CORRUPT_MODE values: add noise to the output; send the client an honest copy
+#: but the next hop a noisy one (signing both); sign a receipt that names another output
+CORRUPT_MODES = ("noise", "equivocate", "receipt")
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Timing and placement knobs of a worker (defaults = the documented ones)."""
@@ -170,11 +191,30 @@ class WorkerSettings:
     max_blocks: int | None = None      # PYMESH_MAX_BLOCKS
     throughput: float | None = None    # PYMESH_THROUGHPUT
     skip_throughput: bool = False      # PYMESH_SKIP_THROUGHPUT
+    #: fault injection (tests and audits): a worker that lies on purpose. Only with
+    #: PYMESH_TEST_FAULTS=1; setting PYMESH_TEST_CORRUPT without it is an error.
+    test_faults: bool = False          # PYMESH_TEST_FAULTS
+    test_corrupt: float = 0.0          # PYMESH_TEST_CORRUPT (probability per step)
+    test_corrupt_mode: str = "noise"   # PYMESH_TEST_CORRUPT_MODE: noise | equivocate | receipt
+    test_corrupt_seed: int = 0         # PYMESH_TEST_CORRUPT_SEED
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
         throughput = _get(env, "PYMESH_THROUGHPUT")
+        faults = env_flag(env, "PYMESH_TEST_FAULTS", False)
+        corrupt = env_float(env, "PYMESH_TEST_CORRUPT", 0.0, positive=False)
+        if not 0.0 <= corrupt <= 1.0:
+            raise SettingsError(f"environment variable PYMESH_TEST_CORRUPT={corrupt} must be a probability (0..1)")
+        if corrupt > 0 and not faults:
+            raise SettingsError("PYMESH_TEST_CORRUPT makes a worker corrupt its outputs on purpose; it is honoured "
+                                "only together with PYMESH_TEST_FAULTS=1 (tests and audits)")
+        mode = (_get(env, "PYMESH_TEST_CORRUPT_MODE") or cls.test_corrupt_mode).lower()
+        if mode not in CORRUPT_MODES:
+            raise SettingsError(f"environment variable PYMESH_TEST_CORRUPT_MODE={mode!r} must be one of "
+                                f"{', '.join(CORRUPT_MODES)}")
         return cls(
+            test_faults=faults, test_corrupt=corrupt, test_corrupt_mode=mode,
+            test_corrupt_seed=int(env_int(env, "PYMESH_TEST_CORRUPT_SEED", 0, minimum=0) or 0),
             step_wait=env_float(env, "PYMESH_STEP_WAIT", cls.step_wait),
             next_hop_timeout=env_float(env, "PYMESH_NEXT_HOP_TIMEOUT", cls.next_hop_timeout),
             session_idle=env_float(env, "PYMESH_SESSION_IDLE", cls.session_idle),
@@ -199,10 +239,19 @@ class ClientSettings:
     probe_after: float = 2.0           # PYMESH_PROBE_AFTER
     probe_timeout: float = 3.0         # PYMESH_PROBE_TIMEOUT
     max_recoveries: int = 8            # PYMESH_MAX_RECOVERIES
+    verify: str = "sample"             # PYMESH_VERIFY: off | sample | all
+    verify_rate: float = DEFAULT_VERIFY_RATE  # PYMESH_VERIFY_RATE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "ClientSettings":
+        verify = (_get(env, "PYMESH_VERIFY") or cls.verify).lower()
+        if verify not in VERIFY_MODES:
+            raise SettingsError(f"environment variable PYMESH_VERIFY={verify!r} must be one of {', '.join(VERIFY_MODES)}")
+        rate = env_float(env, "PYMESH_VERIFY_RATE", cls.verify_rate, positive=False)
+        if not 0.0 <= rate <= 1.0:
+            raise SettingsError(f"environment variable PYMESH_VERIFY_RATE={rate} must be a fraction (0..1)")
         return cls(
+            verify=verify, verify_rate=rate,
             ban_seconds=env_float(env, "PYMESH_BAN_SECONDS", cls.ban_seconds),
             discovery_timeout=env_float(env, "PYMESH_DISCOVERY_TIMEOUT", cls.discovery_timeout),
             rpc_timeout=env_float(env, "PYMESH_CLIENT_RPC_TIMEOUT", cls.rpc_timeout),

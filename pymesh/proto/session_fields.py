@@ -120,6 +120,7 @@ class ErrorCode(str, enum.Enum):
     BUSY = "busy"
     NEXT_UNREACHABLE = "next_unreachable"  # the next hop's recorded address did not answer
     NEXT_UNKNOWN = "next_unknown"          # no verified record of the next peer serves that span
+    BAD_RECEIPT = "bad_receipt"            # a pushed step's receipt was missing, forged or not its tensor's
     INTERNAL = "internal"
     CANCELLED = "cancelled"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pymesh.proto.session_wire import (
     CLOSE, ERR, FLUSH, FORWARD, INFO, LINK, OPEN, OUT, SET_NEXT, STATS, STEP, SESSION_COUNTERS, WORKER_COUNTERS,
-    CheckLink, CheckLinkReply, Close, CloseReply, Empty, Err, Flush, FlushReply, Forward, Info, InfoReply, Open,
+    CheckLink, CheckLinkReply, Close, CloseReply, Empty, Err, Flush, FlushReply, Forward, ForwardReply, Info, InfoReply, Open,
     OpenReply, Out, SetNext, Stats, StatsReply, Step,
 )
 
@@ -35,7 +35,7 @@ MESSAGES: tuple[MessageSpec, ...] = (
     MessageSpec(INFO, "reply", "worker -> client", InfoReply,
                 ("peer", "model", "start", "stop", "version", "state", "free", "total", "sessions"), ""),
     MessageSpec(OPEN, "call", "client -> worker", Open,
-                ("sid", "max_tokens", "batch?", "model?", "start?", "stop?", "reset?", "copies?", _NEXT, "prev?"), ""),
+                ("sid", "max_tokens", "batch?", "model?", "start?", "stop?", "reset?", "copies?", _NEXT, "prev?", "rcpt?"), ""),
     MessageSpec(OPEN, "reply", "worker -> client", OpenReply, ("start", "stop", "free"), ""),
     MessageSpec(SET_NEXT, "call", "client -> worker", SetNext, ("sid", _NEXT, "prev?"), ""),
     MessageSpec(SET_NEXT, "reply", "worker -> client", Empty, (), ""),
@@ -45,13 +45,13 @@ MESSAGES: tuple[MessageSpec, ...] = (
     MessageSpec(FLUSH, "reply", "worker -> client", FlushReply, ("steps", "start", "stop"),
                 "one output per step"),
     MessageSpec(FORWARD, "call", "client -> worker", Forward, ("sid", "step", "pos"), "hidden"),
-    MessageSpec(FORWARD, "reply", "worker -> client", Empty, (), "output"),
+    MessageSpec(FORWARD, "reply", "worker -> client", ForwardReply, ("rc?",), "output"),
     MessageSpec(LINK, "call", "client -> worker", CheckLink, ("sid",), ""),
     MessageSpec(LINK, "reply", "worker -> client", CheckLinkReply, ("ok", "detail"), ""),
     MessageSpec(STATS, "call", "client -> worker", Stats, ("sid?",), ""),
     MessageSpec(STATS, "reply", "worker -> client", StatsReply, _STATS, ""),
-    MessageSpec(STEP, "push", "client or previous worker -> worker", Step, ("sid", "step", "pos"), "hidden"),
-    MessageSpec(OUT, "push", "worker -> client", Out, ("sid", "step", "steps", "final", "start", "stop"),
+    MessageSpec(STEP, "push", "client or previous worker -> worker", Step, ("sid", "step", "pos", "rc?"), "hidden"),
+    MessageSpec(OUT, "push", "worker -> client", Out, ("sid", "step", "steps", "final", "start", "stop", "rc?", "prc?"),
                 "one output per step"),
     MessageSpec(ERR, "push", "worker -> client or previous worker", Err,
                 ("sid", "step", "code", "msg", "start", "stop", "blame", "link?"), ""),

@@ -39,6 +39,7 @@ from typing import ClassVar, TypeVar
 
 from pymesh.errors import DecodeError, IdentityError
 from pymesh.proto.identity import PeerID
+from pymesh.proto.receipts import MAX_RECEIPT_BYTES
 from pymesh.proto.session_fields import (MAX_BLOCK, MAX_HIDDEN_DIMS, MAX_HOST, MAX_STEP, MAX_STEPS_LISTED, AddrHint,
                                          BadRequest, ErrorCode, Meta, NextHop, as_mapping, check_hidden_shape,
                                          check_tensor_count, get_bytes, get_dict, get_int, get_opt_int,
@@ -154,10 +155,13 @@ class Open:
     copies: int = 1               # push recovery copies every this many steps
     next_hop: NextHop | None = None
     prev: PeerID | None = None    # who pushes this hop its steps; None: the client itself
+    receipts: bool = False        # sign a receipt per step (pymesh.proto.receipts): on pushes and pm.out
 
     def to_meta(self) -> dict[str, object]:
         out: dict[str, object] = {"sid": self.sid, "max_tokens": self.max_tokens, "batch": self.batch,
                                   "reset": int(self.reset), "copies": self.copies}
+        if self.receipts:
+            out["rcpt"] = 1
         for key, value in (("model", self.model), ("start", self.start), ("stop", self.stop)):
             if value is not None:
                 out[key] = value
@@ -170,7 +174,8 @@ class Open:
         return cls(_sid(m), get_int(m, "max_tokens", 1, MAX_SESSION_TOKENS),
                    get_int(m, "batch", 1, MAX_BATCH, default=1), model, get_opt_int(m, "start", 0, MAX_BLOCK),
                    get_opt_int(m, "stop", 1, MAX_BLOCK), bool(get_int(m, "reset", 0, 1, default=0)),
-                   get_int(m, "copies", 1, MAX_COPY_EVERY, default=1), _get_next(m), get_opt_peer(m, "prev"))
+                   get_int(m, "copies", 1, MAX_COPY_EVERY, default=1), _get_next(m), get_opt_peer(m, "prev"),
+                   bool(get_int(m, "rcpt", 0, 1, default=0)))
 
 
 @dataclass(frozen=True)
@@ -298,9 +303,23 @@ _S = TypeVar("_S", bound=StepRef)
 
 @dataclass(frozen=True)
 class Step(StepRef):
-    """Push (client -> first worker, worker -> next worker) + [hidden]."""
+    """Push (client -> first worker, worker -> next worker) + [hidden]; ``rc``: the pushing
+    worker's signed receipt for this output (sessions opened with receipts; unverified here)."""
 
     TOPIC: ClassVar[str] = STEP
+
+    rc: bytes | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        out = super().to_meta()
+        if self.rc is not None:
+            out["rc"] = self.rc
+        return out
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "Step":
+        base = StepRef.from_meta_untrusted(meta)
+        return cls(base.sid, base.step, base.pos, _get_receipt(as_mapping(meta), "rc"))
 
 
 @dataclass(frozen=True)
@@ -336,17 +355,51 @@ class Out:
     final: bool
     start: int
     stop: int
+    #: sessions with receipts: this hop's signed receipt for ``step`` (a pm.out goes every
+    #: step then, ``steps`` empty when no recovery copy is due) and the receipt its input
+    #: came with from the previous worker (``prc``; absent at the first hop). Unverified here.
+    rc: bytes | None = None
+    prc: bytes | None = None
 
     def to_meta(self) -> dict[str, object]:
-        return {"sid": self.sid, "step": self.step, "steps": list(self.steps), "final": int(self.final),
-                "start": self.start, "stop": self.stop}
+        out: dict[str, object] = {"sid": self.sid, "step": self.step, "steps": list(self.steps),
+                                  "final": int(self.final), "start": self.start, "stop": self.stop}
+        if self.rc is not None:
+            out["rc"] = self.rc
+        if self.prc is not None:
+            out["prc"] = self.prc
+        return out
 
     @classmethod
     def from_meta_untrusted(cls, meta: object) -> "Out":
         m = as_mapping(meta)
         start, stop = _span(m, "out")
         return cls(_sid(m), get_int(m, "step", 0, MAX_STEP), get_steps(m, "steps"),
-                   bool(get_int(m, "final", 0, 1)), start, stop)
+                   bool(get_int(m, "final", 0, 1)), start, stop, _get_receipt(m, "rc"), _get_receipt(m, "prc"))
+
+
+@dataclass(frozen=True)
+class ForwardReply:
+    """Reply to ``pm.forward`` + [output]; ``rc``: the worker's signed receipt for it
+    (sessions opened with receipts)."""
+
+    METHOD: ClassVar[str] = FORWARD
+
+    rc: bytes | None = None
+
+    def to_meta(self) -> dict[str, object]:
+        return {} if self.rc is None else {"rc": self.rc}
+
+    @classmethod
+    def from_meta_untrusted(cls, meta: object) -> "ForwardReply":
+        return cls(_get_receipt(as_mapping(meta), "rc"))
+
+
+def _get_receipt(m: Meta, key: str) -> bytes | None:
+    """A signed receipt's wire bytes (capped; checked by pymesh.proto.receipts where used)."""
+    if m.get(key) is None:
+        return None
+    return get_bytes(m, key, MAX_RECEIPT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -488,9 +541,9 @@ class StatsReply:
 __all__ = [
     "CLOSE", "ERR", "FLUSH", "FORWARD", "INFO", "LINK", "OPEN", "OUT", "SET_NEXT", "STATS", "STEP",
     "MAX_BATCH", "MAX_BLOCK", "MAX_COPY_EVERY", "MAX_COUNTER", "MAX_HIDDEN_DIMS", "MAX_HOST", "MAX_MESSAGE",
-    "MAX_DETAIL", "MAX_MODEL_ID", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
+    "MAX_DETAIL", "MAX_MODEL_ID", "MAX_RECEIPT_BYTES", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
     "BadRequest", "ErrorCode", "AddrHint", "NextHop", "Info", "InfoReply", "Open", "OpenReply", "SetNext",
-    "SessionRef", "Close", "CloseReply", "Flush", "FlushReply", "StepRef", "Step", "Forward", "Empty", "Out",
+    "SessionRef", "Close", "CloseReply", "Flush", "FlushReply", "StepRef", "Step", "Forward", "ForwardReply", "Empty", "Out",
     "Err", "CheckLink", "CheckLinkReply", "Stats", "SessionCounters", "StatsReply", "Meta",
     "as_mapping", "check_hidden_shape", "check_tensor_count", "get_bytes", "get_dict", "get_int",
     "get_opt_int", "get_opt_peer", "get_peer", "get_span", "get_steps", "get_str",
