@@ -14,6 +14,14 @@ TCP reset, a QUIC stateless reset: the next worker's process is gone), the steps
 that window are reported as link failures too; a client that already has such a step's
 result ignores the report.
 
+Sessions opened with receipts (``rcpt``): a step pushed by the previous worker must carry
+its signed receipt for that exact tensor (:mod:`pymesh.worker.receipts`), or it is refused
+uncomputed (``bad_receipt`` blaming the pusher); this hop signs its own receipt (input and
+output digests, ``prev`` = the received receipt's digest), pushes it on with the output and
+sends the client a ``pm.out`` every step carrying it and the received one (``steps`` empty
+when no recovery copy is due). A test-fault ``Corruptor`` (:mod:`pymesh.worker.faults`)
+lies here, after computing and before hashing.
+
 Everything a peer can make this worker hold is bounded: steps in flight per sender and
 per node (``MAX_INFLIGHT_PER_PEER``, ``MAX_INFLIGHT``), future steps waiting for their
 predecessor per session (``MAX_WAITING``, each holding its one tensor), and retries of a
@@ -38,7 +46,10 @@ from pymesh.proto.identity import PeerID
 from pymesh.proto.session_wire import BadRequest, ErrorCode
 from pymesh.proto.vocab import Transport
 from pymesh.settings import WorkerSettings
+from pymesh.proto.receipts import SignedReceipt, Signer, tensor_digest
 from pymesh.worker.directory import PeerFilter
+from pymesh.worker.faults import Corruptor
+from pymesh.worker.receipts import BadReceipt, StepClaim, check_received, compute_dtype, device_kind, sign_step
 from pymesh.worker.runtime import Runtime
 from pymesh.worker.sessions import Session, SessionError, SessionTable, advance, check_step
 
@@ -70,8 +81,12 @@ class DataPath:
 
     def __init__(self, runtime: Runtime, table: SessionTable, *, peer: PeerID, dial: Dial,
                  hidden_size: int | None, settings: WorkerSettings, clock: Clock,
-                 allow_peers: PeerFilter | None) -> None:
+                 allow_peers: PeerFilter | None, model_id: str = "", signer: Signer | None = None,
+                 corruptor: Corruptor | None = None) -> None:
         self.runtime = runtime
+        self.model_id = model_id
+        self.signer = signer          # signs receipts (the worker's Identity); None: no receipts
+        self.corruptor = corruptor    # test faults only (PYMESH_TEST_FAULTS + PYMESH_TEST_CORRUPT)
         self.table = table
         self.peer = peer
         self._dial = dial
@@ -80,7 +95,8 @@ class DataPath:
         self.clock = clock
         self.allow_peers = allow_peers
         self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0,
-                         "compute_us": 0, "rejected": 0}
+                         "compute_us": 0, "rejected": 0, "receipts_signed": 0, "bad_receipts": 0,
+                         "corrupted": 0}
         self._nursery: trio.Nursery | None = None
         self._progress: dict[bytes, trio.Event] = {}
         self._inflight: Counter[PeerID] = Counter()
@@ -177,6 +193,7 @@ class DataPath:
             return
         try:
             req = sw.Step.from_meta_untrusted(meta)
+            received = self._check_receipt(conn, s, req, tensors) if s.receipts and s.prev is not None else None
             if conn.peer == s.client:
                 s.from_client += 1
                 self.counters["from_client"] += 1
@@ -184,17 +201,69 @@ class DataPath:
                 s.from_peer += 1
                 self.counters["from_peer"] += 1
             out = await self.compute(s, req, tensors)
+        except BadReceipt as exc:
+            self.counters["bad_receipts"] += 1
+            log.warning("step %d of session %s from %s refused: %s", step, sid.hex()[:8], conn.peer.short(), exc)
+            await self.report(s.client_conn, sid, step, ErrorCode.BAD_RECEIPT, str(exc), blame=conn.peer)
+            return
         except PymeshError as exc:  # SessionError, BadRequest and the rest
             code = exc.code if isinstance(exc, SessionError) else ErrorCode.BAD_REQUEST
             self.counters["errors"] += 1
             log.warning("step %d of session %s failed: %s", step, sid.hex()[:8], exc)
             await self.report(s.client_conn or conn, sid, step, code, str(exc), blame=None)
             return
-        if s.next_addr is not None and not await self._push_on(s, req, out):
+        lie = self._decide_lie(s, pushes=s.next_addr is not None)
+        to_next = to_client = self._noisy(out) if lie == "noise" else out
+        if lie == "equivocate":
+            to_next = self._noisy(out)
+        rc_next = rc_client = None
+        if s.receipts:
+            prev = received.digest if received is not None else b""
+            rc_client = self._sign(s, req, tensors[0], to_client, prev, lie=lie)
+            rc_next = rc_client if to_next is to_client else self._sign(s, req, tensors[0], to_next, prev, lie=lie)
+        if s.next_addr is not None and not await self._push_on(s, req, to_next, rc_next):
             return
-        await self._copy_to_client(s, step, out)
+        await self._copy_to_client(s, step, to_client, rc=rc_client,
+                                   prc=received.wire if received is not None else None)
 
-    async def _push_on(self, s: Session, req: sw.Step, out: TensorBlob) -> bool:
+    def _check_receipt(self, conn: Connection, s: Session, req: sw.Step, tensors: list[TensorBlob]) -> SignedReceipt:
+        """The previous worker's receipt for this pushed step (raises BadReceipt, BadRequest)."""
+        sw.check_tensor_count(tensors, 1, "a step")
+        seq = sw.check_hidden_shape(tuple(tensors[0].shape), self.hidden_size, s.max_tokens, s.batch)
+        return check_received(req.rc, pusher=conn.peer, claim=self._claim(s, req, seq), blob=tensors[0])
+
+    def _claim(self, s: Session, req: sw.StepRef, seq: int) -> StepClaim:
+        rt = self.runtime
+        return StepClaim(self.model_id, s.sid, req.step, req.pos, seq, rt.start, rt.stop,
+                         compute_dtype(rt.dtype_name), device_kind(rt.device))
+
+    def _sign(self, s: Session, req: sw.StepRef, inp: TensorBlob, out: TensorBlob, prev: bytes, *,
+              lie: str | None) -> bytes:
+        """This hop's signed receipt (wire bytes) for ``req``: ``inp`` in, ``out`` sent."""
+        assert self.signer is not None, "sessions with receipts are opened only on a worker with a signer"
+        digest = tensor_digest(out)
+        if lie == "receipt" and self.corruptor is not None:
+            digest = self.corruptor.wrong_digest(digest)
+        signed = sign_step(self.signer, self._claim(s, req, int(inp.shape[1])), inp=tensor_digest(inp),
+                           out=digest, prev=prev)
+        self.counters["receipts_signed"] += 1
+        return signed.wire
+
+    def _noisy(self, out: TensorBlob) -> TensorBlob:
+        assert self.corruptor is not None
+        return self.corruptor.noisy(out)
+
+    def _decide_lie(self, s: Session, *, pushes: bool) -> str | None:
+        """The test-fault corruptor's choice for this step (None: honest); ``pushes``: the
+        output also goes to a next hop (else equivocating is lying with noise)."""
+        lie = self.corruptor.decide() if self.corruptor is not None else None
+        if lie == "equivocate" and not pushes:
+            lie = "noise"
+        if lie is not None:
+            self.counters["corrupted"] += 1
+        return lie
+
+    async def _push_on(self, s: Session, req: sw.Step, out: TensorBlob, rc: bytes | None = None) -> bool:
         """Push the output to the next worker; a failure is reported to the client at once."""
         addr = s.next_addr
         assert addr is not None
@@ -205,7 +274,7 @@ class DataPath:
         try:
             with trio.fail_after(self.settings.next_hop_timeout):
                 nconn = await self._dial(addr.transport, addr.host, addr.port, addr.peer)
-                await nconn.push(sw.STEP, req.to_meta(), [out])
+                await nconn.push(sw.STEP, sw.Step(req.sid, req.step, req.pos, rc).to_meta(), [out])
                 self._watch(nconn, s.sid, req.step)
         except HOP_ERRORS as exc:
             log.warning("cannot push step %d to next worker %s: %s", req.step, addr.describe(), exc)
@@ -246,18 +315,21 @@ class DataPath:
         finally:
             self._pushed.pop(conn, None)
 
-    async def _copy_to_client(self, s: Session, step: int, out: TensorBlob) -> None:
+    async def _copy_to_client(self, s: Session, step: int, out: TensorBlob, *, rc: bytes | None = None,
+                              prc: bytes | None = None) -> None:
         # The result (last hop) goes to the client at once; other hops batch their recovery
-        # copies (the client fetches the unsent ones with pm.flush when it needs them).
+        # copies (the client fetches the unsent ones with pm.flush when it needs them). With
+        # receipts a pm.out goes every step (its receipts), with the copies that are due.
         final = s.next_addr is None
         if not final:
             s.pending[step] = out
-            if len(s.pending) < s.copy_every:
+            if len(s.pending) < s.copy_every and rc is None:
                 return
-        steps = [step] if final else sorted(s.pending)
+        due = final or len(s.pending) >= s.copy_every
+        steps = [step] if final else sorted(s.pending) if due else []
         outs = [out] if final else [s.pending.pop(k) for k in steps]
         if s.client_conn is not None:
-            msg = sw.Out(s.sid, step, tuple(steps), final, self.runtime.start, self.runtime.stop)
+            msg = sw.Out(s.sid, step, tuple(steps), final, self.runtime.start, self.runtime.stop, rc, prc)
             try:
                 await s.client_conn.push(sw.OUT, msg.to_meta(), outs)
             except GONE:

@@ -281,6 +281,7 @@ class Worker:
     async def serve(self, *, task_status: "trio.TaskStatus[Worker]" = trio.TASK_STATUS_IGNORED) -> None:
         from pymesh.net.dht import DHTNode
         from pymesh.net.rpc import RpcNode
+        from pymesh.worker.faults import Corruptor
         from pymesh.worker.service import WorkerService
 
         opts = self.opts
@@ -317,7 +318,8 @@ class Worker:
             service = self._service = WorkerService(
                 load_runtime(None, start, stop, device=opts.device, dtype_name=opts.dtype), table,
                 model_id=self.model_id, peer=self.peer_id, dial=self._dial, resolve_next=self.directory,
-                hidden_size=hidden, settings=self.settings.worker, clock=self.clock, allow_peers=opts.allow_peers)
+                hidden_size=hidden, settings=self.settings.worker, clock=self.clock, allow_peers=opts.allow_peers,
+                signer=self.identity, corruptor=Corruptor.from_settings(self.settings.worker))
             for node in self.nodes.values():
                 service.register(node)
             await nursery.start(service.run)

@@ -32,7 +32,9 @@ from pymesh.proto.session_wire import BadRequest, ErrorCode
 from pymesh.proto.vocab import WorkerState
 from pymesh.settings import WorkerSettings
 from pymesh.worker.datapath import HOP_ERRORS, DataPath, Dial
+from pymesh.proto.receipts import Signer
 from pymesh.worker.directory import NextAddr, NextHopResolver, PeerFilter
+from pymesh.worker.faults import Corruptor
 from pymesh.worker.runtime import Runtime
 from pymesh.worker.sessions import Session, SessionError, SessionTable
 
@@ -61,10 +63,14 @@ class WorkerService(DataPath):
         settings: WorkerSettings | None = None,
         clock: Clock | None = None,
         allow_peers: PeerFilter | None = None,
+        signer: Signer | None = None,
+        corruptor: Corruptor | None = None,
     ) -> None:
         super().__init__(runtime, table, peer=peer, dial=dial, hidden_size=hidden_size,
-                         settings=settings or WorkerSettings(), clock=clock or TrioClock(), allow_peers=allow_peers)
-        self.model_id = model_id
+                         settings=settings or WorkerSettings(), clock=clock or TrioClock(), allow_peers=allow_peers,
+                         model_id=model_id, signer=signer, corruptor=corruptor)
+        if signer is not None and signer.peer_id != peer:
+            raise ValueError("the receipt signer must be this worker's own identity")
         self._resolve_next = resolve_next
         self.state = WorkerState.JOINING
 
@@ -139,6 +145,9 @@ class WorkerService(DataPath):
                 "look up the swarm again",
             )
         self._check_prev(req.prev)
+        if req.receipts and self.signer is None:
+            raise SessionError(ErrorCode.REFUSED, "this worker cannot sign receipts (it has no signing identity); "
+                                                  "use another worker or open without receipts")
         now = self.clock.monotonic()
         old = self.table.sessions.get(req.sid)
         unstepped_since: float | None = None
@@ -164,6 +173,7 @@ class WorkerService(DataPath):
             else:
                 s.next_hop, s.next_addr, s.prev = route  # a failed re-open leaves the session's route as it was
             raise
+        s.receipts = req.receipts
         log.info("session %s opened (%d tokens x %d) -> %s", req.sid.hex()[:8], req.max_tokens, req.batch,
                  s.next_addr.describe() if s.next_addr else "client")
         return sw.OpenReply(rt.start, rt.stop, self.table.free_tokens).to_meta(), []
@@ -267,13 +277,18 @@ class WorkerService(DataPath):
         return sw.FlushReply(tuple(steps), self.runtime.start, self.runtime.stop).to_meta(), outs
 
     async def forward(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:
-        """Replay one step of a session (rebuilds the cache); the output goes back, not on."""
+        """Replay one step of a session (rebuilds the cache); the output goes back, not on, with
+        a receipt for it (``prev`` empty) when the session was opened with receipts."""
         req = sw.Forward.from_meta_untrusted(meta)
         s = self._own_session(ctx, req.sid)
         out = await self.compute(s, req, tensors)
         s.replayed += 1
         self.counters["replayed"] += 1
-        return sw.Empty().to_meta(), [out]
+        lie = self._decide_lie(s, pushes=False)
+        if lie == "noise":
+            out = self._noisy(out)
+        rc = self._sign(s, req, tensors[0], out, b"", lie=lie) if s.receipts else None
+        return sw.ForwardReply(rc).to_meta(), [out]
 
     def _own_session(self, ctx: CallContext, sid: bytes) -> Session:
         s = self.table.get(sid)

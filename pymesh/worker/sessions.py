@@ -68,6 +68,7 @@ class Session:
     stepped: bool = False          # received a step (a reservation that never does lapses)
     retries: int = 0               # retries of the last step so far
     waiting: set[int] = field(default_factory=set)   # future steps waiting for their predecessor
+    receipts: bool = False         # opened with receipts: verify pushed ones, sign one per step
 
     @property
     def sender(self) -> PeerID:

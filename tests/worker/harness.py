@@ -7,6 +7,7 @@ stale record) to build routes no honest swarm would. Also used by tests/hostile.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -48,6 +49,7 @@ class Inbox:
 
     def __init__(self) -> None:
         self.items: list[tuple[str, PeerID, dict[str, Any]]] = []
+        self.tensors: list[list[Any]] = []   # the tensors of each item, by index
         self.changed = trio.Event()
 
     def attach(self, node: RpcNode) -> None:
@@ -57,6 +59,7 @@ class Inbox:
     def _handler(self, topic: str) -> Any:
         async def on(conn: Connection, meta: dict[str, Any], tensors: list[Any]) -> None:
             self.items.append((topic, conn.peer, dict(meta)))
+            self.tensors.append(list(tensors))
             self.changed.set()
             self.changed = trio.Event()
 
@@ -124,6 +127,8 @@ class MemNet:
             return await self.connect(node, peer)
 
         rt = load_runtime(None, start, stop, device="cpu", dtype_name="float32")
+        if "signer" in inspect.signature(WorkerService).parameters:  # code before issue 12 has none
+            kwargs.setdefault("signer", node.identity)
         if delay:
             rt = SlowRuntime(rt, delay)
         svc = WorkerService(rt, _table(budget, idle, lapse), model_id="echo", peer=node.peer_id,
@@ -161,17 +166,22 @@ def blob(value: float, seq: int = 1) -> Any:
     return tensor_to_blob(torch.full((1, seq, 4), value))
 
 
-def step(sid: bytes, k: int, pos: int) -> dict[str, object]:
-    return wire.Step(sid, k, pos).to_meta()
+def step(sid: bytes, k: int, pos: int, rc: bytes | None = None) -> dict[str, object]:
+    meta = wire.Step(sid, k, pos).to_meta()
+    if rc is not None:
+        meta["rc"] = rc
+    return meta
 
 
 def open_meta(sid: bytes, tokens: int, *, next_hop: NextHop | None = None, prev: PeerID | None = None,
-              copies: int = 1) -> dict[str, object]:
+              copies: int = 1, receipts: bool = False) -> dict[str, object]:
     """``pm.open`` metadata built by hand (so the benchmark's "before" run, whose ``Open`` has no
     ``prev``, sends the same bytes)."""
     meta = wire.Open(sid, tokens, copies=copies, next_hop=next_hop).to_meta()
     if prev is not None:
         meta["prev"] = prev.key
+    if receipts:
+        meta["rcpt"] = 1
     return meta
 
 
