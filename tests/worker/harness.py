@@ -190,3 +190,17 @@ def set_next_meta(sid: bytes, next_hop: NextHop | None, prev: PeerID | None) -> 
     if prev is not None:
         meta["prev"] = prev.key
     return meta
+
+
+async def receipt_route(net: MemNet, directory: Directory, *, copies: int = 1, receipts: bool = True,
+                        w1_kwargs: dict[str, Any] | None = None,
+                        sid: bytes = b"r" * 16) -> tuple[Any, Any, RpcNode, Inbox]:
+    """Client -> W1 (0-2) -> W2 (2-4), one session opened with receipts (``rcpt``) and
+    ``prev`` named: (w1, w2, client node, inbox). ``w1_kwargs`` go to W1's service."""
+    w1 = await net.worker(0, 2, directory, **(w1_kwargs or {}))
+    w2 = await net.worker(2, 4, directory)
+    client, inbox = await net.client()
+    c1, c2 = await net.connect(client, w1.peer), await net.connect(client, w2.peer)
+    await c2.call(wire.OPEN, open_meta(sid, 32, prev=w1.peer, copies=copies, receipts=receipts))
+    await c1.call(wire.OPEN, open_meta(sid, 32, next_hop=NextHop(w2.peer, 2, 4), copies=copies, receipts=receipts))
+    return w1, w2, client, inbox
