@@ -7,6 +7,12 @@ its identity and port), so a record it signs later than the newest one the clien
 when it banned it lifts the ban. A wrong answer (an output of the wrong shape, dtype or
 with non-finite values) is the worker's own doing and is never lifted early.
 
+A **conviction** (``convict``) is a ban without an end: a verified-inference check proved
+the worker wrong (equivocation, a receipt its own tensor contradicts, a spot check two other
+providers decided against it). Only an explicit ``lift`` ends it, no other ban replaces it,
+and waiting for bans to end never waits for it (:meth:`BanBook.earliest_end`). Convictions
+that outlive the process live in the blocklist file (:mod:`pymesh.client.blocklist`).
+
 A **penalty** (``deprioritise``) makes route choice avoid a worker while another one
 serves the same blocks, without excluding it: a hop-to-hop link failure puts it on the
 worker *behind* the link, which may be perfectly healthy.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -42,16 +49,17 @@ class BanCause(enum.Enum):
     UNREACHABLE = "unreachable"    # could not connect / open a session
     FAILED = "failed"              # reported an error on our session
     WRONG_ANSWER = "wrong answer"  # sent an output that cannot be right
+    CONVICTED = "convicted"        # a verified-inference check proved it wrong: permanent
 
     @property
     def liftable(self) -> bool:
         """Whether a newer record of the worker (a new incarnation) lifts a ban of this cause."""
-        return self is not BanCause.WRONG_ANSWER
+        return self not in (BanCause.WRONG_ANSWER, BanCause.CONVICTED)
 
 
 @dataclass(frozen=True)
 class Ban:
-    until: float          # on the book's monotonic clock
+    until: float          # on the book's monotonic clock; math.inf: convicted, never ends
     cause: BanCause
     why: str
     record_ts: float      # newest record timestamp of the peer known when it was banned
@@ -75,13 +83,30 @@ class BanBook:
 
     # -- bans ------------------------------------------------------------------------------
     def ban(self, peer: PeerID, why: str, cause: BanCause) -> Ban:
-        """Ban ``peer``; a stronger cause is never replaced by a liftable one."""
+        """Ban ``peer``; a stronger cause is never replaced by a liftable one, and a
+        conviction is never replaced at all (the conviction is returned)."""
         old = self.active().get(peer)
+        if old is not None and old.cause is BanCause.CONVICTED:
+            return old
         if old is not None and not old.cause.liftable and cause.liftable:
             cause = old.cause
         ban = Ban(self.now() + self.ban_seconds, cause, why, self.newest_ts.get(peer, 0.0))
         self._bans[peer] = ban
         return ban
+
+    def convict(self, peer: PeerID, why: str) -> Ban:
+        """Ban ``peer`` for good (:attr:`BanCause.CONVICTED`, ``until`` = inf); a peer already
+        convicted keeps its first conviction."""
+        old = self._bans.get(peer)
+        if old is not None and old.cause is BanCause.CONVICTED:
+            return old
+        ban = Ban(math.inf, BanCause.CONVICTED, why, self.newest_ts.get(peer, 0.0))
+        self._bans[peer] = ban
+        return ban
+
+    def convicted(self) -> dict[PeerID, Ban]:
+        """The convicted peers (their bans never end)."""
+        return {p: b for p, b in self._bans.items() if b.cause is BanCause.CONVICTED}
 
     def active(self) -> dict[PeerID, Ban]:
         now = self.now()
@@ -93,9 +118,10 @@ class BanBook:
         return self._bans.pop(peer, None)
 
     def earliest_end(self, peers: Iterable[PeerID]) -> float | None:
-        """When the first of ``peers``' bans ends (None: none of them is banned)."""
+        """When the first of ``peers``' bans ends (None: none of them is banned, or only
+        convicted ones: their bans never end, so there is nothing to wait for)."""
         bans = self.active()
-        ends = [bans[p].until for p in peers if p in bans]
+        ends = [bans[p].until for p in peers if p in bans and math.isfinite(bans[p].until)]
         return min(ends) if ends else None
 
     def see(self, records: Iterable[WorkerRecord]) -> list[tuple[PeerID, Ban]]:

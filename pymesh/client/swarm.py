@@ -11,6 +11,11 @@ seems to serve gets a lookup of its own before discovery reports it missing. A n
 record of a banned worker (a new incarnation) lifts a ban a failure or timeout caused,
 and when every provider of a span is banned, discovery waits for the earliest ban to end.
 With ``allow_peers`` the client routes only through the listed workers.
+
+A worker a verified-inference check proved wrong is **convicted** (:meth:`Swarm.convict`):
+banned for good, its evidence written beside the ``blocklist`` file and the peer added to
+it, so every later client with the same blocklist never routes through it either (the
+listed peers are convicted when the swarm starts).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import trio
 
 from pymesh.client.bans import PENALTY_MS, BanBook, BanCause
+from pymesh.client.blocklist import Blocklist, Evidence, record_conviction
 from pymesh.client.discovery import RecordBook
 from pymesh.client.routing import DEFAULT_RTT_MS, NoRouteError, SpanOption, choose_route, first_uncovered_block
 from pymesh.errors import ConfigError, PeerUnavailable, PymeshError
@@ -75,6 +82,7 @@ class Swarm:
         settings: Settings | None = None,
         clock: Clock | None = None,
         allow_peers: PeerAllowlist | None = None,
+        blocklist: Blocklist | None = None,
     ) -> None:
         self.transport = Transport.parse(transport)
         if not bootstrap:
@@ -100,9 +108,17 @@ class Swarm:
         #: workers whose allowlist does not list this client (final: never asked again)
         self.not_listing: dict[PeerID, str] = {}
         self.sinks: dict[bytes, PushSink] = {}
+        #: convictions persist here (None: only for this process's life)
+        self.blocklist = blocklist
+        #: peers this process convicted, and why (the blocklist's older entries are not here)
+        self.convicted: dict[PeerID, str] = {}
         self._node: RpcNode | None = None
         self._dht: DHTNode | None = None
         self._stack = AsyncExitStack()
+        #: verified inference: peers whose output passed a spot check (the first step through
+        #: any other peer is checked before its output is used)
+        self.checked: set[PeerID] = set()
+        self.tasks: trio.Nursery | None = None
 
     @property
     def node(self) -> "RpcNode":
@@ -120,6 +136,7 @@ class Swarm:
         from pymesh.net.dht import DHTNode
         from pymesh.net.rpc import RpcNode
 
+        self.load_blocklist()
         await self._stack.__aenter__()
         try:
             self._node = RpcNode(self.identity, transport=self.transport.value,
@@ -131,6 +148,9 @@ class Swarm:
             self._dht = DHTNode(self.identity, host="0.0.0.0", port=self.dht_port, bootstrap=self.bootstrap,
                                 config=self.settings.dht_config(), read_only=True, clock=self.clock)
             await self._stack.enter_async_context(self._dht)
+            # background work of sessions (verification spot checks): cancelled first on exit
+            self.tasks = await self._stack.enter_async_context(trio.open_nursery())
+            self._stack.callback(self.tasks.cancel_scope.cancel)
         except BaseException:
             await self._stack.__aexit__(None, None, None)
             raise
@@ -178,8 +198,47 @@ class Swarm:
     # -- bans ------------------------------------------------------------------------------
     def ban(self, peer: PeerID, why: str, cause: BanCause = BanCause.TIMEOUT) -> None:
         ban = self.bans.ban(peer, why, cause)
+        if ban.cause is BanCause.CONVICTED:
+            log.debug("Client: worker %s is convicted already (%s); not banning it again for: %s",
+                      peer.short(), ban.why, why)
+            return
         log.warning("Client: banning worker %s for %.0f s (%s): %s", peer.short(), self.ban_seconds,
                     ban.cause.value, why)
+
+    def convict(self, peer: PeerID, why: str, evidence: Evidence | None = None) -> Path | None:
+        """A verified-inference check proved ``peer`` wrong: ban it for good, write
+        ``evidence`` to the blocklist's evidence folder and add the peer to the blocklist.
+        Returns the evidence file (None: no blocklist, no evidence, already convicted by this
+        process, or the write failed: logged)."""
+        if peer in self.convicted:
+            log.debug("Client: worker %s is convicted already; further proof ignored: %s", peer.short(), why)
+            return None
+        self.bans.convict(peer, why)
+        self.convicted[peer] = why
+        path = record_conviction(self.blocklist, peer, why, evidence)
+        if self.blocklist is None:
+            where = "no blocklist: kept for this run only"
+            if evidence is not None:
+                where += f", {evidence.kind} evidence not written"
+        else:
+            where = f"blocklist {self.blocklist.path}, evidence {path if path is not None else 'none'}"
+        log.warning("Client: convicted worker %s (%s) of a wrong answer, never routing through it again: %s (%s)",
+                    peer.short(), peer.to_text(), why, where)
+        return path
+
+    def load_blocklist(self) -> int:
+        """Convict every peer the blocklist names (done on start; BlocklistError if the file
+        is malformed); returns how many it names."""
+        blocklist = self.blocklist
+        if blocklist is None:
+            return 0
+        entries = blocklist.load()
+        for peer, entry in entries.items():
+            self.bans.convict(peer, f"on the blocklist {blocklist.path}: {entry.why}")
+        if entries:
+            log.info("Client: %d worker(s) on the blocklist %s are never routed through", len(entries),
+                     blocklist.path)
+        return len(entries)
 
     def deprioritise(self, peer: PeerID, why: str) -> None:
         """Route around ``peer`` while another worker serves its blocks, without banning it."""
