@@ -1,10 +1,37 @@
 """Model ids: ``<name>@<fingerprint>``, so workers and clients agree on exact weights.
 
 The fingerprint is a short SHA-256 over config.json (parsed and re-serialised
-canonically, so whitespace does not matter) and, for every safetensors file, the
-tensor names, shapes and dtypes from its header
-(sorted by name, so the split into shards does not matter). Only headers are read: it costs
-milliseconds even for a 100 GB model.
+canonically, so whitespace does not matter) and, for every tensor of every safetensors
+file, sorted by tensor name (so the split into shards and the order of tensors inside a
+file do not matter): its name, dtype, shape, byte length and a digest of *sampled bytes of
+its values*. Two fine-tunes of one base model have the same names and shapes; the
+sampled values tell them apart, so a worker serving one is never compared against a
+worker serving the other (issue 12: spot checks compare workers only within one id).
+
+Sampling (:func:`tensor_sample_digest`): a tensor of at most :data:`FULL_HASH_BYTES` is
+hashed whole (norms, biases, small projections); a larger one contributes
+:data:`SAMPLE_WINDOWS` windows of :data:`WINDOW_BYTES` at evenly spaced offsets of its
+byte range, the first window at its first byte and the last ending at its last byte. The
+file is read through a memory map, so only the pages holding those windows are touched:
+about 4 KiB per tensor whatever its size (measured on SmolLM2-135M fp32, 273 tensors in a
+538 MB file: see the commit message; a 1B model has a few hundred tensors too, so the cost
+stays at milliseconds warm and well under a second cold).
+
+The limit, by design: a change confined to bytes outside every window of a large tensor
+(one edited value in the middle of an embedding matrix) does not change the id. The
+fingerprint separates *different models* (fine-tunes, merges, re-trainings, which move
+every value), not a deliberate single-byte edit; a worker that computes with weights other
+than the ones its id names is a lying worker, and that is what the client's spot checks
+(re-running its span on another provider) catch. Hashing every byte would cost a full read
+of the model at every start.
+
+Quantized and GGUF weights: ``pymesh model pull`` / the GGUF converter dequantize into an
+ordinary safetensors folder (float32 or bfloat16), so the id is that folder's: the same
+GGUF converted to the same dtype gives the same bytes and the same id, a float32 and a
+bfloat16 conversion differ already by their header dtypes, and two GGUF quantizations of
+one model (Q4_K vs Q8_0) dequantize to different values and so get different ids. Workers
+that compute on quantized weights directly will carry a quantization suffix in their id
+(another issue), so that their honest outputs are never judged against full-precision ones.
 """
 
 from __future__ import annotations
@@ -12,19 +39,84 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 from pathlib import Path
+from typing import Any
 
 from pymesh.errors import ConfigError
 from pymesh.proto.records import MAX_MODEL_NAME, sanitize_model_name
 from pymesh.model.weights import INDEX_FILE, SINGLE_FILE, read_safetensors_header, weight_files
 
 FINGERPRINT_CHARS = 12
+#: tensors up to this many bytes are hashed whole
+FULL_HASH_BYTES = 64 * 1024
+#: evenly spaced windows sampled from a larger tensor (the first at its start, the last at its end)
+SAMPLE_WINDOWS = 16
+#: bytes per window (16 x 256 = 4 KiB per large tensor)
+WINDOW_BYTES = 256
+#: bumped whenever what is hashed changes, so old and new ids can never collide
+SCHEME = b"pymesh-fingerprint-v2:sampled-values"
 
 log = logging.getLogger(__name__)
 
 
+def sample_ranges(nbytes: int) -> list[tuple[int, int]]:
+    """Byte ranges ``[a, b)`` relative to a tensor's first byte that its digest covers."""
+    if nbytes <= FULL_HASH_BYTES:
+        return [(0, nbytes)]
+    span = nbytes - WINDOW_BYTES
+    return [(a, a + WINDOW_BYTES) for a in (k * span // (SAMPLE_WINDOWS - 1) for k in range(SAMPLE_WINDOWS))]
+
+
+def tensor_sample_digest(data: Any, begin: int, end: int) -> bytes:
+    """SHA-256 of the sampled bytes of the tensor stored at ``data[begin:end]`` (a memory map)."""
+    h = hashlib.sha256()
+    for a, b in sample_ranges(end - begin):
+        h.update(data[begin + a:begin + b])
+    return h.digest()
+
+
+def _data_offsets(path: Path, name: str, info: dict[str, Any], data_len: int) -> tuple[int, int]:
+    """The header's ``data_offsets`` of ``name``, checked against the file's data section."""
+    offsets = info.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len):
+        raise ConfigError(f"{path}: tensor {name} has data_offsets {str(offsets)[:60]} outside the file's "
+                          f"{data_len} data bytes; the file is truncated or corrupt: re-download the model")
+    return offsets[0], offsets[1]
+
+
+def _file_entries(path: Path) -> list[tuple[str, str]]:
+    """(tensor name, JSON line to hash) for every tensor of one safetensors file."""
+    if not path.exists():
+        raise ConfigError(f"shard {path} named in {INDEX_FILE} does not exist; re-download the model")
+    header = read_safetensors_header(path)
+    entries: list[tuple[str, str]] = []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(0)
+            data_start = 8 + int.from_bytes(f.read(8), "little")
+            data_len = size - data_start
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                for name, info in header.items():
+                    if name == "__metadata__":
+                        continue
+                    if not isinstance(info, dict):
+                        raise ConfigError(f"{path}: header entry for {name} is not an object")
+                    a, b = _data_offsets(path, name, info, data_len)
+                    digest = tensor_sample_digest(mm, data_start + a, data_start + b).hex()
+                    entries.append((name, json.dumps([name, info.get("dtype"), info.get("shape"), b - a, digest])))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the tensors of {path}: {exc}") from None
+    return entries
+
+
 def fingerprint(model_dir: str | Path) -> str:
-    """Short hex hash of config.json plus the safetensors headers (names, shapes, dtypes)."""
+    """Short hex hash of config.json plus every tensor's name, dtype, shape, length and sampled
+    values (see the module docstring for what the sampling does and does not separate)."""
     root = Path(model_dir)
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
@@ -32,25 +124,17 @@ def fingerprint(model_dir: str | Path) -> str:
         raise ConfigError(f"{root / 'config.json'} does not exist: --model-path must be a model folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{root / 'config.json'} is not readable JSON ({exc})") from None
-    h = hashlib.sha256()
+    h = hashlib.sha256(SCHEME)
     h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
     files = sorted(set(weight_files(root).values()))
     if not files:
         raise ConfigError(f"{root} names no tensors in {INDEX_FILE} or {SINGLE_FILE}")
-    entries: list[tuple[str, object, object]] = []
+    entries: list[tuple[str, str]] = []
     for path in files:
-        if not path.exists():
-            raise ConfigError(f"shard {path} named in {INDEX_FILE} does not exist; re-download the model")
-        header = read_safetensors_header(path)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if not isinstance(info, dict):
-                raise ConfigError(f"{path}: header entry for {name} is not an object")
-            entries.append((name, info.get("dtype"), info.get("shape")))
+        entries.extend(_file_entries(path))
     # Sorted by tensor name: how the tensors are split into shards does not matter.
-    for entry in sorted(entries, key=lambda e: e[0]):
-        h.update(json.dumps(entry).encode())
+    for _name, line in sorted(entries):
+        h.update(line.encode())
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
