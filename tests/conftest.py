@@ -27,6 +27,15 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 os.environ.setdefault("MKL_NUM_THREADS", str(TEST_THREADS))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Keys and the client's blocklist (`pymesh client` / `serve` write convictions there) live under
+# PYMESH_HOME: this process and every child it starts use a throwaway one, never the real ~/.pymesh.
+import atexit as _atexit  # noqa: E402
+import shutil as _shutil  # noqa: E402
+import tempfile as _tempfile  # noqa: E402
+
+os.environ["PYMESH_HOME"] = _tempfile.mkdtemp(prefix="pymesh-test-home-")
+_atexit.register(_shutil.rmtree, os.environ["PYMESH_HOME"], True)
+
 # The test command exports PYMESH_REQUIRE_C=1 (a missing _C must fail the kernel tests): the
 # model's process-wide switches come from the environment here, as the CLI sets them in its processes.
 from pymesh.settings import load_settings as _load_settings  # noqa: E402

@@ -15,6 +15,7 @@ from pymesh.api.service import Gateway
 from pymesh.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pymesh.client.blocklist import Blocklist
     from pymesh.model.sampling import SamplingParams
     from pymesh.proto.allowlist import PeerAllowlist
     from pymesh.proto.identity import Identity
@@ -38,6 +39,7 @@ class ServeOptions:
     settings: Settings | None = None
     allow_peers: PeerAllowlist | None = None
     identity: Identity | None = None
+    blocklist: Blocklist | None = None   # convicted workers (never routed through; new ones added)
 
 
 def read_api_key(path: str | None, env_value: str | None) -> str | None:
@@ -76,7 +78,8 @@ async def serve(options: ServeOptions, defaults: SamplingParams, *,
     model = ClientModel(options.model_path, device=options.device, dtype=options.dtype,
                         model_name=options.model_name)
     async with Swarm(options.bootstrap, model.model_id, transport=options.transport, settings=options.settings,
-                     allow_peers=options.allow_peers, identity=options.identity) as swarm:
+                     allow_peers=options.allow_peers, identity=options.identity,
+                     blocklist=options.blocklist) as swarm:
         gateway = Gateway(SwarmBackend(swarm, model), defaults, Metrics(), max_active=options.max_active,
                           max_waiting=options.max_waiting)
         app = build_app(gateway, options.api_key)

@@ -9,11 +9,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from pymesh.cli.common import add_swarm_client_arguments, allow_peers_of, check_device
+from pymesh.cli.common import (add_swarm_client_arguments, allow_peers_of, blocklist_of, check_device,
+                               swarm_client_settings)
 from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pymesh.client.swarm import Swarm
     from pymesh.proto.identity import Identity
 
 log = logging.getLogger("pymesh.client")
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from pymesh.model.torch_setup import configure_threads
 
     configure_threads(settings_of(args).runtime.threads_or(args.threads))
+    args.settings = swarm_client_settings(args)   # --verify / --verify-rate applied
     if args.model_path is None:
         return trio.run(_network_test, args)
     if not args.prompt:
@@ -89,7 +92,7 @@ async def _generate(args: argparse.Namespace) -> int:
     stop_text = StopText(params.stop)  # like `pymesh generate`: the stop text itself is never shown
     async with Swarm(args.bootstrap, model.model_id, transport=args.transport,
                      settings=settings_of(args), allow_peers=allow_peers_of(args),
-                     identity=_identity(args)) as swarm:
+                     identity=_identity(args), blocklist=blocklist_of(args)) as swarm:
         async for token in generate_tokens(swarm, model, ids, params, stats=stats):
             if not args.json:
                 sys.stdout.write(stop_text.push(decoder.push(token)))
@@ -102,11 +105,23 @@ async def _generate(args: argparse.Namespace) -> int:
         json.dump({"tokens": stats.tokens, "text": text, "prompt_tokens": stats.prompt_tokens,
                    "prefill_s": round(stats.prefill_s, 4),
                    "decode_tokens_per_s": round(stats.decode_tokens_per_s, 3),
-                   "route": stats.route, "recoveries": stats.recoveries}, sys.stdout)
+                   "route": stats.route, "recoveries": stats.recoveries,
+                   **_verification_json(stats, swarm)}, sys.stdout)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(stop_text.push(decoder.flush()) + stop_text.flush() + "\n")
     return 0
+
+
+def _verification_json(stats: object, swarm: "Swarm") -> dict[str, object]:
+    """``--json``'s verification fields: the session's report (checks, mismatches, ...) when
+    the generation kept one, and the workers this run convicted."""
+    out: dict[str, object] = {}
+    report = getattr(stats, "verification", None)
+    if report is not None and callable(getattr(report, "to_json", None)):
+        out["verification"] = report.to_json()
+    out["convicted"] = {p.to_text(): why for p, why in swarm.convicted.items()}
+    return out
 
 
 async def _network_test(args: argparse.Namespace) -> int:
@@ -120,7 +135,7 @@ async def _network_test(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     async with Swarm(args.bootstrap, args.model_name or "echo", transport=args.transport,
                      settings=settings_of(args), allow_peers=allow_peers_of(args),
-                     identity=_identity(args)) as swarm:
+                     identity=_identity(args), blocklist=blocklist_of(args)) as swarm:
         res = await run_network_test(swarm, layers[0], layers[1], hidden=args.hidden_size, rounds=args.rounds)
     if args.json:
         json.dump({"route": res.route, "hop_ms": [round(h, 3) for h in res.hop_ms],

@@ -11,12 +11,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from pymesh.errors import ConfigError
 from pymesh.proto.allowlist import PeerAllowlist
 from pymesh.proto.vocab import Transport
-from pymesh.settings import Settings
+from pymesh.settings import VERIFY_MODES, Settings, settings_of
+
+if TYPE_CHECKING:
+    from pymesh.client.blocklist import Blocklist
+
+#: the file name of the default blocklist, under PYMESH_HOME
+BLOCKLIST_FILE = "blocklist.json"
 
 
 def load_optional(module: str) -> ModuleType | None:
@@ -30,14 +38,30 @@ def load_optional(module: str) -> ModuleType | None:
         raise
 
 
-def with_flags(settings: Settings, *, threads: int | None = None, max_blocks: int | None = None) -> Settings:
+def with_flags(settings: Settings, *, threads: int | None = None, max_blocks: int | None = None,
+               verify: str | None = None, verify_rate: float | None = None) -> Settings:
     """``settings`` with the flags that override a ``PYMESH_*`` value applied (None: unchanged)."""
-    runtime, worker = settings.runtime, settings.worker
+    runtime, worker, client = settings.runtime, settings.worker, settings.client
     if threads is not None:
         runtime = dataclasses.replace(runtime, threads=threads)
     if max_blocks is not None:
         worker = dataclasses.replace(worker, max_blocks=max_blocks)
-    return dataclasses.replace(settings, runtime=runtime, worker=worker)
+    if verify is not None:
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"--verify {verify!r}: choose one of {', '.join(VERIFY_MODES)}")
+        client = dataclasses.replace(client, verify=verify)
+    if verify_rate is not None:
+        if not 0.0 <= verify_rate <= 1.0:
+            raise ConfigError(f"--verify-rate {verify_rate}: a fraction of hop-steps, between 0 and 1")
+        client = dataclasses.replace(client, verify_rate=verify_rate)
+    return dataclasses.replace(settings, runtime=runtime, worker=worker, client=client)
+
+
+def swarm_client_settings(args: argparse.Namespace) -> Settings:
+    """The settings of a swarm client (``pymesh client``, ``pymesh serve``) with its
+    ``--verify`` / ``--verify-rate`` flags applied."""
+    return with_flags(settings_of(args), verify=getattr(args, "verify", None),
+                      verify_rate=getattr(args, "verify_rate", None))
 
 
 def apply_runtime_switches(settings: Settings) -> None:
@@ -78,9 +102,36 @@ def allow_peers_of(args: argparse.Namespace) -> PeerAllowlist | None:
     return None if path is None else PeerAllowlist.load(path)
 
 
+def add_blocklist_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--blocklist PATH|none`` (default ``<PYMESH_HOME>/blocklist.json``)."""
+    parser.add_argument("--blocklist", default=None, metavar="PATH",
+                        help=f"{what}; default $PYMESH_HOME/{BLOCKLIST_FILE} (~/.pymesh/{BLOCKLIST_FILE}); "
+                             "'none': no file")
+
+
+def blocklist_path_of(args: argparse.Namespace) -> Path | None:
+    """The path ``--blocklist`` names (its default under PYMESH_HOME), or None for ``none``."""
+    given = getattr(args, "blocklist", None)
+    if given is None:
+        return settings_of(args).runtime.home / BLOCKLIST_FILE
+    if given.strip().lower() == "none":
+        return None
+    return Path(given).expanduser()
+
+
+def blocklist_of(args: argparse.Namespace) -> "Blocklist | None":
+    """The :class:`~pymesh.client.blocklist.Blocklist` ``--blocklist`` names (not loaded yet),
+    or None for ``--blocklist none``."""
+    from pymesh.client.blocklist import Blocklist
+
+    path = blocklist_path_of(args)
+    return None if path is None else Blocklist(path)
+
+
 def add_swarm_client_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every swarm client shares (``pymesh client``, ``pymesh serve``): where the head
-    runs, the transport, threads, the allowlist and the client's own key."""
+    runs, the transport, threads, the allowlist, the client's own key, verification of the
+    workers' outputs and the blocklist of convicted workers."""
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--transport", default=Transport.QUIC.value, choices=[t.value for t in Transport])
@@ -89,3 +140,12 @@ def add_swarm_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", default=None, metavar="FILE",
                         help="this client's key file (created on first use); workers of a private swarm serve "
                              "only clients their --allow-peers lists (default: a fresh key each run)")
+    parser.add_argument("--verify", default=None, choices=list(VERIFY_MODES),
+                        help="check the workers' outputs: off; sample (signed receipts every step plus spot "
+                             "checks of a fraction of hop-steps on a second worker); all (every hop-step "
+                             "re-run). Default: $PYMESH_VERIFY or sample (docs/VERIFY.md)")
+    parser.add_argument("--verify-rate", type=float, default=None, metavar="R",
+                        help="with --verify sample: the fraction of hop-steps spot-checked, 0..1 "
+                             "(default: $PYMESH_VERIFY_RATE or 0.1)")
+    add_blocklist_argument(parser, "workers convicted of wrong answers are never routed through and new "
+                                   "convictions are added here, their evidence in evidence/ beside it")

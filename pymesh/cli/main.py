@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("pymesh.cli.monitor", "live TUI of the swarm: workers, coverage, throughput"),
     "demo": ("pymesh.cli.demo", "start a local swarm on the embedded model and chat with it"),
     "identity": ("pymesh.cli.identity", "show the peer ID of an identity key file (for --allow-peers)"),
+    "blocklist": ("pymesh.cli.blocklist", "list or edit the workers this machine's clients never route through"),
 }
 
 

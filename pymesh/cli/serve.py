@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pymesh.cli.common import add_swarm_client_arguments, allow_peers_of, check_device
-from pymesh.settings import settings_of
+from pymesh.cli.common import (add_swarm_client_arguments, allow_peers_of, blocklist_of, check_device,
+                               swarm_client_settings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", 0):
         # the client logs every step at INFO; a server's log would be nothing else (-v brings them back)
         logging.getLogger("pymesh.client").setLevel(logging.WARNING)
-    settings = settings_of(args)
+    settings = swarm_client_settings(args)   # --verify / --verify-rate applied
     configure_threads(settings.runtime.threads_or(args.threads))
     check_device(args.device)
     if args.max_active < 1 or args.max_waiting < 0:
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name, transport=args.transport, device=args.device, dtype=args.dtype,
         api_key=read_api_key(args.api_key_file, settings.api_key), max_active=args.max_active,
         max_waiting=args.max_waiting, settings=settings, allow_peers=allow_peers_of(args),
-        identity=None if args.identity is None else Identity.load_or_create(args.identity))
+        identity=None if args.identity is None else Identity.load_or_create(args.identity),
+        blocklist=blocklist_of(args))
 
     def started(urls: list[str]) -> None:
         print(f"pymesh serve: OpenAI-compatible API at {urls[0]}/v1", flush=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
 
 import trio
 
+from pymesh.client.blocklist import Blocklist
 from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
 from pymesh.client.swarm import Swarm
 from pymesh.proto.allowlist import PeerAllowlist
@@ -44,6 +45,7 @@ class SwarmClient:
         settings: Settings | None = None,
         allow_peers: PeerAllowlist | None = None,
         identity: Identity | None = None,
+        blocklist: Blocklist | None = None,
     ) -> None:
         if model_path is None:
             raise ValueError("SwarmClient needs model_path (the client loads embeddings, head and tokenizer)")
@@ -55,6 +57,8 @@ class SwarmClient:
         self.allow_peers = allow_peers
         #: this client's key (a private swarm's workers serve only listed clients); None: a fresh one
         self.identity = identity
+        #: convicted workers: never routed through, new convictions added (None: this process only)
+        self.blocklist = blocklist
         self.last_stats: GenerationStats | None = None
         self._swarm: Swarm | None = None
         # sync flavour: a trio loop in a thread, fed through a call queue
@@ -67,7 +71,7 @@ class SwarmClient:
     # -- trio flavour ----------------------------------------------------------------------
     async def __aenter__(self) -> "SwarmClient":
         self._swarm = Swarm(self.bootstrap, self.model.model_id, transport=self.transport, settings=self.settings,
-                            allow_peers=self.allow_peers, identity=self.identity)
+                            allow_peers=self.allow_peers, identity=self.identity, blocklist=self.blocklist)
         await self._swarm.__aenter__()
         return self
 
