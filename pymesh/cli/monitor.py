@@ -8,7 +8,10 @@ import json
 import logging
 import sys
 
-from pymesh.cli.common import add_allow_peers_argument, allow_peers_of
+from pathlib import Path
+from typing import Mapping
+
+from pymesh.cli.common import add_allow_peers_argument, add_blocklist_argument, allow_peers_of, blocklist_path_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +33,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "otherwise the largest announced block bounds the map)")
     parser.add_argument("--host", default="0.0.0.0", help="address the monitor's DHT node binds")
     add_allow_peers_argument(parser, "show only workers whose records are signed by a listed peer")
+    add_blocklist_argument(parser, "workers on this blocklist are marked flagged (re-read when it changes)")
+
+
+class BlocklistWatch:
+    """Peer text -> why of a blocklist file, re-read when its modification time or size
+    changes (a client convicting a worker while the monitor runs shows at the next poll)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._flags: dict[str, str] = {}
+
+    def __call__(self) -> Mapping[str, str]:
+        from pymesh.client.blocklist import Blocklist
+
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = (0, -1)
+        if stamp != self._seen:
+            entries = Blocklist(self.path).load()   # BlocklistError: the caller decides
+            self._flags = {p.to_text(): e.why for p, e in entries.items()}
+            self._seen = stamp
+        return self._flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from pymesh.monitor.state import snapshot
     from pymesh.proto.addr import parse_addr
 
+    path = blocklist_path_of(args)
+    watch = None if path is None else BlocklistWatch(path)
+    if watch is not None:
+        watch()   # a malformed blocklist is one error line now, not a warning every poll
     if args.interval <= 0 or args.timeout <= 0:
         raise ConfigError("--interval and --timeout must be positive numbers of seconds")
     if args.blocks is not None and args.model is None:
@@ -55,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         model_blocks=None,
         settings=settings_of(args),
         allow_peers=allow_peers_of(args),
+        flagged=watch,
     )
     if args.json and not args.once:
         raise ConfigError("--json prints one snapshot: use it together with --once")

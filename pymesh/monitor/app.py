@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Mapping, Protocol, Sequence
 
 import trio
 from rich.console import Console
@@ -47,6 +47,8 @@ class MonitorOptions:
     model_blocks: dict[str, int] | None = None
     settings: Settings = field(default_factory=Settings)   # DHT and transport timers (PYMESH_*)
     allow_peers: PeerAllowlist | None = None   # --allow-peers: records of other signers are ignored
+    #: --blocklist: read at every poll, peer text -> why of the flagged workers (None: no blocklist)
+    flagged: Callable[[], Mapping[str, str]] | None = None
 
 
 class RecordSource(Protocol):
@@ -129,8 +131,19 @@ class SwarmPoller:
         boot, rtts = await self.bootstrap_reachable(), await self.rtts(shown)
         return update(
             state, records, now=time.time(), rtts_ms=rtts, bootstrap_ok=boot, error=error,
-            model_blocks=self.options.model_blocks,
+            model_blocks=self.options.model_blocks, flagged=self.flagged(),
         )
+
+    def flagged(self) -> Mapping[str, str] | None:
+        """The blocklist's current entries (None: no blocklist, or unreadable now: the
+        previous ones stay shown)."""
+        if self.options.flagged is None:
+            return None
+        try:
+            return self.options.flagged()
+        except Exception as exc:  # a file being rewritten or hand-edited: keep the last good list
+            log.warning("monitor: blocklist not read: %s", exc)
+            return None
 
 
 def _previous_records(state: MonitorState) -> list[RecordLike]:

@@ -10,6 +10,9 @@ Records are read by attribute (``peer_id``, ``model_id``, ``start``, ``stop``, `
 ``port``, ``transports``, ``state``, ``tokens_per_s``, ``block_ms``,
 ``cache_tokens_free``, ``cache_tokens_total``, ``sessions``, ``timestamp``), the fields
 of :class:`pymesh.proto.records.WorkerRecord`.
+
+**Flagged** workers are the ones on a client blocklist (``--blocklist``: convicted of wrong
+answers by verified inference); the state maps their peer text to the reason, escaped.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ MAX_MODEL_ID_SHOWN = 120
 MAX_HOST_SHOWN = 64
 MAX_TRANSPORT_SHOWN = 16
 MAX_TRANSPORTS_SHOWN = 4
+#: cut length of a flagged worker's reason (from the blocklist file, which anyone may edit)
+MAX_FLAG_SHOWN = 160
 
 
 class RecordLike(Protocol):
@@ -183,6 +188,8 @@ class MonitorState:
     allow_peers: frozenset[str] | None = None
     #: records of the last poll that were not shown: unlisted signer, impossible span
     ignored: int = 0
+    #: peer text -> why, for the workers on the blocklist (escaped and cut)
+    flagged: Mapping[str, str] = field(default_factory=dict)
 
     # ---- derived values the view uses ---------------------------------------------
     def models(self) -> list[str]:
@@ -236,6 +243,13 @@ class MonitorState:
     def recent_events(self, n: int) -> list[Event]:
         return list(self.events[-n:])
 
+    def flag_of(self, w: WorkerView) -> str | None:
+        """Why ``w`` is on the blocklist (None: it is not)."""
+        return self.flagged.get(w.peer)
+
+    def flagged_workers(self) -> list[WorkerView]:
+        return [w for w in self.workers if w.peer in self.flagged]
+
 
 def _model_matches(model_id: str, wanted: str) -> bool:
     """``--model NAME`` matches ``NAME`` exactly or ``NAME@<fingerprint>``."""
@@ -251,6 +265,7 @@ def update(
     bootstrap_ok: bool | None = None,
     error: str | None = None,
     model_blocks: Mapping[str, int] | None = None,
+    flagged: Mapping[str, str] | None = None,
 ) -> MonitorState:
     """The next state after a poll: new worker list, events found by diffing.
 
@@ -258,7 +273,8 @@ def update(
     ``rtts_ms`` maps a peer's text ID to its measured round trip (peers not in it keep
     the previous measurement); ``model_blocks`` are known block counts (e.g. from a
     model's config), keyed by model id or bare name, that override the "largest stop
-    seen" estimate.
+    seen" estimate; ``flagged`` maps the peer text of blocklisted workers to the reason
+    (None: the previous map is kept).
     """
     rtts = dict(rtts_ms or {})
     newest: dict[str, RecordLike] = {}
@@ -291,6 +307,8 @@ def update(
         for m in matching:
             blocks[m] = int(n)
 
+    flags = state.flagged if flagged is None else {
+        peer_text(p): printable(why, MAX_FLAG_SHOWN) for p, why in flagged.items()}
     events = deque(state.events, maxlen=MAX_EVENTS)
     if state.polls > 0:
         events.extend(diff_events(previous, {w.peer: w for w in workers}, now))
@@ -301,6 +319,8 @@ def update(
             for w in workers
             if w.live
         )
+    events.extend(Event(now, "flagged", w.peer, w.model_id, f"on the blocklist: {flags[w.peer]}")
+                  for w in workers if w.peer in flags and (w.peer not in state.flagged or w.peer not in previous))
     return replace(
         state,
         now=now,
@@ -311,6 +331,7 @@ def update(
         bootstrap_ok=state.bootstrap_ok if bootstrap_ok is None else bootstrap_ok,
         error=error,
         ignored=ignored,
+        flagged=flags,
     )
 
 
@@ -375,6 +396,7 @@ def snapshot(state: MonitorState) -> dict[str, Any]:
                 "tokens_per_s": w.tokens_per_s, "block_ms": w.block_ms, "sessions": w.sessions,
                 "cache_tokens_free": w.cache_tokens_free, "cache_tokens_total": w.cache_tokens_total,
                 "rtt_ms": w.rtt_ms, "age_s": max(0.0, state.now - w.timestamp) if w.timestamp else None,
+                "flagged": state.flag_of(w),
             }
             for m in state.models() for w in state.workers_of(m)
         ],

@@ -6,6 +6,10 @@ serving it, gaps red), the table of workers, and the newest events. Every colour
 plain-text twin (cell characters, words) so ``--once`` output and tests read the same
 information without colours.
 
+A worker on the client blocklist (``--blocklist``) is flagged: a red ``FLAGGED`` in its row, a
+count in the header, a table of the flagged workers with the reason, and a ``flagged`` event
+when it is first seen.
+
 Fields a record's signer chose (model id, host, transports, event details) are already
 escaped by :mod:`pymesh.monitor.state` and are always passed to rich as ``Text``, never as
 a markup string: ``[/]`` or ``[link=...]`` in a model id is shown, not interpreted.
@@ -28,7 +32,11 @@ from pymesh.proto.vocab import WorkerState
 GAP_CELL = "×"
 SHADES = ("░", "▒", "▓", "█")
 SHADE_STYLES = ("yellow", "green", "green", "bold green")
-EVENT_STYLES = {"joined": "green", "left": "red", "moved": "cyan", "state": "yellow"}
+EVENT_STYLES = {"joined": "green", "left": "red", "moved": "cyan", "state": "yellow", "flagged": "bold red"}
+#: characters of a flagged worker's reason shown (the JSON snapshot has it all)
+FLAG_CHARS = 100
+#: rows of the flagged-workers table
+FLAGGED_SHOWN = 8
 EVENTS_SHOWN = 8
 CELLS_PER_ROW = 50
 #: coverage maps drawn at most (records can name any number of models; --model picks one)
@@ -47,6 +55,8 @@ def render(state: MonitorState) -> RenderableType:
         parts.append(Text(f"... and {len(models) - MODELS_SHOWN} more models (pick one with --model NAME)",
                           style="yellow"))
     parts.append(render_workers(state))
+    if state.flagged_workers():
+        parts.append(render_flagged(state))
     parts.append(render_events(state))
     return Group(*parts)
 
@@ -66,6 +76,10 @@ def render_header(state: MonitorState) -> RenderableType:
         ("   bootstrap ", "bold"), f"{state.bootstrap or '-'} ", boot,
     )
     lines = [line]
+    flagged = state.flagged_workers()
+    if flagged:
+        lines.append(Text(f"{len(flagged)} flagged worker(s): on the blocklist (convicted of wrong answers); "
+                          "clients using it never route through them", style="bold red"))
     if state.ignored:
         what = "unlisted signer (--allow-peers) or a span outside the model"
         lines.append(Text(f"{state.ignored} records ignored: {what}", style="yellow"))
@@ -137,6 +151,7 @@ def render_workers(state: MonitorState) -> RenderableType:
         ("peer", "left"), ("model", "left"), ("address", "left"), ("transport", "left"),
         ("span", "right"), ("state", "left"), ("tok/s", "right"), ("ms/block", "right"),
         ("sessions", "right"), ("free cache", "right"), ("rtt", "right"), ("age", "right"),
+        ("flag", "left"),
     ):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for model in state.models():
@@ -154,9 +169,28 @@ def render_workers(state: MonitorState) -> RenderableType:
                 _cache(w),
                 _rtt(w),
                 _age(w, state.now),
+                Text("FLAGGED", style="bold red") if state.flag_of(w) is not None else Text("-"),
             )
     if not state.workers:
-        table.add_row(*(["-"] * 12))
+        table.add_row(*(["-"] * 13))
+    return table
+
+
+def render_flagged(state: MonitorState) -> RenderableType:
+    """The flagged workers and why they are on the blocklist (already escaped)."""
+    table = Table(title="flagged workers (on the blocklist)", title_justify="left", title_style="bold red",
+                  box=None)
+    table.add_column("peer", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    table.add_column("span", justify="right", no_wrap=True)
+    table.add_column("why")
+    flagged = state.flagged_workers()
+    for w in flagged[:FLAGGED_SHOWN]:
+        why = state.flag_of(w) or ""
+        cut = why if len(why) <= FLAG_CHARS else why[:FLAG_CHARS - 1] + "…"
+        table.add_row(Text(w.short, style="bold red"), Text(w.model_id.split("@", 1)[0]), w.span_text(), Text(cut))
+    if len(flagged) > FLAGGED_SHOWN:
+        table.add_row("", "", "", Text(f"... and {len(flagged) - FLAGGED_SHOWN} more (--once --json lists all)"))
     return table
 
 
