@@ -46,10 +46,11 @@ from pymesh.proto.identity import PeerID
 from pymesh.proto.session_wire import BadRequest, ErrorCode
 from pymesh.proto.vocab import Transport
 from pymesh.settings import WorkerSettings
-from pymesh.proto.receipts import SignedReceipt, Signer, tensor_digest
+from pymesh.proto.receipts import SignedReceipt, Signer
 from pymesh.worker.directory import PeerFilter
 from pymesh.worker.faults import Corruptor
-from pymesh.worker.receipts import BadReceipt, StepClaim, check_received, compute_dtype, device_kind, sign_step
+from pymesh.worker.receipts import (BadReceipt, StepClaim, check_received, compute_dtype, device_kind, digest_of,
+                                    sign_step)
 from pymesh.worker.runtime import Runtime
 from pymesh.worker.sessions import Session, SessionError, SessionTable, advance, check_step
 
@@ -193,7 +194,12 @@ class DataPath:
             return
         try:
             req = sw.Step.from_meta_untrusted(meta)
-            received = self._check_receipt(conn, s, req, tensors) if s.receipts and s.prev is not None else None
+            received, inp_digest = None, b""
+            if s.receipts:
+                sw.check_tensor_count(tensors, 1, "a step")
+                inp_digest = await digest_of(tensors[0])
+                if s.prev is not None:  # pushed by the previous worker: its receipt must match
+                    received = self._check_receipt(conn, s, req, tensors[0], inp_digest)
             if conn.peer == s.client:
                 s.from_client += 1
                 self.counters["from_client"] += 1
@@ -219,33 +225,34 @@ class DataPath:
         rc_next = rc_client = None
         if s.receipts:
             prev = received.digest if received is not None else b""
-            rc_client = self._sign(s, req, tensors[0], to_client, prev, lie=lie)
-            rc_next = rc_client if to_next is to_client else self._sign(s, req, tensors[0], to_next, prev, lie=lie)
+            seq = int(tensors[0].shape[1])
+            rc_client = self._sign(s, req, seq, inp_digest, await digest_of(to_client), prev, lie=lie)
+            rc_next = rc_client if to_next is to_client else \
+                self._sign(s, req, seq, inp_digest, await digest_of(to_next), prev, lie=lie)
         if s.next_addr is not None and not await self._push_on(s, req, to_next, rc_next):
             return
         await self._copy_to_client(s, step, to_client, rc=rc_client,
                                    prc=received.wire if received is not None else None)
 
-    def _check_receipt(self, conn: Connection, s: Session, req: sw.Step, tensors: list[TensorBlob]) -> SignedReceipt:
-        """The previous worker's receipt for this pushed step (raises BadReceipt, BadRequest)."""
-        sw.check_tensor_count(tensors, 1, "a step")
-        seq = sw.check_hidden_shape(tuple(tensors[0].shape), self.hidden_size, s.max_tokens, s.batch)
-        return check_received(req.rc, pusher=conn.peer, claim=self._claim(s, req, seq), blob=tensors[0])
+    def _check_receipt(self, conn: Connection, s: Session, req: sw.Step, blob: TensorBlob,
+                       digest: bytes) -> SignedReceipt:
+        """The previous worker's receipt for this pushed step, ``blob`` (its ``digest``) in
+        hand (raises BadReceipt, BadRequest)."""
+        seq = sw.check_hidden_shape(tuple(blob.shape), self.hidden_size, s.max_tokens, s.batch)
+        return check_received(req.rc, pusher=conn.peer, claim=self._claim(s, req, seq), digest=digest)
 
     def _claim(self, s: Session, req: sw.StepRef, seq: int) -> StepClaim:
         rt = self.runtime
         return StepClaim(self.model_id, s.sid, req.step, req.pos, seq, rt.start, rt.stop,
                          compute_dtype(rt.dtype_name), device_kind(rt.device))
 
-    def _sign(self, s: Session, req: sw.StepRef, inp: TensorBlob, out: TensorBlob, prev: bytes, *,
+    def _sign(self, s: Session, req: sw.StepRef, seq: int, inp: bytes, out: bytes, prev: bytes, *,
               lie: str | None) -> bytes:
-        """This hop's signed receipt (wire bytes) for ``req``: ``inp`` in, ``out`` sent."""
+        """This hop's signed receipt (wire bytes) for ``req``: digests ``inp`` in, ``out`` sent."""
         assert self.signer is not None, "sessions with receipts are opened only on a worker with a signer"
-        digest = tensor_digest(out)
         if lie == "receipt" and self.corruptor is not None:
-            digest = self.corruptor.wrong_digest(digest)
-        signed = sign_step(self.signer, self._claim(s, req, int(inp.shape[1])), inp=tensor_digest(inp),
-                           out=digest, prev=prev)
+            out = self.corruptor.wrong_digest(out)
+        signed = sign_step(self.signer, self._claim(s, req, seq), inp=inp, out=out, prev=prev)
         self.counters["receipts_signed"] += 1
         return signed.wire
 

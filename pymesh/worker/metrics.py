@@ -39,7 +39,10 @@ class WorkerCollector:
         for name, help_text in (("steps", "steps computed"), ("from_client", "steps received from clients"),
                                 ("from_peer", "steps received from the previous worker"),
                                 ("replayed", "steps replayed during client recoveries"),
-                                ("errors", "steps that failed")):
+                                ("errors", "steps that failed"),
+                                ("receipts_signed", "step receipts signed (sessions opened with receipts)"),
+                                ("bad_receipts", "pushed steps refused for a missing, forged or mismatched receipt"),
+                                ("corrupted", "steps corrupted on purpose (test faults only)")):
             yield CounterMetricFamily(f"pymesh_worker_{name}", help_text, value=c.get(name, 0))
         yield CounterMetricFamily("pymesh_worker_compute_seconds", "time spent computing steps",
                                   value=c.get("compute_us", 0) / 1e6)

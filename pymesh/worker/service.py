@@ -35,6 +35,7 @@ from pymesh.worker.datapath import HOP_ERRORS, DataPath, Dial
 from pymesh.proto.receipts import Signer
 from pymesh.worker.directory import NextAddr, NextHopResolver, PeerFilter
 from pymesh.worker.faults import Corruptor
+from pymesh.worker.receipts import digest_of
 from pymesh.worker.runtime import Runtime
 from pymesh.worker.sessions import Session, SessionError, SessionTable
 
@@ -287,7 +288,10 @@ class WorkerService(DataPath):
         lie = self._decide_lie(s, pushes=False)
         if lie == "noise":
             out = self._noisy(out)
-        rc = self._sign(s, req, tensors[0], out, b"", lie=lie) if s.receipts else None
+        rc = None
+        if s.receipts:
+            rc = self._sign(s, req, int(tensors[0].shape[1]), await digest_of(tensors[0]), await digest_of(out), b"",
+                            lie=lie)
         return sw.ForwardReply(rc).to_meta(), [out]
 
     def _own_session(self, ctx: CallContext, sid: bytes) -> Session:

@@ -71,6 +71,11 @@ class Inbox:
     def outs(self) -> list[wire.Out]:
         return [wire.Out.from_meta_untrusted(m) for t, _, m in self.items if t == wire.OUT]
 
+    def outs_of(self, start: int) -> list[tuple[wire.Out, list[Any]]]:
+        """The pm.out pushes of the hop starting at block ``start``, with their tensors."""
+        return [(wire.Out.from_meta_untrusted(m), self.tensors[i]) for i, (t, _, m) in enumerate(self.items)
+                if t == wire.OUT and m["start"] == start]
+
     async def wait(self, n: int, timeout: float = 30) -> None:
         with trio.fail_after(timeout):
             while len(self.items) < n:
@@ -204,3 +209,11 @@ async def receipt_route(net: MemNet, directory: Directory, *, copies: int = 1, r
     await c2.call(wire.OPEN, open_meta(sid, 32, prev=w1.peer, copies=copies, receipts=receipts))
     await c1.call(wire.OPEN, open_meta(sid, 32, next_hop=NextHop(w2.peer, 2, 4), copies=copies, receipts=receipts))
     return w1, w2, client, inbox
+
+
+def receipt_of(raw: bytes | None) -> Any:
+    """The :class:`pymesh.proto.receipts.SignedReceipt` in ``raw`` (which must be present and valid)."""
+    from pymesh.proto.receipts import SignedReceipt
+
+    assert raw is not None
+    return SignedReceipt.from_wire_untrusted(raw)

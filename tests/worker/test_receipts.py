@@ -17,20 +17,10 @@ from pymesh.proto.identity import Identity
 from pymesh.proto.receipts import Receipt, SignedReceipt, sign_receipt, tensor_digest
 from pymesh.proto.session_wire import ErrorCode
 from pymesh.worker.receipts import BadReceipt, StepClaim, check_received, compute_dtype, device_kind
-from tests.worker.harness import Directory, MemNet, blob, open_meta, receipt_route, run, step
+from tests.worker.harness import Directory, MemNet, blob, open_meta, receipt_of, receipt_route, run, step
 
 pytestmark = pytest.mark.timeout(60)
 SID = b"r" * 16
-
-
-def _rc(raw: bytes | None) -> SignedReceipt:
-    assert raw is not None
-    return SignedReceipt.from_wire_untrusted(raw)
-
-
-def _outs(inbox: Any, start: int) -> list[tuple[wire.Out, list[Any]]]:
-    return [(wire.Out.from_meta_untrusted(m), inbox.tensors[i]) for i, (t, _, m) in enumerate(inbox.items)
-            if t == wire.OUT and m["start"] == start]
 
 
 def test_receipts_are_signed_every_step_and_chained_hop_to_hop() -> None:
@@ -44,15 +34,15 @@ def test_receipts_are_signed_every_step_and_chained_hop_to_hop() -> None:
             await c1.push(wire.STEP, step(SID, 1, 1), [inputs[1]])
             await inbox.wait(4)
             assert not inbox.errors()
-            hop1, hop2 = _outs(inbox, 0), _outs(inbox, 2)
+            hop1, hop2 = inbox.outs_of(0), inbox.outs_of(2)
             # The first hop sends a pm.out every step; its recovery copies still batch (copies=2).
             assert [o.steps for o, _ in hop1] == [(), (0, 1)] and len(hop1[1][1]) == 2
             assert [o.steps for o, _ in hop2] == [(0,), (1,)]
             copies = hop1[1][1]
             for k in (0, 1):
                 (o1, _), (o2, t2) = hop1[k], hop2[k]
-                r1, s1 = _rc(o1.rc).receipt, _rc(o1.rc)
-                r2 = _rc(o2.rc).receipt
+                r1, s1 = receipt_of(o1.rc).receipt, receipt_of(o1.rc)
+                r2 = receipt_of(o2.rc).receipt
                 assert o1.prc is None and r1.prev == b"" and r1.peer == w1.peer
                 assert (r1.sid, r1.step, r1.start, r1.stop, r1.model) == (SID, k, 0, 2, "echo")
                 assert (r1.dtype, r1.device, r1.seq) == ("float32", "cpu", inputs[k].shape[1])
@@ -77,7 +67,7 @@ def test_sessions_without_receipts_sign_nothing_and_batch_copies_as_before() -> 
                 await c1.push(wire.STEP, step(SID, k, k), [blob(float(k + 1))])
             await inbox.wait(4)
             await trio.sleep(1)
-            assert [o.steps for o, _ in _outs(inbox, 0)] == [(0, 1)]
+            assert [o.steps for o, _ in inbox.outs_of(0)] == [(0, 1)]
             assert all(o.rc is None and o.prc is None for o in inbox.outs())
             assert w1.counters["receipts_signed"] == w2.counters["receipts_signed"] == 0
             # pm.forward replies an empty meta, as the old Empty did.
@@ -95,7 +85,7 @@ def test_forward_on_a_receipt_session_replies_with_a_receipt() -> None:
             w1, _w2, client, inbox = await receipt_route(net, directory)
             c1 = await net.connect(client, w1.peer)
             reply, outs = await c1.call(wire.FORWARD, wire.Forward(SID, 0, 0).to_meta(), [blob(4.0, seq=2)])
-            r = _rc(wire.ForwardReply.from_meta_untrusted(reply).rc).receipt
+            r = receipt_of(wire.ForwardReply.from_meta_untrusted(reply).rc).receipt
             assert (r.peer, r.step, r.pos, r.seq, r.prev) == (w1.peer, 0, 0, 2, b"")
             assert r.inp == tensor_digest(blob(4.0, seq=2)) and r.out == tensor_digest(outs[0])
             nursery.cancel_scope.cancel()
@@ -166,7 +156,7 @@ def test_bad_receipts_are_refused_uncomputed_blaming_the_pusher() -> None:
             await p2.push(wire.STEP, step(SID, 0, 0, good), [blob(1.0)])
             await inbox.wait(len(bad) + 1)
             out = inbox.outs()[-1]
-            assert out.prc == good and _rc(out.rc).receipt.prev == _rc(good).digest
+            assert out.prc == good and receipt_of(out.rc).receipt.prev == receipt_of(good).digest
             assert w2.counters["steps"] == 1
             nursery.cancel_scope.cancel()
 
@@ -209,7 +199,7 @@ def test_random_receipt_bytes_never_crash_the_worker() -> None:
 def test_check_received_raises_only_bad_receipt(raw: bytes) -> None:
     claim = StepClaim("echo", SID, 0, 0, 1, 2, 4, "float32", "cpu")
     with pytest.raises(BadReceipt):
-        check_received(raw, pusher=Identity.generate().peer_id, claim=claim, blob=blob(1.0))
+        check_received(raw, pusher=Identity.generate().peer_id, claim=claim, digest=tensor_digest(blob(1.0)))
 
 
 def test_dtype_and_device_names() -> None:
@@ -217,3 +207,36 @@ def test_dtype_and_device_names() -> None:
     assert device_kind("cuda:1") == "cuda" and device_kind("cpu") == "cpu"
     with pytest.raises(ValueError):
         compute_dtype("int8")
+
+
+def test_big_tensors_are_hashed_in_a_thread_to_the_same_digest() -> None:
+    import torch
+
+    from pymesh.model.blobs import tensor_to_blob
+    from pymesh.worker.receipts import THREAD_DIGEST_BYTES, digest_of
+
+    big = tensor_to_blob(torch.ones(1, THREAD_DIGEST_BYTES // 4 // 64 + 1, 64))
+    assert len(big.data) >= THREAD_DIGEST_BYTES
+    assert trio.run(digest_of, big) == tensor_digest(big)
+    assert trio.run(digest_of, blob(1.0)) == tensor_digest(blob(1.0))
+
+
+def test_receipt_counters_are_exported_as_metrics() -> None:
+    from types import SimpleNamespace
+
+    from pymesh.worker.metrics import WorkerCollector
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            net, directory = MemNet(nursery), Directory()
+            w1, w2, client, inbox = await receipt_route(net, directory)
+            c1 = await net.connect(client, w1.peer)
+            await c1.push(wire.STEP, step(SID, 0, 0), [blob(1.0)])
+            await inbox.wait(2)
+            collector = WorkerCollector(SimpleNamespace(_service=w2))  # type: ignore[arg-type]
+            values = {m.name: m.samples[0].value for m in collector.collect()}
+            assert values["pymesh_worker_receipts_signed"] == 1
+            assert values["pymesh_worker_bad_receipts"] == 0 and values["pymesh_worker_corrupted"] == 0
+            nursery.cancel_scope.cancel()
+
+    run(main)
