@@ -83,3 +83,36 @@ def test_swarm_client_flags(home: Path, command: str) -> None:
         swarm_client_settings(args)
     with pytest.raises(SystemExit):
         build_parser(command).parse_args([*base, "--verify", "sometimes"])
+
+
+@pytest.mark.timeout(300)
+def test_a_client_process_never_routes_through_a_blocklisted_worker(tmp_path: Path) -> None:
+    """Real processes (bootstrap, two echo workers for the same layers, TCP): `pymesh client`
+    with --blocklist naming one of them routes through the other, whichever is listed; with
+    both listed it finds no route and says so."""
+    import os
+    import subprocess
+    import sys
+
+    from pymesh.demo.swarm import LocalSwarm
+
+    with LocalSwarm(workdir=tmp_path / "swarm") as swarm:
+        swarm.start_bootstrap()
+        for _ in range(2):
+            swarm.start_worker(layers=(0, 1), transport="tcp", model_name="echo")
+        swarm.wait_for_workers(swarm.workers, timeout=120)
+        a, b = (w.peer_id for w in swarm.workers)
+        base = [sys.executable, "-m", "pymesh", "client", "--bootstrap", swarm.bootstrap_addr, "--chain", "0-1",
+                "--transport", "tcp", "--hidden-size", "64", "--rounds", "2", "--json"]
+        env = {**os.environ, "PYMESH_DISCOVERY_TIMEOUT": "4"}
+        path = tmp_path / "bl.json"
+        for listed, other in ((a, b), (b, a)):
+            path.unlink(missing_ok=True)
+            Blocklist(path).add(listed, "convicted in a test")
+            res = subprocess.run([*base, "--blocklist", str(path)], capture_output=True, text=True, timeout=120,
+                                 env=env)
+            assert res.returncode == 0, res.stderr[-2000:]
+            assert [h["peer"] for h in json.loads(res.stdout)["route"]] == [other.to_text()]
+        Blocklist(path).add(a, "convicted in a test")          # b is listed already: both are now
+        res = subprocess.run([*base, "--blocklist", str(path)], capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode == 1 and "layer 0" in res.stderr and "Traceback" not in res.stderr
