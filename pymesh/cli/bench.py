@@ -22,7 +22,7 @@ from pymesh.cli.common import load_optional
 
 log = logging.getLogger(__name__)
 
-PARTS = ("kernels", "generate", "transport", "dht", "swarm", "serve")
+PARTS = ("kernels", "generate", "transport", "dht", "swarm", "serve", "verify")
 
 Row = dict[str, Any]
 
@@ -222,6 +222,18 @@ def headlines(part: str, rows: list[Row]) -> list[Headline]:
             _at_least("decode ratio to single process", _vals(rows, "ratio"), 0.85, "x"),
             _at_least("decode tok/s (3x Petals 16.7)", _vals(rows, "decode_tokens_per_s"), 50.0, " tok/s", agg=max),
             _at_most("TTFT, 128-token prompt", _vals(rows, "ttft_s"), 0.2, " s"),
+        ]
+    if part == "verify":
+        def speed(mode: str) -> Callable[[Row], bool]:
+            return lambda r: r.get("kind") == "speed" and r.get("verify") == mode
+
+        first_p1 = _vals(rows, "first_detected", lambda r: r.get("kind") == "detection" and _num(r, "p") == 1.0)
+        return [
+            _at_most("decode cost of the default (sample)", [100 * v for v in _vals(rows, "cost", speed("sample"))],
+                     5.0, " %"),
+            _at_least("p=1 caught in the first session", first_p1, 1.0),
+            _at_most("honest workers convicted", _vals(rows, "false_positives",
+                                                       lambda r: r.get("kind") == "detection"), 0.0),
         ]
     return []
 
