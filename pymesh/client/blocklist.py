@@ -117,7 +117,8 @@ def write_evidence(folder: Path, ev: Evidence, *, now: float | None = None) -> P
         stem = f"{stem.split('~', 1)[0]}~{n}"
     tensor_name: str | None = None
     if ev.tensors:
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in ev.tensors.items()}
+        # own storage each: safetensors refuses tensors that share memory (views of one history)
+        tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in ev.tensors.items()}
         tensor_name = f"{stem}.safetensors"
         _atomic_write(folder / tensor_name, save(tensors, metadata={"peer": ev.peer.to_text(), "kind": ev.kind}))
     doc = {
