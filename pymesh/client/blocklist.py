@@ -203,8 +203,8 @@ def _text(value: object, name: str, what: str) -> str:
 def parse_blocklist(doc: Any, *, source: str = "<blocklist>") -> dict[PeerID, Entry]:
     """The entries of a decoded blocklist document; BlocklistError naming ``source``."""
     what = f"blocklist {source}"
-    hint = ("; fix the file, remove the entry with `pymesh blocklist remove PEER`, or move the file away "
-            "(it holds peers convicted of wrong answers)")
+    hint = ("; fix the file by hand or move it away (it lists workers convicted of wrong answers; "
+            "pass --blocklist none to run without one)")
     if not isinstance(doc, dict):
         raise BlocklistError(f"{what} is not a JSON object of peer id -> entry{hint}")
     if len(doc) > MAX_ENTRIES:
