@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="detection: sessions per probability at most (default 40; --quick 6)")
     parser.add_argument("--trial-sessions", type=int, default=5,
                         help="detection: sessions one client runs before a fresh one (default 5)")
+    parser.add_argument("--detect-tokens", type=int, default=None,
+                        help="detection: tokens per session (default 32; --quick 16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
 
 
@@ -103,6 +105,7 @@ def speed_rows(runs: dict[str, list[dict[str, Any]]], rate: float) -> list[dict[
                      "cost": round(1 - med / base, 4) if base else None,
                      "checks": sum(r["checks"] for r in got), "mismatches": sum(r["mismatches"] for r in got),
                      "convicted": sum(len(r["convicted"]) for r in got),
+                     "disagreements": sum(int(r.get("disagreements", 0)) for r in got),
                      "errors": [r["error"] for r in got if r.get("error")]})
     return rows
 
@@ -134,6 +137,8 @@ def detection_row(p: float, rate: float, n: int, sessions: Sequence[dict[str, An
         "false_positives": sum(len(s["false_positives"]) for s in sessions),
         "checks": sum(s["checks"] for s in sessions), "mismatches": sum(s["mismatches"] for s in sessions),
         "unverified_sessions": sum(bool(s["unverified"]) for s in sessions),
+        # unsettled disagreements (no third provider, or it agreed with neither): nobody banned
+        "disagreements": sum(int(s.get("disagreements", 0)) for s in sessions),
         "errors": sum(bool(s.get("error")) for s in sessions),
     }
 
@@ -193,7 +198,8 @@ async def one_generation(swarm: Any, model: Any, ids: list[int], n: int, watch: 
     return {"tokens": count, "tokens_per_s": stats.decode_tokens_per_s, "seconds": time.perf_counter() - t0,
             "first_route": first_route, "detected_at": detected_at, "report": report,
             "checks": int(report.get("checks", 0) or 0), "mismatches": int(report.get("mismatches", 0) or 0),
-            "convicted": convicted_peers(report), "unverified": bool(report.get("unverified")), "error": error}
+            "convicted": convicted_peers(report), "unverified": bool(report.get("unverified")),
+            "disagreements": len(report.get("disagreements") or []), "error": error}
 
 
 async def speed_runs(bootstrap: str, model: Any, ids: list[int], n: int, repeats: int, modes: list[str],
@@ -241,7 +247,8 @@ async def detection_runs(bootstrap: str, model: Any, ids: list[int], n: int, set
                             "convicted": convicted, "steps": got["detected_at"] if convicted else got["tokens"],
                             "false_positives": [p for p in got["convicted"] if p != bad],
                             "checks": got["checks"], "mismatches": got["mismatches"],
-                            "unverified": got["unverified"], "error": got["error"]})
+                            "unverified": got["unverified"], "disagreements": got["disagreements"],
+                            "error": got["error"]})
                 progress.advance(task)
                 if convicted:
                     break
@@ -265,6 +272,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     settings = settings_of(args)
     quick = getattr(args, "quick", False)
     n = args.new_tokens or (16 if quick else 64)
+    n_detect = args.detect_tokens or (16 if quick else 32)
     repeats = args.repeats or (1 if quick else 3)
     max_sessions = args.sessions or (6 if quick else 40)
     rate = settings.client.verify_rate if args.verify_rate is None else args.verify_rate
@@ -323,13 +331,13 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
                 "PYMESH_TEST_FAULTS": "1", "PYMESH_TEST_CORRUPT": f"{p:g}",
                 "PYMESH_TEST_CORRUPT_MODE": args.corrupt_mode, "PYMESH_TEST_CORRUPT_SEED": str(k)})
             bad.wait_for_output("Worker bootstrapped", 180)
-            progress.update(task, description=f"detection: p={p:g}, up to {max_sessions} sessions of {n} tokens")
-            sessions = trio.run(detection_runs, bootstrap, model, ids, n, detect, bad_peer, spare_peers,
+            progress.update(task, description=f"detection: p={p:g}, up to {max_sessions} sessions of {n_detect} tokens")
+            sessions = trio.run(detection_runs, bootstrap, model, ids, n_detect, detect, bad_peer, spare_peers,
                                 max_sessions, args.trial_sessions, progress, task)
             sup.stop(bad)
             # a stopped worker's record may outlive it for a moment; let it expire from the DHT
             time.sleep(float(CHILD_ENV["PYMESH_RECORD_TTL"]) if k + 1 < len(probs) else 0)
-            rows.append(detection_row(p, r_eff, n, sessions))
+            rows.append(detection_row(p, r_eff, n_detect, sessions))
             rows += [{"p": p, **s} for s in sessions]
     log.info("threads per process: %d; prompt %d tokens; %d new tokens; verify rate %g", args.threads, len(ids),
              n, rate)
@@ -341,18 +349,18 @@ def render(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     speed = Table(title="verified inference: decode tokens/s by --verify (local swarm with spares, interleaved)")
-    for col in ("verify", "rate", "tok/s (median)", "spread", "cost vs off", "checks", "convicted"):
+    for col in ("verify", "rate", "tok/s (median)", "spread", "cost vs off", "checks", "convicted", "unsettled"):
         speed.add_column(col, justify="left" if col == "verify" else "right")
     for r in rows:
         if r.get("kind") == "speed":
             speed.add_row(r["verify"], f"{r['rate']:g}", f"{r['tokens_per_s']:.1f}",
                           f"{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}",
                           "-" if r["cost"] is None else f"{100 * r['cost']:.1f}%", str(r["checks"]),
-                          str(r["convicted"]))
+                          str(r["convicted"]), str(r.get("disagreements", 0)))
     det = Table(title="detection of a corrupting worker: measured vs predicted (first session: 1-(1-p)(1-pR)^(n-1);"
                       " later: 1-(1-pR)^n)")
     for col in ("p", "R", "n", "sessions", "first: measured", "first: predicted", "later: measured",
-                "later: predicted", "steps to detection (mean/max)", "false positives"):
+                "later: predicted", "steps to detection (mean/max)", "false positives", "unsettled"):
         det.add_column(col, justify="right")
 
     def pct(v: Any) -> str:
@@ -365,5 +373,5 @@ def render(rows: list[dict[str, Any]]) -> Any:
                         f"{pct(r['later_detected'])} of {r['later_sessions']}", pct(r["later_predicted"]),
                         "-" if r["steps_to_detection_mean"] is None else
                         f"{r['steps_to_detection_mean']:g}/{r['steps_to_detection_max']}",
-                        str(r["false_positives"]))
+                        str(r["false_positives"]), str(r.get("disagreements", 0)))
     return Group(speed, det)

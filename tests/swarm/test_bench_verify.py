@@ -85,7 +85,7 @@ def test_bench_verify_smoke(tiny6_dir: Path) -> None:
     env = {**os.environ, "PYMESH_THREADS": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [sys.executable, "-m", "pymesh", "-q", "bench", "verify", "--json", "--model-path", str(tiny6_dir),
-         "--workers", "2", "--spares", "1", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+         "--workers", "2", "--spares", "1", "--prompt-tokens", "8", "--new-tokens", "4", "--detect-tokens", "4", "--repeats", "1",
          "--modes", "off,all", "--rates", "1", "--sessions", "1"],
         capture_output=True, text=True, timeout=110, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
