@@ -20,6 +20,7 @@ reads at most :data:`MAX_BLOCKLIST_BYTES` and :data:`MAX_ENTRIES` entries and ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pymesh.errors import ConfigError, IdentityError
 from pymesh.proto.identity import PeerID
@@ -235,8 +236,8 @@ def parse_blocklist(doc: Any, *, source: str = "<blocklist>") -> dict[PeerID, En
 
 class Blocklist:
     """The blocklist file at ``path`` (missing: empty). ``load()`` reads it; ``add`` and
-    ``remove`` re-read it and rewrite it atomically, so entries another client added since
-    are kept."""
+    ``remove`` re-read it and rewrite it atomically under a lock file (``<path>.lock``), so
+    entries another client added meanwhile are kept."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -264,20 +265,39 @@ class Blocklist:
 
     def add(self, peer: PeerID, why: str, evidence: Path | None = None, *, now: float | None = None) -> Entry:
         """Add (or replace) ``peer``'s entry and rewrite the file."""
-        self.load()
         entry = Entry(peer, why[:MAX_TEXT], time.time() if now is None else now,
                       None if evidence is None else str(evidence)[:MAX_TEXT])
-        self._entries[peer] = entry
-        self._write()
+        with self._locked():
+            self.load()
+            self._entries[peer] = entry
+            self._write()
         return entry
 
     def remove(self, peer: PeerID) -> bool:
         """Drop ``peer``'s entry; False when it had none (the file is then left as it was)."""
-        self.load()
-        if self._entries.pop(peer, None) is None:
-            return False
-        self._write()
+        with self._locked():
+            self.load()
+            if self._entries.pop(peer, None) is None:
+                return False
+            self._write()
         return True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock between the processes that change this blocklist (advisory,
+        POSIX ``flock``; where there is none, changes are still atomic, only not serialised)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def _write(self) -> None:
         doc = {e.peer.to_text(): {"why": e.why, "when": e.when, "evidence": e.evidence}

@@ -213,3 +213,24 @@ def test_fuzzed_blocklist_bytes_parse_or_raise_blocklist_error(tmp_path: Path, d
         Blocklist(path).load()
     except BlocklistError as exc:
         assert str(path) in str(exc)
+
+
+_ADD_MANY = """
+import sys
+from pathlib import Path
+from pymesh.client.blocklist import Blocklist
+from pymesh.proto.identity import PeerID
+first = int(sys.argv[2])
+for n in range(first, first + 10):
+    Blocklist(Path(sys.argv[1])).add(PeerID(bytes([n]) * 32), f"conviction {n}")
+"""
+
+
+def test_clients_adding_at_once_lose_no_entry(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "bl.json"
+    procs = [subprocess.Popen([sys.executable, "-c", _ADD_MANY, str(path), str(1 + 10 * i)]) for i in range(4)]
+    assert [p.wait(60) for p in procs] == [0] * 4
+    assert set(Blocklist(path).load()) == {peer(n) for n in range(1, 41)}
