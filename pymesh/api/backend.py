@@ -42,6 +42,9 @@ class RunInfo:
 
     recoveries: int = 0
     route_changes: int = 0
+    #: the session's verifier (pymesh.client.verify.Verifier): its report, and settle() to wait
+    #: for the last spot checks before the answer is final
+    verifier: Any = None
 
 
 class Backend(Protocol):
@@ -133,6 +136,7 @@ class SwarmBackend:
         the caller's (it decodes text anyway). ``top_logprobs``: None = no logprobs."""
         import torch
 
+        from pymesh.client.generation import OutputRetracted
         from pymesh.client.session import InferenceSession
         from pymesh.model.sampling import Sampler
 
@@ -160,11 +164,15 @@ class SwarmBackend:
         session = InferenceSession(self.swarm, 0, self.model.config.num_hidden_layers,
                                    max(len(ids) + params.max_new_tokens, 1))
         await session.__aenter__()
+        info.verifier = session.verifier
         first_route = [(o.peer, o.start, o.stop) for o in session.route]
         try:
             hidden = await trio.to_thread.run_sync(embed, [ids])
             for _ in range(params.max_new_tokens):
                 out = await session.step(hidden)
+                late = session.verifier.late
+                if late is not None:  # tokens sent already came through a convicted worker
+                    raise OutputRetracted(late.peer, late.first_bad_step)
                 step, hidden = await trio.to_thread.run_sync(pick, out)
                 yield step
         finally:

@@ -123,8 +123,12 @@ def _map_error(exc: BaseException) -> ApiError:
     from pymesh.client.session import SessionFailed
     from pymesh.errors import ConfigError, PymeshError
 
+    from pymesh.client.generation import OutputRetracted
+
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, OutputRetracted):
+        return ApiError(502, str(exc), code="output_retracted")
     if isinstance(exc, NoRouteError) and "no free cache" in str(exc):
         # every provider of a layer is full (or banned for a while): busy, not broken
         return ApiError(429, f"layer {exc.missing_block}: {exc}", code="swarm_busy")
@@ -162,6 +166,9 @@ class Run:
 
     async def begin(self) -> None:
         await self._cm.__aenter__()
+        await self._start_gen()
+
+    async def _start_gen(self) -> None:
         try:
             top = self.req.top_logprobs if self.req.logprobs else None
             self._gen = self.gw.backend.tokens(self.ids, self.params, top, self.info)
@@ -174,6 +181,36 @@ class Run:
             if isinstance(exc, Exception):
                 raise _map_error(exc) from None
             raise
+
+    async def _settle(self) -> None:
+        """Wait for the generation's last spot checks: a conviction now retracts the output."""
+        v = self.info.verifier
+        if v is None or not v.on:
+            return
+        await v.settle(v.session.step_timeout)
+        if v.late is not None:
+            from pymesh.client.generation import OutputRetracted
+
+            raise _map_error(OutputRetracted(v.late.peer, v.late.first_bad_step))
+
+    async def _restart(self) -> None:
+        """Generate again from scratch (a worker was convicted after its output was used:
+        nothing was sent yet in a whole response, and the new route avoids it)."""
+        if self._gen is not None:
+            with trio.CancelScope(shield=True):
+                await self._gen.aclose()  # type: ignore[attr-defined]
+        self.tokens, self.steps, self.finish = [], [], "length"
+        self._first = None
+        await self._start_gen()
+
+    def verification(self) -> dict[str, Any]:
+        """The ``pymesh_verification`` field of responses: checks made, mismatches, convictions."""
+        v = self.info.verifier
+        if v is None:
+            return {"mode": "off"}
+        r = v.report.to_json()
+        return {k: r[k] for k in ("mode", "checks", "mismatches", "receipts_checked", "unverified")} | {
+            "convicted": [c["peer"] for c in r["convicted"]]}
 
     async def close(self) -> None:
         if self._closed:
@@ -245,8 +282,16 @@ class Run:
     # -- whole response ------------------------------------------------------------------
     async def complete(self) -> dict[str, Any]:
         try:
-            async for _ in self.steps_iter():
-                pass
+            for attempt in range(2):
+                try:
+                    async for _ in self.steps_iter():
+                        pass
+                    await self._settle()
+                    break
+                except ApiError as exc:
+                    if exc.code != "output_retracted" or attempt:
+                        raise
+                    await self._restart()
         finally:
             await self.close()
         text = self.final_text()
@@ -261,7 +306,7 @@ class Run:
                       "logprobs": self.text_logprobs(self.steps, 0) if self.req.logprobs else None}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": name, "choices": [choice],
-                "usage": self.usage()}
+                "usage": self.usage(), "pymesh_verification": self.verification()}
 
     # -- streaming -----------------------------------------------------------------------
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -302,6 +347,7 @@ class Run:
                         yield self._chunk([self._delta(text, pending, sent, first=first)])
                         first, sent, pending = False, sent + len(text), []
                 tail = stop_text.push(decoder.flush()) + stop_text.flush()
+                await self._settle()
             except ApiError as exc:
                 yield f"data: {json.dumps(exc.body())}\n\n"
                 return
@@ -309,7 +355,7 @@ class Run:
                 yield self._chunk([self._delta(tail, [], sent, first=first)])
             end: dict[str, Any] = ({"index": 0, "delta": {}, "finish_reason": self.finish} if self.req.chat
                                    else {"index": 0, "text": "", "finish_reason": self.finish})
-            yield self._chunk([end])
+            yield self._chunk([end], pymesh_verification=self.verification())
             if self.req.include_usage:
                 yield self._chunk([], usage=self.usage())
             yield "data: [DONE]\n\n"

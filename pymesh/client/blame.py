@@ -13,8 +13,12 @@ Three verdicts, each with its remedy:
 - ``AVOID``: the peer refused a session (full, or not serving those blocks any more): it is
   routed around while others serve its blocks.
 - ``PAIR``: a hop has no record it trusts of its successor (``next_unknown``: allowlists
-  that differ between workers, a record not replicated yet): routes avoid that (hop,
+  that differ between workers, a record not replicated yet), or refused the step its
+  predecessor pushed because the receipt did not match the tensor (``bad_receipt``: one of
+  the two lies, and nothing the client holds says which): routes avoid that (hop,
   successor) pair; neither worker is banned or avoided on other routes.
+- ``CONVICTED``: verified inference proved the peer wrong (:mod:`pymesh.client.verify`); it
+  is already banned for the client's life: the session routes around it.
 
 :func:`judge_err` applies the session protocol's rule for ``pm.err`` pushes (issue 11):
 only a hop of the session's route may report, and it may blame only itself or its own
@@ -31,6 +35,7 @@ from typing import Sequence
 
 from pymesh.client.bans import BanCause
 from pymesh.client.routing import SpanOption
+from pymesh.errors import PymeshError
 from pymesh.proto import session_wire as sw
 from pymesh.proto.identity import PeerID
 
@@ -43,6 +48,7 @@ class Verdict(enum.Enum):
     LOST = "lost"
     AVOID = "avoid"
     PAIR = "pair"
+    CONVICTED = "convicted"   # verification convicted the peer (banned for good already): route around it
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,19 @@ class Blame:
     verdict: Verdict = Verdict.BAN
     cause: BanCause = BanCause.FAILED
     sender: SpanOption | None = None
+
+
+class SessionFailed(PymeshError):
+    """The session could not complete a step even after recovering (the message says why)."""
+
+
+class StepFailure(Exception):
+    """A step failed; ``blame`` says who is held responsible and what to do."""
+
+    def __init__(self, blame: Blame) -> None:
+        super().__init__(blame.why)
+        self.blame = blame
+        self.why = blame.why
 
 
 def route_index(route: Sequence[SpanOption], peer: PeerID, start: int | None = None) -> int | None:
@@ -86,6 +105,9 @@ def judge_err(route: Sequence[SpanOption], sender: PeerID, err: sw.Err) -> Blame
     hop = route[i]
     successor = route[i + 1] if i + 1 < len(route) else None
     said = f"worker {hop.describe()} reported {err.code.value}: {err.msg}"
+    if err.code == sw.ErrorCode.BAD_RECEIPT and i > 0 and err.blame == route[i - 1].peer:
+        return Blame(hop.peer, f"{hop.describe()} refused what {route[i - 1].describe()} pushed: {err.msg}",
+                     Verdict.PAIR, sender=route[i - 1])
     if err.blame is None or err.blame == sender:
         if err.code == sw.ErrorCode.NOT_FOUND:
             return Blame(sender, said, Verdict.LOST)

@@ -11,17 +11,32 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import trio
 
 from pymesh.client.session import InferenceSession
 from pymesh.client.swarm import Swarm
+from pymesh.client.verify import Late, VerifyReport
+from pymesh.errors import PymeshError
 
 if TYPE_CHECKING:
     from pymesh.model.sampling import SamplingParams
+    from pymesh.proto.identity import PeerID
 
 log = logging.getLogger(__name__)
+
+
+class OutputRetracted(PymeshError):
+    """Tokens already emitted were computed through a worker that verification convicted
+    afterwards; the caller cannot take them back, so the generation stops here."""
+
+    def __init__(self, peer: "PeerID", from_token: int) -> None:
+        super().__init__(f"worker {peer.short()} was convicted of wrong outputs after tokens were emitted; the "
+                         f"tokens from #{from_token} on are not trustworthy (run the request again: it is routed "
+                         "around that worker now)")
+        self.peer = peer
+        self.from_token = from_token
 
 
 @dataclass
@@ -32,6 +47,7 @@ class GenerationStats:
     decode_s: float = 0.0
     route: list[dict[str, Any]] = field(default_factory=list)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    verification: VerifyReport = field(default_factory=VerifyReport)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -75,9 +91,17 @@ async def generate_tokens(
     *,
     stats: GenerationStats | None = None,
     ignore_eos: bool = False,
+    rewind: Callable[[int], None] | None = None,
 ) -> AsyncIterator[int]:
     """Yield new token ids for the prompt ``ids`` (an EOS id is yielded, then it stops,
-    unless ``ignore_eos``: benchmarks generate a fixed number of tokens)."""
+    unless ``ignore_eos``: benchmarks generate a fixed number of tokens).
+
+    Verification (``--verify``) may convict a worker after its output was used (a sampled
+    background check). Then the tokens from the first wrong step on were computed from a
+    wrong hidden state: with ``rewind``, ``rewind(n)`` is called (keep the first ``n``
+    tokens yielded, drop the rest) and generation goes on from there on an honest route,
+    ``stats.verification.recomputed`` saying whether the text changed; without it
+    :class:`OutputRetracted` is raised (a stream must not continue silently)."""
     import torch
 
     from pymesh.model.generate import make_stop_check
@@ -111,23 +135,58 @@ async def generate_tokens(
         history.append(token)
         return token, embed([[token]])
 
-    async with InferenceSession(swarm, 0, model.config.num_hidden_layers, max(total, 1)) as session:
-        stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
-        t0 = time.perf_counter()
-        hidden = await trio.to_thread.run_sync(embed, [ids])
-        t_decode = t0
-        try:
-            for i in range(params.max_new_tokens):
-                out = await session.step(hidden)
-                token, hidden = await trio.to_thread.run_sync(pick_and_embed, out)
-                if i == 0:
-                    stats.prefill_s = time.perf_counter() - t0
-                    t_decode = time.perf_counter()
-                stats.tokens.append(token)
-                stats.decode_s = time.perf_counter() - t_decode
-                yield token
-                if token in eos or (stop_check is not None and stop_check(stats.tokens)):
-                    return
-        finally:
-            stats.recoveries = list(session.recoveries)
+    layers = model.config.num_hidden_layers
+    report = stats.verification
+    tokens = stats.tokens
+    t0 = time.perf_counter()
+    t_decode = t0
+    while True:
+        async with InferenceSession(swarm, 0, layers, max(total, 1)) as session:
+            report.mode, report.rate = session.verifier.report.mode, session.verifier.report.rate
+            base = len(tokens)      # tokens settled before this session: its step j makes token base + j
             stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
+            hidden = await trio.to_thread.run_sync(embed, [history])
+            done = False
+            late: Late | None = None
+            try:
+                while len(tokens) < params.max_new_tokens and not done:
+                    out = await session.step(hidden)
+                    late = session.verifier.late
+                    if late is not None:
+                        break
+                    token, hidden = await trio.to_thread.run_sync(pick_and_embed, out)
+                    if not tokens:
+                        stats.prefill_s = time.perf_counter() - t0
+                        t_decode = time.perf_counter()
+                    tokens.append(token)
+                    stats.decode_s = time.perf_counter() - t_decode
+                    yield token
+                    done = token in eos or (stop_check is not None and stop_check(tokens))
+                if late is None:
+                    await session.verifier.settle(session.step_timeout)
+                    late = session.verifier.late
+            finally:
+                report.merge(session.verifier.report)
+                stats.recoveries += list(session.recoveries)
+                stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
+        if late is None:
+            _note_recomputed(report, tokens)
+            return
+        keep = min(base + late.first_bad_step, len(tokens))
+        log.warning("Client: worker %s was convicted after its output was used; recomputing from token %d",
+                    late.peer.short(), keep)
+        if rewind is None:
+            raise OutputRetracted(late.peer, keep)
+        report.recomputed.append({"peer": str(late.peer), "from_token": keep, "old": tokens[keep:], "changed": None})
+        rewind(keep)
+        del tokens[keep:]
+        del history[len(ids) + keep:]
+
+
+def _note_recomputed(report: "VerifyReport", tokens: list[int]) -> None:
+    """Whether each recomputation changed the text that had been emitted."""
+    for r in report.recomputed:
+        if r.get("changed") is None:
+            old = r.pop("old", [])
+            new = tokens[r["from_token"]:r["from_token"] + len(old)]
+            r["changed"] = new != old

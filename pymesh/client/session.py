@@ -19,23 +19,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import trio
 
 from pymesh.client import probes
 from pymesh.client.bans import BanCause
-from pymesh.client.blame import Blame, Verdict, judge_err, link_blame
+from pymesh.client.blame import Blame, SessionFailed, Verdict, judge_err, link_blame
+from pymesh.client.blame import StepFailure as _StepFailure
+from pymesh.client.replay import fetch_unsent_copies, replay
 from pymesh.client.checks import output_problem_untrusted
+from pymesh.client.receipt_check import Finding, Hop, StepFacts, check_step, copy_finding, parse_hop_untrusted
 from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
 from pymesh.client.routing import SpanOption
 from pymesh.client.swarm import Swarm
+from pymesh.client.verify import Conviction, Late, Verifier
 from pymesh.errors import ConnectionClosed, PeerUnavailable, PymeshError
 from pymesh.net.conn import RemoteError
 from pymesh.proto import session_wire as sw
 from pymesh.proto.frames import TensorBlob
 from pymesh.proto.identity import PeerID
+from pymesh.proto.receipts import tensor_digest
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -43,15 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class SessionFailed(PymeshError):
-    """The session could not complete a step even after recovering (the message says why)."""
-
-
-class _StepFailure(Exception):
-    def __init__(self, blame: Blame) -> None:
-        super().__init__(blame.why)
-        self.blame = blame
-        self.why = blame.why
+__all__ = ["InferenceSession", "SessionFailed"]
 
 
 @dataclass
@@ -61,6 +58,9 @@ class _Pending:
     arrived: dict[int, float]        # hop start -> perf_counter at arrival (copies every step)
     error: Blame | None
     event: trio.Event
+    input_digest: bytes = b""
+    result_digest: bytes | None = None
+    receipts: set[int] = field(default_factory=set)   # hop starts whose receipt for the step came
 
 
 class InferenceSession:
@@ -98,6 +98,11 @@ class InferenceSession:
         self.links: dict[HopKey, Link] = {}
         #: step -> (dtype, shape) of its input: what every hop's output must match
         self.expect: dict[int, tuple[str, tuple[int, ...]]] = {}
+        #: verified inference (receipts, spot checks); with it on, copies come every step
+        self.verifier = Verifier(self)
+        if self.verifier.on:
+            self.copy_every = 1
+        self._current: tuple[int, int] = (0, 0)     # (pos, seq) of the step in flight
 
     # -- push sink (pushes arrive parsed by the swarm) ------------------------------------
     def on_err(self, peer: PeerID, err: sw.Err) -> None:
@@ -109,7 +114,7 @@ class InferenceSession:
             p.error = blame
             p.event.set()
 
-    def _problem(self, k: int, blob: TensorBlob) -> str | None:
+    def problem(self, k: int, blob: TensorBlob) -> str | None:
         if k not in self.expect:
             return f"an output for step {k}, which was never sent"
         return output_problem_untrusted(blob, *self.expect[k])
@@ -121,21 +126,26 @@ class InferenceSession:
         if hop is None:
             return
         p = self._pending
+        if self.verifier.on and not self._note_receipts(hop, out, tensors, p):
+            return
         if out.final and hop is self.route[-1]:
             if p is not None and out.steps == (p.step,) and p.error is None:
-                problem = self._problem(p.step, tensors[0])
+                problem = self.problem(p.step, tensors[0])
                 if problem is not None:
                     p.error = Blame(peer, f"{hop.describe()} sent a wrong answer for step {p.step}: {problem}",
                                     cause=BanCause.WRONG_ANSWER)
                     p.event.set()
                     return
                 p.result = blob_to_tensor(tensors[0])
+                p.result_digest = tensor_digest(tensors[0])
+                if self.verifier.on:
+                    self.history.setdefault(hop.stop, {})[p.step] = p.result
                 p.arrived[hop.start] = time.perf_counter()
                 self._maybe_done(p)
             return
         store = self.history.setdefault(hop.stop, {})
         for k, blob in zip(out.steps, tensors):
-            problem = self._problem(k, blob)
+            problem = self.problem(k, blob)
             if problem is not None:  # not kept: a replay that needs it flushes or fails
                 log.warning("Client: dropping %s's recovery copy of step %d: %s", hop.describe(), k, problem)
                 continue
@@ -144,10 +154,38 @@ class InferenceSession:
                 p.arrived[hop.start] = time.perf_counter()
                 self._maybe_done(p)
 
+    def _note_receipts(self, hop: SpanOption, out: sw.Out, tensors: list[TensorBlob], p: "_Pending | None") -> bool:
+        """Keep a hop's receipts and check its copies against them; False: a conviction."""
+        parsed = parse_hop_untrusted(hop.peer, out.rc, out.prc)
+        finding = parsed if isinstance(parsed, Finding) else None
+        if not isinstance(parsed, Finding):
+            self.verifier.note(hop.start, out.step, parsed)
+            for k, blob in zip(out.steps, tensors):
+                got = self.verifier.receipt_of(hop.start, k)
+                finding = finding or copy_finding(hop.peer, k, got.rc if got is not None else None,
+                                                  tensor_digest(blob))
+        if finding is not None:
+            if p is not None and p.error is None:
+                p.error = self._convicted(finding, p.step)
+                p.event.set()
+            return False
+        if p is not None and out.step == p.step:
+            p.receipts.add(hop.start)
+        return True
+
+    def _convicted(self, f: Finding, step: int) -> Blame:
+        if f.peer not in self.swarm.current_bans():
+            self.verifier.convict_finding(f, step)
+        return Blame(f.peer, f"{f.kind}: {f.why}", Verdict.CONVICTED)
+
     def _maybe_done(self, p: _Pending) -> None:
         # With a copy every step (the network test) wait for every hop's copy too: the
         # per-hop timings need them. Otherwise the result alone completes the step.
-        if p.result is not None and (self.copy_every > 1 or len(p.arrived) >= len(self.route)):
+        if p.result is None:
+            return
+        if self.verifier.on and len(p.receipts) < len(self.route):
+            return
+        if self.copy_every > 1 or len(p.arrived) >= len(self.route):
             p.event.set()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -166,6 +204,7 @@ class InferenceSession:
         hops = {hop_key(o): o for o in [*self.route, *(link.hop for link in self.links.values())]}
         with trio.move_on_after(2):
             await self._close_hops(list(hops.values()))
+        await self.verifier.close()
 
     async def _close_hops(self, hops: list[SpanOption]) -> None:
         async def one(o: SpanOption) -> None:
@@ -191,7 +230,8 @@ class InferenceSession:
     def _open_msg(self, op: OpenHop) -> sw.Open:
         o = op.hop
         return sw.Open(self.sid, self.max_tokens, self.batch, self.swarm.model_id, o.start, o.stop, reset=True,
-                       copies=self.copy_every, next_hop=self._next_hop(op.next), prev=op.prev)
+                       copies=self.copy_every, next_hop=self._next_hop(op.next), prev=op.prev,
+                       receipts=self.verifier.on)
 
     async def _open_route(self) -> None:
         """Choose a route and open a session on every hop; refused workers are avoided."""
@@ -253,9 +293,11 @@ class InferenceSession:
         hidden = hidden.contiguous()
         self.history.setdefault(self.start, {})[step] = hidden
         self.expect[step] = (str(hidden.dtype).removeprefix("torch."), tuple(hidden.shape))
+        self._current = (self.length, seq)
         for attempt in range(self.max_recoveries + 1):
             try:
                 result = await self._run_step(step, self.length, hidden)
+                await self._check_before_use(step, result)
                 break
             except _StepFailure as failure:
                 if attempt == self.max_recoveries:
@@ -265,10 +307,46 @@ class InferenceSession:
         self.length += seq
         return result
 
+    def shapes_through(self, k: int) -> list[tuple[int, int]]:
+        """(pos, seq) of steps 0..k (k may be the step in flight)."""
+        return [*self.shapes, self._current][:k + 1]
+
+    async def _check_before_use(self, step: int, result: "Tensor") -> None:
+        """Verification: the receipts were checked with the step; now the spot checks due
+        before the result is used (first step through an unchecked peer, or every hop with
+        ``all``), then the sampled ones started in the background."""
+        v = self.verifier
+        if not v.on:
+            return
+        v.report.receipts_checked += len(self.route)
+        now, later = v.plan(step, self.route, result)
+        convictions: list[Conviction] = []
+
+        async def one(o: SpanOption) -> None:
+            try:
+                await v.check(o, step, before_use=True)
+            except Conviction as c:
+                convictions.append(c)
+
+        if now:
+            async with trio.open_nursery() as n:
+                for o in now:
+                    n.start_soon(one, o)
+        if convictions:
+            first = min(convictions, key=lambda c: c.first_bad_step)
+            if first.first_bad_step < step and (v.late is None or first.first_bad_step < v.late.first_bad_step):
+                v.late = Late(first.peer, first.first_bad_step)
+            raise _StepFailure(Blame(first.peer, first.why, Verdict.CONVICTED))
+        for o in later:
+            v.background(o, step)
+
     async def _run_step(self, step: int, pos: int, hidden: "Tensor") -> "Tensor":
         from pymesh.model.blobs import tensor_to_blob
 
         p = _Pending(step, None, {}, None, trio.Event())
+        blob = tensor_to_blob(hidden)
+        if self.verifier.on:
+            p.input_digest = tensor_digest(blob)
         self._pending = p
         first = self.route[0]
         sent = time.perf_counter()
@@ -277,7 +355,7 @@ class InferenceSession:
             with trio.move_on_after(self.step_timeout):
                 try:
                     conn = await self.swarm.connect(first)
-                    await conn.push(sw.STEP, sw.Step(self.sid, step, pos).to_meta(), [tensor_to_blob(hidden)])
+                    await conn.push(sw.STEP, sw.Step(self.sid, step, pos).to_meta(), [blob])
                 except (PeerUnavailable, ConnectionClosed, OSError) as exc:
                     # the client's own link to the first hop: re-dialled, the hop not banned
                     raise _StepFailure(Blame(first.peer, f"cannot reach the first worker: {exc}",
@@ -301,9 +379,22 @@ class InferenceSession:
                                              min(5.0, max(self.step_timeout / 2, 0.5)))
             raise _StepFailure(Blame(culprit.peer, f"no result within {self.step_timeout:.0f} s; "
                                                    f"{culprit.describe()} did not get step {step} through"))
+        if self.verifier.on:
+            self._check_chain(p, pos, int(hidden.shape[1]))
         self.last_hop_times = {s: t - sent for s, t in p.arrived.items()}
         log.info("Client: received response for request_id %d", step)
         return p.result
+
+    def _check_chain(self, p: _Pending, pos: int, seq: int) -> None:
+        got = {o.start: self.verifier.receipt_of(o.start, p.step) for o in self.route}
+        hops = {k: v for k, v in got.items() if v is not None}
+        if len(hops) < len(self.route):  # cannot happen: the step waited for every receipt
+            raise _StepFailure(Blame(self.route[0].peer, "receipts missing", Verdict.LINK))
+        facts = StepFacts(self.swarm.model_id, self.sid, p.step, pos, seq)
+        finding = check_step(facts, [Hop(o.peer, o.start, o.stop) for o in self.route], hops, p.input_digest,
+                             p.result_digest)
+        if finding is not None:
+            raise _StepFailure(self._convicted(finding, p.step))
 
     # -- recovery --------------------------------------------------------------------------
     async def _recover(self, failure: _StepFailure, step: int) -> None:
@@ -344,6 +435,8 @@ class InferenceSession:
         the link (the hop is relinked, re-dialling) and keep the peer behind it if it still
         holds the session (banned if it does not answer us either); or forget the cache of a
         peer that lost the session. Returns the blame as it stands after the checks."""
+        if blame.verdict is Verdict.CONVICTED:
+            return blame  # banned for good when it was convicted
         if blame.verdict is Verdict.BAN:
             self.swarm.ban(blame.peer, blame.why, blame.cause)
             return blame
@@ -392,55 +485,7 @@ class InferenceSession:
                                    or probes.failure_of(link.hop, "set_next", exc)) from None
             self.links[hop_key(link.hop)] = Link(link.hop, hop_key(nxt) if nxt is not None else None, link.prev)
         for f in p.flushes:
-            await self._fetch_unsent_copies(f.source, f.boundary)
+            await fetch_unsent_copies(self, f.source, f.boundary)
         for r in p.replays:
-            await self._replay(r)
+            await replay(self, r)
             ready[hop_key(r.hop)] = r.hop
-
-    async def _fetch_unsent_copies(self, source: SpanOption, boundary: int) -> None:
-        """Ask the (alive) hop ending at ``boundary`` for the recovery copies it has not pushed yet."""
-        from pymesh.model.blobs import blob_to_tensor
-
-        try:
-            meta, tensors = await self.swarm.request(source, sw.Flush(self.sid))
-            reply = sw.FlushReply.from_meta_untrusted(meta)
-            sw.check_tensor_count(tensors, len(reply.steps), "pm.flush reply")
-        except PymeshError as exc:
-            raise _StepFailure(probes.failure_of(source, "flush of recovery copies", exc)) from None
-        store = self.history.setdefault(boundary, {})
-        for k, blob in zip(reply.steps, tensors):
-            problem = self._problem(k, blob)
-            if problem is not None:
-                raise _StepFailure(Blame(source.peer, f"{source.describe()} flushed a wrong copy of step {k}: "
-                                                      f"{problem}", cause=BanCause.WRONG_ANSWER))
-            store[k] = blob_to_tensor(blob)
-        log.info("Client: fetched %d unsent recovery cop%s from %s", len(reply.steps),
-                 "y" if len(reply.steps) == 1 else "ies", source.describe())
-
-    async def _replay(self, r: Replay) -> None:
-        """Rebuild a new hop's cache: its stored inputs, one call per original step."""
-        from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
-
-        o = r.hop
-        inputs = self.history.setdefault(o.start, {})
-        missing = [k for k in range(r.steps) if k not in inputs]
-        if missing:
-            raise SessionFailed(f"no stored input of step {missing[0]} for block {o.start}: cannot replay "
-                                f"onto {o.describe()}")
-        outputs = {}
-        for k in range(r.steps):
-            pos, _seq = self.shapes[k]
-            try:
-                _meta, tensors = await self.swarm.request(
-                    o, sw.Forward(self.sid, k, pos), [tensor_to_blob(inputs[k])], timeout=self.step_timeout)
-                sw.check_tensor_count(tensors, 1, "pm.forward reply")
-            except PymeshError as exc:
-                raise _StepFailure(probes.failure_of(o, f"replay of step {k}", exc)) from None
-            problem = self._problem(k, tensors[0])
-            if problem is not None:
-                raise _StepFailure(Blame(o.peer, f"{o.describe()} replayed step {k} wrongly: {problem}",
-                                         cause=BanCause.WRONG_ANSWER))
-            outputs[k] = blob_to_tensor(tensors[0])
-        if r.store:
-            self.history.setdefault(o.stop, {}).update(outputs)
-        log.info("Client: replayed %d step(s) onto %s", r.steps, o.describe())

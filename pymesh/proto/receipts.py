@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from pymesh.errors import RemoteProtocolError
 from pymesh.proto.bencode import BencodeError, decode_untrusted, encode
@@ -176,14 +176,14 @@ def conflicting(a: Receipt, b: Receipt) -> bool:
     return same_step and (a.out != b.out or a.inp != b.inp or a.pos != b.pos or a.seq != b.seq)
 
 
-def _bytes(m: dict[bytes, object], key: bytes, lo: int, hi: int) -> bytes:
+def _bytes(m: Mapping[bytes, object], key: bytes, lo: int, hi: int) -> bytes:
     v = m.get(key)
     if not isinstance(v, bytes) or not lo <= len(v) <= hi:
         raise ReceiptError(f"receipt field {key.decode()!r} must be {lo}..{hi} bytes")
     return v
 
 
-def _text(m: dict[bytes, object], key: bytes, hi: int) -> str:
+def _text(m: Mapping[bytes, object], key: bytes, hi: int) -> str:
     raw = _bytes(m, key, 1, hi)
     try:
         return raw.decode("utf-8")
@@ -191,7 +191,7 @@ def _text(m: dict[bytes, object], key: bytes, hi: int) -> str:
         raise ReceiptError(f"receipt field {key.decode()!r} is not UTF-8") from None
 
 
-def _int(m: dict[bytes, object], key: bytes, lo: int = 0) -> int:
+def _int(m: Mapping[bytes, object], key: bytes, lo: int = 0) -> int:
     v = m.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= MAX_INT:
         raise ReceiptError(f"receipt field {key.decode()!r} must be an integer in {lo}..{MAX_INT}")

@@ -40,6 +40,8 @@ from typing import ClassVar, TypeVar
 from pymesh.errors import DecodeError, IdentityError
 from pymesh.proto.identity import PeerID
 from pymesh.proto.receipts import MAX_RECEIPT_BYTES
+from pymesh.proto.session_stats import (MAX_COUNTER, MAX_SID_BYTES, SESSION_COUNTERS, STATS, WORKER_COUNTERS,
+                                        SessionCounters, Stats, StatsReply)
 from pymesh.proto.session_fields import (MAX_BLOCK, MAX_HIDDEN_DIMS, MAX_HOST, MAX_STEP, MAX_STEPS_LISTED, AddrHint,
                                          BadRequest, ErrorCode, Meta, NextHop, as_mapping, check_hidden_shape,
                                          check_tensor_count, get_bytes, get_dict, get_int, get_opt_int,
@@ -48,17 +50,15 @@ from pymesh.proto.vocab import WorkerState
 
 # --------------------------------------------------------------------------- names and caps
 
-INFO, OPEN, SET_NEXT, CLOSE, FORWARD, STATS, FLUSH, LINK = (
-    "pm.info", "pm.open", "pm.set_next", "pm.close", "pm.forward", "pm.stats", "pm.flush", "pm.link")
+INFO, OPEN, SET_NEXT, CLOSE, FORWARD, FLUSH, LINK = (
+    "pm.info", "pm.open", "pm.set_next", "pm.close", "pm.forward", "pm.flush", "pm.link")
 STEP, OUT, ERR = "pm.step", "pm.out", "pm.err"
 
 MAX_SESSION_TOKENS = 1 << 20      # positions one session may reserve
 MAX_BATCH = 1024
 MAX_COPY_EVERY = 64               # recovery copies batched per pm.out at most
-MAX_SID_BYTES = 64
 MAX_MODEL_ID = 200
 MAX_MESSAGE = 600                 # characters of an error message (senders cut at 500)
-MAX_COUNTER = 1 << 62
 MAX_DETAIL = 300                  # characters of a link check's detail
 
 
@@ -467,81 +467,10 @@ class CheckLinkReply:
         return cls(bool(get_int(m, "ok", 0, 1)), get_str(m, "detail", MAX_DETAIL, default=""))
 
 
-@dataclass(frozen=True)
-class Stats:
-    """Call: the worker's counters, and one session's when ``sid`` is given."""
-
-    METHOD: ClassVar[str] = STATS
-
-    sid: bytes | None = None
-
-    def to_meta(self) -> dict[str, object]:
-        return {} if self.sid is None else {"sid": self.sid}
-
-    @classmethod
-    def from_meta_untrusted(cls, meta: object) -> "Stats":
-        m = as_mapping(meta)
-        return cls(None if m.get("sid") is None else _sid(m))
-
-
-@dataclass(frozen=True)
-class SessionCounters:
-    from_client: int       # step inputs received straight from the client
-    from_peer: int         # step inputs pushed by the previous worker
-    steps: int             # steps done (the index of the next one)
-    replayed: int
-
-
-WORKER_COUNTERS = ("from_client", "from_peer", "steps", "replayed", "errors", "compute_us", "sessions",
-                    "free", "total", "expired", "refused")
-SESSION_COUNTERS = ("s_from_client", "s_from_peer", "s_steps", "s_replayed")
-
-
-@dataclass(frozen=True)
-class StatsReply:
-    METHOD: ClassVar[str] = STATS
-
-    from_client: int
-    from_peer: int
-    steps: int
-    replayed: int
-    errors: int
-    compute_us: int
-    sessions: int
-    free: int
-    total: int
-    expired: int
-    refused: int
-    start: int
-    stop: int
-    session: SessionCounters | None = None
-
-    def to_meta(self) -> dict[str, object]:
-        out: dict[str, object] = {k: getattr(self, k) for k in WORKER_COUNTERS}
-        out.update(start=self.start, stop=self.stop)
-        if self.session is not None:
-            s = self.session
-            out.update(s_from_client=s.from_client, s_from_peer=s.from_peer, s_steps=s.steps,
-                       s_replayed=s.replayed)
-        return out
-
-    @classmethod
-    def from_meta_untrusted(cls, meta: object) -> "StatsReply":
-        m = as_mapping(meta)
-        c = {k: get_int(m, k, 0, MAX_COUNTER) for k in (*WORKER_COUNTERS, *SESSION_COUNTERS)
-             if k in WORKER_COUNTERS or m.get("s_steps") is not None}
-        start, stop = _span(m, "stats")
-        session = None
-        if "s_steps" in c:
-            session = SessionCounters(c["s_from_client"], c["s_from_peer"], c["s_steps"], c["s_replayed"])
-        return cls(c["from_client"], c["from_peer"], c["steps"], c["replayed"], c["errors"], c["compute_us"],
-                   c["sessions"], c["free"], c["total"], c["expired"], c["refused"], start, stop, session)
-
-
 __all__ = [
     "CLOSE", "ERR", "FLUSH", "FORWARD", "INFO", "LINK", "OPEN", "OUT", "SET_NEXT", "STATS", "STEP",
     "MAX_BATCH", "MAX_BLOCK", "MAX_COPY_EVERY", "MAX_COUNTER", "MAX_HIDDEN_DIMS", "MAX_HOST", "MAX_MESSAGE",
-    "MAX_DETAIL", "MAX_MODEL_ID", "MAX_RECEIPT_BYTES", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
+    "MAX_DETAIL", "MAX_MODEL_ID", "MAX_RECEIPT_BYTES", "SESSION_COUNTERS", "WORKER_COUNTERS", "MAX_SESSION_TOKENS", "MAX_SID_BYTES", "MAX_STEP", "MAX_STEPS_LISTED",
     "BadRequest", "ErrorCode", "AddrHint", "NextHop", "Info", "InfoReply", "Open", "OpenReply", "SetNext",
     "SessionRef", "Close", "CloseReply", "Flush", "FlushReply", "StepRef", "Step", "Forward", "ForwardReply", "Empty", "Out",
     "Err", "CheckLink", "CheckLinkReply", "Stats", "SessionCounters", "StatsReply", "Meta",

@@ -48,8 +48,10 @@ def record(n: int, start: int, stop: int, ts: float = 1000.0, **kw: Any) -> Work
 
 
 def settings(**client: Any) -> Settings:
+    """Client settings for simulated workers; they sign no receipts, so verification is off
+    (tests/client/test_verify_inprocess.py covers it with real workers)."""
     base: dict[str, Any] = dict(copy_every=1, probe_after=2.0, probe_timeout=3.0, step_timeout=60.0,
-                                discovery_timeout=20.0, rpc_timeout=5.0, ban_seconds=60.0)
+                                discovery_timeout=20.0, rpc_timeout=5.0, ban_seconds=60.0, verify="off")
     base.update(client)
     return Settings(client=ClientSettings(**base))
 

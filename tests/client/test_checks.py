@@ -1,5 +1,6 @@
 """What the client accepts from workers: outputs (shape, dtype, finite) and pm.err blame
-(route hops only, blaming themselves or their successor). Property tests, bounded."""
+(route hops only, blaming themselves or their successor; or their predecessor for a push
+whose receipt did not match, which only makes routes avoid the pair). Property tests, bounded."""
 
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def test_err_blames_only_the_sender_or_its_successor(sender: int, blame: int | N
         assert verdict is None
         return
     allowed = {peer(sender)} | ({peer(sender + 1)} if sender < 3 else set())
+    if code == sw.ErrorCode.BAD_RECEIPT and sender > 1 and blame == sender - 1:
+        # a hop refused what its predecessor pushed (receipt and tensor disagree): one of the
+        # two lies and nothing says which, so the pair is avoided and nobody banned
+        assert verdict is not None and verdict.verdict is Verdict.PAIR
+        assert verdict.peer == peer(sender) and verdict.sender == ROUTE[sender - 2]
+        return
     if blame is not None and peer(blame) not in allowed:
         assert verdict is None
         return
