@@ -93,7 +93,18 @@ async def _generate(args: argparse.Namespace) -> int:
     async with Swarm(args.bootstrap, model.model_id, transport=args.transport,
                      settings=settings_of(args), allow_peers=allow_peers_of(args),
                      identity=_identity(args), blocklist=blocklist_of(args)) as swarm:
-        async for token in generate_tokens(swarm, model, ids, params, stats=stats):
+        def rewind(keep: int) -> None:
+            """Verification convicted a worker after its output was used: the text from token
+            ``keep`` on is recomputed; say so and print the text again from the start."""
+            nonlocal decoder, stop_text
+            sys.stderr.write(f"\n[pymesh: a worker was convicted of wrong outputs; the text from token {keep} on "
+                             "is recomputed on an honest route]\n")
+            if args.json:
+                return
+            decoder, stop_text = model.tokenizer.stream_decoder(), StopText(params.stop)
+            sys.stdout.write("\n" + "".join(stop_text.push(decoder.push(t)) for t in stats.tokens[:keep]))
+
+        async for token in generate_tokens(swarm, model, ids, params, stats=stats, rewind=rewind):
             if not args.json:
                 sys.stdout.write(stop_text.push(decoder.push(token)))
                 sys.stdout.flush()

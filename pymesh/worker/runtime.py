@@ -85,7 +85,9 @@ class Runtime:
         with torch.inference_mode():
             x = hidden.to(device=self.span.device, dtype=self.span.dtype)
             out = self.span.forward(x, cache, start_pos)
-            return out.to("cpu").contiguous()
+            # hidden states travel in the dtype they came in (the client's): a bf16 worker in an
+            # fp32 swarm computes in bf16 and answers in fp32, as the next hop and client expect
+            return out.to(device="cpu", dtype=hidden.dtype).contiguous()
 
     def measure_throughput(self, steps: int = 8, *, announced: float | None = None,
                            skip: bool = False) -> Throughput:
