@@ -144,13 +144,17 @@ async def generate_tokens(
         async with InferenceSession(swarm, 0, layers, max(total, 1)) as session:
             report.mode, report.rate = session.verifier.report.mode, session.verifier.report.rate
             base = len(tokens)      # tokens settled before this session: its step j makes token base + j
-            stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
+            route_seen = session.route
+            stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route_seen]
             hidden = await trio.to_thread.run_sync(embed, [history])
             done = False
             late: Late | None = None
             try:
                 while len(tokens) < params.max_new_tokens and not done:
                     out = await session.step(hidden)
+                    if session.route is not route_seen:  # a recovery: last_stats shows the live route
+                        route_seen = session.route
+                        stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route_seen]
                     late = session.verifier.late
                     if late is not None:
                         break

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -84,6 +85,10 @@ def test_equals_generate_streamed_and_usage(served: Any) -> None:
     assert r.usage.completion_tokens == len(ref["tokens"])
     assert r.usage.total_tokens == ref["prompt_tokens"] + len(ref["tokens"])
     assert r.choices[0].finish_reason == ("length" if len(ref["tokens"]) == 24 else "stop")
+    # serve verifies by default; each span has one provider here, so nothing could be checked
+    verification = (r.model_extra or {})["pymesh_verification"]
+    assert verification["mode"] == "sample" and verification["unverified"] is True, verification
+    assert verification["receipts_checked"] >= 2 * len(ref["tokens"]) and not verification["convicted"]
     text, chunks = stream_text(served, PROMPTS[0], max_tokens=24, stream_options={"include_usage": True})
     assert text == ref["text"]
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -253,11 +258,20 @@ def test_zz_recovery_from_a_killed_worker_mid_stream(served: Any) -> None:
     spare = served.start_worker("--layers", "0-1", "--model-path", str(served.model_dir), name="spare01")
     wait_ready([spare], timeout=120)
     pair = [served.workers[0], spare]
-    recoveries = _metric(served, "pymesh_api_recoveries_total")
+    # a gateway of its own with verification off: with it on, the other provider of 0-1 also
+    # holds a session (the spot checks' shadow), and this test must kill the route's hop
+    port = free_port()
+    unverified = served.spawn("serve-noverify", ["serve", "--bootstrap", served.bootstrap_addr, "--model-path",
+                                                 str(served.model_dir), "--listen", f"127.0.0.1:{port}",
+                                                 "--verify", "off"],
+                              PYMESH_API_KEY=KEY, PYMESH_DISCOVERY_TIMEOUT="3")
+    unverified.wait_for("OpenAI-compatible API at", 90)
+    gateway = types.SimpleNamespace(url=f"http://127.0.0.1:{port}/v1")
+    recoveries = _metric(gateway, "pymesh_api_recoveries_total")
 
     async def main() -> tuple[str, list[int]]:
         async with Swarm([served.bootstrap_addr], model_id(served.model_dir), settings=served.settings) as swarm:
-            stream = await trio.to_thread.run_sync(lambda: chat(served, PROMPTS[4], max_tokens=n, stream=True))
+            stream = await trio.to_thread.run_sync(lambda: chat(gateway, PROMPTS[4], max_tokens=n, stream=True))
             it = iter(stream)
             parts: list[str] = []
             while len(parts) < 4:
@@ -274,7 +288,8 @@ def test_zz_recovery_from_a_killed_worker_mid_stream(served: Any) -> None:
     text, held = trio.run(main)
     assert held.count(1) == 1, f"sessions of w01 and the spare mid-stream: {held}; the stream should hold one"
     assert text == ref["text"], "the recovered stream differs from the solo greedy run"
-    assert _metric(served, "pymesh_api_recoveries_total") > recoveries, "serve counted no recovery"
+    assert _metric(gateway, "pymesh_api_recoveries_total") > recoveries, "serve counted no recovery"
+    unverified.stop()
 
 
 def test_zz_missing_layer_is_503_naming_it(served: Any) -> None:
