@@ -57,6 +57,10 @@ class Shadow:
     chunks: int = 0                  # pm.forward calls made (the shadow session's step index)
     opened: bool = False
     outputs: dict[int, "Tensor"] = field(default_factory=dict)
+    #: the input tensors steps 0..fed-1 were computed from (the client's own objects, not
+    #: copies): a recovery that re-runs a step replaces its input, and the shadow restarts
+    seen: dict[int, "Tensor"] = field(default_factory=dict)
+    restarts: int = 0
     #: the checkers' own receipts (evidence) and the loosest dtype among them
     receipts: list[bytes] = field(default_factory=list)
     dtype: str = "float32"
@@ -93,6 +97,8 @@ class Shadow:
         from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
 
         async with self.lock:
+            if any(inputs.get(j) is not t for j, t in self.seen.items()):
+                await self._restart()
             if self.fed > k:
                 return
             if not self.opened:
@@ -118,8 +124,22 @@ class Shadow:
             for j in steps:
                 seq = shapes[j][1]
                 self.outputs[j] = x[:, off:off + seq]
+                self.seen[j] = inputs[j]
                 off += seq
             self.fed, self.length, self.chunks = k + 1, pos + int(x.shape[1]), self.chunks + 1
+
+    async def _restart(self) -> None:
+        """An input this shadow already computed was replaced (a recovery re-ran that step
+        after a worker upstream was convicted or failed): its KV state and outputs describe
+        inputs the session no longer has. Close it and start over under a new session id; the
+        next advance replays the stored inputs from step 0."""
+        log.info("Client: checker %s restarts its shadow session: a step it computed was re-run", self.describe())
+        await self.close()
+        self.sid = os.urandom(16)
+        self.fed = self.length = self.chunks = 0
+        self.outputs.clear()
+        self.seen.clear()
+        self.restarts += 1
 
     def _note_receipt(self, o: SpanOption, rc: bytes | None, inp: bytes, out: bytes) -> None:
         if rc is None:

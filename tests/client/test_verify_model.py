@@ -107,6 +107,21 @@ def test_a_worker_corrupting_every_step_never_gets_a_token_through(tiny: Path) -
     assert r["answers"][0] == reference(tiny, PROMPTS[0], 8)
 
 
+def test_checkers_downstream_of_a_convicted_worker_restart_their_shadows(tiny: Path) -> None:
+    """The liar is in the middle. At step 0 every hop is checked at once, the last one with
+    the liar's output as its input (the liar is not convicted yet): the last hop's checker
+    computed step 0 from a tensor the recovery then replaces. Its shadow must start over;
+    kept, it disagrees with the honest route at every later check and (a third provider
+    siding with the route) an honest checker is convicted."""
+    specs = [honest((0, 2)), ((2, 4), "float32", liar(1.0)), honest((2, 4)), honest((2, 4)),
+             honest((4, 6)), honest((4, 6)), honest((4, 6))]
+    r = trio.run(functools.partial(run, tiny, specs, PROMPTS[:1], new=8, verify="all", rate=1.0))
+    report = r["stats"][0].verification
+    assert list(r["convicted"]) == [r["workers"][1].peer_id], r["convicted"]
+    assert report.mismatches == 1 and report.disagreements == [], (report.mismatches, report.disagreements)
+    assert r["answers"][0] == reference(tiny, PROMPTS[0], 8)
+
+
 def test_a_late_conviction_recomputes_from_the_first_wrong_step(tiny: Path) -> None:
     p = 0.3
     seed = next(s for s in range(1000) if random.Random(s).random() >= p)   # its first step is honest
