@@ -184,10 +184,12 @@ async def one_generation(swarm: Any, model: Any, ids: list[int], n: int, watch: 
     t0 = time.perf_counter()
     try:
         async for _ in generate_tokens(swarm, model, ids, SamplingParams(max_new_tokens=n), stats=stats,
-                                       ignore_eos=True):
+                                       ignore_eos=True, rewind=lambda keep: None):
             count += 1
             if count == 1:
-                first_route = [r["peer"] for r in stats.route]
+                # the route the session opened with: the live one, plus any hop a recovery
+                # (a conviction at the first step included) replaced before this token
+                first_route = [r["peer"] for r in stats.route] + [r["blamed"] for r in stats.recoveries]
             if watch is not None and detected_at is None and watch in swarm.convicted:
                 detected_at = count
     except PymeshError as exc:  # e.g. a late conviction retracting emitted tokens

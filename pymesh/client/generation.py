@@ -144,7 +144,7 @@ async def generate_tokens(
         async with InferenceSession(swarm, 0, layers, max(total, 1)) as session:
             report.mode, report.rate = session.verifier.report.mode, session.verifier.report.rate
             base = len(tokens)      # tokens settled before this session: its step j makes token base + j
-            route_seen = session.route
+            route_seen, recoveries_seen = session.route, 0
             stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route_seen]
             hidden = await trio.to_thread.run_sync(embed, [history])
             done = False
@@ -153,8 +153,10 @@ async def generate_tokens(
                 while len(tokens) < params.max_new_tokens and not done:
                     out = await session.step(hidden)
                     if session.route is not route_seen:  # a recovery: last_stats shows the live route
-                        route_seen = session.route
+                        route_seen, recoveries_seen = session.route, 0
                         stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route_seen]
+                        stats.recoveries += session.recoveries[recoveries_seen:]
+                        recoveries_seen = len(session.recoveries)
                     late = session.verifier.late
                     if late is not None:
                         break
@@ -171,7 +173,7 @@ async def generate_tokens(
                     late = session.verifier.late
             finally:
                 report.merge(session.verifier.report)
-                stats.recoveries += list(session.recoveries)
+                stats.recoveries += session.recoveries[recoveries_seen:]
                 stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
         if late is None:
             _note_recomputed(report, tokens)

@@ -115,3 +115,37 @@ def test_a_copy_that_is_not_what_the_receipt_named_convicts_its_sender() -> None
 @given(rc=st.one_of(st.none(), st.binary(max_size=1200)), prc=st.one_of(st.none(), st.binary(max_size=1200)))
 def test_any_bytes_as_receipts_get_a_verdict_never_an_exception(rc: bytes | None, prc: bytes | None) -> None:
     parse_hop_untrusted(IDS[0].peer_id, rc, prc)
+
+
+def test_verified_receipts_check_each_wire_once_and_stay_bounded(monkeypatch: object) -> None:
+    import pytest
+
+    from pymesh.client.receipt_check import VerifiedReceipts
+    from pymesh.proto import receipts as proto_receipts
+
+    route, got = chain()
+    wires = [got[a].rc.wire for a, _ in SPANS]
+    calls: list[bytes] = []
+    real = proto_receipts.SignedReceipt.from_wire_untrusted
+
+    def counting(wire: bytes) -> SignedReceipt:
+        calls.append(wire)
+        return real(wire)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(proto_receipts.SignedReceipt, "from_wire_untrusted", staticmethod(counting))
+    try:
+        cache = VerifiedReceipts(limit=2)
+        first = parse_hop_untrusted(route[0].peer, wires[0], None, cache)
+        second = parse_hop_untrusted(route[1].peer, wires[1], wires[0], cache)   # wires[0] again: not re-checked
+        assert isinstance(first, HopReceipts) and isinstance(second, HopReceipts)
+        assert calls == [wires[0], wires[1]] and second.prc == first.rc
+        cache.parse_untrusted(wires[2])          # evicts the least recently used: wires[1]
+        cache.parse_untrusted(wires[0])
+        cache.parse_untrusted(wires[1])
+        assert calls == [wires[0], wires[1], wires[2], wires[1]] and len(cache._seen) == 2
+        forged = wires[1][:-1] + bytes([wires[1][-1] ^ 1])
+        bad = parse_hop_untrusted(route[1].peer, forged, None, cache)   # a bad signature is never remembered
+        assert not isinstance(bad, HopReceipts) and forged not in cache._seen
+    finally:
+        mp.undo()
