@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="speed: comma-separated verify modes (off,sample,all)")
     parser.add_argument("--verify-rate", type=float, default=None,
                         help="the sample mode's rate (default: the client's, PYMESH_VERIFY_RATE)")
+    parser.add_argument("--extra-rates", default="",
+                        help="speed: more sample rates measured beside the modes, comma-separated (e.g. 0,0.02,0.05); "
+                             "rate 0 is receipts plus the first-step checks only")
     parser.add_argument("--rates", default="1,0.1,0.02",
                         help="detection: comma-separated corruption probabilities (default 1,0.1,0.02; '' skips)")
     parser.add_argument("--detect-verify", default="sample", choices=MODES,
@@ -88,18 +91,27 @@ def predicted(p: float, rate: float, n: int, first: bool) -> float:
     return 1 - miss
 
 
+def mode_of(key: str, rate: float) -> tuple[str, float]:
+    """A speed run's key ("off", "sample", "all" or "sample@R") as (verify mode, rate)."""
+    if key.startswith("sample@"):
+        return "sample", float(key.removeprefix("sample@"))
+    return key, {"off": 0.0, "sample": rate, "all": 1.0}[key]
+
+
 def speed_rows(runs: dict[str, list[dict[str, Any]]], rate: float) -> list[dict[str, Any]]:
-    """One row per verify mode from its runs ({tokens_per_s, checks, ...} each)."""
+    """One row per verify mode (and extra sample rate) from its runs ({tokens_per_s, checks, ...} each)."""
     rows = []
     base = statistics.median(r["tokens_per_s"] for r in runs["off"]) if runs.get("off") else None
-    for mode in MODES:
-        got = runs.get(mode)
+    keys = [m for m in MODES if m in runs] + sorted((k for k in runs if k not in MODES), key=lambda k: mode_of(k, rate)[1])
+    for key in keys:
+        got = runs.get(key)
         if not got:
             continue
+        mode, mode_rate = mode_of(key, rate)
         rates = [r["tokens_per_s"] for r in got]
         med = statistics.median(rates)
         rows.append({"kind": "speed", "verify": mode,
-                     "rate": {"off": 0.0, "sample": rate, "all": 1.0}[mode],
+                     "rate": mode_rate,
                      "tokens_per_s": round(med, 2), "tokens_per_s_min": round(min(rates), 2),
                      "tokens_per_s_max": round(max(rates), 2), "runs": len(got),
                      "cost": round(1 - med / base, 4) if base else None,
@@ -211,13 +223,13 @@ async def speed_runs(bootstrap: str, model: Any, ids: list[int], n: int, repeats
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     async with Swarm([bootstrap], model.model_id, settings=settings) as swarm:
         for mode in modes:  # warm-up: routes, and sample's first checks of each worker
-            swarm.settings = with_verify(settings, mode, rate)
+            swarm.settings = with_verify(settings, *mode_of(mode, rate))
             await one_generation(swarm, model, ids, min(n, 8))
         for r in range(repeats):
             order = modes[r % len(modes):] + modes[:r % len(modes)]
             for mode in order:
                 progress.update(task, description=f"speed: verify {mode}, repeat {r + 1}/{repeats}")
-                swarm.settings = with_verify(settings, mode, rate)
+                swarm.settings = with_verify(settings, *mode_of(mode, rate))
                 runs[mode].append(await one_generation(swarm, model, ids, n))
                 progress.advance(task)
     return runs
@@ -281,6 +293,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
         raise SystemExit(f"bench verify: --modes takes {', '.join(MODES)}")
+    modes += [f"sample@{float(x)}" for x in args.extra_rates.split(",") if x.strip()]
     probs = [float(x) for x in args.rates.split(",") if x.strip()]
     if args.model_path:
         model_dir = Path(args.model_path)

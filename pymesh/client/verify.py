@@ -200,6 +200,7 @@ class Verifier:
             if shadow is None:
                 self._unverifiable(o, k, "no other worker serves these blocks: nobody to check it against")
                 return
+            fed = shadow.fed
             await shadow.advance(k, inputs, self.session.shapes_through(k))
         except CheckInconclusive as exc:
             self.report.inconclusive += 1
@@ -207,16 +208,31 @@ class Verifier:
             log.warning("Client: could not check %s at step %d: %s", o.describe(), k, exc)
             self._drop_shadow(o)
             return
-        verdict = self._compare(o, k, out, shadow.outputs[k], shadow)
-        self.report.checks += 1
-        if verdict.ok:
-            self.swarm.checked.add(o.peer)
-            self.guard.learn(o.stop, out)
+        # the checker computed steps fed..k in one chunk: compare all of them that ``o``
+        # computed (its receipts say so), not only the sampled one; it costs a comparison each
+        for j, mine in [*self._also_computed(o, range(fed, k)), (k, out)]:
+            verdict = self._compare(o, j, mine, shadow.outputs[j], shadow)
+            self.report.checks += 1
+            if verdict.ok:
+                self.guard.learn(o.stop, mine)
+                continue
+            self.report.mismatches += 1
+            log.warning("Client: %s and checker %s disagree at step %d (error %.3g > tolerance %.3g); asking a "
+                        "third worker", o.describe(), shadow.describe(), j, verdict.error, verdict.tolerance)
+            await self._referee(o, j, {i: inputs[i] for i in range(j + 1)}, mine, shadow, verdict.error)
             return
-        self.report.mismatches += 1
-        log.warning("Client: %s and checker %s disagree at step %d (error %.3g > tolerance %.3g); asking a third "
-                    "worker", o.describe(), shadow.describe(), k, verdict.error, verdict.tolerance)
-        await self._referee(o, k, inputs, out, shadow, verdict.error)
+        self.swarm.checked.add(o.peer)
+
+    def _also_computed(self, o: SpanOption, steps: range) -> list[tuple[int, "Tensor"]]:
+        """(step, output) of the ``steps`` whose stored output at ``o.stop`` came with a
+        receipt signed by ``o``'s peer (steps before a recovery may be another worker's)."""
+        outs = self.session.history.get(o.stop, {})
+        got = []
+        for j in steps:
+            hop = self.receipt_of(o.start, j)
+            if hop is not None and hop.rc.receipt.peer == o.peer and j in outs:
+                got.append((j, outs[j]))
+        return got
 
     async def _material(self, o: SpanOption, k: int) -> tuple[dict[int, "Tensor"], "Tensor"]:
         """The hop's inputs for steps 0..k and its output at k, each checked against the

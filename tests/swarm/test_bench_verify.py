@@ -54,6 +54,11 @@ def test_speed_rows_cost_against_off() -> None:
     assert by["off"]["cost"] == 0.0 and by["sample"]["cost"] == pytest.approx(0.04)
     assert by["all"]["cost"] == pytest.approx(0.6) and by["all"]["rate"] == 1.0 and by["sample"]["rate"] == 0.1
     assert by["sample"]["checks"] == 6
+    extra = speed_rows({"off": [run(100)], "sample@0.05": [run(98)], "sample@0.0": [run(99)], "sample": [run(96)]},
+                       0.1)
+    assert [(r["verify"], r["rate"]) for r in extra] == [("off", 0.0), ("sample", 0.1), ("sample", 0.0),
+                                                        ("sample", 0.05)]
+    assert extra[2]["cost"] == pytest.approx(0.01)
     from rich.console import Console
 
     console = Console(record=True, width=200)
