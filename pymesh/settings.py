@@ -172,7 +172,7 @@ def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 #: --verify modes: no checks; receipts on every step plus sampled spot checks; every hop-step checked
 VERIFY_MODES = ("off", "sample", "all")
 #: fraction of hop-steps --verify sample re-runs on a second worker (docs/VERIFY.md says why)
-DEFAULT_VERIFY_RATE = 0.1
+DEFAULT_VERIFY_RATE = 0.05
 #: PYMESH_TEST_CORRUPT_MODE values: add noise to the output; send the client an honest copy
 #: but the next hop a noisy one (signing both); sign a receipt that names another output
 CORRUPT_MODES = ("noise", "equivocate", "receipt")

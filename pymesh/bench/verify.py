@@ -21,10 +21,11 @@ b) **Detection**: for each probability p (``--rates``, default 1, 0.1, 0.02) a w
    in all. Per session: was the faulty worker on the route, did the client convict it, after
    how many hop-steps through it (the token count when ``Swarm.convicted`` first names it),
    and which honest workers were convicted (false positives; must be none).
-   Predictions, R the verify rate and n the session's hop-steps through the faulty worker:
-   a later session of a client that checked the worker already detects with probability
-   1-(1-pR)^n; the client's first session always checks the first step through an
-   unchecked worker, so 1-(1-p)(1-pR)^(n-1).
+   Predictions (:func:`predicted`), R the verify rate and n the session's hop-steps through
+   the faulty worker: each step is sampled with probability R and a check compares every
+   step since the previous one, so a session is caught when a corrupted step comes at or
+   before its last checked step; the client's first session always checks step 0 through
+   an unchecked worker. (Were only the sampled steps compared, it would be 1-(1-pR)^n.)
 
 Rows: ``kind`` "speed" (one per mode), "detection" (one per p) and "session" (one per
 session run, for the record).
@@ -83,12 +84,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predicted(p: float, rate: float, n: int, first: bool) -> float:
     """Probability that a session of ``n`` hop-steps through a worker corrupting each step
-    with probability ``p`` is caught when each step is checked with probability ``rate``;
-    ``first``: the client has not checked that worker yet, so its first step is checked."""
+    with probability ``p`` is caught when each step is sampled for a check with probability
+    ``rate``; ``first``: the client has not checked that worker yet, so step 0 is checked.
+
+    A check at step k compares every step since the previous check (the checker computes
+    them in one chunk anyway), so a session is caught when some step at or before its LAST
+    checked step K was corrupted: sum over k of P(K = k) (1 - (1-p)^(k+1))."""
     if n <= 0:
         return 0.0
-    miss = (1 - p * rate) ** n if not first else (1 - p) * (1 - p * rate) ** (n - 1)
-    return 1 - miss
+    caught = 0.0
+    for k in range(n):
+        p_last = rate * (1 - rate) ** (n - 1 - k)           # checked at k, not after
+        if first and k == 0:
+            p_last = (1 - rate) ** (n - 1)                  # step 0 always checked
+        caught += p_last * (1 - (1 - p) ** (k + 1))
+    return caught
 
 
 def mode_of(key: str, rate: float) -> tuple[str, float]:
@@ -372,8 +382,8 @@ def render(rows: list[dict[str, Any]]) -> Any:
                           f"{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}",
                           "-" if r["cost"] is None else f"{100 * r['cost']:.1f}%", str(r["checks"]),
                           str(r["convicted"]), str(r.get("disagreements", 0)))
-    det = Table(title="detection of a corrupting worker: measured vs predicted (first session: 1-(1-p)(1-pR)^(n-1);"
-                      " later: 1-(1-pR)^n)")
+    det = Table(title="detection of a corrupting worker: measured vs predicted (a check covers every step since the "
+                      "previous one; first session: step 0 checked)")
     for col in ("p", "R", "n", "sessions", "first: measured", "first: predicted", "later: measured",
                 "later: predicted", "steps to detection (mean/max)", "false positives", "unsettled"):
         det.add_column(col, justify="right")

@@ -146,6 +146,6 @@ def add_swarm_client_arguments(parser: argparse.ArgumentParser) -> None:
                              "re-run). Default: $PYMESH_VERIFY or sample (docs/VERIFY.md)")
     parser.add_argument("--verify-rate", type=float, default=None, metavar="R",
                         help="with --verify sample: the fraction of hop-steps spot-checked, 0..1 "
-                             "(default: $PYMESH_VERIFY_RATE or 0.1)")
+                             "(default: $PYMESH_VERIFY_RATE or 0.05)")
     add_blocklist_argument(parser, "workers convicted of wrong answers are never routed through and new "
                                    "convictions are added here, their evidence in evidence/ beside it")

@@ -68,7 +68,7 @@ def test_swarm_client_flags(home: Path, command: str) -> None:
     args = build_parser(command).parse_args(base)
     args.settings = load_settings()
     s = swarm_client_settings(args)
-    assert (s.client.verify, s.client.verify_rate) == ("sample", 0.1)
+    assert (s.client.verify, s.client.verify_rate) == ("sample", 0.05)
     bl = blocklist_of(args)
     assert bl is not None and bl.path == home / "blocklist.json"
     args = build_parser(command).parse_args([*base, "--verify", "all", "--verify-rate", "0.5",

@@ -14,13 +14,36 @@ import pytest
 from pymesh.bench.verify import convicted_peers, detection_row, predicted, render, report_of, speed_rows
 
 
+def _enumerated(p: float, rate: float, n: int, first: bool) -> float:
+    """P(caught) by brute force over which steps are sampled and which corrupted."""
+    import itertools
+
+    total = 0.0
+    for checked in itertools.product([False, True], repeat=n):
+        if first and not checked[0]:
+            continue
+        pc = 1.0
+        for j, c in enumerate(checked):
+            pc *= 1.0 if first and j == 0 else (rate if c else 1 - rate)
+        last = max((j for j, c in enumerate(checked) if c), default=-1)
+        for bad in itertools.product([False, True], repeat=n):
+            pb = 1.0
+            for b in bad:
+                pb *= p if b else 1 - p
+            if any(bad[: last + 1]):
+                total += pc * pb
+    return total
+
+
 def test_predictions() -> None:
-    assert predicted(1.0, 0.1, 16, first=True) == 1.0
+    assert predicted(1.0, 0.1, 16, first=True) == pytest.approx(1.0)
     assert predicted(1.0, 0.1, 1, first=False) == pytest.approx(0.1)
-    assert predicted(0.1, 0.1, 32, first=False) == pytest.approx(1 - 0.99 ** 32)
-    assert predicted(0.1, 0.1, 32, first=True) == pytest.approx(1 - 0.9 * 0.99 ** 31)
     assert predicted(0.02, 1.0, 10, first=False) == pytest.approx(1 - 0.98 ** 10)
     assert predicted(0.5, 0.1, 0, first=True) == 0.0
+    for p, rate, n, first in [(0.1, 0.1, 6, False), (0.1, 0.1, 6, True), (0.3, 0.25, 5, True), (0.02, 0.5, 4, False)]:
+        assert predicted(p, rate, n, first) == pytest.approx(_enumerated(p, rate, n, first)), (p, rate, n, first)
+    # comparing every step since the last check catches more than comparing the sampled ones only
+    assert predicted(0.1, 0.1, 32, first=False) > 1 - 0.99 ** 32
 
 
 def _session(trial: int, session: int, convicted: bool, steps: int, fp: list[str] | None = None,
