@@ -208,6 +208,13 @@ class Verifier:
             log.warning("Client: could not check %s at step %d: %s", o.describe(), k, exc)
             self._drop_shadow(o)
             return
+        if self.late is not None:
+            # a conviction already condemned this session's output from an earlier step: the
+            # generation starts over from there, and the stored tensors may now mix outputs
+            # computed before and after the liar was replaced (a recovery's replays rewrite
+            # the boundaries they pass): judging them could blame an honest worker
+            self.report.skipped += 1
+            return
         # the checker computed steps fed..k in one chunk: compare all of them that ``o``
         # computed (its receipts say so), not only the sampled one; it costs a comparison each
         for j, mine in [*self._also_computed(o, range(fed, k)), (k, out)]:

@@ -136,6 +136,23 @@ def test_a_late_conviction_recomputes_from_the_first_wrong_step(tiny: Path) -> N
         assert all(isinstance(x["changed"], bool) for x in report.recomputed)
 
 
+def test_a_late_conviction_mid_route_blames_nobody_downstream(tiny: Path) -> None:
+    """The liar (30% of steps) is mid-route and convicted after its output was used; the
+    hops after it computed on its output, and the recovery rewrites the stored boundary
+    tensors. Checks still in flight for the condemned session must not judge that mixture:
+    only the liar is convicted, no disagreement, and the recomputed answer equals generate."""
+    p = 0.3
+    seeds = [s for s in range(1000) if random.Random(s).random() >= p][:3]   # first step honest
+    for seed in seeds:
+        specs = [honest((0, 2)), ((2, 4), "float32", liar(p, seed)), honest((2, 4)), honest((2, 4)),
+                 honest((4, 6)), honest((4, 6)), honest((4, 6))]
+        r = trio.run(functools.partial(run, tiny, specs, PROMPTS[1:2], new=16, verify="sample", rate=1.0))
+        report = r["stats"][0].verification
+        assert list(r["convicted"]) == [r["workers"][1].peer_id], (seed, r["convicted"])
+        assert report.disagreements == [], (seed, report.disagreements)
+        assert r["answers"][0] == reference(tiny, PROMPTS[1], 16), seed
+
+
 def test_honest_fp32_workers_are_never_flagged_over_many_checked_sessions(tiny: Path) -> None:
     specs = [honest((0, 2)), honest((0, 2)), honest((2, 4)), honest((2, 4)), honest((4, 6)), honest((4, 6))]
     prompts = [PROMPTS[i % len(PROMPTS)] + [i + 100] for i in range(16)]
