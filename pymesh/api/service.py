@@ -129,6 +129,8 @@ def _map_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, OutputRetracted):
         return ApiError(502, str(exc), code="output_retracted")
+    if isinstance(exc, NoRouteError) and "was convicted of wrong outputs" in str(exc):
+        return ApiError(503, str(exc), code="no_route")
     if isinstance(exc, NoRouteError) and "no free cache" in str(exc):
         # every provider of a layer is full (or banned for a while): busy, not broken
         return ApiError(429, f"layer {exc.missing_block}: {exc}", code="swarm_busy")

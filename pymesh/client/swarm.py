@@ -342,7 +342,8 @@ class Swarm:
                                     min_cache_tokens=min_cache_tokens, prefer=prefer,
                                     avoid_pairs=self.bans.avoided_pairs(), pair_penalty_ms=PENALTY_MS)
             except NoRouteError as exc:
-                refused = self._not_listed_everywhere(options, exc.missing_block)
+                refused = self._not_listed_everywhere(options, exc.missing_block) \
+                    or self._convicted_everywhere(options, exc.missing_block)
                 if refused is not None:
                     raise refused from None
                 now = self.clock.monotonic()
@@ -376,6 +377,19 @@ class Swarm:
             f"{len(providers)} worker(s) refused it. Ask their operators to add this peer id to their "
             "--allow-peers file, or run the client with --identity FILE holding a key they list "
             "(`pymesh identity show FILE` prints its peer id)", block)
+
+    def _convicted_everywhere(self, options: Sequence[SpanOption], block: int | None) -> NoRouteError | None:
+        """If every worker serving ``block`` was convicted of wrong outputs, the error to fail
+        with at once (convictions do not end)."""
+        providers = {o.peer for o in options if block is not None and o.start <= block < o.stop}
+        convicted = {p for p, ban in self.bans.active().items() if ban.cause is BanCause.CONVICTED}
+        if not providers or not providers <= convicted:
+            return None
+        where = f" (blocklist {self.blocklist.path})" if self.blocklist is not None else ""
+        return NoRouteError(
+            f"every worker serving layer {block} ({len(providers)}) was convicted of wrong outputs and is "
+            f"blocklisted{where}: start or find another worker for layer {block}; `pymesh blocklist list` "
+            "shows why each was convicted", block)
 
     def _earliest_ban_end(self, options: Sequence[SpanOption], block: int | None) -> float | None:
         if block is None:

@@ -71,6 +71,34 @@ HOP_ERRORS = (PeerUnavailable, ConnectionClosed, IdentityError, trio.TooSlowErro
 GONE = (PeerUnavailable, ConnectionClosed)
 
 
+#: upper bounds of the forward-rows histogram (Prometheus ``le``); the last bucket is +Inf
+FORWARD_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class Buckets:
+    """A histogram as plain counts (the worker does not import prometheus-client; the
+    metrics collector turns it into one): ``counts[i]`` observations <= ``bounds[i]``
+    and above the previous bound, ``counts[-1]`` those above every bound."""
+
+    def __init__(self, bounds: tuple[int, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0
+
+    def observe(self, value: int) -> None:
+        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, cumulative count) pairs, ending with ("+Inf", all)."""
+        out, run = [], 0
+        for b, n in zip([*map(str, self.bounds), "+Inf"], self.counts):
+            run += n
+            out.append((b, run))
+        return out
+
+
 class Dial(Protocol):
     async def __call__(self, transport: Transport, host: str, port: int, peer: PeerID) -> Connection:
         """An authenticated connection to ``peer`` (pinned key) at ``host:port``."""
@@ -98,6 +126,9 @@ class DataPath:
         self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0,
                          "compute_us": 0, "rejected": 0, "receipts_signed": 0, "bad_receipts": 0,
                          "corrupted": 0}
+        #: rows (batch x positions) of each forward computed, bucketed for /metrics: decode
+        #: steps are 1 row per sequence, prefill chunks many
+        self.forward_rows = Buckets(FORWARD_ROW_BUCKETS)
         self._nursery: trio.Nursery | None = None
         self._progress: dict[bytes, trio.Event] = {}
         self._inflight: Counter[PeerID] = Counter()
@@ -125,6 +156,7 @@ class DataPath:
             s.last_used = self.clock.monotonic()
         advance(s, req.step, req.pos, seq)
         self.counters["steps"] += 1
+        self.forward_rows.observe(int(x.shape[0]) * seq)
         event = self._progress.pop(s.sid, None)
         if event is not None:
             event.set()

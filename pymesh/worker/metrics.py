@@ -29,7 +29,7 @@ class WorkerCollector:
         self.worker = worker
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         service = self.worker._service
         if service is None:
@@ -50,6 +50,10 @@ class WorkerCollector:
                                   value=t.refused)
         yield CounterMetricFamily("pymesh_worker_expired_sessions", "sessions closed after their idle timeout",
                                   value=t.expired)
+        rows = service.forward_rows
+        yield HistogramMetricFamily("pymesh_worker_forward_rows", "rows (batch x positions) per forward computed: "
+                                    "1 per sequence for a decode step, more for a prefill chunk",
+                                    buckets=[(le, float(n)) for le, n in rows.cumulative()], sum_value=rows.total)
         yield GaugeMetricFamily("pymesh_worker_sessions", "open sessions", value=len(sessions))
         yield GaugeMetricFamily("pymesh_worker_batch_rows", "batch rows of the open sessions (sum of their "
                                 "batch sizes)", value=sum(s.batch for s in sessions))

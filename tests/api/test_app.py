@@ -207,6 +207,15 @@ def test_no_free_cache_anywhere_is_429() -> None:
     assert_error(run(call, app, "POST", "/v1/chat/completions", CHAT), 429, "layer 1")
 
 
+def test_only_convicted_providers_is_503_naming_the_layer() -> None:
+    from pymesh.client.routing import NoRouteError
+
+    app, _ = make(FakeBackend(error=NoRouteError("every worker serving layer 1 (2) was convicted of wrong outputs "
+                                                 "and is blocklisted: start or find another worker for layer 1", 1)))
+    err = assert_error(run(call, app, "POST", "/v1/chat/completions", CHAT), 503, "layer 1")
+    assert "convicted" in err["message"]
+
+
 def test_queue_full_is_429() -> None:
     backend = FakeBackend(step_delay=0.05)
     app, gw = make(backend, max_active=1, max_waiting=1)

@@ -234,8 +234,14 @@ def test_receipt_counters_are_exported_as_metrics() -> None:
             await c1.push(wire.STEP, step(SID, 0, 0), [blob(1.0)])
             await inbox.wait(2)
             collector = WorkerCollector(SimpleNamespace(_service=w2))  # type: ignore[arg-type]
-            values = {m.name: m.samples[0].value for m in collector.collect()}
+            families = list(collector.collect())
+            values = {m.name: m.samples[0].value for m in families}
             assert values["pymesh_worker_receipts_signed"] == 1
+            rows = next(m for m in families if m.name == "pymesh_worker_forward_rows")
+            samples = {(x.name, x.labels.get("le")): x.value for x in rows.samples}
+            assert samples[("pymesh_worker_forward_rows_count", None)] == 1       # one forward, one row
+            assert samples[("pymesh_worker_forward_rows_bucket", "1")] == 1
+            assert samples[("pymesh_worker_forward_rows_sum", None)] == 1
             assert values["pymesh_worker_bad_receipts"] == 0 and values["pymesh_worker_corrupted"] == 0
             nursery.cancel_scope.cancel()
 

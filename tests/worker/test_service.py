@@ -206,3 +206,13 @@ def test_idle_sessions_expire_on_the_injected_clock() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_forward_rows_buckets_are_cumulative_with_an_inf_bucket() -> None:
+    from pymesh.worker.datapath import Buckets
+
+    b = Buckets((1, 4, 16))
+    for v in (1, 1, 3, 16, 17, 5000):
+        b.observe(v)
+    assert b.cumulative() == [("1", 2), ("4", 3), ("16", 4), ("+Inf", 6)]
+    assert b.total == 1 + 1 + 3 + 16 + 17 + 5000
