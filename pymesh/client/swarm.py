@@ -346,6 +346,20 @@ class Swarm:
                     or self._convicted_everywhere(options, exc.missing_block)
                 if refused is not None:
                     raise refused from None
+                if min_cache_tokens > 0:
+                    # records are snapshots (republished every heartbeat): a worker that was
+                    # full when it last announced may have room now. Try the route the cache
+                    # filter ruled out; a worker that really is full refuses the session.
+                    try:
+                        route = choose_route(options, start, stop, rtt_ms=rtt, banned=banned, prefer=prefer,
+                                             avoid_pairs=self.bans.avoided_pairs(), pair_penalty_ms=PENALTY_MS)
+                    except NoRouteError:
+                        pass
+                    else:
+                        log.info("Client: the records of layer %s's workers show no free cache for %d tokens; "
+                                 "trying them anyway (the records may be stale)", exc.missing_block,
+                                 min_cache_tokens)
+                        return route
                 now = self.clock.monotonic()
                 wake = now + delay
                 gap = first_uncovered_block(options, start, stop)

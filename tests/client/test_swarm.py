@@ -185,3 +185,28 @@ def test_a_hop_that_stops_answering_probes_fails_the_step_after_probe_after() ->
         assert all(t - t0 == pytest.approx(2.0) for t, _ in swarm.probes)
 
     virtual(main)
+
+
+def test_records_showing_no_free_cache_are_a_preference_not_a_wall() -> None:
+    """A record is a snapshot from the worker's last heartbeat: with room on another worker
+    the full one is avoided; with none anywhere the route is tried anyway (a worker that
+    really is full refuses the session) instead of failing at the discovery timeout."""
+    import dataclasses
+
+    def full(n: int, start: int, stop: int, free: int) -> WorkerRecord:
+        return dataclasses.replace(record(n, start, stop), cache_tokens_free=free, cache_tokens_total=2000)
+
+    async def main() -> None:
+        s = OfflineSwarm([full(1, 0, 2, 0), full(2, 0, 2, 500), full(3, 2, 4, 500)],
+                         settings=settings(discovery_timeout=5.0))
+        assert [o.peer for o in await s.find_route(0, 4, min_cache_tokens=100)] == [peer(2), peer(3)]
+        s2 = OfflineSwarm([full(1, 0, 2, 0), full(3, 2, 4, 500)], settings=settings(discovery_timeout=5.0))
+        t0 = trio.current_time()
+        assert [o.peer for o in await s2.find_route(0, 4, min_cache_tokens=100)] == [peer(1), peer(3)]
+        assert trio.current_time() - t0 < 1.0
+        # a layer nobody serves still fails, naming it
+        s3 = OfflineSwarm([full(1, 0, 2, 0)], settings=settings(discovery_timeout=5.0))
+        with pytest.raises(NoRouteError, match="layer 2"):
+            await s3.find_route(0, 4, min_cache_tokens=100)
+
+    virtual(main)
