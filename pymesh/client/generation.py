@@ -153,7 +153,7 @@ async def generate_tokens(
                 while len(tokens) < params.max_new_tokens and not done:
                     out = await session.step(hidden)
                     if session.route is not route_seen:  # a recovery: last_stats shows the live route
-                        route_seen, recoveries_seen = session.route, 0
+                        route_seen = session.route
                         stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route_seen]
                         stats.recoveries += session.recoveries[recoveries_seen:]
                         recoveries_seen = len(session.recoveries)

@@ -104,6 +104,8 @@ def test_first_hop_killed_twice_over_tcp(swarm: LocalProcs, tiny4: Path) -> None
         assert v.popen.wait(10) is not None
     assert_same_tokens(got, ref, gaps, "first hop SIGKILLed twice mid-generation (TCP)")
     assert len(stats.recoveries) >= 2, stats.recoveries
+    assert len({(r["step"], r["blamed"]) for r in stats.recoveries}) == len(stats.recoveries), \
+        f"a recovery was reported twice: {stats.recoveries}"
     assert next(h["peer"] for h in stats.route if h["start"] == 0) not in {v.peer_id for v in victims}
 
 
