@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import trio
 
+from pymesh.client.routing import route_json
 from pymesh.client.session import InferenceSession
 from pymesh.client.swarm import Swarm
 from pymesh.client.verify import Late, VerifyReport
@@ -144,19 +145,23 @@ async def generate_tokens(
         async with InferenceSession(swarm, 0, layers, max(total, 1)) as session:
             report.mode, report.rate = session.verifier.report.mode, session.verifier.report.rate
             base = len(tokens)      # tokens settled before this session: its step j makes token base + j
-            route_seen, recoveries_seen = session.route, 0
-            stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route_seen]
+            recorded = 0        # session.recoveries already in stats (last_stats is live)
+
+            def sync_route() -> None:
+                nonlocal recorded
+                stats.recoveries += session.recoveries[recorded:]
+                recorded = len(session.recoveries)
+                stats.route = route_json(session.route)
+
+            sync_route()
             hidden = await trio.to_thread.run_sync(embed, [history])
             done = False
             late: Late | None = None
             try:
                 while len(tokens) < params.max_new_tokens and not done:
                     out = await session.step(hidden)
-                    if session.route is not route_seen:  # a recovery: last_stats shows the live route
-                        route_seen = session.route
-                        stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route_seen]
-                        stats.recoveries += session.recoveries[recoveries_seen:]
-                        recoveries_seen = len(session.recoveries)
+                    if len(session.recoveries) > recorded:  # a recovery moved the session
+                        sync_route()
                     late = session.verifier.late
                     if late is not None:
                         break
@@ -173,8 +178,7 @@ async def generate_tokens(
                     late = session.verifier.late
             finally:
                 report.merge(session.verifier.report)
-                stats.recoveries += session.recoveries[recoveries_seen:]
-                stats.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
+                sync_route()
         if late is None:
             _note_recomputed(report, tokens)
             return

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pymesh.client.routing import route_json
 from pymesh.client.session import InferenceSession
 from pymesh.client.swarm import Swarm
 
@@ -38,7 +39,7 @@ async def run_network_test(swarm: Swarm, start: int, stop: int, *, hidden: int =
     per_hop: list[list[float]] = []
     totals: list[float] = []
     async with InferenceSession(swarm, start, stop, max_tokens=seq * rounds, copy_every=1) as session:
-        result.route = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in session.route]
+        result.route = route_json(session.route)
         per_hop = [[] for _ in session.route]
         for _ in range(rounds):
             t0 = time.perf_counter()

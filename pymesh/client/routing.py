@@ -54,6 +54,11 @@ class SpanOption:
         return f"{self.peer.short()}[{self.start}-{self.stop - 1}]"
 
 
+def route_json(route: Sequence[SpanOption]) -> list[dict[str, object]]:
+    """A route as reports show it: ``{"peer", "start", "stop"}`` per hop."""
+    return [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route]
+
+
 def hop_cost_ms(option: SpanOption, rtt_ms: Mapping[PeerID, float], default_rtt_ms: float = DEFAULT_RTT_MS) -> float:
     """Estimated time one decode step spends on this hop (network + compute)."""
     block_ms = option.block_ms if option.block_ms > 0 else DEFAULT_BLOCK_MS

@@ -60,7 +60,6 @@ class Shadow:
     #: the input tensors steps 0..fed-1 were computed from (the client's own objects, not
     #: copies): a recovery that re-runs a step replaces its input, and the shadow restarts
     seen: dict[int, "Tensor"] = field(default_factory=dict)
-    restarts: int = 0
     #: the checkers' own receipts (evidence) and the loosest dtype among them
     receipts: list[bytes] = field(default_factory=list)
     dtype: str = "float32"
@@ -139,7 +138,6 @@ class Shadow:
         self.fed = self.length = self.chunks = 0
         self.outputs.clear()
         self.seen.clear()
-        self.restarts += 1
 
     def _note_receipt(self, o: SpanOption, rc: bytes | None, inp: bytes, out: bytes) -> None:
         if rc is None:

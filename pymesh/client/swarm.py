@@ -20,6 +20,7 @@ listed peers are convicted when the swarm starts).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -337,10 +338,11 @@ class Swarm:
             rtt = dict(self.rtt_ms)
             for p in self.bans.penalised():
                 rtt[p] = rtt.get(p, DEFAULT_RTT_MS) + PENALTY_MS
+            route_over = functools.partial(choose_route, options, start, stop, rtt_ms=rtt, banned=banned,
+                                           prefer=prefer, avoid_pairs=self.bans.avoided_pairs(),
+                                           pair_penalty_ms=PENALTY_MS)
             try:
-                return choose_route(options, start, stop, rtt_ms=rtt, banned=banned,
-                                    min_cache_tokens=min_cache_tokens, prefer=prefer,
-                                    avoid_pairs=self.bans.avoided_pairs(), pair_penalty_ms=PENALTY_MS)
+                return route_over(min_cache_tokens=min_cache_tokens)
             except NoRouteError as exc:
                 refused = self._not_listed_everywhere(options, exc.missing_block) \
                     or self._convicted_everywhere(options, exc.missing_block)
@@ -351,8 +353,7 @@ class Swarm:
                     # full when it last announced may have room now. Try the route the cache
                     # filter ruled out; a worker that really is full refuses the session.
                     try:
-                        route = choose_route(options, start, stop, rtt_ms=rtt, banned=banned, prefer=prefer,
-                                             avoid_pairs=self.bans.avoided_pairs(), pair_penalty_ms=PENALTY_MS)
+                        route = route_over()
                     except NoRouteError:
                         pass
                     else:
@@ -382,7 +383,7 @@ class Swarm:
     def _not_listed_everywhere(self, options: Sequence[SpanOption], block: int | None) -> NoRouteError | None:
         """If every worker serving ``block`` refused this client for its allowlist, the error
         to fail with at once (waiting cannot help)."""
-        providers = {o.peer for o in options if block is not None and o.start <= block < o.stop}
+        providers = _providers(options, block)
         if not providers or not providers <= set(self.not_listing):
             return None
         me = self.identity.peer_id
@@ -395,7 +396,7 @@ class Swarm:
     def _convicted_everywhere(self, options: Sequence[SpanOption], block: int | None) -> NoRouteError | None:
         """If every worker serving ``block`` was convicted of wrong outputs, the error to fail
         with at once (convictions do not end)."""
-        providers = {o.peer for o in options if block is not None and o.start <= block < o.stop}
+        providers = _providers(options, block)
         convicted = {p for p, ban in self.bans.active().items() if ban.cause is BanCause.CONVICTED}
         if not providers or not providers <= convicted:
             return None
@@ -406,9 +407,7 @@ class Swarm:
             "shows why each was convicted", block)
 
     def _earliest_ban_end(self, options: Sequence[SpanOption], block: int | None) -> float | None:
-        if block is None:
-            return None
-        return self.bans.earliest_end(o.peer for o in options if o.start <= block < o.stop)
+        return None if block is None else self.bans.earliest_end(_providers(options, block))
 
     async def _explain(self, exc: NoRouteError, records: Sequence[WorkerRecord],
                        options: Sequence[SpanOption]) -> NoRouteError:
@@ -497,3 +496,8 @@ def _leaves(group: BaseException) -> list[BaseException]:
     if isinstance(group, BaseExceptionGroup):
         return [leaf for e in group.exceptions for leaf in _leaves(e)]
     return [group]
+
+
+def _providers(options: Sequence[SpanOption], block: int | None) -> set[PeerID]:
+    """The peers of ``options`` serving ``block`` (none for no block)."""
+    return {o.peer for o in options if block is not None and o.start <= block < o.stop}

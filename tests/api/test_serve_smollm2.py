@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.swarm.conftest import LocalProcs, free_port, wait_ready
+from tests.swarm.conftest import LocalProcs, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -25,9 +25,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Itera
     procs = LocalProcs(tmp_path_factory.mktemp("api-smollm2"))
     try:
         procs.start_bootstrap()
-        workers = [procs.start_worker("--layers", span, "--model-path", str(smollm2_dir), name=f"s{i}")
-                   for i, span in enumerate(("0-14", "15-29"))]
-        wait_ready(workers, timeout=180)
+        procs.start_span_workers([(0, 14), (15, 29)], "--model-path", str(smollm2_dir), prefix="smol", timeout=180)
         port = free_port()
         serve = procs.spawn("serve", ["serve", "--bootstrap", procs.bootstrap_addr, "--model-path", str(smollm2_dir),
                                       "--listen", f"127.0.0.1:{port}"], PYMESH_DISCOVERY_TIMEOUT="3")

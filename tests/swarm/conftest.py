@@ -121,6 +121,14 @@ class LocalProcs:
         p.identity = ident
         return p
 
+    def start_span_workers(self, spans: Sequence[tuple[int, int]], *args: str, prefix: str = "w",
+                           timeout: float = 120) -> list[Proc]:
+        """One worker per inclusive block range in ``spans`` (``args`` passed to each, e.g.
+        ``--model-path DIR``), named ``<prefix><first block>``; returns them once all are ready."""
+        workers = [self.start_worker("--layers", f"{a}-{b}", *args, name=f"{prefix}{a}") for a, b in spans]
+        wait_ready(workers, timeout=timeout)
+        return workers
+
     def client(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "pymesh", "client", "--bootstrap", self.bootstrap_addr, *args]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**self.env, **env})

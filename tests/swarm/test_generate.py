@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import pytest
 import trio
 
-from tests.swarm.conftest import LocalProcs, assert_same_tokens, reference_run, wait_ready
+from tests.swarm.conftest import LocalProcs, assert_same_tokens, reference_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -20,9 +20,8 @@ def smol_swarm(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> I
     procs = LocalProcs(tmp_path_factory.mktemp("smol-swarm"))
     try:
         procs.start_bootstrap()
-        workers = [procs.start_worker("--layers", f"{a}-{a + 9}", "--model-path", str(smollm2_dir), name=f"smol{a}")
-                   for a in (0, 10, 20)]
-        wait_ready(workers, timeout=120)
+        spans = [(0, 9), (10, 19), (20, 29)]
+        workers = procs.start_span_workers(spans, "--model-path", str(smollm2_dir), prefix="smol")
         procs.workers = workers  # type: ignore[attr-defined]
         procs.model_dir = smollm2_dir  # type: ignore[attr-defined]
         yield procs
