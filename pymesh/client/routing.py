@@ -59,6 +59,11 @@ def route_json(route: Sequence[SpanOption]) -> list[dict[str, object]]:
     return [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route]
 
 
+def providers_of(options: Sequence[SpanOption], block: int | None) -> set[PeerID]:
+    """The peers of ``options`` serving ``block`` (none for no block)."""
+    return {o.peer for o in options if block is not None and o.start <= block < o.stop}
+
+
 def hop_cost_ms(option: SpanOption, rtt_ms: Mapping[PeerID, float], default_rtt_ms: float = DEFAULT_RTT_MS) -> float:
     """Estimated time one decode step spends on this hop (network + compute)."""
     block_ms = option.block_ms if option.block_ms > 0 else DEFAULT_BLOCK_MS

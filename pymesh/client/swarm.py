@@ -33,7 +33,8 @@ import trio
 from pymesh.client.bans import PENALTY_MS, BanBook, BanCause
 from pymesh.client.blocklist import Blocklist, Evidence, record_conviction
 from pymesh.client.discovery import RecordBook
-from pymesh.client.routing import DEFAULT_RTT_MS, NoRouteError, SpanOption, choose_route, first_uncovered_block
+from pymesh.client.routing import (DEFAULT_RTT_MS, NoRouteError, SpanOption, choose_route, first_uncovered_block,
+                                    providers_of)
 from pymesh.errors import ConfigError, PeerUnavailable, PymeshError
 from pymesh.net.clock import Clock, TrioClock
 from pymesh.proto import session_wire as sw
@@ -383,7 +384,7 @@ class Swarm:
     def _not_listed_everywhere(self, options: Sequence[SpanOption], block: int | None) -> NoRouteError | None:
         """If every worker serving ``block`` refused this client for its allowlist, the error
         to fail with at once (waiting cannot help)."""
-        providers = _providers(options, block)
+        providers = providers_of(options, block)
         if not providers or not providers <= set(self.not_listing):
             return None
         me = self.identity.peer_id
@@ -396,7 +397,7 @@ class Swarm:
     def _convicted_everywhere(self, options: Sequence[SpanOption], block: int | None) -> NoRouteError | None:
         """If every worker serving ``block`` was convicted of wrong outputs, the error to fail
         with at once (convictions do not end)."""
-        providers = _providers(options, block)
+        providers = providers_of(options, block)
         convicted = {p for p, ban in self.bans.active().items() if ban.cause is BanCause.CONVICTED}
         if not providers or not providers <= convicted:
             return None
@@ -407,7 +408,7 @@ class Swarm:
             "shows why each was convicted", block)
 
     def _earliest_ban_end(self, options: Sequence[SpanOption], block: int | None) -> float | None:
-        return None if block is None else self.bans.earliest_end(_providers(options, block))
+        return None if block is None else self.bans.earliest_end(providers_of(options, block))
 
     async def _explain(self, exc: NoRouteError, records: Sequence[WorkerRecord],
                        options: Sequence[SpanOption]) -> NoRouteError:
@@ -496,8 +497,3 @@ def _leaves(group: BaseException) -> list[BaseException]:
     if isinstance(group, BaseExceptionGroup):
         return [leaf for e in group.exceptions for leaf in _leaves(e)]
     return [group]
-
-
-def _providers(options: Sequence[SpanOption], block: int | None) -> set[PeerID]:
-    """The peers of ``options`` serving ``block`` (none for no block)."""
-    return {o.peer for o in options if block is not None and o.start <= block < o.stop}
