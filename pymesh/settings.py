@@ -191,6 +191,9 @@ class WorkerSettings:
     max_blocks: int | None = None      # PYMESH_MAX_BLOCKS
     throughput: float | None = None    # PYMESH_THROUGHPUT
     skip_throughput: bool = False      # PYMESH_SKIP_THROUGHPUT
+    #: continuous batching: steps of different sessions ready together run as one forward
+    batching: bool = True              # PYMESH_BATCHING (--no-batching)
+    batch_tokens: int = 256            # PYMESH_BATCH_TOKENS (--batch-tokens): rows per forward at most
     #: fault injection (tests and audits): a worker that lies on purpose. Only with
     #: PYMESH_TEST_FAULTS=1; setting PYMESH_TEST_CORRUPT without it is an error.
     test_faults: bool = False          # PYMESH_TEST_FAULTS
@@ -224,6 +227,8 @@ class WorkerSettings:
             max_blocks=env_int(env, "PYMESH_MAX_BLOCKS", None),
             throughput=None if throughput is None else env_float(env, "PYMESH_THROUGHPUT", 0.0),
             skip_throughput=env_flag(env, "PYMESH_SKIP_THROUGHPUT", False),
+            batching=env_flag(env, "PYMESH_BATCHING", True),
+            batch_tokens=int(env_int(env, "PYMESH_BATCH_TOKENS", cls.batch_tokens) or cls.batch_tokens),
         )
 
 

@@ -39,13 +39,18 @@ def load_optional(module: str) -> ModuleType | None:
 
 
 def with_flags(settings: Settings, *, threads: int | None = None, max_blocks: int | None = None,
-               verify: str | None = None, verify_rate: float | None = None) -> Settings:
+               verify: str | None = None, verify_rate: float | None = None, batching: bool | None = None,
+               batch_tokens: int | None = None) -> Settings:
     """``settings`` with the flags that override a ``PYMESH_*`` value applied (None: unchanged)."""
     runtime, worker, client = settings.runtime, settings.worker, settings.client
     if threads is not None:
         runtime = dataclasses.replace(runtime, threads=threads)
     if max_blocks is not None:
         worker = dataclasses.replace(worker, max_blocks=max_blocks)
+    if batching is not None:
+        worker = dataclasses.replace(worker, batching=batching)
+    if batch_tokens is not None:
+        worker = dataclasses.replace(worker, batch_tokens=batch_tokens)
     if verify is not None:
         if verify not in VERIFY_MODES:
             raise ConfigError(f"--verify {verify!r}: choose one of {', '.join(VERIFY_MODES)}")

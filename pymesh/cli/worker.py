@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--identity", default=None, metavar="FILE",
                         help="identity key file (default ~/.pymesh/worker-PORT.key, created on first start; a fresh key when --port is 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: $PYMESH_THREADS or half the cores)")
+    parser.add_argument("--no-batching", action="store_true",
+                        help="compute each session's step on its own instead of batching the steps of sessions "
+                             "that are ready together (also $PYMESH_BATCHING=0)")
+    parser.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                        help="rows (decode tokens plus prefill chunk) one batched forward takes at most; longer "
+                             "prompts are cut into chunks while other sessions decode (default 256, "
+                             "$PYMESH_BATCH_TOKENS)")
     parser.add_argument("--max-blocks", type=int, default=None,
                         help="without --layers: serve at most this many blocks (also $PYMESH_MAX_BLOCKS)")
     parser.add_argument("--num-layers", type=int, default=None,
@@ -70,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers) if args.layers else None
     if args.model_path is None and layers is None and args.num_layers is None:
         raise ConfigError("echo mode (no --model-path) needs --layers A-B (or --num-layers N to place itself)")
-    settings = with_flags(settings_of(args), threads=args.threads, max_blocks=args.max_blocks)
+    if args.batch_tokens is not None and args.batch_tokens <= 0:
+        raise ConfigError(f"--batch-tokens {args.batch_tokens} must be at least 1")
+    settings = with_flags(settings_of(args), threads=args.threads, max_blocks=args.max_blocks,
+                          batching=False if args.no_batching else None, batch_tokens=args.batch_tokens)
     threads = configure_threads(settings.runtime.threads)
     opts = WorkerOptions(
         bootstrap=args.bootstrap, layers=layers, model_path=args.model_path, model_name=args.model_name,

@@ -50,14 +50,30 @@ class Block:
                   positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Self-attention of ``x`` ``[b, s, hidden]`` at positions ``start..start+s-1``; fills the cache."""
         b, s, _ = x.shape
-        q_size, kv_size, d = self.q_size, self.kv_size, self.head_dim
         if b > 1:
             positions = positions.expand(b, s)
+        q, k, v = self.qkv(x, positions, cos, sin)
+        return ops.linear(self.attend(q, k, v, k_cache, v_cache, start), self.w_o, self.b_o)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[b, s, heads, d]``, k and v ``[b, s, kv_heads, d]`` of ``x``, rotary applied to q and k
+        (``positions``: one per token of ``x``)."""
+        b, s, _ = x.shape
+        q_size, kv_size, d = self.q_size, self.kv_size, self.head_dim
         qkv = ops.linear(x, self.w_qkv, self.b_qkv)
         q = qkv[..., :q_size].view(b, s, self.heads, d)
         k = qkv[..., q_size:q_size + kv_size].view(b, s, self.kv_heads, d)
         v = qkv[..., q_size + kv_size:].view(b, s, self.kv_heads, d)
         ops.rotary_embedding(q, k, positions, cos, sin)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        """Store k, v at positions ``start..`` of the cache and attend: ``[b, s, q_size]`` (before
+        the output projection)."""
+        b, s = q.shape[0], q.shape[1]
+        q_size, d = self.q_size, self.head_dim
         end = start + s
         k_cache[:, :, start:end].copy_(k.transpose(1, 2))
         v_cache[:, :, start:end].copy_(v.transpose(1, 2))
@@ -67,14 +83,14 @@ class Block:
             # grouped-query attention without expanding K/V: a group's query heads become rows.
             lo = 0 if window is None else max(0, end - window)
             out = _sdpa(q.view(b, self.kv_heads, self.group, d), k_cache[:, :, lo:end], v_cache[:, :, lo:end])
-            return ops.linear(out.view(b, 1, q_size), self.w_o, self.b_o)
+            return out.view(b, 1, q_size)
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
         qh = q.transpose(1, 2)
         if start == 0 and (window is None or s <= window):
             out = _sdpa(qh, keys, values, is_causal=True, enable_gqa=True)
         else:
-            out = _sdpa(qh, keys, values, attn_mask=attention_mask(start, s, window, x.device), enable_gqa=True)
-        return ops.linear(out.transpose(1, 2).reshape(b, s, q_size), self.w_o, self.b_o)
+            out = _sdpa(qh, keys, values, attn_mask=attention_mask(start, s, window, q.device), enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, s, q_size)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""

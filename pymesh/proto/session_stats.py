@@ -41,7 +41,7 @@ class SessionCounters:
 
 
 WORKER_COUNTERS = ("from_client", "from_peer", "steps", "replayed", "errors", "compute_us", "sessions",
-                    "free", "total", "expired", "refused")
+                    "free", "total", "expired", "refused", "forwards")
 SESSION_COUNTERS = ("s_from_client", "s_from_peer", "s_steps", "s_replayed")
 
 
@@ -63,6 +63,8 @@ class StatsReply:
     start: int
     stop: int
     session: SessionCounters | None = None
+    #: forward passes run: fewer than ``steps`` when steps of different sessions were batched
+    forwards: int = 0
 
     def to_meta(self) -> dict[str, object]:
         out: dict[str, object] = {k: getattr(self, k) for k in WORKER_COUNTERS}
@@ -83,6 +85,7 @@ class StatsReply:
         if "s_steps" in c:
             session = SessionCounters(c["s_from_client"], c["s_from_peer"], c["s_steps"], c["s_replayed"])
         return cls(c["from_client"], c["from_peer"], c["steps"], c["replayed"], c["errors"], c["compute_us"],
-                   c["sessions"], c["free"], c["total"], c["expired"], c["refused"], start, stop, session)
+                   c["sessions"], c["free"], c["total"], c["expired"], c["refused"], start, stop, session,
+                   c["forwards"])
 
 

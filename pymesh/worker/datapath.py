@@ -113,6 +113,7 @@ class DataPath:
                  allow_peers: PeerFilter | None, model_id: str = "", signer: Signer | None = None,
                  corruptor: Corruptor | None = None) -> None:
         self.runtime = runtime
+        runtime.batcher.configure(enabled=settings.batching, max_tokens=settings.batch_tokens)
         self.model_id = model_id
         self.signer = signer          # signs receipts (the worker's Identity); None: no receipts
         self.corruptor = corruptor    # test faults only (PYMESH_TEST_FAULTS + PYMESH_TEST_CORRUPT)
@@ -124,7 +125,7 @@ class DataPath:
         self.clock = clock
         self.allow_peers = allow_peers
         self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0,
-                         "compute_us": 0, "rejected": 0, "receipts_signed": 0, "bad_receipts": 0,
+                         "compute_us": 0, "forwards": 0, "rejected": 0, "receipts_signed": 0, "bad_receipts": 0,
                          "corrupted": 0}
         #: rows (batch x positions) of each forward computed, bucketed for /metrics: decode
         #: steps are 1 row per sequence, prefill chunks many
@@ -149,18 +150,22 @@ class DataPath:
         s.busy = True
         t0 = time.perf_counter()
         try:
-            y = await rt.run(lambda: rt.forward(x, s.cache, req.pos))
+            y = await rt.batcher.step(x, s.cache, req.pos, observe=self._observe_forward)
         finally:
             self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
             s.busy = False
             s.last_used = self.clock.monotonic()
         advance(s, req.step, req.pos, seq)
         self.counters["steps"] += 1
-        self.forward_rows.observe(int(x.shape[0]) * seq)
         event = self._progress.pop(s.sid, None)
         if event is not None:
             event.set()
         return tensor_to_blob(y)
+
+    def _observe_forward(self, rows: int) -> None:
+        """A forward pass of ``rows`` rows ran (several sessions' steps when batched)."""
+        self.counters["forwards"] += 1
+        self.forward_rows.observe(rows)
 
     async def _wait_for_predecessor(self, s: Session, req: sw.StepRef, seq: int) -> None:
         """Hold a step that arrived early (with its one tensor) until the ones before it are done."""

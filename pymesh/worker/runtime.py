@@ -54,8 +54,13 @@ class Runtime:
         self.span = span
         self.device = device
         self.dtype_name = dtype_name
-        self._lock = trio.Lock()
+        #: the device: one forward at a time, FIFO (held by :meth:`run` and the batcher)
+        self.device_lock = trio.Lock()
         self.echo = isinstance(span, EchoSpan)
+        from pymesh.worker.batcher import StepBatcher
+
+        #: steps go through here: those of different sessions that are ready together run batched
+        self.batcher = StepBatcher(self)
 
     @property
     def start(self) -> int:
@@ -69,7 +74,7 @@ class Runtime:
         """Run ``fn`` in the device's compute thread (one at a time, in arrival order)."""
         if self.echo:
             return fn()
-        async with self._lock:
+        async with self.device_lock:
             return await trio.to_thread.run_sync(fn)
 
     def new_cache(self, max_tokens: int, batch: int) -> "KVCache | None":
@@ -88,6 +93,21 @@ class Runtime:
             # hidden states travel in the dtype they came in (the client's): a bf16 worker in an
             # fp32 swarm computes in bf16 and answers in fp32, as the next hop and client expect
             return out.to(device="cpu", dtype=hidden.dtype).contiguous()
+
+    def forward_ragged(self, items: "list[tuple[torch.Tensor, KVCache, int]]") -> "list[torch.Tensor]":
+        """Several sessions' steps (``[1, seq, hidden]`` each, own cache and position) as one
+        forward (:mod:`pymesh.model.ragged`); each output in its input's dtype, on the CPU."""
+        if isinstance(self.span, EchoSpan):
+            return [x for x, _, _ in items]
+        import torch
+
+        from pymesh.model.ragged import forward_ragged
+
+        span = self.span
+        with torch.inference_mode():
+            outs = forward_ragged(span, [(x.to(device=span.device, dtype=span.dtype), c, p) for x, c, p in items])
+            # outputs are views of one buffer: each gets its own
+            return [y.to(device="cpu", dtype=x.dtype).clone() for y, (x, _, _) in zip(outs, items)]
 
     def measure_throughput(self, steps: int = 8, *, announced: float | None = None,
                            skip: bool = False) -> Throughput:

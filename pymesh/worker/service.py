@@ -102,6 +102,7 @@ class WorkerService(DataPath):
     def swap_runtime(self, runtime: Runtime) -> int:
         """Serve another span (placement moved us); open sessions are dropped."""
         self.runtime = runtime
+        runtime.batcher.configure(enabled=self.settings.batching, max_tokens=self.settings.batch_tokens)
         return self.table.clear()
 
     @staticmethod
@@ -268,6 +269,7 @@ class WorkerService(DataPath):
             total=t.budget_tokens, expired=t.expired, refused=t.refused, start=self.runtime.start,
             stop=self.runtime.stop,
             session=None if s is None else sw.SessionCounters(s.from_client, s.from_peer, s.next_step, s.replayed),
+            forwards=c["forwards"],
         ).to_meta(), []
 
     async def flush(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> Reply:

@@ -1,0 +1,167 @@
+"""Continuous batching: the steps of different sessions that are ready together run as one forward.
+
+A decode step reads every weight of the span to compute one row; eight sessions' rows
+through the same weights cost little more than one. Every step goes through
+:meth:`StepBatcher.step`: the step joins a pending list, and its task queues for the
+device (the runtime's FIFO lock). Whichever task gets the device first takes *every*
+pending step (its own and those that arrived while the previous forward ran) as one
+ragged batch (:mod:`pymesh.model.ragged`) and computes it; the tasks whose steps it
+took find them done when their turn comes. Nobody waits for a batch to fill: a session
+alone runs at once, on the unbatched path (the decode fast plan), with the same
+numbers as a worker without batching.
+
+What one forward takes is bounded: decode rows first (one per session, up to
+``max_decode``), then prefill with the tokens left of ``max_tokens``, so a long prompt
+is cut into chunks (chunked prefill) and does not stall the others' decode; a prompt
+that arrives alone runs whole. At most one step per session goes into a forward.
+Order: priority (higher first), then arrival; a chunked prompt keeps its place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import trio
+
+if TYPE_CHECKING:
+    import torch
+
+    from pymesh.model.kv_cache import KVCache
+    from pymesh.worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: tokens (rows) one batched forward takes at most: decode rows plus prefill chunks
+DEFAULT_BATCH_TOKENS = 256
+#: decode rows (sessions) one batched forward takes at most
+MAX_DECODE_ROWS = 64
+
+
+@dataclass(eq=False)
+class _Job:
+    x: "torch.Tensor"              # [1, seq, hidden], the dtype the step came in
+    cache: "KVCache"
+    start: int
+    priority: int
+    order: int
+    done: int = 0                  # rows computed so far (a chunked prefill)
+    parts: list["torch.Tensor"] = field(default_factory=list)
+    result: "torch.Tensor | None" = None
+    error: BaseException | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class StepBatcher:
+    """The batching front of one :class:`Runtime` (see the module's docstring)."""
+
+    def __init__(self, runtime: "Runtime", *, enabled: bool = True, max_tokens: int = DEFAULT_BATCH_TOKENS,
+                 max_decode: int = MAX_DECODE_ROWS) -> None:
+        self.runtime = runtime
+        self.enabled = enabled
+        self.max_tokens = max(1, max_tokens)
+        self.max_decode = max(1, min(max_decode, self.max_tokens))
+        self._pending: list[_Job] = []
+        self._order = itertools.count()
+        #: forwards run, and steps and rows they held (for stats)
+        self.forwards = 0
+        self.batched_steps = 0
+
+    def configure(self, *, enabled: bool, max_tokens: int) -> None:
+        """``--no-batching`` / ``--batch-tokens`` (WorkerSettings.batching, .batch_tokens)."""
+        self.enabled = enabled
+        self.max_tokens = max(1, max_tokens)
+        self.max_decode = max(1, min(MAX_DECODE_ROWS, self.max_tokens))
+
+    async def step(self, x: "torch.Tensor", cache: "KVCache | None", start_pos: int, *, priority: int = 0,
+                   observe: Callable[[int], None] | None = None) -> "torch.Tensor":
+        """``runtime.forward(x, cache, start_pos)``, batched with whatever else is ready."""
+        rt = self.runtime
+        if not self.enabled or rt.echo or cache is None or x.shape[0] != 1 or cache.batch != 1:
+            if observe is not None:
+                observe(int(x.shape[0]) * int(x.shape[1]))
+            self.forwards += 1
+            self.batched_steps += 1
+            return await rt.run(lambda: rt.forward(x, cache, start_pos))
+        job = _Job(x, cache, start_pos, priority, next(self._order))
+        self._pending.append(job)
+        try:
+            while not job.finished:
+                async with rt.device_lock:
+                    if job.finished:
+                        break
+                    batch = self._take()
+                    if observe is not None:
+                        observe(sum(n for _, n in batch))
+                    await trio.to_thread.run_sync(self._compute, batch)
+        finally:
+            if job in self._pending:
+                self._pending.remove(job)
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _take(self) -> list[tuple[_Job, int]]:
+        """The steps of the next forward and how many of each one's rows (see the module doc)."""
+        order = sorted(self._pending, key=lambda j: (-j.priority, j.order))
+        if len(order) == 1:
+            job = order[0]
+            return [(job, job.rows - job.done)]
+        batch: list[tuple[_Job, int]] = []
+        caches: set[int] = set()
+        budget = self.max_tokens
+        for decode in (True, False):
+            for job in order:
+                left = job.rows - job.done
+                if (left == 1 and job.done == 0) != decode or id(job.cache) in caches:
+                    continue
+                if decode and len(batch) >= self.max_decode:
+                    break
+                take = min(left, budget)
+                if take <= 0:
+                    break
+                batch.append((job, take))
+                caches.add(id(job.cache))
+                budget -= take
+        return batch
+
+    def _compute(self, batch: list[tuple[_Job, int]]) -> None:
+        """Run one forward (in the compute thread) and hand each job its rows."""
+        import torch
+
+        rt = self.runtime
+        self.forwards += 1
+        self.batched_steps += len(batch)
+        whole = len(batch) == 1 and batch[0][0].done == 0 and batch[0][1] == batch[0][0].rows
+        try:
+            if whole:
+                job = batch[0][0]
+                job.result = rt.forward(job.x, job.cache, job.start)
+                return
+            outs = rt.forward_ragged([(job.x[:, job.done:job.done + n], job.cache, job.start + job.done)
+                                      for job, n in batch])
+        except Exception as exc:  # noqa: BLE001 - each job's caller gets the error (a step's, not ours)
+            if len(batch) > 1:
+                log.warning("a batched forward of %d steps failed (%s); running them one by one", len(batch), exc)
+                for job, _ in batch:
+                    self._compute([(job, job.rows - job.done)])
+                return
+            for job, _ in batch:
+                job.error = exc
+            return
+        for (job, n), y in zip(batch, outs):
+            job.parts.append(y)
+            job.done += n
+            if job.done == job.rows:
+                job.result = job.parts[0] if len(job.parts) == 1 else torch.cat(job.parts, dim=1)
+                job.parts = []
