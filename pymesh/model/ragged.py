@@ -26,6 +26,9 @@ from pymesh.model.shapes import ShapeError
 if TYPE_CHECKING:
     from pymesh.model.span import SpanModel
 
+#: a sequence's attention over at most this many rows runs on one thread
+SHORT_ROWS = 8
+
 #: one sequence's step: its hidden states ``[1, seq, hidden]``, its cache, its first position
 RaggedItem = tuple[torch.Tensor, KVCache, int]
 
@@ -67,14 +70,26 @@ def forward_ragged(span: "SpanModel", items: Sequence[RaggedItem]) -> list[torch
         cos, sin, eps = span._cos, span._sin, span._eps
         q_size = span.blocks[0].q_size
         attn = torch.empty((1, offsets[-1], q_size), dtype=dt, device=dev)
+        # one sequence's attention over a few rows is faster on one thread than waking another
+        torch_threads = torch.get_num_threads()
+        short = [j for j, s in enumerate(seqs) if s <= SHORT_ROWS]
+        long = [j for j, s in enumerate(seqs) if s > SHORT_ROWS]
         x = ops.rms_norm(residual, span.blocks[0].ln_attn, eps)
         for i, block in enumerate(span.blocks):
             if i:
                 ops.fused_add_rms_norm(x, residual, block.ln_attn, eps)
             q, k, v = block.qkv(x, positions, cos, sin)
-            for (_, cache, start), lo, hi in zip(items, offsets, offsets[1:]):
-                attn[:, lo:hi] = block.attend(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi],
-                                              cache.keys[i], cache.values[i], start)
+            for group, threads in ((short, 1), (long, torch_threads)):
+                if not group:
+                    continue
+                torch.set_num_threads(threads)
+                try:
+                    for j in group:
+                        (_, cache, start), lo, hi = items[j], offsets[j], offsets[j + 1]
+                        attn[:, lo:hi] = block.attend(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi],
+                                                      cache.keys[i], cache.values[i], start)
+                finally:
+                    torch.set_num_threads(torch_threads)
             a = ops.linear(attn, block.w_o, block.b_o)
             ops.fused_add_rms_norm(a, residual, block.ln_mlp, eps)
             x = block.mlp(a)
