@@ -154,3 +154,50 @@ def test_first_worker_killed_over_tcp(tiny_swarm: LocalProcs, tiny6_dir: Path) -
     assert_same_tokens(got, ref, gaps, "generation across a killed first worker (TCP)")
     assert len(stats.recoveries) >= 1
     assert stats.route[0]["peer"] != active
+
+
+def test_batched_sessions_survive_a_killed_worker(tiny_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    """Three sessions of one client process step together (the workers batch them); the worker
+    serving blocks 4-5 dies mid-generation: every session recovers on the spare and each one's
+    tokens equal its single-process run."""
+    import trio
+
+    from pymesh.client.generation import ClientModel, GenerationStats, generate_tokens
+    from pymesh.client.swarm import Swarm
+    from pymesh.model.sampling import SamplingParams
+
+    prompts = [PROMPT, "The weather today", "In a small village"]
+    n = 24
+    spare = tiny_swarm.start_worker("--layers", "4-5", "--model-path", str(tiny6_dir), "--transport", "both",
+                                    name="tiny45-batch-spare")
+    wait_ready([spare], timeout=120)
+    workers = [*tiny_swarm.workers, spare]  # type: ignore[attr-defined]
+    model = ClientModel(tiny6_dir)
+    got: dict[str, list[int]] = {p: [] for p in prompts}
+    stats = {p: GenerationStats() for p in prompts}
+    killed: list[str] = []
+
+    async def one(swarm: Swarm, prompt: str) -> None:
+        params = SamplingParams(max_new_tokens=n)
+        async for token in generate_tokens(swarm, model, model.prompt_ids(prompt, False), params,
+                                           stats=stats[prompt], ignore_eos=True):
+            got[prompt].append(token)
+            if prompt == PROMPT and len(got[prompt]) == 8 and not killed:
+                active = next(h["peer"] for h in stats[prompt].route if h["start"] == 4)
+                victim = next(w for w in workers if w.peer_id == active)
+                victim.signal(signal.SIGKILL)
+                killed.append(active)
+
+    async def main() -> None:
+        async with Swarm([tiny_swarm.bootstrap_addr], model.model_id, settings=tiny_swarm.settings) as swarm:
+            async with trio.open_nursery() as nursery:
+                for p in prompts:
+                    nursery.start_soon(one, swarm, p)
+
+    trio.run(main)
+    assert killed, "the kill should have happened"
+    for p in prompts:
+        ref, gaps = reference_run(tiny6_dir, p, n)
+        assert_same_tokens(got[p][:len(ref)], ref, gaps, f"{p!r} across a killed worker, batched with others")
+        assert next(h["peer"] for h in stats[p].route if h["start"] == 4) != killed[0]
+    assert len(stats[PROMPT].recoveries) >= 1
