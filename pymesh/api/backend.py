@@ -4,7 +4,9 @@
 (embeddings, head, tokenizer) and a :class:`~pymesh.client.swarm.Swarm`, in the same trio
 process as the HTTP server. Each request is its own :class:`~pymesh.client.session.InferenceSession`
 with the step shapes of ``pymesh generate`` (one prefill, then one token a step) and the same
-sampler, so greedy text equals the CLI's. The session is closed on the workers even when the
+sampler, so greedy text equals the CLI's. The LM head and sampling of concurrent requests run
+batched (:class:`~pymesh.client.headbatch.HeadBatcher`, shared with every session of the
+process): each request keeps its own sampler, seed and penalties. The session is closed on the workers even when the
 request is cancelled (a client that went away): the close runs shielded, bounded by the
 session's own 2-second limit.
 
@@ -15,13 +17,11 @@ top-k/top-p (what vLLM returns by default).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Protocol, Sequence
 
 import trio
 
 if TYPE_CHECKING:
-    import torch
-
     from pymesh.client.generation import ClientModel
     from pymesh.client.swarm import Swarm
     from pymesh.model.sampling import SamplingParams
@@ -131,50 +131,33 @@ class SwarmBackend:
                 "blocks_covered": covered, "missing_layer": gap, "workers": len({o.peer for o in usable})}
 
     async def tokens(self, ids: list[int], params: SamplingParams, top_logprobs: int | None,
-                     info: RunInfo) -> AsyncIterator[TokenStep]:
+                     info: RunInfo) -> AsyncGenerator[TokenStep, None]:
         """Yield each new token (EOS included) until EOS or ``max_new_tokens``; stop strings are
         the caller's (it decodes text anyway). ``top_logprobs``: None = no logprobs."""
-        import torch
-
         from pymesh.client.generation import OutputRetracted
         from pymesh.client.session import InferenceSession
         from pymesh.model.sampling import Sampler
 
         sampler = Sampler(params)
         history = list(ids)
-        head = self.model.head
-
-        def embed(tokens: list[list[int]]) -> torch.Tensor:
-            with torch.inference_mode():
-                return head.embed(torch.tensor(tokens)).contiguous()
-
-        def pick(out: torch.Tensor) -> tuple[TokenStep, torch.Tensor]:
-            with torch.inference_mode():
-                logits = head.logits(out[0, -1])
-                step = TokenStep(int(sampler.sample(logits, history)))
-                if top_logprobs is not None:
-                    logp = torch.log_softmax(logits.float().reshape(-1), dim=-1)
-                    step.logprob = float(logp[step.token])
-                    if top_logprobs:
-                        vals, idx = torch.topk(logp, top_logprobs)
-                        step.top = [(int(i), float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
-                history.append(step.token)
-                return step, head.embed(torch.tensor([[step.token]])).contiguous()
-
         session = InferenceSession(self.swarm, 0, self.model.config.num_hidden_layers,
                                    max(len(ids) + params.max_new_tokens, 1))
         await session.__aenter__()
         info.verifier = session.verifier
         first_route = [(o.peer, o.start, o.stop) for o in session.route]
         try:
-            hidden = await trio.to_thread.run_sync(embed, [ids])
+            hidden = await self.model.batcher.embed_prompt(ids)
             for _ in range(params.max_new_tokens):
                 out = await session.step(hidden)
                 late = session.verifier.late
                 if late is not None:  # tokens sent already came through a convicted worker
                     raise OutputRetracted(late.peer, late.first_bad_step)
-                step, hidden = await trio.to_thread.run_sync(pick, out)
-                yield step
+                # head and sampling batched with the other requests' sessions ready now
+                pick = await self.model.batcher.pick(out[0, -1], sampler, history, top_logprobs=top_logprobs)
+                assert pick.hidden is not None       # embed=True
+                history.append(pick.token)
+                hidden = pick.hidden
+                yield TokenStep(pick.token, pick.logprob, pick.top)
         finally:
             info.recoveries = len(session.recoveries)
             info.route_changes = int(first_route != [(o.peer, o.start, o.stop) for o in session.route])

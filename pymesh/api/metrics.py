@@ -26,4 +26,7 @@ class Metrics:
         self.rejected = Counter("pymesh_api_queue_rejections", "requests refused with 429: queue full",
                                 registry=r)
         self.active = Gauge("pymesh_api_active_generations", "generations running", registry=r)
+        self.head_rows = Histogram("pymesh_api_head_batch_rows", "rows per pass of the client's LM head "
+                                   "(sessions whose tokens were picked together)",
+                                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.waiting = Gauge("pymesh_api_waiting_requests", "requests waiting for a generation slot", registry=r)

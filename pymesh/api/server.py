@@ -80,7 +80,9 @@ async def serve(options: ServeOptions, defaults: SamplingParams, *,
     async with Swarm(options.bootstrap, model.model_id, transport=options.transport, settings=options.settings,
                      allow_peers=options.allow_peers, identity=options.identity,
                      blocklist=options.blocklist) as swarm:
-        gateway = Gateway(SwarmBackend(swarm, model), defaults, Metrics(), max_active=options.max_active,
+        metrics = Metrics()
+        model.batcher.observers.append(lambda rows, _s: metrics.head_rows.observe(rows))
+        gateway = Gateway(SwarmBackend(swarm, model), defaults, metrics, max_active=options.max_active,
                           max_waiting=options.max_waiting)
         app = build_app(gateway, options.api_key)
         async with trio.open_nursery() as nursery:

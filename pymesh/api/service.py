@@ -124,9 +124,12 @@ def _map_error(exc: BaseException) -> ApiError:
     from pymesh.errors import ConfigError, PymeshError
 
     from pymesh.client.generation import OutputRetracted
+    from pymesh.client.headbatch import HeadQueueFull
 
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, HeadQueueFull):
+        return ApiError(429, str(exc), code="client_busy")
     if isinstance(exc, OutputRetracted):
         return ApiError(502, str(exc), code="output_retracted")
     if isinstance(exc, NoRouteError) and "was convicted of wrong outputs" in str(exc):

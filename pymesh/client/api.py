@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Iterator, Sequence
 
 import trio
 
@@ -81,7 +81,7 @@ class SwarmClient:
             await self._swarm.__aexit__(exc_type, exc, tb)
             self._swarm = None
 
-    async def agenerate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False) -> AsyncIterator[int]:
+    async def agenerate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False) -> AsyncGenerator[int, None]:
         if self._swarm is None:
             raise RuntimeError("use `async with SwarmClient(...)` before agenerate()")
         stats = GenerationStats()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 
 import trio
 
+from pymesh.client.headbatch import HeadBatcher
 from pymesh.client.routing import route_json
 from pymesh.client.session import InferenceSession
 from pymesh.client.swarm import Swarm
@@ -49,6 +51,9 @@ class GenerationStats:
     route: list[dict[str, Any]] = field(default_factory=list)
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     verification: VerifyReport = field(default_factory=VerifyReport)
+    #: rows of the client's head pass that picked each token -> tokens (batched with other sessions
+    #: of this process when > 1; see :class:`~pymesh.client.headbatch.HeadBatcher`)
+    head_rows: Counter[int] = field(default_factory=Counter)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -71,6 +76,8 @@ class ClientModel:
         self.config = self.head.config
         self.tokenizer = load_tokenizer(self.path)
         self.model_id = model_id(self.path, model_name)
+        #: LM head + sampling of every session of this process, batched (generate_tokens, the API)
+        self.batcher = HeadBatcher(self.head)
 
     def prompt_ids(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
         from pymesh.model.generate import prompt_ids
@@ -103,8 +110,6 @@ async def generate_tokens(
     tokens yielded, drop the rest) and generation goes on from there on an honest route,
     ``stats.verification.recomputed`` saying whether the text changed; without it
     :class:`OutputRetracted` is raised (a stream must not continue silently)."""
-    import torch
-
     from pymesh.model.generate import make_stop_check
     from pymesh.model.sampling import Sampler
 
@@ -119,22 +124,7 @@ async def generate_tokens(
     stop_check = make_stop_check(model.tokenizer, params.stop) if params.stop else None
     sampler = Sampler(params)
     history = list(ids)
-    head = model.head
     total = len(ids) + params.max_new_tokens
-
-    def embed(tokens: list[list[int]]) -> "torch.Tensor":
-        with torch.inference_mode():
-            return head.embed(torch.tensor(tokens)).contiguous()
-
-    def pick(out: "torch.Tensor") -> int:
-        with torch.inference_mode():
-            return int(sampler.sample(head.logits(out[0, -1]), history))
-
-    def pick_and_embed(out: "torch.Tensor") -> tuple[int, "torch.Tensor"]:
-        """Sample the next token and embed it: one trip to the compute thread per token."""
-        token = pick(out)
-        history.append(token)
-        return token, embed([[token]])
 
     layers = model.config.num_hidden_layers
     report = stats.verification
@@ -154,7 +144,7 @@ async def generate_tokens(
                 stats.route = route_json(session.route)
 
             sync_route()
-            hidden = await trio.to_thread.run_sync(embed, [history])
+            hidden = await model.batcher.embed_prompt(history)
             done = False
             late: Late | None = None
             try:
@@ -165,7 +155,13 @@ async def generate_tokens(
                     late = session.verifier.late
                     if late is not None:
                         break
-                    token, hidden = await trio.to_thread.run_sync(pick_and_embed, out)
+                    # head, sampling and the next input's embedding, batched with the other
+                    # sessions of this process that are ready now (one trip to the compute thread)
+                    pick = await model.batcher.pick(out[0, -1], sampler, history)
+                    assert pick.hidden is not None       # embed=True
+                    token, hidden = pick.token, pick.hidden
+                    history.append(token)
+                    stats.head_rows[pick.rows] += 1
                     if not tokens:
                         stats.prefill_s = time.perf_counter() - t0
                         t_decode = time.perf_counter()

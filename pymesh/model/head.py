@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,19 @@ class ClientHead:
         """Final norm + LM head over ``hidden`` ``[..., hidden]`` -> float32 ``[..., vocab]``."""
         h = ops.rms_norm(hidden.to(self.dtype).contiguous(), self.norm, self.config.rms_norm_eps)
         return ops.linear(h, self.lm_head).float()
+
+    @torch.no_grad()
+    def logits_rows(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Final norm + LM head over several sessions' last hidden rows (each ``[hidden]``) in
+        one pass: ``[len(rows), vocab]`` float32, row ``i`` for ``rows[i]``. One matmul reads
+        the LM head once for all rows, where a pass per row reads it once each."""
+        size = self.config.hidden_size
+        bad = [tuple(r.shape) for r in rows if tuple(r.shape) != (size,)]
+        if not rows or bad:
+            raise ShapeError(f"logits_rows needs one or more hidden rows of shape [{size}], got "
+                             f"{bad or 'none'}")
+        x = torch.stack([r.to(device=self.device, dtype=self.dtype) for r in rows])
+        return self.logits(x)
 
 
 def load_head(model_dir: str | Path, *, device: str | torch.device = "cpu",
