@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from pymesh.client.headbatch import HeadBatcher
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -30,3 +35,7 @@ class Metrics:
                                    "(sessions whose tokens were picked together)",
                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.waiting = Gauge("pymesh_api_waiting_requests", "requests waiting for a generation slot", registry=r)
+
+    def watch(self, batcher: "HeadBatcher") -> None:
+        """Count the rows of each pass of the client's LM head (``pymesh_api_head_batch_rows``)."""
+        batcher.observers.append(lambda rows, _seconds: self.head_rows.observe(rows))

@@ -81,7 +81,7 @@ async def serve(options: ServeOptions, defaults: SamplingParams, *,
                      allow_peers=options.allow_peers, identity=options.identity,
                      blocklist=options.blocklist) as swarm:
         metrics = Metrics()
-        model.batcher.observers.append(lambda rows, _s: metrics.head_rows.observe(rows))
+        metrics.watch(model.batcher)
         gateway = Gateway(SwarmBackend(swarm, model), defaults, metrics, max_active=options.max_active,
                           max_waiting=options.max_waiting)
         app = build_app(gateway, options.api_key)
