@@ -43,6 +43,11 @@ PYBIND11_MODULE(_C, m) {
         arg("dtype"), arg("threads") = 0,
         "y = x @ weight.T + bias for 1..linear_max_rows() rows of x on CPU (GEMV)");
   m.def("linear_max_rows", &pymesh::linear_max_rows);
+  m.def("decode_attention", &pymesh::decode_attention_cpu, release(), arg("out"), arg("out_stride"),
+        arg("qkv"), arg("qkv_stride"), arg("caches"), arg("positions"), arg("limits"), arg("rows"),
+        arg("heads"), arg("kv_heads"), arg("head_dim"), arg("window"), arg("scale"), arg("dtype"),
+        arg("threads") = 0,
+        "one new token per row, each row its own sequence and KV cache: store k/v, attend (CPU)");
   m.def("read_sum", &pymesh::read_sum, release(), arg("data"), arg("n"), arg("threads") = 0,
         "sum of n float32 values streamed like GEMV weights (bandwidth benchmark)");
   m.def("linear_isa", &pymesh::linear_isa, "which GEMV code path this CPU runs");

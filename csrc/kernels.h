@@ -36,6 +36,12 @@ void silu_and_mul_cpu(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t
 void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, uintptr_t bias,
                 int64_t rows, int64_t in_features, int64_t out_features, int dtype, int threads);
 int linear_max_rows();
+// Ragged decode attention (attention.cpp): per row, store its new k/v (from qkv) at its
+// position in its own cache, then attend over the cache; see attention.cpp for layouts.
+void decode_attention_cpu(uintptr_t out, int64_t out_stride, uintptr_t qkv, int64_t qkv_stride,
+                          uintptr_t caches, uintptr_t positions, uintptr_t limits, int64_t rows,
+                          int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t window,
+                          double scale, int dtype, int threads);
 // Sum of n float32 values, read the way linear_cpu reads weights: the bandwidth ceiling.
 double read_sum(uintptr_t data, int64_t n, int threads);
 std::string linear_isa();

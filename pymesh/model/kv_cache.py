@@ -32,6 +32,8 @@ class KVCache:
         self.slots: list[torch.Tensor] = list(self._kv.unbind(0))  # [max_tokens, batch, 2, kv_heads, head_dim]
         self.keys: list[torch.Tensor] = [s[:, :, 0].permute(1, 2, 0, 3) for s in self.slots]
         self.values: list[torch.Tensor] = [s[:, :, 1].permute(1, 2, 0, 3) for s in self.slots]
+        #: each block's cache address (int64 [num_blocks]): the ragged decode kernel's input
+        self.slot_ptrs = torch.tensor([t.data_ptr() for t in self.slots], dtype=torch.int64)
         self.batch = batch
         self.max_tokens = max_tokens
         #: one past the highest position written so far (informational; forward takes start_pos).

@@ -77,3 +77,34 @@ def test_ragged_refuses_malformed_batches(folder: Path) -> None:
         forward_ragged(span, [(torch.zeros(2, 1, h), cache, 0)])
     with pytest.raises(ShapeError, match="do not fit"):
         forward_ragged(span, [(_hidden(0, 4, h), cache, 6)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_kernel_matches_torch_attention(folder: Path, dtype: torch.dtype,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode rows' attention kernel and torch's attention per row give the same outputs
+    and leave the same caches (a prefill chunk rides along on the torch path)."""
+    from pymesh.model import ops, ragged
+
+    if not ops.using_c():
+        pytest.skip("pymesh._C is not built: there is no kernel to compare")
+    span = load_span(folder, 0, 2, dtype=dtype)
+    h = span.config.hidden_size
+    runs = []
+    for use in (True, False):
+        monkeypatch.setattr(ragged, "USE_KERNEL", use)
+        caches = [span.new_cache(32) for _ in range(4)]
+        for j, c in enumerate(caches):
+            span.forward(_hidden(j, 5 + j, h).to(dtype), c, 0)
+        outs = []
+        for step in range(3):
+            items = [(_hidden(10 * step + j, 1, h).to(dtype), c, 5 + j + step) for j, c in enumerate(caches[:3])]
+            items.insert(1, (_hidden(50 + step, 3, h).to(dtype), caches[3], 8 + 3 * step))
+            outs.append(forward_ragged(span, items))
+        runs.append((outs, [c._kv.clone() for c in caches]))
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for a, b in zip(runs[0][0], runs[1][0]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x.float(), y.float(), **tol)
+    for x, y in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(x.float(), y.float(), **tol)
