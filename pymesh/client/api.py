@@ -81,10 +81,14 @@ class SwarmClient:
             await self._swarm.__aexit__(exc_type, exc, tb)
             self._swarm = None
 
-    async def agenerate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False) -> AsyncGenerator[int, None]:
+    async def agenerate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False,
+                        stats: GenerationStats | None = None) -> AsyncGenerator[int, None]:
+        """Yield token ids. Generations may run at once from several tasks (or threads, with
+        :meth:`generate`): each is a session of its own, their LM head passes are batched.
+        ``stats``: filled in as it goes (else a new one, also :attr:`last_stats`)."""
         if self._swarm is None:
             raise RuntimeError("use `async with SwarmClient(...)` before agenerate()")
-        stats = GenerationStats()
+        stats = stats if stats is not None else GenerationStats()
         self.last_stats = stats
         ids = self.model.prompt_ids(prompt, chat)
         async for token in generate_tokens(self._swarm, self.model, ids, params, stats=stats):
@@ -125,7 +129,8 @@ class SwarmClient:
             self._error = exc
             self._ready.set()
 
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False) -> Iterator[int]:
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams, *, chat: bool = False,
+                 stats: GenerationStats | None = None) -> Iterator[int]:
         """Yield token ids as they are generated; the generation runs in the client's trio thread.
 
         The producer waits for each token to be taken (an unbuffered channel), so the
@@ -141,7 +146,7 @@ class SwarmClient:
             async with send:
                 with scope:
                     try:
-                        async for token in self.agenerate(prompt, params, chat=chat):
+                        async for token in self.agenerate(prompt, params, chat=chat, stats=stats):
                             await send.send(("token", token))
                     except Exception as exc:
                         await send.send(("error", exc))

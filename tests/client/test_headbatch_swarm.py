@@ -24,6 +24,7 @@ import trio
 
 from pymesh.api.backend import RunInfo, SwarmBackend
 from pymesh.client.api import SwarmClient
+from pymesh.client.generation import GenerationStats
 from pymesh.client.session import InferenceSession
 from pymesh.model.sampling import SamplingParams
 from pymesh.net.dht import DHTNode
@@ -183,6 +184,7 @@ def test_sync_client_from_several_threads(tiny: Path, lockstep: Lockstep, refere
     """``SwarmClient.generate`` from three threads at once: separate sessions, batched head."""
     picked = SESSIONS[:3]
     got: dict[int, list[int]] = {}
+    stats = [GenerationStats() for _ in picked]
     errors: list[BaseException] = []
 
     def threads(bootstrap: list[str]) -> dict[int, int]:
@@ -194,7 +196,7 @@ def test_sync_client_from_several_threads(tiny: Path, lockstep: Lockstep, refere
             def one(i: int) -> None:
                 try:
                     prompt, n, _ = picked[i]
-                    got[i] = list(client.generate(prompt, SamplingParams(max_new_tokens=n)))
+                    got[i] = list(client.generate(prompt, SamplingParams(max_new_tokens=n), stats=stats[i]))
                 except BaseException as exc:
                     errors.append(exc)
                 finally:
@@ -218,4 +220,7 @@ def test_sync_client_from_several_threads(tiny: Path, lockstep: Lockstep, refere
         ref, gaps = references[(prompt, n)]
         assert_same_tokens(got[i], ref, gaps, f"thread {i} ({prompt!r})")
     assert max(rows) >= 2, f"the threads' sessions never shared a head pass: {rows}"
+    for i, st in enumerate(stats):     # each thread's own stats: its tokens, the passes that picked them
+        assert st.tokens == got[i] and sum(st.head_rows.values()) == len(got[i])
+    assert any(r > 1 for st in stats for r in st.head_rows)
 
