@@ -181,10 +181,9 @@ class HeadBatcher:
             for r in batch:
                 r.finished = True
             lane.wake()
-        seconds = time.perf_counter() - t0
-        self.batch_rows[len(batch)] += 1
-        for observe in self.observers:
-            observe(len(batch), seconds)
+            self.batch_rows[len(batch)] += 1
+            for observe in self.observers:
+                observe(len(batch), time.perf_counter() - t0)
 
     def _compute(self, batch: list[_Request]) -> None:
         """In the compute thread: one head pass, each row's own sampler, one embedding call."""

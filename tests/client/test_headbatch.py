@@ -224,6 +224,39 @@ def test_a_request_cancelled_while_queued_leaves_the_queue(head: ClientHead) -> 
     assert batcher._lanes == {}, "an idle batcher keeps no lane"
 
 
+def test_a_runner_cancelled_mid_pass_lets_the_others_finish(head: ClientHead) -> None:
+    """Request 0 runs its pass and is cancelled in it: the pass is not abandoned (request 0
+    still gets its answer; the cancellation lands at its next checkpoint) and the requests
+    queued meanwhile run in the next pass, run by one of them."""
+    gated = Gated(head)
+    batcher = HeadBatcher(gated)
+    xs = rows(4, seed=6)
+    got: dict[int, Pick] = {}
+    cancelled: list[int] = []
+
+    async def main() -> None:
+        async def one(i: int, scope: trio.CancelScope) -> None:
+            with scope:
+                got[i] = await batcher.pick(xs[i], Sampler(SamplingParams()), [])
+            if scope.cancelled_caught:
+                cancelled.append(i)
+
+        gated.gate.clear()
+        scopes = [trio.CancelScope() for _ in xs]
+        async with trio.open_nursery() as nursery:
+            for i in range(len(xs)):
+                nursery.start_soon(one, i, scopes[i])
+                await trio.testing.wait_all_tasks_blocked()
+            scopes[0].cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            gated.gate.set()
+
+    trio.run(main)
+    assert cancelled == [] and sorted(got) == [0, 1, 2, 3]
+    assert [len(p) for p in gated.passes] == [1, 3]
+    assert dict(batcher.batch_rows) == {1: 1, 3: 1} and batcher._lanes == {}
+
+
 def test_a_malformed_row_fails_only_its_caller(head: ClientHead) -> None:
     batcher = HeadBatcher(head)
 
