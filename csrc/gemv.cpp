@@ -1,10 +1,12 @@
 // Decode-path linear layer (GEMV / skinny GEMM), CPU: y = x @ W^T + b for
-// x of 1..8 rows and W [out, in] row-major, float32 / float16 / bfloat16.
+// x of 1..32 rows and W [out, in] row-major, float32 / float16 / bfloat16.
 //
 // Decode is bound by reading the weight, so the kernel streams W exactly once:
-// each thread owns a static range of output rows; a block of NB output rows is
-// walked in 64-byte steps with NB x R accumulators (R = rows of x), x staying
-// in L1/L2. AVX-512 FMA with software prefetch; bfloat16 uses vdpbf16ps where
+// threads claim chunks of output rows; a block of NB output rows is walked in
+// 64-byte steps with NB x R accumulators (R = rows of x), x staying in L1/L2.
+// Above 8 rows (sessions batched into one step) x is cut into tiles of 4..6
+// rows; each block of NB weight rows is read from memory by the first tile and
+// from L1/L2 by the others, so W still crosses the memory bus once. AVX-512 FMA with software prefetch; bfloat16 uses vdpbf16ps where
 // the CPU has avx512_bf16 (32 products per instruction), otherwise the
 // shift-to-float32 trick. A portable fallback covers CPUs without AVX-512.
 #include <immintrin.h>
@@ -19,7 +21,11 @@
 namespace pymesh {
 namespace {
 
-constexpr int kMaxRows = 8;
+constexpr int kMaxRows = 32;
+#ifndef PYMESH_GEMV_MAX_TILE
+#define PYMESH_GEMV_MAX_TILE 6  // 6 x 4 accumulators + 4 weights + x: 29 of 32 zmm
+#endif
+constexpr int kMaxTile = PYMESH_GEMV_MAX_TILE;  // rows of x per register tile above 8 rows
 // Weight bytes per thread below which a GEMV runs on the calling thread alone, while the
 // pool's helper is awake (PYMESH_GEMV_MIN_KB, default 256); else common.h's kGemvPerThread.
 int64_t gemv_min_per_thread() {
@@ -40,6 +46,9 @@ int64_t gemv_min_per_thread() {
 #endif
 #ifndef PYMESH_GEMV_NB_HIGH
 #define PYMESH_GEMV_NB_HIGH 3
+#endif
+#ifndef PYMESH_GEMV_NB_TILE
+#define PYMESH_GEMV_NB_TILE 4  // weight rows per block above 8 rows of x
 #endif
 constexpr int64_t kPrefetch = PYMESH_GEMV_PREFETCH;  // bytes ahead of the current load, per weight row
 
@@ -80,7 +89,7 @@ PYMESH_AVX512 PYMESH_INLINE __m512 load_w_mask<bf16>(const bf16* p, __mmask16 m)
 
 // NB output rows starting at W, R rows of float32 x (row stride ldx):
 // out[j * R + r] = dot(W[j], x[r]).
-template <typename WT, int R, int NB>
+template <typename WT, int R, int NB, bool PF = true>
 PYMESH_AVX512 void dot_block_avx512(const WT* W, int64_t K, const float* X, int64_t ldx,
                                     float* out) {
   __m512 acc[NB][R];
@@ -88,7 +97,7 @@ PYMESH_AVX512 void dot_block_avx512(const WT* W, int64_t K, const float* X, int6
   for (int j = 0; j < NB; ++j)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  constexpr int64_t ahead = kPrefetch / static_cast<int64_t>(sizeof(WT));
+  constexpr int64_t ahead = PF ? kPrefetch / static_cast<int64_t>(sizeof(WT)) : 0;
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 w[NB];
@@ -121,7 +130,7 @@ PYMESH_AVX512 void dot_block_avx512(const WT* W, int64_t K, const float* X, int6
 }
 
 // bfloat16 weights and bfloat16 x with vdpbf16ps (pairs of products, exact in float32).
-template <int R, int NB>
+template <int R, int NB, bool PF = true>
 PYMESH_AVX512BF16 void dot_block_bf16dp(const bf16* W, int64_t K, const bf16* X, int64_t ldx,
                                         float* out) {
   __m512 acc[NB][R];
@@ -129,7 +138,7 @@ PYMESH_AVX512BF16 void dot_block_bf16dp(const bf16* W, int64_t K, const bf16* X,
   for (int j = 0; j < NB; ++j)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  constexpr int64_t ahead = kPrefetch / 2;
+  constexpr int64_t ahead = PF ? kPrefetch / 2 : 0;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512i w[NB];
@@ -212,10 +221,11 @@ struct Problem {
   int64_t K, N;
 };
 
-// Write NB x R dot products (plus bias) to y[r, n0 + j] in T.
+// Write NB x R dot products (plus bias) to y[r0 + r, n0 + j] in T.
 template <typename T>
-inline void store_block(const Problem& p, int64_t n0, int nb, int R, const float* dots) {
-  T* Y = static_cast<T*>(p.Y);
+inline void store_block(const Problem& p, int64_t n0, int nb, int R, const float* dots,
+                        int64_t r0 = 0) {
+  T* Y = static_cast<T*>(p.Y) + r0 * p.N;
   const T* bias = static_cast<const T*>(p.bias);
   for (int j = 0; j < nb; ++j) {
     float b = bias ? to_float(bias[n0 + j]) : 0.0f;
@@ -231,13 +241,6 @@ void run_rows(const Problem& p, Path path, int64_t n_begin, int64_t n_end) {
   float dots[NB * R];
   const T* W = static_cast<const T*>(p.W);
   int64_t n = n_begin;
-  if (path == Path::kGeneric) {
-    for (; n < n_end; ++n) {
-      dot_rows_generic_any(W + n * p.K, p.K, static_cast<const float*>(p.X), p.ldx, R, dots);
-      store_block<T>(p, n, 1, R, dots);
-    }
-    return;
-  }
   if constexpr (std::is_same_v<T, bf16>) {
     if (path == Path::kBf16Dot) {
       const bf16* X = static_cast<const bf16*>(p.X);
@@ -263,8 +266,76 @@ void run_rows(const Problem& p, Path path, int64_t n_begin, int64_t n_end) {
   }
 }
 
+// NB output rows from n times the R rows of x from r0 (one register tile), stored.
+template <typename T, int R, int NB, bool PF>
+void run_tile(const Problem& p, Path path, int64_t n, int64_t r0) {
+  float dots[NB * R];
+  const T* W = static_cast<const T*>(p.W) + n * p.K;
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (path == Path::kBf16Dot) {
+      dot_block_bf16dp<R, NB, PF>(W, p.K, static_cast<const bf16*>(p.X) + r0 * p.ldx, p.ldx, dots);
+      store_block<T>(p, n, NB, R, dots, r0);
+      return;
+    }
+  }
+  dot_block_avx512<T, R, NB, PF>(W, p.K, static_cast<const float*>(p.X) + r0 * p.ldx, p.ldx, dots);
+  store_block<T>(p, n, NB, R, dots, r0);
+}
+
+using TileFn = void (*)(const Problem&, Path, int64_t, int64_t);
+
+// The tile kernel for R in 4..kMaxTile rows: the first tile of a block prefetches
+// the weight rows from memory, the others find them in L1/L2.
+template <typename T, int NB, bool PF>
+TileFn tile_fn(int R) {
+  switch (R) {
+    case 4: return run_tile<T, 4, NB, PF>;
+    case 5: return run_tile<T, 5, NB, PF>;
+    case 6: return run_tile<T, 6, NB, PF>;
+    case 7: return run_tile<T, 7, NB, PF>;
+    default: return run_tile<T, 8, NB, PF>;
+  }
+}
+
+// More than 8 rows: ceil(R / kMaxTile) tiles of near-equal size (>= 4 rows: enough
+// independent accumulators to hide the FMA latency), each walking the same block of
+// NB weight rows before the next block starts.
+template <typename T>
+void run_tiles(const Problem& p, Path path, int R, int64_t n_begin, int64_t n_end) {
+  constexpr int NB = PYMESH_GEMV_NB_TILE;
+  const int tiles = (R + kMaxTile - 1) / kMaxTile;
+  const int small = R / tiles, big_tiles = R % tiles;  // the first big_tiles get small + 1
+  TileFn first[2] = {tile_fn<T, NB, true>(small), tile_fn<T, NB, true>(small + 1)};
+  TileFn rest[2] = {tile_fn<T, NB, false>(small), tile_fn<T, NB, false>(small + 1)};
+  TileFn first1[2] = {tile_fn<T, 1, true>(small), tile_fn<T, 1, true>(small + 1)};
+  TileFn rest1[2] = {tile_fn<T, 1, false>(small), tile_fn<T, 1, false>(small + 1)};
+  int64_t n = n_begin;
+  for (; n < n_end;) {
+    const bool whole = n + NB <= n_end;
+    int64_t r0 = 0;
+    for (int t = 0; t < tiles; ++t) {
+      const int big = t < big_tiles ? 1 : 0;
+      (whole ? (t == 0 ? first : rest) : (t == 0 ? first1 : rest1))[big](p, path, n, r0);
+      r0 += small + big;
+    }
+    n += whole ? NB : 1;
+  }
+}
+
+// The portable path for any R: one output row at a time.
+template <typename T>
+void run_generic(const Problem& p, int R, int64_t n_begin, int64_t n_end) {
+  float dots[kMaxRows];
+  const T* W = static_cast<const T*>(p.W);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    dot_rows_generic_any(W + n * p.K, p.K, static_cast<const float*>(p.X), p.ldx, R, dots);
+    store_block<T>(p, n, 1, R, dots);
+  }
+}
+
 template <typename T>
 void run_rows_any(const Problem& p, Path path, int R, int64_t b, int64_t e) {
+  if (path == Path::kGeneric) return run_generic<T>(p, R, b, e);
   switch (R) {
     case 1: run_rows<T, 1>(p, path, b, e); break;
     case 2: run_rows<T, 2>(p, path, b, e); break;
@@ -273,7 +344,8 @@ void run_rows_any(const Problem& p, Path path, int R, int64_t b, int64_t e) {
     case 5: run_rows<T, 5>(p, path, b, e); break;
     case 6: run_rows<T, 6>(p, path, b, e); break;
     case 7: run_rows<T, 7>(p, path, b, e); break;
-    default: run_rows<T, 8>(p, path, b, e); break;
+    case 8: run_rows<T, 8>(p, path, b, e); break;
+    default: run_tiles<T>(p, path, R, b, e); break;
   }
 }
 
@@ -330,6 +402,11 @@ double read_sum(uintptr_t data, int64_t n, int threads) {
   return total;
 }
 
+#ifndef PYMESH_GEMV_GROUP
+#define PYMESH_GEMV_GROUP 8
+#endif
+constexpr int64_t kGroup = PYMESH_GEMV_GROUP;  // output rows per unit of work split between threads
+
 int linear_max_rows() { return kMaxRows; }
 
 void linear_limit_isa(const std::string& name) {
@@ -382,27 +459,29 @@ void linear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t weight, ui
     }
     int64_t bytes = out_features * in_features * static_cast<int64_t>(sizeof(T));
     // One core streams ~25 GB/s, two ~45 (DRAM latency per core bounds it), so even a
-    // 300 KiB matrix is worth splitting: the pool's helper spins between kernels.
-    int t = threads_for(bytes, threads, pool_helpers_reliable() ? gemv_min_per_thread()
-                                                                : kGemvPerThread);
-    // Split output rows in groups of 8 so the kernel's row blocks stay whole.
-    int64_t groups = (out_features + 7) / 8;
+    // 300 KiB matrix is worth splitting: the pool's helper spins between kernels. Each
+    // row of x beyond the first adds about half a weight read's time (FMA-bound).
+    int64_t work = bytes + bytes * (rows - 1) / 2;
+    int t = threads_for(work, threads, pool_helpers_reliable() ? gemv_min_per_thread()
+                                                               : kGemvPerThread);
+    // Split output rows in groups of kGroup so the kernel's row blocks stay whole.
+    int64_t groups = (out_features + kGroup - 1) / kGroup;
     int R = static_cast<int>(rows);
-    auto work = [&](int64_t b, int64_t e) {
-      int64_t n1 = e * 8 < out_features ? e * 8 : out_features;
-      run_rows_any<T>(p, path, R, b * 8, n1);
+    auto run = [&](int64_t b, int64_t e) {
+      int64_t n1 = e * kGroup < out_features ? e * kGroup : out_features;
+      run_rows_any<T>(p, path, R, b * kGroup, n1);
     };
 #ifdef PYMESH_GEMV_STATIC
-    parallel_for(groups, t, work);
+    parallel_for(groups, t, run);
 #else
     // About 8 chunks per thread (so a late helper costs little), each >= 32 KiB of
     // weight and <= 256 KiB: long enough contiguous runs for the hardware prefetcher.
-    int64_t group_bytes = 8 * in_features * static_cast<int64_t>(sizeof(T));
+    int64_t group_bytes = kGroup * in_features * static_cast<int64_t>(sizeof(T));
     int64_t chunk_bytes = bytes / (8 * int64_t{t});
     if (chunk_bytes < (int64_t{32} << 10)) chunk_bytes = int64_t{32} << 10;
     if (chunk_bytes > (int64_t{256} << 10)) chunk_bytes = int64_t{256} << 10;
     int64_t grain = chunk_bytes / group_bytes;
-    parallel_for_dynamic(groups, grain < 1 ? 1 : grain, t, work);
+    parallel_for_dynamic(groups, grain < 1 ? 1 : grain, t, run);
 #endif
   });
 }

@@ -60,7 +60,7 @@ _stats: dict[str, int] = dict.fromkeys(_OPS, 0)
 _warned: set[str] = set()
 
 #: Largest number of rows of ``x`` that :func:`linear` sends to the GEMV kernel.
-LINEAR_MAX_ROWS = _C.linear_max_rows() if _C is not None else 8
+LINEAR_MAX_ROWS = _C.linear_max_rows() if _C is not None else 32
 
 
 class KernelInputError(PymeshError, ValueError):

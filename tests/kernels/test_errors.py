@@ -91,5 +91,5 @@ def test_c_level_checks_reach_python_as_value_error() -> None:
     assert c is not None
     with pytest.raises(ValueError, match="unknown dtype code 7"):
         c.rms_norm(0, 8, 0, 8, 0, 0, 8, 1e-6, 7)
-    with pytest.raises(ValueError, match="1..8 rows"):
-        c.linear(0, 0, 8, 0, 0, 9, 8, 8, 0)
+    with pytest.raises(ValueError, match="1..32 rows"):
+        c.linear(0, 0, 8, 0, 0, 33, 8, 8, 0)

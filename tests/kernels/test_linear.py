@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pymesh.model import ops
-from tests.kernels.conftest import DTYPES, randn
+from tests.kernels.conftest import DTYPES, assert_close, randn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,6 +44,41 @@ def test_linear_matches_exact(rows: int, k: int, n: int, dtype: torch.dtype) -> 
     check(y, x, w, b)
 
 
+def test_the_kernel_takes_up_to_32_rows() -> None:
+    """Batched decode steps of up to 32 sessions stay on the kernel (decode_plan checks this)."""
+    assert ops.LINEAR_MAX_ROWS == 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n", [(576, 576), (769, 1001), (17, 3), (2048, 99), (35, 4096)])
+def test_linear_every_row_count_up_to_the_max(k: int, n: int, dtype: torch.dtype) -> None:
+    """Every row count 1..32 (the tiled path above 8 rows: tiles of unequal size, blocks of
+    weight rows cut short at the end), with and without bias, x row-strided (a slice of a
+    wider tensor) on odd counts."""
+    w = randn(n, k, dtype=dtype, seed=k + n)
+    b = randn(n, dtype=dtype, seed=3)
+    wide = randn(ops.LINEAR_MAX_ROWS, k + 7, dtype=dtype, seed=k)
+    for rows in range(1, ops.LINEAR_MAX_ROWS + 1):
+        x = wide[:rows, 3:k + 3] if rows % 2 else wide[:rows, :k].contiguous()
+        bias = b if rows % 3 else None
+        before = ops.kernel_stats()["linear"]
+        y = ops.linear(x, w, bias)
+        assert ops.kernel_stats()["linear"] == before + 1, f"{rows} rows: the kernel was not used"
+        assert y.shape == (rows, n) and y.dtype == dtype
+        check(y, x, w, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_many_rows_close_to_torch(dtype: torch.dtype) -> None:
+    """Against torch.nn.functional.linear with the kernel tests' tolerances, 9..32 rows."""
+    w = randn(1001, 769, dtype=dtype, seed=21)
+    b = randn(1001, dtype=dtype, seed=22)
+    for rows in (9, 16, 17, 31, 32):
+        x = randn(rows, 769, dtype=dtype, seed=rows)
+        assert_close(ops.linear(x, w, b), F.linear(x.float(), w.float(), b.float()), dtype,
+                     scale=10.0)
+
+
 @pytest.fixture(params=["avx512", "generic"])
 def lower_isa(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Cap the GEMV code path so the paths this CPU would not pick are tested too."""
@@ -56,7 +91,7 @@ def lower_isa(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,n", [(769, 1001), (17, 3), (64, 5125)])
-@pytest.mark.parametrize("rows", [1, 5, 8])
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 23, 32])
 def test_linear_other_code_paths(rows: int, k: int, n: int, dtype: torch.dtype,
                                  lower_isa: str) -> None:
     x = randn(rows, k, dtype=dtype, seed=rows)
@@ -80,7 +115,7 @@ def test_linear_3d_strided_x_and_one_thread(dtype: torch.dtype) -> None:
 def test_linear_falls_back_to_torch_outside_the_kernel_cases() -> None:
     w = randn(64, 32, seed=6)
     before = ops.kernel_stats()["linear"]
-    x = randn(9, 32, seed=7)  # more rows than the GEMV kernel takes
+    x = randn(ops.LINEAR_MAX_ROWS + 1, 32, seed=7)  # more rows than the GEMV kernel takes
     torch.testing.assert_close(ops.linear(x, w), F.linear(x, w))
     w_t = randn(32, 64, seed=8).t()  # a non-contiguous weight
     torch.testing.assert_close(ops.linear(x[:2], w_t), F.linear(x[:2], w_t))
@@ -110,7 +145,7 @@ def test_concurrent_callers_share_the_pool_correctly() -> None:
     import threading
 
     w = randn(2048, 1024, seed=11)  # 8 MiB: each call asks for helper threads
-    xs = [randn(r, 1024, seed=20 + r) for r in (1, 3, 8, 2)]
+    xs = [randn(r, 1024, seed=20 + r) for r in (1, 3, 8, 2, 32, 13)]
     expected = [ops.linear(x, w) for x in xs]
     errors: list[str] = []
 
