@@ -106,10 +106,6 @@ class HeadBatcher:
         self.observers: list[Callable[[int, float], None]] = []
         self._lanes: dict[trio.lowlevel.TrioToken, _Lane] = {}
 
-    @property
-    def passes(self) -> int:
-        return sum(self.batch_rows.values())
-
     async def pick(self, row: "torch.Tensor", sampler: "Sampler", history: list[int], *, embed: bool = True,
                    top_logprobs: int | None = None) -> Pick:
         """The next token for a session whose last hidden row is ``row`` (``[hidden]``),
