@@ -22,7 +22,7 @@ from pymesh.cli.common import load_optional
 
 log = logging.getLogger(__name__)
 
-PARTS = ("kernels", "generate", "transport", "dht", "swarm", "serve", "verify")
+PARTS = ("kernels", "generate", "transport", "dht", "swarm", "hops", "serve", "verify")
 
 Row = dict[str, Any]
 
@@ -223,6 +223,12 @@ def headlines(part: str, rows: list[Row]) -> list[Headline]:
             _at_least("decode tok/s (3x Petals 16.7)", _vals(rows, "decode_tokens_per_s"), 50.0, " tok/s", agg=max),
             _at_most("TTFT, 128-token prompt", _vals(rows, "ttft_s"), 0.2, " s"),
         ]
+    if part == "hops":
+        def fit(transport: str) -> Callable[[Row], bool]:
+            return lambda r: r.get("kind") == "fit" and r.get("transport") == transport
+
+        return [_at_most(f"cost of each added hop, {t}", _vals(rows, "per_hop_ms", fit(t)), goal, " ms")
+                for t, goal in (("tcp", 0.5), ("quic", 1.0))]
     if part == "verify":
         def speed(mode: str) -> Callable[[Row], bool]:
             return lambda r: r.get("kind") == "speed" and r.get("verify") == mode
