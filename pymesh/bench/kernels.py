@@ -5,7 +5,8 @@
 Per op, at decode sizes (1, 2, 4, 8 tokens) and prefill (512 tokens), hidden 576
 and 4096, float32: median time per call of the reference (``ops_ref``, or
 ``torch.nn.functional.linear`` for linear) and of the fused op (``ops``).
-Linear runs the model's weight shapes ``[out, in]`` in float32 and bfloat16;
+Linear runs the model's weight shapes ``[out, in]`` in float32 and bfloat16, at
+1, 2, 4, 8, 16 and 32 rows of x (decode steps of that many sessions batched) and 512;
 its rows also carry the weight-read bandwidth both sides reached (gbps, ref_gbps),
 next to the machine's streaming-read ceiling measured in the same run on the same
 threads (read_ceiling_gbps: the best of summing a 256 MiB buffer).
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from pymesh.model import ops, ops_ref
 
 DECODE = (1, 2, 4, 8)
+LINEAR_ROWS = (1, 2, 4, 8, 16, 32)  # batched decode: up to ops.LINEAR_MAX_ROWS sessions a step
 PREFILL = (512,)
 HIDDEN = (576, 4096)
 LINEAR_SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096))  # weight [out, in]
@@ -141,7 +143,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
         if op == "linear":
             for dtype in (torch.float32, torch.bfloat16):
                 for shape in LINEAR_SHAPES:
-                    for tokens in DECODE + PREFILL:
+                    for tokens in LINEAR_ROWS + PREFILL:
                         plan.append((op, tokens, shape, dtype))
         else:
             for hidden in HIDDEN:
