@@ -1,13 +1,15 @@
 """The cost of each added hop: one session through 1, 2, 3, 5 worker processes, over TCP and QUIC.
 
-For each worker count N: a fresh bootstrap and N workers on loopback (an even split of the
-model's blocks, :func:`pymesh.bench.swarm.even_split`), then from this process one greedy
-session per transport (a ``--prompt-tokens`` prompt, ``--new-tokens`` tokens, EOS ignored),
-the transports interleaved per repeat. Each token's arrival is timestamped; a row's
-``ms_per_token_p50`` is the median of the intervals between consecutive tokens of all its
-repeats (the median, not the mean: the machine is shared, and a stall of another process
-should not move the figure). Single-process generation is timed the same way before and
-after the swarms (the intervals of both pooled).
+For each worker count N: a bootstrap and N workers on loopback (an even split of the
+model's blocks, :func:`pymesh.bench.swarm.even_split`), every count's swarm up at once, then
+from this process greedy sessions (a ``--prompt-tokens`` prompt, ``--new-tokens`` tokens,
+EOS ignored), each repeat visiting every (N, transport) once, so the shared machine's drift
+falls on every N alike. Each token's arrival is timestamped; a row's ``ms_per_token_p50``
+is the median of the intervals between consecutive tokens of all its repeats (the median,
+not the mean: a stall of another process should not move the figure). Single-process
+generation is timed the same way before and after the swarms (the intervals pooled).
+``--verify`` sets the client's verification (with it on, the default, every hop also sends
+the client a copy of its output each step: a per-hop cost of its own).
 
 Compute per token is the same whatever N (the blocks are only split differently), so the
 slope of a least-squares line through (N, ms_per_token_p50) is what one more hop adds:
@@ -20,7 +22,7 @@ client steps hidden states through an :class:`~pymesh.client.session.InferenceSe
 the slope is then the transport and scheduling cost of a hop with no compute at all.
 
 Rows: per (transport, workers) ``kind="point"`` with transport, workers, mode ("model" or
-"echo"), model, ms_per_token_p50, tokens_per_s, ttft_s, single_process_ms_per_token_p50
+"echo"), model, verify, ms_per_token_p50, tokens_per_s, ttft_s, single_process_ms_per_token_p50
 and ratio (swarm tokens/s over single process; None in echo mode, which has no single-process
 counterpart); per transport ``kind="fit"`` with per_hop_ms, intercept_ms and the counts fitted.
 """
@@ -28,6 +30,7 @@ counterpart); per transport ``kind="fit"`` with per_hop_ms, intercept_ms and the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
@@ -45,9 +48,9 @@ log = logging.getLogger(__name__)
 ECHO_SHAPE = (30, 576)
 #: what the issue asks of one added hop, per transport (ms)
 GOALS_MS = {"tcp": 0.5, "quic": 1.0}
-POINT_KEYS = ("kind", "transport", "workers", "mode", "model", "ms_per_token_p50", "tokens_per_s", "ttft_s",
+POINT_KEYS = ("kind", "transport", "workers", "mode", "model", "verify", "ms_per_token_p50", "tokens_per_s", "ttft_s",
               "single_process_ms_per_token_p50", "ratio", "single_process_ttft_s")
-FIT_KEYS = ("kind", "transport", "mode", "model", "per_hop_ms", "intercept_ms", "workers_fitted")
+FIT_KEYS = ("kind", "transport", "mode", "model", "verify", "per_hop_ms", "intercept_ms", "workers_fitted")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,11 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="tokens per session (default 64; --quick 32)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="sessions per transport and worker count, intervals pooled (default 2; --quick 1)")
+                        help="sessions per transport and worker count, intervals pooled (default 3; --quick 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of each worker and of the baseline (default: half the cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype (default float32)")
+    parser.add_argument("--verify", default=None, choices=["off", "sample", "all"],
+                        help="the client's verification (default: $PYMESH_VERIFY, else sample; with it on, "
+                             "every hop also sends the client a copy of its output each step)")
     parser.add_argument("--echo", action="store_true",
                         help="echo-mode workers (no weights): the transport and scheduling cost alone")
 
@@ -181,11 +187,12 @@ class HopsPlan:
         return self.model_dir is None
 
 
-async def measure_swarm(bootstrap: str, plan: HopsPlan, progress: Any, task: Any, workers: int
-                        ) -> dict[str, Timing]:
-    """Every transport's sessions through one swarm, transports interleaved per repeat. One
-    Swarm per transport stays open throughout (route discovery is paid once, before any
-    session: a one-token warm-up)."""
+async def measure(bootstraps: dict[int, str], plan: HopsPlan, progress: Any, task: Any) -> dict[int, dict[str, Timing]]:
+    """Sessions through every swarm (worker count -> bootstrap address) over every transport,
+    interleaved: each repeat visits every (count, transport) once, so the load's drift falls
+    on all counts alike and does not tilt the slope. One client Swarm per (count, transport)
+    stays open throughout; each pays route discovery and first-call costs in a two-token
+    warm-up before anything is measured."""
     from contextlib import AsyncExitStack
 
     from pymesh.client.swarm import Swarm
@@ -196,7 +203,7 @@ async def measure_swarm(bootstrap: str, plan: HopsPlan, progress: Any, task: Any
 
         model = ClientModel(plan.model_dir, dtype=plan.dtype)
     model_id = "echo" if model is None else model.model_id
-    out = {t: Timing() for t in plan.transports}
+    out = {count: {t: Timing() for t in plan.transports} for count in bootstraps}
 
     async def session(swarm: Any, n: int, into: Timing) -> None:
         if model is None:
@@ -206,14 +213,17 @@ async def measure_swarm(bootstrap: str, plan: HopsPlan, progress: Any, task: Any
 
     async with AsyncExitStack() as stack:
         swarms = {}
-        for t in plan.transports:
-            swarms[t] = await stack.enter_async_context(
-                Swarm([bootstrap], model_id, transport=t, settings=plan.settings))
-            await session(swarms[t], 2, Timing())   # warm-up: discovery, connections, first-call costs
-        for r in range(plan.repeats):
+        for count, bootstrap in bootstraps.items():
             for t in plan.transports:
-                progress.update(task, description=f"{workers} workers over {t}: session {r + 1}/{plan.repeats}")
-                await session(swarms[t], plan.n, out[t])
+                progress.update(task, description=f"{count} workers over {t}: warm-up")
+                swarm = await stack.enter_async_context(Swarm([bootstrap], model_id, transport=t,
+                                                              settings=plan.settings))
+                await session(swarm, 2, Timing())
+                swarms[count, t] = swarm
+        for r in range(plan.repeats):
+            for (count, t), swarm in swarms.items():
+                progress.update(task, description=f"{count} workers over {t}: session {r + 1}/{plan.repeats}")
+                await session(swarm, plan.n, out[count][t])
                 progress.advance(task)
     return out
 
@@ -244,6 +254,8 @@ def make_plan(args: argparse.Namespace) -> HopsPlan:
     from pymesh.model.torch_setup import configure_threads
 
     settings = settings_of(args)
+    if args.verify is not None:
+        settings = dataclasses.replace(settings, client=dataclasses.replace(settings.client, verify=args.verify))
     quick = getattr(args, "quick", False)
     n = args.new_tokens or (32 if quick else 64)
     if n < 2:
@@ -268,13 +280,14 @@ def make_plan(args: argparse.Namespace) -> HopsPlan:
             from pymesh.model.tokenizer import load_tokenizer
 
             name, ids = model_dir.name, prompt_of(load_tokenizer(model_dir), args.prompt_tokens)
-    return HopsPlan(model_dir, name, blocks, hidden, ids, n=n, repeats=args.repeats or (1 if quick else 2),
+    return HopsPlan(model_dir, name, blocks, hidden, ids, n=n, repeats=args.repeats or (2 if quick else 3),
                     transports=[t for t in args.transports.split(",") if t], dtype=args.dtype,
                     threads=configure_threads(settings.runtime.threads_or(args.threads)), settings=settings)
 
 
 def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     import trio
+    from contextlib import ExitStack
 
     from pymesh.bench.swarm import CHILD_ENV, even_split
     from pymesh.demo.procs import Supervisor
@@ -282,29 +295,32 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     plan = make_plan(args)
     counts = worker_counts(args.workers)
     baseline = 0 if plan.echo else 2
-    task = progress.add_task("bench hops", total=baseline + len(counts) * (1 + plan.repeats * len(plan.transports)))
+    task = progress.add_task("bench hops", total=baseline + len(counts) + plan.repeats * len(counts) * len(plan.transports))
     single = Timing()
     if plan.model_dir is not None:
         progress.update(task, description=f"single process: {len(plan.ids)}-token prompt, {plan.n} tokens")
         single_process(plan.model_dir, plan.ids, plan.n, plan.repeats, plan.dtype, single)
         progress.advance(task)
     env = {**os.environ, **CHILD_ENV, "PYMESH_THREADS": str(plan.threads), "PYMESH_SKIP_THROUGHPUT": "1"}
-    measured: dict[int, dict[str, Timing]] = {}
-    for count in counts:
-        spans = even_split(plan.blocks, count)
-        with tempfile.TemporaryDirectory(prefix="pymesh-bench-hops-") as tmp, \
-                Supervisor(Path(tmp), env={**env, "PYMESH_HOME": tmp}) as sup:
+    # Every swarm stays up until the end (idle workers cost little but a heartbeat), each with
+    # its own bootstrap so their records never mix.
+    with tempfile.TemporaryDirectory(prefix="pymesh-bench-hops-") as tmp, ExitStack() as stack:
+        bootstraps = {}
+        for count in counts:
+            spans = even_split(plan.blocks, count)
+            root = Path(tmp) / f"n{len(spans)}"
+            sup = stack.enter_context(Supervisor(root, env={**env, "PYMESH_HOME": str(root)}))
             progress.update(task, description=f"starting a bootstrap and {len(spans)} workers")
-            bootstrap = start_workers(sup, plan, spans, Path(tmp))
+            bootstraps[len(spans)] = start_workers(sup, plan, spans, root)
             progress.advance(task)
-            measured[len(spans)] = trio.run(measure_swarm, bootstrap, plan, progress, task, len(spans))
+        measured = trio.run(measure, bootstraps, plan, progress, task)
     if plan.model_dir is not None:
         # Again after the swarms: the machine's load drifts; both runs' intervals are pooled.
         progress.update(task, description="single process again")
         single_process(plan.model_dir, plan.ids, plan.n, plan.repeats, plan.dtype, single)
         progress.advance(task)
-    log.info("threads per process: %d; prompt %d tokens; %d new tokens; %d repeats",
-             plan.threads, len(plan.ids), plan.n, plan.repeats)
+    log.info("threads per process: %d; prompt %d tokens; %d new tokens; %d repeats; verify %s",
+             plan.threads, len(plan.ids), plan.n, plan.repeats, plan.settings.client.verify)
     return rows_of(plan, measured, single)
 
 
@@ -318,7 +334,7 @@ def rows_of(plan: HopsPlan, measured: dict[int, dict[str, Timing]], single: Timi
             timing = measured[workers][t]
             ms = timing.p50_ms
             rows.append({"kind": "point", "transport": t, "workers": workers, "mode": mode, "model": plan.model_name,
-                         "ms_per_token_p50": round(ms, 3), "tokens_per_s": round(1000.0 / ms, 2) if ms > 0 else None,
+                         "verify": plan.settings.client.verify, "ms_per_token_p50": round(ms, 3), "tokens_per_s": round(1000.0 / ms, 2) if ms > 0 else None,
                          "ttft_s": round(timing.ttft_s, 4),
                          "single_process_ms_per_token_p50": None if sp_ms is None else round(sp_ms, 3),
                          "ratio": round(sp_ms / ms, 3) if sp_ms and ms > 0 else None,
@@ -327,6 +343,7 @@ def rows_of(plan: HopsPlan, measured: dict[int, dict[str, Timing]], single: Timi
         points = [(r["workers"], r["ms_per_token_p50"]) for r in rows if r["kind"] == "point" and r["transport"] == t]
         fit = fit_line([float(w) for w, _ in points], [ms for _, ms in points])
         rows.append({"kind": "fit", "transport": t, "mode": mode, "model": plan.model_name,
+                     "verify": plan.settings.client.verify,
                      "per_hop_ms": None if fit is None else round(fit[0], 3),
                      "intercept_ms": None if fit is None else round(fit[1], 3),
                      "workers_fitted": [w for w, _ in points]})
@@ -350,10 +367,10 @@ def render(rows: list[dict[str, Any]]) -> Any:
         table.add_row(r["transport"], str(r["workers"]), f"{r['ms_per_token_p50']:.2f}", num(r["tokens_per_s"], ".1f"),
                       f"{r['ttft_s']:.3f}", num(r["single_process_ms_per_token_p50"], ".2f"), num(r["ratio"], ".2f"))
     fit_table = Table(title="cost of each added hop: least-squares slope of ms/token against N")
-    for col in ("transport", "mode", "per hop ms", "goal ms", "intercept ms", "N fitted"):
-        fit_table.add_column(col, justify="left" if col in ("transport", "mode") else "right")
+    for col in ("transport", "mode", "verify", "per hop ms", "goal ms", "intercept ms", "N fitted"):
+        fit_table.add_column(col, justify="left" if col in ("transport", "mode", "verify") else "right")
     for r in fits:
         goal = GOALS_MS.get(r["transport"])
-        fit_table.add_row(r["transport"], r["mode"], num(r["per_hop_ms"], ".3f"), num(goal, ".1f"),
+        fit_table.add_row(r["transport"], r["mode"], r["verify"], num(r["per_hop_ms"], ".3f"), num(goal, ".1f"),
                           num(r["intercept_ms"], ".2f"), ",".join(map(str, r["workers_fitted"])))
     return Group(table, fit_table)

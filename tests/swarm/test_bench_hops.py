@@ -58,7 +58,7 @@ def test_bench_hops_echo_emits_its_schema() -> None:
     env = {**os.environ, "PYMESH_THREADS": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [sys.executable, "-m", "pymesh", "-q", "bench", "hops", "--json", "--quick", "--echo", "--workers", "1,2",
-         "--prompt-tokens", "8", "--new-tokens", "6"],
+         "--prompt-tokens", "8", "--new-tokens", "6", "--repeats", "1", "--verify", "off"],
         capture_output=True, text=True, timeout=110, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(res.stdout[res.stdout.index("["):])
@@ -66,7 +66,7 @@ def test_bench_hops_echo_emits_its_schema() -> None:
     fits = [r for r in rows if r["kind"] == "fit"]
     assert [(r["transport"], r["workers"]) for r in points] == [("tcp", 1), ("tcp", 2), ("quic", 1), ("quic", 2)]
     for r in points:
-        assert set(r) == set(POINT_KEYS) and r["mode"] == "echo" and r["model"] == "echo"
+        assert set(r) == set(POINT_KEYS) and (r["mode"], r["model"], r["verify"]) == ("echo", "echo", "off")
         assert r["ms_per_token_p50"] > 0 and r["ttft_s"] > 0 and r["ratio"] is None
         assert r["tokens_per_s"] == pytest.approx(1000 / r["ms_per_token_p50"], rel=0.01)
     assert [r["transport"] for r in fits] == ["tcp", "quic"]
