@@ -233,10 +233,12 @@ def test_metrics_of_serve_and_worker(served: Any) -> None:
     assert values["pymesh_worker_steps_total"] >= 4 and values["pymesh_worker_from_client_total"] >= 4
     assert values["pymesh_worker_blocks"] == 2 and values["pymesh_worker_cache_tokens_total"] > 0
     assert values["pymesh_worker_compute_seconds_total"] > 0
-    # every forward is in the rows histogram; decode steps of one sequence are 1 row each
-    assert values["pymesh_worker_forward_rows_count"] == values["pymesh_worker_steps_total"]
+    # every forward is in the rows histogram: one per step, or fewer when the steps of several
+    # sessions ran as one batch; a lone decode step is 1 row
+    forwards, steps = values["pymesh_worker_forward_rows_count"], values["pymesh_worker_steps_total"]
+    assert 0 < forwards <= steps and values["pymesh_worker_forward_rows_sum"] >= steps
     ones = next(v for k, v in values.items() if k.startswith('pymesh_worker_forward_rows_bucket{le="1'))
-    assert ones >= 3 and values['pymesh_worker_forward_rows_bucket{le="+Inf"}'] == values["pymesh_worker_steps_total"]
+    assert ones >= 1 and values['pymesh_worker_forward_rows_bucket{le="+Inf"}'] == forwards
 
 
 def _metric(served: Any, name: str) -> float:
