@@ -34,7 +34,7 @@ class ServeOptions:
     device: str = "cpu"
     dtype: str = "float32"
     api_key: str | None = None
-    max_active: int = 8
+    max_active: int = 16
     max_waiting: int = 32
     settings: Settings | None = None
     allow_peers: PeerAllowlist | None = None

@@ -32,7 +32,7 @@ def model_name(model_id: str) -> str:
 
 class Gateway:
     def __init__(self, backend: Backend, defaults: SamplingParams, metrics: Metrics, *,
-                 max_active: int = 8, max_waiting: int = 32) -> None:
+                 max_active: int = 16, max_waiting: int = 32) -> None:
         self.backend = backend
         self.defaults = defaults
         self.metrics = metrics

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require this key (first line of FILE) as 'Authorization: Bearer KEY'; or set "
                              "PYMESH_API_KEY (never a key on the command line, where ps shows it)")
     parser.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of a request (default 256)")
-    parser.add_argument("--max-active", type=int, default=8, help="generations running at once (default 8)")
+    parser.add_argument("--max-active", type=int, default=16,
+                        help="generations running at once (default 16: workers and the client batch the steps of "
+                             "concurrent sessions, so they share the cost of reading the weights)")
     parser.add_argument("--max-waiting", type=int, default=32,
                         help="requests waiting for a slot before new ones get 429 (default 32)")
     add_swarm_client_arguments(parser)

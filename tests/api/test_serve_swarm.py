@@ -136,7 +136,7 @@ def test_logprobs_match_the_heads_log_softmax(served: Any) -> None:
 
 
 def test_eight_concurrent_streams_equal_their_solo_runs(served: Any) -> None:
-    """8 streams at once (serve's --max-active is 8 by default, so none waits)."""
+    """8 streams at once (serve's --max-active is 16 by default, so none waits)."""
     solo = [chat(served, p, max_tokens=12).choices[0].message.content for p in PROMPTS]
     got: dict[int, str] = {}
 
