@@ -46,6 +46,9 @@ ENV_VARS: dict[str, str] = {
     "PYMESH_MAX_BLOCKS": "cap on the blocks an automatically placed worker takes (like --max-blocks)",
     "PYMESH_THROUGHPUT": "tokens/s a worker announces instead of measuring it at start-up",
     "PYMESH_SKIP_THROUGHPUT": "1: skip the start-up throughput measurement (announce 0 unless PYMESH_THROUGHPUT)",
+    "PYMESH_BATCHING": "0: compute each session's step on its own instead of batching the steps of sessions "
+                       "ready together",
+    "PYMESH_BATCH_TOKENS": "rows one batched forward takes at most (decode rows, then prefill chunks)",
     "PYMESH_TEST_FAULTS": "1: allow the fault-injection variables below (tests and audits only; refused otherwise)",
     "PYMESH_TEST_CORRUPT": "probability a worker corrupts a step's output (needs PYMESH_TEST_FAULTS=1)",
     "PYMESH_TEST_CORRUPT_MODE": "how it lies: noise (default), equivocate (honest copy, bad push) or receipt",
@@ -93,6 +96,8 @@ FIELDS: dict[str, str] = {
     "PYMESH_MAX_BLOCKS": "worker.max_blocks",
     "PYMESH_THROUGHPUT": "worker.throughput",
     "PYMESH_SKIP_THROUGHPUT": "worker.skip_throughput",
+    "PYMESH_BATCHING": "worker.batching",
+    "PYMESH_BATCH_TOKENS": "worker.batch_tokens",
     "PYMESH_THREADS": "runtime.threads",
     "PYMESH_BAN_SECONDS": "client.ban_seconds",
     "PYMESH_DISCOVERY_TIMEOUT": "client.discovery_timeout",
