@@ -24,13 +24,13 @@ from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
 
-from pymesh.errors import LocalProtocolError, PeerUnavailable
+from pymesh.errors import PeerUnavailable
+from pymesh.net.quic_internals import check_internals, derive_reset_tokens, relax_pacing
 from pymesh.net.quic_limits import guard_stream_gaps
 from pymesh.proto.frames import FrameError
 
 if TYPE_CHECKING:
     from pymesh.net.quic_endpoint import QuicEndpoint
-    from pymesh.proto.reset_tokens import ResetTokens
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,9 @@ class QuicDriver:
         self.on_terminated: Callable[[str], None] | None = None
         self.on_stream: Callable[[QStream], None] | None = None
         self.dirty = False   # received datagrams not yet followed by a transmit
+        # A push (unidirectional stream) arrived whole: its sender waits for the ACK (see
+        # send_frame), and nothing will answer on the stream for it to ride on.
+        self._ack_now = False
         # aioquic raises flow-control credit as data arrives, not as it is consumed, so the
         # bytes parked in streams nobody reads yet are bounded here instead.
         self.budget = Budget()
@@ -165,9 +168,9 @@ class QuicDriver:
         # A client's first connection ID has no reset token (QUIC cannot announce one), so a
         # server moves to the client's next ID, which has one, as soon as it is issued.
         self._leave_first_peer_cid = not is_client
-        _check_internals(quic)
-        _relax_pacing(quic)
-        _derive_reset_tokens(quic, endpoint.reset_tokens, self.add_cid)
+        check_internals(quic)
+        relax_pacing(quic)
+        derive_reset_tokens(quic, endpoint.reset_tokens, self.add_cid)
         guard_stream_gaps(quic, lambda: self.max_unread - self.budget.used)
 
     # ---------------------------------------------------------------- lifecycle
@@ -269,9 +272,12 @@ class QuicDriver:
 
         aioquic holds an ACK back for 1 ms, so a reply sent sooner would go without it and
         a separate ACK-only datagram (one more wake-up of the peer) would follow. When the
-        application is sending anyway (``piggyback_ack``), pending ACKs ride along now."""
+        application is sending anyway (``piggyback_ack``), pending ACKs ride along now; so do
+        they when a push arrived whole (its sender's ``send_frame`` waits for them: 1 ms
+        and a timer wake-up more per hop otherwise)."""
         self._process_events()
-        if piggyback_ack:
+        if piggyback_ack or self._ack_now:
+            self._ack_now = False
             space = self.quic._spaces.get(tls.Epoch.ONE_RTT)
             if space is not None and space.ack_at is not None:
                 space.ack_at = trio.current_time()
@@ -298,6 +304,8 @@ class QuicDriver:
                     if stream is None:
                         continue
                 stream.feed(ev.data, ev.end_stream)
+                if ev.end_stream and ev.stream_id & 2:
+                    self._ack_now = True
             elif isinstance(ev, events.StreamReset):
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
@@ -436,61 +444,3 @@ class QuicDriver:
         if self.terminated is None:
             self.quic.send_ping(uid)
             self.after_io()
-
-
-#: aioquic internals the driver reads (no public API exposes them): the pacer, stream send
-#: buffers (unacknowledged bytes), packet spaces (ACK timing), the close timer, the peer
-#: certificate, the connection state and connection IDs with their stateless reset tokens
-#: (aioquic draws tokens at random and never checks received ones). Tested with aioquic 1.7.2.
-_INTERNALS = ("_loss", "_streams", "_spaces", "_close_at", "_state", "_host_cids", "_peer_cid",
-              "_peer_cid_available", "_replenish_connection_ids", "_network_paths", "_get_or_create_stream")
-
-
-def _check_internals(quic: QuicConnection) -> None:
-    missing = [name for name in _INTERNALS if not hasattr(quic, name)]
-    if missing or not hasattr(quic._loss, "_pacer"):
-        import aioquic
-
-        raise LocalProtocolError(
-            f"pymesh's QUIC driver needs aioquic 1.x internals ({', '.join(missing) or '_loss._pacer'} missing "
-            f"in aioquic {getattr(aioquic, '__version__', '?')}); install aioquic 1.7 or use transport='tcp'"
-        )
-
-
-def _relax_pacing(quic: QuicConnection) -> None:
-    pacer = quic._loss._pacer
-    original = pacer.next_send_time
-
-    def next_send_time(now: float) -> float | None:
-        t = original(now)
-        if t is None or t - now < 0.001:
-            return None
-        return t
-
-    pacer.next_send_time = next_send_time  # type: ignore[method-assign,assignment]
-
-
-def _derive_reset_tokens(quic: QuicConnection, tokens: "ResetTokens", register: Callable[[bytes], None]) -> None:
-    """Give each connection ID this side issues the reset token derived from the node's
-    identity (see :mod:`pymesh.proto.reset_tokens`) instead of aioquic's random one, now
-    and whenever aioquic issues more. A client's first connection ID has no token (QUIC
-    cannot announce one for it) and keeps none.
-
-    IDs issued later are routed to this connection (``register``) at once, not when
-    aioquic's ConnectionIdIssued event is processed: the peer may use an ID as soon as
-    it has it, and a packet for an unknown ID is answered with a Stateless Reset."""
-    def derive() -> None:
-        for c in quic._host_cids:
-            if c.stateless_reset_token:
-                c.stateless_reset_token = tokens.token(c.cid)
-
-    original = quic._replenish_connection_ids
-
-    def replenish() -> None:
-        original()
-        derive()
-        for c in quic._host_cids:
-            register(c.cid)
-
-    derive()
-    quic._replenish_connection_ids = replenish  # type: ignore[method-assign]
