@@ -100,6 +100,13 @@ def host_of(addr: object) -> str | None:
     return str(ip)
 
 
+def is_loopback(addr: object) -> bool:
+    """Whether a socket address tuple names a loopback address (127.0.0.0/8, ::1, or
+    127.x mapped into IPv6)."""
+    host = host_of(addr)
+    return host is not None and ipaddress.ip_address(host).is_loopback
+
+
 class Connection:
     """An authenticated connection to one peer; calls and pushes go both ways.
 

@@ -19,7 +19,9 @@ from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import congestion as _congestion  # noqa: F401  (registers "pymesh-delay")
 from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
-from pymesh.net.conn import ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost, host_of
+from pymesh.net.conn import (
+    ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost, host_of, is_loopback,
+)
 from pymesh.net.inflight import FrameCharge
 from pymesh.proto.frames import HANDSHAKE_LIMITS, Frame, FrameError, FrameType, read_frame_untrusted
 from pymesh.net.quic_driver import QStream, QuicDriver, StreamAborted
@@ -35,11 +37,14 @@ _ping_ids = itertools.count(1)
 PREAUTH_MAX_UNREAD = 64 * 1024
 
 
-def quic_configuration(config: TransportConfig, *, is_client: bool, identity: Identity | None) -> QuicConfiguration:
+def quic_configuration(config: TransportConfig, *, is_client: bool, identity: Identity | None,
+                       loopback: bool = False) -> QuicConfiguration:
+    """aioquic's settings from pymesh's; ``loopback``: for a peer on a loopback address
+    (``config.loopback_packet_size``)."""
     qc = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
-        max_datagram_size=config.packet_size,
+        max_datagram_size=config.packet_size_to(loopback),
         # aioquic restarts its idle timer on the first ack-eliciting packet after a receipt;
         # with pings every 0.2 x idle_timeout a silent peer is declared gone within idle_timeout.
         idle_timeout=config.idle_timeout * 0.7,
@@ -221,7 +226,11 @@ def new_endpoint(node: ConnectionHost, host: str, port: int, *, server: bool) ->
     except OSError as exc:
         sock.close()
         raise PeerUnavailable(f"cannot bind UDP {host}:{port} for QUIC: {exc}") from None
-    server_cfg = quic_configuration(node.config, is_client=False, identity=node.identity) if server else None
+    server_cfg = loopback_cfg = None
+    if server:
+        server_cfg = quic_configuration(node.config, is_client=False, identity=node.identity)
+        if node.config.packet_size_to(loopback=True) != node.config.packet_size:
+            loopback_cfg = quic_configuration(node.config, is_client=False, identity=node.identity, loopback=True)
 
     def on_new(driver: QuicDriver) -> None:
         assert endpoint.nursery is not None
@@ -229,7 +238,7 @@ def new_endpoint(node: ConnectionHost, host: str, port: int, *, server: bool) ->
 
     endpoint = QuicEndpoint(sock, server_cfg, on_new if server else None, node.config.send_buffer,
                             connection_send_buffer=node.config.connection_send_buffer,
-                            max_unread=2 * node.config.connection_window)
+                            max_unread=2 * node.config.connection_window, loopback_config=loopback_cfg)
     return endpoint
 
 
@@ -271,7 +280,14 @@ async def _serve_inbound_inner(node: ConnectionHost, driver: QuicDriver) -> None
 
 async def dial(node: ConnectionHost, endpoint: QuicEndpoint, host: str, port: int, peer_id: PeerID) -> QuicRpcConnection:
     cfg = node.config
-    qc = quic_configuration(cfg, is_client=True, identity=None)
+    family = endpoint.sock.family
+    flags = socket.AI_V4MAPPED if family == socket.AF_INET6 else 0
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM, flags=flags)
+    except OSError as exc:
+        raise PeerUnavailable(f"cannot resolve {host}:{port} for QUIC: {exc}") from None
+    addr = infos[0][4]
+    qc = quic_configuration(cfg, is_client=True, identity=None, loopback=is_loopback(addr))
     quic = QuicConnection(configuration=qc)
     driver = QuicDriver(endpoint, quic, is_client=True, send_buffer=cfg.send_buffer,
                         connection_send_buffer=cfg.connection_send_buffer, max_unread=PREAUTH_MAX_UNREAD)
@@ -279,13 +295,6 @@ async def dial(node: ConnectionHost, endpoint: QuicEndpoint, host: str, port: in
     assert endpoint.nursery is not None
     await endpoint.nursery.start(driver.run)
     try:
-        family = endpoint.sock.family
-        flags = socket.AI_V4MAPPED if family == socket.AF_INET6 else 0
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM, flags=flags)
-        except OSError as exc:
-            raise PeerUnavailable(f"cannot resolve {host}:{port} for QUIC: {exc}") from None
-        addr = infos[0][4]
         with trio.fail_after(cfg.connect_timeout):
             quic.connect(addr, now=trio.current_time())
             driver.after_io()

@@ -35,6 +35,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pymesh.net.conn import is_loopback
 from pymesh.net.dht_ratelimit import RateLimiter
 from pymesh.net.quic_admission import InitialGate, Verdict
 from pymesh.net.quic_driver import QuicDriver
@@ -61,7 +62,8 @@ class QuicEndpoint:
     def __init__(self, sock: socket.socket, server_config: QuicConfiguration | None,
                  on_new_connection: Callable[[QuicDriver], None] | None, send_buffer: int,
                  gso: bool = True, connection_send_buffer: int | None = None,
-                 max_unread: int | None = None, gate: InitialGate | None = None) -> None:
+                 max_unread: int | None = None, gate: InitialGate | None = None,
+                 loopback_config: QuicConfiguration | None = None) -> None:
         self.sock = sock
         sock.setblocking(False)
         for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_RCVBUFFORCE / SO_SNDBUFFORCE
@@ -73,6 +75,8 @@ class QuicEndpoint:
                 except OSError:
                     pass
         self.server_config = server_config
+        #: the server settings for a client on a loopback address (larger datagrams), if they differ
+        self.loopback_config = loopback_config
         self.on_new_connection = on_new_connection
         self.send_buffer = send_buffer
         self.connection_send_buffer = connection_send_buffer
@@ -250,6 +254,8 @@ class QuicEndpoint:
             if self.gate.counters["full"] % 1000 == 1 and self.gate.pending >= self.gate.max_pending:
                 log.warning("dropping new QUIC connections: %d handshakes already pending", self.gate.pending)
             return None
+        if self.loopback_config is not None and is_loopback(addr):
+            cfg = self.loopback_config
         quic = QuicConnection(configuration=cfg, original_destination_connection_id=decision.original_dcid,
                               retry_source_connection_id=decision.retry_scid)
         driver = QuicDriver(self, quic, is_client=False, send_buffer=self.send_buffer,
