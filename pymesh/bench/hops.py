@@ -16,15 +16,25 @@ slope of a least-squares line through (N, ms_per_token_p50) is what one more hop
 ``per_hop_ms``; its ``intercept_ms`` is what is left at N = 0 (compute, the client's head
 and sampling, and one round trip's fixed part).
 
+Before each session's first decode step and after its last, the client reads every worker's
+``compute_us`` counter (``pm.stats``: time in the worker's batcher step, i.e. the forward,
+the hand-off to the compute thread and any wait for a batch): ``worker_step_ms`` is that
+per decode step summed over the hops (a mean, where ms_per_token_p50 is a median: on a
+loaded machine it can exceed the median), and ``outside_ms`` = ms_per_token_p50 -
+worker_step_ms is what the network, the event loops, (de)serialisation, receipts and the
+client's head and sampling take. Its slope against N (``outside_per_hop_ms``) is the
+per-hop cost with the compute's noise taken out.
+
 ``--echo`` starts echo-mode workers (no weights: each returns its input unchanged) for the
 model's shape (SmolLM2-135M's 30 blocks x 576 hidden without ``--model-path``), and the
 client steps hidden states through an :class:`~pymesh.client.session.InferenceSession`:
 the slope is then the transport and scheduling cost of a hop with no compute at all.
 
 Rows: per (transport, workers) ``kind="point"`` with transport, workers, mode ("model" or
-"echo"), model, verify, ms_per_token_p50, tokens_per_s, ttft_s, single_process_ms_per_token_p50
-and ratio (swarm tokens/s over single process; None in echo mode, which has no single-process
-counterpart); per transport ``kind="fit"`` with per_hop_ms, intercept_ms and the counts fitted.
+"echo"), model, verify, ms_per_token_p50, tokens_per_s, worker_step_ms, outside_ms, ttft_s,
+single_process_ms_per_token_p50, single_process_ttft_s and ratio (swarm tokens/s over single
+process; None in echo mode, which has no single-process counterpart); per transport
+``kind="fit"`` with per_hop_ms, intercept_ms, outside_per_hop_ms and the counts fitted.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from pymesh.settings import Settings, settings_of
 
@@ -48,9 +58,11 @@ log = logging.getLogger(__name__)
 ECHO_SHAPE = (30, 576)
 #: what the issue asks of one added hop, per transport (ms)
 GOALS_MS = {"tcp": 0.5, "quic": 1.0}
-POINT_KEYS = ("kind", "transport", "workers", "mode", "model", "verify", "ms_per_token_p50", "tokens_per_s", "ttft_s",
+POINT_KEYS = ("kind", "transport", "workers", "mode", "model", "verify", "ms_per_token_p50", "tokens_per_s",
+              "worker_step_ms", "outside_ms", "ttft_s",
               "single_process_ms_per_token_p50", "ratio", "single_process_ttft_s")
-FIT_KEYS = ("kind", "transport", "mode", "model", "verify", "per_hop_ms", "intercept_ms", "workers_fitted")
+FIT_KEYS = ("kind", "transport", "mode", "model", "verify", "per_hop_ms", "intercept_ms", "outside_per_hop_ms",
+            "workers_fitted")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +124,8 @@ class Timing:
 
     stamps: list[list[float]] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    #: per run: the workers' own time per decode step, summed over the hops (ms; a mean)
+    worker_ms: list[float] = field(default_factory=list)
 
     @property
     def p50_ms(self) -> float:
@@ -120,6 +134,10 @@ class Timing:
     @property
     def ttft_s(self) -> float:
         return min(self.ttfts)
+
+    @property
+    def worker_step_ms(self) -> float | None:
+        return statistics.median(self.worker_ms) if self.worker_ms else None
 
 
 def single_process(model_dir: Path, ids: list[int], n: int, repeats: int, dtype: str, into: Timing) -> None:
@@ -136,19 +154,34 @@ def single_process(model_dir: Path, ids: list[int], n: int, repeats: int, dtype:
         into.ttfts.append(stamps[0] - t0)
 
 
-async def model_session(swarm: Any, model: Any, ids: list[int], n: int, into: Timing) -> None:
+#: awaited after the first token (the prefill) and after the last: the workers' compute clock
+Mark = Callable[[], Awaitable[None]]
+
+
+async def _no_mark() -> None:
+    return None
+
+
+async def model_session(swarm: Any, model: Any, ids: list[int], n: int, into: Timing, mark: Mark = _no_mark
+                        ) -> None:
     """One greedy generation through the swarm; TTFT is the client's prefill time (no discovery)."""
     from pymesh.client.generation import GenerationStats, generate_tokens
     from pymesh.model.sampling import SamplingParams
 
     stats = GenerationStats()
-    stamps = [time.perf_counter() async for _t in generate_tokens(
-        swarm, model, ids, SamplingParams(max_new_tokens=n), stats=stats, ignore_eos=True)]
+    stamps: list[float] = []
+    async for _t in generate_tokens(swarm, model, ids, SamplingParams(max_new_tokens=n), stats=stats,
+                                    ignore_eos=True):
+        if not stamps:
+            await mark()      # not inside an interval: the first one starts after it
+        stamps.append(time.perf_counter())
+    await mark()
     into.stamps.append(stamps)
     into.ttfts.append(stats.prefill_s)
 
 
-async def echo_session(swarm: Any, blocks: int, hidden: int, prompt: int, n: int, into: Timing) -> None:
+async def echo_session(swarm: Any, blocks: int, hidden: int, prompt: int, n: int, into: Timing,
+                       mark: Mark = _no_mark) -> None:
     """A prompt-sized step then ``n - 1`` one-token steps of hidden states through echo workers."""
     import torch
 
@@ -157,13 +190,28 @@ async def echo_session(swarm: Any, blocks: int, hidden: int, prompt: int, n: int
     async with InferenceSession(swarm, 0, blocks, max_tokens=prompt + n) as session:
         t0 = time.perf_counter()
         await session.step(torch.zeros(1, prompt, hidden))
+        ttft = time.perf_counter() - t0
+        await mark()
         stamps = [time.perf_counter()]
         token = torch.zeros(1, 1, hidden)
         for _ in range(n - 1):
             await session.step(token)
             stamps.append(time.perf_counter())
+        await mark()
     into.stamps.append(stamps)
-    into.ttfts.append(stamps[0] - t0)
+    into.ttfts.append(ttft)
+
+
+async def compute_us(swarm: Any, options: Sequence[Any]) -> int:
+    """The sum of the workers' ``compute_us`` counters (time in their batcher's step: the
+    forward, the hand-off to the compute thread and any wait for a batch)."""
+    from pymesh.proto import session_wire as sw
+
+    total = 0
+    for o in options:
+        meta, _ = await swarm.call(o, sw.STATS, {})
+        total += sw.StatsReply.from_meta_untrusted(meta).compute_us
+    return total
 
 
 @dataclass
@@ -205,14 +253,22 @@ async def measure(bootstraps: dict[int, str], plan: HopsPlan, progress: Any, tas
     model_id = "echo" if model is None else model.model_id
     out = {count: {t: Timing() for t in plan.transports} for count in bootstraps}
 
-    async def session(swarm: Any, n: int, into: Timing) -> None:
+    async def session(swarm: Any, n: int, into: Timing, options: Sequence[Any] = ()) -> None:
+        clock: list[int] = []
+
+        async def mark() -> None:
+            if options:
+                clock.append(await compute_us(swarm, options))
+
         if model is None:
-            await echo_session(swarm, plan.blocks, plan.hidden, len(plan.ids), n, into)
+            await echo_session(swarm, plan.blocks, plan.hidden, len(plan.ids), n, into, mark)
         else:
-            await model_session(swarm, model, plan.ids, n, into)
+            await model_session(swarm, model, plan.ids, n, into, mark)
+        if len(clock) == 2:
+            into.worker_ms.append((clock[1] - clock[0]) / 1000.0 / (n - 1))
 
     async with AsyncExitStack() as stack:
-        swarms = {}
+        swarms, options = {}, {}
         for count, bootstrap in bootstraps.items():
             for t in plan.transports:
                 progress.update(task, description=f"{count} workers over {t}: warm-up")
@@ -220,10 +276,14 @@ async def measure(bootstraps: dict[int, str], plan: HopsPlan, progress: Any, tas
                                                               settings=plan.settings))
                 await session(swarm, 2, Timing())
                 swarms[count, t] = swarm
+                options[count, t] = swarm.options_from(await swarm.records())
+                if len(options[count, t]) != count:
+                    log.warning("bench hops: the %d-worker swarm lists %d workers over %s; worker_step_ms "
+                                "sums those", count, len(options[count, t]), t)
         for r in range(plan.repeats):
             for (count, t), swarm in swarms.items():
                 progress.update(task, description=f"{count} workers over {t}: session {r + 1}/{plan.repeats}")
-                await session(swarm, plan.n, out[count][t])
+                await session(swarm, plan.n, out[count][t], options[count, t])
                 progress.advance(task)
     return out
 
@@ -324,29 +384,37 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     return rows_of(plan, measured, single)
 
 
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def rows_of(plan: HopsPlan, measured: dict[int, dict[str, Timing]], single: Timing) -> list[dict[str, Any]]:
     """Point rows per (transport, workers), then a fit row per transport."""
-    mode = "echo" if plan.echo else "model"
+    common = {"mode": "echo" if plan.echo else "model", "model": plan.model_name, "verify": plan.settings.client.verify}
     sp_ms = single.p50_ms if single.stamps else None
     rows: list[dict[str, Any]] = []
     for t in plan.transports:
         for workers in sorted(measured):
             timing = measured[workers][t]
-            ms = timing.p50_ms
-            rows.append({"kind": "point", "transport": t, "workers": workers, "mode": mode, "model": plan.model_name,
-                         "verify": plan.settings.client.verify, "ms_per_token_p50": round(ms, 3), "tokens_per_s": round(1000.0 / ms, 2) if ms > 0 else None,
-                         "ttft_s": round(timing.ttft_s, 4),
-                         "single_process_ms_per_token_p50": None if sp_ms is None else round(sp_ms, 3),
-                         "ratio": round(sp_ms / ms, 3) if sp_ms and ms > 0 else None,
-                         "single_process_ttft_s": round(single.ttft_s, 4) if single.ttfts else None})
+            ms, worker_ms = timing.p50_ms, timing.worker_step_ms
+            rows.append({"kind": "point", "transport": t, "workers": workers, **common,
+                         "ms_per_token_p50": round(ms, 3), "tokens_per_s": _r(1000.0 / ms if ms > 0 else None, 2),
+                         "worker_step_ms": _r(worker_ms),
+                         "outside_ms": _r(None if worker_ms is None else ms - worker_ms),
+                         "ttft_s": round(timing.ttft_s, 4), "single_process_ms_per_token_p50": _r(sp_ms),
+                         "ratio": _r(sp_ms / ms if sp_ms and ms > 0 else None),
+                         "single_process_ttft_s": _r(single.ttft_s if single.ttfts else None, 4)})
     for t in plan.transports:
-        points = [(r["workers"], r["ms_per_token_p50"]) for r in rows if r["kind"] == "point" and r["transport"] == t]
-        fit = fit_line([float(w) for w, _ in points], [ms for _, ms in points])
-        rows.append({"kind": "fit", "transport": t, "mode": mode, "model": plan.model_name,
-                     "verify": plan.settings.client.verify,
-                     "per_hop_ms": None if fit is None else round(fit[0], 3),
-                     "intercept_ms": None if fit is None else round(fit[1], 3),
-                     "workers_fitted": [w for w, _ in points]})
+        points = [r for r in rows if r["kind"] == "point" and r["transport"] == t]
+        xs = [float(r["workers"]) for r in points]
+        fit = fit_line(xs, [r["ms_per_token_p50"] for r in points])
+        outside = [r["outside_ms"] for r in points]
+        fit_out = fit_line(xs, outside) if None not in outside else None
+        rows.append({"kind": "fit", "transport": t, **common,
+                     "per_hop_ms": _r(None if fit is None else fit[0]),
+                     "intercept_ms": _r(None if fit is None else fit[1]),
+                     "outside_per_hop_ms": _r(None if fit_out is None else fit_out[0]),
+                     "workers_fitted": [r["workers"] for r in points]})
     return rows
 
 
@@ -361,16 +429,20 @@ def render(rows: list[dict[str, Any]]) -> Any:
     fits = [r for r in rows if r.get("kind") == "fit"]
     model = rows[0].get("model", "?") if rows else "?"
     table = Table(title=f"one session through N workers, {model}, greedy (loopback; median of per-token intervals)")
-    for col in ("transport", "workers", "ms/token p50", "tok/s", "TTFT s", "single-process ms/token", "ratio"):
+    for col in ("transport", "workers", "ms/token p50", "tok/s", "in workers ms", "outside ms", "TTFT s",
+                "single-process ms/token", "ratio"):
         table.add_column(col, justify="left" if col == "transport" else "right")
     for r in points:
         table.add_row(r["transport"], str(r["workers"]), f"{r['ms_per_token_p50']:.2f}", num(r["tokens_per_s"], ".1f"),
-                      f"{r['ttft_s']:.3f}", num(r["single_process_ms_per_token_p50"], ".2f"), num(r["ratio"], ".2f"))
+                      num(r["worker_step_ms"], ".2f"), num(r["outside_ms"], ".2f"), f"{r['ttft_s']:.3f}",
+                      num(r["single_process_ms_per_token_p50"], ".2f"), num(r["ratio"], ".2f"))
     fit_table = Table(title="cost of each added hop: least-squares slope of ms/token against N")
-    for col in ("transport", "mode", "verify", "per hop ms", "goal ms", "intercept ms", "N fitted"):
+    for col in ("transport", "mode", "verify", "per hop ms", "goal ms", "intercept ms", "outside per hop ms",
+                "N fitted"):
         fit_table.add_column(col, justify="left" if col in ("transport", "mode", "verify") else "right")
     for r in fits:
         goal = GOALS_MS.get(r["transport"])
         fit_table.add_row(r["transport"], r["mode"], r["verify"], num(r["per_hop_ms"], ".3f"), num(goal, ".1f"),
-                          num(r["intercept_ms"], ".2f"), ",".join(map(str, r["workers_fitted"])))
+                          num(r["intercept_ms"], ".2f"), num(r["outside_per_hop_ms"], ".3f"),
+                          ",".join(map(str, r["workers_fitted"])))
     return Group(table, fit_table)

@@ -41,15 +41,22 @@ def test_rows_of_ratio_and_fit() -> None:
     plan = HopsPlan(None, "m", 30, 8, [0] * 4, n=3, repeats=1, transports=["tcp"], dtype="float32", threads=1,
                     settings=Settings())
     # ms per token: 10 with 1 worker, 12 with 2, 16 with 4: slope 2, intercept 8
-    measured = {w: {"tcp": Timing([[0.0, ms / 1000, 2 * ms / 1000]], [0.1])} for w, ms in ((1, 10), (2, 12), (4, 16))}
+    # the workers' own step time 9 ms whatever N: outside it 1, 3, 7 ms (slope 2 as well)
+    measured = {w: {"tcp": Timing([[0.0, ms / 1000, 2 * ms / 1000]], [0.1], [9.0])}
+                for w, ms in ((1, 10), (2, 12), (4, 16))}
     single = Timing([[0.0, 0.008, 0.016]], [0.05])
     rows = rows_of(plan, measured, single)
     points = [r for r in rows if r["kind"] == "point"]
     assert [r["workers"] for r in points] == [1, 2, 4] and all(set(r) == set(POINT_KEYS) for r in points)
     assert points[0]["ratio"] == pytest.approx(0.8) and points[0]["tokens_per_s"] == pytest.approx(100.0)
+    assert [r["outside_ms"] for r in points] == pytest.approx([1.0, 3.0, 7.0])
     (fit,) = [r for r in rows if r["kind"] == "fit"]
     assert set(fit) == set(FIT_KEYS)
     assert fit["per_hop_ms"] == pytest.approx(2.0) and fit["intercept_ms"] == pytest.approx(8.0)
+    assert fit["outside_per_hop_ms"] == pytest.approx(2.0)
+    # without the workers' figures (none read) the outside columns stay empty
+    bare = rows_of(plan, {1: {"tcp": Timing([[0.0, 0.01]], [0.1])}, 2: {"tcp": Timing([[0.0, 0.02]], [0.1])}}, Timing())
+    assert bare[0]["worker_step_ms"] is None and bare[0]["ratio"] is None and bare[-1]["outside_per_hop_ms"] is None
 
 
 @pytest.mark.slow
@@ -68,6 +75,9 @@ def test_bench_hops_echo_emits_its_schema() -> None:
     for r in points:
         assert set(r) == set(POINT_KEYS) and (r["mode"], r["model"], r["verify"]) == ("echo", "echo", "off")
         assert r["ms_per_token_p50"] > 0 and r["ttft_s"] > 0 and r["ratio"] is None
+        # echo workers compute nothing, but their step clock still runs (the thread hand-off)
+        assert r["worker_step_ms"] is not None and r["worker_step_ms"] >= 0
+        assert r["outside_ms"] == pytest.approx(r["ms_per_token_p50"] - r["worker_step_ms"], abs=2e-3)
         assert r["tokens_per_s"] == pytest.approx(1000 / r["ms_per_token_p50"], rel=0.01)
     assert [r["transport"] for r in fits] == ["tcp", "quic"]
     for f in fits:
