@@ -8,8 +8,8 @@ the round trip of an 8 KB request answered by an 8 KB response (median and p99, 
 microseconds) and the one-way throughput of 4 MB messages (each acknowledged by a tiny
 reply; MB = 10^6 bytes). aioquic-asyncio uses ``aioquic.asyncio.serve/connect`` with
 one stream per message and the same packet size and flow-control windows as pymesh.
-pymesh-quic rows use the packet size they name (on loopback pymesh's default is 16 KB,
-``TransportConfig.loopback_packet_size``: the 16384 rows show what a loopback swarm gets).
+pymesh-quic rows use the packet size they name; pymesh-quic-default runs ``TransportConfig``'s
+defaults, what a swarm gets (on loopback ``loopback_packet_size``, 16 KB; 1200 elsewhere).
 
 Rows: transport, packet_size, rtt_us_median, rtt_us_p99, mb_per_s (None where a case
 does not measure it), plus cpu_us_per_call (client + server CPU per round trip) and
@@ -43,6 +43,7 @@ CASES: tuple[tuple[str, int | None], ...] = (
     ("aioquic-asyncio", 1452),
     ("pymesh-quic", 16384),
     ("aioquic-asyncio", 16384),
+    ("pymesh-quic-default", None),
 )
 
 
@@ -75,10 +76,20 @@ def _serve_udp() -> None:
         sock.sendto(data, addr)
 
 
-def _serve_pymesh(transport: str, packet_size: int, cc: str) -> None:
+def _pymesh_config(packet_size: int | None, cc: str) -> Any:
+    """The packet size a row names on every path; None: ``TransportConfig``'s defaults
+    (on loopback its ``loopback_packet_size``)."""
+    from pymesh.net.config import TransportConfig
+
+    if packet_size is None:
+        return TransportConfig(congestion_control=cc)
+    return TransportConfig(packet_size=packet_size, loopback_packet_size=None, congestion_control=cc)
+
+
+def _serve_pymesh(transport: str, packet_size: int | None, cc: str) -> None:
     import trio
 
-    from pymesh.net.rpc import RpcNode, TransportConfig
+    from pymesh.net.rpc import RpcNode
     from pymesh.proto.identity import Identity
 
     async def echo(ctx: Any, meta: Any, tensors: Any) -> Any:
@@ -88,7 +99,7 @@ def _serve_pymesh(transport: str, packet_size: int, cc: str) -> None:
         return {"n": sum(t.nbytes for t in tensors)}, []
 
     async def main() -> None:
-        cfg = TransportConfig(packet_size=packet_size, loopback_packet_size=None, congestion_control=cc)
+        cfg = _pymesh_config(packet_size, cc)
         async with RpcNode(Identity.generate(), transport=transport, config=cfg) as node:
             node.register("echo", echo)
             node.register("sink", sink)
@@ -207,18 +218,18 @@ def _client_udp(port: int, rtt_calls: int) -> dict[str, Any]:
     return {"rtt": samples, "mb_per_s": None, **_cpu_fields(cpu, r0, r1, None, None, rtt_calls, None)}
 
 
-def _client_pymesh(transport: str, packet_size: int, port: int, peer: str, rtt_calls: int,
+def _client_pymesh(transport: str, packet_size: int | None, port: int, peer: str, rtt_calls: int,
                    bulk_calls: int, cc: str) -> dict[str, Any]:
     import trio
 
     from pymesh.proto.frames import TensorBlob
-    from pymesh.net.rpc import RpcNode, TransportConfig
+    from pymesh.net.rpc import RpcNode
     from pymesh.proto.identity import Identity, PeerID
 
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        cfg = TransportConfig(packet_size=packet_size, loopback_packet_size=None, congestion_control=cc)
+        cfg = _pymesh_config(packet_size, cc)
         async with RpcNode(Identity.generate(), transport=transport, config=cfg) as node:
             conn = await node.connect("127.0.0.1", port, PeerID.from_text(peer))
             small = TensorBlob("uint8", (RTT_BYTES,), memoryview(os.urandom(RTT_BYTES)))
@@ -308,21 +319,23 @@ def _role_main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     global _SERVER_PID
     _SERVER_PID = a.server_pid
-    pymesh_transport = {"pymesh-quic": "quic", "pymesh-tcp": "tcp", "pymesh-tcp-plain": "tcp-plain"}
+    pymesh_transport = {"pymesh-quic": "quic", "pymesh-tcp": "tcp", "pymesh-tcp-plain": "tcp-plain",
+                        "pymesh-quic-default": "quic"}
+    size = None if a.transport == "pymesh-quic-default" else a.packet_size
     if a.role == "server":
         if a.transport == "udp-floor":
             _serve_udp()
         elif a.transport == "aioquic-asyncio":
             _serve_aioquic(a.packet_size)
         else:
-            _serve_pymesh(pymesh_transport[a.transport], a.packet_size, a.cc)
+            _serve_pymesh(pymesh_transport[a.transport], size, a.cc)
         return
     if a.transport == "udp-floor":
         res = _client_udp(a.port, a.rtt_calls)
     elif a.transport == "aioquic-asyncio":
         res = _client_aioquic(a.packet_size, a.port, a.rtt_calls, a.bulk_calls)
     else:
-        res = _client_pymesh(pymesh_transport[a.transport], a.packet_size, a.port, a.peer, a.rtt_calls,
+        res = _client_pymesh(pymesh_transport[a.transport], size, a.port, a.peer, a.rtt_calls,
                              a.bulk_calls, a.cc)
     json.dump(res, sys.stdout)
 
