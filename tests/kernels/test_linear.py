@@ -202,3 +202,26 @@ def test_decode_sized_gemvs_split_over_two_threads_equal_one_thread(dtype: torch
     for _ in range(40):
         for e, w in zip(expected, ws):
             assert torch.equal(run(w, 2), e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_back_to_back_jobs_of_every_size_equal_one_thread(dtype: torch.dtype) -> None:
+    """Many pool jobs in a row, each a different chunk count and row count (the pool's claim
+    word turns over every call; helpers that wake late must not take a chunk of the next job
+    twice or skip one): two threads give exactly the one-thread bytes every time."""
+    assert ops._C is not None
+    code = {torch.float32: 0, torch.bfloat16: 2}[dtype]
+    ws = [randn(n, 576, dtype=dtype, seed=50 + n) for n in (192, 576, 1536, 3072)]
+    xs = randn(ops.LINEAR_MAX_ROWS, 576, dtype=dtype, seed=51)
+
+    def run(w: torch.Tensor, rows: int, threads: int) -> torch.Tensor:
+        y = torch.full((rows, w.shape[0]), float("nan"), dtype=dtype)
+        ops._C.linear(y.data_ptr(), xs.data_ptr(), 576, w.data_ptr(), 0, rows, 576, w.shape[0],
+                      code, threads)
+        return y
+
+    cases = [(w, rows) for rows in (1, 3, 8, 9, 32) for w in ws]
+    expected = [run(w, rows, 1) for w, rows in cases]
+    for _ in range(10):
+        for e, (w, rows) in zip(expected, cases):
+            assert torch.equal(run(w, rows, 2), e), f"{rows} x {tuple(w.shape)}"
