@@ -160,6 +160,7 @@ class QuicDriver:
         # A push (unidirectional stream) arrived whole: its sender waits for the ACK (see
         # send_frame), and nothing will answer on the stream for it to ride on.
         self._ack_now = False
+        self.answer_expected = False  # see after_receive
         # aioquic raises flow-control credit as data arrives, not as it is consumed, so the
         # bytes parked in streams nobody reads yet are bounded here instead.
         self.budget = Budget()
@@ -254,7 +255,10 @@ class QuicDriver:
     def after_receive(self) -> None:
         """Process events and wake readers and senders, but leave transmitting to
         :meth:`flush`: a handler woken here usually answers at once, and its send
-        transmits (with the ACK) — one ``datagrams_to_send`` instead of two."""
+        transmits (with the ACK) — one ``datagrams_to_send`` instead of two.
+        ``answer_expected``: data arrived on a bidirectional stream (a call or its reply),
+        which a woken task may answer at once."""
+        self.answer_expected = False
         self._process_events()
         if self._leave_first_peer_cid and self.quic._peer_cid_available and self.terminated is None:
             self._leave_first_peer_cid = False
@@ -304,7 +308,9 @@ class QuicDriver:
                     if stream is None:
                         continue
                 stream.feed(ev.data, ev.end_stream)
-                if ev.end_stream and ev.stream_id & 2:
+                if not ev.stream_id & 2:
+                    self.answer_expected = True
+                elif ev.end_stream:
                     self._ack_now = True
             elif isinstance(ev, events.StreamReset):
                 stream = self.streams.get(ev.stream_id)

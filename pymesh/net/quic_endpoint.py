@@ -215,10 +215,11 @@ class QuicEndpoint:
             # Let the tasks just woken answer first: their sends transmit (ACKs included);
             # only connections that stayed silent transmit here. trio runs a batch of ready
             # tasks in either order, so this loop may come back before them: a second pass
-            # then, rather than a transmit that finds nothing due (half of all round trips
-            # paid one, ~30 us of aioquic's datagrams_to_send, before the answer's own).
+            # then, where a call or reply came in (half of all round trips paid a transmit
+            # that found nothing due, ~30 us of aioquic's datagrams_to_send, before the
+            # answer's own). ACKs and pushes expect no answer: no second pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            if any(d.dirty for d in touched.values()):
+            if any(d.dirty and d.answer_expected for d in touched.values()):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             _each(touched.values(), QuicDriver.flush)
 
