@@ -428,17 +428,17 @@ def render(rows: list[dict[str, Any]]) -> Any:
     points = [r for r in rows if r.get("kind") == "point"]
     fits = [r for r in rows if r.get("kind") == "fit"]
     model = rows[0].get("model", "?") if rows else "?"
-    table = Table(title=f"one session through N workers, {model}, greedy (loopback; median of per-token intervals)")
-    for col in ("transport", "workers", "ms/token p50", "tok/s", "in workers ms", "outside ms", "TTFT s",
-                "single-process ms/token", "ratio"):
+    table = Table(title=f"one session through N workers, {model}, greedy (loopback; median of per-token intervals; "
+                        "workers ms: their own step time, summed)")
+    for col in ("transport", "N", "ms/tok p50", "tok/s", "workers ms", "outside ms", "TTFT s", "1-proc ms/tok",
+                "ratio"):
         table.add_column(col, justify="left" if col == "transport" else "right")
     for r in points:
         table.add_row(r["transport"], str(r["workers"]), f"{r['ms_per_token_p50']:.2f}", num(r["tokens_per_s"], ".1f"),
                       num(r["worker_step_ms"], ".2f"), num(r["outside_ms"], ".2f"), f"{r['ttft_s']:.3f}",
                       num(r["single_process_ms_per_token_p50"], ".2f"), num(r["ratio"], ".2f"))
-    fit_table = Table(title="cost of each added hop: least-squares slope of ms/token against N")
-    for col in ("transport", "mode", "verify", "per hop ms", "goal ms", "intercept ms", "outside per hop ms",
-                "N fitted"):
+    fit_table = Table(title="cost of each added hop: least-squares slope of ms/token (and of outside ms) against N")
+    for col in ("transport", "mode", "verify", "ms/hop", "goal", "intercept", "outside ms/hop", "N"):
         fit_table.add_column(col, justify="left" if col in ("transport", "mode", "verify") else "right")
     for r in fits:
         goal = GOALS_MS.get(r["transport"])
