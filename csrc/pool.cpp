@@ -12,9 +12,11 @@
 // and claiming, touches nothing of it; the caller waits only for chunks a helper has
 // claimed and is computing, and while it waits it yields the core after a few
 // microseconds (the scheduler may have stacked the helper on the caller's core). A
-// spinning helper does not yield: measured under load 3-5 on 2 cores, a helper that
-// yielded every few us while idle was mostly off its core when the next job came
-// (linear's median/min over bench kernels' rows: geometric mean 1.53 against 1.24).
+// spinning helper yields only when it finds itself on the core the caller last ran
+// on: there its spin would keep the caller off the core for the whole spin (seen as
+// ~250 us first calls after a pause, under load). Yielding on every core was tried:
+// under load 3-5 on 2 cores the helper was then mostly off its core when the next
+// job came (linear's median/min over bench kernels' rows: geometric mean 1.53 vs 1.24).
 #include "pool.h"
 
 #include <immintrin.h>
@@ -112,6 +114,7 @@ class Pool {
     // No helper can hold a claim now (the last job's chunks are all done), so the
     // job's fields are the caller's to set before the claim word publishes them.
     fn_ = &fn;
+    caller_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     wanted_.store(helpers, std::memory_order_relaxed);
     gen_ = (gen_ + 1) & 0xffffu;
@@ -192,7 +195,13 @@ class Pool {
     for (uint32_t i = 0;; ++i) {
       const uint64_t e = epoch_.load(std::memory_order_acquire);
       if (e != seen) return e;
-      if ((i & 255u) == 255u && clock::now() >= deadline) break;
+      if ((i & 255u) == 255u) {
+        if (clock::now() >= deadline) break;
+        // Stacked on the caller's core (the scheduler woke us there while the other
+        // core was busy): spinning would keep the caller off its core until our spin
+        // ends; give the core back.
+        if (sched_getcpu() == caller_cpu_.load(std::memory_order_relaxed)) sched_yield();
+      }
       cpu_relax();
     }
     std::unique_lock<std::mutex> lock(mutex_);
@@ -225,6 +234,7 @@ class Pool {
   const std::function<void(int64_t)>* fn_ = nullptr;
   uint64_t gen_ = 0;
   std::atomic<int> wanted_{0};  // helpers that may join the current job
+  std::atomic<int> caller_cpu_{-1};  // the CPU the last job's caller ran on
   std::atomic<int> sleepers_{0};
   std::atomic<int64_t> busy_until_us_{0};
   int64_t stall_debt_us_ = 0;  // under run_mutex_
