@@ -195,12 +195,14 @@ class Verifier:
         """Re-run hop ``o``'s step ``k`` elsewhere and judge; raises :class:`Conviction` when
         ``o`` is convicted (a checker that lost the vote is convicted quietly)."""
         try:
-            inputs, out = await self._material(o, k)
+            # the checker first: without one there is nothing to gather (this runs every step
+            # of a hop that was never checked, so it must not cost work that grows with k)
             shadow = await self._shadow(o)
             if shadow is None:
                 self._unverifiable(o, k, "no other worker serves these blocks: nobody to check it against")
                 return
             fed = shadow.fed
+            inputs, out = await self._material(o, min(fed, k), k)
             await shadow.advance(k, inputs, self.session.shapes_through(k))
         except CheckInconclusive as exc:
             self.report.inconclusive += 1
@@ -226,6 +228,13 @@ class Verifier:
             self.report.mismatches += 1
             log.warning("Client: %s and checker %s disagree at step %d (error %.3g > tolerance %.3g); asking a "
                         "third worker", o.describe(), shadow.describe(), j, verdict.error, verdict.tolerance)
+            try:
+                inputs = await self._boundary(o.start, range(j + 1))
+            except CheckInconclusive as exc:
+                self.report.inconclusive += 1
+                self.report.unverified = True
+                log.warning("Client: cannot ask a third worker about %s at step %d: %s", o.describe(), j, exc)
+                return
             await self._referee(o, j, {i: inputs[i] for i in range(j + 1)}, mine, shadow, verdict.error)
             return
         self.swarm.checked.add(o.peer)
@@ -241,17 +250,18 @@ class Verifier:
                 got.append((j, outs[j]))
         return got
 
-    async def _material(self, o: SpanOption, k: int) -> tuple[dict[int, "Tensor"], "Tensor"]:
-        """The hop's inputs for steps 0..k and its output at k, each checked against the
-        receipts of the hops that sent them."""
-        inputs = await self._boundary(o.start, range(k + 1))
+    async def _material(self, o: SpanOption, first: int, k: int) -> tuple[dict[int, "Tensor"], "Tensor"]:
+        """The hop's stored inputs (present for steps ``first..k``: the checker has the earlier
+        ones) and its output at k, each checked against the receipts of the hops that sent them."""
+        inputs = await self._boundary(o.start, range(first, k + 1))
         outs = await self._boundary(o.stop, [k])
         return inputs, outs[k]
 
     async def _boundary(self, boundary: int, steps: "range | list[int]") -> dict[int, "Tensor"]:
-        """Stored tensors at a block boundary (the client's inputs at the route's start, else
-        copies checked against their senders' receipts on arrival); missing ones are flushed
-        from the route's hop ending there."""
+        """The stored tensors at a block boundary (the client's inputs at the route's start, else
+        copies checked against their senders' receipts on arrival), with ``steps`` present:
+        missing ones are flushed from the route's hop ending there. The store itself, not a
+        copy (a checker compares what it was fed with it to see replaced inputs)."""
         from pymesh.client.blame import StepFailure
         from pymesh.client.replay import fetch_unsent_copies
 
@@ -268,7 +278,7 @@ class Verifier:
         missing = [j for j in steps if j not in store]
         if missing:
             raise CheckInconclusive(f"no stored output of step {missing[0]} at block {boundary}")
-        return {j: store[j] for j in steps}
+        return store
 
     async def _shadow(self, o: SpanOption) -> Shadow | None:
         key = (o.start, o.stop)

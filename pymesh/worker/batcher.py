@@ -15,6 +15,12 @@ What one forward takes is bounded: decode rows first (one per session, up to
 is cut into chunks (chunked prefill) and does not stall the others' decode; a prompt
 that arrives alone runs whole. At most one step per session goes into a forward.
 Order: priority (higher first), then arrival; a chunked prompt keeps its place.
+
+A step may come with a check to run while it computes (``during``: the previous worker's
+receipt, whose signature takes ~0.1-0.3 ms to verify): the task running the forward runs
+the checks of its steps on the event loop while the compute thread works (the kernels
+release the GIL), so they cost no time on the step's path. A check that raises fails its
+step with that error; the step's output is dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -51,6 +57,8 @@ class _Job:
     parts: list["torch.Tensor"] = field(default_factory=list)
     result: "torch.Tensor | None" = None
     error: BaseException | None = None
+    during: "Callable[[], object] | None" = None   # run while the step computes (see the module doc)
+    rejected: BaseException | None = None           # what ``during`` raised
 
     @property
     def rows(self) -> int:
@@ -83,16 +91,20 @@ class StepBatcher:
         self.max_decode = max(1, min(MAX_DECODE_ROWS, self.max_tokens))
 
     async def step(self, x: "torch.Tensor", cache: "KVCache | None", start_pos: int, *, priority: int = 0,
-                   observe: Callable[[int], None] | None = None) -> "torch.Tensor":
-        """``runtime.forward(x, cache, start_pos)``, batched with whatever else is ready."""
+                   observe: Callable[[int], None] | None = None,
+                   during: Callable[[], object] | None = None) -> "torch.Tensor":
+        """``runtime.forward(x, cache, start_pos)``, batched with whatever else is ready;
+        ``during`` runs while it computes (its error is the step's)."""
         rt = self.runtime
         if not self.enabled or rt.echo or cache is None or x.shape[0] != 1 or cache.batch != 1:
+            if during is not None:
+                during()
             if observe is not None:
                 observe(int(x.shape[0]) * int(x.shape[1]))
             self.forwards += 1
             self.batched_steps += 1
             return await rt.run(lambda: rt.forward(x, cache, start_pos))
-        job = _Job(x, cache, start_pos, priority, next(self._order))
+        job = _Job(x, cache, start_pos, priority, next(self._order), during=during)
         self._pending.append(job)
         try:
             while not job.finished:
@@ -102,7 +114,7 @@ class StepBatcher:
                     batch = self._take()
                     if observe is not None:
                         observe(sum(n for _, n in batch))
-                    await trio.to_thread.run_sync(self._compute, batch)
+                    await self._run(batch)
         finally:
             if job in self._pending:
                 self._pending.remove(job)
@@ -110,6 +122,32 @@ class StepBatcher:
             raise job.error
         assert job.result is not None
         return job.result
+
+    async def _run(self, batch: list[tuple[_Job, int]]) -> None:
+        """Compute ``batch`` in a thread; meanwhile run its steps' checks here. Like
+        ``trio.to_thread.run_sync``, a cancelled caller still waits for the thread."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[Any] = []
+
+        def deliver(outcome: Any) -> None:  # in the thread
+            box.append(outcome)
+            token.run_sync_soon(done.set)
+
+        trio.lowlevel.start_thread_soon(lambda: self._compute(batch), deliver)
+        for job, _ in batch:
+            check, job.during = job.during, None
+            if check is not None:
+                try:
+                    check()
+                except Exception as exc:  # noqa: BLE001 - the step's error, raised by its owner
+                    job.rejected = exc
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        for job, _ in batch:
+            if job.rejected is not None:
+                job.error, job.result, job.parts = job.rejected, None, []
+        box[0].unwrap()
 
     def _take(self) -> list[tuple[_Job, int]]:
         """The steps of the next forward and how many of each one's rows (see the module doc)."""

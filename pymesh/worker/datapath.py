@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Protocol
+from typing import Callable, Protocol
 
 import trio
 
@@ -138,7 +138,8 @@ class DataPath:
     def allowed(self, peer: PeerID) -> bool:
         return self.allow_peers is None or self.allow_peers.allows(peer)
 
-    async def compute(self, s: Session, req: sw.StepRef, tensors: list[TensorBlob]) -> TensorBlob:
+    async def compute(self, s: Session, req: sw.StepRef, tensors: list[TensorBlob],
+                      during: "Callable[[], object] | None" = None) -> TensorBlob:
         from pymesh.model.blobs import blob_to_tensor, tensor_to_blob
 
         sw.check_tensor_count(tensors, 1, "a step")
@@ -150,7 +151,7 @@ class DataPath:
         s.busy = True
         t0 = time.perf_counter()
         try:
-            y = await rt.batcher.step(x, s.cache, req.pos, observe=self._observe_forward)
+            y = await rt.batcher.step(x, s.cache, req.pos, observe=self._observe_forward, during=during)
         finally:
             self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
             s.busy = False
@@ -231,19 +232,24 @@ class DataPath:
             return
         try:
             req = sw.Step.from_meta_untrusted(meta)
-            received, inp_digest = None, b""
+            received: SignedReceipt | None = None
+            inp_digest = b""
+            check = None
             if s.receipts:
                 sw.check_tensor_count(tensors, 1, "a step")
                 inp_digest = await digest_of(tensors[0])
                 if s.prev is not None:  # pushed by the previous worker: its receipt must match
-                    received = self._check_receipt(conn, s, req, tensors[0], inp_digest)
+
+                    def check() -> None:  # verified while the step computes (batcher)
+                        nonlocal received
+                        received = self._check_receipt(conn, s, req, tensors[0], inp_digest)
             if conn.peer == s.client:
                 s.from_client += 1
                 self.counters["from_client"] += 1
             else:
                 s.from_peer += 1
                 self.counters["from_peer"] += 1
-            out = await self.compute(s, req, tensors)
+            out = await self.compute(s, req, tensors, during=check)
         except BadReceipt as exc:
             self.counters["bad_receipts"] += 1
             log.warning("step %d of session %s from %s refused: %s", step, sid.hex()[:8], conn.peer.short(), exc)

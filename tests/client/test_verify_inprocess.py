@@ -130,3 +130,24 @@ def test_verify_off_sends_no_receipts_and_checks_nothing(tmp_path: Path) -> None
     report = r["report"]
     assert report.checks == 0 and report.receipts_checked == 0  # type: ignore[attr-defined]
     assert sum(w.service.counters.get("receipts_signed", 0) for w in r["workers"]) == 0  # type: ignore[attr-defined]
+
+
+def test_a_hop_nobody_can_check_costs_no_gathering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One provider per span: every step's check finds no checker. It must say so without
+    first gathering the hop's stored inputs (that work grows with the session: a long session
+    slowed down step after step), and the answer is marked unverified."""
+    from pymesh.client import verify
+
+    gathered: list[int] = []
+    real = verify.Verifier._boundary
+
+    async def counting(self: verify.Verifier, boundary: int, steps: "range | list[int]") -> object:
+        gathered.append(len(steps))
+        return await real(self, boundary, steps)
+
+    monkeypatch.setattr(verify.Verifier, "_boundary", counting)
+    r = trio.run(functools.partial(_swarm_run, tmp_path, [((0, 2), SETTINGS), ((2, 4), SETTINGS), ((4, 6), SETTINGS)],
+                                   verify="sample"))
+    report = r["report"]
+    assert gathered == [], f"stored tensors gathered for checks nobody could run: {gathered}"
+    assert report.checks == 0 and report.unverified  # type: ignore[attr-defined]

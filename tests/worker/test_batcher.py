@@ -169,3 +169,39 @@ def test_order_priority_then_arrival_and_decode_first(folder: Path) -> None:
     assert first == [(1, 1), (3, 1), (4, 1), (2, 1)]
     rt.batcher._pending[:] = [jobs[0], jobs[2]]
     assert [(jobs.index(j), n) for j, n in rt.batcher._take()] == [(2, 3), (0, 1)]
+
+
+def test_a_check_run_during_compute_fails_only_its_step(folder: Path) -> None:
+    """Each step's ``during`` check runs on the event loop while the batch computes; one that
+    raises fails its own step (output dropped), the others batched with it get theirs."""
+    import threading
+
+    rt = Runtime(load_span(folder, 0, 1))
+    h = rt.span.config.hidden_size  # type: ignore[union-attr]
+    ran: list[tuple[str, int]] = []
+    results: dict[str, object] = {}
+
+    def check(name: str, ok: bool) -> object:
+        def fn() -> None:
+            ran.append((name, threading.get_ident()))
+            if not ok:
+                raise ValueError(f"{name}: the receipt does not match")
+        return fn
+
+    async def one(name: str, seed: int, ok: bool) -> None:
+        try:
+            results[name] = await rt.batcher.step(_x(seed, 1, h), rt.new_cache(8, 1), 0,
+                                                  during=check(name, ok))  # type: ignore[arg-type]
+        except ValueError as exc:
+            results[name] = exc
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for name, ok in (("a", True), ("b", False), ("c", True)):
+                nursery.start_soon(one, name, ord(name), ok)
+
+    trio.run(main)
+    assert sorted(n for n, _ in ran) == ["a", "b", "c"], "every check runs once"
+    assert {t for _, t in ran} == {threading.get_ident()}, "checks run on the event loop's thread"
+    assert isinstance(results["b"], ValueError) and "does not match" in str(results["b"])
+    assert isinstance(results["a"], torch.Tensor) and isinstance(results["c"], torch.Tensor)
