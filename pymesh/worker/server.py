@@ -298,6 +298,7 @@ class Worker:
                                   f"{cfg.num_hidden_layers} layers (0-{cfg.num_hidden_layers - 1})")
         else:
             hidden = None
+        any_port = not self.port  # --port 0: whatever port is free
         async with trio.open_nursery() as nursery:
             for t in transports:
                 node = RpcNode(self.identity, transport=t, config=self.settings.transport_config(),
@@ -308,7 +309,16 @@ class Worker:
             dht_port = opts.dht_port if opts.dht_port is not None else (self.port + 1 if self.port else 0)
             dht = self._dht = DHTNode(self.identity, host=opts.host, port=dht_port, bootstrap=boots,
                                       config=self.settings.dht_config(), clock=self.clock)
-            await nursery.start(_run_node, dht)
+            try:
+                await nursery.start(_run_node, dht)
+            except ConfigError:
+                if opts.dht_port is not None or not any_port:
+                    raise
+                # the transport took a free port, but port+1 is someone else's: any free one will do
+                log.info("UDP %d is taken; the DHT listens on another free port", dht_port)
+                dht = self._dht = DHTNode(self.identity, host=opts.host, port=0, bootstrap=boots,
+                                          config=self.settings.dht_config(), clock=self.clock)
+                await nursery.start(_run_node, dht)
             log.info("worker %s: transport %s on port %d, DHT on UDP %d", self.peer_id,
                      "+".join(t.value for t in transports), self.port, dht.port)
             start, stop = await self._choose_span()
