@@ -103,11 +103,19 @@ def _serve_pymesh(transport: str, packet_size: int | None, cc: str) -> None:
         async with RpcNode(Identity.generate(), transport=transport, config=cfg) as node:
             node.register("echo", echo)
             node.register("sink", sink)
-            port = await node.listen("127.0.0.1", 0)
-            print(f"READY {port} {node.peer_id}", flush=True)
-            await trio.sleep_forever()
+            await serve_ready(node)
 
     trio.run(main)
+
+
+async def serve_ready(node: Any) -> None:
+    """Listen on a free loopback port, tell the parent process (``READY port peer`` on
+    stdout) and serve until killed."""
+    import trio
+
+    port = await node.listen("127.0.0.1", 0)
+    print(f"READY {port} {node.peer_id}", flush=True)
+    await trio.sleep_forever()
 
 
 def _aioquic_config(is_client: bool, packet_size: int) -> Any:
