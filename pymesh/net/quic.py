@@ -191,13 +191,14 @@ class QuicRpcConnection(Connection):
         driver = self.driver
         stream = driver.open_stream(unidirectional=True)
         try:
-            await driver.send_frame(stream, head, payloads)
+            waited = await driver.send_frame(stream, head, payloads)
         except BaseException:
             driver.abort(stream, ERR_CANCELLED)
             raise
         finally:
             driver.forget(stream)
-        await trio.lowlevel.checkpoint()  # sending may not have yielded; a push loop must not starve others
+        if not waited:  # a push loop must not starve others
+            await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         if not self.closed:

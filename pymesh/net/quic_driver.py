@@ -416,8 +416,10 @@ class QuicDriver:
             self.quic.send_stream_data(stream.sid, chunk, end and off + len(chunk) == len(view))  # type: ignore[arg-type]
             self.after_io(piggyback_ack=True)
 
-    async def send_frame(self, stream: QStream, head: bytes, payloads: list[memoryview]) -> None:
+    async def send_frame(self, stream: QStream, head: bytes, payloads: list[memoryview]) -> bool:
         """Send one whole frame and end the stream; small frames go out as one write.
+        Returns whether it waited for the peer's ACK (a push always does, but for a stream
+        aioquic had already dropped).
 
         On a unidirectional stream (a push: nothing answers it) this returns only once the
         peer acknowledged every byte, so a push into a connection that dies (a stateless
@@ -430,15 +432,19 @@ class QuicDriver:
             for i, p in enumerate(payloads):
                 await self.send(stream, p, end=i == len(payloads) - 1)
         if stream.sid & 2:
-            await self._delivered(stream)
+            return await self._delivered(stream)
+        return False
 
-    async def _delivered(self, stream: QStream) -> None:
+    async def _delivered(self, stream: QStream) -> bool:
+        """Wait for the peer's ACK of the whole stream; whether this had to wait."""
+        waited = False
         while True:
             self._check_send(stream)
             s = self.quic._streams.get(stream.sid)
             if s is None or s.sender.is_finished:
-                return
+                return waited
             await self._progress.wait()
+            waited = True
 
     def _check_send(self, stream: QStream) -> None:
         if self.terminated is not None:

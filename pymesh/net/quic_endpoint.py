@@ -127,6 +127,9 @@ class QuicEndpoint:
     def send_many(self, datagrams: list[tuple[bytes, Any]]) -> None:
         """Send datagrams in order; equal-size runs to one address go out as one GSO write."""
         i, n = 0, len(datagrams)
+        if n == 1:  # the common case (an ACK, a small message)
+            self._send_one(datagrams[0][0], datagrams[0][1], 0)
+            return
         while i < n:
             data, addr = datagrams[i]
             size = len(data)
