@@ -87,7 +87,7 @@ def test_only_settings_and_the_cli_read_the_environment() -> None:
     and the builders of child-process environments in demo/ and bench/."""
     allowed_dirs = {PKG / "cli"}
     child_env_builders = {PKG / "demo" / "procs.py", PKG / "demo" / "swarm.py", PKG / "bench" / "swarm.py",
-                          PKG / "bench" / "generate.py", PKG / "bench" / "transport.py"}
+                          PKG / "bench" / "generate.py", PKG / "bench" / "transport.py", PKG / "bench" / "hops.py"}
     offenders = []
     for path in sorted(PKG.rglob("*.py")):
         if path == PKG / "settings.py" or path in child_env_builders or any(d in path.parents for d in allowed_dirs):
@@ -101,7 +101,8 @@ def test_only_settings_and_the_cli_read_the_environment() -> None:
 
 def test_child_environment_builders_only_copy_the_environment() -> None:
     """demo/ and bench/ pass os.environ on to children; they never read a value from it."""
-    for rel in ("demo/procs.py", "demo/swarm.py", "bench/swarm.py", "bench/generate.py", "bench/transport.py"):
+    for rel in ("demo/procs.py", "demo/swarm.py", "bench/swarm.py", "bench/generate.py", "bench/transport.py",
+                "bench/hops.py"):
         text = (PKG / rel).read_text()
         assert not re.search(r"os\.environ\.get|os\.environ\[|getenv", text), rel
 
