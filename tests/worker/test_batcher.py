@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+import trio.testing
 
 from pymesh.model.span import load_span
 from pymesh.worker.runtime import Runtime
@@ -205,3 +206,48 @@ def test_a_check_run_during_compute_fails_only_its_step(folder: Path) -> None:
     assert {t for _, t in ran} == {threading.get_ident()}, "checks run on the event loop's thread"
     assert isinstance(results["b"], ValueError) and "does not match" in str(results["b"])
     assert isinstance(results["a"], torch.Tensor) and isinstance(results["c"], torch.Tensor)
+
+
+def test_hold_waits_only_for_steps_that_are_due() -> None:
+    """Before a forward the device waits (bounded) for sessions whose next step is due within
+    the wait, so sessions out of step merge into one batch; a lone session, a session that
+    went quiet and one due later than the wait are not waited for."""
+    from types import SimpleNamespace
+
+    from pymesh.worker import batcher as bm
+
+    b = bm.StepBatcher(SimpleNamespace())  # type: ignore[arg-type]
+    b._last_forward_s = 1.0                 # the wait is capped by MAX_HOLD
+    mine, due, late, quiet = object(), object(), object(), object()
+
+    async def main() -> dict[str, float]:
+        out = {}
+        now = trio.current_time()
+        b._pending = [SimpleNamespace(cache=mine)]  # type: ignore[list-item]
+        b._rhythm = {id(mine): (now, 0.1)}
+        t0 = trio.current_time()
+        await b._hold()
+        out["alone"] = trio.current_time() - t0
+        # `due` stepped 0.09 s ago every 0.1 s: due in 0.01 s; `late` is due in 0.09 s (> MAX_HOLD);
+        # `quiet` missed two of its beats
+        b._rhythm.update({id(due): (now - 0.09, 0.1), id(late): (now - 0.01, 0.1), id(quiet): (now - 0.5, 0.1)})
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            async def arrive() -> None:
+                await trio.sleep(0.01)
+                b._pending.append(SimpleNamespace(cache=due))  # type: ignore[arg-type]
+                b._note_arrival(id(due))
+            nursery.start_soon(arrive)
+            await b._hold()
+            out["due arrives"] = trio.current_time() - t0
+        b._pending = [SimpleNamespace(cache=mine)]  # type: ignore[list-item]
+        b._rhythm[id(due)] = (trio.current_time() - 0.09, 0.1)  # due again, but never comes
+        t0 = trio.current_time()
+        await b._hold()
+        out["due never comes"] = trio.current_time() - t0
+        return out
+
+    got = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert got["alone"] == 0.0
+    assert got["due arrives"] == pytest.approx(0.01)
+    assert got["due never comes"] == pytest.approx(bm.MAX_HOLD)
