@@ -177,6 +177,7 @@ def test_batched_sessions_survive_a_killed_worker(tiny_swarm: LocalProcs, tiny6_
     got: dict[str, list[int]] = {p: [] for p in prompts}
     stats = {p: GenerationStats() for p in prompts}
     killed: list[str] = []
+    exposed: list[str] = []
 
     async def one(swarm: Swarm, prompt: str) -> None:
         params = SamplingParams(max_new_tokens=n)
@@ -188,6 +189,9 @@ def test_batched_sessions_survive_a_killed_worker(tiny_swarm: LocalProcs, tiny6_
                 victim = next(w for w in workers if w.peer_id == active)
                 victim.signal(signal.SIGKILL)
                 killed.append(active)
+                # which sessions still had steps to run on the victim (one may be done already)
+                exposed.extend(q for q in prompts if len(got[q]) < n and any(
+                    h["start"] == 4 and h["peer"] == active for h in stats[q].route))
 
     async def main() -> None:
         async with Swarm([tiny_swarm.bootstrap_addr], model.model_id, settings=tiny_swarm.settings) as swarm:
@@ -200,5 +204,7 @@ def test_batched_sessions_survive_a_killed_worker(tiny_swarm: LocalProcs, tiny6_
     for p in prompts:
         ref, gaps = reference_run(tiny6_dir, p, n)
         assert_same_tokens(got[p][:len(ref)], ref, gaps, f"{p!r} across a killed worker, batched with others")
-        assert next(h["peer"] for h in stats[p].route if h["start"] == 4) != killed[0]
-    assert len(stats[PROMPT].recoveries) >= 1
+        if p in exposed:
+            assert next(h["peer"] for h in stats[p].route if h["start"] == 4) != killed[0], p
+            assert len(stats[p].recoveries) >= 1, p
+    assert PROMPT in exposed
