@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "client": ("pymesh.cli.client", "generate text through the swarm (or test an echo chain)"),
     "serve": ("pymesh.cli.serve", "serve an OpenAI-compatible HTTP API in front of the swarm"),
     "generate": ("pymesh.cli.generate", "generate text in this process (the single-process baseline)"),
-    "model": ("pymesh.cli.model", "fetch and convert models (pull, convert)"),
+    "model": ("pymesh.cli.model", "fetch, convert and synthesize models (pull, convert, synth)"),
     "bench": ("pymesh.cli.bench", "run benchmarks side by side with their baselines"),
     "monitor": ("pymesh.cli.monitor", "live TUI of the swarm: workers, coverage, throughput"),
     "demo": ("pymesh.cli.demo", "start a local swarm on the embedded model and chat with it"),
