@@ -37,7 +37,6 @@ RaggedItem = tuple[torch.Tensor, KVCache, int]
 
 #: a sequence's torch attention over at most this many rows runs on one thread
 SHORT_ROWS = 8
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 #: the decode rows' attention in one kernel call per block (tests turn it off to compare)
 USE_KERNEL = True
 
@@ -70,7 +69,7 @@ class _DecodeRows:
         self.ptrs = torch.stack([c.slot_ptrs for c in caches], dim=1).contiguous()  # [blocks, n]
         self.positions = positions[:self.n].contiguous()
         self.limits = torch.tensor([c.max_tokens for c in caches], dtype=torch.int64)
-        self.code = _DTYPE_CODES[span.dtype]
+        self.code = ops._DTYPE_CODES[span.dtype]
         self.window = span.config.sliding_window or 0
         self.scale = 1.0 / math.sqrt(span.config.head_dim)
 
@@ -89,7 +88,7 @@ def forward_ragged(span: "SpanModel", items: Sequence[RaggedItem]) -> list[torch
     ``[1, seq_i, hidden]`` in the span's dtype, in the order given."""
     seqs = _check(span, items)
     # decode rows first: the kernel takes them as one contiguous run of rows
-    kernel = (USE_KERNEL and ops.using_c() and span.device.type == "cpu" and span.dtype in _DTYPE_CODES)
+    kernel = (USE_KERNEL and ops.using_c() and span.device.type == "cpu" and span.dtype in ops._DTYPE_CODES)
     order = sorted(range(len(items)), key=lambda j: seqs[j] != 1) if kernel else list(range(len(items)))
     items = [items[j] for j in order]
     seqs = [seqs[j] for j in order]

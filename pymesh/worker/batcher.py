@@ -88,25 +88,21 @@ class StepBatcher:
     def __init__(self, runtime: "Runtime", *, enabled: bool = True, max_tokens: int = DEFAULT_BATCH_TOKENS,
                  max_decode: int = MAX_DECODE_ROWS) -> None:
         self.runtime = runtime
-        self.enabled = enabled
-        self.max_tokens = max(1, max_tokens)
-        self.max_decode = max(1, min(max_decode, self.max_tokens))
+        self.configure(enabled=enabled, max_tokens=max_tokens, max_decode=max_decode)
         self._pending: list[_Job] = []
         self._order = itertools.count()
         #: per session (its cache's id): when its last step arrived and the interval before it
         self._rhythm: dict[int, tuple[float, float]] = {}
         self._arrived: trio.Event | None = None
         self._last_forward_s = 0.0
-        self.held_s = 0.0   # time spent holding the device for due steps (stats)
-        #: forwards run, and steps and rows they held (for stats)
+        #: forwards run
         self.forwards = 0
-        self.batched_steps = 0
 
-    def configure(self, *, enabled: bool, max_tokens: int) -> None:
+    def configure(self, *, enabled: bool, max_tokens: int, max_decode: int = MAX_DECODE_ROWS) -> None:
         """``--no-batching`` / ``--batch-tokens`` (WorkerSettings.batching, .batch_tokens)."""
         self.enabled = enabled
         self.max_tokens = max(1, max_tokens)
-        self.max_decode = max(1, min(MAX_DECODE_ROWS, self.max_tokens))
+        self.max_decode = max(1, min(max_decode, self.max_tokens))
 
     async def step(self, x: "torch.Tensor", cache: "KVCache | None", start_pos: int, *, priority: int = 0,
                    observe: Callable[[int], None] | None = None,
@@ -120,7 +116,6 @@ class StepBatcher:
             if observe is not None:
                 observe(int(x.shape[0]) * int(x.shape[1]))
             self.forwards += 1
-            self.batched_steps += 1
             return await rt.run(lambda: rt.forward(x, cache, start_pos))
         job = _Job(x, cache, start_pos, priority, next(self._order), during=during)
         self._pending.append(job)
@@ -163,7 +158,7 @@ class StepBatcher:
         limit = min(MAX_HOLD, HOLD_FRACTION * self._last_forward_s)
         if limit <= 0.0 or len(self._rhythm) < 2:
             return
-        t0 = now = trio.current_time()
+        now = trio.current_time()
         deadline = now + limit
         while now < deadline:
             pending = {id(j.cache) for j in self._pending}
@@ -175,7 +170,6 @@ class StepBatcher:
                 await self._arrived.wait()
             now = trio.current_time()
         self._arrived = None
-        self.held_s += now - t0
 
     async def _run(self, batch: list[tuple[_Job, int]]) -> None:
         """Compute ``batch`` in a thread; meanwhile run its steps' checks here. Like
@@ -235,7 +229,6 @@ class StepBatcher:
 
         rt = self.runtime
         self.forwards += 1
-        self.batched_steps += len(batch)
         whole = len(batch) == 1 and batch[0][0].done == 0 and batch[0][1] == batch[0][0].rows
         try:
             if whole:

@@ -112,8 +112,8 @@ class DataPath:
                  hidden_size: int | None, settings: WorkerSettings, clock: Clock,
                  allow_peers: PeerFilter | None, model_id: str = "", signer: Signer | None = None,
                  corruptor: Corruptor | None = None) -> None:
-        self.runtime = runtime
-        runtime.batcher.configure(enabled=settings.batching, max_tokens=settings.batch_tokens)
+        self.settings = settings
+        self.use_runtime(runtime)
         self.model_id = model_id
         self.signer = signer          # signs receipts (the worker's Identity); None: no receipts
         self.corruptor = corruptor    # test faults only (PYMESH_TEST_FAULTS + PYMESH_TEST_CORRUPT)
@@ -121,7 +121,6 @@ class DataPath:
         self.peer = peer
         self._dial = dial
         self.hidden_size = hidden_size
-        self.settings = settings
         self.clock = clock
         self.allow_peers = allow_peers
         self.counters = {"from_client": 0, "from_peer": 0, "steps": 0, "replayed": 0, "errors": 0,
@@ -134,6 +133,11 @@ class DataPath:
         self._progress: dict[bytes, trio.Event] = {}
         self._inflight: Counter[PeerID] = Counter()
         self._pushed: dict[Connection, dict[bytes, tuple[int, float]]] = {}   # conn -> sid -> (step, when)
+
+    def use_runtime(self, runtime: Runtime) -> None:
+        """Compute with ``runtime``, its batching set as the worker's settings say."""
+        self.runtime = runtime
+        runtime.batcher.configure(enabled=self.settings.batching, max_tokens=self.settings.batch_tokens)
 
     def allowed(self, peer: PeerID) -> bool:
         return self.allow_peers is None or self.allow_peers.allows(peer)

@@ -101,8 +101,7 @@ class WorkerService(DataPath):
 
     def swap_runtime(self, runtime: Runtime) -> int:
         """Serve another span (placement moved us); open sessions are dropped."""
-        self.runtime = runtime
-        runtime.batcher.configure(enabled=self.settings.batching, max_tokens=self.settings.batch_tokens)
+        self.use_runtime(runtime)
         return self.table.clear()
 
     @staticmethod
