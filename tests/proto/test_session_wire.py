@@ -67,7 +67,7 @@ MESSAGE = st.one_of(
     st.builds(sw.Stats, st.none() | sid),
     span().flatmap(lambda s: st.builds(
         sw.StatsReply, *([count] * 11), st.just(s[0]), st.just(s[1]),
-        st.none() | st.builds(sw.SessionCounters, count, count, count, count))),
+        st.none() | st.builds(sw.SessionCounters, count, count, count, count), count)),
 )
 
 
