@@ -20,13 +20,14 @@ numbers; ``PYMESH_FAST_DECODE=0`` turns the plan off.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from pymesh.model.kv_cache import KVCache
-from pymesh.model import ops
+from pymesh.model import ops, qops
+from pymesh.model.quant import QTensor, Weight
 from pymesh.model.switches import SWITCHES
 
 if TYPE_CHECKING:
@@ -41,6 +42,19 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else int(t.data_ptr())
 
 
+def _wref(w: Weight) -> tuple[int, int]:
+    """A weight as the plan calls it: (address, block-format code, -1 for a float matrix)."""
+    return (w.data_ptr(), w.fmt.code) if isinstance(w, QTensor) else (int(w.data_ptr()), -1)
+
+
+def _weights_supported(span: "SpanModel") -> bool:
+    ws = [w for b in span.blocks for w in (b.w_qkv, b.w_o, b.w_gate_up, b.w_down)]
+    if not all(w.is_contiguous() for w in ws):
+        return False
+    quantized = [w for w in ws if isinstance(w, QTensor)]
+    return not quantized or (hasattr(ops._C, "qlinear") and qops.kernel_supports(span.dtype))
+
+
 def fast_decode_enabled() -> bool:
     """``PYMESH_FAST_DECODE`` as the CLI set it (pymesh.model.switches)."""
     return SWITCHES.fast_decode
@@ -51,7 +65,7 @@ def plan_supported(span: "SpanModel", cache: KVCache) -> bool:
     return (fast_decode_enabled() and ops.using_c()
             and span.device.type == "cpu" and span.dtype in _DTYPE_CODES
             and 1 <= cache.batch <= ops.LINEAR_MAX_ROWS and bool(span.blocks)
-            and all(t.is_contiguous() for b in span.blocks for t in (b.w_qkv, b.w_o, b.w_gate_up, b.w_down)))
+            and _weights_supported(span))
 
 
 class DecodePlan:
@@ -83,14 +97,15 @@ class DecodePlan:
         self.q_view = self.qbuf.view(b, self.kv_heads, self.heads // self.kv_heads, self.d)
         self.slot_bytes = b * 2 * self.kv * self.es  # one position of one block's cache
         self.slot_base = [s.data_ptr() for s in cache.slots]
-        self.weights: list[tuple[int, ...]] = []
+        self.weights: list[tuple[Any, ...]] = []
         for blk in span.blocks:
             w_q, w_kv = blk.w_qkv[: self.q], blk.w_qkv[self.q:]
             b_q = b_kv = None
             if blk.b_qkv is not None:
                 b_q, b_kv = blk.b_qkv[: self.q], blk.b_qkv[self.q:]
-            self.weights.append((_ptr(blk.ln_attn), _ptr(w_q), _ptr(b_q), _ptr(w_kv), _ptr(b_kv), _ptr(blk.w_o),
-                                 _ptr(blk.b_o), _ptr(blk.ln_mlp), _ptr(blk.w_gate_up), _ptr(blk.w_down)))
+            self.weights.append((_ptr(blk.ln_attn), _wref(w_q), _ptr(b_q), _wref(w_kv), _ptr(b_kv),
+                                 _wref(blk.w_o), _ptr(blk.b_o), _ptr(blk.ln_mlp), _wref(blk.w_gate_up),
+                                 _wref(blk.w_down)))
         self._keep = span.blocks  # the pointers above are into these tensors
 
     def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
@@ -121,22 +136,31 @@ class DecodePlan:
         lo = 0 if self.window is None else max(0, pos + 1 - self.window)
         end = pos + 1
         kv_off = pos * self.slot_bytes
+        linear = _C.linear
+        qlinear: Any = getattr(_C, "qlinear", None)  # present whenever a weight is quantized (plan_supported)
+
+        def lin(y: int, xp: int, ldx: int, w: tuple[int, int], bias: int, n_in: int, n_out: int) -> None:
+            if w[1] < 0:
+                linear(y, xp, ldx, w[0], bias, b, n_in, n_out, code, threads)
+            else:
+                qlinear(y, xp, ldx, w[0], bias, b, n_in, n_out, w[1], code, threads)
+
         _C.rms_norm(x, h, res, h, self.weights[0][0], b, h, eps, code, threads)
         sdpa, q_view, keys, values = F.scaled_dot_product_attention, self.q_view, cache.keys, cache.values
         for i, (ln_a, w_q, b_q, w_kv, b_kv, w_o, b_o, ln_m, w_gu, w_dn) in enumerate(self.weights):
             if i:
                 _C.fused_add_rms_norm(x, h, res, h, ln_a, b, h, eps, code, threads)
             slot = self.slot_base[i] + kv_off
-            _C.linear(qb, x, h, w_q, b_q, b, h, q, code, threads)
-            _C.linear(slot, x, h, w_kv, b_kv, b, h, 2 * kv, code, threads)
+            lin(qb, x, h, w_q, b_q, h, q)
+            lin(slot, x, h, w_kv, b_kv, h, 2 * kv)
             _C.rotary_embedding(qb, q, d, self.heads, slot, 2 * kv, d, self.kv_heads, d, pos_ptr, b,
                                 cos_ptr, sin_ptr, 2 * rot_half, max_pos, code, threads)
             attn = sdpa(q_view, keys[i][:, :, lo:end], values[i][:, :, lo:end])
             if not attn.is_contiguous():
                 attn = attn.contiguous()
-            _C.linear(o, attn.data_ptr(), q, w_o, b_o, b, q, h, code, threads)
+            lin(o, attn.data_ptr(), q, w_o, b_o, q, h)
             _C.fused_add_rms_norm(o, h, res, h, ln_m, b, h, eps, code, threads)
-            _C.linear(gu, o, h, w_gu, 0, b, h, 2 * inter, code, threads)
+            lin(gu, o, h, w_gu, 0, h, 2 * inter)
             _C.silu_and_mul(act, inter, gu, 2 * inter, gu + inter * es, 2 * inter, b, inter, code, threads)
-            _C.linear(x, act, inter, w_dn, 0, b, inter, h, code, threads)
+            lin(x, act, inter, w_dn, 0, inter, h)
         return torch.add(self.residual, self.x).view(b, 1, h)

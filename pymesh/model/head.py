@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from pymesh.model.shapes import ShapeError
 from pymesh.model.config import ModelConfig, load_config
 from pymesh.model import ops
-from pymesh.model.weights import WeightStore
+from pymesh.model.quant import QTensor, Weight
+from pymesh.model.weights import open_store
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,8 @@ log = logging.getLogger(__name__)
 class ClientHead:
     """Embeddings in, float32 logits out; the LM head is the embedding matrix when tied."""
 
-    def __init__(self, config: ModelConfig, embed_tokens: torch.Tensor, norm: torch.Tensor,
-                 lm_head: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, embed_tokens: Weight, norm: torch.Tensor,
+                 lm_head: Weight, *, device: torch.device, dtype: torch.dtype) -> None:
         self.config = config
         self.embed_tokens = embed_tokens
         self.norm = norm
@@ -37,7 +38,13 @@ class ClientHead:
             raise ShapeError(f"token ids must be [batch, seq], got shape {list(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ShapeError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
-        return F.embedding(ids, self.embed_tokens)
+        table = self.embed_tokens
+        if isinstance(table, QTensor):
+            # Only the looked-up rows are dequantized.
+            flat = ids.reshape(-1).cpu()
+            rows = QTensor(table.fmt, (flat.numel(), table.in_features), table.data[flat])
+            return rows.dequantize(self.dtype).to(self.device).view(*ids.shape, table.in_features)
+        return F.embedding(ids, table)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -59,17 +66,25 @@ class ClientHead:
         return self.logits(x)
 
 
+#: block format of the embeddings / LM head when ``--quantize`` names any format (as in the
+#: GGUF files llama.cpp writes: a 4-bit head costs the most accuracy per byte saved)
+HEAD_QUANTIZE = "q8_0"
+
+
 def load_head(model_dir: str | Path, *, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> ClientHead:
-    """Load only the embeddings, the final norm and the LM head (tied: the embeddings again)."""
+              dtype: torch.dtype = torch.float32, quantize: str | None = None) -> ClientHead:
+    """Load only the embeddings, the final norm and the LM head (tied: the embeddings again).
+    A GGUF file's quantized embeddings / head stay quantized; ``quantize`` (folders) holds
+    them in :data:`HEAD_QUANTIZE`."""
     config = load_config(model_dir)
     dev = torch.device(device)
     v, h = config.vocab_size, config.hidden_size
-    with WeightStore(model_dir) as store:
-        embed = store.get("model.embed_tokens.weight", (v, h), dtype, dev)
-        norm = store.get("model.norm.weight", (h,), dtype, dev)
+    q = HEAD_QUANTIZE if quantize else None
+    with open_store(model_dir) as store:
+        embed: Weight = store.get_weight("model.embed_tokens.weight", (v, h), dtype, dev, q)
+        norm: torch.Tensor = store.get("model.norm.weight", (h,), dtype, dev)
         if config.tie_word_embeddings:
             lm_head = embed
         else:
-            lm_head = store.get("lm_head.weight", (v, h), dtype, dev)
+            lm_head = store.get_weight("lm_head.weight", (v, h), dtype, dev, q)
     return ClientHead(config, embed, norm, lm_head, device=dev, dtype=dtype)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pymesh.model import ops
 from pymesh.model.config import ModelConfig
+from pymesh.model.quant import Weight
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ class Block:
     __slots__ = ("index", "w_qkv", "b_qkv", "w_o", "b_o", "w_gate_up", "w_down", "ln_attn", "ln_mlp",
                  "q_size", "kv_size", "heads", "kv_heads", "head_dim", "group", "inter", "window")
 
-    def __init__(self, config: ModelConfig, index: int, *, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
-                 w_o: torch.Tensor, b_o: torch.Tensor | None, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+    def __init__(self, config: ModelConfig, index: int, *, w_qkv: Weight, b_qkv: torch.Tensor | None,
+                 w_o: Weight, b_o: torch.Tensor | None, w_gate_up: Weight, w_down: Weight,
                  ln_attn: torch.Tensor, ln_mlp: torch.Tensor) -> None:
         self.index = index
         self.w_qkv, self.b_qkv, self.w_o, self.b_o = w_qkv, b_qkv, w_o, b_o

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from pymesh.errors import PymeshError
-from pymesh.model import ops_ref
+from pymesh.model import ops_ref, qops
+from pymesh.model.quant import QTensor, Weight
 from pymesh.model.switches import SWITCHES
 
 _REQUIRED = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "linear",
@@ -437,13 +438,16 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor,
     return _silu_and_mul_checked(gate, up, out)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """``x @ weight.T + bias``: the GEMV kernel for 1..LINEAR_MAX_ROWS rows on CPU, torch otherwise.
 
     The kernel needs ``weight`` contiguous ``[out, in]`` with x's dtype
     (float32, float16 or bfloat16); anything else goes to ``torch.nn.functional.linear``.
+    A quantized weight (:class:`~pymesh.model.quant.QTensor`) goes to :func:`pymesh.model.qops.qlinear`.
     """
+    if isinstance(weight, QTensor):
+        return qops.qlinear(x, weight, bias)
     code = _DTYPE_CODES.get(x.dtype)
     if (code is not None and _C is not None and x.is_cpu and weight.is_cpu
             and weight.dtype == x.dtype and weight.dim() == 2 and x.dim()

@@ -21,6 +21,11 @@ def qlinear_ref(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = No
     return F.linear(x.to(torch.float32), w, b).to(x.dtype)
 
 
+def kernel_supports(dtype: torch.dtype) -> bool:
+    """Whether ``pymesh._C.qlinear`` takes activations of ``dtype`` (the decode plan asks)."""
+    return False
+
+
 def qlinear(x: torch.Tensor, weight: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., in] @ W^T + bias`` -> ``[..., out]`` in x's dtype."""
     return qlinear_ref(x, weight, bias)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,8 @@ from pymesh.model.kv_cache import KVCache
 from pymesh.model import ops
 from pymesh.model.layers import Block
 from pymesh.model.rope import rope_tables
-from pymesh.model.weights import WeightStore, progress_iter
+from pymesh.model.quant import Weight, cat_rows
+from pymesh.model.weights import open_store, progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +106,25 @@ class SpanModel:
     __call__ = forward
 
 
-def _load_block(store: WeightStore, config: ModelConfig, i: int, dtype: torch.dtype,
-                device: torch.device) -> Block:
+def _load_block(store: Any, config: ModelConfig, i: int, dtype: torch.dtype,
+                device: torch.device, quantize: str | None = None) -> Block:
     p = f"model.layers.{i}."
     h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
 
     def get(name: str, *shape: int) -> torch.Tensor:
-        return store.get(p + name, shape, dtype, device)
+        return store.get(p + name, shape, dtype, device)  # type: ignore[no-any-return]
+
+    def mat(name: str, *shape: int) -> Weight:
+        return store.get_weight(p + name, shape, dtype, device, quantize)  # type: ignore[no-any-return]
 
     if config.model_type == "phi3":
         # Phi-3 stores q/k/v and gate/up fused, in exactly the row order pymesh runs them.
-        w_qkv = get("self_attn.qkv_proj.weight", q + 2 * kv, h)
-        w_gate_up = get("mlp.gate_up_proj.weight", 2 * inter, h)
+        w_qkv = mat("self_attn.qkv_proj.weight", q + 2 * kv, h)
+        w_gate_up = mat("mlp.gate_up_proj.weight", 2 * inter, h)
     else:
-        w_qkv = torch.cat([get("self_attn.q_proj.weight", q, h), get("self_attn.k_proj.weight", kv, h),
-                           get("self_attn.v_proj.weight", kv, h)])
-        w_gate_up = torch.cat([get("mlp.gate_proj.weight", inter, h), get("mlp.up_proj.weight", inter, h)])
+        w_qkv = cat_rows([mat("self_attn.q_proj.weight", q, h), mat("self_attn.k_proj.weight", kv, h),
+                          mat("self_attn.v_proj.weight", kv, h)])
+        w_gate_up = cat_rows([mat("mlp.gate_proj.weight", inter, h), mat("mlp.up_proj.weight", inter, h)])
     b_qkv = None
     if config.qkv_bias:
         b_qkv = torch.cat([get("self_attn.q_proj.bias", q), get("self_attn.k_proj.bias", kv),
@@ -127,10 +132,10 @@ def _load_block(store: WeightStore, config: ModelConfig, i: int, dtype: torch.dt
     return Block(
         config, i,
         w_qkv=w_qkv, b_qkv=b_qkv,
-        w_o=get("self_attn.o_proj.weight", h, q),
+        w_o=mat("self_attn.o_proj.weight", h, q),
         b_o=get("self_attn.o_proj.bias", h) if config.o_bias else None,
         w_gate_up=w_gate_up,
-        w_down=get("mlp.down_proj.weight", h, inter),
+        w_down=mat("mlp.down_proj.weight", h, inter),
         ln_attn=get("input_layernorm.weight", h),
         ln_mlp=get("post_attention_layernorm.weight", h),
     )
@@ -144,13 +149,17 @@ def check_span(config: ModelConfig, start: int, stop: int) -> None:
 
 
 def load_span(model_dir: str | Path, start: int, stop: int, *, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32, progress: bool = False) -> SpanModel:
-    """Load blocks ``[start, stop)`` of the model in ``model_dir``, reading only their tensors."""
+              dtype: torch.dtype = torch.float32, progress: bool = False,
+              quantize: str | None = None) -> SpanModel:
+    """Load blocks ``[start, stop)`` of the model in ``model_dir`` (a folder or a GGUF file),
+    reading only their tensors. Activations and the KV cache are in ``dtype``; weight
+    matrices too, unless the file holds them quantized (kept as they are) or ``quantize``
+    names a block format to compute them into (folders only)."""
     config = load_config(model_dir)
     check_span(config, start, stop)
     dev = torch.device(device)
-    with WeightStore(model_dir) as store:
-        blocks = [_load_block(store, config, i, dtype, dev)
+    with open_store(model_dir) as store:
+        blocks = [_load_block(store, config, i, dtype, dev, quantize)
                   for i in progress_iter(range(start, stop), f"loading blocks {start}-{stop - 1}", progress)]
     log.debug("loaded blocks [%d, %d) of %s as %s on %s", start, stop, model_dir, dtype, dev)
     return SpanModel(config, start, stop, blocks, device=dev, dtype=dtype)

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from pymesh.errors import ConfigError
+from pymesh.model.quant import Weight, can_quantize, quantize as quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,19 @@ class WeightStore:
         out: torch.Tensor = tensor.to(device=device, dtype=dtype).contiguous()
         return out
 
+    def get_weight(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+                   device: torch.device | str = "cpu", quantize: str | None = None) -> Weight:
+        """A weight matrix: ``quantize`` (``q8_0``/``q4_0``/``q4_1``) computes those blocks from
+        the stored values (a shape the blocks cannot hold stays in ``dtype``, with a log line)."""
+        if quantize is None:
+            return self.get(name, shape, dtype, device)
+        w = self.get(name, shape, torch.float32, "cpu")
+        if not can_quantize(shape):
+            log.info("%s %s cannot be held in %s blocks (in_features not a multiple of 32): kept in %s",
+                     name, tuple(shape), quantize, dtype)
+            return w.to(device=device, dtype=dtype)
+        return quantize_weight(w, quantize).to(device)
+
     def close(self) -> None:
         self._open.clear()
 
@@ -126,6 +140,23 @@ class WeightStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether ``--model-path`` names a GGUF file rather than a model folder."""
+    p = Path(path)
+    return p.suffix.lower() == ".gguf" and not p.is_dir()
+
+
+def open_store(model_path: str | Path) -> Any:
+    """The tensor store of a model folder (:class:`WeightStore`) or a GGUF file
+    (:class:`pymesh.model.gguf_store.GGUFStore`): both offer ``get``, ``get_weight``, ``close``
+    and the context-manager protocol."""
+    if is_gguf(model_path):
+        from pymesh.model.gguf_store import GGUFStore
+
+        return GGUFStore(model_path)
+    return WeightStore(model_path)
 
 
 def progress_iter(items: Sequence[Any], description: str, enabled: bool) -> Iterator[Any]:
