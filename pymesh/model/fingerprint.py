@@ -139,8 +139,19 @@ def fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
-def model_id(model_dir: str | Path, name: str | None = None) -> str:
-    """``<name>@<fingerprint>``. ``name`` (``--model-name``) must already be a valid model name
+def quant_label(model_path: str | Path, quantize: str | None = None) -> str | None:
+    """The quantization suffix of a model id: the block format the weights are computed in
+    (``--quantize`` for a folder), None for float weights."""
+    if quantize is not None:
+        from pymesh.model.quant import qformat
+
+        return qformat(quantize).name
+    return None
+
+
+def model_id(model_dir: str | Path, name: str | None = None, quantize: str | None = None) -> str:
+    """``<name>@<fingerprint>``, plus ``:<quantization>`` when the weights are computed in a
+    block format (``name@fingerprint:q4_1``); the part before the suffix is the *base id*. ``name`` (``--model-name``) must already be a valid model name
     (letters, digits, ``.``, ``-``, ``_``, ``:``); without it the folder's name is used,
     sanitised (:func:`pymesh.proto.records.sanitize_model_name`), with a log line when that
     changed it: a folder name is whatever the download tool chose, and records carry it to
@@ -159,4 +170,6 @@ def model_id(model_dir: str | Path, name: str | None = None) -> str:
         if label != folder:
             log.info("model folder name %r is not a valid model name; the swarm will see it as %r "
                      "(use --model-name to choose another)", folder, label)
-    return f"{label}@{fingerprint(root)}"
+    base = f"{label}@{fingerprint(root)}"
+    suffix = quant_label(root, quantize)
+    return base if suffix is None else f"{base}:{suffix}"
