@@ -1,4 +1,12 @@
-"""Decode speed of SmolLM2-135M: pymesh vs transformers, float32 and bfloat16, plus the ceiling.
+"""Decode speed of SmolLM2-135M: pymesh vs transformers, float32 and bfloat16, pymesh on
+quantized weights (q8_0, q4_0, q4_1), llama.cpp on the GGUF file when asked, plus the ceiling.
+
+A quantized row runs the GGUF file itself when its type is the file's (the embedded model's
+file is Q4_1: ``weights`` says ``gguf file``), else the float32 folder with that format
+computed at load (``weights``: ``quantized at load``). ``weight_bytes_per_token`` is what the
+loaded model reads per decode step (blocks, final norm, LM head). ``--llamacpp-bench BIN``
+adds llama.cpp's own ``llama-bench`` on the same GGUF file, taking turns with pymesh
+(``../shared/tools/llamacpp_bench.sh`` builds it); pymesh never depends on it.
 
 Both engines get the same ~20-token prompt and produce the same number of greedy
 tokens (128 by default; EOS does not stop them), each with an explicit torch
@@ -35,6 +43,8 @@ log = logging.getLogger(__name__)
 PROMPT = "The history of Paris begins with a Celtic tribe, the Parisii, who settled on an island in the river"
 ENGINES = ("pymesh", "transformers")
 DTYPES = ("float32", "bfloat16")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
+DEFAULT_DTYPES = ("float32", "bfloat16", "q8_0", "q4_1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder (default: SmolLM2-135M-Instruct from `pymesh model pull`)")
     parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per run (default 128; --quick 32)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for every engine (default 2)")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: float32,bfloat16")
+    parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
+                        help="comma-separated: float32,bfloat16,q8_0,q4_0,q4_1 (default %(default)s)")
+    parser.add_argument("--gguf", default=None, metavar="FILE",
+                        help="GGUF file to run for its own type (default: the embedded model's Q4_1 file "
+                             "when --model-path is not given)")
+    parser.add_argument("--llamacpp-bench", default=None, metavar="BIN",
+                        help="llama.cpp's llama-bench binary: adds its decode speed on the GGUF file")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: pymesh,transformers")
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per engine and dtype, taking turns; the best is kept (default 3, --quick 1)")
@@ -112,12 +128,45 @@ def _timed(steps: Iterator[int]) -> Run:
     return t_first - t0, rate, tokens
 
 
-def pymesh_runner(model_dir: Path, dtype: str) -> Runner:
+def pymesh_model(model_dir: Path, dtype: str, gguf: Path | None) -> tuple[Any, str]:
+    """The LocalModel a row runs, and what its weights are."""
     from pymesh.model.generate import LocalModel
+
+    if dtype in DTYPES:
+        return LocalModel.load(model_dir, dtype=dtype), "float folder"
+    if gguf is not None and gguf_label(gguf) == dtype:
+        return LocalModel.load(gguf), "gguf file"
+    return LocalModel.load(model_dir, quantize=dtype), "quantized at load"
+
+
+def gguf_label(gguf: Path) -> str | None:
+    from pymesh.model.fingerprint import quant_label
+
+    return quant_label(gguf)
+
+
+def pymesh_runner(model: Any) -> Runner:
     from pymesh.model.sampling import SamplingParams
 
-    model = LocalModel.load(model_dir, dtype=dtype)
     return lambda ids, n: _timed(model.generate_ids(ids, SamplingParams(max_new_tokens=n), eos_ids=[]))
+
+
+def llamacpp_runner(binary: str, gguf: Path, threads: int) -> Runner:
+    """One llama-bench run (``-r 1``) on the file: its decode tokens/s and prompt time."""
+
+    def run(ids: list[int], n: int) -> Run:
+        cmd = [binary, "-m", str(gguf), "-t", str(threads), "-p", str(len(ids)), "-n", str(n), "-r", "1",
+               "-o", "json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise PymeshError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+        tests = json.loads(done.stdout)
+        gen = next(t for t in tests if t.get("n_gen"))
+        prompt = next((t for t in tests if t.get("n_prompt") and not t.get("n_gen")), None)
+        prefill = len(ids) / float(prompt["avg_ts"]) if prompt else float("nan")
+        return prefill, float(gen["avg_ts"]), []
+
+    return run
 
 
 def transformers_runner(model_dir: Path, dtype: str) -> Runner:
@@ -140,7 +189,6 @@ def transformers_runner(model_dir: Path, dtype: str) -> Runner:
     return lambda ids, n: _timed(steps(ids, n))
 
 
-RUNNERS: dict[str, Callable[[Path, str], Runner]] = {"pymesh": pymesh_runner, "transformers": transformers_runner}
 
 
 def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
@@ -150,14 +198,21 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
 
     settings = settings_of(args)
     quick = getattr(args, "quick", False)
+    gguf = Path(args.gguf) if args.gguf else None
     if args.model_path:
         model_dir = Path(args.model_path)
     else:
-        from pymesh.model.pull import pull_default_model
+        from pymesh.model.pull import default_gguf, pull_default_model
 
         model_dir = pull_default_model(progress=True, root=settings.runtime.cache_root(),
                                        gguf=settings.runtime.smollm2_gguf)
-    spec = {"model_dir": str(model_dir), "new_tokens": args.new_tokens or (32 if quick else 128),
+        if gguf is None:
+            gguf = default_gguf(progress=True, root=settings.runtime.cache_root(),
+                                override=settings.runtime.smollm2_gguf)
+    if args.llamacpp_bench and gguf is None:
+        raise ConfigError("--llamacpp-bench needs a GGUF file: pass --gguf FILE")
+    spec = {"model_dir": str(model_dir), "gguf": str(gguf) if gguf else None,
+            "llamacpp": args.llamacpp_bench, "new_tokens": args.new_tokens or (32 if quick else 128),
             "require_c": settings.runtime.require_c, "fast_decode": settings.runtime.fast_decode,
             "repeats": args.repeats or (1 if quick else 3), "threads": args.threads,
             "dtypes": [d for d in args.dtypes.split(",") if d], "engines": [e for e in args.engines.split(",") if e]}
@@ -165,8 +220,8 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
         if name not in ENGINES:
             raise ConfigError(f"--engines: unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     for name in spec["dtypes"]:
-        if name not in DTYPES:
-            raise ConfigError(f"--dtypes: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+        if name not in DTYPES + QUANT_TYPES:
+            raise ConfigError(f"--dtypes: unknown dtype {name!r}; choose from {', '.join(DTYPES + QUANT_TYPES)}")
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads))
     task = progress.add_task("bench generate", total=len(spec["dtypes"]) * len(spec["engines"]) * spec["repeats"] + 1)
     result: dict[str, Any] = {}
@@ -209,8 +264,20 @@ def _measure(spec: dict[str, Any]) -> None:
     warnings: list[str] = []
     rows: list[dict[str, Any]] = []
     probe = BandwidthProbe(threads)
+    gguf = Path(spec["gguf"]) if spec.get("gguf") else None
+    read: dict[str, int] = {}
     for dtype in spec["dtypes"]:
-        runners = {e: RUNNERS[e](model_dir, dtype) for e in spec["engines"]}
+        runners: dict[str, Runner] = {}
+        weights = {}
+        for e in spec["engines"]:
+            if e == "pymesh":
+                model, weights["pymesh"] = pymesh_model(model_dir, dtype, gguf)
+                read[dtype] = model.weight_bytes_per_token()
+                runners[e] = pymesh_runner(model)
+            elif dtype in DTYPES:
+                runners[e], weights[e] = transformers_runner(model_dir, dtype), "float folder"
+        if spec.get("llamacpp") and gguf is not None and dtype == gguf_label(gguf):
+            runners["llama.cpp"], weights["llama.cpp"] = llamacpp_runner(spec["llamacpp"], gguf, threads), "gguf file"
         best: dict[str, Run] = {}
         for r in range(repeats):  # engines take turns, so a burst of load on the machine hits both
             for engine, runner in runners.items():
@@ -221,9 +288,10 @@ def _measure(spec: dict[str, Any]) -> None:
                 emit({"progress": f"{engine} {dtype} run {r + 1}/{repeats}", "advance": 1})
             probe.sample()
         for engine, (prefill, rate, _) in best.items():
-            rows.append({"engine": engine, "dtype": dtype, "decode_tokens_per_s": round(rate, 2),
-                         "prefill_s": round(prefill, 4)})
-        if len(best) == 2:
+            rows.append({"engine": engine, "dtype": dtype, "weights": weights[engine],
+                         "decode_tokens_per_s": round(rate, 2), "prefill_s": round(prefill, 4),
+                         "weight_bytes_per_token": read.get(dtype) if engine == "pymesh" else None})
+        if "pymesh" in best and "transformers" in best:
             a, b = (best[e][2] for e in ENGINES)
             if a != b:
                 step = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -234,10 +302,13 @@ def _measure(spec: dict[str, Any]) -> None:
     emit({"progress": "memory bandwidth"})
     bandwidth = probe.sample()
     for dtype in spec["dtypes"]:
-        elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-        rows.append({"engine": "ceiling", "dtype": dtype,
-                     "decode_tokens_per_s": round(bandwidth / weight_bytes_per_token(model_dir, elem), 2),
-                     "prefill_s": None})
+        if dtype in read:
+            nbytes = read[dtype]
+        else:
+            nbytes = weight_bytes_per_token(model_dir, torch.empty(0, dtype=getattr(torch, dtype)).element_size())
+        rows.append({"engine": "ceiling", "dtype": dtype, "weights": "-",
+                     "decode_tokens_per_s": round(bandwidth / nbytes, 2), "prefill_s": None,
+                     "weight_bytes_per_token": nbytes})
     notes.append(f"read bandwidth ({threads} threads, 1 GiB, best pass, sampled after every round): "
                  f"{bandwidth / 1e9:.1f} GB/s; "
                  f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -249,14 +320,20 @@ def render(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="decode speed, SmolLM2-135M, greedy (tokens/s; higher is better)")
-    for col in ("engine", "dtype", "decode tokens/s", "prefill s", "vs transformers"):
-        table.add_column(col, justify="left" if col in ("engine", "dtype") else "right")
+    for col in ("engine", "dtype", "weights", "decode tokens/s", "prefill s", "MB read/token", "vs transformers",
+                "vs pymesh fp32"):
+        table.add_column(col, justify="left" if col in ("engine", "dtype", "weights") else "right")
     base = {r["dtype"]: r["decode_tokens_per_s"] for r in rows if r["engine"] == "transformers"}
+    fp32 = next((r["decode_tokens_per_s"] for r in rows if r["engine"] == "pymesh" and r["dtype"] == "float32"), None)
     for r in rows:
         ref = base.get(r["dtype"])
         ratio = f"{r['decode_tokens_per_s'] / ref:.2f}x" if ref else "-"
+        vs32 = f"{r['decode_tokens_per_s'] / fp32:.2f}x" if fp32 and r["engine"] != "ceiling" else "-"
         prefill = "-" if r["prefill_s"] is None else f"{r['prefill_s']:.3f}"
-        table.add_row(r["engine"], r["dtype"], f"{r['decode_tokens_per_s']:.1f}", prefill, ratio)
+        nbytes = r.get("weight_bytes_per_token")
+        mb = "-" if not nbytes else f"{nbytes / 1e6:.0f}"
+        table.add_row(r["engine"], r["dtype"], r.get("weights", "-"), f"{r['decode_tokens_per_s']:.1f}", prefill,
+                      mb, ratio, vs32)
     return table
 
 

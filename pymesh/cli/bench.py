@@ -196,6 +196,15 @@ def headlines(part: str, rows: list[Row]) -> list[Headline]:
         for dtype, goal in (("float32", 70.0), ("bfloat16", 130.0)):
             pym = _vals(rows, "decode_tokens_per_s", _engine_dtype("pymesh", dtype))
             out.append(_at_least(f"pymesh decode tok/s {dtype}", pym, goal, " tok/s", agg=max))
+        fp32 = _vals(rows, "decode_tokens_per_s", _engine_dtype("pymesh", "float32"))
+        for dtype, goal in (("q4_1", 3.0), ("q8_0", 1.8)):  # issue 15: quantized decode vs fp32
+            q = _vals(rows, "decode_tokens_per_s", _engine_dtype("pymesh", dtype))
+            ratio = [max(q) / max(fp32)] if q and fp32 else []
+            out.append(_at_least(f"pymesh {dtype} vs fp32 decode", ratio, goal, "x"))
+        llama = _vals(rows, "decode_tokens_per_s", lambda r: r.get("engine") == "llama.cpp")
+        q41 = _vals(rows, "decode_tokens_per_s", lambda r: r.get("engine") == "pymesh" and r.get("weights") == "gguf file")
+        if llama and q41:
+            out.append(_at_least("pymesh GGUF vs llama.cpp decode", [max(q41) / max(llama)], 1.0, "x"))
         return out
     if part == "transport":
         def quic(r: Row) -> bool:

@@ -19,13 +19,16 @@ log = logging.getLogger("pymesh.generate")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pymesh.model.sampling import add_sampling_arguments
 
-    parser.add_argument("--model-path", required=True, metavar="DIR",
-                        help="Hugging Face model folder (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--model-path", required=True, metavar="PATH",
+                        help="Hugging Face model folder (config.json, model.safetensors, tokenizer.json) "
+                             "or a GGUF file (served in its own quantization)")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--max-tokens", type=int, default=64, help="most new tokens to generate (default 64)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
+                        help="compute a folder's weight matrices in this GGUF block format (computed at load)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: $PYMESH_THREADS or every core this process may use)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of streaming text")
@@ -40,19 +43,21 @@ def run(args: argparse.Namespace) -> int:
     from pymesh.model.sampling import StopText, sampling_params_from_args
     from pymesh.model.tokenizer import load_tokenizer
     from pymesh.model.torch_setup import configure_threads
+    from pymesh.model.weights import is_gguf
     from pymesh.settings import settings_of
 
     configure_threads(settings_of(args).runtime.threads_or(args.threads), shared=False)  # one process alone: every core
     params = sampling_params_from_args(args)
     check_device(args.device)  # one line, not a torch traceback, for --device cuda without CUDA
     root = Path(args.model_path)
-    if not root.is_dir():
+    if not (root.is_dir() or is_gguf(root) and root.is_file()):
         raise ConfigError(f"--model-path {root} does not exist or is not a folder; give a Hugging Face model "
-                          f"folder (or run `pymesh model pull` and use the folder it prints)")
+                          f"folder or a .gguf file (or run `pymesh model pull` and use the folder it prints)")
     load_config(root)  # config errors (unsupported model type, ...) before tokenizer errors
     tokenizer = load_tokenizer(args.model_path)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
-    model = LocalModel.load(args.model_path, device=args.device, dtype=args.dtype, progress=not args.json)
+    model = LocalModel.load(args.model_path, device=args.device, dtype=args.dtype, progress=not args.json,
+                            quantize=args.quantize)
     log.info("prompt: %d tokens; generating up to %d", len(ids), params.max_new_tokens)
     stop_check = make_stop_check(tokenizer, params.stop) if params.stop else None
     decoder = tokenizer.stream_decoder()

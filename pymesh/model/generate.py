@@ -50,11 +50,27 @@ class LocalModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = torch.float32, progress: bool = False) -> "LocalModel":
+             dtype: str | torch.dtype = torch.float32, progress: bool = False,
+             quantize: str | None = None) -> "LocalModel":
+        """``model_dir``: a model folder or a GGUF file; ``quantize``: a block format to compute
+        a folder's weight matrices in (see :func:`pymesh.model.span.load_span`)."""
         dt = parse_dtype(dtype)
-        head = load_head(model_dir, device=device, dtype=dt)
-        span = load_span(model_dir, 0, head.config.num_hidden_layers, device=device, dtype=dt, progress=progress)
+        head = load_head(model_dir, device=device, dtype=dt, quantize=quantize)
+        span = load_span(model_dir, 0, head.config.num_hidden_layers, device=device, dtype=dt, progress=progress,
+                         quantize=quantize)
         return cls(span, head)
+
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads: every block's, the final norm and the LM head
+        (the embedding table is not read, only the looked-up rows)."""
+        from pymesh.model.quant import weight_nbytes
+
+        total = weight_nbytes(self.head.norm) + weight_nbytes(self.head.lm_head)
+        for b in self.span.blocks:
+            for w in (b.w_qkv, b.b_qkv, b.w_o, b.b_o, b.w_gate_up, b.w_down, b.ln_attn, b.ln_mlp):
+                if w is not None:
+                    total += weight_nbytes(w)
+        return total
 
     @torch.no_grad()
     def generate_ids(self, ids: Sequence[int], params: SamplingParams, *,
@@ -89,10 +105,10 @@ class LocalModel:
 
 def generate(model_dir: str | Path, prompt: str | Sequence[int], *, chat: bool = False,
              params: SamplingParams | None = None, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype = torch.float32) -> Iterator[int]:
+             dtype: str | torch.dtype = torch.float32, quantize: str | None = None) -> Iterator[int]:
     """Generate from ``prompt`` (text, or token ids) with the model in ``model_dir``; yields new token ids."""
     params = params or SamplingParams()
-    model = LocalModel.load(model_dir, device=device, dtype=dtype)
+    model = LocalModel.load(model_dir, device=device, dtype=dtype, quantize=quantize)
     tokenizer = None
     if isinstance(prompt, str) or params.stop:
         from pymesh.model.tokenizer import load_tokenizer

@@ -61,12 +61,18 @@ def test_bench_generate_json_schema(tiny: Path, capsys: pytest.CaptureFixture[st
     assert main(["bench", "generate", "--json", "--model-path", str(tiny), "--new-tokens", "4",
                  "--repeats", "1", "--threads", "1"]) == 0
     rows = json.loads(capsys.readouterr().out)
+    floats, quants = ("float32", "bfloat16"), ("q8_0", "q4_1")
     assert {(r["engine"], r["dtype"]) for r in rows} == {
-        (e, d) for e in ("pymesh", "transformers", "ceiling") for d in ("float32", "bfloat16")}
+        (e, d) for e in ("pymesh", "ceiling") for d in floats + quants} | {("transformers", d) for d in floats}
     for r in rows:
-        assert set(r) == {"engine", "dtype", "decode_tokens_per_s", "prefill_s"}
+        assert set(r) == {"engine", "dtype", "weights", "decode_tokens_per_s", "prefill_s", "weight_bytes_per_token"}
         assert r["decode_tokens_per_s"] > 0
         assert (r["prefill_s"] is None) == (r["engine"] == "ceiling")
+        if r["engine"] == "pymesh":
+            assert r["weights"] == ("float folder" if r["dtype"] in floats else "quantized at load")
+    read = {r["dtype"]: r["weight_bytes_per_token"] for r in rows if r["engine"] == "pymesh"}
+    # 4-bit blocks read fewer bytes than 8-bit ones, which read fewer than bf16, than fp32
+    assert read["q4_1"] < read["q8_0"] < read["bfloat16"] < read["float32"]
 
 
 def test_generate_ids_stops_on_eos_and_max_tokens(tiny: Path) -> None:
