@@ -10,8 +10,16 @@ Floats are carried as integers (microseconds, milli-tokens, milliseconds) so enc
 is exact; :meth:`WorkerRecord.signed` rounds them first, which makes a signed record
 equal to its decoded copy.
 
-Records live at two DHT targets: :func:`model_target` (per model) and
-:data:`ALL_TARGET` (every record, for ``list_models`` and the monitor).
+Records live at two DHT targets: :func:`model_target` (per *base* model: every
+quantization of one model shares it, so a client sees them all) and :data:`ALL_TARGET`
+(every record, for ``list_models`` and the monitor).
+
+Model ids are ``<name>@<fingerprint>`` plus, for weights computed in a block format, a
+``:<quantization>`` suffix (``smollm2@0123456789ab:q4_1``); :func:`split_model_id` splits
+the base id from the suffix. Names may contain ``:`` but never ``@``, so the suffix is
+what follows ``:`` after the ``@``. A record of a file mixing weight types names the type
+of most of its block weights in the suffix and lists them all in ``wt`` (bounded:
+:data:`MAX_WEIGHT_TYPES` names of :data:`WEIGHT_TYPES`, counts up to :data:`MAX_TENSORS`).
 
 Every field of a record is text or numbers chosen by a stranger, so the parser is strict
 (and :meth:`WorkerRecord.signed` applies the same rules, so a worker learns at once that a
@@ -52,21 +60,73 @@ TRANSPORTS = tuple(t.value for t in Transport)
 _MODEL_ID = re.compile(r"[A-Za-z0-9._@:-]+")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._:-]+")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: weight types a record may name (GGML's type names): the quantization suffix of a model id
+#: is one of QUANT_LABELS, a mixed file's ``wt`` counts any of these
+QUANT_LABELS = ("q8_0", "q4_0", "q4_1")
+WEIGHT_TYPES = ("f32", "f16", "bf16", "f64", "q8_0", "q8_1", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k",
+                "q4_k", "q5_k", "q6_k", "q8_k", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs",
+                "iq3_s", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "i8", "i16", "i32", "i64")
+MAX_WEIGHT_TYPES = 8
+#: most tensors of one type a ``wt`` entry may count
+MAX_TENSORS = 1 << 20
 STATES = tuple(s.value for s in WorkerState)   # ("joining", "online", "offline")
 SIGN_DOMAIN = b"pymesh-record\0"
 ALL_TARGET = hashlib.sha1(b"pymesh:all-records").digest()
 _NO_PEER = PeerID(bytes(32))
 
 
+def split_model_id(model_id: str) -> tuple[str, str | None]:
+    """``(base id, quantization)`` of a model id: ``"m@0123:q4_1"`` -> ``("m@0123", "q4_1")``,
+    ``"m@0123"`` -> ``("m@0123", None)``; an id without ``@`` (``"echo"``) is its own base.
+    Pure; does not validate (see :func:`is_valid_model_id`)."""
+    name, at, rest = model_id.partition("@")
+    fp, colon, quant = rest.partition(":")
+    if not at or not colon:
+        return model_id, None
+    return f"{name}@{fp}", quant
+
+
+def base_model_id(model_id: str) -> str:
+    """The id without its quantization suffix (what every quantization of a model shares)."""
+    return split_model_id(model_id)[0]
+
+
 def model_target(model_id: str) -> bytes:
-    """DHT target under which the records of ``model_id`` are stored."""
-    return hashlib.sha1(b"pymesh:model:" + model_id.encode("utf-8")).digest()
+    """DHT target under which the records of ``model_id`` are stored: that of its *base* id,
+    so a lookup of any quantization finds the records of all of them."""
+    return hashlib.sha1(b"pymesh:model:" + base_model_id(model_id).encode("utf-8")).digest()
 
 
 def is_valid_model_id(text: str) -> bool:
     """Whether ``text`` may name a model in a record: 1..MAX_MODEL_ID ASCII letters, digits,
-    ``.``, ``-``, ``_``, ``@`` and ``:`` (nothing a terminal or a markup renderer interprets)."""
-    return 0 < len(text) <= MAX_MODEL_ID and _MODEL_ID.fullmatch(text) is not None
+    ``.``, ``-``, ``_``, ``@`` and ``:`` (nothing a terminal or a markup renderer interprets),
+    at most one ``@``, and a quantization suffix after it only from :data:`QUANT_LABELS`."""
+    if not 0 < len(text) <= MAX_MODEL_ID or _MODEL_ID.fullmatch(text) is None or text.count("@") > 1:
+        return False
+    quant = split_model_id(text)[1]
+    return quant is None or quant in QUANT_LABELS
+
+
+def check_weight_types(types: object) -> tuple[tuple[str, int], ...]:
+    """``{name: tensor count}`` (str or bytes keys) as a record carries it, sorted by name;
+    ValueError unless at most MAX_WEIGHT_TYPES names of WEIGHT_TYPES with counts 1..MAX_TENSORS."""
+    if not isinstance(types, (dict, tuple, list)):
+        raise ValueError("weight types must map type names to tensor counts")
+    items = list(types.items()) if isinstance(types, dict) else list(types)
+    if len(items) > MAX_WEIGHT_TYPES:
+        raise ValueError(f"weight types list {len(items)} types; at most {MAX_WEIGHT_TYPES}")
+    out: dict[str, int] = {}
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise ValueError("weight types must be (name, count) pairs")
+        key, count = item
+        name = key.decode("ascii", "replace") if isinstance(key, bytes) else key
+        if not isinstance(name, str) or name not in WEIGHT_TYPES:
+            raise ValueError(f"weight type {ascii(str(name)[:16])} is not one of GGML's type names")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 < count <= MAX_TENSORS:
+            raise ValueError(f"weight type {name} counts {str(count)[:24]} tensors; must be 1..{MAX_TENSORS}")
+        out[name] = count
+    return tuple(sorted(out.items()))
 
 
 def sanitize_model_name(name: str) -> str:
@@ -123,6 +183,8 @@ class WorkerRecord:
     cache_tokens_total: int = 0
     sessions: int = 0
     timestamp: float = 0.0
+    #: a mixed file's weight types, ``(("f32", 61), ("q8_0", 1))``; empty when the suffix says all
+    weight_types: tuple[tuple[str, int], ...] = ()
     signature: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +206,15 @@ class WorkerRecord:
     def live(self) -> bool:
         return self.state != WorkerState.OFFLINE
 
+    @property
+    def base_id(self) -> str:
+        return base_model_id(self.model_id)
+
+    @property
+    def quant(self) -> str | None:
+        """The quantization the worker computes in (None: float weights)."""
+        return split_model_id(self.model_id)[1]
+
     def _fields(self) -> dict[bytes, object]:
         return {
             b"v": self.version,
@@ -161,6 +232,8 @@ class WorkerRecord:
             b"ct": self.cache_tokens_total,
             b"n": self.sessions,
             b"ts": round(self.timestamp * 1000),
+            # only when present, so a float worker's record is byte for byte what it was
+            **({b"wt": {k.encode(): v for k, v in self.weight_types}} if self.weight_types else {}),
         }
 
     def _check_local(self) -> None:
@@ -171,7 +244,10 @@ class WorkerRecord:
             raise ValueError(f"record state {self.state!r} is not one of {STATES}")
         if not is_valid_model_id(self.model_id):
             raise ValueError(f"model id {self.model_id[:40]!r} must be 1..{MAX_MODEL_ID} letters, digits "
-                             "or . - _ @ : (use sanitize_model_name for a folder's name)")
+                             f"or . - _ @ :, one '@', and a quantization suffix only of {QUANT_LABELS} "
+                             "(use sanitize_model_name for a folder's name)")
+        if self.weight_types:
+            check_weight_types(self.weight_types)
         if not is_valid_host(self.host):
             raise ValueError(f"record host {self.host[:40]!r} is not an IP address or DNS name; "
                              "set --announce-addr to one")
@@ -195,6 +271,7 @@ class WorkerRecord:
             self, peer_id=identity.peer_id, timestamp=round(ts * 1000) / 1000,
             block_ms=round(self.block_ms * 1000) / 1000,
             tokens_per_s=round(self.tokens_per_s * 1000) / 1000, signature=b"",
+            weight_types=check_weight_types(self.weight_types) if self.weight_types else (),
         )
         body = encode(rec._fields())
         out = replace(rec, signature=identity.sign(SIGN_DOMAIN + body))
@@ -253,7 +330,7 @@ class WorkerRecord:
                 not all(isinstance(t, bytes) and t.decode("ascii", "replace") in TRANSPORTS for t in transports):
             raise RecordError(f"record field 't' must list 1..4 transports of {TRANSPORTS}")
         known = {b"v", b"k", b"m", b"s", b"e", b"h", b"p", b"t", b"st", b"bm", b"tp",
-                 b"cf", b"ct", b"n", b"ts", b"sig"}
+                 b"cf", b"ct", b"n", b"ts", b"wt", b"sig"}
         if set(d) - known:
             raise RecordError(f"record has unknown fields {sorted(set(d) - known)!r}")
         rec = cls(
@@ -272,13 +349,14 @@ class WorkerRecord:
             cache_tokens_total=num(b"ct", 0, MAX_CACHE_TOKENS),
             sessions=num(b"n", 0, MAX_SESSIONS),
             timestamp=num(b"ts") / 1000,
+            weight_types=_weight_types_untrusted(d.get(b"wt")),
             signature=sig,
         )
         if rec.start >= rec.stop:
             raise RecordError(f"record span [{rec.start}, {rec.stop}) is empty")
         if not is_valid_model_id(rec.model_id):
-            raise RecordError(f"record model id {ascii(rec.model_id[:40])} is empty or has characters "
-                              "other than letters, digits and . - _ @ :")
+            raise RecordError(f"record model id {ascii(rec.model_id[:40])} is empty, has characters "
+                              "other than letters, digits and . - _ @ :, or an unknown quantization suffix")
         if not is_valid_host(rec.host):
             raise RecordError(f"record host {ascii(rec.host[:40])} is not an IP address or DNS name")
         if require_signature and not rec.verify():
@@ -291,3 +369,14 @@ def _state_untrusted(text: str) -> WorkerState:
         return WorkerState.parse_untrusted(text)
     except DecodeError as exc:
         raise RecordError(f"invalid record: {exc}") from None
+
+
+def _weight_types_untrusted(value: object) -> tuple[tuple[str, int], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not value:
+        raise RecordError("record field 'wt' must be a non-empty dictionary of weight type counts")
+    try:
+        return check_weight_types(value)
+    except ValueError as exc:
+        raise RecordError(f"record field 'wt': {exc}") from None
