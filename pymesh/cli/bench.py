@@ -22,7 +22,7 @@ from pymesh.cli.common import load_optional
 
 log = logging.getLogger(__name__)
 
-PARTS = ("kernels", "generate", "transport", "dht", "swarm", "hops", "serve", "verify")
+PARTS = ("kernels", "generate", "quant", "transport", "dht", "swarm", "hops", "serve", "verify")
 
 Row = dict[str, Any]
 
