@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,11 @@ from typing import Any, Callable
 import numpy as np
 
 from pymesh.errors import ConfigError
+from pymesh.model.gguf_file import (BLOCK_NAMES, GGUFFile, TensorInfo, dequantize_rows, hf_tensor_name,
+                                    open_gguf_untrusted, rotary_row_order, unpermute_rotary)
 from pymesh.model.gguf_tokenizer import GGUFVocab, build_tokenizer, tokenizer_config
+
+__all__ = ["GGUFModel", "convert_gguf", "generation_config", "hf_tensor_name", "unpermute_rotary"]
 
 log = logging.getLogger(__name__)
 
@@ -33,63 +36,15 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 _PERMUTED_ARCHITECTURES = ("llama",)
 DTYPES = ("float32", "bfloat16")
 
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-# Tensors llama.cpp keeps that a Hugging Face Llama folder does not (rope_freqs becomes
-# config.rope_scaling; the others are precomputed caches).
-_SKIPPED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight)$")
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-_TOP_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
-
-
-def hf_tensor_name(name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, None for tensors HF does not keep."""
-    if _SKIPPED.match(name):
-        return None
-    m = _BLOCK_RE.match(name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    m = _TOP_RE.match(name)
-    if m and m.group(1) in _TOP_NAMES:
-        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
-    raise ConfigError(f"GGUF tensor {name!r} has no Hugging Face Llama equivalent; this file is not a plain Llama model")
-
-
-def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's interleaving of rotary pairs in a q or k projection (rows = heads*dim)."""
-    rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise ConfigError(f"cannot un-permute a rotary projection of {rows} rows over {n_head} heads")
-    tail = w.shape[1:]
-    return w.reshape(n_head, rows // n_head // 2, 2, *tail).swapaxes(1, 2).reshape(w.shape)
-
-
 class _Meta:
     """Typed access to a GGUF file's key/value metadata, with errors naming the key."""
 
-    def __init__(self, reader: Any, path: Path) -> None:
-        self.fields = reader.fields
+    def __init__(self, metadata: dict[str, Any], path: Path) -> None:
+        self.fields = metadata
         self.path = path
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self.fields.get(key, default)
 
     def need(self, key: str) -> Any:
         value = self.get(key)
@@ -100,34 +55,45 @@ class _Meta:
 
 @dataclass
 class GGUFModel:
-    """The parts of a GGUF file the converter works from."""
+    """The parts of a GGUF file the converter (and the GGUF tensor store) work from."""
 
     path: Path
-    reader: Any
+    file: GGUFFile
     meta: _Meta
     arch: str
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> "GGUFModel":
-        from gguf import GGUFReader
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"GGUF file {p} does not exist")
-        try:
-            reader = GGUFReader(p)
-        except Exception as exc:  # gguf raises ValueError / struct errors on bad files
-            raise ConfigError(f"{p} is not a readable GGUF file: {exc}") from exc
-        meta = _Meta(reader, p)
+        f = open_gguf_untrusted(path)
+        meta = _Meta(f.metadata, f.path)
         arch = meta.need("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"{p}: GGUF architecture {arch!r} is not supported; pymesh converts {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{f.path}: GGUF architecture {arch!r} is not supported; pymesh converts {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        return cls(p, reader, meta, arch)
+        return cls(f.path, f, meta, arch)
+
+    def hf_tensors(self) -> list[tuple[TensorInfo, str]]:
+        """(GGUF tensor, Hugging Face name) for every tensor a converted folder holds, in file order."""
+        out = []
+        for info in self.file.tensors.values():
+            hf = hf_tensor_name(info.name)
+            if hf is not None:
+                out.append((info, hf))
+        return out
+
+    def rotary_heads(self, name: str, cfg: dict[str, Any]) -> int | None:
+        """The head count whose rotary row permutation GGUF tensor ``name`` carries (llama q/k)."""
+        if self.arch not in _PERMUTED_ARCHITECTURES:
+            return None
+        if name.endswith(("attn_q.weight", "attn_q.bias")):
+            return int(cfg["num_attention_heads"])
+        if name.endswith(("attn_k.weight", "attn_k.bias")):
+            return int(cfg["num_key_value_heads"])
+        return None
 
     def tensor_names(self) -> list[str]:
-        return [t.name for t in self.reader.tensors]
+        return list(self.file.tensors)
 
     def vocab(self) -> GGUFVocab:
         m = self.meta
@@ -151,10 +117,10 @@ class GGUFModel:
         )
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        for t in self.reader.tensors:
-            if t.name == name:
-                return tuple(int(d) for d in reversed(t.shape.tolist()))
-        raise ConfigError(f"{self.path}: tensor {name!r} is missing")
+        info = self.file.tensors.get(name)
+        if info is None:
+            raise ConfigError(f"{self.path}: tensor {name!r} is missing")
+        return info.shape
 
     def config(self, dtype: str) -> dict[str, Any]:
         """config.json (Llama) from the file's metadata."""
@@ -220,28 +186,27 @@ class GGUFModel:
             return _infer_llama3_scaling(self.read("rope_freqs.weight"), cfg, self.path)
         return None
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor, dequantized to float32, shaped (out, in)."""
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
-        for t in self.reader.tensors:
-            if t.name == name:
-                break
-        else:
+    def read(self, name: str, cfg: dict[str, Any] | None = None) -> np.ndarray:
+        """One tensor, dequantized to float32, shaped (out, in); with ``cfg`` (the config)
+        q/k rows are un-permuted into Hugging Face's rotary layout."""
+        info = self.file.tensors.get(name)
+        if info is None:
             raise ConfigError(f"{self.path}: tensor {name!r} is missing")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        try:
-            if t.tensor_type == GGMLQuantizationType.F32:
-                arr = np.asarray(t.data, dtype=np.float32)
-            else:
-                arr = dequantize(t.data, t.tensor_type)
-        except NotImplementedError as exc:
-            raise ConfigError(
-                f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which the gguf package "
-                "cannot dequantize; re-quantize the model to another type"
-            ) from exc
-        return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+        arr = dequantize_rows(info, self.file.raw(name)).reshape(info.shape)
+        heads = None if cfg is None else self.rotary_heads(name, cfg)
+        if heads is not None:
+            arr = arr[rotary_row_order(arr.shape[0], heads)]
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def generation_config(vocab: GGUFVocab) -> dict[str, Any]:
+    """``generation_config.json``: BOS, the end-of-sequence id(s) (eos and eot), padding."""
+    eos = [i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None]
+    gen: dict[str, Any] = {"bos_token_id": vocab.bos_token_id,
+                           "eos_token_id": sorted(set(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None)}
+    if vocab.pad_token_id is not None:
+        gen["pad_token_id"] = vocab.pad_token_id
+    return gen
 
 
 def _infer_llama3_scaling(freqs: np.ndarray, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -306,20 +271,12 @@ def convert_gguf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    plan: list[tuple[str, str, tuple[int, ...]]] = []
-    for t in model.reader.tensors:
-        hf = hf_tensor_name(t.name)
-        if hf is not None:
-            plan.append((t.name, hf, tuple(int(d) for d in reversed(t.shape.tolist()))))
+    plan = [(info.name, hf, info.shape) for info, hf in model.hf_tensors()]
     _check_complete(plan, cfg, model.path)
     _write_safetensors(model, plan, cfg, out / "model.safetensors", dtype, progress, on_tensor)
 
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    eos = [i for i in (vocab.eos_token_id, vocab.eot_token_id) if i is not None]
-    gen: dict[str, Any] = {"bos_token_id": vocab.bos_token_id, "eos_token_id": sorted(set(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None)}
-    if vocab.pad_token_id is not None:
-        gen["pad_token_id"] = vocab.pad_token_id
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(vocab), indent=2) + "\n")
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(vocab, cfg["max_position_embeddings"]), indent=2) + "\n")
     log.info("converted %s into %s (%d tensors, %s)", model.path, out, len(plan), dtype)
@@ -330,7 +287,7 @@ def _check_complete(plan: list[tuple[str, str, tuple[int, ...]]], cfg: dict[str,
     have = {hf for _, hf, _ in plan}
     need = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(cfg["num_hidden_layers"]):
-        need += [f"model.layers.{i}.{n}.weight" for n in _BLOCK_NAMES.values()]
+        need += [f"model.layers.{i}.{n}.weight" for n in BLOCK_NAMES.values()]
     missing = [n for n in need if n not in have]
     if missing:
         raise ConfigError(f"{path}: the GGUF lacks {len(missing)} tensors a Llama model needs, e.g. {missing[:3]}")
@@ -369,15 +326,7 @@ def _write_safetensors(
         f.write(blob)
         for gguf_name, hf, shape in plan:
             bar.update(task, description=gguf_name)
-            arr = model.read(gguf_name)
-            if arr.shape != shape:
-                raise ConfigError(f"{model.path}: tensor {gguf_name!r} dequantized to {arr.shape}, expected {shape}")
-            if model.arch not in _PERMUTED_ARCHITECTURES:
-                pass
-            elif gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
-                arr = unpermute_rotary(arr, cfg["num_attention_heads"])
-            elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
-                arr = unpermute_rotary(arr, cfg["num_key_value_heads"])
+            arr = model.read(gguf_name, cfg)
             f.write(_to_bytes(arr, dtype))
             if on_tensor is not None:
                 on_tensor(hf)
