@@ -191,6 +191,21 @@ def transformers_runner(model_dir: Path, dtype: str) -> Runner:
 
 
 
+def model_and_gguf(args: argparse.Namespace, settings: Any) -> tuple[Path, Path | None]:
+    """The float folder (``--model-path``, else the embedded model, pulled) and the GGUF file
+    (``--gguf``, else the embedded model's when no folder was named)."""
+    gguf = Path(args.gguf) if args.gguf else None
+    if args.model_path:
+        return Path(args.model_path), gguf
+    from pymesh.model.pull import default_gguf, pull_default_model
+
+    root = settings.runtime.cache_root()
+    model_dir = pull_default_model(progress=True, root=root, gguf=settings.runtime.smollm2_gguf)
+    if gguf is None:
+        gguf = default_gguf(progress=True, root=root, override=settings.runtime.smollm2_gguf)
+    return model_dir, gguf
+
+
 def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     """Measure in a fresh child process, so OpenMP starts with the PASSIVE wait policy and the
     requested thread count whatever this process has already imported."""
@@ -198,17 +213,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
 
     settings = settings_of(args)
     quick = getattr(args, "quick", False)
-    gguf = Path(args.gguf) if args.gguf else None
-    if args.model_path:
-        model_dir = Path(args.model_path)
-    else:
-        from pymesh.model.pull import default_gguf, pull_default_model
-
-        model_dir = pull_default_model(progress=True, root=settings.runtime.cache_root(),
-                                       gguf=settings.runtime.smollm2_gguf)
-        if gguf is None:
-            gguf = default_gguf(progress=True, root=settings.runtime.cache_root(),
-                                override=settings.runtime.smollm2_gguf)
+    model_dir, gguf = model_and_gguf(args, settings)
     if args.llamacpp_bench and gguf is None:
         raise ConfigError("--llamacpp-bench needs a GGUF file: pass --gguf FILE")
     spec = {"model_dir": str(model_dir), "gguf": str(gguf) if gguf else None,

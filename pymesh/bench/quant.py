@@ -109,22 +109,14 @@ def compare(ref: Any, model: Any, prompts: list[list[int]], n: int) -> dict[str,
 
 
 def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
+    from pymesh.bench.generate import model_and_gguf
     from pymesh.model.generate import LocalModel
     from pymesh.model.tokenizer import load_tokenizer
     from pymesh.settings import settings_of
 
     settings = settings_of(args)
     quick = getattr(args, "quick", False)
-    gguf = Path(args.gguf) if args.gguf else None
-    if args.model_path:
-        model_dir = Path(args.model_path)
-    else:
-        from pymesh.model.pull import default_gguf, pull_default_model
-
-        root = settings.runtime.cache_root()
-        model_dir = pull_default_model(progress=True, root=root, gguf=settings.runtime.smollm2_gguf)
-        if gguf is None:
-            gguf = default_gguf(progress=True, root=root, override=settings.runtime.smollm2_gguf)
+    model_dir, gguf = model_and_gguf(args, settings)
     types = [t for t in args.types.split(",") if t]
     for t in types:
         if t not in TYPES:
