@@ -16,9 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interactive", action="store_true",
                         help="after the prompts, keep a chat prompt open (the bootstrap address is "
                              "printed at start, for `pymesh monitor --once --bootstrap ADDR`)")
-    parser.add_argument("--model-path", default=None, metavar="DIR",
-                        help="a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct, "
-                             "pulled and converted on first use)")
+    parser.add_argument("--model-path", default=None, metavar="PATH",
+                        help="a Hugging Face model folder or a GGUF file, served in its own quantization "
+                             "(default: the embedded SmolLM2-135M-Instruct, pulled and converted on first use; "
+                             "its GGUF file is ~/.cache/pymesh/gguf/SmolLM2-135M-Instruct.Q4_1.gguf)")
     parser.add_argument("--transport", choices=[t.value for t in Transport], default=Transport.QUIC.value)
     parser.add_argument("--placement", choices=("auto", "split"), default="auto",
                         help="auto: workers choose their blocks from the swarm (default); "

@@ -119,7 +119,8 @@ class Demo:
             self.model_id = model_id(self.model_dir)
         except ImportError:
             self.model_id = self.model_dir.name
-        self.console.print(f"   model folder {self.model_dir} ({self.num_blocks} blocks, id {self.model_id})")
+        kind = "GGUF file" if self.model_dir.is_file() else "model folder"
+        self.console.print(f"   {kind} {self.model_dir} ({self.num_blocks} blocks, id {self.model_id})")
 
     # ---- swarm ------------------------------------------------------------------------
     def start_swarm(self, swarm: LocalSwarm) -> list[WorkerRecord]:
