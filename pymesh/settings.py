@@ -251,6 +251,9 @@ class ClientSettings:
     max_recoveries: int = 8            # PYMESH_MAX_RECOVERIES
     verify: str = "sample"             # PYMESH_VERIFY: off | sample | all
     verify_rate: float = DEFAULT_VERIFY_RATE  # PYMESH_VERIFY_RATE
+    #: route through workers of every quantization of the model (``--allow-mixed``; no
+    #: environment variable: mixing precisions is a choice made per run)
+    allow_mixed: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "ClientSettings":

@@ -30,6 +30,8 @@ class ServeOptions:
     model_path: Path
     listen: str = "127.0.0.1:8000"
     model_name: str | None = None
+    #: ``--quantize``: the head's block format, and the suffix of the model id routes match
+    quantize: str | None = None
     transport: str = "quic"
     device: str = "cpu"
     dtype: str = "float32"
@@ -76,7 +78,7 @@ async def serve(options: ServeOptions, defaults: SamplingParams, *,
     from pymesh.client.swarm import Swarm
 
     model = ClientModel(options.model_path, device=options.device, dtype=options.dtype,
-                        model_name=options.model_name)
+                        model_name=options.model_name, quantize=options.quantize)
     async with Swarm(options.bootstrap, model.model_id, transport=options.transport, settings=options.settings,
                      allow_peers=options.allow_peers, identity=options.identity,
                      blocklist=options.blocklist) as swarm:

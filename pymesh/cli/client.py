@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from pymesh.model.torch_setup import configure_threads
 
     configure_threads(settings_of(args).runtime.threads_or(args.threads))
-    args.settings = swarm_client_settings(args)   # --verify / --verify-rate applied
+    args.settings = swarm_client_settings(args)   # --verify / --verify-rate / --allow-mixed applied
     if args.model_path is None:
         return trio.run(_network_test, args)
     if not args.prompt:
@@ -79,7 +79,8 @@ async def _generate(args: argparse.Namespace) -> int:
 
     params = sampling_params_from_args(args)
     check_device(args.device)
-    model = ClientModel(args.model_path, device=args.device, dtype=args.dtype, model_name=args.model_name)
+    model = ClientModel(args.model_path, device=args.device, dtype=args.dtype, model_name=args.model_name,
+                        quantize=args.quantize)
     layers = _range(args, model.config.num_hidden_layers)
     if layers != (0, model.config.num_hidden_layers):
         raise ConfigError(f"--chain must cover every layer 0-{model.config.num_hidden_layers - 1} to generate "

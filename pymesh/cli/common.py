@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pymesh.errors import ConfigError
 from pymesh.proto.allowlist import PeerAllowlist
+from pymesh.proto.records import QUANT_LABELS
 from pymesh.proto.vocab import Transport
 from pymesh.settings import VERIFY_MODES, Settings, settings_of
 
@@ -40,7 +41,7 @@ def load_optional(module: str) -> ModuleType | None:
 
 def with_flags(settings: Settings, *, threads: int | None = None, max_blocks: int | None = None,
                verify: str | None = None, verify_rate: float | None = None, batching: bool | None = None,
-               batch_tokens: int | None = None) -> Settings:
+               batch_tokens: int | None = None, allow_mixed: bool | None = None) -> Settings:
     """``settings`` with the flags that override a ``PYMESH_*`` value applied (None: unchanged)."""
     runtime, worker, client = settings.runtime, settings.worker, settings.client
     if threads is not None:
@@ -59,14 +60,26 @@ def with_flags(settings: Settings, *, threads: int | None = None, max_blocks: in
         if not 0.0 <= verify_rate <= 1.0:
             raise ConfigError(f"--verify-rate {verify_rate}: a fraction of hop-steps, between 0 and 1")
         client = dataclasses.replace(client, verify_rate=verify_rate)
+    if allow_mixed is not None:
+        client = dataclasses.replace(client, allow_mixed=allow_mixed)
     return dataclasses.replace(settings, runtime=runtime, worker=worker, client=client)
 
 
 def swarm_client_settings(args: argparse.Namespace) -> Settings:
     """The settings of a swarm client (``pymesh client``, ``pymesh serve``) with its
-    ``--verify`` / ``--verify-rate`` flags applied."""
+    ``--verify`` / ``--verify-rate`` / ``--allow-mixed`` flags applied."""
     return with_flags(settings_of(args), verify=getattr(args, "verify", None),
-                      verify_rate=getattr(args, "verify_rate", None))
+                      verify_rate=getattr(args, "verify_rate", None),
+                      allow_mixed=True if getattr(args, "allow_mixed", False) else None)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--quantize {q8_0,q4_0,q4_1}``: compute a float folder's weight matrices in that block
+    format (quantized at load); the model id gets the suffix, so only workers of the same
+    quantization are routed through (issue 15)."""
+    parser.add_argument("--quantize", default=None, choices=list(QUANT_LABELS),
+                        help=f"{what} in this GGUF block format, quantized at load from a safetensors folder "
+                             "(model id name@fingerprint:FORMAT; default: the weights' own precision)")
 
 
 def apply_runtime_switches(settings: Settings) -> None:
@@ -154,3 +167,7 @@ def add_swarm_client_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $PYMESH_VERIFY_RATE or 0.05)")
     add_blocklist_argument(parser, "workers convicted of wrong answers are never routed through and new "
                                    "convictions are added here, their evidence in evidence/ beside it")
+    add_quantize_argument(parser, "compute the client's embedding and LM head")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="route through workers of every quantization of the model, not only those "
+                             "of this client's (mixing precisions changes the outputs)")

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-active must be at least 1 and --max-waiting at least 0")
     options = ServeOptions(
         bootstrap=list(args.bootstrap), model_path=Path(args.model_path), listen=args.listen,
-        model_name=args.model_name, transport=args.transport, device=args.device, dtype=args.dtype,
+        model_name=args.model_name, quantize=args.quantize, transport=args.transport, device=args.device, dtype=args.dtype,
         api_key=read_api_key(args.api_key_file, settings.api_key), max_active=args.max_active,
         max_waiting=args.max_waiting, settings=settings, allow_peers=allow_peers_of(args),
         identity=None if args.identity is None else Identity.load_or_create(args.identity),

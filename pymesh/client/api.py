@@ -46,11 +46,12 @@ class SwarmClient:
         allow_peers: PeerAllowlist | None = None,
         identity: Identity | None = None,
         blocklist: Blocklist | None = None,
+        quantize: str | None = None,
     ) -> None:
         if model_path is None:
             raise ValueError("SwarmClient needs model_path (the client loads embeddings, head and tokenizer)")
         self.bootstrap = list(bootstrap)
-        self.model = ClientModel(model_path, device=device, dtype=dtype, model_name=model_name)
+        self.model = ClientModel(model_path, device=device, dtype=dtype, model_name=model_name, quantize=quantize)
         self.transport = transport
         self.settings = settings
         #: route only through these workers (None: an open swarm)

@@ -62,20 +62,22 @@ class GenerationStats:
 
 
 class ClientModel:
-    """What the client holds of the model: config, tokenizer, embeddings, final norm, LM head."""
+    """What the client holds of the model: config, tokenizer, embeddings, final norm, LM head.
+    ``quantize`` (``--quantize``): the head computes in that block format and the model id
+    carries it, so routes use only workers of the same quantization (issue 15)."""
 
     def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: str = "float32",
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, quantize: str | None = None) -> None:
         from pymesh.model.fingerprint import model_id
         from pymesh.model.head import load_head
         from pymesh.model.tokenizer import load_tokenizer
         from pymesh.model.torch_setup import parse_dtype
 
         self.path = Path(model_path)
-        self.head = load_head(self.path, device=device, dtype=parse_dtype(dtype))
+        self.head = load_head(self.path, device=device, dtype=parse_dtype(dtype), quantize=quantize)
         self.config = self.head.config
         self.tokenizer = load_tokenizer(self.path)
-        self.model_id = model_id(self.path, model_name)
+        self.model_id = model_id(self.path, model_name, quantize)
         #: LM head + sampling of every session of this process, batched (generate_tokens, the API)
         self.batcher = HeadBatcher(self.head)
 

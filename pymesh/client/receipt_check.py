@@ -62,6 +62,8 @@ class Hop:
     peer: PeerID
     start: int
     stop: int
+    #: the model id (quantization included) the hop's worker announced; "": the step's model
+    model: str = ""
 
 
 class VerifiedReceipts:
@@ -177,8 +179,8 @@ def copy_finding(sender: PeerID, step: int, receipt: SignedReceipt | None, diges
 
 def _fields_problem(f: StepFacts, hop: Hop, model: str, sid: bytes, step: int, pos: int, seq: int, start: int,
                     stop: int) -> str | None:
-    if model != f.model:
-        return f"for model {model!r}, not {f.model!r}"
+    if model != (hop.model or f.model):
+        return f"for model {model!r}, not {hop.model or f.model!r}"
     if sid != f.sid or step != f.step:
         return f"for another session or step (step {step}, expected {f.step})"
     if (pos, seq) != (f.pos, f.seq):

@@ -54,6 +54,12 @@ class SpanOption:
         return f"{self.peer.short()}[{self.start}-{self.stop - 1}]"
 
 
+def hop_model(option: SpanOption, default: str) -> str:
+    """The model id ``option``'s worker announced (its quantization included), else ``default``."""
+    model = option.extra.get("model")
+    return model if isinstance(model, str) else default
+
+
 def route_json(route: Sequence[SpanOption]) -> list[dict[str, object]]:
     """A route as reports show it: ``{"peer", "start", "stop"}`` per hop."""
     return [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route]

@@ -33,7 +33,7 @@ from pymesh.client.checks import output_problem_untrusted
 from pymesh.client.receipt_check import (Finding, Hop, StepFacts, VerifiedReceipts, check_step, copy_finding,
                                          parse_hop_untrusted)
 from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
-from pymesh.client.routing import SpanOption
+from pymesh.client.routing import SpanOption, hop_model
 from pymesh.client.swarm import Swarm
 from pymesh.client.verify import Conviction, Late, Verifier
 from pymesh.errors import ConnectionClosed, PeerUnavailable, PymeshError
@@ -231,7 +231,8 @@ class InferenceSession:
 
     def _open_msg(self, op: OpenHop) -> sw.Open:
         o = op.hop
-        return sw.Open(self.sid, self.max_tokens, self.batch, self.swarm.model_id, o.start, o.stop, reset=True,
+        model = hop_model(o, self.swarm.model_id)   # with --allow-mixed: the hop's own quantization
+        return sw.Open(self.sid, self.max_tokens, self.batch, model, o.start, o.stop, reset=True,
                        copies=self.copy_every, next_hop=self._next_hop(op.next), prev=op.prev,
                        receipts=self.verifier.on)
 
@@ -393,8 +394,8 @@ class InferenceSession:
         if len(hops) < len(self.route):  # cannot happen: the step waited for every receipt
             raise _StepFailure(Blame(self.route[0].peer, "receipts missing", Verdict.LINK))
         facts = StepFacts(self.swarm.model_id, self.sid, p.step, pos, seq)
-        finding = check_step(facts, [Hop(o.peer, o.start, o.stop) for o in self.route], hops, p.input_digest,
-                             p.result_digest)
+        route = [Hop(o.peer, o.start, o.stop, hop_model(o, "")) for o in self.route]
+        finding = check_step(facts, route, hops, p.input_digest, p.result_digest)
         if finding is not None:
             raise _StepFailure(self._convicted(finding, p.step))
 

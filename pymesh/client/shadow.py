@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import trio
 
 from pymesh.client.checks import output_problem_untrusted
-from pymesh.client.routing import SpanOption
+from pymesh.client.routing import SpanOption, hop_model
 from pymesh.errors import PymeshError
 from pymesh.proto import session_wire as sw
 from pymesh.proto.receipts import ReceiptError, SignedReceipt, tensor_digest
@@ -75,7 +75,8 @@ class Shadow:
 
     async def _open(self) -> None:
         async def one(o: SpanOption) -> None:
-            msg = sw.Open(self.sid, self.max_tokens, self.batch, self.swarm.model_id, o.start, o.stop, reset=True,
+            model = hop_model(o, self.swarm.model_id)
+            msg = sw.Open(self.sid, self.max_tokens, self.batch, model, o.start, o.stop, reset=True,
                           copies=1, next_hop=None, prev=None, receipts=True)
             await self.swarm.request(o, msg)
 
@@ -177,16 +178,18 @@ def _looseness(dtype: str) -> int:
 
 
 async def alternative_route(swarm: "Swarm", start: int, stop: int, exclude: Sequence["PeerID"],
-                            min_cache_tokens: int) -> list[SpanOption] | None:
+                            min_cache_tokens: int, model: str | None = None) -> list[SpanOption] | None:
     """A route over ``[start, stop)`` avoiding ``exclude`` from the records at hand (one
-    lookup, no waiting: a check with no checker is reported, not stalled). Prefers one worker."""
+    lookup, no waiting: a check with no checker is reported, not stalled). Prefers one worker.
+    ``model``: only workers of that id, quantization included (a checker computing in another
+    precision would disagree with an honest worker)."""
     from pymesh.client.routing import NoRouteError, choose_route
 
     try:
         records = await swarm.records()
     except PymeshError:
         return None
-    options = swarm.options_from(records)
+    options = [o for o in swarm.options_from(records) if model is None or hop_model(o, swarm.model_id) == model]
     banned = swarm.current_bans() | set(exclude) | set(swarm.not_listing)
     whole = [o for o in options if (o.start, o.stop) == (start, stop) and o.peer not in banned
              and o.cache_tokens_free >= min_cache_tokens]

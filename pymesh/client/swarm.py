@@ -104,8 +104,8 @@ class Swarm:
         self.allow_peers = allow_peers
         #: a failed RTT probe is remembered as long as the record it was made for may live
         self.bans = BanBook(self.clock.monotonic, self.ban_seconds, probe_memory=self.settings.record_ttl)
-        self.book = RecordBook(model_id, self.clock.monotonic, self.settings.record_ttl,
-                               allow_peers.allows if allow_peers is not None else None)
+        self.book = RecordBook(model_id, self.clock.monotonic, self.settings.record_ttl, allow_peers.allows
+                               if allow_peers is not None else None, allow_mixed=self.settings.client.allow_mixed)
         self.rtt_ms: dict[PeerID, float] = {}
         #: workers whose allowlist does not list this client (final: never asked again)
         self.not_listing: dict[PeerID, str] = {}
@@ -306,7 +306,7 @@ class Swarm:
                 continue
             out.append(SpanOption(r.peer_id, r.start, r.stop, r.host, r.port,
                                   tuple(t for t in Transport if t in r.transports),
-                                  r.block_ms, r.cache_tokens_free, {"ts": r.timestamp}))
+                                  r.block_ms, r.cache_tokens_free, {"ts": r.timestamp, "model": r.model_id}))
         return out
 
     async def find_route(
@@ -416,6 +416,8 @@ class Swarm:
         another transport, or a layer nobody serves."""
         waited = f"(gave up after {self.discovery_timeout:.0f} s)"
         block = exc.missing_block
+        if (hint := self.book.mixed_hint(block)) is not None:   # other quantizations serve it
+            return NoRouteError(f"{exc} {waited}; {hint}", block)
         if not records and len(self.dht.core.routing) == 0:
             boots = ", ".join(str(b) for b in self.bootstrap)
             return NoRouteError(f"the bootstrap node {boots} did not answer: no DHT node is reachable from here "
@@ -437,10 +439,9 @@ class Swarm:
                 return NoRouteError(f"no worker serves layer {block} over {self.transport}: its workers speak only "
                                     f"{', '.join(others)}; run the client with --transport {others[0]} {waited}",
                                     block)
-        if self.allow_peers is not None and self.book.refused:
-            return NoRouteError(f"{exc} {waited}; records of workers not on the allowlist were ignored "
-                                f"({self.book.refused} seen)", block)
-        return NoRouteError(f"{exc} {waited}", block)
+        refused = f"; records of workers not on the allowlist were ignored ({self.book.refused} seen)"
+        return NoRouteError(f"{exc} {waited}{refused if self.allow_peers is not None and self.book.refused else ''}",
+                            block)
 
     async def measure_rtts(self, options: Sequence[SpanOption]) -> None:
         """Measure the RTT to each option's worker; one that does not answer is banned and

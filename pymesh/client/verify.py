@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from pymesh.client.receipt_check import Finding, HopReceipts
-from pymesh.client.routing import SpanOption
+from pymesh.client.routing import SpanOption, hop_model
 from pymesh.client.shadow import CheckInconclusive, Shadow, alternative_route
 from pymesh.errors import PymeshError
 from pymesh.proto.identity import PeerID
@@ -290,7 +290,8 @@ class Verifier:
         now = trio.current_time()
         if self._no_checker.get(key, -1.0) > now:
             return None
-        route = await alternative_route(self.swarm, o.start, o.stop, [o.peer], s.max_tokens * s.batch)
+        route = await alternative_route(self.swarm, o.start, o.stop, [o.peer], s.max_tokens * s.batch,
+                                        hop_model(o, self.swarm.model_id))
         if route is None:
             self._no_checker[key] = now + NO_CHECKER_RETRY
             return None
@@ -325,7 +326,8 @@ class Verifier:
                        error: float) -> None:
         s = self.session
         exclude = [o.peer, *(x.peer for x in checker.route)]
-        route = await alternative_route(self.swarm, o.start, o.stop, exclude, s.max_tokens * s.batch)
+        route = await alternative_route(self.swarm, o.start, o.stop, exclude, s.max_tokens * s.batch,
+                                        hop_model(o, self.swarm.model_id))
         record = {"step": k, "hop": o.describe(), "checker": checker.describe(), "error": error}
         if route is None:
             self._disagree(record, "no third worker serves these blocks: nobody banned")

@@ -30,7 +30,8 @@ from pymesh.net.clock import Clock
 from pymesh.net.dht_ops import DHTOps
 from pymesh.proto.dht_core import MAX_SKEW, RECORD_PAGE_BUDGET, padded_read_args
 from pymesh.proto.krpc import Contact
-from pymesh.proto.records import ALL_TARGET, RecordError, RecordVersionMismatch, WorkerRecord, model_target
+from pymesh.proto.records import (ALL_TARGET, RecordError, RecordVersionMismatch, WorkerRecord, base_model_id,
+                                  model_target)
 from pymesh.proto.routing import distance
 from pymesh.proto.storage import StoredRecord
 from pymesh.proto.vocab import WorkerState
@@ -160,7 +161,8 @@ class DHTRecords:
         oldest = now - self.net.config.record_ttl - MAX_SKEW  # what a store keeps, at most
         for raw in raws[:64]:
             rec = self._parse(raw)
-            if rec is None or (model_id is not None and rec.model_id != model_id):
+            # every quantization of the model (its base id): callers pick the full id they need
+            if rec is None or (model_id is not None and rec.base_id != base_model_id(model_id)):
                 continue
             if not oldest <= rec.timestamp <= now + MAX_SKEW:
                 log.debug("ignoring a record of %s stamped %.0fs from now", rec.peer_id.short(), rec.timestamp - now)
@@ -223,12 +225,13 @@ class DHTRecords:
         return sorted(found.values(), key=_order)
 
     async def find_block_providers(self, model_id: str, block: int) -> list[WorkerRecord]:
-        """Live, verified, not-offline records of ``model_id`` whose span covers ``block``."""
+        """Live, verified, not-offline records of ``model_id`` (any quantization of its base id)
+        whose span covers ``block``."""
         recs = await self._read_records(model_target(model_id), model_id, block)
         return [r for r in recs if r.live]
 
     async def find_model_records(self, model_id: str) -> list[WorkerRecord]:
-        """Every live, verified, not-offline record of ``model_id``."""
+        """Every live, verified, not-offline record of ``model_id`` (any quantization of its base id)."""
         recs = await self._read_records(model_target(model_id), model_id, None)
         return [r for r in recs if r.live]
 

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 from pymesh.net.clock import Clock
 from pymesh.proto.identity import PeerID
-from pymesh.proto.records import WorkerRecord
+from pymesh.proto.records import WorkerRecord, base_model_id
 from pymesh.proto.session_wire import NextHop
 from pymesh.proto.vocab import Transport, WorkerState
 
@@ -51,14 +51,15 @@ class NextHopResolver(Protocol):
 def address_from_record(rec: WorkerRecord, hop: NextHop, ours: Sequence[Transport],
                         model_id: str | None = None) -> NextAddr | None:
     """The address to dial for ``hop`` if ``rec`` is that peer's live record (of ``model_id``,
-    when given) for a span that starts where the hop starts and covers it.
+    when given, in any quantization) for a span that starts where the hop starts and covers it.
 
     The transport is one both sides speak: the hint's if the hint names the record's own
     host and port, else the first of ``ours`` the record lists. Pure.
     """
     if rec.peer_id != hop.peer or rec.state == WorkerState.OFFLINE:
         return None
-    if model_id is not None and rec.model_id != model_id:
+    # any quantization of the model: a client routing with --allow-mixed chains them
+    if model_id is not None and rec.base_id != base_model_id(model_id):
         return None
     if not rec.start == hop.start < hop.stop <= rec.stop:
         return None
