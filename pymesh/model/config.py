@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pymesh.errors import ConfigError
+from pymesh.model.gguf_file import is_gguf
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -79,7 +80,16 @@ class ModelConfig:
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
-    """Read and validate ``model_dir/config.json``."""
+    """Read and validate ``model_dir/config.json``, or a GGUF file's metadata (the config.json
+    the converter would write for it)."""
+    if is_gguf(model_dir):
+        from pymesh.model.gguf_convert import GGUFModel
+
+        model = GGUFModel.open(model_dir)
+        try:
+            return parse_config(model.config("float32"))
+        except ConfigError as exc:
+            raise ConfigError(f"{model.path}: {exc}") from None
     path = Path(model_dir) / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

@@ -39,6 +39,12 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether ``--model-path`` names a GGUF file rather than a model folder."""
+    p = Path(path)
+    return p.suffix.lower() == ".gguf" and not p.is_dir()
+
+
 # --- Hugging Face names -----------------------------------------------------------------
 
 BLOCK_NAMES = {

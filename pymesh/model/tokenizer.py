@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 from pymesh.errors import ConfigError
 from pymesh.model.chat import render_chat
+from pymesh.model.gguf_file import is_gguf
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +231,37 @@ def _chat_template(folder: Path, cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def _ordered_ids(*values: Any) -> list[int]:
+    """The ids of every ``eos_token_id``-style value, in order, each once."""
+    out: list[int] = []
+    for value in values:
+        for i in _ids(value):
+            if i not in out:
+                out.append(i)
+    return out
+
+
+def _load_gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer a GGUF file's metadata describes: what the converter would write to
+    tokenizer.json / tokenizer_config.json / generation_config.json, built in memory."""
+    from pymesh.model.gguf_convert import GGUFModel, generation_config
+    from pymesh.model.gguf_tokenizer import build_tokenizer, tokenizer_config
+
+    model = GGUFModel.open(path)
+    cfg = model.config("float32")
+    vocab = model.vocab()
+    tok_cfg = tokenizer_config(vocab, cfg["max_position_embeddings"])
+    eos = _ordered_ids(generation_config(vocab).get("eos_token_id"), cfg.get("eos_token_id"))
+    return Tokenizer(build_tokenizer(vocab), config=tok_cfg, eos_token_ids=eos,
+                     chat_template=vocab.chat_template or None, source=str(model.path))
+
+
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer of a Hugging Face folder (needs ``tokenizer.json``)."""
+    """The tokenizer of a Hugging Face folder (needs ``tokenizer.json``) or of a GGUF file."""
     from tokenizers import Tokenizer as Backend
 
+    if is_gguf(model_dir):
+        return _load_gguf_tokenizer(model_dir)
     folder = Path(model_dir)
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -246,9 +274,6 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
     except Exception as exc:  # tokenizers raises a bare Exception on bad files
         raise ConfigError(f"{path} could not be loaded by the tokenizers package: {exc}") from exc
     cfg = _read_json(folder / "tokenizer_config.json")
-    eos: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        for i in _ids(_read_json(folder / name).get("eos_token_id")):
-            if i not in eos:
-                eos.append(i)
+    eos = _ordered_ids(*(_read_json(folder / name).get("eos_token_id")
+                         for name in ("generation_config.json", "config.json")))
     return Tokenizer(backend, config=cfg, eos_token_ids=eos, chat_template=_chat_template(folder, cfg), source=str(folder))
