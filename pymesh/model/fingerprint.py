@@ -26,13 +26,13 @@ than the ones its id names is a lying worker, and that is what the client's spot
 (re-running its span on another provider) catch. Hashing every byte would cost a full read
 of the model at every start.
 
-Quantized and GGUF weights: ``pymesh model pull`` / the GGUF converter dequantize into an
-ordinary safetensors folder (float32 or bfloat16), so the id is that folder's: the same
-GGUF converted to the same dtype gives the same bytes and the same id, a float32 and a
-bfloat16 conversion differ already by their header dtypes, and two GGUF quantizations of
-one model (Q4_K vs Q8_0) dequantize to different values and so get different ids. Workers
-that compute on quantized weights directly will carry a quantization suffix in their id
-(another issue), so that their honest outputs are never judged against full-precision ones.
+Quantized and GGUF weights: a GGUF file's fingerprint is that of the float32 folder the
+converter makes from it (:mod:`pymesh.model.gguf_identity` computes it from the file's
+metadata and the blocks holding the sampled windows), so a worker serving the file and a
+client holding the folder agree on the base id; two GGUF quantizations of one model (Q4_K
+vs Q8_0) dequantize to different values and so get different ids. Weights computed in a
+block format carry it as a suffix (``name@fingerprint:q4_1``, :func:`quant_label`), so
+their honest outputs are never judged against full-precision ones.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import Any
 
 from pymesh.errors import ConfigError
 from pymesh.proto.records import MAX_MODEL_NAME, sanitize_model_name
+from pymesh.model.gguf_file import is_gguf
 from pymesh.model.weights import INDEX_FILE, SINGLE_FILE, read_safetensors_header, weight_files
 
 FINGERPRINT_CHARS = 12
@@ -117,7 +118,12 @@ def _file_entries(path: Path) -> list[tuple[str, str]]:
 
 def fingerprint(model_dir: str | Path) -> str:
     """Short hex hash of config.json plus every tensor's name, dtype, shape, length and sampled
-    values (see the module docstring for what the sampling does and does not separate)."""
+    values (see the module docstring for what the sampling does and does not separate). For a
+    GGUF file: the fingerprint of the float32 folder the converter makes from it."""
+    if is_gguf(model_dir):
+        from pymesh.model.gguf_identity import gguf_fingerprint
+
+        return gguf_fingerprint(model_dir, SCHEME, FINGERPRINT_CHARS)
     root = Path(model_dir)
     try:
         config = json.loads((root / "config.json").read_text(encoding="utf-8"))
@@ -141,7 +147,15 @@ def fingerprint(model_dir: str | Path) -> str:
 
 def quant_label(model_path: str | Path, quantize: str | None = None) -> str | None:
     """The quantization suffix of a model id: the block format the weights are computed in
-    (``--quantize`` for a folder), None for float weights."""
+    (``--quantize`` for a folder; for a GGUF file the type of most of its block weights, see
+    :func:`pymesh.model.gguf_identity.gguf_quant_label`), None for float weights."""
+    if is_gguf(model_path):
+        if quantize is not None:
+            raise ConfigError(f"{model_path} is served in its own quantization; --quantize {quantize} "
+                              f"applies to model folders only: drop it, or pass a float model folder")
+        from pymesh.model.gguf_identity import gguf_quant_label
+
+        return gguf_quant_label(model_path)
     if quantize is not None:
         from pymesh.model.quant import qformat
 
@@ -165,10 +179,15 @@ def model_id(model_dir: str | Path, name: str | None = None, quantize: str | Non
             )
         label = name
     else:
-        folder = root.resolve().name
+        if is_gguf(root):  # the converted folder's name: the stem without its quantization tag
+            from pymesh.model.gguf_identity import gguf_model_name
+
+            folder = gguf_model_name(root)
+        else:
+            folder = root.resolve().name
         label = sanitize_model_name(folder)
         if label != folder:
-            log.info("model folder name %r is not a valid model name; the swarm will see it as %r "
+            log.info("model name %r (from the path) is not a valid model name; the swarm will see it as %r "
                      "(use --model-name to choose another)", folder, label)
     base = f"{label}@{fingerprint(root)}"
     suffix = quant_label(root, quantize)

@@ -286,18 +286,22 @@ def open_gguf_untrusted(path: str | os.PathLike[str]) -> GGUFFile:
     return GGUFFile(p, data, metadata, tensors)
 
 
-def dequantize_rows(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
-    """Rows of ``info``'s stored bytes (uint8 ``[rows, row_bytes]``) as float32 ``[rows, in]``,
-    by the ``gguf`` package (the same values the converter writes)."""
+def dequantize_bytes(ggml_type: int, raw: np.ndarray, name: str = "?") -> np.ndarray:
+    """Whole blocks of type ``ggml_type`` (uint8 ``[..., n_blocks * type_size]``) as float32
+    ``[..., n_blocks * block_size]``, by the ``gguf`` package (the values the converter writes)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    qtype = GGMLQuantizationType(info.ggml_type)
+    qtype = GGMLQuantizationType(ggml_type)
     try:
-        out = np.asarray(dequantize(raw, qtype), dtype=np.float32)
+        return np.asarray(dequantize(raw, qtype), dtype=np.float32)
     except NotImplementedError:
         raise ConfigError(
-            f"tensor {info.name!r} has type {qtype.name}, which the gguf package cannot dequantize; "
+            f"tensor {name!r} has type {qtype.name}, which the gguf package cannot dequantize; "
             "re-quantize the model to another type"
         ) from None
-    return out.reshape(raw.shape[0], info.shape[-1])
+
+
+def dequantize_rows(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+    """Rows of ``info``'s stored bytes (uint8 ``[rows, row_bytes]``) as float32 ``[rows, in]``."""
+    return dequantize_bytes(info.ggml_type, raw, info.name).reshape(raw.shape[0], info.shape[-1])
