@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pymesh.cli.common import add_allow_peers_argument, allow_peers_of, check_device, with_flags
+from pymesh.cli.common import add_allow_peers_argument, add_quantize_argument, allow_peers_of, check_device, with_flags
 from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
 from pymesh.proto.vocab import Transport
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="model name in the model id (default: the folder's name; echo mode: 'echo')")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_quantize_argument(parser, "compute the blocks' weight matrices")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=0, help="transport port: QUIC on UDP N, TCP on TCP N (default: any)")
     parser.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (default: --port + 1)")
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     threads = configure_threads(settings.runtime.threads)
     opts = WorkerOptions(
         bootstrap=args.bootstrap, layers=layers, model_path=args.model_path, model_name=args.model_name,
+        quantize=args.quantize,
         device=args.device, dtype=args.dtype, host=args.host, port=args.port, dht_port=args.dht_port,
         announce_addr=args.announce_addr, transport=args.transport, cache_tokens=args.cache_tokens,
         identity=args.identity, threads=threads, max_blocks=args.max_blocks,

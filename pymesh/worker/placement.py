@@ -143,8 +143,25 @@ def block_parameter_count(
     kv = 2 * hidden_size * num_key_value_heads * head_dim
     o = num_attention_heads * head_dim * hidden_size
     mlp = 3 * hidden_size * intermediate_size
+    return q + kv + o + mlp + block_vector_count(hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+                                                 attention_bias)
+
+
+def block_vector_count(hidden_size: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
+                       attention_bias: bool = False) -> int:
+    """Parameters of one block outside its weight matrices: the two norms and the biases."""
     bias = (num_attention_heads + 2 * num_key_value_heads) * head_dim if attention_bias else 0
-    return q + kv + o + mlp + bias + 2 * hidden_size
+    return bias + 2 * hidden_size
+
+
+def block_weight_bytes(params: int, vectors: int, *, elem_bytes: int, quant_block_bytes: int | None = None) -> int:
+    """Bytes of a block of ``params`` parameters, ``vectors`` of them norms and biases: the
+    matrices at ``quant_block_bytes`` per 32 weights when they are held in a GGUF block format
+    (34 for q8_0, 18 for q4_0, 20 for q4_1), else at ``elem_bytes`` each; norms and biases
+    always at ``elem_bytes`` (they stay in the run dtype)."""
+    if quant_block_bytes is None:
+        return params * elem_bytes
+    return -(-(params - vectors) * quant_block_bytes // 32) + vectors * elem_bytes
 
 
 def blocks_that_fit(

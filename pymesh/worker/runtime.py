@@ -142,8 +142,10 @@ def load_runtime(
     device: str,
     dtype_name: str,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> Runtime:
-    """Load blocks ``[start, stop)`` from ``model_path`` (or echo mode without one)."""
+    """Load blocks ``[start, stop)`` from ``model_path`` (or echo mode without one);
+    ``quantize``: their weight matrices in that block format (``--quantize``)."""
     if model_path is None:
         return Runtime(EchoSpan(start, stop), device=device, dtype_name=dtype_name)
     from pymesh.model.span import load_span
@@ -151,20 +153,30 @@ def load_runtime(
 
     t0 = time.perf_counter()
     span = load_span(Path(model_path), start, stop, device=device, dtype=parse_dtype(dtype_name),
-                     progress=progress)
+                     progress=progress, quantize=quantize)
     log.info("loaded blocks %d-%d from %s in %.1f s", start, stop - 1, model_path, time.perf_counter() - t0)
     return Runtime(span, device=device, dtype_name=dtype_name)
 
 
-def block_bytes(model_path: str, dtype_name: str) -> tuple[int, int, int]:
-    """(bytes per block, KV-cache bytes per token per block, number of blocks) from config.json."""
+def block_bytes(model_path: str, dtype_name: str, quantize: str | None = None) -> tuple[int, int, int]:
+    """(bytes per block, KV-cache bytes per token per block, number of blocks) from config.json.
+
+    Weight matrices count at their block format's bytes per weight when they are computed
+    quantized (``quantize`` for a folder, the file's own format for a GGUF model:
+    :func:`pymesh.model.fingerprint.quant_label`), norms and biases in the run dtype."""
     from pymesh.model.config import load_config
+    from pymesh.model.fingerprint import quant_label
+    from pymesh.model.quant import qformat
     from pymesh.model.torch_setup import parse_dtype
-    from pymesh.worker.placement import block_parameter_count
+    from pymesh.worker.placement import block_parameter_count, block_vector_count, block_weight_bytes
 
     cfg = load_config(Path(model_path))
     elem = 4 if parse_dtype(dtype_name).itemsize == 4 else 2
-    params = block_parameter_count(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                                   cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias)
+    label = quant_label(model_path, quantize)
+    heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    params = block_parameter_count(cfg.hidden_size, cfg.intermediate_size, *heads, cfg.attention_bias)
+    per_block = block_weight_bytes(params, block_vector_count(cfg.hidden_size, *heads, cfg.attention_bias),
+                                   elem_bytes=elem,
+                                   quant_block_bytes=None if label is None else qformat(label).block_bytes)
     kv = 2 * cfg.num_key_value_heads * cfg.head_dim * elem
-    return params * elem, kv, cfg.num_hidden_layers
+    return per_block, kv, cfg.num_hidden_layers

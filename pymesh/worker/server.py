@@ -50,6 +50,8 @@ class WorkerOptions:
     bootstrap: list[str]
     layers: tuple[int, int] | None = None          # [start, stop)
     model_path: str | None = None
+    #: ``--quantize``: the block format the weight matrices are computed in (model id suffix)
+    quantize: str | None = None
     model_name: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
@@ -121,7 +123,7 @@ class Worker:
             return self.opts.model_name or "echo"
         from pymesh.model.fingerprint import model_id
 
-        return model_id(Path(self.opts.model_path), self.opts.model_name)
+        return model_id(Path(self.opts.model_path), self.opts.model_name, self.opts.quantize)
 
     # -- records ---------------------------------------------------------------------------
     def record(self, state: WorkerState) -> WorkerRecord:
@@ -202,7 +204,7 @@ class Worker:
 
     def _how_many_blocks(self) -> int:
         assert self.opts.model_path is not None and self.num_blocks is not None
-        per_block, kv_per_token_block, n = block_bytes(self.opts.model_path, self.opts.dtype)
+        per_block, kv_per_token_block, n = block_bytes(self.opts.model_path, self.opts.dtype, self.opts.quantize)
         cap = self.opts.max_blocks or self.settings.worker.max_blocks
         avail = placement.available_memory_bytes(self.opts.device)
         cache = self.opts.cache_tokens * kv_per_token_block
@@ -223,7 +225,7 @@ class Worker:
         opts = self.opts
         rt = await trio.to_thread.run_sync(
             lambda: load_runtime(opts.model_path, start, stop, device=opts.device, dtype_name=opts.dtype,
-                                 progress=opts.progress))
+                                 progress=opts.progress, quantize=opts.quantize))
         ws = self.settings.worker
         self.throughput = await trio.to_thread.run_sync(
             lambda: rt.measure_throughput(announced=ws.throughput, skip=ws.skip_throughput))
