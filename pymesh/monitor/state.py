@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from pymesh.errors import DecodeError
 from pymesh.monitor.text import printable
-from pymesh.proto.records import MAX_BLOCKS
+from pymesh.proto.records import MAX_BLOCKS, base_model_id, split_model_id
 from pymesh.proto.vocab import WorkerState
 
 #: How many events the state keeps (the view shows the newest few).
@@ -124,6 +124,17 @@ class WorkerView:
     @property
     def live(self) -> bool:
         return self.state != WorkerState.OFFLINE
+
+    @property
+    def quant(self) -> str | None:
+        """The block format the worker computes in (its model id's suffix); None: float."""
+        return split_model_id(self.model_id)[1]
+
+    @property
+    def model_label(self) -> str:
+        """The model cell: the name, plus the quantization (``smollm2 q4_1``) when there is one."""
+        name = self.model_id.split("@", 1)[0]
+        return name if self.quant is None else f"{name} {self.quant}"
 
     def span_text(self) -> str:
         """The span as the command line writes it: inclusive ``A-B``."""
@@ -252,8 +263,9 @@ class MonitorState:
 
 
 def _model_matches(model_id: str, wanted: str) -> bool:
-    """``--model NAME`` matches ``NAME`` exactly or ``NAME@<fingerprint>``."""
-    return model_id == wanted or model_id.split("@", 1)[0] == wanted
+    """``--model NAME`` matches ``NAME`` exactly, ``NAME@<fingerprint>`` in every quantization,
+    or a base id ``NAME@<fingerprint>`` in every quantization."""
+    return model_id == wanted or model_id.split("@", 1)[0] == wanted or base_model_id(model_id) == wanted
 
 
 def update(

@@ -158,7 +158,7 @@ def render_workers(state: MonitorState) -> RenderableType:
         for w in state.workers_of(model):
             table.add_row(
                 Text(w.short),
-                Text(model.split("@", 1)[0]),
+                Text(w.model_label),
                 Text(f"{w.host}:{w.port}"),
                 Text(",".join(w.transports) or "-"),
                 w.span_text(),
