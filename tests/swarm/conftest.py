@@ -170,14 +170,16 @@ def tiny6_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- reference generation with the margins the near-tie rule needs ------------------
 
 
-def reference_run(model_dir: Path, prompt: str, max_new_tokens: int, *, chat: bool = False) -> tuple[list[int], list[float]]:
-    """Greedy ids of the single-process model and, per step, the gap between its top-2 logits."""
+def reference_run(model_dir: Path, prompt: str, max_new_tokens: int, *, chat: bool = False,
+                  quantize: str | None = None) -> tuple[list[int], list[float]]:
+    """Greedy ids of the single-process model (``quantize``: its weight matrices in that block
+    format) and, per step, the gap between its top-2 logits."""
     import torch
 
     from pymesh.model.generate import LocalModel, prompt_ids
     from pymesh.model.tokenizer import load_tokenizer
 
-    model = LocalModel.load(model_dir)
+    model = LocalModel.load(model_dir, quantize=quantize)
     tok = load_tokenizer(model_dir)
     ids = prompt_ids(tok, prompt, chat)
     eos = set(model.config.eos_token_id) | set(tok.eos_token_ids or [])

@@ -1,0 +1,66 @@
+"""Quantized and float workers in one swarm (issue 15): two worker processes serve every
+block of the tiny model, one with ``--quantize q8_0``. A float client routes only through
+the float worker; a ``--quantize q8_0`` client only through the q8_0 worker, and its greedy
+tokens equal single-process generation with q8_0 weights; a q4_0 client is told which
+quantizations serve the model and what to pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.swarm.conftest import LocalProcs, assert_same_tokens, reference_run, wait_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def quant_swarm(tmp_path_factory: pytest.TempPathFactory, tiny6_dir: Path) -> Iterator[LocalProcs]:
+    procs = LocalProcs(tmp_path_factory.mktemp("quant-swarm"))
+    try:
+        procs.start_bootstrap()
+        plain = procs.start_worker("--layers", "0-5", "--model-path", str(tiny6_dir), name="float")
+        q8 = procs.start_worker("--layers", "0-5", "--model-path", str(tiny6_dir), "--quantize", "q8_0",
+                                name="q8")
+        wait_ready([plain, q8], timeout=120)
+        procs.workers = {"float": plain, "q8_0": q8}  # type: ignore[attr-defined]
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def test_q8_worker_announces_the_suffix(quant_swarm: LocalProcs) -> None:
+    workers = quant_swarm.workers  # type: ignore[attr-defined]
+    assert ":q8_0 layers 0-5" in workers["q8_0"].text()
+    assert ":q8_0" not in workers["float"].text()
+
+
+def test_float_client_refuses_the_q8_worker(quant_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    n = 16
+    ref, gaps = reference_run(tiny6_dir, PROMPT, n)
+    out = quant_swarm.client_json("--model-path", str(tiny6_dir), "--prompt", PROMPT, "--max-tokens", str(n),
+                                  "--verify", "off")
+    assert [h["peer"] for h in out["route"]] == [quant_swarm.workers["float"].peer_id]  # type: ignore[attr-defined]
+    assert_same_tokens(out["tokens"], ref, gaps, "float client")
+
+
+def test_q8_client_uses_the_q8_worker_and_equals_single_process(quant_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    n = 16
+    ref, gaps = reference_run(tiny6_dir, PROMPT, n, quantize="q8_0")
+    out = quant_swarm.client_json("--model-path", str(tiny6_dir), "--prompt", PROMPT, "--max-tokens", str(n),
+                                  "--quantize", "q8_0", "--verify", "off")
+    assert [h["peer"] for h in out["route"]] == [quant_swarm.workers["q8_0"].peer_id]  # type: ignore[attr-defined]
+    assert_same_tokens(out["tokens"], ref, gaps, "q8_0 client vs single-process q8_0")
+
+
+def test_a_client_of_another_quantization_is_told_what_to_pass(quant_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    res = quant_swarm.client("--model-path", str(tiny6_dir), "--prompt", PROMPT, "--max-tokens", "2",
+                             "--quantize", "q4_0", PYMESH_DISCOVERY_TIMEOUT="3")
+    assert res.returncode != 0
+    err = res.stderr
+    assert "other quantizations" in err and "q8_0 (1 worker)" in err and "float (1 worker)" in err, err[-3000:]
+    assert "--quantize q8_0" in err and "--allow-mixed" in err, err[-3000:]
