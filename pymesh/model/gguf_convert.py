@@ -124,6 +124,13 @@ class GGUFModel:
 
     def config(self, dtype: str) -> dict[str, Any]:
         """config.json (Llama) from the file's metadata."""
+        try:
+            return self._config(dtype)
+        except (TypeError, ValueError, OverflowError) as exc:  # int()/float() of a value of the wrong type
+            raise ConfigError(f"{self.path}: a GGUF metadata value has the wrong type ({exc}); "
+                              f"the file is corrupt or not a Llama model") from None
+
+    def _config(self, dtype: str) -> dict[str, Any]:
         a, m = self.arch, self.meta
         hidden = int(m.need(f"{a}.embedding_length"))
         n_head = int(m.need(f"{a}.attention.head_count"))

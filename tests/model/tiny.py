@@ -189,6 +189,7 @@ def write_tiny_gguf(
     tokenizer: str = "gpt2",
     add_bos: bool | None = None,
     extra: Any = None,
+    qtypes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write Hugging Face-named float32 numpy ``weights`` as a llama GGUF file.
 
@@ -197,7 +198,8 @@ def write_tiny_gguf(
     bytes-level tensors written (GGUF name -> stored array) for reference computations.
     ``tokenizer`` is "gpt2" (byte-level BPE) or "llama" (SentencePiece pieces and scores),
     ``pre`` is tokenizer.ggml.pre, ``add_bos`` tokenizer.ggml.add_bos_token (omitted when
-    None), ``extra(writer)`` may add more metadata or tensors.
+    None), ``extra(writer)`` may add more metadata or tensors. ``qtypes`` maps GGUF tensor
+    names to a type used for that tensor instead of ``qtype`` (a file that mixes types).
     """
     import gguf
     import numpy as np
@@ -262,13 +264,14 @@ def write_tiny_gguf(
             a = permute_rotary(a, n_head)
         elif gname.endswith(("attn_k.weight", "attn_k.bias")):
             a = permute_rotary(a, n_head_kv)
-        if a.ndim == 1 or qtype == "F32":
+        kind = (qtypes or {}).get(gname, qtype)
+        if a.ndim == 1 or kind == "F32":
             stored[gname] = (a, "F32")
             w.add_tensor(gname, a)
         else:
-            q = quantize_like_gguf(a, qtype, rng)
-            stored[gname] = (q, qtype)
-            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType[qtype])
+            q = quantize_like_gguf(a, kind, rng)
+            stored[gname] = (q, kind)
+            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType[kind])
     if extra is not None:
         extra(w)
     w.write_header_to_file()
