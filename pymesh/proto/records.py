@@ -60,10 +60,11 @@ TRANSPORTS = tuple(t.value for t in Transport)
 _MODEL_ID = re.compile(r"[A-Za-z0-9._@:-]+")
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._:-]+")
 _DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-#: weight types a record may name (GGML's type names): the quantization suffix of a model id
-#: is one of QUANT_LABELS, a mixed file's ``wt`` counts any of these
+#: weight types a record may name (GGML's type names, and "float" for matrices computed in
+#: the run dtype): the quantization suffix of a model id is one of QUANT_LABELS, a mixed
+#: file's ``wt`` counts any of these
 QUANT_LABELS = ("q8_0", "q4_0", "q4_1")
-WEIGHT_TYPES = ("f32", "f16", "bf16", "f64", "q8_0", "q8_1", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k",
+WEIGHT_TYPES = ("float", "f32", "f16", "bf16", "f64", "q8_0", "q8_1", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k",
                 "q4_k", "q5_k", "q6_k", "q8_k", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs",
                 "iq3_s", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "i8", "i16", "i32", "i64")
 MAX_WEIGHT_TYPES = 8

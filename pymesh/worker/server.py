@@ -90,6 +90,9 @@ class Worker:
             self.identity = Identity.generate()
         self.peer_id: PeerID = self.identity.peer_id
         self.model_id = self._model_id()
+        #: a mixed GGUF file's weight matrices counted by the type they compute in (the record's
+        #: ``wt``); empty when the id's suffix (or its absence) says it all
+        self.weight_types = self._weight_types()
         self.num_blocks: int | None = opts.num_layers
         self.throughput = Throughput(1.0, 1.0)
         self._service: WorkerService | None = None
@@ -125,6 +128,19 @@ class Worker:
 
         return model_id(Path(self.opts.model_path), self.opts.model_name, self.opts.quantize)
 
+    def _weight_types(self) -> tuple[tuple[str, int], ...]:
+        path = self.opts.model_path
+        if path is None:
+            return ()
+        from pymesh.model.gguf_file import is_gguf
+
+        if not is_gguf(path):
+            return ()   # a folder: every block matrix in the --quantize format, or float
+        from pymesh.model.gguf_identity import weight_types
+
+        counts = weight_types(path)
+        return tuple(sorted(counts.items())) if len(counts) > 1 else ()
+
     # -- records ---------------------------------------------------------------------------
     def record(self, state: WorkerState) -> WorkerRecord:
         rt: Runtime = self.service.runtime
@@ -135,7 +151,7 @@ class Worker:
             block_ms=self.throughput.block_ms, tokens_per_s=self.throughput.tokens_per_s,
             cache_tokens_free=self.service.table.free_tokens,
             cache_tokens_total=self.service.table.budget_tokens,
-            sessions=len(self.service.table.sessions),
+            sessions=len(self.service.table.sessions), weight_types=self.weight_types,
         ).signed(self.identity)
 
     async def announce(self, state: WorkerState) -> None:

@@ -93,3 +93,17 @@ def test_client_clis_parse_quantize_and_allow_mixed(module: str) -> None:
     assert swarm_client_settings(args).client.allow_mixed
     plain = parser.parse_args(["--bootstrap", "127.0.0.1:1", "--model-path", "x"])
     assert plain.quantize is None and not swarm_client_settings(plain).client.allow_mixed
+
+
+def test_a_gguf_files_blocks_count_in_its_own_format(tmp_path: Path) -> None:
+    pytest.importorskip("gguf", reason="the gguf package is a runtime dependency; install pymesh")
+    from pymesh.worker.runtime import block_bytes
+    from tests.model.test_convert import N_HEAD, N_KV, random_weights
+    from tests.model.tiny import write_tiny_gguf
+
+    sizes = {}
+    for qtype in ("F32", "Q4_0"):
+        path = tmp_path / f"tiny.{qtype}.gguf"
+        write_tiny_gguf(path, random_weights(tied=True), n_head=N_HEAD, n_head_kv=N_KV, qtype=qtype)
+        sizes[qtype] = block_bytes(str(path), "float32")[0]
+    assert 6.5 <= sizes["F32"] / sizes["Q4_0"] <= 7.2
