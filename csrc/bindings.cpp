@@ -53,6 +53,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("linear_isa", &pymesh::linear_isa, "which GEMV code path this CPU runs");
   m.def("linear_limit_isa", &pymesh::linear_limit_isa, arg("name"),
         "cap the GEMV code path at avx512+avx512_bf16 (default), avx512 or generic (tests)");
+  m.def("qlinear", &pymesh::qlinear_cpu, release(), arg("y"), arg("x"), arg("x_stride"), arg("w"),
+        arg("bias"), arg("rows"), arg("in_features"), arg("out_features"), arg("qtype"),
+        arg("dtype"), arg("threads") = 0,
+        "y = x @ dequant(w).T + bias for a GGUF block weight (qtype 0 q8_0, 1 q4_0, 2 q4_1) on CPU");
+  m.def("qlinear_isa", &pymesh::qlinear_isa, "which quantized GEMV code path this CPU runs");
+  m.def("qlinear_limit_isa", &pymesh::qlinear_limit_isa, arg("name"),
+        "cap the quantized GEMV code path at avx512_vnni (default), avx2 or generic (tests)");
   m.def("set_num_threads", &set_num_threads, arg("n"),
         "threads for CPU kernels called with threads <= 0 (default: the CPU count)");
   m.def("max_threads", &pymesh::max_threads);
@@ -75,6 +82,9 @@ PYBIND11_MODULE(_C, m) {
   cuda.def("silu_and_mul", &pymesh::silu_and_mul_cuda, release(), arg("out"), arg("out_stride"),
            arg("gate"), arg("gate_stride"), arg("up"), arg("up_stride"), arg("rows"),
            arg("width"), arg("dtype"), arg("stream"));
+  cuda.def("qlinear", &pymesh::qlinear_cuda, release(), arg("y"), arg("x"), arg("x_stride"),
+           arg("w"), arg("bias"), arg("rows"), arg("in_features"), arg("out_features"),
+           arg("qtype"), arg("dtype"), arg("stream"));
 #else
   m.attr("has_cuda") = false;
 #endif

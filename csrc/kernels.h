@@ -47,6 +47,15 @@ double read_sum(uintptr_t data, int64_t n, int threads);
 std::string linear_isa();
 // Caps the GEMV code path (the best the CPU has is used up to the cap): for tests.
 void linear_limit_isa(const std::string& name);
+// y [rows, out] (contiguous) = x [rows, in] (row stride x_stride) @ dequant(w)^T + bias [out]
+// (bias may be 0), w in a GGUF block format (qgemv.cpp; qtype 0 q8_0, 1 q4_0, 2 q4_1), any
+// rows >= 1, in a multiple of 32.
+void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintptr_t bias,
+                 int64_t rows, int64_t in_features, int64_t out_features, int qtype, int dtype,
+                 int threads);
+std::string qlinear_isa();
+// Caps qlinear's code path (avx512_vnni, avx2 or generic): for tests.
+void qlinear_limit_isa(const std::string& name);
 
 #ifdef PYMESH_WITH_CUDA
 // CUDA versions: same layouts, device pointers, `stream` a cudaStream_t as an integer.
@@ -64,6 +73,9 @@ void rotary_embedding_cuda(uintptr_t q, int64_t q_token_stride, int64_t q_head_s
 void silu_and_mul_cuda(uintptr_t out, int64_t out_stride, uintptr_t gate, int64_t gate_stride,
                        uintptr_t up, int64_t up_stride, int64_t rows, int64_t width, int dtype,
                        uintptr_t stream);
+void qlinear_cuda(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintptr_t bias,
+                  int64_t rows, int64_t in_features, int64_t out_features, int qtype, int dtype,
+                  uintptr_t stream);
 #endif
 
 }  // namespace pymesh

@@ -56,7 +56,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_OPS = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "linear")
+_OPS = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "linear", "qlinear")
 _stats: dict[str, int] = dict.fromkeys(_OPS, 0)
 _warned: set[str] = set()
 

@@ -67,3 +67,22 @@ def test_cuda_runs_on_the_current_stream() -> None:
         out = ops.rms_norm(x, w, 1e-6)
     stream.synchronize()
     assert_close(out, ops_ref.rms_norm_ref(x, w, 1e-6), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("rows,k,n", [(1, 32, 1), (3, 96, 17), (33, 576, 64), (300, 1536, 40)])
+def test_qlinear_on_cuda(rows: int, k: int, n: int, qtype: str, dtype: torch.dtype) -> None:
+    """The CUDA kernel (float activations) against the dequantize reference on the CPU."""
+    from pymesh.model import qops
+    from pymesh.model.quant import quantize
+
+    w = quantize(randn(n, k, seed=8), qtype)
+    x = randn(rows, k, dtype=dtype, seed=9)
+    bias = randn(n, dtype=dtype, seed=10)
+    expected = qops.qlinear_ref(x, w, bias)
+    before = ops.kernel_stats()["qlinear"]
+    got = ops.linear(cuda(x), w.to("cuda"), cuda(bias))
+    assert ops.kernel_stats()["qlinear"] == before + 1
+    assert got.is_cuda and got.dtype == dtype
+    assert_close(got.cpu(), expected, dtype, scale=k ** 0.5)

@@ -44,7 +44,7 @@ def test_a_forward_goes_through_c() -> None:
     assert torch.isfinite(out).all()
     stats = ops.kernel_stats()
     assert stats == {"rms_norm": 1, "fused_add_rms_norm": 1, "rotary_embedding": 1,
-                     "silu_and_mul": 1, "linear": 4}, stats
+                     "silu_and_mul": 1, "linear": 4, "qlinear": 0}, stats
 
 
 def test_require_c_is_set_by_the_test_command() -> None:

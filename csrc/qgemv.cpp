@@ -1,0 +1,495 @@
+// Quantized linear layer, CPU: y [rows, out] = x [rows, in] @ dequant(W)^T + b, for W in
+// GGUF's block formats (pymesh/model/quant.py: q8_0, q4_0, q4_1; 32 input features per
+// block, one row of blocks per output feature) and x / y / b in float32, float16 or bfloat16.
+//
+// Activations are quantized first, the way llama.cpp does: each block of 32 values of a row
+// of x becomes int8 q = round(x * 127 / amax) with a float32 scale dx = amax / 127 (rounding
+// to nearest even; the test's torch reference does exactly the same). Each pair of blocks of
+// one row is stored once per call as 64 int8 values plus per-lane vectors (XPair), in the
+// order the weight side produces for free: q8_0 in natural order, the q4 types as
+// [b0 e0-15 | b1 e0-15 | b0 e16-31 | b1 e16-31] (the low then the high nibbles of two blocks).
+// The weight is then read once, a pair of blocks (36 / 40 / 68 bytes) at a time:
+//   q4_0: nibbles q (unsigned) . x  via vpdpbusd, seeded with -8 * sum(x)   -> sum (q - 8) x
+//   q4_1: nibbles q . x, plus m * dx * sum(x) as a float FMA                -> sum (d q + m) x
+//   q8_0: (q xor 0x80) = q + 128 as unsigned . x, seeded with -128 * sum(x) -> sum q x
+// and each int32 lane is scaled by dw * dx of its block in a float32 accumulator.
+// Paths: AVX-512 VNNI (vpdpbusd on 64 bytes), AVX2 (vpmaddubsw + vpmaddwd; q8_0 with the
+// abs/sign trick) and a portable scalar one, all on the same quantized x, so they agree up
+// to float32 summation order. qlinear_limit_isa caps the path for tests.
+//
+// Threads split output rows (groups of 8, ~32-256 KiB chunks, as linear_cpu). A block of NB
+// weight rows is walked once with all rows of x in register tiles of <= 4 (AVX-512) or 2
+// (AVX2): the first tile reads W from memory, the others from L1, so W crosses the bus once
+// per call for any row count (prefill with hundreds of rows reuses each weight block from
+// L1 for every tile: compute-bound int8 work, no float dequantization buffer).
+//
+// Accuracy of quantized x: |error| <= sum_b |w_b| amax_b / 254 per output (half a step of
+// x per block); the tests hold every path to that bound and to a torch reference that
+// quantizes x the same way. Speed and the float-x alternative: see the notes below the
+// includes once measured.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace pymesh {
+namespace {
+
+enum QType : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+constexpr int64_t kBlockBytes[3] = {34, 18, 20};
+constexpr int64_t kQBlock = 32;
+
+// Two consecutive 32-blocks of one row of x, quantized.
+struct alignas(64) XPair {
+  int8_t q[64];
+  float dx[16];  // per int32 lane: dx of the block the lane's 4 bytes belong to
+  // q8_0 / q4_0: -128 / -8 times the lane's sum of q (vpdpbusd's seed);
+  // q4_1: dx times the lane's sum of q (float), for the m term.
+  union {
+    int32_t i[16];
+    float f[16];
+  } aux;
+};
+
+PYMESH_INLINE int lane_block(int qtype, int lane) { return qtype == kQ8_0 ? lane / 8 : (lane / 4) & 1; }
+PYMESH_INLINE int position(int qtype, int b, int e) {
+  if (qtype == kQ8_0) return b * 32 + e;
+  return e < 16 ? b * 16 + e : 32 + b * 16 + (e - 16);
+}
+
+// Quantize one row of x (in features, a multiple of 32) into (in / 32 + 1) / 2 pairs.
+template <typename T>
+void quantize_row(const T* x, int64_t in, int qtype, XPair* out) {
+  const int64_t nb = in / kQBlock, pairs = (nb + 1) / 2;
+  const int32_t seed = qtype == kQ8_0 ? -128 : (qtype == kQ4_0 ? -8 : 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    XPair& o = out[p];
+    float dxb[2] = {0.0f, 0.0f};
+    for (int b = 0; b < 2; ++b) {
+      const int64_t blk = 2 * p + b;
+      if (blk >= nb) {
+        for (int e = 0; e < 32; ++e) o.q[position(qtype, b, e)] = 0;
+        continue;
+      }
+      float v[32];
+      float amax = 0.0f;
+      for (int e = 0; e < 32; ++e) {
+        v[e] = to_float(x[blk * kQBlock + e]);
+        amax = std::fmax(amax, std::fabs(v[e]));
+      }
+      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      dxb[b] = amax / 127.0f;
+      for (int e = 0; e < 32; ++e) {
+        float r = std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(v[e] * id)));
+        o.q[position(qtype, b, e)] = static_cast<int8_t>(r);
+      }
+    }
+    for (int l = 0; l < 16; ++l) {
+      const float dx = dxb[lane_block(qtype, l)];
+      const int32_t s = o.q[4 * l] + o.q[4 * l + 1] + o.q[4 * l + 2] + o.q[4 * l + 3];
+      o.dx[l] = dx;
+      if (qtype == kQ4_1) o.aux.f[l] = dx * static_cast<float>(s);
+      else o.aux.i[l] = seed * s;
+    }
+  }
+}
+
+PYMESH_INLINE float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  f16 v;
+  std::memcpy(&v, &h, 2);
+  return static_cast<float>(v);
+}
+
+// One call computes NB output rows (starting at W, row_bytes apart) for R rows of
+// quantized x (ldx pairs apart): out[j * R + r].
+using KernelFn = void (*)(const uint8_t* W, int64_t row_bytes, int64_t pairs, bool odd,
+                          const XPair* X, int64_t ldx, float* out);
+
+#ifndef PYMESH_QGEMV_PREFETCH
+#define PYMESH_QGEMV_PREFETCH 512
+#endif
+constexpr int64_t kPrefetch = PYMESH_QGEMV_PREFETCH;
+
+// ---------------------------------------------------------------- AVX-512 VNNI
+
+#define PYMESH_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// The nibbles of the q4 blocks at blk and blk + BB: lo = [b0 e0-15 | b1 e0-15], hi = the
+// elements 16-31 (HALF: b1's lanes read as 0).
+template <int Q, bool HALF>
+PYMESH_AVX2 PYMESH_INLINE void load_nibbles(const uint8_t* blk, __m256i& lo, __m256i& hi) {
+  constexpr int64_t BB = kBlockBytes[Q];
+  constexpr int off = Q == kQ4_1 ? 4 : 2;
+  const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + off));
+  const __m128i q1 = HALF ? _mm_setzero_si128()
+                          : _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + BB + off));
+  const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  lo = _mm256_and_si256(t, low);
+  hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), low);
+}
+
+#define PYMESH_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+// The pair of blocks at blk as vpdpbusd's unsigned operand, the lanes' dw and (q4_1) m.
+// HALF: only the first block exists (odd block count, last pair): the second reads as 0.
+template <int Q, bool HALF>
+PYMESH_VNNI PYMESH_INLINE void load_pair512(const uint8_t* blk, __m512i& q, __m512& d, __m512& m) {
+  constexpr int64_t BB = kBlockBytes[Q];
+  const float d0 = half_at(blk), d1 = HALF ? 0.0f : half_at(blk + BB);
+  if constexpr (Q == kQ8_0) {
+    __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    __m256i b1 = HALF ? _mm256_setzero_si256()
+                      : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BB + 2));
+    q = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1),
+                         _mm512_set1_epi8(static_cast<char>(0x80)));
+    d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+  } else {
+    __m256i lo, hi;
+    load_nibbles<Q, HALF>(blk, lo, hi);
+    q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    d = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+    if constexpr (Q == kQ4_1) {
+      const float m0 = half_at(blk + 2), m1 = HALF ? 0.0f : half_at(blk + BB + 2);
+      m = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(m0), _mm512_set1_ps(m1));
+    }
+  }
+}
+
+template <int Q, int R, int NB, bool HALF>
+PYMESH_VNNI PYMESH_INLINE void step512(const uint8_t* W, int64_t row_bytes, int64_t p,
+                                       const XPair* X, int64_t ldx, __m512 (&acc)[NB][R]) {
+  __m512i wq[NB];
+  __m512 wd[NB], wm[NB];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) {
+    const uint8_t* blk = W + j * row_bytes + p * 2 * kBlockBytes[Q];
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+    load_pair512<Q, HALF>(blk, wq[j], wd[j], wm[j]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const XPair& xp = X[r * ldx + p];
+    const __m512i xq = _mm512_load_si512(xp.q);
+    const __m512 dx = _mm512_load_ps(xp.dx);
+    const __m512i seed = Q == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(xp.aux.i);
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(seed, wq[j], xq));
+      acc[j][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(wd[j], dx), acc[j][r]);
+      if constexpr (Q == kQ4_1) acc[j][r] = _mm512_fmadd_ps(wm[j], _mm512_load_ps(xp.aux.f), acc[j][r]);
+    }
+  }
+}
+
+template <int Q, int R, int NB>
+PYMESH_VNNI void kernel512(const uint8_t* W, int64_t row_bytes, int64_t pairs, bool odd,
+                           const XPair* X, int64_t ldx, float* out) {
+  __m512 acc[NB][R];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  const int64_t full = odd ? pairs - 1 : pairs;
+  for (int64_t p = 0; p < full; ++p) step512<Q, R, NB, false>(W, row_bytes, p, X, ldx, acc);
+  if (odd) step512<Q, R, NB, true>(W, row_bytes, full, X, ldx, acc);
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) out[j * R + r] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+// ---------------------------------------------------------------- AVX2 (+FMA, F16C)
+
+template <int Q, int R, int NB, bool HALF>
+PYMESH_AVX2 PYMESH_INLINE void step256(const uint8_t* W, int64_t row_bytes, int64_t p,
+                                       const XPair* X, int64_t ldx, __m256 (&acc)[NB][R]) {
+  constexpr int64_t BB = kBlockBytes[Q];
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) {
+    const uint8_t* blk = W + j * row_bytes + p * 2 * BB;
+    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
+    const float d0 = half_at(blk), d1 = HALF ? 0.0f : half_at(blk + BB);
+    if constexpr (Q == kQ8_0) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+      const __m256i w1 = HALF ? _mm256_setzero_si256()
+                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BB + 2));
+      const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);  // |w|
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const XPair& xp = X[r * ldx + p];
+        const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q));
+        const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q + 32));
+        __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0)), ones);
+        __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1)), ones);
+        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(d0 * xp.dx[0]), acc[j][r]);
+        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(d1 * xp.dx[8]), acc[j][r]);
+      }
+    } else {
+      __m256i lo, hi;
+      load_nibbles<Q, HALF>(blk, lo, hi);
+      const __m256 wd = _mm256_blend_ps(_mm256_set1_ps(d0), _mm256_set1_ps(d1), 0xF0);
+      __m256 wm = _mm256_setzero_ps();
+      if constexpr (Q == kQ4_1) {
+        const float m0 = half_at(blk + 2), m1 = HALF ? 0.0f : half_at(blk + BB + 2);
+        wm = _mm256_blend_ps(_mm256_set1_ps(m0), _mm256_set1_ps(m1), 0xF0);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const XPair& xp = X[r * ldx + p];
+        const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q));
+        const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q + 32));
+        __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+        __m256i s = _mm256_madd_epi16(s16, ones);
+        const __m256 dx = _mm256_load_ps(xp.dx);
+        if constexpr (Q == kQ4_0) {
+          s = _mm256_add_epi32(s, _mm256_add_epi32(
+                                      _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.aux.i)),
+                                      _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.aux.i + 8))));
+        }
+        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(wd, dx), acc[j][r]);
+        if constexpr (Q == kQ4_1) {
+          __m256 sx = _mm256_add_ps(_mm256_load_ps(xp.aux.f), _mm256_load_ps(xp.aux.f + 8));
+          acc[j][r] = _mm256_fmadd_ps(wm, sx, acc[j][r]);
+        }
+      }
+    }
+  }
+}
+
+PYMESH_AVX2 PYMESH_INLINE float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int Q, int R, int NB>
+PYMESH_AVX2 void kernel256(const uint8_t* W, int64_t row_bytes, int64_t pairs, bool odd,
+                           const XPair* X, int64_t ldx, float* out) {
+  __m256 acc[NB][R];
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+  const int64_t full = odd ? pairs - 1 : pairs;
+  for (int64_t p = 0; p < full; ++p) step256<Q, R, NB, false>(W, row_bytes, p, X, ldx, acc);
+  if (odd) step256<Q, R, NB, true>(W, row_bytes, full, X, ldx, acc);
+  for (int j = 0; j < NB; ++j)
+    for (int r = 0; r < R; ++r) out[j * R + r] = hsum256(acc[j][r]);
+}
+
+// ---------------------------------------------------------------- portable
+
+template <int Q>
+void kernel_generic(const uint8_t* W, int64_t, int64_t pairs, bool odd, const XPair* X, int64_t,
+                    float* out) {
+  constexpr int64_t BB = kBlockBytes[Q];
+  const int64_t nb = 2 * pairs - (odd ? 1 : 0);
+  float total = 0.0f;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const uint8_t* w = W + blk * BB;
+    const XPair& xp = X[blk / 2];
+    const int b = static_cast<int>(blk & 1);
+    int32_t dot = 0, sum = 0;
+    for (int e = 0; e < 32; ++e) {
+      const int32_t xq = xp.q[position(Q, b, e)];
+      int32_t wq;
+      if constexpr (Q == kQ8_0) {
+        wq = static_cast<int8_t>(w[2 + e]);
+      } else {
+        const uint8_t byte = w[(Q == kQ4_1 ? 4 : 2) + (e & 15)];
+        wq = e < 16 ? (byte & 0x0F) : (byte >> 4);
+        if constexpr (Q == kQ4_0) wq -= 8;
+      }
+      dot += wq * xq;
+      sum += xq;
+    }
+    const float dx = xp.dx[Q == kQ8_0 ? 8 * b : 4 * b];
+    total += half_at(w) * dx * static_cast<float>(dot);
+    if constexpr (Q == kQ4_1) total += half_at(w + 2) * dx * static_cast<float>(sum);
+  }
+  out[0] = total;
+}
+
+// ---------------------------------------------------------------- dispatch
+
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+int g_isa_limit = 2;
+
+bool cpu_has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return yes;
+}
+bool cpu_has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vnni") && cpu_has_avx2();
+  return yes;
+}
+Isa best_isa() {
+  if (g_isa_limit >= 2 && cpu_has_vnni()) return Isa::kAvx512Vnni;
+  if (g_isa_limit >= 1 && cpu_has_avx2()) return Isa::kAvx2;
+  return Isa::kGeneric;
+}
+
+// Kernels of one ISA and type: full[R - 1] computes NB weight rows, one[R - 1] a single
+// one (the ragged end of a thread's range), for R = 1..tile rows of x.
+struct Kernels {
+  int nb = 1, tile = 1;
+  KernelFn full[4] = {}, one[4] = {};
+};
+
+template <int Q>
+Kernels kernels_for(Isa isa) {
+  Kernels k;
+  if (isa == Isa::kAvx512Vnni) {
+    constexpr int NB = 3;
+    k.nb = NB;
+    k.tile = 4;
+    k.full[0] = kernel512<Q, 1, NB>, k.full[1] = kernel512<Q, 2, NB>;
+    k.full[2] = kernel512<Q, 3, NB>, k.full[3] = kernel512<Q, 4, NB>;
+    k.one[0] = kernel512<Q, 1, 1>, k.one[1] = kernel512<Q, 2, 1>;
+    k.one[2] = kernel512<Q, 3, 1>, k.one[3] = kernel512<Q, 4, 1>;
+  } else if (isa == Isa::kAvx2) {
+    k.nb = 2;
+    k.tile = 2;
+    k.full[0] = kernel256<Q, 1, 2>, k.full[1] = kernel256<Q, 2, 2>;
+    k.one[0] = kernel256<Q, 1, 1>, k.one[1] = kernel256<Q, 2, 1>;
+  } else {
+    k.full[0] = k.one[0] = kernel_generic<Q>;
+  }
+  return k;
+}
+
+template <int Q>
+const Kernels& kernels(Isa isa) {
+  static const Kernels table[3] = {kernels_for<Q>(Isa::kGeneric), kernels_for<Q>(Isa::kAvx2),
+                                   kernels_for<Q>(Isa::kAvx512Vnni)};
+  return table[static_cast<int>(isa)];
+}
+
+struct Problem {
+  const uint8_t* W;
+  int64_t row_bytes, pairs;
+  bool odd;
+  const XPair* X;  // rows x pairs
+  int64_t rows;
+  void* Y;
+  const void* bias;
+  int64_t N;
+};
+
+template <typename T>
+void store(const Problem& p, int64_t n0, int nb, int64_t r0, int R, const float* dots) {
+  T* Y = static_cast<T*>(p.Y);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int j = 0; j < nb; ++j) {
+    const float b = bias ? to_float(bias[n0 + j]) : 0.0f;
+    for (int r = 0; r < R; ++r) Y[(r0 + r) * p.N + n0 + j] = from_float<T>(dots[j * R + r] + b);
+  }
+}
+
+// Output rows [n_begin, n_end): each block of NB weight rows meets every tile of x's rows.
+template <typename T>
+void run_range(const Problem& p, const Kernels& k, int64_t n_begin, int64_t n_end) {
+  float dots[4 * 4];
+  for (int64_t n = n_begin; n < n_end;) {
+    const bool whole = n + k.nb <= n_end;
+    const int nb = whole ? k.nb : 1;
+    const uint8_t* W = p.W + n * p.row_bytes;
+    for (int64_t r0 = 0; r0 < p.rows; r0 += k.tile) {
+      const int R = static_cast<int>(p.rows - r0 < k.tile ? p.rows - r0 : k.tile);
+      (whole ? k.full : k.one)[R - 1](W, p.row_bytes, p.pairs, p.odd, p.X + r0 * p.pairs,
+                                      p.pairs, dots);
+      store<T>(p, n, nb, r0, R, dots);
+    }
+    n += nb;
+  }
+}
+
+int64_t qgemv_min_per_thread() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("PYMESH_GEMV_MIN_KB");
+    return (e && *e ? std::strtoll(e, nullptr, 10) : 256) << 10;
+  }();
+  return v;
+}
+
+constexpr int64_t kGroup = 8;  // output rows per unit of work split between threads
+
+}  // namespace
+
+void qlinear_limit_isa(const std::string& name) {
+  if (name == "avx512_vnni") g_isa_limit = 2;
+  else if (name == "avx2") g_isa_limit = 1;
+  else if (name == "generic") g_isa_limit = 0;
+  else bad_argument("qlinear_limit_isa: unknown path '" + name +
+                    "' (expected avx512_vnni, avx2 or generic)");
+}
+
+std::string qlinear_isa() {
+  switch (best_isa()) {
+    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintptr_t bias,
+                 int64_t rows, int64_t in_features, int64_t out_features, int qtype, int dtype,
+                 int threads) {
+  if (qtype < 0 || qtype > 2)
+    bad_argument("qlinear: unknown block type code " + std::to_string(qtype) +
+                 " (expected 0=q8_0, 1=q4_0, 2=q4_1)");
+  if (rows < 1) bad_argument("qlinear: need rows >= 1, got " + std::to_string(rows));
+  if (in_features <= 0 || in_features % kQBlock != 0 || out_features <= 0)
+    bad_argument("qlinear: in_features must be a positive multiple of 32 and out_features "
+                 "positive; got " + std::to_string(in_features) + ", " +
+                 std::to_string(out_features));
+  if (rows > 1 && x_stride < in_features)
+    bad_argument("qlinear: x row stride " + std::to_string(x_stride) + " < in_features " +
+                 std::to_string(in_features));
+  check_dtype(dtype);
+  const int64_t nb = in_features / kQBlock, pairs = (nb + 1) / 2;
+  // Quantized x: reused between calls (decode calls this ~150 times per token).
+  static thread_local std::vector<XPair> xbuf;
+  if (static_cast<int64_t>(xbuf.size()) < rows * pairs) xbuf.resize(static_cast<size_t>(rows * pairs));
+  const int64_t row_bytes = nb * kBlockBytes[qtype];
+  const int64_t bytes = out_features * row_bytes;
+  int t = threads_for(bytes + bytes * (rows - 1) / 4, threads,
+                      pool_helpers_reliable() ? qgemv_min_per_thread() : kGemvPerThread);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xs = reinterpret_cast<const T*>(x);
+    XPair* xq = xbuf.data();
+    auto quantize_rows = [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) quantize_row<T>(xs + r * x_stride, in_features, qtype, xq + r * pairs);
+    };
+    if (rows * in_features >= (int64_t{1} << 16) && t > 1) parallel_for(rows, t, quantize_rows);
+    else quantize_rows(0, rows);
+    Problem p{reinterpret_cast<const uint8_t*>(w), row_bytes, pairs, (nb & 1) != 0, xq, rows,
+              reinterpret_cast<void*>(y), reinterpret_cast<const void*>(bias), out_features};
+    const Isa isa = best_isa();
+    const Kernels& k = qtype == kQ8_0 ? kernels<kQ8_0>(isa)
+                                      : (qtype == kQ4_0 ? kernels<kQ4_0>(isa) : kernels<kQ4_1>(isa));
+    const int64_t groups = (out_features + kGroup - 1) / kGroup;
+    auto run = [&](int64_t b, int64_t e) {
+      run_range<T>(p, k, b * kGroup, e * kGroup < out_features ? e * kGroup : out_features);
+    };
+    int64_t chunk_bytes = bytes / (8 * int64_t{t});
+    if (chunk_bytes < (int64_t{32} << 10)) chunk_bytes = int64_t{32} << 10;
+    if (chunk_bytes > (int64_t{256} << 10)) chunk_bytes = int64_t{256} << 10;
+    const int64_t grain = chunk_bytes / (kGroup * row_bytes);
+    parallel_for_dynamic(groups, grain < 1 ? 1 : grain, t, run);
+  });
+}
+
+}  // namespace pymesh
