@@ -18,6 +18,7 @@ from pymesh.errors import PymeshError
 from pymesh.proto.frames import TensorBlob
 from pymesh.proto.identity import PeerID
 from pymesh.proto.receipts import Receipt, ReceiptError, SignedReceipt, Signer, sign_receipt, tensor_digest
+from pymesh.proto.records import base_model_id
 
 #: tensors at least this big are hashed in a worker thread (hashlib releases the GIL)
 THREAD_DIGEST_BYTES = 1 << 20
@@ -88,8 +89,11 @@ def check_received(raw: bytes | None, *, pusher: PeerID, claim: StepClaim, diges
     if r.stop != claim.start:
         raise BadReceipt(f"the receipt's span {r.start}-{r.stop - 1} does not end where this worker's "
                          f"starts (block {claim.start})")
-    if r.model != claim.model:
-        raise BadReceipt(f"the receipt names model {r.model[:80]!r}, not {claim.model[:80]!r}")
+    # the predecessor may compute in another quantization of the model (a client routing with
+    # --allow-mixed chains them; it checks each hop's receipt against that hop's own id)
+    if base_model_id(r.model) != base_model_id(claim.model):
+        raise BadReceipt(f"the receipt names model {r.model[:80]!r}, not {claim.model[:80]!r} (in any "
+                         "quantization)")
     if r.out != digest:
         raise BadReceipt(f"the receipt's output digest does not match the tensor pushed with step {claim.step}")
     return signed

@@ -64,3 +64,33 @@ def test_a_client_of_another_quantization_is_told_what_to_pass(quant_swarm: Loca
     err = res.stderr
     assert "other quantizations" in err and "q8_0 (1 worker)" in err and "float (1 worker)" in err, err[-3000:]
     assert "--quantize q8_0" in err and "--allow-mixed" in err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def split_swarm(tmp_path_factory: pytest.TempPathFactory, tiny6_dir: Path) -> Iterator[LocalProcs]:
+    procs = LocalProcs(tmp_path_factory.mktemp("quant-split"))
+    try:
+        procs.start_bootstrap()
+        first = procs.start_worker("--layers", "0-2", "--model-path", str(tiny6_dir), name="float0")
+        second = procs.start_worker("--layers", "3-5", "--model-path", str(tiny6_dir), "--quantize", "q8_0",
+                                    name="q8-3")
+        wait_ready([first, second], timeout=120)
+        procs.workers = [first, second]  # type: ignore[attr-defined]
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def test_allow_mixed_chains_quantizations_and_verifies_receipts(split_swarm: LocalProcs, tiny6_dir: Path) -> None:
+    """Blocks 0-2 only in float, 3-5 only in q8_0: without --allow-mixed no route (the error
+    names q8_0); with it the route chains both, each hop opened, pushed to and receipted
+    under its own id (--verify sample: receipts every step; no second worker to spot-check on)."""
+    res = split_swarm.client("--model-path", str(tiny6_dir), "--prompt", PROMPT, "--max-tokens", "2",
+                             PYMESH_DISCOVERY_TIMEOUT="3")
+    assert res.returncode != 0 and "layer 3" in res.stderr and "q8_0 (1 worker)" in res.stderr, res.stderr[-3000:]
+    out = split_swarm.client_json("--model-path", str(tiny6_dir), "--prompt", PROMPT, "--max-tokens", "12",
+                                  "--allow-mixed", "--verify", "sample")
+    workers = split_swarm.workers  # type: ignore[attr-defined]
+    assert [(h["peer"], h["start"], h["stop"]) for h in out["route"]] == [
+        (workers[0].peer_id, 0, 3), (workers[1].peer_id, 3, 6)]
+    assert len(out["tokens"]) >= 1 and out["recoveries"] == []

@@ -44,3 +44,23 @@ def test_a_uniform_gguf_and_a_quantized_folder_need_no_list(tmp_path: Path) -> N
     plain = Worker(WorkerOptions(["127.0.0.1:9"], model_path=str(folder)))
     assert quantized.model_id == plain.model_id + ":q4_0" and quantized.weight_types == ()
     assert _record(quantized).quant == "q4_0" and _record(plain).quant is None
+
+
+@pytest.mark.parametrize(("theirs", "ok"), [("m@0123456789ab", True), ("m@0123456789ab:q4_0", True),
+                                            ("m@ba9876543210:q8_0", False), ("other@0123456789ab", False)])
+def test_a_predecessor_of_another_quantization_of_the_model_is_accepted(theirs: str, ok: bool) -> None:
+    """A client routing with --allow-mixed chains quantizations: a q8_0 hop accepts the receipt
+    of a float or q4_0 predecessor of the same base id, never one of another model."""
+    from pymesh.proto.receipts import Receipt, sign_receipt
+    from pymesh.worker.receipts import BadReceipt, StepClaim, check_received
+
+    me = Identity.generate()
+    digest = b"\1" * 32
+    raw = sign_receipt(me, Receipt(me.peer_id, theirs, b"s" * 16, 0, 0, 1, 0, 2, "float32", "cpu", b"\0" * 32,
+                                   digest)).wire
+    claim = StepClaim("m@0123456789ab:q8_0", b"s" * 16, 0, 0, 1, 2, 4, "float32", "cpu")
+    if ok:
+        assert check_received(raw, pusher=me.peer_id, claim=claim, digest=digest).receipt.model == theirs
+    else:
+        with pytest.raises(BadReceipt, match="in any quantization"):
+            check_received(raw, pusher=me.peer_id, claim=claim, digest=digest)
