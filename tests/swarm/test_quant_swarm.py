@@ -18,19 +18,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module")
-def quant_swarm(tmp_path_factory: pytest.TempPathFactory, tiny6_dir: Path) -> Iterator[LocalProcs]:
-    procs = LocalProcs(tmp_path_factory.mktemp("quant-swarm"))
+def _start(tmp: Path, tiny6_dir: Path, specs: list[tuple[str, str, list[str]]]) -> Iterator[LocalProcs]:
+    """A bootstrap and one worker per (name, inclusive layers, extra flags) on the tiny model."""
+    procs = LocalProcs(tmp)
     try:
         procs.start_bootstrap()
-        plain = procs.start_worker("--layers", "0-5", "--model-path", str(tiny6_dir), name="float")
-        q8 = procs.start_worker("--layers", "0-5", "--model-path", str(tiny6_dir), "--quantize", "q8_0",
-                                name="q8")
-        wait_ready([plain, q8], timeout=120)
-        procs.workers = {"float": plain, "q8_0": q8}  # type: ignore[attr-defined]
+        workers = [procs.start_worker("--layers", layers, "--model-path", str(tiny6_dir), *flags, name=name)
+                   for name, layers, flags in specs]
+        wait_ready(workers, timeout=120)
+        procs.workers = {name: w for (name, _, _), w in zip(specs, workers)}  # type: ignore[attr-defined]
         yield procs
     finally:
         procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def quant_swarm(tmp_path_factory: pytest.TempPathFactory, tiny6_dir: Path) -> Iterator[LocalProcs]:
+    yield from _start(tmp_path_factory.mktemp("quant-swarm"), tiny6_dir,
+                      [("float", "0-5", []), ("q8_0", "0-5", ["--quantize", "q8_0"])])
 
 
 def test_q8_worker_announces_the_suffix(quant_swarm: LocalProcs) -> None:
@@ -68,17 +73,8 @@ def test_a_client_of_another_quantization_is_told_what_to_pass(quant_swarm: Loca
 
 @pytest.fixture(scope="module")
 def split_swarm(tmp_path_factory: pytest.TempPathFactory, tiny6_dir: Path) -> Iterator[LocalProcs]:
-    procs = LocalProcs(tmp_path_factory.mktemp("quant-split"))
-    try:
-        procs.start_bootstrap()
-        first = procs.start_worker("--layers", "0-2", "--model-path", str(tiny6_dir), name="float0")
-        second = procs.start_worker("--layers", "3-5", "--model-path", str(tiny6_dir), "--quantize", "q8_0",
-                                    name="q8-3")
-        wait_ready([first, second], timeout=120)
-        procs.workers = [first, second]  # type: ignore[attr-defined]
-        yield procs
-    finally:
-        procs.stop_all()
+    yield from _start(tmp_path_factory.mktemp("quant-split"), tiny6_dir,
+                      [("float0", "0-2", []), ("q8-3", "3-5", ["--quantize", "q8_0"])])
 
 
 def test_allow_mixed_chains_quantizations_and_verifies_receipts(split_swarm: LocalProcs, tiny6_dir: Path) -> None:
@@ -92,5 +88,5 @@ def test_allow_mixed_chains_quantizations_and_verifies_receipts(split_swarm: Loc
                                   "--allow-mixed", "--verify", "sample")
     workers = split_swarm.workers  # type: ignore[attr-defined]
     assert [(h["peer"], h["start"], h["stop"]) for h in out["route"]] == [
-        (workers[0].peer_id, 0, 3), (workers[1].peer_id, 3, 6)]
+        (workers["float0"].peer_id, 0, 3), (workers["q8-3"].peer_id, 3, 6)]
     assert len(out["tokens"]) >= 1 and out["recoveries"] == []
