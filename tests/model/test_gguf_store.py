@@ -216,3 +216,21 @@ def test_random_header_mutations_only_ever_raise_config_error(tmp_path: Path) ->
         except ConfigError:
             outcomes["error"] += 1
     assert outcomes["error"] > 100, outcomes  # the mutations do reach the parser's checks
+
+
+def test_a_rewritten_file_is_parsed_again(tmp_path: Path) -> None:
+    """Parsed headers are reused for an unchanged file only: a same-size rewrite (too quick for
+    mtimes to differ) with other metadata is read anew; closing one handle leaves others usable."""
+    path, _ = _pair(tmp_path, "Q8_0")
+    data = bytearray(path.read_bytes())
+    first = open_gguf_untrusted(path)
+    again = open_gguf_untrusted(path)
+    first.close()
+    assert again.raw("output_norm.weight").size == HIDDEN * 4
+    key = b"llama.context_length"
+    at = data.index(key) + len(key) + 4  # after the key and its uint32 type
+    assert struct.unpack_from("<I", data, at)[0] == 256
+    data[at:at + 4] = struct.pack("<I", 999)
+    path.write_bytes(bytes(data))
+    assert open_gguf_untrusted(path).metadata["llama.context_length"] == 999
+    assert load_config(path).max_position_embeddings == 999
