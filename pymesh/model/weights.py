@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from pymesh.errors import ConfigError
+from pymesh.model.gguf_file import is_gguf
 from pymesh.model.quant import Weight, can_quantize, quantize as quantize_weight
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,6 @@ class WeightStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def is_gguf(path: str | Path) -> bool:
-    """Whether ``--model-path`` names a GGUF file rather than a model folder."""
-    p = Path(path)
-    return p.suffix.lower() == ".gguf" and not p.is_dir()
 
 
 def open_store(model_path: str | Path) -> Any:
