@@ -138,28 +138,49 @@ PYMESH_AVX2 PYMESH_INLINE void load_nibbles(const uint8_t* blk, __m256i& lo, __m
 #define PYMESH_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 
-// The pair of blocks at blk as vpdpbusd's unsigned operand, the lanes' dw and (q4_1) m.
+// Word indices into the first 64 bytes of a pair of blocks (every field is 2-byte aligned:
+// block sizes are even): nib = [qs0 | qs1 | qs0 | qs1] (8 words each), scale = 16 fp16 words
+// giving each int32 lane its block's d, then (q4_1) 16 giving its m.
+struct alignas(64) PairPerm {
+  int16_t nib[32];
+  int16_t scale[32];
+};
+constexpr PairPerm make_perm(int Q) {
+  PairPerm p{};
+  const int bw = static_cast<int>(kBlockBytes[Q] / 2);  // words per block
+  const int qs = Q == kQ4_1 ? 2 : 1;                    // first word of qs in a block
+  for (int i = 0; i < 32; ++i) p.nib[i] = static_cast<int16_t>(((i / 8) & 1) * bw + qs + (i & 7));
+  for (int i = 0; i < 16; ++i) {
+    const int b = Q == kQ8_0 ? i / 8 : (i / 4) & 1;
+    p.scale[i] = static_cast<int16_t>(b * bw);
+    p.scale[16 + i] = static_cast<int16_t>(b * bw + 1);  // q4_1's m
+  }
+  return p;
+}
+constexpr PairPerm kPerm[3] = {make_perm(kQ8_0), make_perm(kQ4_0), make_perm(kQ4_1)};
+
+// The pair of blocks at blk as vpdpbusd's unsigned operand, the lanes' dw and (q4_1) m, from
+// one masked 64-byte load and word permutes (no scalar fp16 loads, no broadcasts).
 // HALF: only the first block exists (odd block count, last pair): the second reads as 0.
 template <int Q, bool HALF>
 PYMESH_VNNI PYMESH_INLINE void load_pair512(const uint8_t* blk, __m512i& q, __m512& d, __m512& m) {
   constexpr int64_t BB = kBlockBytes[Q];
-  const float d0 = half_at(blk), d1 = HALF ? 0.0f : half_at(blk + BB);
+  constexpr int64_t have = HALF ? BB : (2 * BB < 64 ? 2 * BB : 64);
+  constexpr __mmask64 mask = have == 64 ? ~__mmask64{0} : ((__mmask64{1} << have) - 1);
+  const __m512i z = _mm512_maskz_loadu_epi8(mask, blk);
+  const __m512i sp = _mm512_permutexvar_epi16(_mm512_load_si512(kPerm[Q].scale), z);
+  d = _mm512_cvtph_ps(_mm512_castsi512_si256(sp));
+  if constexpr (Q == kQ4_1) m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sp, 1));
   if constexpr (Q == kQ8_0) {
     __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
     __m256i b1 = HALF ? _mm256_setzero_si256()
                       : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BB + 2));
     q = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1),
                          _mm512_set1_epi8(static_cast<char>(0x80)));
-    d = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
   } else {
-    __m256i lo, hi;
-    load_nibbles<Q, HALF>(blk, lo, hi);
-    q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    d = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
-    if constexpr (Q == kQ4_1) {
-      const float m0 = half_at(blk + 2), m1 = HALF ? 0.0f : half_at(blk + BB + 2);
-      m = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(m0), _mm512_set1_ps(m1));
-    }
+    __m512i n = _mm512_permutexvar_epi16(_mm512_load_si512(kPerm[Q].nib), z);
+    n = _mm512_mask_srli_epi16(n, 0xFFFF0000u, n, 4);  // the upper half: high nibbles
+    q = _mm512_and_si512(n, _mm512_set1_epi8(0x0F));
   }
 }
 

@@ -10,6 +10,11 @@ Linear runs the model's weight shapes ``[out, in]`` in float32 and bfloat16, at
 its rows also carry the weight-read bandwidth both sides reached (gbps, ref_gbps),
 next to the machine's streaming-read ceiling measured in the same run on the same
 threads (read_ceiling_gbps: the best of summing a 256 MiB buffer).
+Qlinear (``pymesh.model.qops``, block-quantized weights) runs per block type at SmolLM2's
+shapes (3072x576 gate/up, 576x1536 down, the 49152x576 head in q8_0) and Llama-3.2-1B's
+(16384x2048, 2048x8192), float32 x, 1, 4, 32 and 300 rows: its "ref" side is the float32
+linear on the same shape, so ``vs_fp32`` (not ``speedup``: no fused-op goal reads it) is
+the gain from the smaller weight, and gbps counts the quantized bytes read.
 
 Rows: op, tokens, hidden, dtype, ref_us, fused_us, speedup (medians), plus
 ref_us_min / fused_us_min (best samples), threads, and for linear out, gbps, ref_gbps,
@@ -28,13 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from pymesh.model import ops, ops_ref
+from pymesh.model.quant import FORMATS, BLOCK, QTensor
 
 DECODE = (1, 2, 4, 8)
 LINEAR_ROWS = (1, 2, 4, 8, 16, 32)  # batched decode: up to ops.LINEAR_MAX_ROWS sessions a step
 PREFILL = (512,)
 HIDDEN = (576, 4096)
 LINEAR_SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096))  # weight [out, in]
-OPS = ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "linear")
+OPS = ("rms_norm", "fused_add_rms_norm", "rotary", "silu_and_mul", "linear", "qlinear")
+QLINEAR_SHAPES = ((3072, 576), (576, 1536), (16384, 2048), (2048, 8192))  # SmolLM2, Llama-3.2-1B
+QLINEAR_HEAD = (49152, 576)  # SmolLM2's LM head, q8_0 as GGUF files keep it
+QLINEAR_ROWS = (1, 4, 32, 300)
 HEAD_DIM = 64
 
 
@@ -112,6 +121,34 @@ def _cases(op: str, tokens: int, hidden: int, dtype: torch.dtype
     raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
 
 
+def random_qtensor(out_f: int, in_f: int, qtype: str, gen: torch.Generator) -> QTensor:
+    """Random blocks of ``qtype`` with sane scales (the speed does not depend on the values,
+    and this is much faster than quantizing a float matrix of the 1B shapes)."""
+    fmt = FORMATS[qtype]
+    nb = in_f // BLOCK
+    data = torch.randint(0, 256, (out_f, nb, fmt.block_bytes), generator=gen, dtype=torch.uint8)
+    scales = 2 if qtype == "q4_1" else 1  # d (and m) fp16 at the start of each block
+    half = torch.full((out_f, nb, scales), 0.01, dtype=torch.float16)
+    data[..., : 2 * scales] = half.view(torch.uint8).reshape(out_f, nb, 2 * scales)
+    return QTensor(fmt, (out_f, in_f), data.reshape(out_f, nb * fmt.block_bytes))
+
+
+def _qlinear_row(tokens: int, shape: tuple[int, int], qtype: str, budget: float) -> dict[str, Any]:
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(out_f + in_f)
+    w = torch.randn(out_f, in_f, generator=gen)
+    qw = random_qtensor(out_f, in_f, qtype, gen)
+    x = torch.randn(tokens, in_f, generator=gen)
+    ref_us, fused_us, ref_min, fused_min = _median_us(
+        lambda: ops.linear(x, w), lambda: ops.linear(x, qw), budget)
+    return {"hidden": in_f, "out": out_f, "qtype": qtype, "ref_us": ref_us, "fused_us": fused_us,
+            "ref_us_min": ref_min, "fused_us_min": fused_min,
+            "vs_fp32": round(ref_us / fused_us, 2),
+            "gbps": round(qw.nbytes() / (fused_us * 1e-6) / 1e9, 1),
+            "ref_gbps": round(w.numel() * 4 / (ref_us * 1e-6) / 1e9, 1),
+            "gbps_best": round(qw.nbytes() / (fused_min * 1e-6) / 1e9, 1)}
+
+
 def read_bandwidth_gbps(budget: float, threads: int) -> float:
     """Streaming-read ceiling: best GB/s summing a 256 MiB float32 buffer, read in the
     same chunks and threads as the GEMV reads weights (torch's sum without ``_C``)."""
@@ -145,6 +182,12 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
                 for shape in LINEAR_SHAPES:
                     for tokens in LINEAR_ROWS + PREFILL:
                         plan.append((op, tokens, shape, dtype))
+        elif op == "qlinear":
+            for qtype in FORMATS:
+                shapes = QLINEAR_SHAPES + ((QLINEAR_HEAD,) if qtype == "q8_0" else ())
+                for shape in shapes[:2] if quick else shapes:
+                    for tokens in QLINEAR_ROWS[:3:2] if quick else QLINEAR_ROWS:
+                        plan.append((op, tokens, (shape, qtype), torch.float32))
         else:
             for hidden in HIDDEN:
                 for tokens in DECODE + PREFILL:
@@ -152,7 +195,8 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     task = progress.add_task(f"kernels ({args.threads} threads)", total=len(plan) + 1)
     try:
-        ceiling = read_bandwidth_gbps(budget, args.threads) if "linear" in selected else None
+        wants_ceiling = "linear" in selected or "qlinear" in selected
+        ceiling = read_bandwidth_gbps(budget, args.threads) if wants_ceiling else None
         progress.advance(task)
         with torch.inference_mode():
             for op, tokens, size, dtype in plan:
@@ -169,6 +213,10 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
                     row["gbps"] = round(weight_bytes / (fused_us * 1e-6) / 1e9, 1)
                     row["ref_gbps"] = round(weight_bytes / (ref_us * 1e-6) / 1e9, 1)
                     row["gbps_best"] = round(weight_bytes / (fused_min * 1e-6) / 1e9, 1)
+                elif op == "qlinear":
+                    row.update(_qlinear_row(tokens, size[0], size[1], budget))
+                    ref_us, fused_us = row["ref_us"], row["fused_us"]
+                    ref_min, fused_min = row["ref_us_min"], row["fused_us_min"]
                 else:
                     ref_us, fused_us, ref_min, fused_min = _median_us(
                         *_cases(op, tokens, size, dtype), budget)
@@ -176,12 +224,13 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[dict[str, Any]]:
                 row["dtype"] = str(dtype).removeprefix("torch.")
                 row["ref_us"] = round(ref_us, 2)
                 row["fused_us"] = round(fused_us, 2)
-                row["speedup"] = round(ref_us / fused_us, 2)
+                if op != "qlinear":
+                    row["speedup"] = round(ref_us / fused_us, 2)
                 # Best samples too: on a loaded machine they show what the code can do.
                 row["ref_us_min"] = round(ref_min, 2)
                 row["fused_us_min"] = round(fused_min, 2)
                 row["threads"] = args.threads
-                if op == "linear" and ceiling is not None:
+                if op in ("linear", "qlinear") and ceiling is not None:
                     row["read_ceiling_gbps"] = round(ceiling, 1)
                 rows.append(row)
                 progress.advance(task)
@@ -196,7 +245,9 @@ def render(rows: list[dict[str, Any]]) -> Any:
     threads = rows[0]["threads"] if rows else "?"
     isa = ops._C.linear_isa() if ops._C is not None else "no _C"
     ceiling = next((r["read_ceiling_gbps"] for r in rows if "read_ceiling_gbps" in r), None)
-    title = f"fused kernels vs reference — {threads} threads, GEMV path {isa}"
+    if ops._C is not None and hasattr(ops._C, "qlinear_isa"):
+        isa += f", qlinear {ops._C.qlinear_isa()}"
+    title = f"fused kernels vs reference (qlinear: vs float32 linear) — {threads} threads, GEMV path {isa}"
     if ceiling is not None:
         title += f", read ceiling {ceiling} GB/s"
     table = Table(title=title)
@@ -207,10 +258,11 @@ def render(rows: list[dict[str, Any]]) -> Any:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in rows:
         hidden = f"{r['out']}x{r['hidden']}" if "out" in r else str(r["hidden"])
-        speed = r["speedup"]
-        color = "green" if speed >= (1 if r["tokens"] > 8 else 2) else "red"
+        speed = r.get("speedup", r.get("vs_fp32", 0.0))
+        color = "green" if speed >= (1 if r["tokens"] > 8 or "vs_fp32" in r else 2) else "red"
         bw = f"{r['ref_gbps']}→{r['gbps']} ({r['gbps_best']})" if "gbps" in r else ""
         best = f"{r['ref_us_min']:.1f}/{r['fused_us_min']:.1f}" if "ref_us_min" in r else ""
-        table.add_row(r["op"], str(r["tokens"]), hidden, r["dtype"], f"{r['ref_us']:.1f}",
+        dtype = f"{r['dtype']} w {r['qtype']}" if "qtype" in r else r["dtype"]
+        table.add_row(r["op"], str(r["tokens"]), hidden, dtype, f"{r['ref_us']:.1f}",
                       f"{r['fused_us']:.1f}", f"[{color}]{speed:.2f}[/]", best, bw)
     return table

@@ -173,3 +173,27 @@ def test_require_c_makes_reference_fallback_loud(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ops, "_C", None)
     with pytest.raises(ops.KernelUnavailableError, match="qlinear"):
         qops.qlinear(x.detach(), w)
+
+
+def test_bench_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pymesh bench kernels --ops qlinear` rows: each type beside the float32 linear (small shapes)."""
+    from rich.console import Console
+
+    from pymesh.bench import kernels
+    from tests.kernels.test_bench import run_quick
+
+    monkeypatch.setattr(kernels, "QLINEAR_SHAPES", ((48, 64), (24, 96)))
+    monkeypatch.setattr(kernels, "QLINEAR_HEAD", (40, 64))
+    rows = run_quick("qlinear")
+    assert {r["qtype"] for r in rows} == set(FORMATS)
+    assert {r["tokens"] for r in rows} == {1, 32}
+    assert {(r["out"], r["hidden"]) for r in rows if r["qtype"] == "q4_1"} == {(48, 64), (24, 96)}
+    for r in rows:
+        assert "speedup" not in r  # not a fused-op goal: vs_fp32 instead
+        assert r["vs_fp32"] == pytest.approx(r["ref_us"] / r["fused_us"], rel=0.02)
+        assert r["gbps"] >= 0 and r["read_ceiling_gbps"] > 0
+    console = Console(record=True, width=200)
+    console.print(kernels.render(rows))
+    assert "w q4_1" in console.export_text()
+    w = kernels.random_qtensor(8, 64, "q4_1", torch.Generator().manual_seed(0))
+    assert torch.isfinite(w.dequantize()).all()
