@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from pymesh.model.sampling import StopText, sampling_params_from_args
     from pymesh.model.tokenizer import load_tokenizer
     from pymesh.model.torch_setup import configure_threads
-    from pymesh.model.weights import is_gguf
+    from pymesh.model.gguf_file import is_gguf
     from pymesh.settings import settings_of
 
     configure_threads(settings_of(args).runtime.threads_or(args.threads), shared=False)  # one process alone: every core
