@@ -2,31 +2,39 @@
 // GGUF's block formats (pymesh/model/quant.py: q8_0, q4_0, q4_1; 32 input features per
 // block, one row of blocks per output feature) and x / y / b in float32, float16 or bfloat16.
 //
-// Activations are quantized first, the way llama.cpp does: each block of 32 values of a row
-// of x becomes int8 q = round(x * 127 / amax) with a float32 scale dx = amax / 127 (rounding
-// to nearest even; the test's torch reference does exactly the same). Each pair of blocks of
-// one row is stored once per call as 64 int8 values plus per-lane vectors (XPair), in the
-// order the weight side produces for free: q8_0 in natural order, the q4 types as
-// [b0 e0-15 | b1 e0-15 | b0 e16-31 | b1 e16-31] (the low then the high nibbles of two blocks).
-// The weight is then read once, a pair of blocks (36 / 40 / 68 bytes) at a time:
-//   q4_0: nibbles q (unsigned) . x  via vpdpbusd, seeded with -8 * sum(x)   -> sum (q - 8) x
-//   q4_1: nibbles q . x, plus m * dx * sum(x) as a float FMA                -> sum (d q + m) x
-//   q8_0: (q xor 0x80) = q + 128 as unsigned . x, seeded with -128 * sum(x) -> sum q x
-// and each int32 lane is scaled by dw * dx of its block in a float32 accumulator.
-// Paths: AVX-512 VNNI (vpdpbusd on 64 bytes), AVX2 (vpmaddubsw + vpmaddwd; q8_0 with the
-// abs/sign trick) and a portable scalar one, all on the same quantized x, so they agree up
-// to float32 summation order. qlinear_limit_isa caps the path for tests.
+// q4_0 / q4_1 (this file): activations are quantized first, as llama.cpp does: each block of
+// 32 values of a row of x becomes int8 q = round(x * (127 / amax)) (nearest even) with a
+// float32 scale dx = amax / 127 (the test's torch reference does exactly the same). Each
+// pair of blocks of a row is stored once per call as 64 int8 values plus per-lane vectors
+// (XPair) in the order the weight side produces for free, [b0 e0-15 | b1 e0-15 | b0 e16-31 |
+// b1 e16-31] (the low, then the high nibbles of two blocks). The weight is read once, a pair
+// of blocks (36 / 40 bytes) per masked 64-byte load; vpermw gives the nibbles and each int32
+// lane's fp16 d (and m):
+//   q4_0: nibbles q (unsigned) . x via vpdpbusd seeded with -8 * sum(x)  -> sum (q - 8) x
+//   q4_1: nibbles q . x, plus m * dx * sum(x) as a float FMA             -> sum (d q + m) x
+// and each lane is scaled by dw * dx of its block into a float32 accumulator.
+// q8_0 (qgemv_q8.cpp): float32 activations, weights converted to float32 (d * q is exact in
+// float32) and FMA'd; the choice per type is measured below.
 //
-// Threads split output rows (groups of 8, ~32-256 KiB chunks, as linear_cpu). A block of NB
-// weight rows is walked once with all rows of x in register tiles of <= 4 (AVX-512) or 2
-// (AVX2): the first tile reads W from memory, the others from L1, so W crosses the bus once
-// per call for any row count (prefill with hundreds of rows reuses each weight block from
-// L1 for every tile: compute-bound int8 work, no float dequantization buffer).
+// Paths: AVX-512 (+VNNI for q4), AVX2 (+FMA; vpmaddubsw + vpmaddwd for q4) and portable
+// scalar code; qlinear_limit_isa caps the path for tests. Threads split output rows (groups
+// of 8, ~32-256 KiB chunks, as linear_cpu). A block of NB weight rows is walked once with
+// all rows of x in register tiles of <= 4 (AVX-512) or 2 (AVX2): the first tile reads W from
+// memory, the others from L1, so W crosses the bus once per call for any row count.
 //
-// Accuracy of quantized x: |error| <= sum_b |w_b| amax_b / 254 per output (half a step of
-// x per block); the tests hold every path to that bound and to a torch reference that
-// quantizes x the same way. Speed and the float-x alternative: see the notes below the
-// includes once measured.
+// Measured on this machine (AMD EPYC, avx512_vnni/bf16, 2 cores shared with other work,
+// load 1-2; best of 7 x 20 calls), GB/s of weight read at rows = 1:
+//   q4_0, q4_1, 1 thread        3072x576 (L2/L3)   49152x576 (DRAM)
+//     int8 x (this file)          15.6 / 13.7        15.5 / 13.7
+//     float x (a prototype, dropped) 8.4 / 8.6        8.2 /  8.4
+//   q8_0, 2 threads, same build pair run back to back:
+//     int8 x (xor 0x80 + vpdpbusd) 57.2 (r=4: 23.3)   21.2
+//     float x (qgemv_q8.cpp)       37.5 (r=4: 19.7)   20.1
+// Accuracy (rel. RMS vs the float-x result, 1536x576, x with a few 20x outlier channels):
+// int8 x adds 1.1e-2 for every type; the weight quantization itself is 8e-2 for q4_0 / q4_1
+// but 5e-3 for q8_0. So the q4 types take int8 x (1.6-1.8x faster, error 7x below the
+// weight's own), and q8_0 keeps float x: within 5 % where DRAM-bound (the LM head, whole
+// models) and 2.4x lower total error (5e-3 vs 1.2e-2), at 2/3 of the int8 speed in cache.
 #include <immintrin.h>
 
 #include <cmath>
@@ -35,44 +43,41 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "qgemv.h"
 
 namespace pymesh {
 namespace {
 
-enum QType : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
-constexpr int64_t kBlockBytes[3] = {34, 18, 20};
+using namespace qgemv;  // NOLINT: the shared types of the quantized kernels
 constexpr int64_t kQBlock = 32;
 
 // Two consecutive 32-blocks of one row of x, quantized.
 struct alignas(64) XPair {
   int8_t q[64];
   float dx[16];  // per int32 lane: dx of the block the lane's 4 bytes belong to
-  // q8_0 / q4_0: -128 / -8 times the lane's sum of q (vpdpbusd's seed);
-  // q4_1: dx times the lane's sum of q (float), for the m term.
+  // q4_0: -8 times the lane's sum of q (vpdpbusd's seed); q4_1: dx times the lane's sum
+  // of q (float), for the m term.
   union {
     int32_t i[16];
     float f[16];
   } aux;
 };
 
-PYMESH_INLINE int lane_block(int qtype, int lane) { return qtype == kQ8_0 ? lane / 8 : (lane / 4) & 1; }
-PYMESH_INLINE int position(int qtype, int b, int e) {
-  if (qtype == kQ8_0) return b * 32 + e;
-  return e < 16 ? b * 16 + e : 32 + b * 16 + (e - 16);
-}
+PYMESH_INLINE int lane_block(int lane) { return (lane / 4) & 1; }
+PYMESH_INLINE int position(int b, int e) { return e < 16 ? b * 16 + e : 32 + b * 16 + (e - 16); }
 
 // Quantize one row of x (in features, a multiple of 32) into (in / 32 + 1) / 2 pairs.
 template <typename T>
 void quantize_row(const T* x, int64_t in, int qtype, XPair* out) {
   const int64_t nb = in / kQBlock, pairs = (nb + 1) / 2;
-  const int32_t seed = qtype == kQ8_0 ? -128 : (qtype == kQ4_0 ? -8 : 0);
+  const int32_t seed = qtype == kQ4_0 ? -8 : 0;
   for (int64_t p = 0; p < pairs; ++p) {
     XPair& o = out[p];
     float dxb[2] = {0.0f, 0.0f};
     for (int b = 0; b < 2; ++b) {
       const int64_t blk = 2 * p + b;
       if (blk >= nb) {
-        for (int e = 0; e < 32; ++e) o.q[position(qtype, b, e)] = 0;
+        for (int e = 0; e < 32; ++e) o.q[position(b, e)] = 0;
         continue;
       }
       float v[32];
@@ -85,11 +90,11 @@ void quantize_row(const T* x, int64_t in, int qtype, XPair* out) {
       dxb[b] = amax / 127.0f;
       for (int e = 0; e < 32; ++e) {
         float r = std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(v[e] * id)));
-        o.q[position(qtype, b, e)] = static_cast<int8_t>(r);
+        o.q[position(b, e)] = static_cast<int8_t>(r);
       }
     }
     for (int l = 0; l < 16; ++l) {
-      const float dx = dxb[lane_block(qtype, l)];
+      const float dx = dxb[lane_block(l)];
       const int32_t s = o.q[4 * l] + o.q[4 * l + 1] + o.q[4 * l + 2] + o.q[4 * l + 3];
       o.dx[l] = dx;
       if (qtype == kQ4_1) o.aux.f[l] = dx * static_cast<float>(s);
@@ -97,24 +102,6 @@ void quantize_row(const T* x, int64_t in, int qtype, XPair* out) {
     }
   }
 }
-
-PYMESH_INLINE float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  f16 v;
-  std::memcpy(&v, &h, 2);
-  return static_cast<float>(v);
-}
-
-// One call computes NB output rows (starting at W, row_bytes apart) for R rows of
-// quantized x (ldx pairs apart): out[j * R + r].
-using KernelFn = void (*)(const uint8_t* W, int64_t row_bytes, int64_t pairs, bool odd,
-                          const XPair* X, int64_t ldx, float* out);
-
-#ifndef PYMESH_QGEMV_PREFETCH
-#define PYMESH_QGEMV_PREFETCH 512
-#endif
-constexpr int64_t kPrefetch = PYMESH_QGEMV_PREFETCH;
 
 // ---------------------------------------------------------------- AVX-512 VNNI
 
@@ -151,7 +138,7 @@ constexpr PairPerm make_perm(int Q) {
   const int qs = Q == kQ4_1 ? 2 : 1;                    // first word of qs in a block
   for (int i = 0; i < 32; ++i) p.nib[i] = static_cast<int16_t>(((i / 8) & 1) * bw + qs + (i & 7));
   for (int i = 0; i < 16; ++i) {
-    const int b = Q == kQ8_0 ? i / 8 : (i / 4) & 1;
+    const int b = (i / 4) & 1;
     p.scale[i] = static_cast<int16_t>(b * bw);
     p.scale[16 + i] = static_cast<int16_t>(b * bw + 1);  // q4_1's m
   }
@@ -165,28 +152,20 @@ constexpr PairPerm kPerm[3] = {make_perm(kQ8_0), make_perm(kQ4_0), make_perm(kQ4
 template <int Q, bool HALF>
 PYMESH_VNNI PYMESH_INLINE void load_pair512(const uint8_t* blk, __m512i& q, __m512& d, __m512& m) {
   constexpr int64_t BB = kBlockBytes[Q];
-  constexpr int64_t have = HALF ? BB : (2 * BB < 64 ? 2 * BB : 64);
-  constexpr __mmask64 mask = have == 64 ? ~__mmask64{0} : ((__mmask64{1} << have) - 1);
+  constexpr int64_t have = HALF ? BB : 2 * BB;  // q4: <= 40 bytes
+  constexpr __mmask64 mask = (__mmask64{1} << have) - 1;
   const __m512i z = _mm512_maskz_loadu_epi8(mask, blk);
   const __m512i sp = _mm512_permutexvar_epi16(_mm512_load_si512(kPerm[Q].scale), z);
   d = _mm512_cvtph_ps(_mm512_castsi512_si256(sp));
   if constexpr (Q == kQ4_1) m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sp, 1));
-  if constexpr (Q == kQ8_0) {
-    __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    __m256i b1 = HALF ? _mm256_setzero_si256()
-                      : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BB + 2));
-    q = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1),
-                         _mm512_set1_epi8(static_cast<char>(0x80)));
-  } else {
-    __m512i n = _mm512_permutexvar_epi16(_mm512_load_si512(kPerm[Q].nib), z);
-    n = _mm512_mask_srli_epi16(n, 0xFFFF0000u, n, 4);  // the upper half: high nibbles
-    q = _mm512_and_si512(n, _mm512_set1_epi8(0x0F));
-  }
+  __m512i n = _mm512_permutexvar_epi16(_mm512_load_si512(kPerm[Q].nib), z);
+  n = _mm512_mask_srli_epi16(n, 0xFFFF0000u, n, 4);  // the upper half: high nibbles
+  q = _mm512_and_si512(n, _mm512_set1_epi8(0x0F));
 }
 
 template <int Q, int R, int NB, bool HALF>
 PYMESH_VNNI PYMESH_INLINE void step512(const uint8_t* W, int64_t row_bytes, int64_t p,
-                                       const XPair* X, int64_t ldx, __m512 (&acc)[NB][R]) {
+                                       const uint8_t* X, int64_t ldx, __m512 (&acc)[NB][R]) {
   __m512i wq[NB];
   __m512 wd[NB], wm[NB];
 #pragma GCC unroll 8
@@ -197,7 +176,7 @@ PYMESH_VNNI PYMESH_INLINE void step512(const uint8_t* W, int64_t row_bytes, int6
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    const XPair& xp = X[r * ldx + p];
+    const XPair& xp = reinterpret_cast<const XPair*>(X + r * ldx)[p];
     const __m512i xq = _mm512_load_si512(xp.q);
     const __m512 dx = _mm512_load_ps(xp.dx);
     const __m512i seed = Q == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(xp.aux.i);
@@ -211,8 +190,10 @@ PYMESH_VNNI PYMESH_INLINE void step512(const uint8_t* W, int64_t row_bytes, int6
 }
 
 template <int Q, int R, int NB>
-PYMESH_VNNI void kernel512(const uint8_t* W, int64_t row_bytes, int64_t pairs, bool odd,
-                           const XPair* X, int64_t ldx, float* out) {
+PYMESH_VNNI void kernel512(const uint8_t* W, int64_t row_bytes, int64_t nb, const uint8_t* X,
+                           int64_t ldx, float* out) {
+  const int64_t pairs = (nb + 1) / 2;
+  const bool odd = (nb & 1) != 0;
   __m512 acc[NB][R];
 #pragma GCC unroll 8
   for (int j = 0; j < NB; ++j)
@@ -231,7 +212,7 @@ PYMESH_VNNI void kernel512(const uint8_t* W, int64_t row_bytes, int64_t pairs, b
 
 template <int Q, int R, int NB, bool HALF>
 PYMESH_AVX2 PYMESH_INLINE void step256(const uint8_t* W, int64_t row_bytes, int64_t p,
-                                       const XPair* X, int64_t ldx, __m256 (&acc)[NB][R]) {
+                                       const uint8_t* X, int64_t ldx, __m256 (&acc)[NB][R]) {
   constexpr int64_t BB = kBlockBytes[Q];
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 4
@@ -239,22 +220,7 @@ PYMESH_AVX2 PYMESH_INLINE void step256(const uint8_t* W, int64_t row_bytes, int6
     const uint8_t* blk = W + j * row_bytes + p * 2 * BB;
     _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
     const float d0 = half_at(blk), d1 = HALF ? 0.0f : half_at(blk + BB);
-    if constexpr (Q == kQ8_0) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-      const __m256i w1 = HALF ? _mm256_setzero_si256()
-                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + BB + 2));
-      const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);  // |w|
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const XPair& xp = X[r * ldx + p];
-        const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q));
-        const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q + 32));
-        __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x0, w0)), ones);
-        __m256i s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x1, w1)), ones);
-        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_set1_ps(d0 * xp.dx[0]), acc[j][r]);
-        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_set1_ps(d1 * xp.dx[8]), acc[j][r]);
-      }
-    } else {
+    {
       __m256i lo, hi;
       load_nibbles<Q, HALF>(blk, lo, hi);
       const __m256 wd = _mm256_blend_ps(_mm256_set1_ps(d0), _mm256_set1_ps(d1), 0xF0);
@@ -265,7 +231,7 @@ PYMESH_AVX2 PYMESH_INLINE void step256(const uint8_t* W, int64_t row_bytes, int6
       }
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const XPair& xp = X[r * ldx + p];
+        const XPair& xp = reinterpret_cast<const XPair*>(X + r * ldx)[p];
         const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q));
         const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xp.q + 32));
         __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
@@ -294,8 +260,10 @@ PYMESH_AVX2 PYMESH_INLINE float hsum256(__m256 v) {
 }
 
 template <int Q, int R, int NB>
-PYMESH_AVX2 void kernel256(const uint8_t* W, int64_t row_bytes, int64_t pairs, bool odd,
-                           const XPair* X, int64_t ldx, float* out) {
+PYMESH_AVX2 void kernel256(const uint8_t* W, int64_t row_bytes, int64_t nb, const uint8_t* X,
+                           int64_t ldx, float* out) {
+  const int64_t pairs = (nb + 1) / 2;
+  const bool odd = (nb & 1) != 0;
   __m256 acc[NB][R];
   for (int j = 0; j < NB; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
@@ -309,30 +277,23 @@ PYMESH_AVX2 void kernel256(const uint8_t* W, int64_t row_bytes, int64_t pairs, b
 // ---------------------------------------------------------------- portable
 
 template <int Q>
-void kernel_generic(const uint8_t* W, int64_t, int64_t pairs, bool odd, const XPair* X, int64_t,
-                    float* out) {
+void kernel_generic(const uint8_t* W, int64_t, int64_t nb, const uint8_t* X, int64_t, float* out) {
   constexpr int64_t BB = kBlockBytes[Q];
-  const int64_t nb = 2 * pairs - (odd ? 1 : 0);
   float total = 0.0f;
   for (int64_t blk = 0; blk < nb; ++blk) {
     const uint8_t* w = W + blk * BB;
-    const XPair& xp = X[blk / 2];
+    const XPair& xp = reinterpret_cast<const XPair*>(X)[blk / 2];
     const int b = static_cast<int>(blk & 1);
     int32_t dot = 0, sum = 0;
     for (int e = 0; e < 32; ++e) {
-      const int32_t xq = xp.q[position(Q, b, e)];
-      int32_t wq;
-      if constexpr (Q == kQ8_0) {
-        wq = static_cast<int8_t>(w[2 + e]);
-      } else {
-        const uint8_t byte = w[(Q == kQ4_1 ? 4 : 2) + (e & 15)];
-        wq = e < 16 ? (byte & 0x0F) : (byte >> 4);
-        if constexpr (Q == kQ4_0) wq -= 8;
-      }
+      const int32_t xq = xp.q[position(b, e)];
+      const uint8_t byte = w[(Q == kQ4_1 ? 4 : 2) + (e & 15)];
+      int32_t wq = e < 16 ? (byte & 0x0F) : (byte >> 4);
+      if constexpr (Q == kQ4_0) wq -= 8;
       dot += wq * xq;
       sum += xq;
     }
-    const float dx = xp.dx[Q == kQ8_0 ? 8 * b : 4 * b];
+    const float dx = xp.dx[4 * b];
     total += half_at(w) * dx * static_cast<float>(dot);
     if constexpr (Q == kQ4_1) total += half_at(w + 2) * dx * static_cast<float>(sum);
   }
@@ -341,7 +302,6 @@ void kernel_generic(const uint8_t* W, int64_t, int64_t pairs, bool odd, const XP
 
 // ---------------------------------------------------------------- dispatch
 
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512Vnni = 2 };
 int g_isa_limit = 2;
 
 bool cpu_has_avx2() {
@@ -356,23 +316,16 @@ bool cpu_has_vnni() {
   return yes;
 }
 Isa best_isa() {
-  if (g_isa_limit >= 2 && cpu_has_vnni()) return Isa::kAvx512Vnni;
+  if (g_isa_limit >= 2 && cpu_has_vnni()) return Isa::kAvx512;
   if (g_isa_limit >= 1 && cpu_has_avx2()) return Isa::kAvx2;
   return Isa::kGeneric;
 }
 
-// Kernels of one ISA and type: full[R - 1] computes NB weight rows, one[R - 1] a single
-// one (the ragged end of a thread's range), for R = 1..tile rows of x.
-struct Kernels {
-  int nb = 1, tile = 1;
-  KernelFn full[4] = {}, one[4] = {};
-};
-
 template <int Q>
 Kernels kernels_for(Isa isa) {
   Kernels k;
-  if (isa == Isa::kAvx512Vnni) {
-    constexpr int NB = 3;
+  if (isa == Isa::kAvx512) {
+    constexpr int NB = Q == kQ4_1 ? 3 : 4;  // weight rows per block: 4 x 4 tiles spill for q4_1
     k.nb = NB;
     k.tile = 4;
     k.full[0] = kernel512<Q, 1, NB>, k.full[1] = kernel512<Q, 2, NB>;
@@ -393,16 +346,15 @@ Kernels kernels_for(Isa isa) {
 template <int Q>
 const Kernels& kernels(Isa isa) {
   static const Kernels table[3] = {kernels_for<Q>(Isa::kGeneric), kernels_for<Q>(Isa::kAvx2),
-                                   kernels_for<Q>(Isa::kAvx512Vnni)};
+                                   kernels_for<Q>(Isa::kAvx512)};
   return table[static_cast<int>(isa)];
 }
 
 struct Problem {
   const uint8_t* W;
-  int64_t row_bytes, pairs;
-  bool odd;
-  const XPair* X;  // rows x pairs
-  int64_t rows;
+  int64_t row_bytes, nb;
+  const uint8_t* X;  // prepared rows of x (quantized pairs or float32), x_row_bytes apart
+  int64_t x_row_bytes, rows;
   void* Y;
   const void* bias;
   int64_t N;
@@ -428,8 +380,8 @@ void run_range(const Problem& p, const Kernels& k, int64_t n_begin, int64_t n_en
     const uint8_t* W = p.W + n * p.row_bytes;
     for (int64_t r0 = 0; r0 < p.rows; r0 += k.tile) {
       const int R = static_cast<int>(p.rows - r0 < k.tile ? p.rows - r0 : k.tile);
-      (whole ? k.full : k.one)[R - 1](W, p.row_bytes, p.pairs, p.odd, p.X + r0 * p.pairs,
-                                      p.pairs, dots);
+      (whole ? k.full : k.one)[R - 1](W, p.row_bytes, p.nb, p.X + r0 * p.x_row_bytes,
+                                      p.x_row_bytes, dots);
       store<T>(p, n, nb, r0, R, dots);
     }
     n += nb;
@@ -458,7 +410,7 @@ void qlinear_limit_isa(const std::string& name) {
 
 std::string qlinear_isa() {
   switch (best_isa()) {
-    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx512: return "avx512_vnni";
     case Isa::kAvx2: return "avx2";
     default: return "generic";
   }
@@ -480,9 +432,10 @@ void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintpt
                  std::to_string(in_features));
   check_dtype(dtype);
   const int64_t nb = in_features / kQBlock, pairs = (nb + 1) / 2;
-  // Quantized x: reused between calls (decode calls this ~150 times per token).
+  const bool float_x = qtype == kQ8_0;
+  // Prepared x, reused between calls (decode calls this ~150 times per token).
   static thread_local std::vector<XPair> xbuf;
-  if (static_cast<int64_t>(xbuf.size()) < rows * pairs) xbuf.resize(static_cast<size_t>(rows * pairs));
+  static thread_local std::vector<float> fbuf;
   const int64_t row_bytes = nb * kBlockBytes[qtype];
   const int64_t bytes = out_features * row_bytes;
   int t = threads_for(bytes + bytes * (rows - 1) / 4, threads,
@@ -490,16 +443,33 @@ void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintpt
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xs = reinterpret_cast<const T*>(x);
-    XPair* xq = xbuf.data();
-    auto quantize_rows = [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) quantize_row<T>(xs + r * x_stride, in_features, qtype, xq + r * pairs);
-    };
-    if (rows * in_features >= (int64_t{1} << 16) && t > 1) parallel_for(rows, t, quantize_rows);
-    else quantize_rows(0, rows);
-    Problem p{reinterpret_cast<const uint8_t*>(w), row_bytes, pairs, (nb & 1) != 0, xq, rows,
+    Problem p{reinterpret_cast<const uint8_t*>(w), row_bytes, nb, nullptr, 0, rows,
               reinterpret_cast<void*>(y), reinterpret_cast<const void*>(bias), out_features};
+    if (float_x && std::is_same_v<T, float>) {
+      p.X = reinterpret_cast<const uint8_t*>(x);
+      p.x_row_bytes = x_stride * 4;
+    } else if (float_x) {
+      if (static_cast<int64_t>(fbuf.size()) < rows * in_features)
+        fbuf.resize(static_cast<size_t>(rows * in_features));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < in_features; ++i)
+          fbuf[r * in_features + i] = to_float(xs[r * x_stride + i]);
+      p.X = reinterpret_cast<const uint8_t*>(fbuf.data());
+      p.x_row_bytes = in_features * 4;
+    } else {
+      if (static_cast<int64_t>(xbuf.size()) < rows * pairs) xbuf.resize(static_cast<size_t>(rows * pairs));
+      XPair* xq = xbuf.data();
+      auto quantize_rows = [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r)
+          quantize_row<T>(xs + r * x_stride, in_features, qtype, xq + r * pairs);
+      };
+      if (rows * in_features >= (int64_t{1} << 16) && t > 1) parallel_for(rows, t, quantize_rows);
+      else quantize_rows(0, rows);
+      p.X = reinterpret_cast<const uint8_t*>(xq);
+      p.x_row_bytes = pairs * static_cast<int64_t>(sizeof(XPair));
+    }
     const Isa isa = best_isa();
-    const Kernels& k = qtype == kQ8_0 ? kernels<kQ8_0>(isa)
+    const Kernels& k = qtype == kQ8_0 ? q8_kernels(isa)
                                       : (qtype == kQ4_0 ? kernels<kQ4_0>(isa) : kernels<kQ4_1>(isa));
     const int64_t groups = (out_features + kGroup - 1) / kGroup;
     auto run = [&](int64_t b, int64_t e) {

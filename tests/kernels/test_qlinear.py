@@ -1,9 +1,10 @@
 """pymesh._C.qlinear (csrc/qgemv.cpp) against torch references, on every code path this CPU has.
 
-The CPU kernel quantizes each block of 32 activations to int8 (q = round(x * 127 / amax),
-scale amax / 127). It is compared tightly with a torch reference that quantizes x the same
-way, and loosely with the float32 dequantize reference, within the bound that quantizing x
-allows: per block, |x - x_q| <= amax / 254, so |y - y_ref| <= sum_b amax_b / 254 * sum |w_b|.
+For q4_0 / q4_1 the CPU kernel quantizes each block of 32 activations to int8 (q = round(x *
+127 / amax), scale amax / 127). It is compared tightly with a torch reference that quantizes x
+the same way, and loosely with the float32 dequantize reference, within the bound that
+quantizing x allows: per block, |x - x_q| <= amax / 254, so |y - y_ref| <= sum_b amax_b / 254 *
+sum |w_b|. q8_0 keeps x in float32: tight against the float32 dequantize reference itself.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def check(y: torch.Tensor, x: torch.Tensor, w: QTensor, bias: torch.Tensor | Non
     wd = w.dequantize().double()
     b = 0.0 if bias is None else bias.double()
     xd, amax = quantize_x(x)
+    if w.qtype == "q8_0":  # float activations: the quantized-x reference is the float one
+        xd, amax = x.double(), torch.zeros_like(amax)
     exact = xd @ wd.T + b
     scale = xd.abs() @ wd.abs().T + (0.0 if bias is None else bias.double().abs())
     tol = 1e-5 * scale + exact.abs() * OUT_EPS[y.dtype] + 1e-6
