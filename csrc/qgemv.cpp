@@ -388,10 +388,13 @@ void run_range(const Problem& p, const Kernels& k, int64_t n_begin, int64_t n_en
   }
 }
 
+// Weight bytes per thread below which a call stays on the calling thread while the pool's
+// helper is awake (PYMESH_QGEMV_MIN_KB, default 64): a quantized byte costs several times the
+// compute of a float32 one, so splitting pays off on smaller matrices than linear_cpu's 256.
 int64_t qgemv_min_per_thread() {
   static const int64_t v = [] {
-    const char* e = std::getenv("PYMESH_GEMV_MIN_KB");
-    return (e && *e ? std::strtoll(e, nullptr, 10) : 256) << 10;
+    const char* e = std::getenv("PYMESH_QGEMV_MIN_KB");
+    return (e && *e ? std::strtoll(e, nullptr, 10) : 64) << 10;
   }();
   return v;
 }

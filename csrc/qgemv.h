@@ -15,9 +15,11 @@ constexpr int64_t kBlockBytes[3] = {34, 18, 20};
 enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
 #ifndef PYMESH_QGEMV_PREFETCH
-#define PYMESH_QGEMV_PREFETCH 512
+#define PYMESH_QGEMV_PREFETCH 2048
 #endif
-constexpr int64_t kPrefetch = PYMESH_QGEMV_PREFETCH;  // bytes ahead, per weight row
+// Bytes ahead of the current load, per weight row: 2048 beat 512 / 1024 by 10-20 % on
+// SmolLM2's q4_1 blocks (30 layers cycling through DRAM, 2 threads), 4096 was no better.
+constexpr int64_t kPrefetch = PYMESH_QGEMV_PREFETCH;
 
 PYMESH_INLINE float half_at(const uint8_t* p) {
   f16 v;
