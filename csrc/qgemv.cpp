@@ -2,21 +2,21 @@
 // GGUF's block formats (pymesh/model/quant.py: q8_0, q4_0, q4_1; 32 input features per
 // block, one row of blocks per output feature) and x / y / b in float32, float16 or bfloat16.
 //
-// q4_0 / q4_1 (this file): activations are quantized first, as llama.cpp does: each block of
-// 32 values of a row of x becomes int8 q = round(x * (127 / amax)) (nearest even) with a
-// float32 scale dx = amax / 127 (the test's torch reference does exactly the same). Each
-// pair of blocks of a row is stored once per call as 64 int8 values plus per-lane vectors
-// (XPair) in the order the weight side produces for free, [b0 e0-15 | b1 e0-15 | b0 e16-31 |
-// b1 e16-31] (the low, then the high nibbles of two blocks). The weight is read once, a pair
-// of blocks (36 / 40 bytes) per masked 64-byte load; vpermw gives the nibbles and each int32
-// lane's fp16 d (and m):
+// q4_0 / q4_1: activations are quantized first, as llama.cpp does: each block of 32 values
+// of a row of x becomes int8 q = round(x * (127 / amax)) (nearest even) with a float32 scale
+// dx = amax / 127 (qgemv.h; the test's torch reference does exactly the same), then
 //   q4_0: nibbles q (unsigned) . x via vpdpbusd seeded with -8 * sum(x)  -> sum (q - 8) x
 //   q4_1: nibbles q . x, plus m * dx * sum(x) as a float FMA             -> sum (d q + m) x
-// and each lane is scaled by dw * dx of its block into a float32 accumulator.
+// and each int32 lane is scaled by dw * dx of its block into a float32 accumulator. On
+// AVX-512 VNNI (qgemv_q4.cpp) each weight row is read as a byte stream in 64-byte chunks
+// with x laid out to face the nibbles (+12-17 % at rows = 1 over reading pairs of blocks,
+// same speed at 4 and 32 rows). The AVX2 and scalar paths (this file) read pairs of blocks,
+// x stored per pair (XPair) as [b0 e0-15 | b1 e0-15 | b0 e16-31 | b1 e16-31], the order the
+// low and high nibbles of two blocks give for free.
 // q8_0 (qgemv_q8.cpp): float32 activations, weights converted to float32 (d * q is exact in
 // float32) and FMA'd; the choice per type is measured below.
 //
-// Paths: AVX-512 (+VNNI for q4), AVX2 (+FMA; vpmaddubsw + vpmaddwd for q4) and portable
+// Paths: AVX-512 (VNNI for q4), AVX2 (+FMA; vpmaddubsw + vpmaddwd for q4) and portable
 // scalar code; qlinear_limit_isa caps the path for tests. Threads split output rows (groups
 // of 8, ~32-256 KiB chunks, as linear_cpu). A block of NB weight rows is walked once with
 // all rows of x in register tiles of <= 4 (AVX-512) or 2 (AVX2): the first tile reads W from
@@ -25,7 +25,7 @@
 // Measured on this machine (AMD EPYC, avx512_vnni/bf16, 2 cores shared with other work,
 // load 1-2; best of 7 x 20 calls), GB/s of weight read at rows = 1:
 //   q4_0, q4_1, 1 thread        3072x576 (L2/L3)   49152x576 (DRAM)
-//     int8 x (this file)          15.6 / 13.7        15.5 / 13.7
+//     int8 x, pairs of blocks     15.6 / 13.7        15.5 / 13.7  (byte stream: 18.3 / 16.2 in L2)
 //     float x (a prototype, dropped) 8.4 / 8.6        8.2 /  8.4
 //   q8_0, 2 threads, same build pair run back to back:
 //     int8 x (xor 0x80 + vpdpbusd) 57.2 (r=4: 23.3)   21.2
@@ -81,17 +81,10 @@ void quantize_row(const T* x, int64_t in, int qtype, XPair* out) {
         continue;
       }
       float v[32];
-      float amax = 0.0f;
-      for (int e = 0; e < 32; ++e) {
-        v[e] = to_float(x[blk * kQBlock + e]);
-        amax = std::fmax(amax, std::fabs(v[e]));
-      }
-      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-      dxb[b] = amax / 127.0f;
-      for (int e = 0; e < 32; ++e) {
-        float r = std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(v[e] * id)));
-        o.q[position(b, e)] = static_cast<int8_t>(r);
-      }
+      int8_t q[32];
+      for (int e = 0; e < 32; ++e) v[e] = to_float(x[blk * kQBlock + e]);
+      dxb[b] = quantize_block(v, q);
+      for (int e = 0; e < 32; ++e) o.q[position(b, e)] = q[e];
     }
     for (int l = 0; l < 16; ++l) {
       const float dx = dxb[lane_block(l)];
@@ -102,8 +95,6 @@ void quantize_row(const T* x, int64_t in, int qtype, XPair* out) {
     }
   }
 }
-
-// ---------------------------------------------------------------- AVX-512 VNNI
 
 #define PYMESH_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -120,92 +111,6 @@ PYMESH_AVX2 PYMESH_INLINE void load_nibbles(const uint8_t* blk, __m256i& lo, __m
   const __m256i low = _mm256_set1_epi8(0x0F);
   lo = _mm256_and_si256(t, low);
   hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), low);
-}
-
-#define PYMESH_VNNI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
-
-// Word indices into the first 64 bytes of a pair of blocks (every field is 2-byte aligned:
-// block sizes are even): nib = [qs0 | qs1 | qs0 | qs1] (8 words each), scale = 16 fp16 words
-// giving each int32 lane its block's d, then (q4_1) 16 giving its m.
-struct alignas(64) PairPerm {
-  int16_t nib[32];
-  int16_t scale[32];
-};
-constexpr PairPerm make_perm(int Q) {
-  PairPerm p{};
-  const int bw = static_cast<int>(kBlockBytes[Q] / 2);  // words per block
-  const int qs = Q == kQ4_1 ? 2 : 1;                    // first word of qs in a block
-  for (int i = 0; i < 32; ++i) p.nib[i] = static_cast<int16_t>(((i / 8) & 1) * bw + qs + (i & 7));
-  for (int i = 0; i < 16; ++i) {
-    const int b = (i / 4) & 1;
-    p.scale[i] = static_cast<int16_t>(b * bw);
-    p.scale[16 + i] = static_cast<int16_t>(b * bw + 1);  // q4_1's m
-  }
-  return p;
-}
-constexpr PairPerm kPerm[3] = {make_perm(kQ8_0), make_perm(kQ4_0), make_perm(kQ4_1)};
-
-// The pair of blocks at blk as vpdpbusd's unsigned operand, the lanes' dw and (q4_1) m, from
-// one masked 64-byte load and word permutes (no scalar fp16 loads, no broadcasts).
-// HALF: only the first block exists (odd block count, last pair): the second reads as 0.
-template <int Q, bool HALF>
-PYMESH_VNNI PYMESH_INLINE void load_pair512(const uint8_t* blk, __m512i& q, __m512& d, __m512& m) {
-  constexpr int64_t BB = kBlockBytes[Q];
-  constexpr int64_t have = HALF ? BB : 2 * BB;  // q4: <= 40 bytes
-  constexpr __mmask64 mask = (__mmask64{1} << have) - 1;
-  const __m512i z = _mm512_maskz_loadu_epi8(mask, blk);
-  const __m512i sp = _mm512_permutexvar_epi16(_mm512_load_si512(kPerm[Q].scale), z);
-  d = _mm512_cvtph_ps(_mm512_castsi512_si256(sp));
-  if constexpr (Q == kQ4_1) m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sp, 1));
-  __m512i n = _mm512_permutexvar_epi16(_mm512_load_si512(kPerm[Q].nib), z);
-  n = _mm512_mask_srli_epi16(n, 0xFFFF0000u, n, 4);  // the upper half: high nibbles
-  q = _mm512_and_si512(n, _mm512_set1_epi8(0x0F));
-}
-
-template <int Q, int R, int NB, bool HALF>
-PYMESH_VNNI PYMESH_INLINE void step512(const uint8_t* W, int64_t row_bytes, int64_t p,
-                                       const uint8_t* X, int64_t ldx, __m512 (&acc)[NB][R]) {
-  __m512i wq[NB];
-  __m512 wd[NB], wm[NB];
-#pragma GCC unroll 8
-  for (int j = 0; j < NB; ++j) {
-    const uint8_t* blk = W + j * row_bytes + p * 2 * kBlockBytes[Q];
-    _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetch), _MM_HINT_T0);
-    load_pair512<Q, HALF>(blk, wq[j], wd[j], wm[j]);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const XPair& xp = reinterpret_cast<const XPair*>(X + r * ldx)[p];
-    const __m512i xq = _mm512_load_si512(xp.q);
-    const __m512 dx = _mm512_load_ps(xp.dx);
-    const __m512i seed = Q == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(xp.aux.i);
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(seed, wq[j], xq));
-      acc[j][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(wd[j], dx), acc[j][r]);
-      if constexpr (Q == kQ4_1) acc[j][r] = _mm512_fmadd_ps(wm[j], _mm512_load_ps(xp.aux.f), acc[j][r]);
-    }
-  }
-}
-
-template <int Q, int R, int NB>
-PYMESH_VNNI void kernel512(const uint8_t* W, int64_t row_bytes, int64_t nb, const uint8_t* X,
-                           int64_t ldx, float* out) {
-  const int64_t pairs = (nb + 1) / 2;
-  const bool odd = (nb & 1) != 0;
-  __m512 acc[NB][R];
-#pragma GCC unroll 8
-  for (int j = 0; j < NB; ++j)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
-  const int64_t full = odd ? pairs - 1 : pairs;
-  for (int64_t p = 0; p < full; ++p) step512<Q, R, NB, false>(W, row_bytes, p, X, ldx, acc);
-  if (odd) step512<Q, R, NB, true>(W, row_bytes, full, X, ldx, acc);
-#pragma GCC unroll 8
-  for (int j = 0; j < NB; ++j)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) out[j * R + r] = _mm512_reduce_add_ps(acc[j][r]);
 }
 
 // ---------------------------------------------------------------- AVX2 (+FMA, F16C)
@@ -324,15 +229,8 @@ Isa best_isa() {
 template <int Q>
 Kernels kernels_for(Isa isa) {
   Kernels k;
-  if (isa == Isa::kAvx512) {
-    constexpr int NB = Q == kQ4_1 ? 3 : 4;  // weight rows per block: 4 x 4 tiles spill for q4_1
-    k.nb = NB;
-    k.tile = 4;
-    k.full[0] = kernel512<Q, 1, NB>, k.full[1] = kernel512<Q, 2, NB>;
-    k.full[2] = kernel512<Q, 3, NB>, k.full[3] = kernel512<Q, 4, NB>;
-    k.one[0] = kernel512<Q, 1, 1>, k.one[1] = kernel512<Q, 2, 1>;
-    k.one[2] = kernel512<Q, 3, 1>, k.one[3] = kernel512<Q, 4, 1>;
-  } else if (isa == Isa::kAvx2) {
+  if (isa == Isa::kAvx512) return q4_stream_kernels(Q);
+  if (isa == Isa::kAvx2) {
     k.nb = 2;
     k.tile = 2;
     k.full[0] = kernel256<Q, 1, 2>, k.full[1] = kernel256<Q, 2, 2>;
@@ -439,6 +337,8 @@ void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintpt
   // Prepared x, reused between calls (decode calls this ~150 times per token).
   static thread_local std::vector<XPair> xbuf;
   static thread_local std::vector<float> fbuf;
+  static thread_local std::vector<XChunk> cbuf;
+  const Isa isa = best_isa();
   const int64_t row_bytes = nb * kBlockBytes[qtype];
   const int64_t bytes = out_features * row_bytes;
   int t = threads_for(bytes + bytes * (rows - 1) / 4, threads,
@@ -459,6 +359,28 @@ void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintpt
           fbuf[r * in_features + i] = to_float(xs[r * x_stride + i]);
       p.X = reinterpret_cast<const uint8_t*>(fbuf.data());
       p.x_row_bytes = in_features * 4;
+    } else if (isa == Isa::kAvx512) {
+      const int64_t chunks = stream_chunks(qtype, in_features);
+      if (static_cast<int64_t>(cbuf.size()) < rows * chunks) cbuf.resize(static_cast<size_t>(rows * chunks));
+      XChunk* xc = cbuf.data();  // this thread's buffer: the pool's threads have their own cbuf
+      auto prepare_rows = [&](int64_t b, int64_t e) {
+        static thread_local std::vector<float> v;
+        static thread_local std::vector<int8_t> scratch;
+        v.resize(static_cast<size_t>(in_features));
+        scratch.resize(static_cast<size_t>(in_features));
+        for (int64_t r = b; r < e; ++r) {
+          const float* xr = reinterpret_cast<const float*>(xs + r * x_stride);
+          if constexpr (!std::is_same_v<T, float>) {
+            for (int64_t i = 0; i < in_features; ++i) v[i] = to_float(xs[r * x_stride + i]);
+            xr = v.data();
+          }
+          prepare_stream_row(qtype, xr, in_features, scratch.data(), xc + r * chunks);
+        }
+      };
+      if (rows * in_features >= (int64_t{1} << 16) && t > 1) parallel_for(rows, t, prepare_rows);
+      else prepare_rows(0, rows);
+      p.X = reinterpret_cast<const uint8_t*>(xc);
+      p.x_row_bytes = chunks * static_cast<int64_t>(sizeof(XChunk));
     } else {
       if (static_cast<int64_t>(xbuf.size()) < rows * pairs) xbuf.resize(static_cast<size_t>(rows * pairs));
       XPair* xq = xbuf.data();
@@ -471,7 +393,6 @@ void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintpt
       p.X = reinterpret_cast<const uint8_t*>(xq);
       p.x_row_bytes = pairs * static_cast<int64_t>(sizeof(XPair));
     }
-    const Isa isa = best_isa();
     const Kernels& k = qtype == kQ8_0 ? q8_kernels(isa)
                                       : (qtype == kQ4_0 ? kernels<kQ4_0>(isa) : kernels<kQ4_1>(isa));
     const int64_t groups = (out_features + kGroup - 1) / kGroup;

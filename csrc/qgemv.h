@@ -2,6 +2,7 @@
 // kernels of q4_0 / q4_1; qgemv_q8.cpp: the float-activation kernels of q8_0).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -41,6 +42,34 @@ struct Kernels {
 
 // q8_0 with float32 activations (qgemv_q8.cpp).
 const Kernels& q8_kernels(Isa isa);
+
+// One block of activations as int8: q = round(v * (127 / amax)) (nearest even), clamped to
+// +-127; returns the scale dx = amax / 127 (0 for a block of zeros).
+inline float quantize_block(const float* v, int8_t* q) {
+  float amax = 0.0f;
+  for (int e = 0; e < 32; ++e) amax = std::fmax(amax, std::fabs(v[e]));
+  const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int e = 0; e < 32; ++e)
+    q[e] = static_cast<int8_t>(std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(v[e] * id))));
+  return amax / 127.0f;
+}
+
+// q4_0 / q4_1 on AVX-512 VNNI (qgemv_q4.cpp): each weight row is walked as a byte stream in
+// 64-byte chunks; x is laid out to match, chunk by chunk, with zeros facing the scale bytes.
+struct alignas(64) XChunk {
+  int8_t lo[64], hi[64];  // x facing the low / high nibble of each weight byte (0 elsewhere)
+  float dx[16];           // per int32 lane: dx of the block whose nibbles the lane holds
+  union {
+    int32_t i[16];        // q4_0: -8 * the lane's sum of x (vpdpbusd's seed)
+    float f[16];          // q4_1: dx * the lane's sum of x (for the m term)
+  } aux;
+  int16_t idx[32];        // words of [previous chunk | this chunk] holding each lane's d, m
+};
+int64_t stream_chunks(int qtype, int64_t in_features);
+// x (in_features floats) as stream_chunks() chunks; scratch: in_features int8.
+void prepare_stream_row(int qtype, const float* x, int64_t in_features, int8_t* scratch,
+                        XChunk* out);
+const Kernels& q4_stream_kernels(int qtype);
 
 }  // namespace qgemv
 }  // namespace pymesh

@@ -1,0 +1,140 @@
+// q4_0 / q4_1 with int8 activations on AVX-512 VNNI, walking each weight row as a byte stream.
+//
+// A row of blocks (18 / 20 bytes: fp16 d, [fp16 m,] 16 bytes of nibbles) is read in 64-byte
+// chunks, whatever the block boundaries. x is quantized per block (qgemv.h) and laid out per
+// chunk to face the weight bytes: lo[i] / hi[i] is the x element whose weight is the low /
+// high nibble of byte i, 0 where byte i is a scale. So one chunk is two vpdpbusd (low and
+// high nibbles) with no shuffle of the weights; every 4-byte lane holds nibbles of at most one
+// block (the scale bytes between two blocks' nibbles are 2 or 4 bytes, and lanes are
+// 4-aligned), and one vpermt2w of [previous chunk | this chunk] gives each lane its block's
+// fp16 d (and m): 64 weight bytes (3.2-3.6 blocks) cost a load, three logic ops, a permute
+// and one or two conversions, against 36-40 bytes for the same work per pair of blocks.
+#include <immintrin.h>
+
+#include <vector>
+
+#include "qgemv.h"
+
+namespace pymesh {
+namespace qgemv {
+
+int64_t stream_chunks(int qtype, int64_t in_features) {
+  return (in_features / 32 * kBlockBytes[qtype] + 63) / 64;
+}
+
+void prepare_stream_row(int qtype, const float* x, int64_t in_features, int8_t* q, XChunk* out) {
+  const int64_t B = kBlockBytes[qtype], qs = qtype == kQ4_1 ? 4 : 2;
+  const int64_t nb = in_features / 32, row_bytes = nb * B, chunks = stream_chunks(qtype, in_features);
+  thread_local std::vector<float> dxs;
+  dxs.resize(static_cast<size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b) dxs[b] = quantize_block(x + 32 * b, q + 32 * b);
+  for (int64_t c = 0; c < chunks; ++c) {
+    XChunk& o = out[c];
+    int64_t lane_blk[16];
+    for (int l = 0; l < 16; ++l) {
+      lane_blk[l] = -1;
+      int32_t sum = 0;
+      for (int k = 0; k < 4; ++k) {
+        const int i = 4 * l + k;
+        const int64_t pos = 64 * c + i, b = pos / B, off = pos % B;
+        o.lo[i] = o.hi[i] = 0;
+        if (pos < row_bytes && off >= qs && off < qs + 16) {
+          o.lo[i] = q[32 * b + (off - qs)];
+          o.hi[i] = q[32 * b + 16 + (off - qs)];
+          sum += o.lo[i] + o.hi[i];
+          lane_blk[l] = b;
+        }
+      }
+      const int64_t b = lane_blk[l];
+      const float dx = b >= 0 ? dxs[b] : 0.0f;
+      o.dx[l] = dx;
+      if (qtype == kQ4_1) o.aux.f[l] = dx * static_cast<float>(sum);
+      else o.aux.i[l] = -8 * sum;
+      // A lane without nibbles still points at a real d (finite): 0 * d, never 0 * inf.
+      int64_t pb = b >= 0 ? b : (64 * c + 4 * l) / B;
+      if (pb >= nb) pb = nb - 1;
+      const int64_t rel = pb * B - 64 * c;  // in [-20, 62]: the previous or this chunk
+      o.idx[l] = static_cast<int16_t>(32 + rel / 2);
+      o.idx[16 + l] = static_cast<int16_t>(32 + rel / 2 + 1);  // q4_1's m follows d
+    }
+  }
+}
+
+namespace {
+
+#define PYMESH_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+template <int Q, int R, int NB>
+PYMESH_VNNI void stream512(const uint8_t* W, int64_t row_bytes, int64_t, const uint8_t* X,
+                           int64_t ldx, float* out) {
+  const int64_t chunks = (row_bytes + 63) / 64;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[NB][R];
+  __m512i prev[NB];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) {
+    prev[j] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t left = row_bytes - 64 * c;
+    const __mmask64 mask = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    const XChunk* x0 = reinterpret_cast<const XChunk*>(X) + c;
+    const __m512i idx = _mm512_load_si512(x0->idx);
+    __m512i lo[NB], hi[NB];
+    __m512 wd[NB], wm[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      const uint8_t* p = W + j * row_bytes + 64 * c;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+      const __m512i z = _mm512_maskz_loadu_epi8(mask, p);
+      const __m512i sc = _mm512_permutex2var_epi16(prev[j], idx, z);
+      prev[j] = z;
+      wd[j] = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+      if constexpr (Q == kQ4_1) wm[j] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
+      lo[j] = _mm512_and_si512(z, low);
+      hi[j] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const XChunk& xc = reinterpret_cast<const XChunk*>(X + r * ldx)[c];
+      const __m512i xl = _mm512_load_si512(xc.lo), xh = _mm512_load_si512(xc.hi);
+      const __m512 dx = _mm512_load_ps(xc.dx);
+      const __m512i seed = Q == kQ4_1 ? _mm512_setzero_si512() : _mm512_load_si512(xc.aux.i);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(seed, lo[j], xl), hi[j], xh);
+        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wd[j], dx), acc[j][r]);
+        if constexpr (Q == kQ4_1) acc[j][r] = _mm512_fmadd_ps(wm[j], _mm512_load_ps(xc.aux.f), acc[j][r]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) out[j * R + r] = _mm512_reduce_add_ps(acc[j][r]);
+}
+
+template <int Q>
+Kernels make() {
+  constexpr int NB = Q == kQ4_1 ? 2 : 3;  // weight rows per block: more spill at 4 rows of x
+  Kernels k;
+  k.nb = NB, k.tile = 4;
+  k.full[0] = stream512<Q, 1, NB>, k.full[1] = stream512<Q, 2, NB>;
+  k.full[2] = stream512<Q, 3, NB>, k.full[3] = stream512<Q, 4, NB>;
+  k.one[0] = stream512<Q, 1, 1>, k.one[1] = stream512<Q, 2, 1>;
+  k.one[2] = stream512<Q, 3, 1>, k.one[3] = stream512<Q, 4, 1>;
+  return k;
+}
+
+}  // namespace
+
+const Kernels& q4_stream_kernels(int qtype) {
+  static const Kernels q4_0 = make<kQ4_0>(), q4_1 = make<kQ4_1>();
+  return qtype == kQ4_1 ? q4_1 : q4_0;
+}
+
+}  // namespace qgemv
+}  // namespace pymesh
