@@ -11,6 +11,7 @@
 // and one or two conversions, against 36-40 bytes for the same work per pair of blocks.
 #include <immintrin.h>
 
+#include <cstring>
 #include <vector>
 
 #include "qgemv.h"
@@ -22,48 +23,98 @@ int64_t stream_chunks(int qtype, int64_t in_features) {
   return (in_features / 32 * kBlockBytes[qtype] + 63) / 64;
 }
 
-void prepare_stream_row(int qtype, const float* x, int64_t in_features, int8_t* q, XChunk* out) {
-  const int64_t B = kBlockBytes[qtype], qs = qtype == kQ4_1 ? 4 : 2;
-  const int64_t nb = in_features / 32, row_bytes = nb * B, chunks = stream_chunks(qtype, in_features);
-  thread_local std::vector<float> dxs;
-  dxs.resize(static_cast<size_t>(nb));
-  for (int64_t b = 0; b < nb; ++b) dxs[b] = quantize_block(x + 32 * b, q + 32 * b);
-  for (int64_t c = 0; c < chunks; ++c) {
-    XChunk& o = out[c];
-    int64_t lane_blk[16];
-    for (int l = 0; l < 16; ++l) {
-      lane_blk[l] = -1;
-      int32_t sum = 0;
-      for (int k = 0; k < 4; ++k) {
-        const int i = 4 * l + k;
-        const int64_t pos = 64 * c + i, b = pos / B, off = pos % B;
-        o.lo[i] = o.hi[i] = 0;
-        if (pos < row_bytes && off >= qs && off < qs + 16) {
-          o.lo[i] = q[32 * b + (off - qs)];
-          o.hi[i] = q[32 * b + 16 + (off - qs)];
-          sum += o.lo[i] + o.hi[i];
-          lane_blk[l] = b;
-        }
-      }
-      const int64_t b = lane_blk[l];
-      const float dx = b >= 0 ? dxs[b] : 0.0f;
-      o.dx[l] = dx;
-      if (qtype == kQ4_1) o.aux.f[l] = dx * static_cast<float>(sum);
-      else o.aux.i[l] = -8 * sum;
-      // A lane without nibbles still points at a real d (finite): 0 * d, never 0 * inf.
-      int64_t pb = b >= 0 ? b : (64 * c + 4 * l) / B;
-      if (pb >= nb) pb = nb - 1;
-      const int64_t rel = pb * B - 64 * c;  // in [-20, 62]: the previous or this chunk
-      o.idx[l] = static_cast<int16_t>(32 + rel / 2);
-      o.idx[16 + l] = static_cast<int16_t>(32 + rel / 2 + 1);  // q4_1's m follows d
-    }
-  }
-}
-
 namespace {
 
 #define PYMESH_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+// What depends only on the type and in_features: each lane's block (-1: no nibbles there)
+// and the permute indices of its d / m. Built once per shape and thread.
+struct Layout {
+  int qtype = -1;
+  int64_t in = 0;
+  std::vector<int32_t> lane_blk;  // chunks x 16
+  std::vector<int16_t> idx;       // chunks x 32
+};
+
+const Layout& layout(int qtype, int64_t in) {
+  thread_local Layout L;
+  if (L.qtype == qtype && L.in == in) return L;
+  const int64_t B = kBlockBytes[qtype], qs = qtype == kQ4_1 ? 4 : 2;
+  const int64_t nb = in / 32, row_bytes = nb * B, chunks = stream_chunks(qtype, in);
+  L.lane_blk.assign(static_cast<size_t>(chunks * 16), -1);
+  L.idx.assign(static_cast<size_t>(chunks * 32), 0);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int l = 0; l < 16; ++l) {
+      int64_t b = -1;
+      for (int k = 0; k < 4; ++k) {  // every lane holds nibbles of at most one block
+        const int64_t pos = 64 * c + 4 * l + k, off = pos % B;
+        if (pos < row_bytes && off >= qs && off < qs + 16) b = pos / B;
+      }
+      L.lane_blk[c * 16 + l] = static_cast<int32_t>(b);
+      // A lane without nibbles still points at a real d (finite): 0 * d, never 0 * inf.
+      int64_t pb = b >= 0 ? b : (64 * c + 4 * l) / B;
+      if (pb >= nb) pb = nb - 1;
+      const int64_t rel = pb * B - 64 * c;  // in [-20, 62]: the previous or this chunk
+      L.idx[c * 32 + l] = static_cast<int16_t>(32 + rel / 2);
+      L.idx[c * 32 + 16 + l] = static_cast<int16_t>(32 + rel / 2 + 1);  // q4_1's m follows d
+    }
+  L.qtype = qtype, L.in = in;
+  return L;
+}
+
+}  // namespace
+
+PYMESH_VNNI void prepare_stream_row(int qtype, const float* x, int64_t in, int8_t* q,
+                                    XChunk* out) {
+  const Layout& L = layout(qtype, in);
+  const int64_t B = kBlockBytes[qtype], qs = qtype == kQ4_1 ? 4 : 2;
+  const int64_t nb = in / 32, chunks = stream_chunks(qtype, in);
+  thread_local std::vector<float> dxs;
+  dxs.resize(static_cast<size_t>(nb));
+  // Quantize each block (as quantize_block: x * (127 / amax), nearest even, +-127).
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0),
+                                                          _mm512_andnot_ps(sign, v1)));
+    const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512i q0 = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(v0, id))));
+    const __m512i q1 = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(v1, id))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtepi32_epi8(q1));
+    dxs[b] = amax / 127.0f;
+  }
+  // Place each block's elements 0-15 / 16-31 facing its nibble bytes (may cross a chunk).
+  for (int64_t c = 0; c < chunks; ++c) std::memset(out[c].lo, 0, 128);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t pos = B * b + qs, c = pos >> 6, i = pos & 63;
+    const int64_t n1 = 64 - i < 16 ? 64 - i : 16;
+    std::memcpy(out[c].lo + i, q + 32 * b, static_cast<size_t>(n1));
+    std::memcpy(out[c].hi + i, q + 32 * b + 16, static_cast<size_t>(n1));
+    if (n1 < 16) {
+      std::memcpy(out[c + 1].lo, q + 32 * b + n1, static_cast<size_t>(16 - n1));
+      std::memcpy(out[c + 1].hi, q + 32 * b + 16 + n1, static_cast<size_t>(16 - n1));
+    }
+  }
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    XChunk& o = out[c];
+    const __m512i sums = _mm512_dpbusd_epi32(
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_load_si512(o.lo)), ones,
+        _mm512_load_si512(o.hi));
+    const int32_t* blk = L.lane_blk.data() + c * 16;
+    for (int l = 0; l < 16; ++l) o.dx[l] = blk[l] >= 0 ? dxs[blk[l]] : 0.0f;
+    if (qtype == kQ4_1)
+      _mm512_store_ps(o.aux.f, _mm512_mul_ps(_mm512_load_ps(o.dx), _mm512_cvtepi32_ps(sums)));
+    else
+      _mm512_store_si512(o.aux.i, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 3)));
+    std::memcpy(o.idx, L.idx.data() + c * 32, sizeof o.idx);
+  }
+}
+
+namespace {
 
 template <int Q, int R, int NB>
 PYMESH_VNNI void stream512(const uint8_t* W, int64_t row_bytes, int64_t, const uint8_t* X,
