@@ -170,9 +170,18 @@ PYMESH_VNNI void stream512(const uint8_t* W, int64_t row_bytes, int64_t, const u
 
 template <int Q>
 Kernels make() {
-  constexpr int NB = Q == kQ4_1 ? 2 : 3;  // weight rows per block: more spill at 4 rows of x
+#ifndef PYMESH_Q4_NB
+// Weight rows per block. 1 thread, 3072x576 in cache, GB/s at rows 1 / 4 / 32 (q4_0; q4_1):
+// NB 4: 21.3 / 7.9 / 1.0 (18.6 / 7.3 / 0.9); NB 3: 19.8 / 7.8 / 1.0; NB 2: 18.5 / 7.8 / 0.9
+// (17.5 / 7.6 / 0.9); tiles of 2 rows of x lose at 4 rows and more.
+#define PYMESH_Q4_NB 4
+#endif
+#ifndef PYMESH_Q4_TILE
+#define PYMESH_Q4_TILE 4
+#endif
+  constexpr int NB = PYMESH_Q4_NB;
   Kernels k;
-  k.nb = NB, k.tile = 4;
+  k.nb = NB, k.tile = PYMESH_Q4_TILE;
   k.full[0] = stream512<Q, 1, NB>, k.full[1] = stream512<Q, 2, NB>;
   k.full[2] = stream512<Q, 3, NB>, k.full[3] = stream512<Q, 4, NB>;
   k.one[0] = stream512<Q, 1, 1>, k.one[1] = stream512<Q, 2, 1>;
