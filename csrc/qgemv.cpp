@@ -332,6 +332,18 @@ void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintpt
     bad_argument("qlinear: x row stride " + std::to_string(x_stride) + " < in_features " +
                  std::to_string(in_features));
   check_dtype(dtype);
+  // Prefill: blocks of kRowBlock rows, each its own pass over W (compute-bound there anyway),
+  // so the prepared-x buffers stay a few MiB.
+  constexpr int64_t kRowBlock = 256;
+  if (rows > kRowBlock) {
+    const uintptr_t es = dtype == kFloat32 ? 4 : 2;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock)
+      qlinear_cpu(y + static_cast<uintptr_t>(r0 * out_features) * es,
+                  x + static_cast<uintptr_t>(r0 * x_stride) * es, x_stride, w, bias,
+                  rows - r0 < kRowBlock ? rows - r0 : kRowBlock, in_features, out_features, qtype,
+                  dtype, threads);
+    return;
+  }
   const int64_t nb = in_features / kQBlock, pairs = (nb + 1) / 2;
   const bool float_x = qtype == kQ8_0;
   // Prepared x, reused between calls (decode calls this ~150 times per token).
