@@ -272,14 +272,24 @@ void store(const Problem& p, int64_t n0, int nb, int64_t r0, int R, const float*
 template <typename T>
 void run_range(const Problem& p, const Kernels& k, int64_t n_begin, int64_t n_end) {
   float dots[4 * 4];
+  // More rows of x than a tile: decode each block of weight rows once, not once per tile.
+  const bool pre = k.decode != nullptr && p.rows > k.tile;
+  static thread_local std::vector<WChunk> wbuf;  // the calling pool thread's own
+  const int64_t chunks = (p.row_bytes + 63) / 64;
+  if (pre && static_cast<int64_t>(wbuf.size()) < k.nb * chunks)
+    wbuf.resize(static_cast<size_t>(k.nb * chunks));
   for (int64_t n = n_begin; n < n_end;) {
     const bool whole = n + k.nb <= n_end;
     const int nb = whole ? k.nb : 1;
     const uint8_t* W = p.W + n * p.row_bytes;
+    if (pre) {
+      k.decode(W, p.row_bytes, nb, p.X, wbuf.data());
+      W = reinterpret_cast<const uint8_t*>(wbuf.data());
+    }
+    const KernelFn* fns = pre ? (whole ? k.pre_full : k.pre_one) : (whole ? k.full : k.one);
     for (int64_t r0 = 0; r0 < p.rows; r0 += k.tile) {
       const int R = static_cast<int>(p.rows - r0 < k.tile ? p.rows - r0 : k.tile);
-      (whole ? k.full : k.one)[R - 1](W, p.row_bytes, p.nb, p.X + r0 * p.x_row_bytes,
-                                      p.x_row_bytes, dots);
+      fns[R - 1](W, p.row_bytes, p.nb, p.X + r0 * p.x_row_bytes, p.x_row_bytes, dots);
       store<T>(p, n, nb, r0, R, dots);
     }
     n += nb;

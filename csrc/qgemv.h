@@ -35,9 +35,18 @@ using KernelFn = void (*)(const uint8_t* W, int64_t row_bytes, int64_t nb, const
 
 // The kernels of one type and ISA: full[R - 1] computes `nb` weight rows, one[R - 1] a
 // single one (the ragged end of a thread's range), for R = 1..tile rows of x.
+// Optionally (many rows of x) the weight rows are first decoded once per block of nb rows,
+// decode(W, row_bytes, rows, X, out), and pre_full / pre_one then read `out` instead of W.
+struct alignas(64) WChunk {
+  uint8_t bytes[256];  // a decoded 64-byte chunk: low nibbles, high nibbles, d, m (64 bytes each)
+};
+using DecodeFn = void (*)(const uint8_t* W, int64_t row_bytes, int rows, const uint8_t* X,
+                          WChunk* out);
 struct Kernels {
   int nb = 1, tile = 1;
   KernelFn full[4] = {}, one[4] = {};
+  DecodeFn decode = nullptr;
+  KernelFn pre_full[4] = {}, pre_one[4] = {};
 };
 
 // q8_0 with float32 activations (qgemv_q8.cpp).

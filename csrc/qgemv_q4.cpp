@@ -116,11 +116,34 @@ PYMESH_VNNI void prepare_stream_row(int qtype, const float* x, int64_t in, int8_
 
 namespace {
 
-template <int Q, int R, int NB>
+// One 64-byte chunk of a weight row: its nibbles and each lane's d (and m). prev: the chunk
+// before (for the d of a block that starts there).
+template <int Q>
+PYMESH_VNNI PYMESH_INLINE void chunk512(const uint8_t* p, __mmask64 mask, __m512i idx,
+                                        __m512i& prev, __m512i& lo, __m512i& hi, __m512& wd,
+                                        __m512& wm) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+  const __m512i z = _mm512_maskz_loadu_epi8(mask, p);
+  const __m512i sc = _mm512_permutex2var_epi16(prev, idx, z);
+  prev = z;
+  wd = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+  if constexpr (Q == kQ4_1) wm = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
+  lo = _mm512_and_si512(z, low);
+  hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+}
+
+PYMESH_INLINE __mmask64 chunk_mask(int64_t row_bytes, int64_t c) {
+  const int64_t left = row_bytes - 64 * c;
+  return left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+}
+
+// NB weight rows x R rows of x. PRE: W holds decode512's chunks (NB rows of them) instead.
+template <int Q, int R, int NB, bool PRE>
 PYMESH_VNNI void stream512(const uint8_t* W, int64_t row_bytes, int64_t, const uint8_t* X,
                            int64_t ldx, float* out) {
   const int64_t chunks = (row_bytes + 63) / 64;
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const WChunk* Wd = reinterpret_cast<const WChunk*>(W);
   __m512 acc[NB][R];
   __m512i prev[NB];
 #pragma GCC unroll 8
@@ -130,23 +153,21 @@ PYMESH_VNNI void stream512(const uint8_t* W, int64_t row_bytes, int64_t, const u
     for (int r = 0; r < R; ++r) acc[j][r] = _mm512_setzero_ps();
   }
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t left = row_bytes - 64 * c;
-    const __mmask64 mask = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-    const XChunk* x0 = reinterpret_cast<const XChunk*>(X) + c;
-    const __m512i idx = _mm512_load_si512(x0->idx);
+    const __mmask64 mask = chunk_mask(row_bytes, c);
+    const __m512i idx = _mm512_load_si512(reinterpret_cast<const XChunk*>(X)[c].idx);
     __m512i lo[NB], hi[NB];
     __m512 wd[NB], wm[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) {
-      const uint8_t* p = W + j * row_bytes + 64 * c;
-      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
-      const __m512i z = _mm512_maskz_loadu_epi8(mask, p);
-      const __m512i sc = _mm512_permutex2var_epi16(prev[j], idx, z);
-      prev[j] = z;
-      wd[j] = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
-      if constexpr (Q == kQ4_1) wm[j] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
-      lo[j] = _mm512_and_si512(z, low);
-      hi[j] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+      if constexpr (PRE) {
+        const uint8_t* d = Wd[j * chunks + c].bytes;
+        lo[j] = _mm512_load_si512(d);
+        hi[j] = _mm512_load_si512(d + 64);
+        wd[j] = _mm512_load_ps(d + 128);
+        if constexpr (Q == kQ4_1) wm[j] = _mm512_load_ps(d + 192);
+      } else {
+        chunk512<Q>(W + j * row_bytes + 64 * c, mask, idx, prev[j], lo[j], hi[j], wd[j], wm[j]);
+      }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -168,6 +189,26 @@ PYMESH_VNNI void stream512(const uint8_t* W, int64_t row_bytes, int64_t, const u
     for (int r = 0; r < R; ++r) out[j * R + r] = _mm512_reduce_add_ps(acc[j][r]);
 }
 
+// rows weight rows at W as chunks (for many rows of x: decoded once, read by every tile).
+template <int Q>
+PYMESH_VNNI void decode512(const uint8_t* W, int64_t row_bytes, int rows, const uint8_t* X,
+                           WChunk* out) {
+  const int64_t chunks = (row_bytes + 63) / 64;
+  for (int j = 0; j < rows; ++j) {
+    __m512i prev = _mm512_setzero_si512(), lo, hi;
+    __m512 wd, wm = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i idx = _mm512_load_si512(reinterpret_cast<const XChunk*>(X)[c].idx);
+      chunk512<Q>(W + j * row_bytes + 64 * c, chunk_mask(row_bytes, c), idx, prev, lo, hi, wd, wm);
+      uint8_t* d = out[j * chunks + c].bytes;
+      _mm512_store_si512(d, lo);
+      _mm512_store_si512(d + 64, hi);
+      _mm512_store_ps(d + 128, wd);
+      _mm512_store_ps(d + 192, wm);
+    }
+  }
+}
+
 template <int Q>
 Kernels make() {
 #ifndef PYMESH_Q4_NB
@@ -182,10 +223,15 @@ Kernels make() {
   constexpr int NB = PYMESH_Q4_NB;
   Kernels k;
   k.nb = NB, k.tile = PYMESH_Q4_TILE;
-  k.full[0] = stream512<Q, 1, NB>, k.full[1] = stream512<Q, 2, NB>;
-  k.full[2] = stream512<Q, 3, NB>, k.full[3] = stream512<Q, 4, NB>;
-  k.one[0] = stream512<Q, 1, 1>, k.one[1] = stream512<Q, 2, 1>;
-  k.one[2] = stream512<Q, 3, 1>, k.one[3] = stream512<Q, 4, 1>;
+  k.full[0] = stream512<Q, 1, NB, false>, k.full[1] = stream512<Q, 2, NB, false>;
+  k.full[2] = stream512<Q, 3, NB, false>, k.full[3] = stream512<Q, 4, NB, false>;
+  k.one[0] = stream512<Q, 1, 1, false>, k.one[1] = stream512<Q, 2, 1, false>;
+  k.one[2] = stream512<Q, 3, 1, false>, k.one[3] = stream512<Q, 4, 1, false>;
+  k.decode = decode512<Q>;
+  k.pre_full[0] = stream512<Q, 1, NB, true>, k.pre_full[1] = stream512<Q, 2, NB, true>;
+  k.pre_full[2] = stream512<Q, 3, NB, true>, k.pre_full[3] = stream512<Q, 4, NB, true>;
+  k.pre_one[0] = stream512<Q, 1, 1, true>, k.pre_one[1] = stream512<Q, 2, 1, true>;
+  k.pre_one[2] = stream512<Q, 3, 1, true>, k.pre_one[3] = stream512<Q, 4, 1, true>;
   return k;
 }
 
