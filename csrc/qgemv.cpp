@@ -20,10 +20,19 @@
 // scalar code; qlinear_limit_isa caps the path for tests. Threads split output rows (groups
 // of 8, ~32-256 KiB chunks, as linear_cpu). A block of NB weight rows is walked once with
 // all rows of x in register tiles of <= 4 (AVX-512) or 2 (AVX2): the first tile reads W from
-// memory, the others from L1, so W crosses the bus once per call for any row count.
+// memory, the others from L1, so W crosses the bus once per call for up to 256 rows (more
+// rows go in blocks of 256). With more rows than a tile, the AVX-512 q4 path decodes each
+// block of weight rows once into a per-thread buffer that every tile reads.
 //
-// Measured on this machine (AMD EPYC, avx512_vnni/bf16, 2 cores shared with other work,
-// load 1-2; best of 7 x 20 calls), GB/s of weight read at rows = 1:
+// Now (AVX-512, 1 thread, 3072x576 in L2/L3, GB/s of weight at rows 1 / 4 / 32; same run):
+//   q4_0 20.6 / 7.5 / 1.1   q4_1 18.2 / 6.9 / 1.1   q8_0 17.9 / 9.5 / 1.2
+// 2 threads (`pymesh bench kernels --ops qlinear`, medians, load ~1.2): rows = 1 on SmolLM2's
+// block shapes 24-29 GB/s (in L2/L3); on the 49152x576 head and Llama-3.2-1B's (DRAM)
+// 12-24 GB/s, best samples 16-26, against a read_sum ceiling of 25.6 in that run.
+// Per-call overhead at rows = 1 (preparing x): ~1 us at in = 576, 1.5 us at 1536.
+//
+// The choice of activations per type, measured on this machine (AMD EPYC, avx512_vnni/bf16,
+// 2 cores shared with other work, load 1-2; best of 7 x 20 calls), GB/s at rows = 1:
 //   q4_0, q4_1, 1 thread        3072x576 (L2/L3)   49152x576 (DRAM)
 //     int8 x, pairs of blocks     15.6 / 13.7        15.5 / 13.7  (byte stream: 18.3 / 16.2 in L2)
 //     float x (a prototype, dropped) 8.4 / 8.6        8.2 /  8.4
