@@ -78,6 +78,7 @@ ENV_VARS: dict[str, str] = {
     # read by the C++ kernels (csrc/), listed here so they are documented in one place
     "PYMESH_POOL_SPIN_US": "microseconds the kernel pool's helper spins before blocking (C++; default chosen by load)",
     "PYMESH_GEMV_MIN_KB": "smallest GEMV weight (KiB) split over two threads (C++; default 256)",
+    "PYMESH_QGEMV_MIN_KB": "smallest quantized GEMV weight (KiB per thread) split over threads (C++; default 64)",
 }
 
 
