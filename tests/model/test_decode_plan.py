@@ -53,9 +53,12 @@ def test_fast_path_equals_checked_path(folder: Path, dtype: torch.dtype, batch: 
     assert not decode_plan.fast_decode_enabled()
     checked, plan = _decode(model, batch, 8)
     assert plan is False
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # bfloat16: a one-sequence plan attends with the decode-attention kernel (float32
+    # accumulation, one rounding), the checked path with torch's bf16 SDPA: a few bf16 ulps apart
+    # after 8 steps (hidden values of magnitude ~4, ulp 2^-6)
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (4e-2, 2e-2)
     for a, b in zip(fast, checked):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
 @needs_c
