@@ -18,14 +18,62 @@
 //         the position of its new token, and its cache's max_tokens
 // Each row's query heads attend to positions [max(0, pos + 1 - window), pos] of its
 // cache (window 0: no window). Accumulation in float32; one rounding per output.
+//
+// Paths (attention_vec.h): AVX-512F and AVX2+FMA vector kernels for head_dim a multiple of
+// 16 / 8, picked at run time; otherwise the portable loops below. attention_limit_isa caps
+// the path for tests.
 #include <cmath>
+#include <string>
 #include <vector>
 
+#include "attention_isa.h"
 #include "common.h"
 #include "kernels.h"
 
 namespace pymesh {
 namespace {
+
+// Store head h's new key and value (from qkv) at position pos of the cache.
+template <typename T>
+PYMESH_INLINE void store_new_kv(const T* qkv, T* cache, int64_t pos, int64_t heads, int64_t kv_heads,
+                                int64_t d, int64_t h, int64_t tok) {
+  std::memcpy(cache + pos * tok + h * d, qkv + heads * d + h * d, sizeof(T) * d);
+  std::memcpy(cache + pos * tok + kv_heads * d + h * d, qkv + heads * d + kv_heads * d + h * d,
+              sizeof(T) * d);
+}
+
+#ifdef PYMESH_ATT_X86
+#define ATT_NS att_avx512
+#define ATT_ISA Avx512
+#define ATT_TARGET PYMESH_ATT_AVX512
+#include "attention_vec.h"
+#undef ATT_NS
+#undef ATT_ISA
+#undef ATT_TARGET
+#define ATT_NS att_avx2
+#define ATT_ISA Avx2
+#define ATT_TARGET PYMESH_ATT_AVX2
+#include "attention_vec.h"
+#undef ATT_NS
+#undef ATT_ISA
+#undef ATT_TARGET
+#endif
+
+enum class AttIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+int g_att_limit = 2;  // highest path allowed (tests lower it)
+
+AttIsa att_isa() {
+#ifdef PYMESH_ATT_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                             __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+  if (g_att_limit >= 2 && avx512) return AttIsa::kAvx512;
+  if (g_att_limit >= 1 && avx2) return AttIsa::kAvx2;
+#endif
+  return AttIsa::kGeneric;
+}
 
 template <typename T>
 PYMESH_INLINE float dot(const T* a, const float* b, int64_t n) {
@@ -48,10 +96,7 @@ void attend_one(T* out, const T* qkv, T* cache, int64_t pos, int64_t heads, int6
                 std::vector<float>& qf, std::vector<float>& acc) {
   const int64_t group = heads / kv_heads;
   const int64_t tok = 2 * kv_heads * d;  // elements per position in the cache
-  const T* k_new = qkv + heads * d + h * d;
-  const T* v_new = qkv + heads * d + kv_heads * d + h * d;
-  std::memcpy(cache + pos * tok + h * d, k_new, sizeof(T) * d);
-  std::memcpy(cache + pos * tok + kv_heads * d + h * d, v_new, sizeof(T) * d);
+  store_new_kv(qkv, cache, pos, heads, kv_heads, d, h, tok);
   const int64_t lo = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
   const int64_t n = pos + 1 - lo;
   scores.resize(static_cast<size_t>(group * n));
@@ -98,17 +143,40 @@ void decode_attention_impl(uintptr_t out, int64_t out_stride, uintptr_t qkv, int
   // bytes read: each pair reads its head's keys and values over the row's length
   const int64_t work = rows * longest * 2 * kv_heads * d * static_cast<int64_t>(sizeof(T));
   const int t = threads_for(work, threads, int64_t{256} << 10);
+  using Attend = void (*)(T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, float,
+                         int64_t, std::vector<float>&, std::vector<float>&, std::vector<float>&);
+  Attend attend = &attend_one<T>;
+#ifdef PYMESH_ATT_X86
+  const AttIsa isa = att_isa();
+  if (isa == AttIsa::kAvx512 && d % Avx512::kW == 0) attend = &att_avx512::attend<T>;
+  else if (isa >= AttIsa::kAvx2 && d % Avx2::kW == 0) attend = &att_avx2::attend<T>;
+#endif
   parallel_for_dynamic(rows * kv_heads, 1, t, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf, acc;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / kv_heads, h = i % kv_heads;
-      attend_one<T>(o + r * out_stride, x + r * qkv_stride, reinterpret_cast<T*>(caches[r]),
+      attend(o + r * out_stride, x + r * qkv_stride, reinterpret_cast<T*>(caches[r]),
                     positions[r], heads, kv_heads, d, window, scale, h, scores, qf, acc);
     }
   });
 }
 
 }  // namespace
+
+void attention_limit_isa(const std::string& name) {
+  if (name == "avx512") g_att_limit = 2;
+  else if (name == "avx2") g_att_limit = 1;
+  else if (name == "generic") g_att_limit = 0;
+  else bad_argument("attention_limit_isa: unknown path '" + name + "' (expected avx512, avx2 or generic)");
+}
+
+std::string attention_isa() {
+  switch (att_isa()) {
+    case AttIsa::kAvx512: return "avx512";
+    case AttIsa::kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
 
 void decode_attention_cpu(uintptr_t out, int64_t out_stride, uintptr_t qkv, int64_t qkv_stride,
                           uintptr_t caches, uintptr_t positions, uintptr_t limits, int64_t rows,

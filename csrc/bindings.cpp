@@ -48,6 +48,9 @@ PYBIND11_MODULE(_C, m) {
         arg("heads"), arg("kv_heads"), arg("head_dim"), arg("window"), arg("scale"), arg("dtype"),
         arg("threads") = 0,
         "one new token per row, each row its own sequence and KV cache: store k/v, attend (CPU)");
+  m.def("attention_isa", &pymesh::attention_isa, "which decode_attention code path this CPU runs");
+  m.def("attention_limit_isa", &pymesh::attention_limit_isa, arg("name"),
+        "cap the decode_attention code path at avx512 (default), avx2 or generic (tests)");
   m.def("read_sum", &pymesh::read_sum, release(), arg("data"), arg("n"), arg("threads") = 0,
         "sum of n float32 values streamed like GEMV weights (bandwidth benchmark)");
   m.def("linear_isa", &pymesh::linear_isa, "which GEMV code path this CPU runs");

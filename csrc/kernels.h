@@ -42,6 +42,9 @@ void decode_attention_cpu(uintptr_t out, int64_t out_stride, uintptr_t qkv, int6
                           uintptr_t caches, uintptr_t positions, uintptr_t limits, int64_t rows,
                           int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t window,
                           double scale, int dtype, int threads);
+std::string attention_isa();
+// Caps decode_attention's code path at avx512 (default), avx2 or generic: for tests.
+void attention_limit_isa(const std::string& name);
 // Sum of n float32 values, read the way linear_cpu reads weights: the bandwidth ceiling.
 double read_sum(uintptr_t data, int64_t n, int threads);
 std::string linear_isa();

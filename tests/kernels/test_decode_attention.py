@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,14 +36,30 @@ def _reference(qkv: torch.Tensor, caches: list[KVCache], positions: list[int], b
     return torch.stack(out)
 
 
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each code path the CPU has (attention_limit_isa caps the one decode_attention picks)."""
+    name: str = request.param
+    ops._C.attention_limit_isa(name)
+    try:
+        if ops._C.attention_isa() != name:
+            pytest.skip(f"this CPU has no {name} path (it runs {ops._C.attention_isa()})")
+        yield name
+    finally:
+        ops._C.attention_limit_isa("avx512")
+
+
+# head_dim 64 / 128 / 80 / 96: whole AVX-512 vectors (80 and 96 leave a column chunk of 1 / 2
+# vectors); 33: not a whole vector, the portable loops on every path. Groups of 3, 1, 6, 2, 8.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 8, 80), (12, 2, 33)])
-@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("heads,kv_heads,head_dim",
+                         [(9, 3, 64), (8, 8, 80), (12, 2, 33), (6, 1, 128), (4, 2, 96), (16, 2, 64)])
+@pytest.mark.parametrize("window", [0, 5, 37])
 def test_decode_attention_matches_torch(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
-                                        window: int) -> None:
+                                        window: int, isa: str) -> None:
     d = head_dim
     blocks, block = 3, 1
-    positions = [0, 4, 17, 63, 1, 40, 9]
+    positions = [0, 4, 17, 63, 1, 150, 9]
     sizes = [8, 16, 64, 64, 2, 200, 10]       # each row's own cache length
     caches = []
     for r, n in enumerate(sizes):
