@@ -1,11 +1,14 @@
 """A GGUF file served as it is, through a swarm (issue 15): two worker processes each load
 their half of a tiny Q4_1 file (token embedding / tied head in Q8_0, as the embedded
 SmolLM2 file has it) with ``--model-path FILE.gguf``. A client on the same file gets the
-single-process tokens of that file (the near-tie rule); a client on the float32 folder
-converted from it shares the base id, so it finds the workers, and is told they serve q4_1."""
+single-process tokens of that file (the near-tie rule), also when the worker serving blocks
+2-3 is killed mid-generation and a spare GGUF worker takes over; a client on the float32
+folder converted from it shares the base id, so it finds the workers, and is told they serve
+q4_1."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -48,7 +51,7 @@ def gguf_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def gguf_swarm(tmp_path_factory: pytest.TempPathFactory, gguf_pair: tuple[Path, Path]) -> Iterator[LocalProcs]:
     path, _ = gguf_pair
-    procs = LocalProcs(tmp_path_factory.mktemp("gguf-swarm-procs"))
+    procs = LocalProcs(tmp_path_factory.mktemp("gguf-swarm-procs"), PYMESH_STEP_TIMEOUT="30")
     try:
         procs.start_bootstrap()
         workers = [procs.start_worker("--layers", layers, "--model-path", str(path), name=f"w{layers}")
@@ -88,3 +91,34 @@ def test_float_folder_client_sees_the_gguf_workers_under_its_base_id(gguf_swarm:
                             PYMESH_DISCOVERY_TIMEOUT="3")
     assert res.returncode != 0
     assert "q4_1 (1 worker)" in res.stderr and "--allow-mixed" in res.stderr, res.stderr[-3000:]
+
+
+def test_a_killed_gguf_worker_is_replaced_with_identical_tokens(gguf_swarm: LocalProcs,
+                                                                gguf_pair: tuple[Path, Path]) -> None:
+    """Runs last in this module: it kills a worker of the shared swarm."""
+    from pymesh.client.api import SwarmClient
+    from pymesh.model.sampling import SamplingParams
+
+    path, _ = gguf_pair
+    spare = gguf_swarm.start_worker("--layers", "2-3", "--model-path", str(path), name="w2-3-spare")
+    wait_ready([spare], timeout=120)
+    workers = [*gguf_swarm.gguf_workers, spare]  # type: ignore[attr-defined]
+    n = 24
+    ref, gaps = reference_run(path, PROMPT, n)
+    got: list[int] = []
+    with SwarmClient([gguf_swarm.bootstrap_addr], path, settings=gguf_swarm.settings) as client:
+        for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
+            got.append(token)
+            if len(got) == 5:
+                stats = client.last_stats
+                assert stats is not None
+                active = next(h["peer"] for h in stats.route if h["start"] == 2)
+                victim = next(w for w in workers if w.peer_id == active)
+                victim.signal(signal.SIGKILL)
+                victim.popen.wait(10)
+        stats = client.last_stats
+    assert stats is not None
+    assert_same_tokens(got, ref, gaps, "GGUF swarm across a killed worker vs single process on the file")
+    assert len(stats.recoveries) >= 1, "the kill should have forced a recovery"
+    new_mid = next(h["peer"] for h in stats.route if h["start"] == 2)
+    assert new_mid != active and next(w for w in workers if w.peer_id == new_mid).alive()
