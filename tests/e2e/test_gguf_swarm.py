@@ -8,13 +8,12 @@ q4_1."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.swarm.conftest import LocalProcs, assert_same_tokens, reference_run, wait_ready
+from tests.swarm.conftest import LocalProcs, assert_same_tokens, generate_killing, reference_run, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -96,28 +95,13 @@ def test_float_folder_client_sees_the_gguf_workers_under_its_base_id(gguf_swarm:
 def test_a_killed_gguf_worker_is_replaced_with_identical_tokens(gguf_swarm: LocalProcs,
                                                                 gguf_pair: tuple[Path, Path]) -> None:
     """Runs last in this module: it kills a worker of the shared swarm."""
-    from pymesh.client.api import SwarmClient
-    from pymesh.model.sampling import SamplingParams
-
     path, _ = gguf_pair
     spare = gguf_swarm.start_worker("--layers", "2-3", "--model-path", str(path), name="w2-3-spare")
     wait_ready([spare], timeout=120)
     workers = [*gguf_swarm.gguf_workers, spare]  # type: ignore[attr-defined]
     n = 24
     ref, gaps = reference_run(path, PROMPT, n)
-    got: list[int] = []
-    with SwarmClient([gguf_swarm.bootstrap_addr], path, settings=gguf_swarm.settings) as client:
-        for token in client.generate(PROMPT, SamplingParams(max_new_tokens=n)):
-            got.append(token)
-            if len(got) == 5:
-                stats = client.last_stats
-                assert stats is not None
-                active = next(h["peer"] for h in stats.route if h["start"] == 2)
-                victim = next(w for w in workers if w.peer_id == active)
-                victim.signal(signal.SIGKILL)
-                victim.popen.wait(10)
-        stats = client.last_stats
-    assert stats is not None
+    got, stats, active = generate_killing(gguf_swarm, path, PROMPT, n, after=5, start=2, workers=workers)
     assert_same_tokens(got, ref, gaps, "GGUF swarm across a killed worker vs single process on the file")
     assert len(stats.recoveries) >= 1, "the kill should have forced a recovery"
     new_mid = next(h["peer"] for h in stats.route if h["start"] == 2)

@@ -210,3 +210,31 @@ def assert_same_tokens(got: list[int], ref: list[int], gaps: list[float], what: 
                 f"is {gaps[i]:.2e}, not a near tie\n got {got}\n ref {ref}")
             return
     assert len(got) == len(ref), f"{what}: {len(got)} tokens vs {len(ref)} in the reference\n got {got}\n ref {ref}"
+
+
+def generate_killing(procs: LocalProcs, model_path: Path, prompt: str, n: int, *, after: int, start: int,
+                     workers: Sequence[Proc]) -> tuple[list[int], Any, str]:
+    """Greedy generation through ``SwarmClient`` that SIGKILLs, once ``after`` tokens came, the
+    worker serving the route's hop that starts at block ``start``: (tokens, the client's last
+    stats, the killed worker's peer id)."""
+    import signal
+
+    from pymesh.client.api import SwarmClient
+    from pymesh.model.sampling import SamplingParams
+
+    got: list[int] = []
+    active = ""
+    with SwarmClient([procs.bootstrap_addr], model_path, settings=procs.settings) as client:
+        for token in client.generate(prompt, SamplingParams(max_new_tokens=n)):
+            got.append(token)
+            if len(got) == after:
+                # The route is fixed now; kill the worker serving that hop in it.
+                stats = client.last_stats
+                assert stats is not None
+                active = next(h["peer"] for h in stats.route if h["start"] == start)
+                victim = next(w for w in workers if w.peer_id == active)
+                victim.signal(signal.SIGKILL)
+                victim.popen.wait(10)
+        stats = client.last_stats
+    assert stats is not None and active, f"generation ended before {after} tokens: {got}"
+    return got, stats, active

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.swarm.conftest import LocalProcs, assert_same_tokens, reference_run, wait_ready
+from tests.swarm.conftest import LocalProcs, assert_same_tokens, generate_killing, reference_run, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -60,28 +60,11 @@ def test_chain_naming_missing_layers_fails_at_once(tiny_swarm: LocalProcs, tiny6
 
 
 def test_killed_worker_is_replaced_and_output_is_identical(tiny_swarm: LocalProcs, tiny6_dir: Path) -> None:
-    from pymesh.client.api import SwarmClient
-    from pymesh.model.sampling import SamplingParams
-
     n = 40
     ref, gaps = reference_run(tiny6_dir, PROMPT, n)
     assert len(ref) > 12
     workers = tiny_swarm.workers  # type: ignore[attr-defined]
-    got: list[int] = []
-    with SwarmClient([tiny_swarm.bootstrap_addr], tiny6_dir, settings=tiny_swarm.settings) as client:
-        stream = client.generate(PROMPT, SamplingParams(max_new_tokens=n))
-        for token in stream:
-            got.append(token)
-            if len(got) == 6:
-                # The route is fixed now; kill the worker serving blocks 2-3 in it.
-                stats = client.last_stats
-                assert stats is not None
-                active = next(h["peer"] for h in stats.route if h["start"] == 2)
-                victim = next(w for w in workers if w.peer_id == active)
-                victim.signal(signal.SIGKILL)
-                victim.popen.wait(10)
-        stats = client.last_stats
-    assert stats is not None
+    got, stats, active = generate_killing(tiny_swarm, tiny6_dir, PROMPT, n, after=6, start=2, workers=workers)
     assert_same_tokens(got, ref, gaps, "generation across a killed worker")
     assert len(stats.recoveries) >= 1, "the kill should have forced a recovery"
     new_mid = next(h["peer"] for h in stats.route if h["start"] == 2)
