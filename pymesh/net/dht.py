@@ -18,6 +18,11 @@ Lookups give each query a soft timeout from measured round-trip times (at least
 contact is skipped by later lookups until it is heard from again, so a departed node
 costs one short wait, not ``rpc_timeout`` on every lookup.
 
+Reachability: the ``ip`` each answered query's response carries feeds ``core.observed``
+(a public address believed only on agreement, :mod:`pymesh.proto.observed`);
+``dialback_check(addr)`` asks a node to probe us from a fresh port
+(:mod:`pymesh.net.dht_dialback`), and this node answers such requests the same way.
+
 The pymesh record API (``publish_record``, ``find_block_providers``, ...) is the
 :class:`~pymesh.net.dht_records.DHTRecords` component ``node.records``; the node's methods of
 the same names delegate to it. Time comes from one injectable :class:`~pymesh.net.clock.Clock`
@@ -40,6 +45,7 @@ from pymesh.net.dht_ratelimit import RateLimiter
 from pymesh.net.clock import Clock, TrioClock
 from pymesh.net.dht_config import DHTConfig, DHTRemoteError
 from pymesh.net.dht_bootstrap import Bootstrapper
+from pymesh.net.dht_dialback import Dialback, DialbackResult
 from pymesh.net.dht_ops import LookupResult
 from pymesh.net.dht_records import DHTRecords
 from pymesh.proto import krpc
@@ -93,6 +99,7 @@ class DHTNode:
                       "queries": 0, "timeouts": 0, "slow": 0, "skipped": 0}
         self.records = DHTRecords(self, self.clock)
         self.bootstrapper = Bootstrapper(self, self.clock, self.bootstrap_addrs)
+        self.dialback = Dialback(self, host)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> "DHTNode":
@@ -182,6 +189,10 @@ class DHTNode:
                 waiter[0].set()
         for c in inc.pings:
             self._spawn_ping(c)
+        if inc.probe is not None:
+            self.dialback.on_request(*inc.probe)
+        if inc.probe_nonce is not None:
+            self.dialback.on_probe(inc.probe_nonce, src)
 
     def _send_nowait(self, data: bytes, addr: Addr) -> None:
         try:
@@ -217,7 +228,7 @@ class DHTNode:
         self.rtt.observe(addr, self.clock.monotonic() - sent)
         if isinstance(msg, ErrorReply):
             raise DHTRemoteError(addr, msg.code, msg.message)
-        for c in self.core.note_response(Contact(msg.sender_id, addr), now):
+        for c in self.core.note_response(Contact(msg.sender_id, addr), now, seen=msg.seen_ip):
             self._spawn_ping(c)
         return msg
 
@@ -327,6 +338,11 @@ class DHTNode:
                 await self.records.heartbeat_records()
             except Exception:
                 log.exception("DHT maintenance step failed; continuing")
+
+    # -- reachability --------------------------------------------------------------------
+    async def dialback_check(self, addr: Addr, *, timeout: float = 3.0) -> DialbackResult:
+        """Ask the node at ``addr`` to probe us from a fresh port; see :mod:`pymesh.net.dht_dialback`."""
+        return await self.dialback.check(addr, timeout=timeout)
 
     # -- BEP 5 / BEP 44 client operations ------------------------------------------------
     async def ping(self, addr: Addr) -> bytes:

@@ -10,6 +10,14 @@ BEP 44 ``get``, ``put``; and pymesh's extension queries in the same envelope:
 
 ``pm_put``  a = {id, target, rec, token}               -> r = {id, stored: 0|1}
 ``pm_get``  a = {id, target, [b], [after], [token]}    -> r = {id, token, nodes, recs, [next]}
+``pm_dialback`` a = {id, nonce}                        -> r = {id, sent: 1}, and one probe
+
+Reachability (:mod:`pymesh.proto.observed`, :mod:`pymesh.proto.dialback`): the ``ip`` a
+verified response carries (the address its sender saw) feeds ``core.observed``, which
+believes a public address only when several peers agree. A ``pm_dialback`` query makes
+the core hand out (``Incoming.probe``) one ``pm_dialback_probe`` datagram for the query's
+source address, which the driver sends from a fresh socket; rate limited per source IP.
+A probe that arrives comes out as ``Incoming.probe_nonce`` (never answered, never routed).
 
 Reflection: a ``pm_get`` whose ``token`` is not valid for its source address and target
 comes from an address that has not proven it receives there (it may be spoofed). Its
@@ -43,10 +51,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pymesh import PROTOCOL_VERSION
-from pymesh.proto import krpc
+from pymesh.proto import dialback, krpc
 from pymesh.proto.bencode import decode_untrusted
 from pymesh.proto.identity import verify_signature
 from pymesh.proto.krpc import Addr, Contact, ErrorReply, KRPCError, Query, Response
+from pymesh.proto.observed import ObservedAddress
 from pymesh.proto.records import ALL_TARGET, RecordError, RecordVersionMismatch, WorkerRecord, model_target
 from pymesh.proto.routing import K, RoutingTable
 from pymesh.proto.storage import ItemStore, PeerStore, RecordStore, StoredRecord, immutable_target, mutable_target
@@ -76,6 +85,8 @@ class Incoming:
     message: Response | ErrorReply | None = None    # match against outstanding queries
     pings: list[Contact] = field(default_factory=list)
     error: str | None = None                        # why the datagram was dropped / refused
+    probe: tuple[Addr, bytes] | None = None         # send from a fresh socket (dial-back)
+    probe_nonce: bytes | None = None                # a dial-back probe arrived with this nonce
 
 
 class DHTCore:
@@ -100,6 +111,8 @@ class DHTCore:
         # seeded simulation (repeatable, and leaves the seeded generator's sequence alone).
         self.records = RecordStore(salt=None if rng is None else hashlib.sha256(b"pm-order" + node_id).digest()[:16])
         self._tid = self._rng.randrange(1 << 16)
+        self.observed = ObservedAddress()
+        self.dialback_limiter = dialback.DialbackLimiter()
 
     # -- outgoing ------------------------------------------------------------------------
     def next_tid(self) -> bytes:
@@ -115,8 +128,12 @@ class DHTCore:
         a.update(args or {})
         return tid, krpc.encode_query(tid, method, a, read_only=self.read_only, client=CLIENT_VERSION)
 
-    def note_response(self, contact: Contact, now: float) -> list[Contact]:
+    def note_response(self, contact: Contact, now: float, seen: Addr | None = None) -> list[Contact]:
+        """``contact`` answered one of our queries; ``seen`` is the address it says it saw
+        us at (BEP 42 ``ip``), a report for :attr:`observed`."""
         self._failed.pop(contact, None)
+        if seen is not None:
+            self.observed.report(contact.node_id, contact.addr, seen, now)
         return self._worth_pinging(self.routing.heard_from(contact, now, responded=True), now)
 
     def _worth_pinging(self, pings: list[Contact], now: float) -> list[Contact]:
@@ -166,6 +183,11 @@ class DHTCore:
             return Incoming(reply=krpc.encode_error(tid, exc.code, str(exc)), error=str(exc))
         if not isinstance(msg, Query):
             return Incoming(message=msg)
+        if msg.method == dialback.PROBE:  # never answered, never routed (it comes from a throwaway port)
+            try:
+                return Incoming(probe_nonce=dialback.parse_nonce_untrusted(msg.args))
+            except KRPCError as exc:
+                return Incoming(error=str(exc))
         if self.read_only:  # BEP 43: a read-only node does not answer queries
             return Incoming()
         pings: list[Contact] = []
@@ -173,12 +195,16 @@ class DHTCore:
             self._failed.pop(Contact(msg.sender_id, src), None)
             pings = self._worth_pinging(self.routing.heard_from(Contact(msg.sender_id, src), now,
                                                                 responded=False), now)
+        probe = None
         try:
-            values = self._dispatch(msg, src, now)
+            if msg.method == dialback.DIALBACK:
+                values, probe = self._pm_dialback(msg.args, src, now)
+            else:
+                values = self._dispatch(msg, src, now)
         except KRPCError as exc:
             return Incoming(reply=krpc.encode_error(msg.tid, exc.code, str(exc)), pings=pings, error=str(exc))
         return Incoming(reply=krpc.encode_response(msg.tid, values, seen=src, client=CLIENT_VERSION),
-                        pings=pings)
+                        pings=pings, probe=probe)
 
     def _dispatch(self, q: Query, src: Addr, now: float) -> dict[bytes, object]:
         if q.method == b"pm_get":
@@ -301,6 +327,18 @@ class DHTCore:
         if nxt is not None:
             out[b"next"] = nxt
         return out
+
+
+    # -- reachability ----------------------------------------------------------------------
+    def _pm_dialback(self, a: dict, src: Addr, now: float) -> tuple[dict[bytes, object], tuple[Addr, bytes]]:  # type: ignore[type-arg]
+        """Probe the query's own source address (the request names none), rate limited."""
+        nonce = dialback.parse_nonce_untrusted(a)
+        if not self.dialback_limiter.allow(src[0], now):
+            raise KRPCError(f"dial-back refused: one probe per address every "
+                            f"{self.dialback_limiter.interval:.0f}s; ask again later or ask another node",
+                            krpc.GENERIC_ERROR)
+        probe = dialback.encode_probe(self.node_id, nonce, client=CLIENT_VERSION)
+        return {b"id": self.node_id, b"sent": 1}, (src, probe)
 
 
 def padded_read_args(node_id: bytes, args: dict[bytes, object], *, read_only: bool = False) -> dict[bytes, object]:

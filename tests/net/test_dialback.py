@@ -1,0 +1,91 @@
+"""Reachability between real DHT nodes on loopback: observed-address belief and dial-back."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from pymesh.net.dht import DHTConfig, DHTNode, DHTRemoteError
+from pymesh.proto import dialback, krpc
+from pymesh.proto.addr import PeerAddr
+from pymesh.proto.identity import Identity
+from pymesh.proto.krpc import Query
+
+
+def cfg() -> DHTConfig:
+    return DHTConfig(rpc_timeout=1.0, bootstrap_timeout=5.0)
+
+
+async def node(stack: AsyncExitStack, boot: DHTNode | None = None, *, read_only: bool = False) -> DHTNode:
+    bootstrap = [] if boot is None else [PeerAddr("127.0.0.1", boot.port)]
+    return await stack.enter_async_context(
+        DHTNode(Identity.generate(), host="127.0.0.1", bootstrap=bootstrap, config=cfg(), read_only=read_only))
+
+
+@pytest.mark.timeout(60)
+def test_probe_arrives_from_a_fresh_port_and_rate_limit_holds() -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            public = await node(stack)
+            asker = await node(stack, public, read_only=True)  # a client can check itself too
+            result = await asker.dialback_check(("127.0.0.1", public.port), timeout=2.0)
+            assert result.reachable
+            assert result.observed == ("127.0.0.1", asker.port)
+            assert result.probe_from is not None and result.probe_from[1] != public.port
+            with pytest.raises(DHTRemoteError) as refused:  # one per source IP per 10 s
+                await asker.dialback_check(("127.0.0.1", public.port), timeout=0.5)
+            assert refused.value.code == krpc.GENERIC_ERROR
+            assert public.core.dialback_limiter.refused == 1
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_request_naming_another_address_still_probes_only_its_source() -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            public = await node(stack)
+            victim = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            await victim.bind(("127.0.0.1", 0))
+            attacker = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            await attacker.bind(("127.0.0.1", 0))
+            victim_addr = victim.getsockname()
+            packed = krpc.pack_addr(victim_addr)
+            query = krpc.encode_query(b"tx", dialback.DIALBACK, {
+                b"id": b"\x07" * 20, b"nonce": b"N" * 16, b"ip": packed, b"addr": packed,
+                b"port": victim_addr[1]})
+            await attacker.sendto(query, ("127.0.0.1", public.port))
+            got: list[tuple[bytes, tuple[str, int]]] = []
+            with trio.move_on_after(2.0):
+                while len(got) < 2:
+                    got.append(await attacker.recvfrom(2048))
+            kinds = [krpc.decode_message_untrusted(d) for d, _ in got]
+            probes = [m for m in kinds if isinstance(m, Query) and m.method == dialback.PROBE]
+            assert len(probes) == 1 and probes[0].args[b"nonce"] == b"N" * 16
+            for (_, src), m in zip(got, kinds):
+                if isinstance(m, Query):
+                    assert src[1] != public.port  # the probe: from a fresh port
+                else:
+                    assert src == ("127.0.0.1", public.port)  # the reply: from the DHT socket
+            with trio.move_on_after(0.5):
+                data, _ = await victim.recvfrom(2048)
+                pytest.fail(f"the victim received {data!r}")
+            victim.close()
+            attacker.close()
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_loopback_swarm_believes_its_address_from_replies() -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            boot = await node(stack)
+            others = [await node(stack, boot) for _ in range(4)]
+            me = await node(stack, boot)
+            for o in others:  # answered queries: each reply's "ip" is a report
+                await me.ping(("127.0.0.1", o.port))
+            assert me.core.observed.belief() == ("127.0.0.1", me.port)
+            assert me.core.observed.mapping == "stable"
+    trio.run(main)
