@@ -89,3 +89,25 @@ def test_loopback_swarm_believes_its_address_from_replies() -> None:
             assert me.core.observed.belief() == ("127.0.0.1", me.port)
             assert me.core.observed.mapping == "stable"
     trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_only_filter_drops_the_probe() -> None:
+    """A connected UDP socket accepts datagrams only from the address:port it contacted, as
+    a port-restricted NAT does: the reply gets through, the probe (from a fresh port) does not."""
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            public = await node(stack)
+            behind = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            await behind.bind(("127.0.0.1", 0))
+            await behind.connect(("127.0.0.1", public.port))
+            await behind.send(krpc.encode_query(b"tx", dialback.DIALBACK, {b"id": b"\x08" * 20,
+                                                                             b"nonce": b"M" * 16}))
+            got: list[bytes] = []
+            with trio.move_on_after(1.0):
+                while True:
+                    got.append(await behind.recv(2048))
+            assert [type(krpc.decode_message_untrusted(d)).__name__ for d in got] == ["Response"]
+            assert public.core.dialback_limiter.refused == 0  # the probe was sent, and filtered
+            behind.close()
+    trio.run(main)
