@@ -98,25 +98,27 @@ class DecodePlan:
         self.q_view = self.qbuf.view(b, self.kv_heads, self.heads // self.kv_heads, self.d)
         self.slot_bytes = b * 2 * self.kv * self.es  # one position of one block's cache
         self.slot_base = [s.data_ptr() for s in cache.slots]
-        self.weights: list[tuple[Any, ...]] = []
-        for blk in span.blocks:
-            w_q, w_kv = blk.w_qkv[: self.q], blk.w_qkv[self.q:]
-            b_q = b_kv = None
-            if blk.b_qkv is not None:
-                b_q, b_kv = blk.b_qkv[: self.q], blk.b_qkv[self.q:]
-            self.weights.append((_ptr(blk.ln_attn), _wref(w_q), _ptr(b_q), _wref(w_kv), _ptr(b_kv),
-                                 _wref(blk.w_o), _ptr(blk.b_o), _ptr(blk.ln_mlp), _wref(blk.w_gate_up),
-                                 _wref(blk.w_down)))
-        self._keep = span.blocks  # the pointers above are into these tensors
         # One sequence: one q/k/v GEMV into a row [q | k | v] and the decode-attention kernel,
-        # which stores k/v in the cache and attends (what a batched step's decode rows run).
+        # which stores k/v in the cache and attends (what a batched step's decode rows run);
+        # a batch of sequences: q and k/v GEMVs (k/v straight into the cache slot) and SDPA.
         self.fused = b == 1 and hasattr(ops._C, "decode_attention")
         if self.fused:
             self.qkv = new(self.q + 2 * self.kv)
             self.attn = new(self.q)
             self.limits = torch.tensor([cache.max_tokens], dtype=torch.int64)
-            self.whole = [(_wref(blk.w_qkv), _ptr(blk.b_qkv)) for blk in span.blocks]
             self.scale = 1.0 / math.sqrt(self.d)
+        self.weights: list[tuple[Any, ...]] = []
+        for blk in span.blocks:
+            if self.fused:
+                qkv_refs: tuple[Any, ...] = (_wref(blk.w_qkv), _ptr(blk.b_qkv), None, 0)
+            else:
+                b_q = b_kv = None
+                if blk.b_qkv is not None:
+                    b_q, b_kv = blk.b_qkv[: self.q], blk.b_qkv[self.q:]
+                qkv_refs = (_wref(blk.w_qkv[: self.q]), _ptr(b_q), _wref(blk.w_qkv[self.q:]), _ptr(b_kv))
+            self.weights.append((_ptr(blk.ln_attn), *qkv_refs, _wref(blk.w_o), _ptr(blk.b_o), _ptr(blk.ln_mlp),
+                                 _wref(blk.w_gate_up), _wref(blk.w_down)))
+        self._keep = span.blocks  # the pointers above are into these tensors
 
     def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         """One token per sequence at position ``pos``: ``hidden`` ``[b, 1, hidden]`` -> new hidden."""
@@ -156,51 +158,33 @@ class DecodePlan:
                 qlinear(y, xp, ldx, w[0], bias, b, n_in, n_out, w[1], code, threads)
 
         _C.rms_norm(x, h, res, h, self.weights[0][0], b, h, eps, code, threads)
-        if self.fused:
-            self._blocks_fused(lin, threads)
-            return torch.add(self.residual, self.x).view(b, 1, h)
         sdpa, q_view, keys, values = F.scaled_dot_product_attention, self.q_view, cache.keys, cache.values
+        fused, heads, kv_heads, row = self.fused, self.heads, self.kv_heads, q + 2 * kv
+        if fused:
+            qkv, attn_ptr, lim_ptr = self.qkv.data_ptr(), self.attn.data_ptr(), self.limits.data_ptr()
+            slots, window, scale = cache.slot_ptrs.data_ptr(), self.window or 0, self.scale
         for i, (ln_a, w_q, b_q, w_kv, b_kv, w_o, b_o, ln_m, w_gu, w_dn) in enumerate(self.weights):
             if i:
                 _C.fused_add_rms_norm(x, h, res, h, ln_a, b, h, eps, code, threads)
-            slot = self.slot_base[i] + kv_off
-            lin(qb, x, h, w_q, b_q, h, q)
-            lin(slot, x, h, w_kv, b_kv, h, 2 * kv)
-            _C.rotary_embedding(qb, q, d, self.heads, slot, 2 * kv, d, self.kv_heads, d, pos_ptr, b,
-                                cos_ptr, sin_ptr, 2 * rot_half, max_pos, code, threads)
-            attn = sdpa(q_view, keys[i][:, :, lo:end], values[i][:, :, lo:end])
-            if not attn.is_contiguous():
-                attn = attn.contiguous()
-            lin(o, attn.data_ptr(), q, w_o, b_o, q, h)
+            if fused:  # w_q, b_q: the whole q/k/v projection
+                lin(qkv, x, h, w_q, b_q, h, row)
+                _C.rotary_embedding(qkv, row, d, heads, qkv + q * es, row, d, kv_heads, d, pos_ptr, 1,
+                                    cos_ptr, sin_ptr, 2 * rot_half, max_pos, code, threads)
+                _C.decode_attention(attn_ptr, q, qkv, row, slots + 8 * i, pos_ptr, lim_ptr, 1, heads, kv_heads, d,
+                                    window, scale, code, threads)
+            else:
+                slot = self.slot_base[i] + kv_off
+                lin(qb, x, h, w_q, b_q, h, q)
+                lin(slot, x, h, w_kv, b_kv, h, 2 * kv)
+                _C.rotary_embedding(qb, q, d, heads, slot, 2 * kv, d, kv_heads, d, pos_ptr, b,
+                                    cos_ptr, sin_ptr, 2 * rot_half, max_pos, code, threads)
+                attn = sdpa(q_view, keys[i][:, :, lo:end], values[i][:, :, lo:end])
+                if not attn.is_contiguous():
+                    attn = attn.contiguous()
+                attn_ptr = attn.data_ptr()
+            lin(o, attn_ptr, q, w_o, b_o, q, h)
             _C.fused_add_rms_norm(o, h, res, h, ln_m, b, h, eps, code, threads)
             lin(gu, o, h, w_gu, 0, h, 2 * inter)
             _C.silu_and_mul(act, inter, gu, 2 * inter, gu + inter * es, 2 * inter, b, inter, code, threads)
             lin(x, act, inter, w_dn, 0, inter, h)
         return torch.add(self.residual, self.x).view(b, 1, h)
-
-    def _blocks_fused(self, lin: Any, threads: int) -> None:
-        """Every block of a one-sequence step (``self.fused``), after the first norm."""
-        _C = ops._C
-        span = self.span
-        h, q, kv, inter, d, heads, kv_heads = self.hidden, self.q, self.kv, self.inter, self.d, self.heads, self.kv_heads
-        code, eps, es = self.code, self.eps, self.es
-        row = q + 2 * kv
-        cos, sin = span._cos, span._sin
-        cos_ptr, sin_ptr, rot, max_pos = cos.data_ptr(), sin.data_ptr(), 2 * cos.shape[1], cos.shape[0]
-        res, x, o = self.residual.data_ptr(), self.x.data_ptr(), self.o.data_ptr()
-        gu, act, qkv, attn = self.gate_up.data_ptr(), self.act.data_ptr(), self.qkv.data_ptr(), self.attn.data_ptr()
-        pos_ptr, lim_ptr, slots = self.positions.data_ptr(), self.limits.data_ptr(), self.cache.slot_ptrs.data_ptr()
-        window, scale = self.window or 0, self.scale
-        for i, ((ln_a, _, _, _, _, w_o, b_o, ln_m, w_gu, w_dn), (w_qkv, b_qkv)) in enumerate(zip(self.weights, self.whole)):
-            if i:
-                _C.fused_add_rms_norm(x, h, res, h, ln_a, 1, h, eps, code, threads)
-            lin(qkv, x, h, w_qkv, b_qkv, h, row)
-            _C.rotary_embedding(qkv, row, d, heads, qkv + q * es, row, d, kv_heads, d, pos_ptr, 1,
-                                cos_ptr, sin_ptr, rot, max_pos, code, threads)
-            _C.decode_attention(attn, q, qkv, row, slots + 8 * i, pos_ptr, lim_ptr, 1, heads, kv_heads, d,
-                                window, scale, code, threads)
-            lin(o, attn, q, w_o, b_o, q, h)
-            _C.fused_add_rms_norm(o, h, res, h, ln_m, 1, h, eps, code, threads)
-            lin(gu, o, h, w_gu, 0, h, 2 * inter)
-            _C.silu_and_mul(act, inter, gu, 2 * inter, gu + inter * es, 2 * inter, 1, inter, code, threads)
-            lin(x, act, inter, w_dn, 0, inter, h)
