@@ -81,8 +81,8 @@ def load_head(model_dir: str | Path, *, device: str | torch.device = "cpu",
     v, h = config.vocab_size, config.hidden_size
     q = HEAD_QUANTIZE if quantize else None
     with open_store(model_dir) as store:
-        embed: Weight = store.get_weight("model.embed_tokens.weight", (v, h), dtype, dev, q)
-        norm: torch.Tensor = store.get("model.norm.weight", (h,), dtype, dev)
+        embed = store.get_weight("model.embed_tokens.weight", (v, h), dtype, dev, q)
+        norm = store.get("model.norm.weight", (h,), dtype, dev)
         if config.tie_word_embeddings:
             lm_head = embed
         else:

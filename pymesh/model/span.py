@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,7 +22,7 @@ from pymesh.model import ops
 from pymesh.model.layers import Block
 from pymesh.model.rope import rope_tables
 from pymesh.model.quant import Weight, cat_rows
-from pymesh.model.weights import open_store, progress_iter
+from pymesh.model.weights import TensorStore, open_store, progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +105,16 @@ class SpanModel:
     __call__ = forward
 
 
-def _load_block(store: Any, config: ModelConfig, i: int, dtype: torch.dtype,
+def _load_block(store: TensorStore, config: ModelConfig, i: int, dtype: torch.dtype,
                 device: torch.device, quantize: str | None = None) -> Block:
     p = f"model.layers.{i}."
     h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
 
     def get(name: str, *shape: int) -> torch.Tensor:
-        return store.get(p + name, shape, dtype, device)  # type: ignore[no-any-return]
+        return store.get(p + name, shape, dtype, device)
 
     def mat(name: str, *shape: int) -> Weight:
-        return store.get_weight(p + name, shape, dtype, device, quantize)  # type: ignore[no-any-return]
+        return store.get_weight(p + name, shape, dtype, device, quantize)
 
     if config.model_type == "phi3":
         # Phi-3 stores q/k/v and gate/up fused, in exactly the row order pymesh runs them.

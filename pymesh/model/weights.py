@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
@@ -143,10 +143,26 @@ class WeightStore:
         self.close()
 
 
-def open_store(model_path: str | Path) -> Any:
+class TensorStore(Protocol):
+    """What :class:`WeightStore` (a folder) and :class:`pymesh.model.gguf_store.GGUFStore` (a
+    GGUF file) both offer, under Hugging Face tensor names."""
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+            device: torch.device | str = "cpu") -> torch.Tensor: ...
+
+    def get_weight(self, name: str, shape: Sequence[int], dtype: torch.dtype,
+                   device: torch.device | str = "cpu", quantize: str | None = None) -> Weight: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "TensorStore": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def open_store(model_path: str | Path) -> TensorStore:
     """The tensor store of a model folder (:class:`WeightStore`) or a GGUF file
-    (:class:`pymesh.model.gguf_store.GGUFStore`): both offer ``get``, ``get_weight``, ``close``
-    and the context-manager protocol."""
+    (:class:`pymesh.model.gguf_store.GGUFStore`)."""
     if is_gguf(model_path):
         from pymesh.model.gguf_store import GGUFStore
 
