@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pymesh.errors import ConfigError, PymeshError
+from pymesh.proto.records import QUANT_LABELS
 
 log = logging.getLogger(__name__)
 
 PROMPT = "The history of Paris begins with a Celtic tribe, the Parisii, who settled on an island in the river"
 ENGINES = ("pymesh", "transformers")
 DTYPES = ("float32", "bfloat16")
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
+QUANT_TYPES = QUANT_LABELS
 DEFAULT_DTYPES = ("float32", "bfloat16", "q8_0", "q4_1")
 
 

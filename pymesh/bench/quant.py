@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pymesh.errors import ConfigError
+from pymesh.proto.records import QUANT_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ PROMPTS = (
     "Here is a short story about a robot who learns to paint:",
     "The three laws of thermodynamics state that",
 )
-TYPES = ("q8_0", "q4_0", "q4_1")
+TYPES = QUANT_LABELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ log = logging.getLogger("pymesh.generate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pymesh.cli.common import add_quantize_argument
     from pymesh.model.sampling import add_sampling_arguments
 
     parser.add_argument("--model-path", required=True, metavar="PATH",
@@ -27,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", default=None, choices=["q8_0", "q4_0", "q4_1"],
-                        help="compute a folder's weight matrices in this GGUF block format (computed at load)")
+    add_quantize_argument(parser, "compute the weight matrices")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: $PYMESH_THREADS or every core this process may use)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of streaming text")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pymesh.errors import ConfigError
+from pymesh.proto.records import QUANT_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ FORMATS: dict[str, QFormat] = {
     "q4_1": QFormat("q4_1", 3, 20, 2),
 }
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
-#: what ``--quantize`` accepts
-QUANTIZE_CHOICES = tuple(FORMATS)
+# the formats a model id may name (records.QUANT_LABELS, the one list) are those computed here
+assert tuple(FORMATS) == QUANT_LABELS, "pymesh.proto.records.QUANT_LABELS must list exactly FORMATS"
 
 
 def qformat(name: str) -> QFormat:
