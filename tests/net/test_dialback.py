@@ -111,3 +111,46 @@ def test_a_reply_only_filter_drops_the_probe() -> None:
             assert public.core.dialback_limiter.refused == 0  # the probe was sent, and filtered
             behind.close()
     trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_after_a_hostile_dialback_burst_the_node_still_serves_honest_peers() -> None:
+    """An attacker sends malformed pm_dialback requests, forged probes and a flood of valid
+    requests from one IP; the node stays up, probes that IP at most once, and an honest peer on
+    another address still gets its dial-back and ordinary DHT answers."""
+    import random
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            public = await node(stack)
+            attacker = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            await attacker.bind(("127.0.0.1", 0))
+            rng = random.Random(5)
+            bad_args: list[dict[bytes, object]] = [
+                {b"id": b"\x01" * 20},                                  # no nonce
+                {b"id": b"\x01" * 20, b"nonce": b"short"},              # wrong length
+                {b"id": b"\x01" * 20, b"nonce": 7},                     # wrong type
+                {b"id": b"\x01" * 20, b"nonce": b"N" * 4000},           # oversized
+                {b"id": b"\x01" * 5, b"nonce": b"N" * 16},              # bad node id
+            ]
+            for i in range(200):                                        # bounded burst
+                if i % 4 == 0:
+                    data = krpc.encode_query(b"t%d" % i, dialback.DIALBACK, bad_args[i % len(bad_args)])
+                elif i % 4 == 1:
+                    data = krpc.encode_query(b"t%d" % i, dialback.PROBE, {b"id": b"\x02" * 20, b"nonce": b"P" * 16})
+                elif i % 4 == 2:
+                    data = krpc.encode_query(b"t%d" % i, dialback.DIALBACK, {b"id": b"\x03" * 20,
+                                                                              b"nonce": rng.randbytes(16)})
+                else:
+                    data = krpc.encode_query(b"t%d" % i, dialback.DIALBACK, {b"id": b"\x04" * 20})[:rng.randrange(1, 40)]
+                await attacker.sendto(data, ("127.0.0.1", public.port))
+            await trio.sleep(0.3)
+            assert public.core.dialback_limiter.refused >= 40  # the valid flood: one probe for that IP
+            honest = await stack.enter_async_context(
+                DHTNode(Identity.generate(), host="127.0.0.2", bootstrap=[PeerAddr("127.0.0.1", public.port)],
+                        config=cfg(), read_only=True))
+            result = await honest.dialback_check(("127.0.0.1", public.port), timeout=2.0)
+            assert result.reachable and result.observed == ("127.0.0.2", honest.port)
+            assert await honest.ping(("127.0.0.1", public.port)) == public.node_id
+            attacker.close()
+    trio.run(main)
