@@ -21,5 +21,17 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml CMakeLists.txt csrc -newer "
     "$VPY" -m pip install -q -e ".[test]"
     touch "$stamp"
 fi
+# tests/nat builds NAT routers in network namespaces with nftables: install Debian's nftables when
+# `nft` is missing and we are root. A failure here only makes those tests skip, so setup goes on.
+if ! command -v nft >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] note: nft missing (needs root and apt-get to install nftables): tests/nat will skip" >&2
+    elif ! nft_log=$(apt-get install -y -q nftables 2>&1); then
+        echo "[setup] warning: 'apt-get install -y nftables' failed, tests/nat will skip:" >&2
+        echo "$nft_log" | tail -n 3 >&2
+    else
+        echo "[setup] installed nftables (nft) for tests/nat"
+    fi
+fi
 "$VPY" -c "import pymesh._C" || { echo "[setup] error: pymesh._C failed to import after the build" >&2; exit 1; }
 echo "[setup] ready: $(.venv/bin/pymesh --version)"
