@@ -100,6 +100,13 @@ def host_of(addr: object) -> str | None:
     return str(ip)
 
 
+def port_of(addr: object) -> int | None:
+    """The port in a socket address tuple; None if it holds none."""
+    if not isinstance(addr, tuple) or len(addr) < 2 or not isinstance(addr[1], int):
+        return None
+    return addr[1]
+
+
 def is_loopback(addr: object) -> bool:
     """Whether a socket address tuple names a loopback address (127.0.0.0/8, ::1, or
     127.x mapped into IPv6)."""
@@ -118,10 +125,16 @@ class Connection:
     peer: PeerID
 
     def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, *,
-                 remote_host: str | None = None) -> None:
+                 remote_host: str | None = None, remote_port: int | None = None) -> None:
         self.node = node
         self.peer = peer
         self.remote_host = remote_host
+        #: the peer's port as this side sees it (with ``remote_host``: a relay tells a peer
+        #: behind NAT its mapping this way); None where ``remote_host`` is None
+        self.remote_port = remote_port if remote_host is not None else None
+        #: how the connection reaches the peer: "direct", "relayed" (a circuit through a
+        #: relay) or "punched" (a QUIC path opened by hole punching)
+        self.path = "direct"
         self.config = config
         self.closed = False
         self.close_reason = ""

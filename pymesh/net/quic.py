@@ -20,7 +20,7 @@ from pymesh.net import congestion as _congestion  # noqa: F401  (registers "pyme
 from pymesh.net import handshake
 from pymesh.net.config import ALPN, TransportConfig
 from pymesh.net.conn import (
-    ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost, host_of, is_loopback,
+    ERR_CANCELLED, ERR_CLOSING, ERR_PROTOCOL, Connection, ConnectionHost, host_of, is_loopback, port_of,
 )
 from pymesh.net.inflight import FrameCharge
 from pymesh.proto.frames import HANDSHAKE_LIMITS, Frame, FrameError, FrameType, read_frame_untrusted
@@ -64,7 +64,8 @@ def quic_configuration(config: TransportConfig, *, is_client: bool, identity: Id
 class QuicRpcConnection(Connection):
     def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, driver: QuicDriver) -> None:
         paths = driver.quic._network_paths  # the validated path first (aioquic internal, see quic_driver)
-        super().__init__(node, peer, config, remote_host=host_of(paths[0].addr) if paths else None)
+        super().__init__(node, peer, config, remote_host=host_of(paths[0].addr) if paths else None,
+                         remote_port=port_of(paths[0].addr) if paths else None)
         self.driver = driver
         driver.on_terminated = self._on_terminated
         # streams whose first frame is being read -> (since, its in-flight account)

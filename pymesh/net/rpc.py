@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import ssl
+from collections import OrderedDict
 from types import TracebackType
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 
 import pymesh
-from pymesh.errors import ConfigError, LocalProtocolError
+from pymesh.errors import ConfigError, LocalProtocolError, PeerUnavailable, PymeshError
 from pymesh.net import quic as quic_mod
 from pymesh.net import tcp as tcp_mod
 from pymesh.net.clock import Clock, TrioClock
@@ -31,9 +33,12 @@ from pymesh.net.conn import CallContext, Connection, Handler, PushHandler, Remot
 from pymesh.net.inflight import ByteBudget
 from pymesh.proto.frames import Allocator, Meta, TensorBlob
 from pymesh.net.quic_endpoint import QuicEndpoint
-from pymesh.net.streams import AnyStream
+from pymesh.net.streams import AnyStream, raw_socket
 from pymesh.net.tls import server_ssl_context
+from pymesh.net.relay_client import PunchHook, open_circuit
+from pymesh.proto import reach as reach_mod
 from pymesh.proto.identity import Identity, PeerID
+from pymesh.proto.reach import Reach, RelayAddr
 from pymesh.proto.vocab import Transport
 
 __all__ = ["RpcNode", "Connection", "CallContext", "RemoteError", "TransportConfig", "Meta", "TensorBlob",
@@ -41,6 +46,12 @@ __all__ = ["RpcNode", "Connection", "CallContext", "RemoteError", "TransportConf
 
 log = logging.getLogger(__name__)
 TRANSPORTS = ("quic", "tcp", "tcp-plain")
+#: peers behind NAT whose way in a node remembers
+MAX_REACH = 4096
+#: seconds before hole punching to a peer is tried again after it failed
+PUNCH_RETRY = 300.0
+#: seconds a TCP connection may take to send its first bytes where a stream hook listens
+HOOK_PEEK_TIMEOUT = 5.0
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -80,6 +91,15 @@ class RpcNode:
         self._listening_endpoint = False
         self._ssl: ssl.SSLContext | None = None
         self.port: int | None = None
+        #: peers whose records say they sit behind NAT: dial them through their relays (and
+        #: try hole punching first where ``punch`` is set); see :meth:`learn_reach`
+        self.reach: OrderedDict[PeerID, Reach] = OrderedDict()
+        #: hole punching for QUIC (``pymesh.net.punch.Puncher``), set by whoever enables it
+        self.punch: PunchHook | None = None
+        #: TCP connections that start with this magic go to this handler instead of TLS
+        #: (a relay's circuits sharing the transport's TCP port)
+        self.stream_hook: tuple[bytes, Callable[[trio.SocketStream], Awaitable[None]]] | None = None
+        self._punch_failed: dict[PeerID, float] = {}
 
     # ------------------------------------------------------------------ registry
     def register(self, method: str, handler: Handler) -> None:
@@ -169,6 +189,9 @@ class RpcNode:
         del nursery
 
     async def _accept_one(self, stream: trio.SocketStream) -> None:
+        if self.stream_hook is not None and self.config.tls and await _starts_with(stream, self.stream_hook[0]):
+            await self.stream_hook[1](stream)
+            return
         conn = await tcp_mod.accept(self, stream)
         if conn is None:
             return
@@ -195,19 +218,101 @@ class RpcNode:
         self.adopt(conn)
         await conn.run()
 
+    # ------------------------------------------------------------------ behind NAT
+    def learn_reach(self, peer: PeerID, reach: Reach | None) -> None:
+        """Remember how ``peer``'s verified record says to reach it (None: directly)."""
+        if reach is None:
+            self.reach.pop(peer, None)
+            return
+        self.reach[peer] = reach
+        self.reach.move_to_end(peer)
+        while len(self.reach) > MAX_REACH:
+            self.reach.popitem(last=False)
+
+    async def serve_relayed(self, stream: trio.SocketStream) -> None:
+        """Serve a peer that dialed this node through a relay (``stream``: the circuit, past
+        the relay's OK): TLS and the identity handshake end to end, then frames."""
+        self._require_started()
+        conn = await tcp_mod.accept(self, stream, relayed=True)
+        if conn is None:
+            return
+        conn.path = "relayed"
+        self.adopt(conn)
+        await conn.run()
+
+    async def connect_relayed(self, relay: RelayAddr, peer_id: PeerID) -> Connection:
+        """A new connection to ``peer_id`` through a circuit at ``relay`` (not cached: see connect)."""
+        nursery = self._require_started()
+        request = reach_mod.CircuitRequest(reach_mod.OP_CONNECT, target=peer_id.key)
+        conn = await tcp_mod.dial(self, relay.host, relay.port, peer_id,
+                                  opened=lambda stream: open_circuit(stream, request, relay))
+        conn.path = "relayed"
+        await nursery.start(conn.run)
+        return conn
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """The node's nursery while it runs (background tasks of its services)."""
+        return self._nursery
+
+    def send_datagram(self, addr: tuple[str, int], data: bytes) -> None:
+        """One UDP datagram from this node's QUIC socket (hole punching); no-op without one."""
+        endpoint = self._endpoint
+        if endpoint is None:
+            return
+        dst: tuple[Any, ...] = addr
+        if endpoint.sock.family == socket.AF_INET6 and ":" not in addr[0]:
+            dst = ("::ffff:" + addr[0], addr[1], 0, 0)
+        endpoint.send_many([(data, dst)])
+
+    async def dial_quic(self, host: str, port: int, peer_id: PeerID) -> Connection:
+        """A new QUIC connection from this node's endpoint (not cached; hole punching)."""
+        nursery = self._require_started()
+        if self.transport != Transport.QUIC or self._endpoint is None:
+            raise PeerUnavailable("hole punching needs a QUIC node that has dialed or listened already")
+        qconn = await quic_mod.dial(self, self._endpoint, host, port, peer_id)
+        nursery.start_soon(qconn.serve)
+        return qconn
+
+    async def _connect_behind_nat(self, reach: Reach, peer_id: PeerID) -> Connection:
+        errors: list[str] = []
+        for relay in reach.relays:
+            try:
+                conn = await self.connect_relayed(relay, peer_id)
+                break
+            except PymeshError as exc:
+                errors.append(f"relay {relay.host}:{relay.port}: {exc}")
+        else:
+            raise PeerUnavailable(f"{peer_id.short()} is behind NAT and none of its relays carried a circuit: "
+                                  + "; ".join(errors) + " (it may have moved: read its record again)")
+        now = trio.current_time()
+        if reach.mode == "punch" and self.punch is not None and now >= self._punch_failed.get(peer_id, 0.0):
+            direct = await self.punch.punch(conn, relay, reach, peer_id)
+            if direct is not None:
+                self.adopt(conn)
+                return direct
+            self._punch_failed[peer_id] = now + PUNCH_RETRY
+        return conn
+
     async def connect(self, host: str, port: int, peer_id: PeerID) -> Connection:
-        """An authenticated connection to ``peer_id`` (reused if one is open).
+        """An authenticated connection to ``peer_id`` (reused if one is open; a direct or
+        hole-punched one before a relayed one). A peer whose record said it is behind NAT
+        (:meth:`learn_reach`) is dialed through its relays, after a hole-punching attempt
+        where both sides can.
 
         Raises PeerUnavailable (unreachable, timeout), IdentityError (the address holds
         another key) or VersionMismatch."""
         nursery = self._require_started()
         lock = self._dial_locks.setdefault(peer_id, trio.Lock())
         async with lock:
-            for conn in self._conns.get(peer_id, []):
-                if not conn.closed:
-                    return conn
-            conn: Connection  # type: ignore[no-redef]
-            if self.transport == Transport.QUIC:
+            live = [c for c in self._conns.get(peer_id, []) if not c.closed]
+            if live:
+                return next((c for c in live if c.path != "relayed"), live[0])
+            conn: Connection
+            reach = self.reach.get(peer_id)
+            if reach is not None:
+                conn = await self._connect_behind_nat(reach, peer_id)
+            elif self.transport == Transport.QUIC:
                 if self._endpoint is None:
                     endpoint = quic_mod.new_endpoint(self, "::" if ":" in host else "0.0.0.0", 0, server=False)
                     await nursery.start(endpoint.run)
@@ -222,3 +327,23 @@ class RpcNode:
             self.adopt(conn)
             log.debug("connected to %s at %s:%d over %s", peer_id.short(), host, port, self.transport)
             return conn
+
+
+async def _starts_with(stream: trio.SocketStream, magic: bytes) -> bool:
+    """Whether the first bytes the peer sent are ``magic`` (peeked: nothing is consumed).
+    False when the peer sends something else first, or nothing within HOOK_PEEK_TIMEOUT
+    (TLS then times out on its own)."""
+    sock = raw_socket(stream)
+    with trio.move_on_after(HOOK_PEEK_TIMEOUT):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                head = sock.recv(len(magic), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return False
+            if len(head) == len(magic) or not head or head != magic[:len(head)]:
+                return head == magic
+            await trio.sleep(0.01)   # a prefix of the magic so far: wait for the rest
+    return False

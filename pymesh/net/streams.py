@@ -23,7 +23,7 @@ SEND_CHUNK = 256 * 1024
 PREAUTH_RECV = 17 * 1024
 
 
-def _raw_socket(stream: trio.SocketStream) -> socket.socket:
+def raw_socket(stream: trio.SocketStream) -> socket.socket:
     """The stdlib socket under a trio stream: sends and receives try the syscall first and
     only wait (wait_readable / wait_writable) when it would block, which saves a trip
     through trio's scheduler per operation on the latency-critical path."""
@@ -71,7 +71,7 @@ async def _recv_into(sock: socket.socket, view: memoryview) -> int:
 class PlainStream:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.sock = _raw_socket(stream)
+        self.sock = raw_socket(stream)
 
     async def recv_into(self, view: memoryview) -> int:
         return await _recv_into(self.sock, view)
@@ -99,7 +99,7 @@ class TlsStream:
 
     def __init__(self, stream: trio.SocketStream, ctx: ssl.SSLContext, server_side: bool) -> None:
         self.stream = stream
-        self.sock = _raw_socket(stream)
+        self.sock = raw_socket(stream)
         self._recv_buf = bytearray(PREAUTH_RECV)  # RECV_CHUNK once authenticated()
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()

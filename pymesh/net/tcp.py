@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from typing import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -18,7 +19,7 @@ import trio
 from pymesh.errors import IdentityError, PeerUnavailable, RemoteProtocolError
 from pymesh.net import handshake
 from pymesh.net.config import TransportConfig
-from pymesh.net.conn import Connection, ConnectionHost, host_of
+from pymesh.net.conn import Connection, ConnectionHost, host_of, port_of
 from pymesh.net.inflight import FrameCharge
 from pymesh.proto.frames import (
     HANDSHAKE_LIMITS, Frame, FrameError, FrameType, encode_frame_head, read_frame_untrusted,
@@ -42,7 +43,7 @@ class _Pending:
 class TcpConnection(Connection):
     def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, raw: Raw,
                  reader: BufferedReader) -> None:
-        super().__init__(node, peer, config, remote_host=_peer_host(raw))
+        super().__init__(node, peer, config, remote_host=_peer_host(raw), remote_port=_peer_port(raw))
         self._raw = raw
         self._reader = reader
         self._send_lock = trio.Lock()
@@ -294,19 +295,30 @@ class TcpConnection(Connection):
 # -------------------------------------------------------------------- dial / accept
 
 
-def _wrap(stream: trio.SocketStream, node: ConnectionHost, server_side: bool) -> Raw:
-    if not node.config.tls:
+def _wrap(stream: trio.SocketStream, node: ConnectionHost, server_side: bool, tls: bool = False) -> Raw:
+    if not (node.config.tls or tls):
         return PlainStream(stream)
     ctx = node.server_ssl() if server_side else client_ssl_context()
     return TlsStream(stream, ctx, server_side)
 
 
-async def dial(node: ConnectionHost, host: str, port: int, peer_id: PeerID) -> TcpConnection:
+async def dial(node: ConnectionHost, host: str, port: int, peer_id: PeerID,
+               opened: Callable[[trio.SocketStream], Awaitable[None]] | None = None) -> TcpConnection:
+    """TLS and the identity handshake to ``peer_id`` over a new TCP connection to
+    ``host:port``; ``opened`` runs on the connection first (a relay's circuit request: the
+    relay then joins it to the peer, and TLS is always on, end to end)."""
     cfg = node.config
     try:
         with trio.fail_after(cfg.connect_timeout):
             stream = await trio.open_tcp_stream(host, port)
-            raw = _wrap(stream, node, server_side=False)
+            if opened is not None:
+                try:
+                    await opened(stream)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                    raise
+            raw = _wrap(stream, node, server_side=False, tls=opened is not None)
             try:
                 if isinstance(raw, TlsStream):
                     await raw.handshake()
@@ -352,9 +364,11 @@ async def dial_stream(node: ConnectionHost, stream: trio.abc.Stream, peer_id: Pe
     return TcpConnection(node, peer_id, node.config, raw, reader)
 
 
-async def accept(node: ConnectionHost, stream: trio.SocketStream) -> TcpConnection | None:
-    """Run TLS and the identity handshake on an inbound stream; None if it failed."""
-    return await accept_raw(node, _wrap(stream, node, server_side=True), _addr(stream))
+async def accept(node: ConnectionHost, stream: trio.SocketStream, *, relayed: bool = False) -> TcpConnection | None:
+    """Run TLS and the identity handshake on an inbound stream; None if it failed.
+    ``relayed``: a circuit through a relay (TLS whatever the node's setting)."""
+    where = f"a relay circuit via {_addr(stream)}" if relayed else _addr(stream)
+    return await accept_raw(node, _wrap(stream, node, server_side=True, tls=relayed), where)
 
 
 async def accept_raw(node: ConnectionHost, raw: Raw, where: str) -> TcpConnection | None:
@@ -384,6 +398,15 @@ def _peer_host(raw: Raw) -> str | None:
     try:
         return host_of(raw.sock.getpeername())
     except OSError:  # already disconnected
+        return None
+
+
+def _peer_port(raw: Raw) -> int | None:
+    if isinstance(raw, AnyStream):
+        return None
+    try:
+        return port_of(raw.sock.getpeername())
+    except OSError:
         return None
 
 

@@ -43,6 +43,7 @@ from pymesh import PROTOCOL_VERSION
 from pymesh.errors import DecodeError, VersionMismatch
 from pymesh.proto.bencode import BencodeError, decode_untrusted, encode
 from pymesh.proto.identity import Identity, PeerID, verify_signature
+from pymesh.proto.reach import Reach, ReachError
 from pymesh.proto.vocab import Transport, WorkerState
 
 MAX_RECORD_BYTES = 700
@@ -186,6 +187,9 @@ class WorkerRecord:
     timestamp: float = 0.0
     #: a mixed file's weight types, ``(("f32", 61), ("q8_0", 1))``; empty when the suffix says all
     weight_types: tuple[tuple[str, int], ...] = ()
+    #: how to reach the worker when ``host:port`` does not answer from outside (behind NAT):
+    #: through the listed relays, or a hole-punched QUIC path; None: directly
+    reach: Reach | None = None
     signature: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
@@ -235,6 +239,7 @@ class WorkerRecord:
             b"ts": round(self.timestamp * 1000),
             # only when present, so a float worker's record is byte for byte what it was
             **({b"wt": {k.encode(): v for k, v in self.weight_types}} if self.weight_types else {}),
+            **({b"rc": self.reach.to_wire()} if self.reach is not None else {}),
         }
 
     def _check_local(self) -> None:
@@ -296,7 +301,7 @@ class WorkerRecord:
         if len(data) > MAX_RECORD_BYTES:
             raise RecordError(f"record of {len(data)} bytes exceeds {MAX_RECORD_BYTES}")
         try:
-            d = decode_untrusted(data, max_size=MAX_RECORD_BYTES, max_depth=3)
+            d = decode_untrusted(data, max_size=MAX_RECORD_BYTES, max_depth=4)
         except BencodeError as exc:
             raise RecordError(f"record is not valid bencode: {exc}") from None
         if not isinstance(d, dict):
@@ -331,7 +336,7 @@ class WorkerRecord:
                 not all(isinstance(t, bytes) and t.decode("ascii", "replace") in TRANSPORTS for t in transports):
             raise RecordError(f"record field 't' must list 1..4 transports of {TRANSPORTS}")
         known = {b"v", b"k", b"m", b"s", b"e", b"h", b"p", b"t", b"st", b"bm", b"tp",
-                 b"cf", b"ct", b"n", b"ts", b"wt", b"sig"}
+                 b"cf", b"ct", b"n", b"ts", b"wt", b"rc", b"sig"}
         if set(d) - known:
             raise RecordError(f"record has unknown fields {sorted(set(d) - known)!r}")
         rec = cls(
@@ -351,6 +356,7 @@ class WorkerRecord:
             sessions=num(b"n", 0, MAX_SESSIONS),
             timestamp=num(b"ts") / 1000,
             weight_types=_weight_types_untrusted(d.get(b"wt")),
+            reach=_reach_untrusted(d.get(b"rc")),
             signature=sig,
         )
         if rec.start >= rec.stop:
@@ -381,3 +387,12 @@ def _weight_types_untrusted(value: object) -> tuple[tuple[str, int], ...]:
         return check_weight_types(value)
     except ValueError as exc:
         raise RecordError(f"record field 'wt': {exc}") from None
+
+
+def _reach_untrusted(value: object) -> Reach | None:
+    if value is None:
+        return None
+    try:
+        return Reach.from_wire_untrusted(value)
+    except ReachError as exc:
+        raise RecordError(f"record field 'rc': {exc}") from None
