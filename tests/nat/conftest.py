@@ -48,7 +48,7 @@ def standard_nat_topology() -> Iterator[Topology]:
         yield topo
 
 
-def read_json_line(proc: subprocess.Popen[str], timeout: float = 5.0) -> dict[str, Any]:
+def read_json_line(proc: subprocess.Popen[str], timeout: float = 10.0) -> dict[str, Any]:
     """The next JSON line of `proc`'s stdout; AssertionError if none comes within `timeout`."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)

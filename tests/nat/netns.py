@@ -213,6 +213,18 @@ def _delete_namespaces(names: Sequence[str]) -> list[str]:
     return errors
 
 
+def _pid_running(pid: int) -> bool:
+    """False for a pid that is gone or a zombie (a killed run whose parent has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        return True  # unknown: keep its namespaces
+    return state not in ("Z", "X")
+
+
 def _pid_start_time(pid: int) -> float | None:
     """When `pid` started (epoch seconds), or None if it is not running. (/proc/<pid>'s own
     mtime is not the start time: procfs stamps its inodes when they are looked up.)"""
@@ -241,7 +253,7 @@ def remove_stale_namespaces() -> list[str]:
         pid = int(m.group(1))
         if pid == os.getpid():
             continue
-        if not os.path.exists(f"/proc/{pid}"):
+        if not _pid_running(pid):
             stale.append(ns)
             continue
         started = _pid_start_time(pid)
