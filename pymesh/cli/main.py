@@ -27,6 +27,7 @@ from pymesh.monitor.text import printable, printable_lines
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bootstrap": ("pymesh.cli.bootstrap", "run a DHT bootstrap node (rendezvous for workers and clients)"),
     "worker": ("pymesh.cli.worker", "serve a span of transformer blocks to the swarm"),
+    "relay": ("pymesh.cli.relay", "relay for workers and clients behind NAT (end-to-end encrypted circuits)"),
     "client": ("pymesh.cli.client", "generate text through the swarm (or test an echo chain)"),
     "serve": ("pymesh.cli.serve", "serve an OpenAI-compatible HTTP API in front of the swarm"),
     "generate": ("pymesh.cli.generate", "generate text in this process (the single-process baseline)"),

@@ -28,6 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce-addr", default=None, metavar="HOST",
                         help="address published in the worker's record (default: --host, or 127.0.0.1 for 0.0.0.0)")
     parser.add_argument("--transport", default=Transport.QUIC.value, choices=[*(t.value for t in Transport), "both"])
+    parser.add_argument("--reachability", default="auto", choices=["auto", "public", "nat"],
+                        help="auto: ask DHT nodes for a dial-back to learn whether this worker is reachable or "
+                             "behind NAT (then reached via relays, hole punching where the NAT allows); "
+                             "public / nat: skip the check (default auto; --announce-addr implies public)")
+    parser.add_argument("--relay", action="store_true",
+                        help="also relay for peers behind NAT (circuits on TCP --port; quotas below)")
+    from pymesh.cli.relay import add_limit_arguments
+
+    add_limit_arguments(parser)
     parser.add_argument("--cache-tokens", type=int, default=8192,
                         help="KV-cache budget in tokens, summed over sessions (default 8192)")
     parser.add_argument("--identity", default=None, metavar="FILE",
@@ -65,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from pymesh.model.torch_setup import configure_threads
+    from pymesh.cli.relay import limits_of
     from pymesh.worker.server import WorkerOptions, run_worker
 
     if args.port and not 0 < args.port < 65535:
@@ -90,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         announce_addr=args.announce_addr, transport=args.transport, cache_tokens=args.cache_tokens,
         identity=args.identity, threads=threads, max_blocks=args.max_blocks,
         num_layers=args.num_layers, progress=not args.quiet, settings=settings,
-        allow_peers=allow_peers_of(args),
+        allow_peers=allow_peers_of(args), reachability=args.reachability, relay=args.relay,
+        relay_limits=limits_of(args),
     )
     try:
         trio.run(run_worker, opts, _metrics_hook(args.metrics_listen))

@@ -22,6 +22,7 @@ from pymesh.client.session import InferenceSession
 from pymesh.client.swarm import Swarm
 from pymesh.client.verify import Late, VerifyReport
 from pymesh.errors import PymeshError
+from pymesh.proto.identity import PeerID
 
 if TYPE_CHECKING:
     from pymesh.model.sampling import SamplingParams
@@ -143,7 +144,7 @@ async def generate_tokens(
                 nonlocal recorded
                 stats.recoveries += session.recoveries[recorded:]
                 recorded = len(session.recoveries)
-                stats.route = route_json(session.route)
+                stats.route = route_json(session.route, _path_of(swarm))
 
             sync_route()
             hidden = await model.batcher.embed_prompt(history)
@@ -198,3 +199,11 @@ def _note_recomputed(report: "VerifyReport", tokens: list[int]) -> None:
             old = r.pop("old", [])
             new = tokens[r["from_token"]:r["from_token"] + len(old)]
             r["changed"] = new != old
+
+
+def _path_of(swarm: Swarm) -> Callable[[PeerID], str | None] | None:
+    """How the swarm's node reaches each peer (direct, punched, relayed); None without a node."""
+    try:
+        return swarm.node.path_to
+    except PymeshError:
+        return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Collection, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from pymesh.errors import PymeshError
 from pymesh.proto.identity import PeerID
@@ -60,9 +60,15 @@ def hop_model(option: SpanOption, default: str) -> str:
     return model if isinstance(model, str) else default
 
 
-def route_json(route: Sequence[SpanOption]) -> list[dict[str, object]]:
-    """A route as reports show it: ``{"peer", "start", "stop"}`` per hop."""
-    return [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route]
+def route_json(route: Sequence[SpanOption],
+               path_of: Callable[[PeerID], str | None] | None = None) -> list[dict[str, object]]:
+    """A route as reports show it: ``{"peer", "start", "stop"}`` per hop, plus ``path`` (how
+    this client's connection reaches the worker: direct, punched or relayed) with ``path_of``."""
+    out: list[dict[str, object]] = [{"peer": str(o.peer), "start": o.start, "stop": o.stop} for o in route]
+    if path_of is not None:
+        for hop, o in zip(out, route):
+            hop["path"] = path_of(o.peer)
+    return out
 
 
 def providers_of(options: Sequence[SpanOption], block: int | None) -> set[PeerID]:

@@ -1,21 +1,19 @@
 """The client's view of the swarm: its transport node, its DHT node, discovery and bans.
 
-:class:`Swarm` is what an inference session talks through. It reads worker records
-from the DHT, measures round-trip times (``pm.info``), bans workers that failed for a
-while, and routes the pushes workers send back (``pm.out``, ``pm.err``) to the
-session they belong to, after parsing them (malformed ones are dropped).
+:class:`Swarm` is what an inference session talks through. It reads worker records from the
+DHT, measures round-trip times (``pm.info``), bans workers that failed for a while, and routes
+the pushes workers send back (``pm.out``, ``pm.err``, parsed first) to their sessions.
 
 Discovery keeps the union of the records its lookups returned (:mod:`pymesh.client.discovery`):
-while nodes join and leave one lookup can miss records another one saw; a layer nobody
-seems to serve gets a lookup of its own before discovery reports it missing. A newer
-record of a banned worker (a new incarnation) lifts a ban a failure or timeout caused,
-and when every provider of a span is banned, discovery waits for the earliest ban to end.
-With ``allow_peers`` the client routes only through the listed workers.
+one lookup can miss records another saw; a layer nobody seems to serve gets a lookup of its
+own first. A newer record of a banned worker (a new incarnation) lifts a ban a failure or
+timeout caused; when every provider of a span is banned, discovery waits for the earliest
+ban to end. ``allow_peers``: route only through listed workers. Workers behind NAT are
+dialed through the relays their records name (hole punching first).
 
 A worker a verified-inference check proved wrong is **convicted** (:meth:`Swarm.convict`):
-banned for good, its evidence written beside the ``blocklist`` file and the peer added to
-it, so every later client with the same blocklist never routes through it either (the
-listed peers are convicted when the swarm starts).
+banned for good, its evidence written beside the ``blocklist`` file and the peer added to it,
+so later clients with that blocklist never route through it (listed peers: at start).
 """
 
 from __future__ import annotations
@@ -136,8 +134,8 @@ class Swarm:
 
     async def __aenter__(self) -> "Swarm":
         from pymesh.net.dht import DHTNode
+        from pymesh.net.punch import Puncher
         from pymesh.net.rpc import RpcNode
-
         self.load_blocklist()
         await self._stack.__aenter__()
         try:
@@ -146,6 +144,7 @@ class Swarm:
             await self._stack.enter_async_context(self._node)
             self._node.on_push(sw.OUT, self._on_out)
             self._node.on_push(sw.ERR, self._on_err)
+            Puncher(self._node)   # hole punching to workers behind NAT
             # BEP 43: a client joins read-only and leaves no dead contact behind
             self._dht = DHTNode(self.identity, host="0.0.0.0", port=self.dht_port, bootstrap=self.bootstrap,
                                 config=self.settings.dht_config(), read_only=True, clock=self.clock)
@@ -290,8 +289,9 @@ class Swarm:
                     nursery.start_soon(one, block)
         if scope.cancelled_caught:
             log.warning("Client: DHT lookup for %s timed out", self.model_id)
-        for recs in got:
-            self.book.merge(recs)
+        for rec in (r for recs in got for r in self.book.merge(recs)):
+            if self._node is not None:   # (tests drive discovery without a transport)
+                self._node.learn_reach(rec.peer_id, rec.reach)
         for peer, ban in self.bans.see(self.book.all()):
             log.warning("Client: worker %s announced itself again (a new incarnation): lifting its ban (%s)",
                         peer.short(), ban.why)

@@ -14,7 +14,7 @@ the connection stays relayed.
 
 The addresses are exchanged only over the authenticated connection, so each is vouched for
 by the peer it belongs to. A peer sends punch datagrams only for calls that came through a
-relay, at most once per ``interval`` seconds per caller and ``global_rate`` per second.
+relay, at most once per ``interval`` seconds per caller and ``global_rate`` times a second in all.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Puncher:
         self.interval = interval
         self.global_rate = global_rate
         self._last: dict[PeerID, float] = {}
-        self._global_at = -1e9
+        self._window_at = -1e9          # attempts answered in the current one-second window
+        self._window_n = 0
         self._observed: dict[bytes, tuple[float, tuple[str, int]]] = {}
         #: how each attempt went, for logs, the monitor and ``pymesh bench nat``
         self.attempts: list[dict[str, object]] = []
@@ -72,10 +73,13 @@ class Puncher:
         except rp.ReachError as exc:
             raise RemoteError("bad_request", f"pm.punch: {exc}") from None
         now = trio.current_time()
-        if now - self._last.get(ctx.peer, -1e9) < self.interval or now - self._global_at < 1.0 / self.global_rate:
-            raise RemoteError("rate_limited", f"one hole-punching attempt per {self.interval:.0f} s per peer; "
-                                              "try again later")
-        self._last[ctx.peer] = self._global_at = now
+        if now - self._window_at >= 1.0:
+            self._window_at, self._window_n = now, 0
+        if now - self._last.get(ctx.peer, -1e9) < self.interval or self._window_n >= self.global_rate:
+            raise RemoteError("rate_limited", f"one hole-punching attempt per {self.interval:.0f} s per peer and "
+                                              f"{self.global_rate:.0f} per second in all; try again later")
+        self._last[ctx.peer] = now
+        self._window_n += 1
         if len(self._last) > 4096:
             self._last = {p: t for p, t in self._last.items() if now - t < self.interval}
         self._spawn_punches(theirs)

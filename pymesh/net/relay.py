@@ -233,7 +233,9 @@ class RelayService:
             await other.send_all(ok)
             await stream.send_all(ok)
             self.counters["circuits"] += 1
+            log.info("relay: circuit from %s to %s open (%d carried now)", ip, target.short(), self.circuits)
             await self._splice(stream, other, res.bucket)
+            log.info("relay: circuit from %s to %s closed", ip, target.short())
         finally:
             self.pending.pop(cid, None)
             pending.done.set()

@@ -219,6 +219,12 @@ class RpcNode:
         await conn.run()
 
     # ------------------------------------------------------------------ behind NAT
+    def path_to(self, peer: PeerID) -> str | None:
+        """How the connection ``connect`` would use reaches ``peer`` (direct, punched,
+        relayed); None without an open one."""
+        live = [c for c in self._conns.get(peer, []) if not c.closed]
+        return next((c.path for c in live if c.path != "relayed"), live[0].path) if live else None
+
     def learn_reach(self, peer: PeerID, reach: Reach | None) -> None:
         """Remember how ``peer``'s verified record says to reach it (None: directly)."""
         if reach is None:
@@ -288,8 +294,9 @@ class RpcNode:
         now = trio.current_time()
         if reach.mode == "punch" and self.punch is not None and now >= self._punch_failed.get(peer_id, 0.0):
             direct = await self.punch.punch(conn, relay, reach, peer_id)
-            if direct is not None:
-                self.adopt(conn)
+            if direct is not None:   # the circuit has done its job: free the relay's quota
+                with trio.CancelScope(shield=True):
+                    await conn.aclose()
                 return direct
             self._punch_failed[peer_id] = now + PUNCH_RETRY
         return conn

@@ -33,6 +33,8 @@ from pymesh.proto.vocab import Transport, WorkerState
 from pymesh.settings import Settings
 from pymesh.worker import placement
 from pymesh.worker.directory import PeerFilter, RecordDirectory
+from pymesh.worker.nat import NatOptions, NatStanding
+from pymesh.net.relay import RelayLimits
 from pymesh.worker.reachability import ReachabilityCache
 from pymesh.worker.runtime import Runtime, Throughput, block_bytes, load_runtime
 from pymesh.worker.sessions import SessionTable
@@ -71,6 +73,11 @@ class WorkerOptions:
     settings: Settings = field(default_factory=Settings)
     #: serve only listed clients and push only to listed workers (``--allow-peers``); None: anyone
     allow_peers: PeerFilter | None = None
+    #: ``--reachability``: auto (dial-back check), public, or nat (reach me via relays)
+    reachability: str = "auto"
+    #: ``--relay``: carry circuits for peers behind NAT, within these limits
+    relay: bool = False
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)
 
     def transports(self) -> list[Transport]:
         if self.transport == "both":
@@ -103,6 +110,7 @@ class Worker:
         self.reachability = ReachabilityCache(self._probe, self.clock,
                                               timeout=min(self.settings.worker.next_hop_timeout, 3.0))
         self.port = opts.port
+        self.nat: NatStanding | None = None
         self.state = WorkerState.JOINING
         self.stopping = trio.Event()
 
@@ -119,7 +127,11 @@ class Worker:
         return self._dht
 
     async def _read_records(self) -> list[WorkerRecord]:
-        return await self.dht.find_model_records(self.model_id)
+        recs = await self.dht.find_model_records(self.model_id)
+        for rec in recs:   # a next hop behind NAT is dialed through its relays
+            for node in self.nodes.values():
+                node.learn_reach(rec.peer_id, rec.reach)
+        return recs
 
     def _model_id(self) -> str:
         if self.opts.model_path is None:
@@ -144,15 +156,26 @@ class Worker:
     # -- records ---------------------------------------------------------------------------
     def record(self, state: WorkerState) -> WorkerRecord:
         rt: Runtime = self.service.runtime
-        host = self.opts.announce_addr or (self.opts.host if self.opts.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
         return WorkerRecord(
-            peer_id=self.peer_id, model_id=self.model_id, start=rt.start, stop=rt.stop, host=host,
+            peer_id=self.peer_id, model_id=self.model_id, start=rt.start, stop=rt.stop, host=self.announced_host(),
             port=self.port, transports=tuple(t.value for t in self.nodes), state=state,
             block_ms=self.throughput.block_ms, tokens_per_s=self.throughput.tokens_per_s,
             cache_tokens_free=self.service.table.free_tokens,
             cache_tokens_total=self.service.table.budget_tokens,
             sessions=len(self.service.table.sessions), weight_types=self.weight_types,
+            reach=self.nat.reach() if self.nat is not None else None,
         ).signed(self.identity)
+
+    def announced_host(self) -> str:
+        """--announce-addr, else --host unless a wildcard, else the address several DHT peers
+        agree they see (outside this machine), else 127.0.0.1."""
+        opts = self.opts
+        if opts.announce_addr:
+            return opts.announce_addr
+        if opts.host not in ("0.0.0.0", "::", ""):
+            return opts.host
+        belief = self._dht.core.observed.belief() if self._dht is not None else None
+        return belief[0] if belief is not None else "127.0.0.1"
 
     async def announce(self, state: WorkerState) -> None:
         self.state = state
@@ -339,6 +362,7 @@ class Worker:
                 await nursery.start(_run_node, dht)
             log.info("worker %s: transport %s on port %d, DHT on UDP %d", self.peer_id,
                      "+".join(t.value for t in transports), self.port, dht.port)
+            await self._start_nat(nursery)
             start, stop = await self._choose_span()
             log.info("Worker announcing layers %d-%d", start, stop - 1)
             table = SessionTable(opts.cache_tokens, opts.session_idle or self.settings.worker.session_idle,
@@ -373,6 +397,21 @@ class Worker:
             with trio.move_on_after(5):
                 await self.announce(WorkerState.OFFLINE)
             nursery.cancel_scope.cancel()
+
+    async def _start_nat(self, nursery: trio.Nursery) -> None:
+        """Reachability (direct, or relays and hole punching behind NAT) and, with --relay,
+        relaying for others (:mod:`pymesh.worker.nat`)."""
+        opts = self.opts
+        nat = self.nat = NatStanding(self.nodes, self.dht, NatOptions(opts.reachability, opts.relay,
+                                                                      opts.relay_limits),
+                                     announce=self._reannounce)
+        await nat.start(nursery, opts.host, self.port, announced=bool(opts.announce_addr))
+        if nat.relay is not None:
+            await self.dht.publish_record(nat.relay_record(self.identity, self.announced_host(), self.port))
+
+    async def _reannounce(self) -> None:
+        if self._service is not None:   # before the service starts, its first announcement carries it
+            await self.announce(self.state)
 
     async def _dial(self, transport: Transport, host: str, port: int, peer: PeerID) -> "Connection":
         node = self.nodes.get(transport) or next(iter(self.nodes.values()))
