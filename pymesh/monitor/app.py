@@ -161,6 +161,7 @@ def make_rpc_pinger(rpc: "RpcNode") -> Pinger:
     """
 
     async def ping(rec: RecordLike) -> float | None:
+        rpc.learn_reach(rec.peer_id, getattr(rec, "reach", None))   # behind NAT: via its relays
         conn = await rpc.connect(rec.host, rec.port, rec.peer_id)
         await conn.call(INFO_METHOD, {}, timeout=2.0)
         t0 = time.perf_counter()

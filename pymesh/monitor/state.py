@@ -111,6 +111,8 @@ class WorkerView:
     cache_tokens_total: int
     timestamp: float
     rtt_ms: float | None = None     # measured by the monitor; None = not measured / no answer
+    #: how the worker is reached: "direct", "punch" (behind NAT, hole punching) or "relay"
+    reach: str = "direct"
 
     @property
     def short(self) -> str:
@@ -162,6 +164,7 @@ class WorkerView:
             cache_tokens_total=int(record.cache_tokens_total),
             timestamp=float(record.timestamp),
             rtt_ms=rtt_ms,
+            reach=_reach_mode(getattr(record, "reach", None)),
         )
 
 
@@ -415,3 +418,9 @@ def snapshot(state: MonitorState) -> dict[str, Any]:
         "events": [{"time": e.time, "kind": e.kind, "peer": e.peer, "model": e.model_id, "text": e.text}
                    for e in state.events],
     }
+
+
+def _reach_mode(reach: object) -> str:
+    """A record's ``reach`` as a word (records are verified; anything else reads as direct)."""
+    mode = getattr(reach, "mode", None)
+    return mode if mode in ("punch", "relay") else "direct"

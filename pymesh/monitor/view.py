@@ -159,7 +159,7 @@ def render_workers(state: MonitorState) -> RenderableType:
             table.add_row(
                 Text(w.short),
                 Text(w.model_label),
-                Text(f"{w.host}:{w.port}"),
+                Text(f"{w.host}:{w.port}" if w.reach == "direct" else f"behind NAT ({w.reach})"),
                 Text(",".join(w.transports) or "-"),
                 w.span_text(),
                 Text(w.state, style=STATE_STYLES.get(w.state, "")),

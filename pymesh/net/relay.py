@@ -11,7 +11,7 @@ connection: the relay sees ciphertext only, and cannot pose as either side (the 
 the reserved peer's key in its certificate; the reserved peer checks the dialer's
 signature over its nonce).
 
-Limits (:class:`RelayLimits`): reservations held, circuits in all, circuits per reserved
+Limits (:class:`RelayLimits`): reservations held (in all and per address), circuits in all, circuits per reserved
 peer and per dialing IP address, header reads in progress, bytes and seconds per circuit,
 and bandwidth (a token bucket for all circuits and one per reserved peer). Whatever is over
 a limit is refused with a status that says which limit, and counted in ``counters``.
@@ -46,6 +46,7 @@ CHUNK = 64 * 1024
 @dataclass
 class RelayLimits:
     max_reservations: int = 128
+    max_reservations_per_ip: int = 8         # peers behind one address (one NAT) reserving here
     max_circuits: int = 256
     max_circuits_per_peer: int = 16          # circuits to one reserved peer
     max_circuits_per_ip: int = 16            # circuits opened from one dialing address
@@ -145,6 +146,12 @@ class RelayService:
                 self.counters["reserve_full"] += 1
                 raise RemoteError("relay_full", f"this relay holds {lim.max_reservations} reservations already; "
                                                 "reserve at another relay")
+            ip = ctx.connection.remote_host
+            if ip is not None and sum(r.conn.remote_host == ip for r in self.reservations.values()) \
+                    >= lim.max_reservations_per_ip:
+                self.counters["reserve_ip_full"] += 1
+                raise RemoteError("relay_full", f"{lim.max_reservations_per_ip} peers at your address hold "
+                                                "reservations here already; reserve at another relay")
         old = self.reservations.get(ctx.peer)
         self.reservations[ctx.peer] = _Reservation(
             ctx.peer, ctx.connection, trio.current_time() + lim.reservation_ttl,

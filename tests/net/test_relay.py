@@ -300,3 +300,24 @@ def test_hole_punching_opens_a_direct_quic_path_or_falls_back_to_the_relay() -> 
             free.close()
             nursery.cancel_scope.cancel()
     trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_reservations_per_address_are_capped_and_the_refusal_says_so() -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            relay = await Relay(RelayService(RelayLimits(max_reservations_per_ip=1))).start(stack, nursery)
+            _, first = await behind_nat(stack, nursery, [relay])
+            assert first.relays() == (relay.addr(),)
+            second = await stack.enter_async_context(RpcNode(Identity.generate(), transport="quic"))
+            keeper = RelayKeeper(second, lambda: _none())
+            from pymesh.net.conn import RemoteError
+            with pytest.raises(RemoteError, match="at your address hold reservations"):
+                await keeper.reserve(relay.peer, "127.0.0.1", relay.port)
+            assert relay.service.counters["reserve_ip_full"] == 1
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+
+
+async def _none() -> list[tuple[PeerID, str, int]]:
+    return []
