@@ -321,3 +321,87 @@ def test_reservations_per_address_are_capped_and_the_refusal_says_so() -> None:
 
 async def _none() -> list[tuple[PeerID, str, int]]:
     return []
+
+
+@pytest.mark.timeout(60)
+def test_hostile_punch_and_incoming_pushes_are_refused_and_honest_punching_still_works() -> None:
+    from pymesh.net.conn import RemoteError
+    from pymesh.net.punch import PUNCH
+    from pymesh.net.relay_client import INCOMING
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            relay = await Relay(RelayService()).start(stack, nursery)
+            worker, keeper = await behind_nat(stack, nursery, [relay])
+            puncher = Puncher(worker, keeper.observed)
+            sent: list[tuple[str, int]] = []
+            real_send = worker.send_datagram
+            worker.send_datagram = lambda addr, data: (sent.append(addr), real_send(addr, data))  # type: ignore
+            hostile = await stack.enter_async_context(RpcNode(Identity.generate(), transport="quic"))
+            direct = await hostile.connect("127.0.0.1", worker.port or 0, worker.peer_id)
+            # a direct (not relayed) caller cannot make the worker send datagrams anywhere
+            with pytest.raises(RemoteError, match="relayed connection only"):
+                await direct.call(PUNCH, {"a": [b"198.51.100.7", 53]}, timeout=5)
+            # a push claiming to come from a relay, on a connection that holds no reservation
+            accepted = keeper.accepted
+            await direct.push(INCOMING, {"c": b"x" * 16})
+            await trio.sleep(0.3)
+            assert keeper.accepted == accepted and keeper.accepting == 0
+            # through a relay: malformed, then once, then again at once (rate limited)
+            hostile.learn_reach(worker.peer_id, Reach("relay", (relay.addr(),)))
+            await direct.aclose()
+            relayed = await hostile.connect("203.0.113.9", 9, worker.peer_id)
+            assert relayed.path == "relayed"
+            for bad in ({"a": [b"not an ip", 1]}, {"a": [b"1.2.3.4", 0]}, {"a": b"x" * 4000}, {}):
+                with pytest.raises(RemoteError, match="bad_request"):
+                    await relayed.call(PUNCH, bad, timeout=5)
+            await relayed.call(PUNCH, {"a": [b"127.0.0.1", 9]}, timeout=5)
+            with pytest.raises(RemoteError, match="rate_limited"):
+                await relayed.call(PUNCH, {"a": [b"127.0.0.1", 9]}, timeout=5)
+            await trio.sleep(0.7)
+            assert sent and set(sent) == {("127.0.0.1", 9)}  # only where the caller asked, ten at most
+            assert len(sent) <= 10
+            # an honest client still gets its direct path
+            client = await stack.enter_async_context(RpcNode(Identity.generate(), transport="quic"))
+            Puncher(client)
+            reach = keeper.reach(punch=True)
+            assert reach is not None
+            client.learn_reach(worker.peer_id, reach)
+            conn = await client.connect("203.0.113.9", 9, worker.peer_id)
+            assert conn.path == "punched"
+            assert puncher is worker.punch
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+
+
+@pytest.mark.timeout(60)
+def test_a_tcp_node_serves_rpc_and_relay_circuits_on_one_port() -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            service = RelayService()
+            relay_node = await stack.enter_async_context(RpcNode(Identity.generate(), transport="tcp"))
+            port = await relay_node.listen("127.0.0.1", 0)
+            relay_node.register("echo", echo)
+            service.register(relay_node)
+            relay_node.stream_hook = (rp.MAGIC, service.handle_stream)
+            service.tcp_port = port
+            worker = await stack.enter_async_context(RpcNode(Identity.generate(), transport="tcp"))
+            await worker.listen("127.0.0.1", 0)
+            worker.register("echo", echo)
+
+            async def find() -> list[tuple[PeerID, str, int]]:
+                return [(relay_node.peer_id, "127.0.0.1", port)]
+
+            keeper = RelayKeeper(worker, find)
+            await nursery.start(keeper.run)
+            assert keeper.relays() == (RelayAddr(relay_node.peer_id.key, "127.0.0.1", port),)
+            client = await stack.enter_async_context(RpcNode(Identity.generate(), transport="tcp"))
+            plain = await client.connect("127.0.0.1", port, relay_node.peer_id)     # TLS RPC on the port
+            meta, _ = await plain.call("echo", {"x": 1}, timeout=5)
+            assert meta["x"] == 1 and meta["path"] == b"direct"
+            client.learn_reach(worker.peer_id, Reach("relay", keeper.relays()))
+            conn = await client.connect("203.0.113.9", 9, worker.peer_id)             # a circuit on the same port
+            meta, _ = await conn.call("echo", {"x": 2}, timeout=5)
+            assert meta["x"] == 2 and meta["path"] == b"relayed" and conn.path == "relayed"
+            nursery.cancel_scope.cancel()
+    trio.run(main)
