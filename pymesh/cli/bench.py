@@ -1,7 +1,9 @@
 """``pymesh bench [PART] [--json] [--out FILE] [--quick]``.
 
 Each part is a module ``pymesh.bench.<part>`` with ``add_arguments(parser)``,
-``run_rows(args, progress) -> list[dict]`` and ``render(rows) -> rich Table``.
+``run_rows(args, progress) -> list[dict]`` and ``render(rows) -> rich Table``, and
+optionally ``unavailable() -> str | None`` (why it cannot run on this machine: shown,
+and the part is skipped as not available).
 Without a part, every part runs in turn (an overall progress bar above each part's
 own), prints its table, and a summary table closes the run: each part's headline
 figure against its goal. Rows are then tagged with ``part``. With ``--json`` the rows
@@ -22,7 +24,7 @@ from pymesh.cli.common import load_optional
 
 log = logging.getLogger(__name__)
 
-PARTS = ("kernels", "generate", "quant", "transport", "dht", "swarm", "hops", "serve", "verify")
+PARTS = ("kernels", "generate", "quant", "transport", "dht", "swarm", "hops", "serve", "verify", "nat")
 
 Row = dict[str, Any]
 
@@ -45,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _module(part: str) -> Any:
     return load_optional(f"pymesh.bench.{part}")
+
+
+def _unavailable(module: Any) -> str | None:
+    """Why a part cannot run on this machine (a part may define ``unavailable()``), or None."""
+    check = getattr(module, "unavailable", None)
+    return None if check is None else check()
 
 
 def _part_args(module: Any, args: argparse.Namespace) -> argparse.Namespace:
@@ -88,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
             module = _module(part)
             if module is None:
                 err.print(f"[yellow]bench {part}: not available in this build (pymesh/bench/{part}.py is missing)[/]")
+                if single:
+                    return 2
+                results.append(PartResult(part, [], 0.0, "not available"))
+            elif (why := _unavailable(module)) is not None:
+                err.print(f"[yellow]bench {part}: not available here: {why}[/]")
                 if single:
                     return 2
                 results.append(PartResult(part, [], 0.0, "not available"))
@@ -249,6 +262,14 @@ def headlines(part: str, rows: list[Row]) -> list[Headline]:
             _at_least("p=1 caught in the first session", first_p1, 1.0),
             _at_most("honest workers convicted", _vals(rows, "false_positives",
                                                        lambda r: r.get("kind") == "detection"), 0.0),
+        ]
+    if part == "nat":
+        s = next((r for r in rows if r.get("kind") == "summary"), {})
+        punched = s.get("punch_every_eim_case")
+        return [
+            Headline("EIM cases hole-punched", None if punched is None else float(punched), "all", punched),
+            _at_least("relayed / direct throughput", _vals(rows, "relayed_min_throughput_x"), 0.5, "x"),
+            _at_most("relayed / direct round trip", _vals(rows, "relayed_max_rtt_x"), 2.0, "x"),
         ]
     return []
 

@@ -1,0 +1,54 @@
+"""``pymesh bench nat --json`` with tiny counts: every case takes the path its NATs allow
+(direct between public hosts, hole-punched to an EIM server over QUIC, relayed to a symmetric
+one and wherever punching is off or the transport is TCP), rows carry every measurement with
+ratios to the direct row, and the summary reads the goals from them. Speed is never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.nat.conftest import require_netns
+
+pytestmark = pytest.mark.timeout(120)
+
+PATHS = {  # (transport, case) -> the path the connection must take
+    ("quic", "direct"): "direct", ("quic", "eim"): "punched", ("quic", "eim-eim"): "punched",
+    ("quic", "eim-nopunch"): "relayed", ("quic", "symmetric"): "relayed",
+    ("tcp", "direct"): "direct", ("tcp", "eim"): "relayed", ("tcp", "eim-eim"): "relayed",
+    ("tcp", "eim-nopunch"): "relayed", ("tcp", "symmetric"): "relayed",
+}
+
+
+def test_bench_nat_json_reports_the_path_each_case_takes() -> None:
+    require_netns()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    res = subprocess.run([sys.executable, "-m", "pymesh", "bench", "nat", "--json", "--transport", "quic,tcp",
+                          "--rtt-calls", "10", "--tokens", "10", "--bulk-calls", "1", "--bulk-mib", "0.25"],
+                         capture_output=True, text=True, timeout=110, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(res.stdout)
+    hops = [r for r in rows if r["kind"] == "hop"]
+    assert {(r["transport"], r["case"]): r["path"] for r in hops} == PATHS, hops
+    for r in hops:
+        assert r["conn_transport"] == ("tcp" if r["path"] == "relayed" else r["transport"]), r
+        assert r["establish_s"] > 0 and r["rtt_ms_p50"] > 0 and r["throughput_MBps"] > 0 and r["tokens_per_s"] > 0
+        assert r["mtu"] == 1500 and (r["packet_size"] is None) == (r["transport"] == "tcp")
+        direct = next(d for d in hops if d["case"] == "direct" and d["transport"] == r["transport"])
+        assert r["rtt_x"] == pytest.approx(r["rtt_ms_p50"] / direct["rtt_ms_p50"], rel=0.01)
+        assert r["throughput_x"] == pytest.approx(r["throughput_MBps"] / direct["throughput_MBps"], rel=0.01)
+    by = {(r["transport"], r["case"]): r for r in hops}
+    assert by["quic", "eim"]["punch"] == by["quic", "eim-eim"]["punch"] == "ok"
+    assert by["quic", "symmetric"]["punch"] == "not offered"     # its two relays saw two mappings
+    assert by["quic", "eim-nopunch"]["punch"] == "off" and by["quic", "direct"]["punch"] == "-"
+    summary = rows[-1]
+    assert summary["kind"] == "summary" and summary["punch_every_eim_case"] is True and summary["eim_cases"] == 2
+    relayed = [r for r in hops if r["path"] == "relayed"]
+    assert summary["relayed_min_throughput_x"] == min(r["throughput_x"] for r in relayed)
+    assert summary["relayed_max_rtt_x"] == max(r["rtt_x"] for r in relayed)
+    assert summary["relayed_rtt_goal_met"] == (summary["relayed_max_rtt_x"] <= 2.0)
+    assert "hole punching succeeded in every EIM case: yes" in res.stderr   # the table went to stderr
