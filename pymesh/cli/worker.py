@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="transport port: QUIC on UDP N, TCP on TCP N (default: any)")
     parser.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (default: --port + 1)")
     parser.add_argument("--announce-addr", default=None, metavar="HOST",
-                        help="address published in the worker's record (default: --host, or 127.0.0.1 for 0.0.0.0)")
+                        help="address published in the worker's record (default: --host; for 0.0.0.0 the address DHT "
+                             "peers see, or 127.0.0.1 in a swarm on this machine)")
     parser.add_argument("--transport", default=Transport.QUIC.value, choices=[*(t.value for t in Transport), "both"])
     parser.add_argument("--reachability", default="auto", choices=["auto", "public", "nat"],
                         help="auto: ask DHT nodes for a dial-back to learn whether this worker is reachable or "

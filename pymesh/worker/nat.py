@@ -77,6 +77,9 @@ class NatStanding:
         self.opts = opts
         self.announce = announce
         self.mode = "direct"                     # direct, punch or relay
+        #: the address a dial-back checker saw this node at (one that probed it, if any did):
+        #: what a worker bound to a wildcard address announces before the DHT's belief forms
+        self.public_ip: str | None = None
         self.keeper: RelayKeeper | None = None
         self.relay: RelayService | None = None
         self._nursery: trio.Nursery | None = None
@@ -149,9 +152,13 @@ class NatStanding:
 
         async def one(addr: tuple[str, int]) -> None:
             try:
-                verdicts.append((await self.dht.dialback_check(addr, timeout=self.opts.check_timeout)).reachable)
+                result = await self.dht.dialback_check(addr, timeout=self.opts.check_timeout)
             except PymeshError as exc:     # refused (rate limit) or no answer: not checked
                 log.debug("dial-back check via %s:%d: %s", addr[0], addr[1], exc)
+                return
+            verdicts.append(result.reachable)
+            if result.observed is not None and (self.public_ip is None or result.reachable):
+                self.public_ip = result.observed[0]
 
         async with trio.open_nursery() as nursery:
             for addr in chosen.values():

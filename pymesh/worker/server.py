@@ -168,14 +168,16 @@ class Worker:
 
     def announced_host(self) -> str:
         """--announce-addr, else --host unless a wildcard, else the address several DHT peers
-        agree they see (outside this machine), else 127.0.0.1."""
+        agree they see, else where a dial-back checker saw this worker, else 127.0.0.1."""
         opts = self.opts
         if opts.announce_addr:
             return opts.announce_addr
         if opts.host not in ("0.0.0.0", "::", ""):
             return opts.host
         belief = self._dht.core.observed.belief() if self._dht is not None else None
-        return belief[0] if belief is not None else "127.0.0.1"
+        if belief is not None:
+            return belief[0]
+        return self.nat.public_ip if self.nat is not None and self.nat.public_ip else "127.0.0.1"
 
     async def announce(self, state: WorkerState) -> None:
         self.state = state

@@ -9,7 +9,9 @@ relays and says so in its record. Cases (issue 16):
 (a) EIM NATs: the client's hops and the worker-to-worker push are hole-punched, direct;
 (b) a worker behind a symmetric NAT: its hop runs through a relay;
 (c) the client itself behind NAT;
-(d) the relay carrying a hop killed mid-generation: the session recovers through the other one.
+(d) the relay carrying a hop killed mid-generation: the session recovers through the other one;
+and a public worker bound to 0.0.0.0 finds itself reachable, announces the address the
+dial-back checkers saw and is dialed directly.
 
 Each generates greedily and must equal the single-process run (tests/swarm's reference).
 """
@@ -114,7 +116,7 @@ def tiny6_nat(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def nat_swarm(tmp_path_factory: pytest.TempPathFactory, tiny6_nat: Path) -> Iterator[NatSwarm]:
     require_netns()
     with Topology() as topo:
-        for name in ("bootstrap", "relay1", "relay2", "pubclient"):
+        for name in ("bootstrap", "relay1", "relay2", "pubclient", "pubworker"):
             topo.add_public_host(name)
         topo.add_home("alice", nat="eim")
         topo.add_home("bob", nat="eim")
@@ -201,3 +203,19 @@ def test_d_relay_killed_mid_generation_recovers_with_identical_tokens(nat_swarm:
     assert_same_tokens(out["tokens"], ref, gaps, "generation across a killed relay")
     assert out["recoveries"], "killing the relay in use should have forced a recovery"
     assert _hop_paths(out)[(3, 6)] == "relayed"
+
+
+def test_a_public_worker_on_a_wildcard_address_is_dialed_directly(nat_swarm: NatSwarm, tiny6_nat: Path) -> None:
+    nat_swarm.stop("A")
+    if "C" not in nat_swarm.procs:
+        nat_swarm.stop("B")
+        nat_swarm.start_worker("C", "carol", "3-5")
+    nat_swarm.start_worker("P", "pubworker", "0-2")
+    assert "reachability: directly reachable" in nat_swarm.log("P").read_text()
+    n = 24
+    ref, gaps = reference_run(tiny6_nat, PROMPT, n)
+    time.sleep(2)   # A's offline record reaches the DHT
+    out = nat_swarm.generate("dave", n)
+    assert_same_tokens(out["tokens"], ref, gaps, "a public worker and a relayed one, client behind NAT")
+    assert _hop_paths(out) == {(0, 3): "direct", (3, 6): "relayed"}, out["route"]
+
