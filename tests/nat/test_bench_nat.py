@@ -28,13 +28,14 @@ def test_bench_nat_json_reports_the_path_each_case_takes() -> None:
     require_netns()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     res = subprocess.run([sys.executable, "-m", "pymesh", "bench", "nat", "--json", "--transport", "quic,tcp",
-                          "--rtt-calls", "10", "--tokens", "10", "--bulk-calls", "1", "--bulk-mib", "0.25"],
+                          "--rtt-calls", "10", "--tokens", "10", "--bulk-calls", "1", "--bulk-mib", "0.25", "--rounds", "2"],
                          capture_output=True, text=True, timeout=110, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = json.loads(res.stdout)
     hops = [r for r in rows if r["kind"] == "hop"]
     assert {(r["transport"], r["case"]): r["path"] for r in hops} == PATHS, hops
     for r in hops:
+        assert r["rounds"] == 2 and r["paths"] == [r["path"]] * 2, r
         assert r["conn_transport"] == ("tcp" if r["path"] == "relayed" else r["transport"]), r
         assert r["establish_s"] > 0 and r["rtt_ms_p50"] > 0 and r["throughput_MBps"] > 0 and r["tokens_per_s"] > 0
         assert r["mtu"] == 1500 and (r["packet_size"] is None) == (r["transport"] == "tcp")
@@ -47,6 +48,7 @@ def test_bench_nat_json_reports_the_path_each_case_takes() -> None:
     assert by["quic", "eim-nopunch"]["punch"] == "off" and by["quic", "direct"]["punch"] == "-"
     summary = rows[-1]
     assert summary["kind"] == "summary" and summary["punch_every_eim_case"] is True and summary["eim_cases"] == 2
+    assert summary["eim_attempts"] == summary["eim_attempts_punched"] == 4
     relayed = [r for r in hops if r["path"] == "relayed"]
     assert summary["relayed_min_throughput_x"] == min(r["throughput_x"] for r in relayed)
     assert summary["relayed_max_rtt_x"] == max(r["rtt_x"] for r in relayed)
