@@ -13,7 +13,9 @@ assumes NAT.
 **Behind NAT** the worker keeps reservations at up to two relays found through the DHT
 (:class:`~pymesh.net.relay_client.RelayKeeper`) and its record's ``rc`` field names them;
 where the relays saw its QUIC socket at one and the same address (and the DHT's observed
-mapping does not vary per destination) the record offers hole punching at that address.
+mapping does not vary per destination) the record offers hole punching at that address. Its
+DHT node turns read-only (BEP 43): it keeps looking up and publishing, but stays out of
+other nodes' routing tables, where it could only be a dead contact.
 When the relays or the mapping change, the worker announces again.
 
 **Relaying** (``--relay`` on a worker, or ``pymesh relay``): a :class:`~pymesh.net.relay.
@@ -108,6 +110,8 @@ class NatStanding:
         behind = await self._behind_nat(announced)
         if not behind:
             return
+        # BEP 43: nobody can query a DHT node behind NAT, so it should not sit in routing tables
+        self.dht.read_only = self.dht.core.read_only = True
         node = self.nodes.get(Transport.QUIC) or next(iter(self.nodes.values()))
         self.keeper = RelayKeeper(node, self.find_relays, on_change=self._changed)
         self.mode = "relay"
