@@ -108,6 +108,10 @@ class Puncher:
             addr = rp.addr_untrusted([reply.get("host"), reply.get("port")])
         except rp.ReachError as exc:
             raise RemoteError("bad_reply", f"relay.observe: {exc}") from None
+        if len(self._observed) >= 256:    # relays come from records strangers sign: keep it bounded
+            self._observed = {k: v for k, v in self._observed.items() if now - v[0] < 60.0}
+            while len(self._observed) >= 256:
+                del self._observed[next(iter(self._observed))]
         self._observed[relay.peer_key] = (now, addr)
         return addr
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 RESERVE = "relay.reserve"
 INCOMING = "relay.incoming"
+#: relays tried per maintenance round
+MAX_TRIES = 6
 
 
 class PunchHook(Protocol):
@@ -166,10 +168,11 @@ class RelayKeeper:
         except PymeshError as exc:
             log.info("finding relays failed: %s", exc)
             return
+        self._avoid = {p: t for p, t in self._avoid.items() if t > now}
         candidates = [c for c in found if c[0] not in self.reservations and c[0] != self.node.peer_id
                       and now >= self._avoid.get(c[0], 0.0)]
         random.shuffle(candidates)
-        for peer, host, port in candidates:
+        for peer, host, port in candidates[:MAX_TRIES]:   # a DHT full of fake relays costs a bounded round
             if len(self.reservations) >= self.want:
                 return
             try:

@@ -298,6 +298,8 @@ class RpcNode:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
                 return direct
+            if len(self._punch_failed) >= MAX_REACH:
+                self._punch_failed = {p: t for p, t in self._punch_failed.items() if t > now}
             self._punch_failed[peer_id] = now + PUNCH_RETRY
         return conn
 
