@@ -26,7 +26,8 @@ fi
 if ! command -v nft >/dev/null 2>&1; then
     if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
         echo "[setup] note: nft missing (needs root and apt-get to install nftables): tests/nat will skip" >&2
-    elif ! nft_log=$(apt-get install -y -q nftables 2>&1); then
+    elif ! nft_log=$(apt-get install -y -q nftables 2>&1) \
+            && ! nft_log=$(apt-get update -q 2>&1 && apt-get install -y -q nftables 2>&1); then
         echo "[setup] warning: 'apt-get install -y nftables' failed, tests/nat will skip:" >&2
         echo "$nft_log" | tail -n 3 >&2
     else
