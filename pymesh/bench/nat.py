@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pymesh.bench.nat_swarm import CASES as SWARM_CASES
+from pymesh.bench.nat_swarm import render_rows as render_swarm
+from pymesh.bench.nat_swarm import start_swarm, swarm_rows
 from pymesh.bench.netns import NetnsError, Topology, netns_available
 from pymesh.errors import PymeshError
 
@@ -80,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None,
                         help="run every case this many times, interleaved; speed figures from each case's best "
                              "round, setup time the median (default 3, 1 quick)")
+    parser.add_argument("--swarm", action="store_true",
+                        help="also run each hop through a real swarm: bootstrap, `pymesh relay` nodes and echo "
+                             "workers with --reachability auto, found through the DHT (adds about a minute)")
     parser.add_argument("--relay-bandwidth", type=float, default=None,
                         help="relay bandwidth cap in MB/s, per peer and in all (0: none; default: the relay's "
                              "shipped quotas)")
@@ -138,10 +144,13 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[Row]:
     rtt_calls, tokens, bulk_calls = _counts(args)
     ps = ["--packet-size", str(args.packet_size)] if args.packet_size else []
     rounds = args.rounds or (1 if getattr(args, "quick", False) else 3)
-    task = progress.add_task("nat: building the topology", total=1 + len(transports) * len(CASES) * rounds)
+    n_swarm = len(transports) * len(SWARM_CASES) if args.swarm else 0
+    task = progress.add_task("nat: building the topology",
+                             total=1 + len(transports) * len(CASES) * rounds + n_swarm)
+    swarm: list[Row] = []
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="pymesh-bench-nat-") as tmp, Topology() as topo:
-        for name in ("relay1", "relay2", "server", "client"):
+        for name in ("relay1", "relay2", "server", "client", "bootstrap"):
             topo.add_public_host(name)
         topo.add_home("eimhome", nat="eim", hosts=["eimserver"])
         topo.add_home("symhome", nat="symmetric", hosts=["symserver"])
@@ -172,7 +181,15 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[Row]:
             for proc, _ in servers.values():
                 proc.kill()
                 proc.wait(5)
-    return _with_ratios(rows)
+        if args.swarm:
+            sw = start_swarm(topo, Path(tmp), args.relay_bandwidth)
+            try:
+                for transport in transports:
+                    swarm += swarm_rows(sw, transport, tokens, progress, task)
+            finally:
+                for name in list(sw.procs)[::-1]:
+                    sw.stop(name)
+    return _with_ratios(rows, swarm)
 
 
 def _start_servers(topo: Topology, procs: _Procs, transport: str, relay_args: list[str],
@@ -251,20 +268,24 @@ def _best(runs: list[Row]) -> Row:
     return row
 
 
-def _with_ratios(rows: list[Row]) -> list[Row]:
+def _with_ratios(rows: list[Row], swarm: list[Row]) -> list[Row]:
+    for r in swarm:
+        base = next((d for d in swarm if d["case"] == "direct" and d["transport"] == r["transport"]), None)
+        r["tokens_x"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3) if base else None
     for r in rows:
         base = next((d for d in rows if d["case"] == "direct" and d["transport"] == r["transport"]), None)
         r["rtt_x"] = round(r["rtt_ms_p50"] / base["rtt_ms_p50"], 3) if base else None
         r["throughput_x"] = round(r["throughput_MBps"] / base["throughput_MBps"], 3) if base else None
         r["tokens_x"] = (round(r["tokens_per_s"] / base["tokens_per_s"], 3)
                          if base and r["tokens_per_s"] and base["tokens_per_s"] else None)
-    return rows + [summary(rows)]
+    return rows + swarm + [summary(rows + swarm)]
 
 
 def summary(rows: list[Row]) -> Row:
     """The issue's goals read from the hop rows."""
     hops = [r for r in rows if r.get("kind") == "hop"]
-    eim = [r for r in hops if r["case"] in ("eim", "eim-eim") and r["transport"] == "quic"]
+    eim = [{**r, "paths": r.get("paths", [r["path"]])} for r in rows
+           if r.get("kind") in ("hop", "swarm") and r["case"] in ("eim", "eim-eim") and r["transport"] == "quic"]
     relayed = [r for r in hops if "relayed" in r["paths"]]
     tput = [r["throughput_x"] for r in relayed if r["throughput_x"] is not None]
     rtt = [r["rtt_x"] for r in relayed if r["rtt_x"] is not None]
@@ -314,8 +335,8 @@ def render(rows: list[Row]) -> Any:
 
     lines = [
         Text.assemble("hole punching succeeded in every EIM case: ", verdict(s["punch_every_eim_case"]),
-                      f" ({s['eim_attempts_punched']} of {s['eim_attempts']} connections: {s['eim_cases']} QUIC cases "
-                      "with an EIM server x rounds)"),
+                      f" ({s['eim_attempts_punched']} of {s['eim_attempts']} QUIC connections to an EIM server, "
+                      "all rounds, swarm included)"),
         Text.assemble(f"relayed throughput >= 0.5x direct: {f(s['relayed_min_throughput_x'])}x  ",
                       verdict(s["relayed_throughput_goal_met"])),
         Text.assemble(f"relayed round trip <= 2x direct: {f(s['relayed_max_rtt_x'])}x  ",
@@ -328,4 +349,5 @@ def render(rows: list[Row]) -> Any:
                 f"{s['relay_cap_MBps']:.0f} MB/s per peer (their token buckets let a 0.25 s burst through)"),
              style="dim"),
     ]
-    return Group(table, *lines)
+    swarm = [r for r in rows if r.get("kind") == "swarm"]
+    return Group(table, *lines, *([render_swarm(swarm)] if swarm else []))

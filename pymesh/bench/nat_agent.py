@@ -3,6 +3,7 @@
     python -m pymesh.bench.nat_agent relay  --port P [--bandwidth MBPS]
     python -m pymesh.bench.nat_agent server --port P --transport T [--relay PEER@HOST:PORT ...] [--punch]
     python -m pymesh.bench.nat_agent client --transport T --peer PEER --addr HOST:PORT [--reach JSON] [--punch] ...
+    python -m pymesh.bench.nat_agent swarm-client --transport T --addr BOOTSTRAP --model-name NAME --tokens N
 
 relay: QUIC and TCP RPC nodes on port P (reservations, ``relay.observe``) with a RelayService
 taking circuits on TCP P, as ``pymesh relay`` runs it, without a DHT. Prints {"peer", "port"}.
@@ -16,7 +17,10 @@ client: learns the server's reach as a record would tell it, connects (timed: di
 relay, the circuit's handshakes, hole punching), and measures over that connection: the round
 trip of 8 KB echoes, greedy-decode-shaped calls (one 576-float hidden state each way per token,
 SmolLM2's hidden size; no model runs), and one-way throughput of bulk messages. Prints one JSON
-object. Nothing here trusts what it reads beyond the JSON the parent wrote.
+object.
+
+swarm-client: the same decode-shaped steps through a real swarm (InferenceSession over echo
+workers found through the DHT), with the path each hop took. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -204,6 +208,40 @@ async def _client(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ============================================================================ swarm client
+
+
+async def _swarm_client(a: argparse.Namespace) -> dict[str, Any]:
+    """Decode-shaped steps through a real swarm: echo workers found through the DHT, reached
+    however their records say (direct, hole-punched, relayed), one 576-float token per step."""
+    import torch
+
+    from pymesh.client.routing import route_json
+    from pymesh.client.session import InferenceSession
+    from pymesh.client.swarm import Swarm
+    from pymesh.settings import load_settings
+
+    x = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(0))
+    warm = max(3, a.tokens // 10)
+    t0 = time.perf_counter()
+    async with Swarm([a.addr], a.model_name, transport=a.transport, settings=load_settings()) as swarm:
+        async with InferenceSession(swarm, 0, 1, max_tokens=warm + a.tokens) as session:
+            await session.step(x)
+            establish = time.perf_counter() - t0
+            for _ in range(warm - 1):
+                await session.step(x)
+            steps = []
+            for _ in range(a.tokens):
+                t = time.perf_counter()
+                y = await session.step(x)
+                steps.append(time.perf_counter() - t)
+            if not torch.equal(y, x):
+                raise RuntimeError("the echo worker changed the tensor: it is not in echo mode")
+            route = route_json(session.route, swarm.node.path_to)
+    return {"establish_s": establish, "route": route, "step_ms_p50": statistics.median(steps) * 1e3,
+            "tokens_per_s": a.tokens / sum(steps)}
+
+
 # ============================================================================ entry
 
 
@@ -211,7 +249,8 @@ def main(argv: list[str]) -> int:
     import trio
 
     p = argparse.ArgumentParser(prog="python -m pymesh.bench.nat_agent")
-    p.add_argument("role", choices=["relay", "server", "client"])
+    p.add_argument("role", choices=["relay", "server", "client", "swarm-client"])
+    p.add_argument("--model-name", default="echo")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--transport", default="quic", choices=["quic", "tcp"])
     p.add_argument("--packet-size", type=int, default=None)
@@ -230,6 +269,8 @@ def main(argv: list[str]) -> int:
         trio.run(_relay, a.port, a.packet_size, a.bandwidth)
     elif a.role == "server":
         trio.run(_server, a.port, a.transport, a.relay, a.punch, a.packet_size)
+    elif a.role == "swarm-client":
+        _emit(trio.run(_swarm_client, a))
     else:
         _emit(trio.run(_client, a))
     return 0

@@ -1,7 +1,9 @@
-"""``pymesh bench nat --json`` with tiny counts: every case takes the path its NATs allow
+"""``pymesh bench nat --json --swarm`` with tiny counts: every case takes the path its NATs allow
 (direct between public hosts, hole-punched to an EIM server over QUIC, relayed to a symmetric
 one and wherever punching is off or the transport is TCP), rows carry every measurement with
-ratios to the direct row, and the summary reads the goals from them. Speed is never asserted."""
+ratios to the direct row, and the summary reads the goals from them; the same holds through a
+real swarm (bootstrap, `pymesh relay`, echo workers with --reachability auto). Speed is never
+asserted."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 
 from tests.nat.conftest import require_netns
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 PATHS = {  # (transport, case) -> the path the connection must take
     ("quic", "direct"): "direct", ("quic", "eim"): "punched", ("quic", "eim-eim"): "punched",
@@ -28,8 +30,8 @@ def test_bench_nat_json_reports_the_path_each_case_takes() -> None:
     require_netns()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     res = subprocess.run([sys.executable, "-m", "pymesh", "bench", "nat", "--json", "--transport", "quic,tcp",
-                          "--rtt-calls", "10", "--tokens", "10", "--bulk-calls", "1", "--bulk-mib", "0.25", "--rounds", "2"],
-                         capture_output=True, text=True, timeout=110, env=env)
+                          "--rtt-calls", "10", "--tokens", "10", "--bulk-calls", "1", "--bulk-mib", "0.25", "--rounds", "2", "--swarm"],
+                         capture_output=True, text=True, timeout=170, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = json.loads(res.stdout)
     hops = [r for r in rows if r["kind"] == "hop"]
@@ -47,10 +49,14 @@ def test_bench_nat_json_reports_the_path_each_case_takes() -> None:
     assert by["quic", "symmetric"]["punch"] == "not offered"     # its two relays saw two mappings
     assert by["quic", "eim-nopunch"]["punch"] == "off" and by["quic", "direct"]["punch"] == "-"
     summary = rows[-1]
-    assert summary["kind"] == "summary" and summary["punch_every_eim_case"] is True and summary["eim_cases"] == 2
-    assert summary["eim_attempts"] == summary["eim_attempts_punched"] == 4
+    assert summary["kind"] == "summary" and summary["punch_every_eim_case"] is True and summary["eim_cases"] == 4
+    assert summary["eim_attempts"] == summary["eim_attempts_punched"] == 6   # 2 cases x 2 rounds + 2 swarm
     relayed = [r for r in hops if r["path"] == "relayed"]
     assert summary["relayed_min_throughput_x"] == min(r["throughput_x"] for r in relayed)
     assert summary["relayed_max_rtt_x"] == max(r["rtt_x"] for r in relayed)
     assert summary["relayed_rtt_goal_met"] == (summary["relayed_max_rtt_x"] <= 2.0)
     assert "hole punching succeeded in every EIM case: yes" in res.stderr   # the table went to stderr
+    # through a real swarm: echo workers found via the DHT, behind NATs they detected themselves
+    swarm = {(r["transport"], r["case"]): r for r in rows if r["kind"] == "swarm"}
+    assert {k: r["path"] for k, r in swarm.items()} == {k: p for k, p in PATHS.items() if k[1] != "eim-nopunch"}
+    assert all(r["tokens_per_s"] > 0 and r["establish_s"] > 0 for r in swarm.values())
