@@ -228,7 +228,7 @@ class RelayService:
         try:
             try:
                 with trio.fail_after(lim.accept_timeout):
-                    await res.conn.push(INCOMING, {"c": cid})
+                    await res.conn.push(INCOMING, {"c": cid, "ip": ip})
                     await pending.arrived.wait()
             except (trio.TooSlowError, PymeshError) as exc:
                 await self._refuse(stream, rp.STATUS_REFUSED, f"{target.short()} did not take the circuit: "

@@ -199,10 +199,14 @@ class RelayKeeper:
             log.info("%d relayed circuits are being taken already; one from %s is left to time out",
                      self.accepting, conn.peer.short())
             return
+        try:   # the dialer's address as the relay saw it: what the peer's address quotas count
+            ip: str | None = rp.addr_untrusted([meta.get("ip"), 1])[0]
+        except rp.ReachError:
+            ip = None
         self.accepting += 1
-        self._nursery.start_soon(self._take, res.relay, cid)
+        self._nursery.start_soon(self._take, res.relay, cid, ip)
 
-    async def _take(self, relay: RelayAddr, cid: bytes) -> None:
+    async def _take(self, relay: RelayAddr, cid: bytes, ip: str | None = None) -> None:
         try:
             try:
                 with trio.fail_after(self.node.config.connect_timeout):
@@ -219,7 +223,7 @@ class RelayKeeper:
         finally:
             self.accepting -= 1
         self.accepted += 1
-        await self.node.serve_relayed(stream)
+        await self.node.serve_relayed(stream, remote_host=ip)
 
 
 __all__ = ["RelayKeeper", "Reservation", "open_circuit", "read_exact", "PunchHook", "RESERVE", "INCOMING"]

@@ -235,14 +235,17 @@ class RpcNode:
         while len(self.reach) > MAX_REACH:
             self.reach.popitem(last=False)
 
-    async def serve_relayed(self, stream: trio.SocketStream) -> None:
+    async def serve_relayed(self, stream: trio.SocketStream, *, remote_host: str | None = None) -> None:
         """Serve a peer that dialed this node through a relay (``stream``: the circuit, past
-        the relay's OK): TLS and the identity handshake end to end, then frames."""
+        the relay's OK): TLS and the identity handshake end to end, then frames.
+        ``remote_host``: the dialer's address as the relay reported it (what per-address
+        quotas count; the socket's own peer is the relay, shared by all it carries)."""
         self._require_started()
         conn = await tcp_mod.accept(self, stream, relayed=True)
         if conn is None:
             return
         conn.path = "relayed"
+        conn.remote_host, conn.remote_port = remote_host, None
         self.adopt(conn)
         await conn.run()
 

@@ -24,7 +24,8 @@ SECRET = b"the plaintext a relay must never see " * 4
 
 
 async def echo(ctx: CallContext, meta: Any, tensors: Any) -> Any:
-    return {"from": ctx.peer.key, "x": meta.get("x"), "path": ctx.connection.path}, tensors
+    return {"from": ctx.peer.key, "x": meta.get("x"), "path": ctx.connection.path,
+            "ip": ctx.connection.remote_host or ""}, tensors
 
 
 class Relay:
@@ -403,5 +404,27 @@ def test_a_tcp_node_serves_rpc_and_relay_circuits_on_one_port() -> None:
             conn = await client.connect("203.0.113.9", 9, worker.peer_id)             # a circuit on the same port
             meta, _ = await conn.call("echo", {"x": 2}, timeout=5)
             assert meta["x"] == 2 and meta["path"] == b"relayed" and conn.path == "relayed"
+            nursery.cancel_scope.cancel()
+    trio.run(main)
+
+
+class Reporting(RelayService):
+    """A relay whose dialers all come from one documentation address."""
+
+    async def _connect(self, stream: Any, target: PeerID, ip: str) -> None:
+        await super()._connect(stream, target, "198.51.100.9")
+
+
+@pytest.mark.timeout(60)
+def test_a_relayed_peer_counts_against_the_address_the_relay_saw_not_the_relays() -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            relay = await Relay(Reporting()).start(stack, nursery)
+            worker, _ = await behind_nat(stack, nursery, [relay])
+            client = await stack.enter_async_context(RpcNode(Identity.generate(), transport="tcp"))
+            client.learn_reach(worker.peer_id, Reach("relay", (relay.addr(),)))
+            conn = await client.connect("203.0.113.9", 9, worker.peer_id)
+            meta, _ = await conn.call("echo", {"x": 1}, timeout=5)
+            assert meta["ip"] == b"198.51.100.9"   # what the worker's per-address quotas count
             nursery.cancel_scope.cancel()
     trio.run(main)
