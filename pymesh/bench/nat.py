@@ -144,7 +144,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[Row]:
     rtt_calls, tokens, bulk_calls = _counts(args)
     ps = ["--packet-size", str(args.packet_size)] if args.packet_size else []
     rounds = args.rounds or (1 if getattr(args, "quick", False) else 3)
-    n_swarm = len(transports) * len(SWARM_CASES) if args.swarm else 0
+    n_swarm = len(transports) * len(SWARM_CASES) * rounds if args.swarm else 0
     task = progress.add_task("nat: building the topology",
                              total=1 + len(transports) * len(CASES) * rounds + n_swarm)
     swarm: list[Row] = []
@@ -185,7 +185,7 @@ def run_rows(args: argparse.Namespace, progress: Any) -> list[Row]:
             sw = start_swarm(topo, Path(tmp), args.relay_bandwidth)
             try:
                 for transport in transports:
-                    swarm += swarm_rows(sw, transport, tokens, progress, task)
+                    swarm += swarm_rows(sw, transport, tokens, rounds, progress, task)
             finally:
                 for name in list(sw.procs)[::-1]:
                     sw.stop(name)
@@ -284,7 +284,7 @@ def _with_ratios(rows: list[Row], swarm: list[Row]) -> list[Row]:
 def summary(rows: list[Row]) -> Row:
     """The issue's goals read from the hop rows."""
     hops = [r for r in rows if r.get("kind") == "hop"]
-    eim = [{**r, "paths": r.get("paths", [r["path"]])} for r in rows
+    eim = [r for r in rows
            if r.get("kind") in ("hop", "swarm") and r["case"] in ("eim", "eim-eim") and r["transport"] == "quic"]
     relayed = [r for r in hops if "relayed" in r["paths"]]
     tput = [r["throughput_x"] for r in relayed if r["throughput_x"] is not None]

@@ -4,7 +4,7 @@ topology): a bootstrap node, two ``pymesh relay`` nodes and echo-mode ``pymesh w
 relays it finds in the DHT and says so in its record). A client (``InferenceSession``) finds each
 worker through the DHT and runs decode-shaped steps, one 576-float token each, through it.
 
-Rows (kind "swarm"): case, nat, transport, the path the client's hop took, setup time (DHT
+Rows (kind "swarm"), each case run --rounds times: case, nat, transport, the path the hop took, setup time (DHT
 lookup, connection, first step), median step time and tokens/s. Child processes use short
 DHT/heartbeat timers (as the swarm tests do) so a run takes seconds.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -97,8 +98,9 @@ def start_swarm(topo: Topology, root: Path, relay_bandwidth: float | None) -> Sw
     return sw
 
 
-def swarm_rows(sw: SwarmProcs, transport: str, tokens: int, progress: Any, task: Any) -> list[Row]:
-    """One row per case: echo workers on the server hosts, a client per case."""
+def swarm_rows(sw: SwarmProcs, transport: str, tokens: int, rounds: int, progress: Any, task: Any) -> list[Row]:
+    """One row per case: echo workers on the server hosts, a client per case and round (speed
+    figures from the best round, the median setup time, every round's path)."""
     workers = {}
     for host in dict.fromkeys(h for _, _, h, _ in CASES):
         name = f"worker-{host}-{transport}"
@@ -113,21 +115,28 @@ def swarm_rows(sw: SwarmProcs, transport: str, tokens: int, progress: Any, task:
             text = sw.wait_log(name, "behind NAT: reachable via", timeout=60)
         if re.search(r"reachable directly|reachability: public", text) and host != "server":
             raise RuntimeError(f"bench nat --swarm: the worker on {host} thinks it is public; see {sw.log(name)}")
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case, _, _, _ in CASES}
+    for rnd in range(rounds):   # interleaved, as the hop cases
+        for case, nat, host, client in CASES:
+            progress.update(task, description=f"nat --swarm {transport} round {rnd + 1}/{rounds}: {nat}")
+            argv = [*AGENT, "swarm-client", "--transport", transport, "--addr", sw.boot, "--model-name",
+                    f"echo-{host}", "--tokens", str(tokens)]
+            try:
+                res = sw.topo.run(client, argv, timeout=120.0)
+            except NetnsError as exc:
+                raise RuntimeError(f"bench nat --swarm: the client for {nat} ({transport}) failed: {exc}") from None
+            runs[case].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            progress.advance(task)
     rows = []
-    for case, nat, host, client in CASES:
-        progress.update(task, description=f"nat --swarm {transport}: {nat}")
-        argv = [*AGENT, "swarm-client", "--transport", transport, "--addr", sw.boot, "--model-name",
-                f"echo-{host}", "--tokens", str(tokens)]
-        try:
-            res = sw.topo.run(client, argv, timeout=120.0)
-        except NetnsError as exc:
-            raise RuntimeError(f"bench nat --swarm: the client for {nat} ({transport}) failed: {exc}") from None
-        got = json.loads(res.stdout.strip().splitlines()[-1])
-        hop = got["route"][0] if got["route"] else {}
-        rows.append({"kind": "swarm", "case": case, "nat": nat, "transport": transport, "path": hop.get("path"),
-                     "establish_s": round(got["establish_s"], 3), "step_ms_p50": round(got["step_ms_p50"], 3),
-                     "tokens_per_s": round(got["tokens_per_s"], 1), "tokens": tokens})
-        progress.advance(task)
+    for case, nat, _, _ in CASES:
+        got = runs[case]
+        paths = [g["route"][0].get("path") if g["route"] else None for g in got]
+        rows.append({"kind": "swarm", "case": case, "nat": nat, "transport": transport,
+                     "path": paths[0] if len(set(paths)) == 1 else "/".join(sorted(map(str, set(paths)))),
+                     "paths": paths, "rounds": len(got),
+                     "establish_s": round(statistics.median(g["establish_s"] for g in got), 3),
+                     "step_ms_p50": round(min(g["step_ms_p50"] for g in got), 3),
+                     "tokens_per_s": round(max(g["tokens_per_s"] for g in got), 1), "tokens": tokens})
     for name in workers.values():
         sw.stop(name)
     return rows
