@@ -74,10 +74,11 @@ class NatSwarm:
         raise AssertionError(f"{name} did not log {needle!r} within {timeout} s:\n"
                              + self.log(name).read_text(errors="replace")[-4000:])
 
-    def start_worker(self, name: str, host: str, layers: str) -> str:
-        self.start(name, host, "worker", "--bootstrap", self.boot, "--host", "0.0.0.0", "--port", str(WORKER_PORT),
+    def start_worker(self, name: str, host: str, layers: str, *, transport: str = "quic",
+                     port: int = WORKER_PORT) -> str:
+        self.start(name, host, "worker", "--bootstrap", self.boot, "--host", "0.0.0.0", "--port", str(port),
                    "--identity", str(self.root / f"{name}.key"), "--model-path", str(self.model), "--layers", layers,
-                   "--transport", "quic")
+                   "--transport", transport)
         text = self.wait_log(name, "Worker bootstrapped")
         m = re.search(r"worker ([a-z2-7]{52}): transport", text)
         assert m is not None
@@ -218,4 +219,17 @@ def test_a_public_worker_on_a_wildcard_address_is_dialed_directly(nat_swarm: Nat
     out = nat_swarm.generate("dave", n)
     assert_same_tokens(out["tokens"], ref, gaps, "a public worker and a relayed one, client behind NAT")
     assert _hop_paths(out) == {(0, 3): "direct", (3, 6): "relayed"}, out["route"]
+
+
+def test_tcp_only_workers_behind_nat_are_relayed_end_to_end(nat_swarm: NatSwarm, tiny6_nat: Path) -> None:
+    """No QUIC, no hole punching: every hop, the worker-to-worker push included, is a circuit."""
+    for name, host, layers in (("TA", "alice", "0-2"), ("TB", "bob", "3-5")):
+        nat_swarm.start_worker(name, host, layers, transport="tcp", port=WORKER_PORT + 100)
+        line = nat_swarm.wait_log(name, "behind NAT: reachable via").split("behind NAT: reachable via", 1)[1]
+        assert "hole punching" not in line.splitlines()[0]
+    n = 24
+    ref, gaps = reference_run(tiny6_nat, PROMPT, n)
+    out = nat_swarm.generate("dave", n, "--transport", "tcp")
+    assert_same_tokens(out["tokens"], ref, gaps, "TCP-only workers behind NAT")
+    assert _hop_paths(out) == {(0, 3): "relayed", (3, 6): "relayed"}, out["route"]
 
