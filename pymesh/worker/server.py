@@ -408,7 +408,10 @@ class Worker:
                                                                       opts.relay_limits),
                                      announce=self._reannounce)
         await nat.start(nursery, opts.host, self.port, announced=bool(opts.announce_addr))
-        if nat.relay is not None:
+        if nat.relay is not None and nat.keeper is not None:
+            log.warning("--relay: this worker is behind NAT itself, so nobody could reach it as a relay; "
+                        "it does not announce itself as one")
+        elif nat.relay is not None:
             await self.dht.publish_record(nat.relay_record(self.identity, self.announced_host(), self.port))
 
     async def _reannounce(self) -> None:
