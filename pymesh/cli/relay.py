@@ -30,10 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--relay-bandwidth", type=float, default=64.0, metavar="MB/S",
-                        help="bytes per second all circuits together may carry, in MB/s (default 64)")
-    parser.add_argument("--relay-peer-bandwidth", type=float, default=16.0, metavar="MB/S",
-                        help="MB/s the circuits of one reserved peer may carry (default 16)")
+    parser.add_argument("--relay-bandwidth", type=float, default=256.0, metavar="MB/S",
+                        help="bytes per second all circuits together may carry, in MB/s (default 256)")
+    parser.add_argument("--relay-peer-bandwidth", type=float, default=64.0, metavar="MB/S",
+                        help="MB/s the circuits of one reserved peer may carry (default 64)")
     parser.add_argument("--relay-max-circuits", type=int, default=256,
                         help="circuits carried at once (default 256)")
     parser.add_argument("--relay-max-reservations", type=int, default=128,
