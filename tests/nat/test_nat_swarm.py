@@ -19,8 +19,8 @@ Each generates greedily and must equal the single-process run (tests/swarm's ref
 from __future__ import annotations
 
 import json
+import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from pymesh.bench.nat_swarm import SwarmProcs
 from tests.nat.conftest import require_netns
 from tests.nat.netns import Topology
 from tests.swarm.conftest import FAST_ENV, assert_same_tokens, reference_run
@@ -40,39 +41,15 @@ CLIENT = str(Path(__file__).with_name("nat_client.py"))
 BOOT_PORT, RELAY_PORT, WORKER_PORT = 9000, 9100, 9200
 
 
-class NatSwarm:
+class NatSwarm(SwarmProcs):
+    """The bench's process set (start, wait_log, stop in the namespaces) with the tiny model."""
+
     def __init__(self, topo: Topology, root: Path, model: Path) -> None:
-        self.topo = topo
-        self.root = root
+        super().__init__(topo, root)
         self.model = model
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.peers: dict[str, str] = {}
-        self.env = {**FAST_ENV, "PYMESH_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, **FAST_ENV, "PYMESH_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
         self.boot = f"{topo.ip('bootstrap')}:{BOOT_PORT}"
-
-    def log(self, name: str) -> Path:
-        return self.root / f"{name}.log"
-
-    def start(self, name: str, host: str, *args: str) -> subprocess.Popen[bytes]:
-        import os
-
-        with open(self.log(name), "ab") as out:
-            p = self.topo.popen(host, [sys.executable, "-m", "pymesh", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **self.env})
-        self.procs[name] = p
-        return p
-
-    def wait_log(self, name: str, needle: str, timeout: float = 90.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log(name).read_text(errors="replace")
-            if needle in text:
-                return text
-            if self.procs[name].poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"{name} did not log {needle!r} within {timeout} s:\n"
-                             + self.log(name).read_text(errors="replace")[-4000:])
 
     def start_worker(self, name: str, host: str, layers: str, *, transport: str = "quic",
                      port: int = WORKER_PORT) -> str:
@@ -84,21 +61,9 @@ class NatSwarm:
         assert m is not None
         return m.group(1)
 
-    def stop(self, name: str) -> None:
-        p = self.procs.pop(name, None)
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
     def generate(self, host: str, n: int, *extra: str) -> dict[str, Any]:
-        import os
-
         p = self.topo.popen(host, [sys.executable, CLIENT, self.boot, str(self.model), PROMPT, str(n), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **self.env})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
         stdout, stderr = p.communicate(timeout=180)
         (self.root / f"client-{time.monotonic():.0f}.log").write_text(stderr)
         assert p.returncode == 0, f"client failed ({p.returncode}):\n{stderr[-6000:]}"
