@@ -46,9 +46,13 @@ PUNCH_GAP = 0.05
 
 class Puncher:
     def __init__(self, node: "RpcNode", own: Callable[[], tuple[str, int] | None] = lambda: None, *,
-                 timeout: float = 3.0, interval: float = 10.0, global_rate: float = 10.0) -> None:
+                 can_dial: Callable[[], bool] = lambda: True, timeout: float = 3.0, interval: float = 10.0,
+                 global_rate: float = 10.0) -> None:
         self.node = node
         self.own = own
+        #: False where this node knows its own NAT maps each destination apart (symmetric): its
+        #: dials could never match the mapping it announced, so it does not try
+        self.can_dial = can_dial
         self.timeout = timeout
         self.interval = interval
         self.global_rate = global_rate
@@ -117,6 +121,8 @@ class Puncher:
 
     async def punch(self, relayed: "Connection", relay: RelayAddr, reach: Reach, peer: PeerID) -> "Connection | None":
         """A direct QUIC connection to ``peer`` opened by hole punching, or None (stay relayed)."""
+        if not self.can_dial():
+            return None
         t0 = trio.current_time()
         outcome: dict[str, object] = {"peer": peer.short(), "ok": False}
         self.attempts = self.attempts[-63:] + [outcome]

@@ -86,12 +86,16 @@ class NatStanding:
         self.relay: RelayService | None = None
         self._nursery: trio.Nursery | None = None
         quic = nodes.get(Transport.QUIC)
-        self.puncher = Puncher(quic, self._own_mapping) if quic is not None else None
+        self.puncher = Puncher(quic, self._own_mapping, can_dial=self._can_punch) if quic is not None else None
 
     def _own_mapping(self) -> tuple[str, int] | None:
         if self.keeper is None or self.dht.core.observed.mapping == "varies":
             return None
         return self.keeper.observed()
+
+    def _can_punch(self) -> bool:
+        """Whether dials from here can hole-punch: not from behind a NAT whose mapping varies."""
+        return self.keeper is None or self._own_mapping() is not None
 
     def reach(self) -> Reach | None:
         if self.keeper is None:
