@@ -61,6 +61,13 @@ PYBIND11_MODULE(_C, m) {
         arg("dtype"), arg("threads") = 0,
         "y = x @ dequant(w).T + bias for a GGUF block weight (qtype 0 q8_0, 1 q4_0, 2 q4_1) on CPU");
   m.def("qlinear_isa", &pymesh::qlinear_isa, "which quantized GEMV code path this CPU runs");
+  m.def("decode_span", &pymesh::decode_span_cpu, release(), arg("table"), arg("blocks"), arg("x"),
+        arg("res"), arg("o"), arg("qkv"), arg("attn"), arg("gu"), arg("act"), arg("slots"),
+        arg("positions"), arg("limits"), arg("cos"), arg("sin"), arg("hidden"), arg("q"), arg("kv"),
+        arg("inter"), arg("head_dim"), arg("heads"), arg("kv_heads"), arg("rot_dim"), arg("max_pos"),
+        arg("window"), arg("scale"), arg("eps"), arg("elem_size"), arg("dtype"), arg("threads") = 0,
+        "a span's one-sequence decode step, every block in one call (DecodePlan's loop, one GIL release)");
+  m.def("decode_span_columns", &pymesh::decode_span_columns, "columns of decode_span's block table");
   m.def("qlinear_limit_isa", &pymesh::qlinear_limit_isa, arg("name"),
         "cap the quantized GEMV code path at avx512_vnni (default), avx2 or generic (tests)");
   m.def("set_num_threads", &set_num_threads, arg("n"),

@@ -57,6 +57,16 @@ void qlinear_cpu(uintptr_t y, uintptr_t x, int64_t x_stride, uintptr_t w, uintpt
                  int64_t rows, int64_t in_features, int64_t out_features, int qtype, int dtype,
                  int threads);
 std::string qlinear_isa();
+// A whole span's single-sequence decode step (decode_span.cpp): DecodePlan's loop over blocks
+// in one call; `table` is int64 [blocks, decode_span_columns()].
+void decode_span_cpu(uintptr_t table, int64_t blocks, uintptr_t x, uintptr_t res, uintptr_t o,
+                     uintptr_t qkv, uintptr_t attn, uintptr_t gu, uintptr_t act, uintptr_t slots,
+                     uintptr_t positions, uintptr_t limits, uintptr_t cos, uintptr_t sin,
+                     int64_t hidden, int64_t q, int64_t kv, int64_t inter, int64_t head_dim,
+                     int64_t heads, int64_t kv_heads, int64_t rot_dim, int64_t max_pos,
+                     int64_t window, double scale, double eps, int64_t elem_size, int dtype,
+                     int threads);
+int decode_span_columns();
 // Caps qlinear's code path (avx512_vnni, avx2 or generic): for tests.
 void qlinear_limit_isa(const std::string& name);
 

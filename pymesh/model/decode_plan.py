@@ -119,6 +119,14 @@ class DecodePlan:
             self.weights.append((_ptr(blk.ln_attn), *qkv_refs, _wref(blk.w_o), _ptr(blk.b_o), _ptr(blk.ln_mlp),
                                  _wref(blk.w_gate_up), _wref(blk.w_down)))
         self._keep = span.blocks  # the pointers above are into these tensors
+        #: the single-sequence loop as one kernel call (csrc/decode_span.cpp): one GIL release a
+        #: token instead of nine a block, so a worker's event loop cannot stall the step
+        self.table: torch.Tensor | None = None
+        if self.fused and hasattr(ops._C, "decode_span") and SWITCHES.span_kernel:
+            rows = [(ln_a, w_q[0], w_q[1], b_q, w_o[0], w_o[1], b_o, ln_m, w_gu[0], w_gu[1], w_dn[0], w_dn[1])
+                    for ln_a, w_q, b_q, _, _, w_o, b_o, ln_m, w_gu, w_dn in self.weights]
+            self.table = torch.tensor(rows, dtype=torch.int64)
+            assert self.table.shape[1] == ops._C.decode_span_columns()
 
     def step(self, hidden: torch.Tensor, pos: int) -> torch.Tensor:
         """One token per sequence at position ``pos``: ``hidden`` ``[b, 1, hidden]`` -> new hidden."""
@@ -163,6 +171,11 @@ class DecodePlan:
         if fused:
             qkv, attn_ptr, lim_ptr = self.qkv.data_ptr(), self.attn.data_ptr(), self.limits.data_ptr()
             slots, window, scale = cache.slot_ptrs.data_ptr(), self.window or 0, self.scale
+        if self.table is not None:
+            _C.decode_span(self.table.data_ptr(), len(self.weights), x, res, o, qkv, attn_ptr, gu, act, slots,
+                           pos_ptr, lim_ptr, cos_ptr, sin_ptr, h, q, kv, inter, d, heads, kv_heads, 2 * rot_half,
+                           max_pos, window, scale, eps, es, code, threads)
+            return torch.add(self.residual, self.x).view(b, 1, h)
         for i, (ln_a, w_q, b_q, w_kv, b_kv, w_o, b_o, ln_m, w_gu, w_dn) in enumerate(self.weights):
             if i:
                 _C.fused_add_rms_norm(x, h, res, h, ln_a, b, h, eps, code, threads)

@@ -17,6 +17,9 @@ class Switches:
     require_c: bool = False
     #: one-token CPU decode steps run the preallocated plan (pymesh.model.decode_plan)
     fast_decode: bool = True
+    #: a one-sequence plan runs its blocks in one kernel call (csrc/decode_span.cpp); tests
+    #: turn it off to compare with the plan's Python loop over the same kernels
+    span_kernel: bool = True
 
 
 #: the one instance the model code reads

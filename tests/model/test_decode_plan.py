@@ -89,3 +89,19 @@ def test_caches_and_calls_mix_inference_mode(folder: Path) -> None:
                 results.append(model.span.forward(step, cache, 3))
     for r in results[1:]:
         torch.testing.assert_close(r, results[0], atol=0, rtol=0)
+
+
+@needs_c
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_span_kernel_equals_the_plans_python_loop_bit_for_bit(folder: Path, dtype: torch.dtype,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """csrc/decode_span.cpp runs the same kernels in the same order as DecodePlan._step's loop."""
+    model = LocalModel.load(folder, dtype=dtype)
+    one, plan = _decode(model, 1, 8)
+    assert isinstance(plan, DecodePlan) and plan.table is not None
+    monkeypatch.setattr(SWITCHES, "span_kernel", False)
+    loop, plan = _decode(model, 1, 8)
+    assert isinstance(plan, DecodePlan) and plan.table is None
+    for a, b in zip(one, loop):
+        assert torch.equal(a, b)
