@@ -219,11 +219,17 @@ class RpcNode:
         await conn.run()
 
     # ------------------------------------------------------------------ behind NAT
+    def _best_open(self, peer: PeerID) -> Connection | None:
+        """The open connection ``connect`` reuses for ``peer``: a direct or hole-punched one
+        before a relayed one; None without one."""
+        live = [c for c in self._conns.get(peer, []) if not c.closed]
+        return next((c for c in live if c.path != "relayed"), live[0]) if live else None
+
     def path_to(self, peer: PeerID) -> str | None:
         """How the connection ``connect`` would use reaches ``peer`` (direct, punched,
         relayed); None without an open one."""
-        live = [c for c in self._conns.get(peer, []) if not c.closed]
-        return next((c.path for c in live if c.path != "relayed"), live[0].path) if live else None
+        conn = self._best_open(peer)
+        return conn.path if conn is not None else None
 
     def learn_reach(self, peer: PeerID, reach: Reach | None) -> None:
         """Remember how ``peer``'s verified record says to reach it (None: directly)."""
@@ -317,9 +323,9 @@ class RpcNode:
         nursery = self._require_started()
         lock = self._dial_locks.setdefault(peer_id, trio.Lock())
         async with lock:
-            live = [c for c in self._conns.get(peer_id, []) if not c.closed]
-            if live:
-                return next((c for c in live if c.path != "relayed"), live[0])
+            best = self._best_open(peer_id)
+            if best is not None:
+                return best
             conn: Connection
             reach = self.reach.get(peer_id)
             if reach is not None:

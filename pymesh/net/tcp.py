@@ -43,7 +43,8 @@ class _Pending:
 class TcpConnection(Connection):
     def __init__(self, node: ConnectionHost, peer: PeerID, config: TransportConfig, raw: Raw,
                  reader: BufferedReader) -> None:
-        super().__init__(node, peer, config, remote_host=_peer_host(raw), remote_port=_peer_port(raw))
+        host, port = _peer_addr(raw)
+        super().__init__(node, peer, config, remote_host=host, remote_port=port)
         self._raw = raw
         self._reader = reader
         self._send_lock = trio.Lock()
@@ -391,23 +392,16 @@ async def accept_raw(node: ConnectionHost, raw: Raw, where: str) -> TcpConnectio
     return TcpConnection(node, peer, cfg, raw, reader)
 
 
-def _peer_host(raw: Raw) -> str | None:
-    """The peer's IP address on a socket stream; None on any other byte stream."""
+def _peer_addr(raw: Raw) -> tuple[str | None, int | None]:
+    """The peer's IP address and port on a socket stream; (None, None) on any other byte
+    stream or once disconnected."""
     if isinstance(raw, AnyStream):
-        return None
+        return None, None
     try:
-        return host_of(raw.sock.getpeername())
+        addr = raw.sock.getpeername()
     except OSError:  # already disconnected
-        return None
-
-
-def _peer_port(raw: Raw) -> int | None:
-    if isinstance(raw, AnyStream):
-        return None
-    try:
-        return port_of(raw.sock.getpeername())
-    except OSError:
-        return None
+        return None, None
+    return host_of(addr), port_of(addr)
 
 
 def _peer_closed(raw: Raw) -> bool:
