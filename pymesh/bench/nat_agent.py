@@ -67,7 +67,6 @@ async def _relay(port: int, packet_size: int | None, bandwidth: float | None) ->
 
     from pymesh.net.relay import RelayLimits, RelayService
     from pymesh.net.rpc import RpcNode
-    from pymesh.proto import reach as rp
     from pymesh.proto.identity import Identity
 
     identity = Identity.generate()
@@ -76,13 +75,10 @@ async def _relay(port: int, packet_size: int | None, bandwidth: float | None) ->
         limits.bandwidth = limits.peer_bandwidth = bandwidth * 1e6 if bandwidth > 0 else 1e12
     service = RelayService(limits)
     async with RpcNode(identity, transport="quic", config=_config(packet_size)) as quic, \
-            RpcNode(identity, transport="tcp", config=_config(packet_size)) as tcp:
+            RpcNode(identity, transport="tcp", config=_config(packet_size)) as tcp, trio.open_nursery() as nursery:
         await quic.listen("0.0.0.0", port)
         await tcp.listen("0.0.0.0", port)
-        service.register(quic)
-        service.register(tcp)
-        tcp.stream_hook = (rp.MAGIC, service.handle_stream)
-        service.tcp_port = port
+        await service.attach((quic, tcp), nursery, "0.0.0.0", port)
         _emit({"peer": str(identity.peer_id), "port": port,
                "peer_bandwidth": service.limits.peer_bandwidth, "bandwidth": service.limits.bandwidth})
         await trio.sleep_forever()

@@ -25,7 +25,7 @@ import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 import trio
 
@@ -36,6 +36,7 @@ from pymesh.net.streams import raw_socket
 from pymesh.proto import reach as rp
 from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.proto.identity import PeerID
+from pymesh.proto.vocab import Transport
 
 if TYPE_CHECKING:
     from pymesh.net.rpc import RpcNode
@@ -92,7 +93,6 @@ class _Reservation:
 
 @dataclass
 class _Pending:
-    target: PeerID
     arrived: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
     stream: trio.SocketStream | None = None
@@ -137,8 +137,7 @@ class RelayService:
 
     async def _observe(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
         """Where this relay sees the caller (its NAT's mapping, for hole punching)."""
-        conn = ctx.connection
-        return {"host": conn.remote_host or "", "port": conn.remote_port or 0}, []
+        return _seen_as(ctx.connection), []
 
     async def _reserve(self, ctx: CallContext, meta: Meta, tensors: list[TensorBlob]) -> tuple[Meta, list[TensorBlob]]:
         lim = self.limits
@@ -160,11 +159,24 @@ class RelayService:
             ctx.peer, ctx.connection, trio.current_time() + lim.reservation_ttl,
             old.bucket if old is not None else TokenBucket(lim.peer_bandwidth), old.circuits if old else 0)
         self.counters["reservations"] += 1
-        conn = ctx.connection
-        return {"ttl": int(lim.reservation_ttl), "host": conn.remote_host or "", "port": conn.remote_port or 0,
-                "tcp": self.tcp_port}, []
+        return {"ttl": int(lim.reservation_ttl), **_seen_as(ctx.connection), "tcp": self.tcp_port}, []
 
     # -- circuits (TCP) ---------------------------------------------------------------------
+    async def attach(self, nodes: "Iterable[RpcNode]", nursery: trio.Nursery, host: str, port: int) -> None:
+        """Serve reservations on ``nodes`` and circuits on TCP ``port``: through the listener of
+        the TCP node among them (it hands over connections that start with the magic), else
+        on a listener of this service's own."""
+        tcp = None
+        for node in nodes:
+            self.register(node)
+            if node.transport == Transport.TCP and node.config.tls:
+                tcp = node
+        if tcp is not None:
+            tcp.stream_hook = (rp.MAGIC, self.handle_stream)
+            self.tcp_port = port
+        else:
+            await nursery.start(self.serve_tcp, host, port)
+
     async def serve_tcp(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen for circuit connections on TCP ``host:port`` (when no TCP RPC listener shares it)."""
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -224,7 +236,7 @@ class RelayService:
                                "circuits through this relay already", "over_peer")
             return
         cid = os.urandom(rp.CIRCUIT_ID_SIZE)
-        pending = self.pending[cid] = _Pending(target)
+        pending = self.pending[cid] = _Pending()
         self.circuits += 1
         self.by_ip[ip] += 1
         res.circuits += 1
@@ -334,6 +346,11 @@ async def _splice_pump(src: socket.socket, dst: socket.socket, charge: Callable[
     finally:
         os.close(r)
         os.close(w)
+
+
+def _seen_as(conn: Connection) -> dict[str, object]:
+    """Where this relay sees a peer's connection come from (its NAT's mapping)."""
+    return {"host": conn.remote_host or "", "port": conn.remote_port or 0}
 
 
 def _peer_ip(stream: trio.SocketStream) -> str:

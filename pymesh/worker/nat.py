@@ -36,7 +36,6 @@ from pymesh.errors import PymeshError
 from pymesh.net.punch import Puncher
 from pymesh.net.relay import RelayLimits, RelayService
 from pymesh.net.relay_client import RelayKeeper
-from pymesh.proto import reach as rp
 from pymesh.proto.identity import PeerID
 from pymesh.proto.reach import Reach
 from pymesh.proto.records import WorkerRecord
@@ -188,14 +187,7 @@ class NatStanding:
 
     async def _start_relay(self, nursery: trio.Nursery, host: str, port: int) -> None:
         service = self.relay = RelayService(self.opts.relay_limits)
-        tcp = self.nodes.get(Transport.TCP)
-        for node in self.nodes.values():
-            service.register(node)
-        if tcp is not None and tcp.config.tls:
-            tcp.stream_hook = (rp.MAGIC, service.handle_stream)
-            service.tcp_port = port
-        else:
-            await nursery.start(service.serve_tcp, host, port)
+        await service.attach(self.nodes.values(), nursery, host, port)
         log.info("relaying for peers behind NAT on TCP %d (at most %d reservations, %d circuits, %.0f MB/s)",
                  service.tcp_port, service.limits.max_reservations, service.limits.max_circuits,
                  service.limits.bandwidth / 1e6)
