@@ -30,7 +30,8 @@ from pymesh.net.relay import OBSERVE
 from pymesh.proto import reach as rp
 from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.proto.identity import PeerID
-from pymesh.proto.reach import Reach, RelayAddr
+from pymesh.proto.dialback import DialbackLimiter
+from pymesh.proto.reach import RelayAddr
 
 if TYPE_CHECKING:
     from pymesh.net.conn import Connection
@@ -56,9 +57,9 @@ class Puncher:
         self.timeout = timeout
         self.interval = interval
         self.global_rate = global_rate
-        self._last: dict[PeerID, float] = {}
-        self._window_at = -1e9          # attempts answered in the current one-second window
-        self._window_n = 0
+        #: one attempt per caller per ``interval`` and ``global_rate`` a second in all, the
+        #: table of callers bounded (the dial-back check's limiter, keyed by peer)
+        self.limiter = DialbackLimiter(interval=interval, rate=global_rate, burst=global_rate, max_ips=4096)
         self._observed: dict[bytes, tuple[float, tuple[str, int]]] = {}
         #: how each attempt went, for logs, the monitor and ``pymesh bench nat``
         self.attempts: list[dict[str, object]] = []
@@ -76,16 +77,9 @@ class Puncher:
             theirs = rp.addr_untrusted(meta.get("a"))
         except rp.ReachError as exc:
             raise RemoteError("bad_request", f"pm.punch: {exc}") from None
-        now = trio.current_time()
-        if now - self._window_at >= 1.0:
-            self._window_at, self._window_n = now, 0
-        if now - self._last.get(ctx.peer, -1e9) < self.interval or self._window_n >= self.global_rate:
+        if not self.limiter.allow(ctx.peer.to_text(), trio.current_time()):
             raise RemoteError("rate_limited", f"one hole-punching attempt per {self.interval:.0f} s per peer and "
                                               f"{self.global_rate:.0f} per second in all; try again later")
-        self._last[ctx.peer] = now
-        self._window_n += 1
-        if len(self._last) > 4096:
-            self._last = {p: t for p, t in self._last.items() if now - t < self.interval}
         self._spawn_punches(theirs)
         return {"a": [mine[0], mine[1]]}, []
 
@@ -119,7 +113,7 @@ class Puncher:
         self._observed[relay.peer_key] = (now, addr)
         return addr
 
-    async def punch(self, relayed: "Connection", relay: RelayAddr, reach: Reach, peer: PeerID) -> "Connection | None":
+    async def punch(self, relayed: "Connection", relay: RelayAddr, peer: PeerID) -> "Connection | None":
         """A direct QUIC connection to ``peer`` opened by hole punching, or None (stay relayed)."""
         if not self.can_dial():
             return None

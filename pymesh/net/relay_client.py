@@ -24,6 +24,7 @@ from pymesh.proto import reach as rp
 from pymesh.proto.frames import Meta, TensorBlob
 from pymesh.proto.identity import PeerID
 from pymesh.proto.reach import Reach, RelayAddr
+from pymesh.proto.vocab import Transport
 
 if TYPE_CHECKING:
     from pymesh.net.conn import Connection
@@ -40,8 +41,7 @@ MAX_TRIES = 6
 class PunchHook(Protocol):
     """Hole punching as ``RpcNode.connect`` uses it (``pymesh.net.punch.Puncher``)."""
 
-    async def punch(self, relayed: "Connection", relay: RelayAddr, reach: Reach,
-                    peer: PeerID) -> "Connection | None": ...
+    async def punch(self, relayed: "Connection", relay: RelayAddr, peer: PeerID) -> "Connection | None": ...
 
 
 async def read_exact(stream: trio.abc.ReceiveStream, n: int) -> bytes:
@@ -104,8 +104,9 @@ class RelayKeeper:
 
     def observed(self) -> tuple[str, int] | None:
         """This node's QUIC mapping, if every relay that saw it over QUIC saw the same one."""
-        seen = {r.observed for r in self.reservations.values()
-                if r.observed is not None and not r.conn.closed and type(r.conn).__name__ == "QuicRpcConnection"}
+        if self.node.transport != Transport.QUIC:   # reservations over TCP say nothing of the QUIC socket
+            return None
+        seen = {r.observed for r in self.reservations.values() if r.observed is not None and not r.conn.closed}
         return next(iter(seen)) if len(seen) == 1 else None
 
     def reach(self, *, punch: bool) -> Reach | None:

@@ -302,7 +302,7 @@ class RpcNode:
                                   + "; ".join(errors) + " (it may have moved: read its record again)")
         now = trio.current_time()
         if reach.mode == "punch" and self.punch is not None and now >= self._punch_failed.get(peer_id, 0.0):
-            direct = await self.punch.punch(conn, relay, reach, peer_id)
+            direct = await self.punch.punch(conn, relay, peer_id)
             if direct is not None:   # the circuit has done its job: free the relay's quota
                 with trio.CancelScope(shield=True):
                     await conn.aclose()

@@ -50,7 +50,8 @@ def encode_probe(node_id: bytes, nonce: bytes, *, client: bytes | None = None) -
 class DialbackLimiter:
     """One probe per source IP every ``interval`` seconds, and at most ``rate`` probes per
     second overall (``burst`` at once). The per-IP table holds at most ``max_ips``
-    entries; when every entry is still recent, new IPs are refused until one ages out."""
+    entries; when every entry is still recent, new IPs are refused until one ages out.
+    The key is any string: hole punching (``pymesh.net.punch``) keys it by peer."""
 
     def __init__(self, *, interval: float = 10.0, rate: float = 20.0, burst: float = 20.0,
                  max_ips: int = 4096) -> None:
