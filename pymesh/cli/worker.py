@@ -8,6 +8,7 @@ from typing import Any
 from pymesh.cli.common import add_allow_peers_argument, add_quantize_argument, allow_peers_of, check_device, with_flags
 from pymesh.settings import settings_of
 from pymesh.errors import ConfigError
+from pymesh.proto.reach import REACHABILITY
 from pymesh.proto.vocab import Transport
 
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address published in the worker's record (default: --host; for 0.0.0.0 the address DHT "
                              "peers see, or 127.0.0.1 in a swarm on this machine)")
     parser.add_argument("--transport", default=Transport.QUIC.value, choices=[*(t.value for t in Transport), "both"])
-    parser.add_argument("--reachability", default="auto", choices=["auto", "public", "nat"],
+    parser.add_argument("--reachability", default="auto", choices=REACHABILITY,
                         help="auto: ask DHT nodes for a dial-back to learn whether this worker is reachable or "
                              "behind NAT (then reached via relays, hole punching where the NAT allows); "
                              "public / nat: skip the check (default auto; --announce-addr implies public)")

@@ -42,6 +42,8 @@ MAX_HEADER = 128
 MAX_STATUS = 512
 CIRCUIT_ID_SIZE = 16
 MODES = ("punch", "relay")
+#: how a node decides its own reachability (``--reachability``): dial-back check, or told
+REACHABILITY = ("auto", "public", "nat")
 OP_CONNECT = b"c"
 OP_ACCEPT = b"a"
 STATUS_OK = 0
@@ -210,4 +212,4 @@ def parse_status_head_untrusted(head: bytes) -> tuple[int, int]:
 __all__ = ["Reach", "RelayAddr", "ReachError", "CircuitRequest", "encode_request", "parse_request_untrusted",
            "parse_request_length_untrusted", "encode_status", "parse_status_head_untrusted", "MAGIC",
            "MAX_RELAYS", "OP_CONNECT", "OP_ACCEPT", "STATUS_OK", "STATUS_REFUSED", "STATUS_NO_RESERVATION",
-           "STATUS_OVER_QUOTA", "CIRCUIT_ID_SIZE", "addr_untrusted"]
+           "STATUS_OVER_QUOTA", "CIRCUIT_ID_SIZE", "addr_untrusted", "REACHABILITY"]

@@ -50,12 +50,11 @@ log = logging.getLogger(__name__)
 
 #: the model id of relay records (stored at their own DHT target)
 RELAY_MODEL = "pymesh-relay"
-REACHABILITY = ("auto", "public", "nat")
 
 
 @dataclass
 class NatOptions:
-    reachability: str = "auto"
+    reachability: str = "auto"                # one of pymesh.proto.reach.REACHABILITY
     relay: bool = False                    # offer relaying to others
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     check_timeout: float = 2.0
@@ -77,7 +76,6 @@ class NatStanding:
         self.dht = dht
         self.opts = opts
         self.announce = announce
-        self.mode = "direct"                     # direct, punch or relay
         #: the address a dial-back checker saw this node at (one that probed it, if any did):
         #: what a worker bound to a wildcard address announces before the DHT's belief forms
         self.public_ip: str | None = None
@@ -99,9 +97,7 @@ class NatStanding:
     def reach(self) -> Reach | None:
         if self.keeper is None:
             return None
-        reach = self.keeper.reach(punch=self.puncher is not None and self._own_mapping() is not None)
-        self.mode = reach.mode if reach is not None else "relay"
-        return reach
+        return self.keeper.reach(punch=self.puncher is not None and self._own_mapping() is not None)
 
     # -- start -------------------------------------------------------------------------------
     async def start(self, nursery: trio.Nursery, host: str, port: int, *, announced: bool) -> None:
@@ -117,7 +113,6 @@ class NatStanding:
         self.dht.read_only = self.dht.core.read_only = True
         node = self.nodes.get(Transport.QUIC) or next(iter(self.nodes.values()))
         self.keeper = RelayKeeper(node, self.find_relays, on_change=self._changed)
-        self.mode = "relay"
         await nursery.start(self.keeper.run)
         reach = self.reach()
         if reach is None:
@@ -193,11 +188,11 @@ class NatStanding:
                  service.limits.bandwidth / 1e6)
 
     def relay_record(self, identity: "Identity", host: str, port: int) -> WorkerRecord:
-        """This node's relay record (None unless it relays)."""
+        """This node's relay record (only for a node that relays)."""
         assert self.relay is not None
         return WorkerRecord(peer_id=identity.peer_id, model_id=RELAY_MODEL, start=0, stop=1, host=host, port=port,
                             transports=tuple(t.value for t in self.nodes), state=WorkerState.ONLINE,
                             sessions=min(self.relay.circuits, 1 << 20)).signed(identity)
 
 
-__all__ = ["NatOptions", "NatStanding", "RELAY_MODEL", "REACHABILITY"]
+__all__ = ["NatOptions", "NatStanding", "RELAY_MODEL"]

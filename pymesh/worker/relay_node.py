@@ -21,6 +21,7 @@ from pymesh.proto.identity import Identity, default_identity_path
 from pymesh.proto.vocab import Transport
 from pymesh.settings import Settings
 from pymesh.worker.nat import NatOptions, NatStanding
+from pymesh.worker.server import run_node
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ async def run_relay(opts: RelayOptions, *, task_status: trio.TaskStatus[NatStand
         nodes = {}
         for t in (Transport.QUIC, Transport.TCP):
             node = RpcNode(identity, transport=t, config=opts.settings.transport_config())
-            await nursery.start(_hold, node)
+            await nursery.start(run_node, node)
             await node.listen(opts.host, opts.port)
             nodes[t] = node
         dht = DHTNode(identity, host=opts.host, port=opts.port + 1, bootstrap=boots,
                       config=opts.settings.dht_config())
-        await nursery.start(_hold, dht)
+        await nursery.start(run_node, dht)
         standing = NatStanding(nodes, dht, NatOptions("public", relay=True, relay_limits=opts.limits))
         await standing.start(nursery, opts.host, opts.port, announced=True)
         host = opts.announce_addr or (opts.host if opts.host not in ("0.0.0.0", "::", "") else None)
@@ -73,9 +74,3 @@ async def run_relay(opts: RelayOptions, *, task_status: trio.TaskStatus[NatStand
         with trio.move_on_after(5):
             await dht.records.publish_offline()
         nursery.cancel_scope.cancel()
-
-
-async def _hold(node: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    async with node:  # type: ignore[attr-defined]
-        task_status.started()
-        await trio.sleep_forever()

@@ -346,14 +346,14 @@ class Worker:
             for t in transports:
                 node = RpcNode(self.identity, transport=t, config=self.settings.transport_config(),
                                clock=self.clock)
-                await nursery.start(_run_node, node)
+                await nursery.start(run_node, node)
                 self.port = await node.listen(opts.host, self.port)
                 self.nodes[t] = node
             dht_port = opts.dht_port if opts.dht_port is not None else (self.port + 1 if self.port else 0)
             dht = self._dht = DHTNode(self.identity, host=opts.host, port=dht_port, bootstrap=boots,
                                       config=self.settings.dht_config(), clock=self.clock)
             try:
-                await nursery.start(_run_node, dht)
+                await nursery.start(run_node, dht)
             except ConfigError:
                 if opts.dht_port is not None or not any_port:
                     raise
@@ -361,7 +361,7 @@ class Worker:
                 log.info("UDP %d is taken; the DHT listens on another free port", dht_port)
                 dht = self._dht = DHTNode(self.identity, host=opts.host, port=0, bootstrap=boots,
                                           config=self.settings.dht_config(), clock=self.clock)
-                await nursery.start(_run_node, dht)
+                await nursery.start(run_node, dht)
             log.info("worker %s: transport %s on port %d, DHT on UDP %d", self.peer_id,
                      "+".join(t.value for t in transports), self.port, dht.port)
             await self._start_nat(nursery)
@@ -429,8 +429,8 @@ class Worker:
             await self.announce(self.state)
 
 
-async def _run_node(node: AbstractAsyncContextManager[object], *,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_node(node: AbstractAsyncContextManager[object], *,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Enter an async-context-managed node and keep it open until cancelled."""
     async with node:
         task_status.started()
