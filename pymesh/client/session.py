@@ -30,7 +30,7 @@ from pymesh.client.blame import Blame, SessionFailed, Verdict, judge_err, link_b
 from pymesh.client.blame import StepFailure as _StepFailure
 from pymesh.client.replay import fetch_unsent_copies, replay
 from pymesh.client.checks import output_problem_untrusted
-from pymesh.client.receipt_check import (Finding, Hop, StepFacts, VerifiedReceipts, check_step, copy_finding,
+from pymesh.client.receipt_check import (Finding, Hop, StepFacts, ParsedReceipts, check_step, copy_finding,
                                          parse_hop_untrusted)
 from pymesh.client.recovery import HopKey, Link, OpenHop, RecoveryPlan, Replay, hop_key, plan
 from pymesh.client.routing import SpanOption, hop_model
@@ -80,7 +80,7 @@ class InferenceSession:
         self.route: list[SpanOption] = []
         #: block boundary -> step -> the input of the span starting there (for replay)
         self.history: dict[int, dict[int, Tensor]] = {}
-        self.verified_receipts = VerifiedReceipts()   # each receipt reaches us twice a step
+        self.parsed_receipts = ParsedReceipts()   # each receipt reaches us twice a step
         settings = swarm.settings.client
         #: workers push their recovery copies every this many steps (1: every step, which
         #: also gives per-hop timings); unsent ones are fetched with pm.flush on recovery
@@ -158,7 +158,7 @@ class InferenceSession:
 
     def _note_receipts(self, hop: SpanOption, out: sw.Out, tensors: list[TensorBlob], p: "_Pending | None") -> bool:
         """Keep a hop's receipts and check its copies against them; False: a conviction."""
-        parsed = parse_hop_untrusted(hop.peer, out.rc, out.prc, self.verified_receipts)
+        parsed = parse_hop_untrusted(hop.peer, out.rc, out.prc, self.parsed_receipts)
         finding = parsed if isinstance(parsed, Finding) else None
         if not isinstance(parsed, Finding):
             self.verifier.note(hop.start, out.step, parsed)

@@ -394,7 +394,8 @@ class Verifier:
         why = (f"its output for blocks {o.start}-{o.stop - 1} at step {k} (error {error:.3g}) disagrees with "
                f"two other workers ({checker.describe()}, {referee.describe()}) who agree with each other")
         hop = self.receipt_of(o.start, k)
-        receipts = [hop.rc.wire] if hop is not None else []
+        # the conviction stands on the tensors; its receipt is evidence only if it verifies
+        receipts = [hop.rc.wire] if hop is not None and hop.rc.signature_ok() else []
         import torch
 
         inputs = self.session.history.get(o.start, {})

@@ -92,16 +92,85 @@ def test_a_hop_cannot_pass_off_a_stranger_receipt_as_its_predecessors() -> None:
     assert f is not None and f.peer == IDS[1].peer_id and f.kind == "bad_receipt"
 
 
-def test_parse_convicts_the_sender_of_a_missing_forged_or_foreign_receipt() -> None:
+def _bad_signature(s: SignedReceipt) -> SignedReceipt:
+    sig = bytearray(s.sig)
+    sig[5] ^= 1
+    return SignedReceipt(s.receipt, s.body, bytes(sig))
+
+
+def test_parse_convicts_the_sender_of_a_missing_malformed_or_foreign_receipt() -> None:
     route, got = chain()
     me = IDS[0].peer_id
     assert parse_hop_untrusted(me, None, None).kind == "bad_receipt"  # type: ignore[union-attr]
-    wire = bytearray(got[0].rc.wire)
-    wire[-3] ^= 1
-    assert parse_hop_untrusted(me, bytes(wire), None).kind == "bad_receipt"  # type: ignore[union-attr]
+    assert parse_hop_untrusted(me, got[0].rc.wire[:-4], None).kind == "bad_receipt"  # type: ignore[union-attr]
     assert parse_hop_untrusted(IDS[1].peer_id, got[0].rc.wire, None).kind == "bad_receipt"  # type: ignore[union-attr]
     ok = parse_hop_untrusted(me, got[0].rc.wire, None)
     assert isinstance(ok, HopReceipts)
+
+
+def test_a_cited_receipt_whose_signature_fails_convicts_the_peer_that_delivered_it() -> None:
+    """Signatures are checked when a receipt becomes evidence: the honest path parses them
+    unverified (they came over their senders' links), a finding verifies what it cites."""
+    route, got = chain()
+    bad_own = _bad_signature(got[4].rc)
+    assert isinstance(parse_hop_untrusted(IDS[2].peer_id, bad_own.wire, got[4].prc.wire), HopReceipts)  # type: ignore[union-attr]
+    # the last hop's result disagrees with its receipt, whose signature is bad: still that hop
+    got[4] = HopReceipts(bad_own, got[4].prc)
+    f = check_step(FACTS, route, got, INPUT, d(77))
+    assert f is not None and f.peer == IDS[2].peer_id and f.kind == "bad_receipt" and "signature" in f.why
+    # an honest chain whose receipts all verify stays sound
+    route, got = chain()
+    assert check_step(FACTS, route, got, INPUT, d(12)) is None
+
+
+def test_an_honest_step_checks_no_signature(monkeypatch: object) -> None:
+    import pytest
+
+    from pymesh.proto import receipts as proto_receipts
+
+    from pymesh.proto.identity import verify_signature
+
+    calls: list[bytes] = []
+
+    def counting(key: bytes, sig: bytes, msg: bytes) -> bool:
+        calls.append(msg)
+        return verify_signature(key, sig, msg)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(proto_receipts, "verify_signature", counting)
+    try:
+        route, got = chain()
+        parsed = []
+        for o in route:
+            prc = got[o.start].prc
+            parsed.append(parse_hop_untrusted(o.peer, got[o.start].rc.wire, prc.wire if prc is not None else None))
+        assert all(isinstance(p, HopReceipts) for p in parsed)
+        assert check_step(FACTS, route, {o.start: p for o, p in zip(route, parsed)}, INPUT, d(12)) is None  # type: ignore[misc]
+        assert calls == []
+        route, got = chain(lie_to_client=1)          # a finding verifies what it cites, once each
+        f = check_step(FACTS, route, got, INPUT, d(12))
+        assert f is not None and f.kind == "equivocation" and len(calls) == 2
+        assert check_step(FACTS, route, got, INPUT, d(12)) == f and len(calls) == 2
+    finally:
+        mp.undo()
+
+
+def test_a_hop_cannot_frame_its_predecessor_with_a_forged_receipt() -> None:
+    route, got = chain()
+    h = got[2]
+    assert h.prc is not None
+    # hop 2 passes on "its predecessor's receipt" for another output, with a signature it could not make
+    fake = _bad_signature(SignedReceipt(Receipt(**{**h.prc.receipt.__dict__, "out": d(66)}),
+                                        Receipt(**{**h.prc.receipt.__dict__, "out": d(66)}).encode(), h.prc.sig))
+    mine = sign_receipt(IDS[1], Receipt(**{**h.rc.receipt.__dict__, "inp": d(66), "prev": fake.digest}))
+    got[2] = HopReceipts(mine, fake)
+    f = check_step(FACTS, route, got, INPUT, d(12))
+    assert f is not None and f.peer == IDS[1].peer_id and f.kind == "bad_receipt"
+    # the predecessor sent the client a receipt with a bad signature: it is convicted, not its successor
+    route, got = chain()
+    got[0] = HopReceipts(_bad_signature(got[0].rc), None)
+    f = check_step(FACTS, route, got, INPUT, d(12))
+    assert f is not None and f.peer == IDS[0].peer_id and f.kind == "bad_receipt"
 
 
 def test_a_copy_that_is_not_what_the_receipt_named_convicts_its_sender() -> None:
@@ -117,25 +186,25 @@ def test_any_bytes_as_receipts_get_a_verdict_never_an_exception(rc: bytes | None
     parse_hop_untrusted(IDS[0].peer_id, rc, prc)
 
 
-def test_verified_receipts_check_each_wire_once_and_stay_bounded(monkeypatch: object) -> None:
+def test_parsed_receipts_parse_each_wire_once_and_stay_bounded(monkeypatch: object) -> None:
     import pytest
 
-    from pymesh.client.receipt_check import VerifiedReceipts
+    from pymesh.client.receipt_check import ParsedReceipts
     from pymesh.proto import receipts as proto_receipts
 
     route, got = chain()
     wires = [got[a].rc.wire for a, _ in SPANS]
     calls: list[bytes] = []
-    real = proto_receipts.SignedReceipt.from_wire_untrusted
+    real = proto_receipts.SignedReceipt.from_wire_unverified
 
     def counting(wire: bytes) -> SignedReceipt:
         calls.append(wire)
         return real(wire)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(proto_receipts.SignedReceipt, "from_wire_untrusted", staticmethod(counting))
+    mp.setattr(proto_receipts.SignedReceipt, "from_wire_unverified", staticmethod(counting))
     try:
-        cache = VerifiedReceipts(limit=2)
+        cache = ParsedReceipts(limit=2)
         first = parse_hop_untrusted(route[0].peer, wires[0], None, cache)
         second = parse_hop_untrusted(route[1].peer, wires[1], wires[0], cache)   # wires[0] again: not re-checked
         assert isinstance(first, HopReceipts) and isinstance(second, HopReceipts)
@@ -144,8 +213,8 @@ def test_verified_receipts_check_each_wire_once_and_stay_bounded(monkeypatch: ob
         cache.parse_untrusted(wires[0])
         cache.parse_untrusted(wires[1])
         assert calls == [wires[0], wires[1], wires[2], wires[1]] and len(cache._seen) == 2
-        forged = wires[1][:-1] + bytes([wires[1][-1] ^ 1])
-        bad = parse_hop_untrusted(route[1].peer, forged, None, cache)   # a bad signature is never remembered
-        assert not isinstance(bad, HopReceipts) and forged not in cache._seen
+        cut = wires[1][:-3]
+        bad = parse_hop_untrusted(route[1].peer, cut, None, cache)   # a malformed receipt is never remembered
+        assert not isinstance(bad, HopReceipts) and cut not in cache._seen
     finally:
         mp.undo()

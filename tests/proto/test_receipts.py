@@ -33,6 +33,23 @@ def test_round_trip_and_binding_to_the_signer() -> None:
         SignedReceipt.from_wire_untrusted(forged.wire)
 
 
+@settings(max_examples=200)
+@given(model=st.text(min_size=1, max_size=200), sid=st.binary(min_size=1, max_size=64),
+       ints=st.tuples(*[st.integers(0, 1 << 40)] * 5), seq=st.integers(1, 1 << 40),
+       prev=st.sampled_from([b"", b"p" * 32]), dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_the_written_out_body_is_the_generic_canonical_encoding(model: str, sid: bytes,
+                                                               ints: tuple[int, int, int, int, int], seq: int,
+                                                               prev: bytes, dtype: str) -> None:
+    from pymesh.proto.bencode import encode
+
+    step, pos, start, stop, _ = ints
+    r = receipt(model=model, sid=sid, step=step, pos=pos, seq=seq, start=start, stop=stop, prev=prev, dtype=dtype)
+    assert r.encode() == encode({"v": 1, "peer": r.peer.key, "model": r.model.encode(), "sid": r.sid,
+                                 "step": r.step, "pos": r.pos, "seq": r.seq, "start": r.start, "stop": r.stop,
+                                 "dt": r.dtype.encode(), "dev": r.device.encode(), "in": r.inp, "out": r.out,
+                                 "prev": r.prev})
+
+
 def test_every_field_is_signed() -> None:
     s = sign_receipt(ME, receipt())
     for field, value in (("out", b"x" * 32), ("step", 4), ("dtype", "bfloat16"), ("stop", 5)):
