@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
+from pymesh.net.cadence import Cadence
+
 if TYPE_CHECKING:
     import torch
 
@@ -92,8 +94,7 @@ class StepBatcher:
         self._pending: list[_Job] = []
         self._order = itertools.count()
         #: per session (its cache's id): when its last step arrived and the interval before it
-        self._rhythm: dict[int, tuple[float, float]] = {}
-        self._arrived: trio.Event | None = None
+        self.cadence = Cadence(prune_above=4 * MAX_DECODE_ROWS)
         self._last_forward_s = 0.0
         #: forwards run
         self.forwards = 0
@@ -119,7 +120,7 @@ class StepBatcher:
             return await rt.run(lambda: rt.forward(x, cache, start_pos))
         job = _Job(x, cache, start_pos, priority, next(self._order), during=during)
         self._pending.append(job)
-        self._note_arrival(id(cache))
+        self.cadence.note(id(cache))
         try:
             while not job.finished:
                 async with rt.device_lock:
@@ -138,38 +139,14 @@ class StepBatcher:
         assert job.result is not None
         return job.result
 
-    def _note_arrival(self, key: int) -> None:
-        now = trio.current_time()
-        last = self._rhythm.get(key)
-        self._rhythm[key] = (now, now - last[0] if last is not None else 0.0)
-        if len(self._rhythm) > 4 * MAX_DECODE_ROWS:  # forget sessions that went quiet
-            horizon = now - 10.0
-            self._rhythm = {k: v for k, v in self._rhythm.items() if v[0] >= horizon}
-        if self._arrived is not None:
-            self._arrived.set()
-
     async def _hold(self) -> None:
         """Sessions out of step form small batches that never merge: a device that takes only
         what is ready keeps them apart forever. So before a forward, wait (at most
-        HOLD_FRACTION of the last forward, at most MAX_HOLD) for steps that are due: those of
-        sessions stepping at a steady interval whose next step should arrive within the wait.
-        A lone session never waits (nothing else is due), nor does a session that went quiet
-        (twice its interval late)."""
-        limit = min(MAX_HOLD, HOLD_FRACTION * self._last_forward_s)
-        if limit <= 0.0 or len(self._rhythm) < 2:
-            return
-        now = trio.current_time()
-        deadline = now + limit
-        while now < deadline:
-            pending = {id(j.cache) for j in self._pending}
-            if not any(k not in pending and gap > 0.0 and last + gap <= deadline and now - last < 2.0 * gap
-                       for k, (last, gap) in self._rhythm.items()):
-                break
-            self._arrived = trio.Event()
-            with trio.move_on_at(deadline):
-                await self._arrived.wait()
-            now = trio.current_time()
-        self._arrived = None
+        HOLD_FRACTION of the last forward, at most MAX_HOLD) for steps that are due
+        (:class:`pymesh.net.cadence.Cadence`: a lone session or one that went quiet is not
+        waited for)."""
+        await self.cadence.hold(min(MAX_HOLD, HOLD_FRACTION * self._last_forward_s),
+                                lambda: {id(j.cache) for j in self._pending})
 
     async def _run(self, batch: list[tuple[_Job, int]]) -> None:
         """Compute ``batch`` in a thread; meanwhile run its steps' checks here. Like

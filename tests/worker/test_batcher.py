@@ -224,24 +224,24 @@ def test_hold_waits_only_for_steps_that_are_due() -> None:
         out = {}
         now = trio.current_time()
         b._pending = [SimpleNamespace(cache=mine)]  # type: ignore[list-item]
-        b._rhythm = {id(mine): (now, 0.1)}
+        b.cadence.beats = {id(mine): (now, 0.1)}
         t0 = trio.current_time()
         await b._hold()
         out["alone"] = trio.current_time() - t0
         # `due` stepped 0.09 s ago every 0.1 s: due in 0.01 s; `late` is due in 0.09 s (> MAX_HOLD);
         # `quiet` missed two of its beats
-        b._rhythm.update({id(due): (now - 0.09, 0.1), id(late): (now - 0.01, 0.1), id(quiet): (now - 0.5, 0.1)})
+        b.cadence.beats.update({id(due): (now - 0.09, 0.1), id(late): (now - 0.01, 0.1), id(quiet): (now - 0.5, 0.1)})
         t0 = trio.current_time()
         async with trio.open_nursery() as nursery:
             async def arrive() -> None:
                 await trio.sleep(0.01)
                 b._pending.append(SimpleNamespace(cache=due))  # type: ignore[arg-type]
-                b._note_arrival(id(due))
+                b.cadence.note(id(due))
             nursery.start_soon(arrive)
             await b._hold()
             out["due arrives"] = trio.current_time() - t0
         b._pending = [SimpleNamespace(cache=mine)]  # type: ignore[list-item]
-        b._rhythm[id(due)] = (trio.current_time() - 0.09, 0.1)  # due again, but never comes
+        b.cadence.beats[id(due)] = (trio.current_time() - 0.09, 0.1)  # due again, but never comes
         t0 = trio.current_time()
         await b._hold()
         out["due never comes"] = trio.current_time() - t0
