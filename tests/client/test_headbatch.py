@@ -107,6 +107,43 @@ def test_a_lone_request_runs_at_once_and_alone(head: ClientHead) -> None:
     assert dict(batcher.batch_rows) == {1: 1}
 
 
+def test_a_pass_waits_for_a_session_that_is_due_but_not_for_one_that_went_quiet(head: ClientHead) -> None:
+    """Sessions stepping together get their results one by one: the first request's pass
+    waits (bounded) for a session whose next request is due, so both share one pass; a session
+    that missed its beats is not waited for. On trio's virtual clock."""
+    gated = Gated(head)
+    batcher = HeadBatcher(gated)
+    xs = rows(2, seed=7)
+    params = SamplingParams()
+    a, b = Sampler(params), Sampler(params)
+    waited: dict[str, float] = {}
+
+    async def main() -> None:
+        pace = batcher._pace(trio.lowlevel.current_trio_token())
+        for case, b_last, b_comes in (("due", 0.095, True), ("quiet", 0.5, False)):
+            pace.last_pass_s = 1.0                       # the wait is capped by MAX_HOLD (20 ms)
+            now = trio.current_time()
+            # both step every 0.1 s; a's request comes now, b's ("due") 5 ms later
+            pace.cadence.beats = {id(a): (now - 0.1, 0.1), id(b): (now - b_last, 0.1)}
+            t0 = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                async def first() -> None:
+                    await batcher.pick(xs[0], a, [])
+                    waited[case] = trio.current_time() - t0
+
+                async def second() -> None:
+                    await trio.sleep(0.005)
+                    await batcher.pick(xs[1], b, [])
+
+                nursery.start_soon(first)
+                if b_comes:
+                    nursery.start_soon(second)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [len(p) for p in gated.passes] == [2, 1], "the due session shared the first pass; the quiet one was not waited for"
+    assert waited["due"] == pytest.approx(0.005) and waited["quiet"] == 0.0
+
+
 async def _queued(batcher: HeadBatcher, gated: Gated, xs: list[torch.Tensor], **kw: Any) -> dict[int, Pick]:
     """Request 0 starts a pass alone and is held in it; requests 1.. arrive meanwhile."""
     got: dict[int, Pick] = {}
