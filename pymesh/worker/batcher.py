@@ -2,11 +2,12 @@
 
 A decode step reads every weight of the span to compute one row; eight sessions' rows
 through the same weights cost little more than one. Every step goes through
-:meth:`StepBatcher.step`: the step joins a pending list, and its task queues for the
-device (the runtime's FIFO lock). Whichever task gets the device first takes *every*
-pending step (its own and those that arrived while the previous forward ran) as one
-ragged batch (:mod:`pymesh.model.ragged`) and computes it; the tasks whose steps it
-took find them done when their turn comes. Nobody waits for a batch to fill: a session
+:meth:`StepBatcher.step`: the step joins a pending list; when no task of the batcher holds
+the device, its task claims it (then the runtime's lock) and takes *every* pending step (its
+own and those that arrived while the previous forward ran) as one ragged batch
+(:mod:`pymesh.model.ragged`) and computes it. The other tasks wait for that forward to end
+and all resume in the same scheduler round, so in a worker every step of a batch pushes its
+output on to the next hop before any of them sends its copy to the client. Nobody waits for a batch to fill: a session
 alone runs at once, on the unbatched path (the decode fast plan), with the same
 numbers as a worker without batching.
 
@@ -95,6 +96,13 @@ class StepBatcher:
         self._order = itertools.count()
         #: per session (its cache's id): when its last step arrived and the interval before it
         self.cadence = Cadence(prune_above=4 * MAX_DECODE_ROWS)
+        #: a task of this batcher holds the device (running a forward or holding for one);
+        #: the others wait on ``_changed``, set when it ends, instead of queueing on the
+        #: device lock: every step of a forward resumes in the same scheduler round, so each
+        #: pushes its output on before any sends its copy to the client (through the lock they
+        #: woke one round apart, and the next hop's last input waited for the earlier copies)
+        self._running = False
+        self._changed = trio.Event()
         self._last_forward_s = 0.0
         #: forwards run
         self.forwards = 0
@@ -123,14 +131,29 @@ class StepBatcher:
         self.cadence.note(id(cache))
         try:
             while not job.finished:
-                async with rt.device_lock:
-                    if job.finished:
-                        break
-                    await self._hold()
-                    batch = self._take()
-                    if observe is not None:
-                        observe(sum(n for _, n in batch))
-                    await self._run(batch)
+                if self._running:  # woken with every step of the forward in progress when it ends
+                    await self._changed.wait()
+                    if not job.finished:
+                        # one more round: the steps that forward finished queue their sessions'
+                        # next steps first (in-process callers do at once), so a chunked prompt
+                        # left alone for an instant is still cut beside them
+                        await trio.lowlevel.checkpoint()
+                    continue
+                self._running = True     # claimed before any checkpoint: one runner at a time
+                try:
+                    async with rt.device_lock:
+                        await self._hold()
+                        batch = self._take()
+                        if observe is not None:
+                            observe(sum(n for _, n in batch))
+                        await self._run(batch)
+                finally:
+                    self._running = False
+                    self._pending = [j for j in self._pending if not j.finished]
+                    self._changed.set()
+                    self._changed = trio.Event()
+                # resume in the round the steps it woke resume in, not one ahead of them
+                await trio.lowlevel.checkpoint()
         finally:
             if job in self._pending:
                 self._pending.remove(job)
@@ -188,7 +211,7 @@ class StepBatcher:
         for decode in (True, False):
             for job in order:
                 left = job.rows - job.done
-                if (left == 1 and job.done == 0) != decode or id(job.cache) in caches:
+                if job.finished or (left == 1 and job.done == 0) != decode or id(job.cache) in caches:
                     continue
                 if decode and len(batch) >= self.max_decode:
                     break

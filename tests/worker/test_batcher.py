@@ -4,6 +4,7 @@ and each session gets the numbers of its solo run."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -206,6 +207,37 @@ def test_a_check_run_during_compute_fails_only_its_step(folder: Path) -> None:
     assert {t for _, t in ran} == {threading.get_ident()}, "checks run on the event loop's thread"
     assert isinstance(results["b"], ValueError) and "does not match" in str(results["b"])
     assert isinstance(results["a"], torch.Tensor) and isinstance(results["c"], torch.Tensor)
+
+
+def test_every_step_of_a_forward_resumes_in_the_same_round(folder: Path) -> None:
+    """When a batched forward ends, all its steps' tasks resume together: each one's first
+    action after the step (pushing its output on, in a worker) comes before any of them
+    yields again (its copy to the client), instead of one task a scheduler round."""
+    rt = Runtime(load_span(folder, 0, 2))
+    h = rt.span.config.hidden_size  # type: ignore[union-attr]
+    log: list[tuple[str, int]] = []
+    rows: list[int] = []
+
+    async def main() -> None:
+        caches = [rt.new_cache(16, 1) for _ in range(5)]
+
+        async def session(i: int, during: "Callable[[], object] | None" = None) -> None:
+            await rt.batcher.step(_x(i, 1, h), caches[i], 0, observe=rows.append, during=during)
+            log.append(("pushed", i))
+            await trio.lowlevel.checkpoint()
+            log.append(("copied", i))
+
+        async with trio.open_nursery() as nursery:
+            def others_arrive() -> None:  # runs on the event loop while session 0's forward computes
+                for i in range(1, 5):
+                    nursery.start_soon(session, i)
+
+            nursery.start_soon(session, 0, others_arrive)
+
+    trio.run(main)
+    assert rows[-1] == 4, f"sessions 1-4 shared the second forward: {rows}"
+    late = [kind for kind, i in log if i > 0]
+    assert late == ["pushed"] * 4 + ["copied"] * 4, log
 
 
 def test_hold_waits_only_for_steps_that_are_due() -> None:
