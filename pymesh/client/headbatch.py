@@ -104,7 +104,7 @@ class _Lane:
     queue: deque[_Request] = field(default_factory=deque)
     busy: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
-    pace: "_Pace" = field(default_factory=lambda: _Pace())
+    pace: _Pace = field(default_factory=_Pace)
 
     def wake(self) -> None:
         self.changed.set()

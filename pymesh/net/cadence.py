@@ -27,7 +27,7 @@ class Cadence:
     def __init__(self, prune_above: int = 256) -> None:
         #: session key -> (when its last request arrived, the interval before it; 0: first)
         self.beats: dict[Hashable, tuple[float, float]] = {}
-        self.prune_above = prune_above
+        self.prune_at = self.prune_above = prune_above
         self._arrived: trio.Event | None = None
 
     def note(self, key: Hashable) -> None:
@@ -35,9 +35,11 @@ class Cadence:
         now = trio.current_time()
         last = self.beats.get(key)
         self.beats[key] = (now, now - last[0] if last is not None else 0.0)
-        if len(self.beats) > self.prune_above:  # forget sessions that went quiet
+        if len(self.beats) > self.prune_at:  # forget sessions that went quiet
             horizon = now - FORGET_AFTER
             self.beats = {k: v for k, v in self.beats.items() if v[0] >= horizon}
+            # with many live sessions the next scan waits until the table doubles (amortised)
+            self.prune_at = max(self.prune_above, 2 * len(self.beats))
         if self._arrived is not None:
             self._arrived.set()
 
