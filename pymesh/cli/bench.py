@@ -242,7 +242,8 @@ def headlines(part: str, rows: list[Row]) -> list[Headline]:
     if part == "swarm":
         return [
             _at_least("decode ratio to single process", _vals(rows, "ratio"), 0.85, "x"),
-            _at_least("decode tok/s (3x Petals 16.7)", _vals(rows, "decode_tokens_per_s"), 50.0, " tok/s", agg=max),
+            # Petals 2.2 on this machine, same model and shape, side by side on 2026-12-07: 11.3-12.1 tok/s
+            _at_least("decode tok/s (3x Petals 11.7)", _vals(rows, "decode_tokens_per_s"), 35.0, " tok/s", agg=max),
             _at_most("TTFT, 128-token prompt", _vals(rows, "ttft_s"), 0.2, " s"),
         ]
     if part == "hops":
