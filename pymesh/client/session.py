@@ -359,6 +359,7 @@ class InferenceSession:
                 try:
                     conn = await self.swarm.connect(first)
                     await conn.push(sw.STEP, sw.Step(self.sid, step, pos).to_meta(), [blob])
+                    self.verifier.prefetch(self.route)  # checkers looked up while the step computes
                 except (PeerUnavailable, ConnectionClosed, OSError) as exc:
                     # the client's own link to the first hop: re-dialled, the hop not banned
                     raise _StepFailure(Blame(first.peer, f"cannot reach the first worker: {exc}",
