@@ -7,9 +7,9 @@ the device, its task claims it (then the runtime's lock) and takes *every* pendi
 own and those that arrived while the previous forward ran) as one ragged batch
 (:mod:`pymesh.model.ragged`) and computes it. The other tasks wait for that forward to end
 and all resume in the same scheduler round, so in a worker every step of a batch pushes its
-output on to the next hop before any of them sends its copy to the client. Nobody waits for a batch to fill: a session
-alone runs at once, on the unbatched path (the decode fast plan), with the same
-numbers as a worker without batching.
+output on to the next hop before any of them sends its copy to the client. Nobody waits
+for a batch to fill: a session alone runs at once, on the unbatched path (the decode fast
+plan), with the same numbers as a worker without batching.
 
 Taking only what is ready is not enough in a pipeline: sessions fall out of step into
 small groups that travel the route apart and never merge (16 sessions through 3 workers

@@ -140,7 +140,8 @@ def test_a_pass_waits_for_a_session_that_is_due_but_not_for_one_that_went_quiet(
                     nursery.start_soon(second)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert [len(p) for p in gated.passes] == [2, 1], "the due session shared the first pass; the quiet one was not waited for"
+    assert [len(p) for p in gated.passes] == [2, 1], \
+        "the due session shared the first pass; the quiet one was not waited for"
     assert waited["due"] == pytest.approx(0.005) and waited["quiet"] == 0.0
 
 
