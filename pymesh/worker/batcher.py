@@ -211,7 +211,7 @@ class StepBatcher:
         for decode in (True, False):
             for job in order:
                 left = job.rows - job.done
-                if job.finished or (left == 1 and job.done == 0) != decode or id(job.cache) in caches:
+                if (left == 1 and job.done == 0) != decode or id(job.cache) in caches:
                     continue
                 if decode and len(batch) >= self.max_decode:
                     break
